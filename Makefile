@@ -1,0 +1,42 @@
+# sparse-embed: `make demo` and `make test` work from a fresh clone.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+MEGAFACE_BIN ?= data/megaface/megaface_distractors.bin
+FACESCRUB_BIN ?= data/megaface/facescrub.bin
+
+.PHONY: install test test-fast demo bench lint runmegaface runfacescrub clean
+
+install: $(VENV)/.installed
+
+# Re-installs when the package metadata or the C++ sources change, so the
+# compiled extension never lags behind search/.
+$(VENV)/.installed: setup.cfg setup.py pyproject.toml $(wildcard search/*.cpp search/*.h)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $@
+
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: install
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+demo: install
+	$(PY) -m sparse_embed.demo --out=runs/demo
+
+bench: install
+	$(PY) benchmarks/search_bench.py
+
+lint: install
+	$(PY) -m ruff check sparse_embed tests benchmarks preprocessing
+
+runmegaface runfacescrub: install
+	$(MAKE) -C search $@ MEGAFACE_BIN=$(abspath $(MEGAFACE_BIN)) FACESCRUB_BIN=$(abspath $(FACESCRUB_BIN))
+
+clean:
+	rm -rf build *.egg-info sparse_embed/*.so
+	$(MAKE) -C search clean

@@ -1,0 +1,16 @@
+"""Builds the pybind11 search extension; all other metadata lives in setup.cfg."""
+
+from pybind11.setup_helpers import Pybind11Extension, build_ext
+from setuptools import setup
+
+ext_modules = [
+    Pybind11Extension(
+        "sparse_embed._search",
+        ["search/sparse_index.cpp", "search/bindings.cpp"],
+        include_dirs=["search"],
+        cxx_std=17,
+        extra_compile_args=["-O3"],
+    ),
+]
+
+setup(ext_modules=ext_modules, cmdclass={"build_ext": build_ext})

@@ -1,0 +1,33 @@
+"""Shared plumbing of the command-line entry points."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from sparse_embed.errors import SparseEmbedError
+
+
+def user_errors_exit(main: Callable[..., Any]) -> Callable[..., Any]:
+    """Wraps an entry point so user errors print one line and exit 2.
+
+    Args:
+        main: The entry point's main function.
+
+    Returns:
+        The wrapped function. A `SparseEmbedError` becomes
+        ``<prog>: error: <message>`` on stderr and exit status 2, with no traceback.
+    """
+
+    @functools.wraps(main)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return main(*args, **kwargs)
+        except SparseEmbedError as e:
+            prog = main.__module__.rsplit(".", 1)[-1]
+            print(f"{prog}: error: {e}", file=sys.stderr)
+            sys.exit(2)
+
+    return wrapper

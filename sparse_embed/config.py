@@ -1,0 +1,364 @@
+"""The run configuration: a frozen dataclass tree, YAML loading and dotted overrides.
+
+Defaults live only in the dataclasses below. A YAML file (packaged name or
+path) overrides some of them, `--set key.path=value` overrides the result;
+every key and value is checked against the dataclass fields, and an unknown
+key is a `ConfigError` naming the closest valid key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from sparse_embed.errors import ConfigError
+from sparse_embed.fileio import atomic_path
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Training input.
+
+    Attributes:
+        train_files: Glob of training TFRecord shards, relative to `--data_dir`.
+        label_map: Label-map file written by `build_tfrecords`, relative to `--data_dir`.
+        shuffle_buffer: Examples in the shuffle buffer.
+        augment: Random flip, scale/crop and colour jitter on training images.
+        pairs: Verification pairs file (LFW format), relative to `--data_dir`.
+        pairs_images: Image root the pairs file refers to, relative to `--data_dir`.
+    """
+
+    train_files: str = "tfrecords/train-*"
+    label_map: str = "tfrecords/labels.txt"
+    shuffle_buffer: int = 2048
+    augment: bool = True
+    pairs: str = "pairs.txt"
+    pairs_images: str = "images"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Backbone and embedding layer.
+
+    Attributes:
+        name: A name in `sparse_embed.models.MODELS`.
+        embedding_size: Embedding dimension d.
+        final_activation: `relu` | `soft_threshold` | `none` (see models/embedding.py).
+        input_size: Square input resolution; images are resized to it.
+        width: Channel width multiplier of the backbone.
+    """
+
+    name: str = "mobilefacenet"
+    embedding_size: int = 128
+    final_activation: str = "none"
+    input_size: int = 112
+    width: float = 1.0
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    """Classification head / loss.
+
+    Attributes:
+        name: A name in `sparse_embed.heads.HEADS`.
+        scale: Logit scale s of the normalised heads.
+        margin: Additive angular margin m (ArcFace).
+    """
+
+    name: str = "arcface"
+    scale: float = 64.0
+    margin: float = 0.5
+
+
+@dataclass(frozen=True)
+class SparsityConfig:
+    """Sparsity regularizer on the L2-normalised embeddings (Paria et al., 2020).
+
+    Attributes:
+        type: `flops` | `l1` | `none`.
+        weight: Regularizer weight (the paper's l1_parameter).
+        schedule: `constant` | `quadratic_warmup` (the paper's dynamic_4).
+        warmup_steps: T of the quadratic warm-up w * min(1, (t/T)^2).
+        zero_threshold: |e_j| at or below this counts as zero in the statistics.
+    """
+
+    type: str = "none"
+    weight: float = 0.0
+    schedule: str = "quadratic_warmup"
+    warmup_steps: int = 1000
+    zero_threshold: float = 1e-6
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """Optimizer.
+
+    Attributes:
+        name: `sgd` | `adam` | `adamw`.
+        momentum: SGD momentum.
+        weight_decay: Decoupled weight decay (`adamw`, `sgd`).
+        clipnorm: Global gradient-norm clip; 0 disables it.
+    """
+
+    name: str = "sgd"
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    clipnorm: float = 0.0
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """Learning-rate schedule.
+
+    Attributes:
+        name: `constant` | `piecewise` | `cosine`.
+        base_lr: Peak learning rate.
+        warmup_steps: Linear warm-up from 0 to `base_lr`.
+        boundaries: Steps where `piecewise` multiplies the rate by `decay_rate`.
+        decay_rate: Factor applied at each `piecewise` boundary.
+    """
+
+    name: str = "piecewise"
+    base_lr: float = 0.1
+    warmup_steps: int = 0
+    boundaries: tuple[int, ...] = ()
+    decay_rate: float = 0.1
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Training loop.
+
+    Attributes:
+        batch_size: Global batch size (split across workers).
+        steps: Total optimizer steps.
+        checkpoint_every: Save a checkpoint every this many steps (and at the end).
+        log_every: Write TensorBoard scalars every this many steps.
+        keep_checkpoints: Checkpoints kept on disk.
+        seed: Seed of weight init, shuffling and augmentation.
+    """
+
+    batch_size: int = 128
+    steps: int = 10000
+    checkpoint_every: int = 1000
+    log_every: int = 50
+    keep_checkpoints: int = 3
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Embedding extraction and evaluation.
+
+    Attributes:
+        batch_size: Images per embedding batch.
+        flip: Flip test-time augmentation: `none` | `sum` | `concat`.
+        nfolds: Folds of the verification protocol.
+    """
+
+    batch_size: int = 128
+    flip: str = "none"
+    nfolds: int = 10
+
+
+@dataclass(frozen=True)
+class Config:
+    """A whole run."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    sparsity: SparsityConfig = field(default_factory=SparsityConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# Values a field may take, checked when the config is built so a typo fails
+# before any data is read. Registries are consulted at build time instead.
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "model.final_activation": ("relu", "soft_threshold", "none"),
+    "sparsity.type": ("flops", "l1", "none"),
+    "sparsity.schedule": ("constant", "quadratic_warmup"),
+    "optimizer.name": ("sgd", "adam", "adamw"),
+    "schedule.name": ("constant", "piecewise", "cosine"),
+    "eval.flip": ("none", "sum", "concat"),
+}
+
+
+@functools.cache
+def _field_types(cls: type) -> dict[str, Any]:
+    # `from __future__ import annotations` leaves field types as strings.
+    return typing.get_type_hints(cls)
+
+
+def _all_keys(cls: type, prefix: str = "") -> list[str]:
+    keys = []
+    for name, typ in _field_types(cls).items():
+        keys.append(f"{prefix}{name}")
+        if dataclasses.is_dataclass(typ):
+            keys.extend(_all_keys(typ, f"{prefix}{name}."))
+    return keys
+
+
+def _unknown_key(path: str) -> ConfigError:
+    close = difflib.get_close_matches(path, _all_keys(Config), n=1, cutoff=0.5)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return ConfigError(f"unknown config key {path!r}{hint}")
+
+
+def _coerce(path: str, value: Any, typ: Any) -> Any:
+    """Checks `value` against the field type `typ`, converting where lossless."""
+    origin = typing.get_origin(typ)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key {path!r} expects a list, got {value!r}")
+        (item,) = {a for a in typing.get_args(typ) if a is not Ellipsis}
+        return tuple(_coerce(path, v, item) for v in value)
+    if origin in (typing.Union, types.UnionType):
+        raise ConfigError(f"config key {path!r} has an unsupported type {typ}")
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+    elif typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif typ is str:
+        if isinstance(value, str):
+            choices = _CHOICES.get(path)
+            if choices and value not in choices:
+                raise ConfigError(
+                    f"config key {path!r} must be one of {', '.join(choices)}; got {value!r}"
+                )
+            return value
+    raise ConfigError(f"config key {path!r} expects {typ.__name__}, got {value!r}")
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
+    if not isinstance(values, dict):
+        raise ConfigError(f"config section {prefix.rstrip('.') or '<root>'!r} must be a mapping")
+    fields = _field_types(cls)
+    kwargs = {}
+    for key, value in values.items():
+        path = f"{prefix}{key}"
+        if key not in fields:
+            raise _unknown_key(path)
+        typ = fields[key]
+        if dataclasses.is_dataclass(typ):
+            kwargs[key] = _build(typ, value or {}, path + ".")
+        else:
+            kwargs[key] = _coerce(path, value, typ)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict[str, Any], path: str, value: Any) -> None:
+    node = tree
+    parts = path.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise _unknown_key(path)
+    node[parts[-1]] = value
+
+
+def find_config(name_or_path: str) -> Path:
+    """Returns the YAML file of a packaged config name or a path.
+
+    Args:
+        name_or_path: A packaged name (`smoke`, `face/sparse_mobilefacenet_flops`) or a YAML path.
+
+    Raises:
+        ConfigError: If neither exists; the message lists the packaged names.
+    """
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") and path.is_file():
+        return path
+    packaged = CONFIG_DIR / f"{name_or_path}.yaml"
+    if packaged.is_file():
+        return packaged
+    names = sorted(str(p.relative_to(CONFIG_DIR).with_suffix("")) for p in CONFIG_DIR.rglob("*.yaml"))
+    raise ConfigError(
+        f"config {name_or_path!r} is neither a YAML file nor a packaged config; "
+        f"packaged: {', '.join(names)}"
+    )
+
+
+def load_config(name_or_path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Builds a `Config` from a YAML file and dotted overrides.
+
+    Args:
+        name_or_path: Packaged config name or YAML path; None starts from the defaults.
+        overrides: `key.path=value` strings; values are parsed as YAML scalars/lists.
+
+    Returns:
+        The validated, frozen config.
+
+    Raises:
+        ConfigError: On a missing file, bad YAML, unknown key or wrong value type.
+    """
+    tree: dict[str, Any] = {}
+    if name_or_path is not None:
+        path = find_config(name_or_path)
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config {path} is not valid YAML: {e}".replace("\n", " ")) from e
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} must look like key.path=value")
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw))
+    return _build(Config, tree)
+
+
+def config_to_dict(config: Config) -> dict[str, Any]:
+    """Returns the config as nested plain dicts (tuples become lists)."""
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, tuple):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return plain(dataclasses.asdict(config))
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    """Writes the resolved config as YAML, atomically.
+
+    Args:
+        config: The config to write.
+        path: Destination, usually `model_dir/config.yaml`.
+    """
+    with atomic_path(path) as tmp:
+        tmp.write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
+
+
+def config_from_model_dir(model_dir: str | Path) -> Config:
+    """Loads the resolved config a training run wrote into its model directory.
+
+    Args:
+        model_dir: A training output directory.
+
+    Raises:
+        ConfigError: If the directory holds no config.yaml.
+    """
+    path = Path(model_dir) / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(f"{path} not found: is {model_dir} a model_dir written by sparse_embed.train?")
+    return load_config(str(path))
