@@ -1,0 +1,64 @@
+"""Export embeddings of a trained model to HDF5 (`embedding`, `label`, `filename`).
+
+    python -m sparse_embed.embed --model_dir=runs/sparse_mfn --images=data/lfw --output=lfw.hdf5
+    python -m sparse_embed.embed --model_dir=runs/sparse_mfn --tfrecords='data/val-*' --output=val.hdf5
+    python -m sparse_embed.embed --model_dir=runs/sparse_mfn --pairs=data/pairs.txt \
+        --pairs_images=data/lfw --output=pairs.hdf5 --flip=concat
+"""
+
+from __future__ import annotations
+
+from absl import app, flags
+
+from sparse_embed.cli import user_errors_exit
+from sparse_embed.errors import ConfigError
+
+_MODEL_DIR = flags.DEFINE_string("model_dir", None, "Directory written by sparse_embed.train.")
+_OUTPUT = flags.DEFINE_string("output", None, "HDF5 file to write.")
+_IMAGES = flags.DEFINE_string("images", None, "Image folder tree, one subfolder per identity.")
+_TFRECORDS = flags.DEFINE_string("tfrecords", None, "Glob of TFRecord shards.")
+_PAIRS = flags.DEFINE_string("pairs", None, "Verification pairs file (LFW format).")
+_PAIRS_IMAGES = flags.DEFINE_string("pairs_images", None, "Image root of --pairs.")
+_FLIP = flags.DEFINE_enum("flip", None, ["none", "sum", "concat"],
+                          "Flip test-time augmentation; default: the run's eval.flip.")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", None, "Images per batch; default: eval.batch_size.")
+
+
+@user_errors_exit
+def main(argv: list[str]) -> None:
+    """Builds the input, embeds it and writes the HDF5 file."""
+    del argv
+    sources = [s for s in (_IMAGES.value, _TFRECORDS.value, _PAIRS.value) if s]
+    if not _MODEL_DIR.value or not _OUTPUT.value or len(sources) != 1:
+        raise ConfigError("need --model_dir, --output and exactly one of --images, --tfrecords, --pairs")
+    from sparse_embed.data import pipeline, tfrecord, verification
+    from sparse_embed.inference import embed_dataset, load_backbone, write_hdf5
+
+    backbone, config = load_backbone(_MODEL_DIR.value)
+    batch = _BATCH_SIZE.value or config.eval.batch_size
+    size = config.model.input_size
+    if _TFRECORDS.value:
+        dataset, total = pipeline.eval_dataset(_TFRECORDS.value, batch, size), None
+    else:
+        if _IMAGES.value:
+            paths, labels, _ = tfrecord.image_folder(_IMAGES.value)
+        else:
+            if not _PAIRS_IMAGES.value:
+                raise ConfigError("--pairs needs --pairs_images (the image root it refers to)")
+            paths, _, _ = verification.unique_images(
+                verification.read_pairs(_PAIRS.value, _PAIRS_IMAGES.value))
+            labels = None
+        dataset, total = pipeline.files_dataset(list(paths), labels, batch, size), len(paths)
+    embeddings = embed_dataset(backbone, dataset, _FLIP.value or config.eval.flip, total=total)
+    write_hdf5(_OUTPUT.value, embeddings)
+    n, d = embeddings.embedding.shape
+    print(f"wrote {_OUTPUT.value}: {n} embeddings x {d} dims")
+
+
+def run() -> None:
+    """Console-script entry point."""
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,203 @@
+"""From a trained model directory to embeddings, HDF5 files and verification results.
+
+The library behind `python -m sparse_embed.embed` and `python -m sparse_embed.evaluate`.
+Embeddings are L2-normalised, the form retrieval and verification use: the
+inner product of two of them is their cosine similarity, and normalising keeps
+every zero of a sparse embedding a zero.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+import tensorflow as tf
+from tqdm import tqdm
+
+from sparse_embed.config import Config, config_from_model_dir
+from sparse_embed.data.pipeline import files_dataset
+from sparse_embed.data.verification import Pairs, unique_images
+from sparse_embed.errors import DataError
+from sparse_embed.fileio import atomic_path
+from sparse_embed.keras import keras
+from sparse_embed.metrics.verification import verification_metrics
+from sparse_embed.models import build_model
+from sparse_embed.registry import Registry
+from sparse_embed.search import SparseIndex
+from sparse_embed.sparsity import sparsity_stats_np
+from sparse_embed.training.trainer import CHECKPOINT_DIR, checkpoint_for
+
+# How the embeddings of an image and of its mirror image are combined.
+FLIP_MODES: Registry = Registry("flip mode")
+FLIP_MODES.register("none")(None)
+FLIP_MODES.register("sum")(lambda e, e_flip: e + e_flip)
+# MLPerf face protocol: both embeddings side by side (twice the dimension).
+FLIP_MODES.register("concat")(lambda e, e_flip: tf.concat([e, e_flip], axis=-1))
+
+
+@dataclass(frozen=True)
+class Embeddings:
+    """L2-normalised embeddings with their labels and source file names.
+
+    Attributes:
+        embedding: float32 [N, D].
+        label: int64 [N] (-1 where the source has no label).
+        filename: N file names.
+    """
+
+    embedding: np.ndarray
+    label: np.ndarray
+    filename: tuple[str, ...]
+
+
+def load_backbone(model_dir: str | os.PathLike, untrained: bool = False) -> tuple[keras.Model, Config]:
+    """Rebuilds a run's backbone from `model_dir/config.yaml` and restores its latest weights.
+
+    Args:
+        model_dir: A directory written by `sparse_embed.train`.
+        untrained: Keep the fresh random initialisation (a baseline), skip the restore.
+
+    Returns:
+        (backbone, config).
+
+    Raises:
+        ConfigError: If `model_dir` has no config.yaml.
+        DataError: If it has no checkpoint.
+    """
+    config = config_from_model_dir(model_dir)
+    keras.utils.set_random_seed(config.train.seed)
+    backbone = build_model(config.model)
+    if not untrained:
+        latest = tf.train.latest_checkpoint(str(Path(model_dir) / CHECKPOINT_DIR))
+        if latest is None:
+            raise DataError(f"no checkpoint in {Path(model_dir) / CHECKPOINT_DIR}; train first")
+        checkpoint_for(backbone).restore(latest).expect_partial()
+    return backbone, config
+
+
+def embed_dataset(backbone: keras.Model, dataset: tf.data.Dataset, flip: str = "none",
+                  total: int | None = None) -> Embeddings:
+    """Runs the backbone over a dataset of (image, label, filename) batches.
+
+    Args:
+        backbone: images -> embeddings.
+        dataset: Batches of (float32 images in [-1, 1], int labels, string file names).
+        flip: Flip test-time augmentation: `none`, `sum` or `concat`.
+        total: Number of images, for the progress bar.
+
+    Returns:
+        The L2-normalised embeddings in dataset order.
+    """
+    combine = FLIP_MODES.get(flip)
+
+    @tf.function
+    def step(images: tf.Tensor) -> tf.Tensor:
+        e = backbone(images, training=False)
+        if combine is not None:
+            e = combine(e, backbone(tf.image.flip_left_right(images), training=False))
+        return tf.math.l2_normalize(e, axis=-1)
+
+    chunks, labels, names = [], [], []
+    with tqdm(total=total, desc="embed", unit="img", leave=False) as bar:
+        for images, batch_labels, batch_names in dataset:
+            chunks.append(step(images).numpy())
+            labels.append(batch_labels.numpy())
+            names.extend(n.decode() for n in batch_names.numpy())
+            bar.update(len(batch_labels))
+    if not chunks:
+        raise DataError("no images to embed: the input is empty")
+    return Embeddings(np.concatenate(chunks).astype(np.float32),
+                      np.concatenate(labels).astype(np.int64), tuple(names))
+
+
+def write_hdf5(path: str | os.PathLike, embeddings: Embeddings) -> None:
+    """Writes `embedding`, `label` and `filename` datasets to an HDF5 file, atomically.
+
+    Args:
+        path: Output file.
+        embeddings: What to write.
+    """
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        f.create_dataset("embedding", data=embeddings.embedding)
+        f.create_dataset("label", data=embeddings.label)
+        f.create_dataset("filename", data=np.array(embeddings.filename, dtype=object),
+                         dtype=h5py.string_dtype())
+
+
+def read_hdf5(path: str | os.PathLike) -> Embeddings:
+    """Reads a file written by `write_hdf5`.
+
+    Args:
+        path: An HDF5 embedding file.
+
+    Raises:
+        DataError: If the file is missing or lacks the `embedding` dataset.
+    """
+    if not Path(path).is_file():
+        raise DataError(f"embedding file {path} not found")
+    with h5py.File(path, "r") as f:
+        if "embedding" not in f:
+            raise DataError(f"{path} has no 'embedding' dataset; was it written by sparse_embed.embed?")
+        emb = f["embedding"][:].astype(np.float32)
+        label = f["label"][:] if "label" in f else np.full(len(emb), -1, np.int64)
+        names = tuple(n.decode() for n in f["filename"][:]) if "filename" in f else ()
+    return Embeddings(emb, label.astype(np.int64), names)
+
+
+def search_time(embeddings: np.ndarray, zero_threshold: float, k: int = 10) -> dict[str, float]:
+    """Times exact top-k search of every embedding against all of them with `SparseIndex`.
+
+    Args:
+        embeddings: float32 [N, D], the database and the queries.
+        zero_threshold: Values at or below it in magnitude are dropped from the index.
+        k: Neighbours per query.
+
+    Returns:
+        `search_ms_per_query` (one thread) and `postings_per_query`.
+    """
+    index = SparseIndex.from_dense(embeddings, zero_threshold=zero_threshold)
+    start = time.perf_counter()
+    index.search(embeddings, k, num_threads=1)
+    elapsed = time.perf_counter() - start
+    stats = index.stats
+    return {
+        "search_ms_per_query": 1e3 * elapsed / len(embeddings),
+        "postings_per_query": float(stats["postings_per_query"]),
+    }
+
+
+def evaluate_verification(backbone: keras.Model, config: Config, pairs: Pairs) -> dict[str, float]:
+    """Verification, sparsity and search-time results of a backbone on a pairs protocol.
+
+    Each distinct image of the pairs is embedded once; a pair's score is the
+    cosine similarity of its two embeddings.
+
+    Args:
+        backbone: images -> embeddings.
+        config: The run config (input size, eval batch size and flip mode, zero threshold).
+        pairs: The verification pairs.
+
+    Returns:
+        Flat dict: accuracy, accuracy_std, threshold, auc, eer, tar@far=..., embedding_size,
+        mean_nnz, flops_per_pair, r_sub, search_ms_per_query, postings_per_query.
+    """
+    paths, left, right = unique_images(pairs)
+    dataset = files_dataset(list(paths), None, config.eval.batch_size, config.model.input_size)
+    emb = embed_dataset(backbone, dataset, config.eval.flip, total=len(paths)).embedding
+    scores = np.sum(emb[left] * emb[right], axis=1)
+    result = verification_metrics(scores, pairs.issame, folds=pairs.fold)
+    tar = result.pop("tar_at_far", {})
+    result.update({f"tar@far={far:g}": value for far, value in tar.items()})
+    sparsity = sparsity_stats_np(emb, config.sparsity.zero_threshold)
+    result.update(
+        embedding_size=int(emb.shape[1]),
+        mean_nnz=float(sparsity["nnz"]),
+        flops_per_pair=float(sparsity["flops"]),
+        r_sub=float(sparsity["r_sub"]),
+    )
+    result.update(search_time(emb, config.sparsity.zero_threshold))
+    return {k: float(v) for k, v in result.items()}

@@ -1,0 +1,46 @@
+"""Train an embedding model.
+
+    python -m sparse_embed.train --config=face/sparse_mobilefacenet_flops \
+        --data_dir=/data/ms1m --model_dir=runs/sparse_mfn --set sparsity.weight=100
+
+Re-running the same command after an interruption resumes from the latest
+checkpoint in --model_dir.
+"""
+
+from __future__ import annotations
+
+from absl import app, flags
+
+from sparse_embed.cli import user_errors_exit
+from sparse_embed.errors import ConfigError
+
+_CONFIG = flags.DEFINE_string("config", "smoke", "Packaged config name or YAML path.")
+_SET = flags.DEFINE_multi_string("set", [], "Override, key.path=value (repeatable).")
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "Directory the config's data paths are relative to.")
+_MODEL_DIR = flags.DEFINE_string("model_dir", None, "Output directory (checkpoints, logs, config).")
+
+
+@user_errors_exit
+def main(argv: list[str]) -> None:
+    """Loads the config, trains, prints a summary."""
+    if len(argv) > 1:
+        raise ConfigError(f"unexpected arguments: {' '.join(argv[1:])}")
+    if not _DATA_DIR.value or not _MODEL_DIR.value:
+        raise ConfigError("--data_dir and --model_dir are required")
+    from sparse_embed.config import load_config
+    from sparse_embed.training.trainer import train
+
+    config = load_config(_CONFIG.value, _SET.value)
+    result = train(config, _DATA_DIR.value, _MODEL_DIR.value)
+    print(f"\nstep {result.step} (resumed from {result.resumed_from}), model_dir {_MODEL_DIR.value}")
+    for name, value in result.metrics.items():
+        print(f"  {name:<16} {value:.4g}")
+
+
+def run() -> None:
+    """Console-script entry point."""
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,1 @@
+"""Training: the Keras trainer, its callbacks, LR schedules and the distribution strategy."""

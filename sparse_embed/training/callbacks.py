@@ -1,0 +1,96 @@
+"""Keras callbacks of the trainer: checkpoints, TensorBoard scalars, non-finite loss guard."""
+
+from __future__ import annotations
+
+import math
+
+import tensorflow as tf
+
+from sparse_embed.errors import TrainingError
+from sparse_embed.keras import keras
+
+
+class _StepCallback(keras.callbacks.Callback):
+    """Base of callbacks that act on the optimizer's global step, which survives resumes.
+
+    Args:
+        optimizer: The optimizer whose `iterations` is the global step.
+    """
+
+    def __init__(self, optimizer: keras.optimizers.Optimizer) -> None:
+        super().__init__()
+        self.optimizer = optimizer
+
+    @property
+    def step(self) -> int:
+        """The number of optimizer steps taken so far."""
+        return int(self.optimizer.iterations.numpy())
+
+
+class StopOnNonFiniteLoss(_StepCallback):
+    """Stops training with a `TrainingError` naming the step where the loss became NaN/inf."""
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        loss = float((logs or {}).get("loss", 0.0))
+        if not math.isfinite(loss):
+            raise TrainingError(
+                f"loss became {loss} at step {self.step}; lower schedule.base_lr or "
+                f"sparsity.weight, or set optimizer.clipnorm"
+            )
+
+
+class CheckpointEvery(_StepCallback):
+    """Saves a checkpoint every `every` global steps and at the end of training.
+
+    Args:
+        manager: Owns the checkpoint directory and how many checkpoints are kept.
+        optimizer: The optimizer whose `iterations` is the global step.
+        every: Steps between checkpoints.
+    """
+
+    def __init__(self, manager: tf.train.CheckpointManager,
+                 optimizer: keras.optimizers.Optimizer, every: int) -> None:
+        super().__init__(optimizer)
+        self.manager = manager
+        self.every = every
+        self._saved_step = -1
+
+    def _save(self) -> None:
+        step = self.step
+        if step != self._saved_step:
+            self.manager.save(checkpoint_number=step)
+            self._saved_step = step
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        if self.step % self.every == 0:
+            self._save()
+
+    def on_train_end(self, logs: dict | None = None) -> None:
+        self._save()
+
+
+class SummaryScalars(_StepCallback):
+    """Writes every training metric as a TensorBoard scalar `train/<name>`.
+
+    Args:
+        logdir: TensorBoard log directory.
+        optimizer: The optimizer whose `iterations` is the global step.
+        every: Steps between writes.
+    """
+
+    def __init__(self, logdir: str, optimizer: keras.optimizers.Optimizer, every: int) -> None:
+        super().__init__(optimizer)
+        self.writer = tf.summary.create_file_writer(logdir)
+        self.every = every
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        step = self.step
+        if step % self.every:
+            return
+        with self.writer.as_default(step=step):
+            for name, value in (logs or {}).items():
+                tf.summary.scalar(f"train/{name}", float(value))
+        self.writer.flush()
+
+    def on_train_end(self, logs: dict | None = None) -> None:
+        self.writer.close()
