@@ -203,19 +203,22 @@ def _field_types(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
-def _all_keys(cls: type, prefix: str = "") -> list[str]:
-    keys = []
-    for name, typ in _field_types(cls).items():
-        keys.append(f"{prefix}{name}")
-        if dataclasses.is_dataclass(typ):
-            keys.extend(_all_keys(typ, f"{prefix}{name}."))
-    return keys
-
-
 def _unknown_key(path: str) -> ConfigError:
-    close = difflib.get_close_matches(path, _all_keys(Config), n=1, cutoff=0.5)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
-    return ConfigError(f"unknown config key {path!r}{hint}")
+    """Names the closest valid key, matching the path one segment at a time."""
+    cls: Any = Config
+    known: list[str] = []
+    for part in path.split("."):
+        fields = _field_types(cls) if dataclasses.is_dataclass(cls) else {}
+        if part not in fields:
+            close = difflib.get_close_matches(part, fields, n=1, cutoff=0.4)
+            if close:
+                return ConfigError(
+                    f"unknown config key {path!r}; did you mean {'.'.join([*known, close[0]])!r}?"
+                )
+            break
+        known.append(part)
+        cls = fields[part]
+    return ConfigError(f"unknown config key {path!r}")
 
 
 def _coerce(path: str, value: Any, typ: Any) -> Any:

@@ -1,0 +1,42 @@
+"""Shared fixtures: a tiny synthetic dataset with TFRecords, built once per session."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """8 training identities x 6 images, 4 held-out identities, pairs, TFRecords."""
+    from sparse_embed.data.synthetic import generate
+    from sparse_embed.data.tfrecord import build_tfrecords
+
+    data = tmp_path_factory.mktemp("tiny_data")
+    generate(data, 8, 6, 4, seed=0, image_size=112, workers=1, pairs_folds=2, pairs_per_fold=6)
+    build_tfrecords(data / "train", data / "tfrecords", name="train", num_shards=2,
+                    num_workers=1, seed=0)
+    return data
+
+
+def run_module(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Runs `python -m <args>` with the package importable; captures text output."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True,
+                          env=env, cwd=cwd, timeout=600)
+
+
+def assert_user_error(proc: subprocess.CompletedProcess, *fragments: str) -> None:
+    """A user error: exit status 2, one line on stderr naming the problem, no traceback."""
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert "Traceback" not in proc.stderr
+    assert len(lines) == 1, proc.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]

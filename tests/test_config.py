@@ -1,0 +1,64 @@
+"""Config tree: packaged configs, overrides, validation, YAML round trip."""
+
+from __future__ import annotations
+
+import pytest
+
+from sparse_embed.config import (
+    CONFIG_DIR,
+    Config,
+    config_from_model_dir,
+    load_config,
+    save_config,
+)
+from sparse_embed.errors import ConfigError
+
+PACKAGED = sorted(str(p.relative_to(CONFIG_DIR).with_suffix("")) for p in CONFIG_DIR.rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("name", PACKAGED)
+def test_packaged_configs_load_and_document_themselves(name: str) -> None:
+    config = load_config(name)
+    assert isinstance(config, Config)
+    first = (CONFIG_DIR / f"{name}.yaml").read_text().splitlines()[0]
+    assert first.startswith("# "), "every packaged config starts with a comment saying how to run it"
+
+
+def test_overrides_are_typed() -> None:
+    config = load_config("smoke", ["sparsity.weight=3", "schedule.boundaries=[10, 20]",
+                                   "model.embedding_size=256", "data.augment=false"])
+    assert config.sparsity.weight == 3.0 and isinstance(config.sparsity.weight, float)
+    assert config.schedule.boundaries == (10, 20)
+    assert config.model.embedding_size == 256
+    assert config.data.augment is False
+    assert load_config(None) == Config()
+
+
+@pytest.mark.parametrize("override, message", [
+    ("sparsity.wieght=3", "did you mean 'sparsity.weight'"),
+    ("modl.name=x", "did you mean 'model'"),
+    ("train.steps=1.5", "expects int"),
+    ("model.final_activation=tanh", "must be one of relu, soft_threshold, none"),
+    ("train.steps", "key.path=value"),
+    ("model=3", "must be a mapping"),
+])
+def test_bad_overrides_name_the_problem(override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config("smoke", [override])
+
+
+def test_unknown_config_lists_packaged_names() -> None:
+    with pytest.raises(ConfigError, match="smoke"):
+        load_config("no/such/config")
+
+
+def test_save_and_reload_round_trip(tmp_path) -> None:
+    config = load_config("smoke", ["schedule.boundaries=[5]"])
+    save_config(config, tmp_path / "config.yaml")
+    assert config_from_model_dir(tmp_path) == config
+    assert [p.name for p in tmp_path.iterdir()] == ["config.yaml"]
+
+
+def test_model_dir_without_config(tmp_path) -> None:
+    with pytest.raises(ConfigError, match="config.yaml not found"):
+        config_from_model_dir(tmp_path)
