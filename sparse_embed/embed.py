@@ -31,7 +31,18 @@ def main(argv: list[str]) -> None:
     sources = [s for s in (_IMAGES.value, _TFRECORDS.value, _PAIRS.value) if s]
     if not _MODEL_DIR.value or not _OUTPUT.value or len(sources) != 1:
         raise ConfigError("need --model_dir, --output and exactly one of --images, --tfrecords, --pairs")
-    from sparse_embed.data import pipeline, tfrecord, verification
+    from sparse_embed.config import config_from_model_dir
+    from sparse_embed.data import verification
+
+    config_from_model_dir(_MODEL_DIR.value)
+    pair_paths = None
+    if _PAIRS.value:
+        if not _PAIRS_IMAGES.value:
+            raise ConfigError("--pairs needs --pairs_images (the image root it refers to)")
+        pair_paths, _, _ = verification.unique_images(
+            verification.read_pairs(_PAIRS.value, _PAIRS_IMAGES.value))
+    # TensorFlow is imported only once the inputs are known to be usable.
+    from sparse_embed.data import pipeline, tfrecord
     from sparse_embed.inference import embed_dataset, load_backbone, write_hdf5
 
     backbone, config = load_backbone(_MODEL_DIR.value)
@@ -39,16 +50,11 @@ def main(argv: list[str]) -> None:
     size = config.model.input_size
     if _TFRECORDS.value:
         dataset, total = pipeline.eval_dataset(_TFRECORDS.value, batch, size), None
+    elif _IMAGES.value:
+        paths, labels, _ = tfrecord.image_folder(_IMAGES.value)
+        dataset, total = pipeline.files_dataset(paths, labels, batch, size), len(paths)
     else:
-        if _IMAGES.value:
-            paths, labels, _ = tfrecord.image_folder(_IMAGES.value)
-        else:
-            if not _PAIRS_IMAGES.value:
-                raise ConfigError("--pairs needs --pairs_images (the image root it refers to)")
-            paths, _, _ = verification.unique_images(
-                verification.read_pairs(_PAIRS.value, _PAIRS_IMAGES.value))
-            labels = None
-        dataset, total = pipeline.files_dataset(list(paths), labels, batch, size), len(paths)
+        dataset, total = pipeline.files_dataset(list(pair_paths), None, batch, size), len(pair_paths)
     embeddings = embed_dataset(backbone, dataset, _FLIP.value or config.eval.flip, total=total)
     write_hdf5(_OUTPUT.value, embeddings)
     n, d = embeddings.embedding.shape

@@ -32,11 +32,11 @@ def main(argv: list[str]) -> None:
     del argv
     if not _MODEL_DIR.value:
         raise ConfigError("--model_dir is required")
+    from sparse_embed.config import config_from_model_dir
     from sparse_embed.data.verification import read_pairs
     from sparse_embed.fileio import atomic_path
-    from sparse_embed.inference import evaluate_verification, load_backbone
 
-    backbone, config = load_backbone(_MODEL_DIR.value, untrained=_UNTRAINED.value)
+    config = config_from_model_dir(_MODEL_DIR.value)
     if _PAIRS.value:
         pairs_path, images = _PAIRS.value, _PAIRS_IMAGES.value
     elif _DATA_DIR.value:
@@ -46,7 +46,12 @@ def main(argv: list[str]) -> None:
         raise ConfigError("pass --pairs and --pairs_images, or --data_dir")
     if not images:
         raise ConfigError("--pairs needs --pairs_images (the image root it refers to)")
-    results = evaluate_verification(backbone, config, read_pairs(pairs_path, images))
+    pairs = read_pairs(pairs_path, images)
+    # TensorFlow is imported only once the inputs are known to be usable.
+    from sparse_embed.inference import evaluate_verification, load_backbone
+
+    backbone, config = load_backbone(_MODEL_DIR.value, untrained=_UNTRAINED.value)
+    results = evaluate_verification(backbone, config, pairs)
     print(format_results({Path(_MODEL_DIR.value).name: results}))
     with atomic_path(_OUTPUT.value or Path(_MODEL_DIR.value) / "eval.json") as tmp:
         tmp.write_text(json.dumps(results, indent=2))

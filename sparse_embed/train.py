@@ -28,9 +28,13 @@ def main(argv: list[str]) -> None:
     if not _DATA_DIR.value or not _MODEL_DIR.value:
         raise ConfigError("--data_dir and --model_dir are required")
     from sparse_embed.config import load_config
-    from sparse_embed.training.trainer import train
+    from sparse_embed.data.checks import train_inputs
 
     config = load_config(_CONFIG.value, _SET.value)
+    train_inputs(config, _DATA_DIR.value)
+    # TensorFlow is imported only once the inputs are known to be usable.
+    from sparse_embed.training.trainer import train
+
     result = train(config, _DATA_DIR.value, _MODEL_DIR.value)
     print(f"\nstep {result.step} (resumed from {result.resumed_from}), model_dir {_MODEL_DIR.value}")
     for name, value in result.metrics.items():

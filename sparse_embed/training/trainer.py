@@ -9,7 +9,6 @@ until `train.steps`.
 
 from __future__ import annotations
 
-import glob
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +18,7 @@ import tensorflow as tf
 from sparse_embed.config import Config, OptimizerConfig, SparsityConfig, save_config
 from sparse_embed.data.pipeline import train_dataset
 from sparse_embed.data.tfrecord import read_label_map
-from sparse_embed.errors import DataError
+from sparse_embed.data.checks import train_inputs
 from sparse_embed.heads import build_head
 from sparse_embed.keras import keras
 from sparse_embed.models import build_model
@@ -93,10 +92,9 @@ class EmbeddingTrainer(keras.Model):
             loss = head_loss + weight * sparsity_loss
         variables = self.trainable_variables
         grads = self.strategy.reduce_gradients(tape.gradient(loss, variables))
-        lr = self.optimizer.learning_rate
-        if callable(lr):
-            lr = lr(step)
         self.optimizer.apply_gradients(zip(grads, variables))
+        # Read after applying: the optimizer stores the rate it just used.
+        lr = self.optimizer.learning_rate
         predictions = tf.argmax(self.head.logits(embeddings), axis=-1, output_type=labels.dtype)
         stats = sparsity_stats(normalized, self.sparsity.zero_threshold)
         return {
@@ -160,18 +158,6 @@ def checkpoint_for(backbone: keras.Model, head: keras.layers.Layer | None = None
     return tf.train.Checkpoint(**parts)
 
 
-def _train_files(config: Config, data_dir: Path) -> str:
-    if not data_dir.is_dir():
-        raise DataError(f"data dir {data_dir} does not exist; pass --data_dir=<dir with TFRecords>")
-    pattern = str(data_dir / config.data.train_files)
-    if not glob.glob(pattern):
-        raise DataError(
-            f"no TFRecords match {pattern}; build them with preprocessing/build_tfrecords.py "
-            f"or set data.train_files"
-        )
-    return pattern
-
-
 def train(config: Config, data_dir: str | os.PathLike, model_dir: str | os.PathLike,
           strategy: Strategy | None = None, verbose: int = 1) -> TrainResult:
     """Trains (or resumes training) a run until `config.train.steps`.
@@ -192,8 +178,8 @@ def train(config: Config, data_dir: str | os.PathLike, model_dir: str | os.PathL
     """
     strategy = strategy or get_strategy()
     data_dir, model_dir = Path(data_dir), Path(model_dir)
-    pattern = _train_files(config, data_dir)
-    class_names = read_label_map(data_dir / config.data.label_map)
+    pattern, label_map = train_inputs(config, data_dir)
+    class_names = read_label_map(label_map)
     keras.utils.set_random_seed(config.train.seed)
 
     if strategy.is_chief:

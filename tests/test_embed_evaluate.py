@@ -1,0 +1,93 @@
+"""Embedding export to HDF5 and verification evaluation of a trained tiny model."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from conftest import assert_user_error, run_module
+from sparse_embed.config import load_config
+from sparse_embed.training.trainer import train
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("embed") / "run"
+    train(load_config("smoke", ["train.steps=4"]), tiny_data, out, verbose=0)
+    return out
+
+
+def test_embed_folder_to_hdf5_round_trip(tiny_data: Path, model_dir: Path, tmp_path: Path) -> None:
+    from sparse_embed.data.tfrecord import image_folder
+    from sparse_embed.inference import read_hdf5
+
+    out = tmp_path / "emb.hdf5"
+    proc = run_module("sparse_embed.embed", f"--model_dir={model_dir}",
+                      f"--images={tiny_data / 'test'}", f"--output={out}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    paths, labels, _ = image_folder(tiny_data / "test")
+    with h5py.File(out) as f:
+        assert f["embedding"].shape == (len(paths), 64) and f["embedding"].dtype == np.float32
+    emb = read_hdf5(out)
+    np.testing.assert_array_equal(emb.label, labels)
+    assert [Path(p).name for p in emb.filename] == [Path(p).name for p in paths]
+    np.testing.assert_allclose(np.linalg.norm(emb.embedding, axis=1), 1.0, rtol=1e-5)
+    assert (emb.embedding >= 0).all(), "the smoke model's final activation is relu"
+
+    concat = tmp_path / "concat.hdf5"
+    proc = run_module("sparse_embed.embed", f"--model_dir={model_dir}",
+                      f"--tfrecords={tiny_data / 'tfrecords' / 'train-*'}", f"--output={concat}",
+                      "--flip=concat")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert read_hdf5(concat).embedding.shape == (48, 128)
+
+
+def test_flip_sum_is_the_sum_of_both_views(tiny_data: Path, model_dir: Path) -> None:
+    import tensorflow as tf
+
+    from sparse_embed.data.pipeline import files_dataset
+    from sparse_embed.data.tfrecord import image_folder
+    from sparse_embed.inference import embed_dataset, load_backbone
+
+    backbone, config = load_backbone(model_dir)
+    paths, labels, _ = image_folder(tiny_data / "test")
+    dataset = files_dataset(paths[:8], labels[:8], 8, config.model.input_size)
+    summed = embed_dataset(backbone, dataset, "sum").embedding
+    images = next(iter(dataset))[0]
+    both = backbone(images).numpy() + backbone(tf.image.flip_left_right(images)).numpy()
+    np.testing.assert_allclose(summed, both / np.linalg.norm(both, axis=1, keepdims=True),
+                               atol=1e-5)
+
+
+def test_evaluate_writes_metrics(tiny_data: Path, model_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "eval.json"
+    proc = run_module("sparse_embed.evaluate", f"--model_dir={model_dir}",
+                      f"--data_dir={tiny_data}", f"--output={out}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(out.read_text())
+    for key in ("accuracy", "accuracy_std", "auc", "eer", "mean_nnz", "flops_per_pair", "r_sub",
+                "search_ms_per_query"):
+        assert np.isfinite(results[key]), key
+    assert 0.0 <= results["accuracy"] <= 1.0 and results["embedding_size"] == 64
+    assert results["mean_nnz"] <= 64 and results["flops_per_pair"] <= results["mean_nnz"] + 1e-6
+    assert "accuracy" in proc.stdout
+
+
+def test_pairs_with_missing_images_exit_2(tiny_data: Path, model_dir: Path, tmp_path: Path) -> None:
+    images = tmp_path / "images"
+    shutil.copytree(tiny_data / "test", images)
+    victim = next(images.iterdir())
+    shutil.rmtree(victim)
+    out = tmp_path / "never.json"
+    proc = run_module("sparse_embed.evaluate", f"--model_dir={model_dir}",
+                      f"--pairs={tiny_data / 'pairs.txt'}", f"--pairs_images={images}",
+                      f"--output={out}")
+    assert_user_error(proc, "missing")
+    assert not out.exists()
+    assert_user_error(run_module("sparse_embed.embed", f"--model_dir={tmp_path / 'nope'}",
+                                 f"--images={images}", f"--output={out}"), "config.yaml")

@@ -1,0 +1,98 @@
+"""Training on tiny data: steps, checkpoints, exact resume, summaries, the non-finite guard."""
+
+from __future__ import annotations
+
+import glob
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import yaml
+
+from conftest import assert_user_error, run_module
+from sparse_embed.config import load_config
+from sparse_embed.errors import TrainingError
+from sparse_embed.training.schedules import LearningRateSchedule
+from sparse_embed.training.trainer import CHECKPOINT_DIR, build_networks, checkpoint_for, train
+
+SMOKE = ["data.augment=true", "train.batch_size=8", "train.log_every=5"]
+
+
+def _weights(model_dir: Path, config) -> list[np.ndarray]:
+    backbone, head = build_networks(config, 8)
+    latest = tf.train.latest_checkpoint(str(model_dir / CHECKPOINT_DIR))
+    checkpoint_for(backbone, head).restore(latest).expect_partial()
+    return [w.numpy() for w in backbone.weights + head.weights]
+
+
+def _scalars(logdir: Path) -> dict[str, list[int]]:
+    steps: dict[str, list[int]] = {}
+    for path in glob.glob(str(logdir / "events.out.tfevents.*")):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            for value in event.summary.value:
+                steps.setdefault(value.tag, []).append(event.step)
+    return steps
+
+
+def test_twenty_steps_then_exact_resume(tiny_data: Path, tmp_path: Path) -> None:
+    tf.config.experimental.enable_op_determinism()
+    config20 = load_config("smoke", SMOKE + ["train.steps=20"])
+    straight = train(config20, tiny_data, tmp_path / "straight", verbose=0)
+    assert (straight.step, straight.resumed_from) == (20, 0)
+    assert np.isfinite(straight.metrics["loss"])
+
+    # An interrupted run: stop at step 10, then the same command with the full length.
+    first = train(load_config("smoke", SMOKE + ["train.steps=10"]), tiny_data,
+                  tmp_path / "resumed", verbose=0)
+    assert first.step == 10
+    second = train(config20, tiny_data, tmp_path / "resumed", verbose=0)
+    assert (second.step, second.resumed_from) == (20, 10)
+    # Nothing left to do: a third run returns at once.
+    assert train(config20, tiny_data, tmp_path / "resumed", verbose=0).resumed_from == 20
+
+    for a, b in zip(_weights(tmp_path / "straight", config20), _weights(tmp_path / "resumed", config20)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+    saved = yaml.safe_load((tmp_path / "resumed" / "config.yaml").read_text())
+    assert saved["train"]["steps"] == 20 and saved["model"]["name"] == "mobilefacenet_tiny"
+    scalars = _scalars(tmp_path / "straight" / "logs" / "train")
+    for tag in ("loss", "head_loss", "sparsity_loss", "nnz", "flops", "r_sub", "lr"):
+        assert scalars[f"train/{tag}"] == [5, 10, 15, 20]
+
+
+def test_non_finite_loss_stops_with_the_step(tiny_data: Path, tmp_path: Path) -> None:
+    config = load_config("smoke", SMOKE + ["schedule.base_lr=1e30", "train.steps=20"])
+    with pytest.raises(TrainingError, match=r"at step \d+"):
+        train(config, tiny_data, tmp_path / "nan", verbose=0)
+
+
+def test_lr_schedules_follow_their_formulas() -> None:
+    cfg = load_config(None, ["schedule.name=piecewise", "schedule.base_lr=0.1",
+                             "schedule.boundaries=[10, 20]", "schedule.warmup_steps=4"]).schedule
+    lr = LearningRateSchedule(cfg, 30)
+    got = [float(lr(s)) for s in (0, 3, 4, 9, 10, 19, 20, 29)]
+    np.testing.assert_allclose(got, [0.025, 0.1, 0.1, 0.1, 0.01, 0.01, 0.001, 0.001], rtol=1e-6)
+    cos = LearningRateSchedule(load_config(None, ["schedule.name=cosine", "schedule.base_lr=1.0"])
+                               .schedule, 100)
+    np.testing.assert_allclose([float(cos(s)) for s in (0, 50, 100)],
+                               [1.0, 0.5, 0.0], atol=1e-6)
+
+
+def test_train_cli_runs_and_rejects_bad_input(tiny_data: Path, tmp_path: Path) -> None:
+    proc = run_module("sparse_embed.train", "--config=smoke", f"--data_dir={tiny_data}",
+                      f"--model_dir={tmp_path / 'cli'}", "--set", "train.steps=2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "step 2" in proc.stdout
+
+    bad = tmp_path / "bad"
+    assert_user_error(run_module("sparse_embed.train", "--config=smoke", f"--data_dir={tiny_data}",
+                                 f"--model_dir={bad}", "--set", "sparsity.wieght=1"),
+                      "sparsity.weight")
+    assert_user_error(run_module("sparse_embed.train", "--config=smoke",
+                                 f"--data_dir={tmp_path / 'missing'}", f"--model_dir={bad}"),
+                      "does not exist")
+    assert_user_error(run_module("sparse_embed.train", "--config=smoke", f"--data_dir={tiny_data}",
+                                 f"--model_dir={bad}", "--set", "data.train_files=nothing-*"),
+                      "no TFRecords match")
+    assert not bad.exists(), "a rejected run must not leave a model_dir behind"
