@@ -1,0 +1,62 @@
+"""Classification heads / losses, one registry selected by `head.name`.
+
+Every entry of `HEADS` is a builder
+
+    builder(num_classes: int, embedding_size: int, config: HeadConfig) -> keras.layers.Layer
+
+returning an unbuilt head layer with the contract of `margin.ClassifierHead`:
+``head(embeddings, labels, training=None)`` -> scalar float32 mean loss over
+the batch (embeddings float32 [B, D] as the backbone produces them, not
+normalised; labels int32/int64 [B]) and ``head.logits(embeddings)`` -> float32
+[B, C] without margin.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from sparse_embed.config import HeadConfig
+from sparse_embed.errors import ConfigError
+from sparse_embed.heads import margin
+from sparse_embed.heads.margin import ArcFaceHead, ClassifierHead, MarginHead, SoftmaxHead
+from sparse_embed.keras import keras
+from sparse_embed.registry import Registry
+
+HeadBuilder = Callable[[int, int, HeadConfig], keras.layers.Layer]
+
+HEADS: Registry[HeadBuilder] = Registry("head")
+HEADS.register("softmax")(margin.softmax_head)
+HEADS.register("arcface")(margin.arcface_head)
+
+
+def build_head(num_classes: int, embedding_size: int, config: HeadConfig) -> keras.layers.Layer:
+    """Builds the head a config names.
+
+    Args:
+        num_classes: Number of training identities.
+        embedding_size: Embedding dimension D of the backbone.
+        config: The run's head section.
+
+    Returns:
+        The unbuilt head layer; its weights are created by `head.build((None, D))`
+        or the first call.
+
+    Raises:
+        ConfigError: If the name is unknown or an argument is out of range.
+    """
+    builder = HEADS.get(config.name)
+    try:
+        return builder(num_classes, embedding_size, config)
+    except ValueError as e:
+        raise ConfigError(f"head {config.name!r}: {e}") from e
+
+
+__all__ = [
+    "HEADS",
+    "ArcFaceHead",
+    "ClassifierHead",
+    "HeadBuilder",
+    "MarginHead",
+    "SoftmaxHead",
+    "build_head",
+]

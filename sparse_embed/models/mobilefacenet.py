@@ -1,0 +1,240 @@
+"""MobileFaceNet: Chen et al., "MobileFaceNets: Efficient CNNs for Accurate
+Real-Time Face Verification on Mobile Devices" (CCBR 2018), Table 1.
+
+    input 112x112x3
+    conv3x3, 64, stride 2                       -> 56x56x64
+    depthwise conv3x3, 64, stride 1
+    bottleneck (t, c, n, s) = (2, 64, 5, 2)     -> 28x28x64
+                              (4, 128, 1, 2)    -> 14x14x128
+                              (2, 128, 6, 1)
+                              (4, 128, 1, 2)    -> 7x7x128
+                              (2, 128, 2, 1)
+    conv1x1, 512
+    linear GDConv7x7, 512 (depthwise, valid)    -> 1x1x512
+    linear conv1x1, d; BN                       -> the embedding (embedding.py)
+
+Bottlenecks are MobileNetV2's: 1x1 expansion to t * input channels, 3x3
+depthwise with the stage's stride on the first of its n blocks, linear 1x1
+projection, and a residual connection where stride is 1 and the channel
+counts match. Every convolution is followed by batch norm, and every
+non-linear one by a PReLU with one slope per channel. At d = 128 the network
+has about 0.99M parameters and 221M multiply-adds, as in the paper.
+
+The global depthwise convolution covers the whole final feature map, whatever
+its size, so smaller inputs (the tiny variant, 32x32) work with the same code.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+
+import tensorflow as tf
+
+from sparse_embed.errors import ConfigError
+from sparse_embed.keras import keras
+from sparse_embed.models import MODELS
+from sparse_embed.models.embedding import batch_norm, embedding_block
+
+# Initial PReLU slope of He et al. (2015) and of the reference MobileFaceNet
+# implementations; Keras' default of 0 would start out as a plain ReLU.
+PRELU_INIT = 0.25
+CHANNEL_DIVISOR = 8
+
+
+@dataclass(frozen=True)
+class Bottleneck:
+    """One row of the paper's Table 1: a stage of n inverted-residual blocks.
+
+    Attributes:
+        expansion: t, expansion factor of the 1x1 layer (x input channels).
+        channels: c, output channels of every block of the stage.
+        repeats: n, number of blocks.
+        stride: s, stride of the first block's depthwise convolution.
+    """
+
+    expansion: int
+    channels: int
+    repeats: int
+    stride: int
+
+
+@dataclass(frozen=True)
+class MobileFaceNetSpec:
+    """The stage table of a MobileFaceNet variant, at width 1.
+
+    Attributes:
+        stem_channels: Channels of the stride-2 3x3 convolution and the
+            depthwise convolution after it.
+        stages: The bottleneck stages, in order.
+        head_channels: Channels of the 1x1 convolution before the GDConv.
+    """
+
+    stem_channels: int
+    stages: tuple[Bottleneck, ...]
+    head_channels: int
+
+    @property
+    def stride(self) -> int:
+        """Total down-sampling factor of the network."""
+        stride = 2
+        for stage in self.stages:
+            stride *= stage.stride
+        return stride
+
+
+MOBILEFACENET = MobileFaceNetSpec(
+    stem_channels=64,
+    stages=(
+        Bottleneck(2, 64, 5, 2),
+        Bottleneck(4, 128, 1, 2),
+        Bottleneck(2, 128, 6, 1),
+        Bottleneck(4, 128, 1, 2),
+        Bottleneck(2, 128, 2, 1),
+    ),
+    head_channels=512,
+)
+
+# The paper's table with one block per stage and a quarter of the channels:
+# ~50k parameters and 0.65M MACs at d = 128: builds and trains in seconds on a
+# CPU (tests, the smoke config).
+MOBILEFACENET_TINY = MobileFaceNetSpec(
+    stem_channels=16,
+    stages=(
+        Bottleneck(2, 16, 1, 2),
+        Bottleneck(4, 32, 1, 2),
+        Bottleneck(2, 32, 1, 1),
+        Bottleneck(4, 32, 1, 2),
+        Bottleneck(2, 32, 1, 1),
+    ),
+    head_channels=128,
+)
+
+
+def scale_channels(channels: int, width: float) -> int:
+    """Scales a channel count by `width`, rounded to a multiple of 8 (at least 8).
+
+    As in MobileNetV2: round to the nearest multiple, but never more than 10%
+    below the exact value, so a small width does not lose a whole group.
+
+    Args:
+        channels: Channel count at width 1.
+        width: Width multiplier.
+    """
+    exact = channels * width
+    rounded = int(exact + CHANNEL_DIVISOR / 2) // CHANNEL_DIVISOR * CHANNEL_DIVISOR
+    rounded = max(CHANNEL_DIVISOR, rounded)
+    if rounded < 0.9 * exact:
+        rounded += CHANNEL_DIVISOR
+    return rounded
+
+
+def _prelu(x: tf.Tensor, name: str) -> tf.Tensor:
+    # One slope per channel, shared over the spatial axes as in the paper, so
+    # the parameter count does not depend on the input size.
+    return keras.layers.PReLU(alpha_initializer=keras.initializers.Constant(PRELU_INIT),
+                              shared_axes=[1, 2], name=name)(x)
+
+
+def _conv_bn(x: tf.Tensor, filters: int, kernel_size: int, strides: int, name: str,
+             linear: bool = False) -> tf.Tensor:
+    x = keras.layers.Conv2D(filters, kernel_size, strides=strides, padding="same",
+                            use_bias=False, name=f"{name}_conv")(x)
+    x = batch_norm(f"{name}_bn")(x)
+    return x if linear else _prelu(x, f"{name}_prelu")
+
+
+def _depthwise_bn(x: tf.Tensor, kernel_size: int | tuple[int, int], strides: int, name: str,
+                  padding: str = "same", linear: bool = False) -> tf.Tensor:
+    x = keras.layers.DepthwiseConv2D(kernel_size, strides=strides, padding=padding,
+                                     use_bias=False, name=f"{name}_dw")(x)
+    x = batch_norm(f"{name}_bn")(x)
+    return x if linear else _prelu(x, f"{name}_prelu")
+
+
+def _inverted_residual(x: tf.Tensor, expansion: int, channels: int, strides: int,
+                       name: str) -> tf.Tensor:
+    in_channels = x.shape[-1]
+    y = _conv_bn(x, expansion * in_channels, 1, 1, f"{name}_expand")
+    y = _depthwise_bn(y, 3, strides, f"{name}_depthwise")
+    y = _conv_bn(y, channels, 1, 1, f"{name}_project", linear=True)
+    if strides == 1 and in_channels == channels:
+        y = keras.layers.Add(name=f"{name}_add")([x, y])
+    return y
+
+
+def build_mobilefacenet(spec: MobileFaceNetSpec, name: str, embedding_size: int,
+                        final_activation: str, input_size: int, width: float) -> keras.Model:
+    """Builds a MobileFaceNet from its stage table.
+
+    Args:
+        spec: The stage table (`MOBILEFACENET`, `MOBILEFACENET_TINY`, or your own).
+        name: Model name.
+        embedding_size: Embedding dimension d.
+        final_activation: A name in `sparse_embed.models.embedding.ACTIVATIONS`.
+        input_size: Square input resolution, at least the total stride.
+        width: Multiplier of every channel count (rounded to multiples of 8);
+            the embedding size is not scaled.
+
+    Returns:
+        A functional model float32 [B, input_size, input_size, 3] in [-1, 1] ->
+        float32 [B, embedding_size], the embedding after the final activation.
+
+    Raises:
+        ConfigError: If an argument is out of range or `final_activation` is unknown.
+    """
+    if (isinstance(input_size, bool) or not isinstance(input_size, numbers.Integral)
+            or input_size < spec.stride):
+        raise ConfigError(f"model.input_size must be an integer >= {spec.stride} (the total "
+                          f"stride of {name}), got {input_size!r}")
+    if not (isinstance(width, numbers.Real) and math.isfinite(width) and width > 0):
+        raise ConfigError(f"model.width must be a finite number > 0, got {width!r}")
+
+    input_size = int(input_size)
+    images = keras.Input(shape=(input_size, input_size, 3), dtype="float32", name="images")
+    stem = scale_channels(spec.stem_channels, width)
+    x = _conv_bn(images, stem, 3, 2, "stem")
+    x = _depthwise_bn(x, 3, 1, "stem_depthwise")
+    for i, stage in enumerate(spec.stages, start=1):
+        channels = scale_channels(stage.channels, width)
+        for j in range(1, stage.repeats + 1):
+            strides = stage.stride if j == 1 else 1
+            x = _inverted_residual(x, stage.expansion, channels, strides, f"stage{i}_block{j}")
+    x = _conv_bn(x, scale_channels(spec.head_channels, width), 1, 1, "head")
+    # Global depthwise convolution: a learned per-channel weighting of every
+    # position of the final map (faces are aligned, so positions matter,
+    # unlike with global average pooling).
+    x = _depthwise_bn(x, (x.shape[1], x.shape[2]), 1, "gdconv", padding="valid", linear=True)
+    embedding = embedding_block(x, embedding_size, final_activation)
+    return keras.Model(images, embedding, name=name)
+
+
+@MODELS.register("mobilefacenet")
+def mobilefacenet(embedding_size: int = 128, final_activation: str = "none",
+                  input_size: int = 112, width: float = 1.0) -> keras.Model:
+    """MobileFaceNet as in Chen et al. (2018), Table 1.
+
+    Args:
+        embedding_size: Embedding dimension d.
+        final_activation: `none` | `relu` | `soft_threshold`.
+        input_size: Square input resolution (the paper's is 112).
+        width: Channel width multiplier.
+    """
+    return build_mobilefacenet(MOBILEFACENET, "mobilefacenet", embedding_size,
+                               final_activation, input_size, width)
+
+
+@MODELS.register("mobilefacenet_tiny")
+def mobilefacenet_tiny(embedding_size: int = 128, final_activation: str = "none",
+                       input_size: int = 32, width: float = 1.0) -> keras.Model:
+    """MobileFaceNet with one block per stage and 16-32 channels, 32x32 input: for tests.
+
+    Args:
+        embedding_size: Embedding dimension d.
+        final_activation: `none` | `relu` | `soft_threshold`.
+        input_size: Square input resolution.
+        width: Channel width multiplier.
+    """
+    return build_mobilefacenet(MOBILEFACENET_TINY, "mobilefacenet_tiny", embedding_size,
+                               final_activation, input_size, width)
