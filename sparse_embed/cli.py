@@ -10,6 +10,15 @@ from typing import Any
 from sparse_embed.errors import SparseEmbedError
 
 
+def _program(main: Callable[..., Any]) -> str:
+    """The module name a user ran (`python -m NAME`), for error messages."""
+    module = main.__module__
+    if module == "__main__":
+        spec = getattr(sys.modules["__main__"], "__spec__", None)
+        module = spec.name.removesuffix(".__main__") if spec else sys.argv[0]
+    return module
+
+
 def user_errors_exit(main: Callable[..., Any]) -> Callable[..., Any]:
     """Wraps an entry point so user errors print one line and exit 2.
 
@@ -26,8 +35,7 @@ def user_errors_exit(main: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return main(*args, **kwargs)
         except SparseEmbedError as e:
-            prog = main.__module__.rsplit(".", 1)[-1]
-            print(f"{prog}: error: {e}", file=sys.stderr)
+            print(f"{_program(main)}: error: {e}", file=sys.stderr)
             sys.exit(2)
 
     return wrapper

@@ -98,7 +98,8 @@ def test_registered_head_under_mixed_precision(name: str) -> None:
 def test_build_head_errors() -> None:
     with pytest.raises(ConfigError, match="unknown head 'arcfcae'.*did you mean 'arcface'"):
         build_head(10, 8, HeadConfig(name="arcfcae"))
-    with pytest.raises(ConfigError, match=r"head 'arcface': margin must be in \[0, pi/2\), got 2.0"):
+    with pytest.raises(ConfigError,
+                       match=r"head 'arcface': margin must be in \[0, pi/2\), got 2.0"):
         build_head(10, 8, HeadConfig(name="arcface", margin=2.0))
 
 
@@ -284,7 +285,7 @@ def test_arcface_matches_numpy(margin: float, run: Callable) -> None:
 
 
 def test_arcface_gradient_finite_at_cos_plus_minus_one(run: Callable) -> None:
-    """|cos(theta)| = 1 is where d/dc sqrt(1 - c^2) is infinite; the clipped sine keeps it finite."""
+    """At |cos(theta)| = 1, d/dc sqrt(1 - c^2) is infinite; the clipped sine keeps it finite."""
     head = _arcface(kernel=np.eye(D, C, dtype=np.float32))
     labels = tf.constant([0, 1, 2, 3])
     embeddings = tf.constant(np.concatenate([np.eye(2, D), -np.eye(4, D)[2:]]).astype(np.float32))

@@ -42,7 +42,8 @@ def _np_stats(e: np.ndarray, zero_threshold: float) -> dict[str, float]:
 
 def _both_stats(e: np.ndarray, zero_threshold: float, run: Callable) -> list[dict[str, float]]:
     tf_stats = run(lambda x: sparsity_stats(x, zero_threshold))(tf.constant(e))
-    return [{k: float(v.numpy()) for k, v in tf_stats.items()}, sparsity_stats_np(e, zero_threshold)]
+    tf_floats = {k: float(v.numpy()) for k, v in tf_stats.items()}
+    return [tf_floats, sparsity_stats_np(e, zero_threshold)]
 
 
 def _random_sparse(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
