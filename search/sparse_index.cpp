@@ -1,0 +1,894 @@
+// Inverted index over sparse embeddings: build, search, save / load.
+//
+// Index file layout (version 1, little-endian), every section starting at a
+// multiple of 64 bytes and zero-padded up to the next one:
+//
+//   header, 64 bytes:
+//     0  char[8]  magic "SPEMBIDX"
+//     8  uint32   format version (kIndexFormatVersion)
+//    12  uint32   header size (64)
+//    16  uint64   rows N
+//    24  uint64   dims D
+//    32  uint64   non-zeros NNZ
+//    40  uint32   flags (bit 0: labels present)
+//    44  uint32   reserved (0)
+//    48  uint64   XXH64 of every byte after the header
+//    56  uint64   XXH64 of header bytes [0, 56)
+//   uint64  offsets[D + 1]   postings of dimension d are [offsets[d], offsets[d+1])
+//   uint32  rows[NNZ]        row ids, non-decreasing within a dimension
+//   float32 values[NNZ]
+//   int32   labels[N]        only when flag bit 0 is set
+//
+// A posting costs 8 bytes (uint32 row id + float32 value); the rest is O(D + N).
+
+#include "sparse_index.h"
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cerrno>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <exception>
+#include <mutex>
+#include <thread>
+#include <utility>
+
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "the index and .bin formats are little-endian; this build targets a big-endian machine"
+#endif
+
+namespace sparse_embed {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double seconds_since(Clock::time_point start) {
+  return std::chrono::duration<double>(Clock::now() - start).count();
+}
+
+// Rows of one score block in the dense accumulation mode: 64 KiB of floats
+// stays in L1/L2 while a query's postings for those rows are added into it
+// and then scanned for the top-k, so the full score vector never goes
+// through memory.
+constexpr int64_t kBlockRows = 16384;
+// A query whose postings are fewer than rows / kSparseModeRatio accumulates
+// into a full score vector and scans only the rows it touched; above that,
+// scanning blocks of every row is cheaper than tracking touched rows.
+constexpr int64_t kSparseModeRatio = 8;
+// Rows ids are uint32 in the postings.
+constexpr int64_t kMaxRows = int64_t{1} << 32;
+
+constexpr char kMagic[8] = {'S', 'P', 'E', 'M', 'B', 'I', 'D', 'X'};
+constexpr uint64_t kHeaderSize = 64;
+constexpr uint64_t kAlign = 64;
+constexpr uint32_t kFlagLabels = 1;
+
+uint64_t align_up(uint64_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
+
+// ---------------------------------------------------------------------------
+// XXH64 (https://github.com/Cyan4973/xxHash/blob/dev/doc/xxhash_spec.md),
+// streaming: the checksum of the index file is computed while it is written.
+
+constexpr uint64_t kP1 = 0x9E3779B185EBCA87ULL;
+constexpr uint64_t kP2 = 0xC2B2AE3D27D4EB4FULL;
+constexpr uint64_t kP3 = 0x165667B19E3779F9ULL;
+constexpr uint64_t kP4 = 0x85EBCA77C2B2AE63ULL;
+constexpr uint64_t kP5 = 0x27D4EB2F165667C5ULL;
+
+uint64_t rotl(uint64_t x, int r) { return (x << r) | (x >> (64 - r)); }
+uint64_t read64(const uint8_t* p) {
+  uint64_t v;
+  std::memcpy(&v, p, 8);
+  return v;
+}
+uint32_t read32(const uint8_t* p) {
+  uint32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+uint64_t xxh_round(uint64_t acc, uint64_t input) { return rotl(acc + input * kP2, 31) * kP1; }
+uint64_t xxh_merge(uint64_t acc, uint64_t val) { return (acc ^ xxh_round(0, val)) * kP1 + kP4; }
+
+class Xxh64 {
+ public:
+  Xxh64() : v_{kP1 + kP2, kP2, 0, 0 - kP1} {}
+
+  void update(const void* data, size_t len) {
+    const auto* p = static_cast<const uint8_t*>(data);
+    total_ += len;
+    if (buffered_ + len < 32) {
+      std::memcpy(buffer_ + buffered_, p, len);
+      buffered_ += len;
+      return;
+    }
+    if (buffered_ > 0) {
+      const size_t fill = 32 - buffered_;
+      std::memcpy(buffer_ + buffered_, p, fill);
+      stripe(buffer_);
+      p += fill;
+      len -= fill;
+      buffered_ = 0;
+    }
+    for (; len >= 32; p += 32, len -= 32) stripe(p);
+    std::memcpy(buffer_, p, len);
+    buffered_ = len;
+  }
+
+  uint64_t digest() const {
+    uint64_t h;
+    if (total_ >= 32) {
+      h = rotl(v_[0], 1) + rotl(v_[1], 7) + rotl(v_[2], 12) + rotl(v_[3], 18);
+      for (uint64_t v : v_) h = xxh_merge(h, v);
+    } else {
+      h = kP5;
+    }
+    h += total_;
+    const uint8_t* p = buffer_;
+    const uint8_t* end = buffer_ + buffered_;
+    for (; p + 8 <= end; p += 8) h = rotl(h ^ xxh_round(0, read64(p)), 27) * kP1 + kP4;
+    if (p + 4 <= end) {
+      h = rotl(h ^ (uint64_t{read32(p)} * kP1), 23) * kP2 + kP3;
+      p += 4;
+    }
+    for (; p < end; ++p) h = rotl(h ^ (uint64_t{*p} * kP5), 11) * kP1;
+    h ^= h >> 33;
+    h *= kP2;
+    h ^= h >> 29;
+    h *= kP3;
+    h ^= h >> 32;
+    return h;
+  }
+
+ private:
+  void stripe(const uint8_t* p) {
+    for (int i = 0; i < 4; ++i) v_[i] = xxh_round(v_[i], read64(p + 8 * i));
+  }
+
+  uint64_t v_[4];
+  uint8_t buffer_[32] = {};
+  size_t buffered_ = 0;
+  uint64_t total_ = 0;
+};
+
+uint64_t xxh64(const void* data, size_t len) {
+  Xxh64 h;
+  h.update(data, len);
+  return h.digest();
+}
+
+// ---------------------------------------------------------------------------
+// Row sources for the build and the search: each calls f(dim, value) for the
+// non-zero entries of row i.
+
+struct DenseRows {
+  DenseView x;
+  float zero_threshold;
+  int64_t size() const { return x.rows; }
+  template <typename F>
+  void for_each(int64_t i, F&& f) const {
+    const float* row = x.data + i * x.cols;
+    for (int64_t j = 0; j < x.cols; ++j) {
+      if (std::fabs(row[j]) > zero_threshold) f(j, row[j]);
+    }
+  }
+};
+
+struct CsrRows {
+  CsrView x;
+  int64_t size() const { return x.rows; }
+  template <typename F>
+  void for_each(int64_t i, F&& f) const {
+    for (int64_t p = x.indptr[i]; p < x.indptr[i + 1]; ++p) {
+      if (x.values[p] != 0.0f) f(x.indices[p], x.values[p]);
+    }
+  }
+};
+
+void check_dense(const DenseView& x, const char* what) {
+  if (x.rows < 0 || x.cols < 0 || (x.data == nullptr && x.rows * x.cols > 0)) {
+    throw std::invalid_argument(std::string(what) + ": invalid dense matrix");
+  }
+  const int64_t n = x.rows * x.cols;
+  for (int64_t i = 0; i < n; ++i) {
+    if (!std::isfinite(x.data[i])) {
+      throw std::invalid_argument(std::string(what) + " must be finite; row " +
+                                  std::to_string(i / x.cols) + " column " +
+                                  std::to_string(i % x.cols) + " is " + std::to_string(x.data[i]));
+    }
+  }
+}
+
+void check_csr(const CsrView& x, int64_t dim, const char* what) {
+  if (x.rows < 0 || (x.rows > 0 && x.indptr == nullptr)) {
+    throw std::invalid_argument(std::string(what) + ": invalid CSR matrix");
+  }
+  if (x.rows == 0) return;
+  if (x.indptr[0] < 0) {
+    throw std::invalid_argument(std::string(what) + ": indptr[0] must be >= 0");
+  }
+  for (int64_t i = 0; i < x.rows; ++i) {
+    if (x.indptr[i + 1] < x.indptr[i]) {
+      throw std::invalid_argument(std::string(what) + ": indptr must be non-decreasing (row " +
+                                  std::to_string(i) + ")");
+    }
+    for (int64_t p = x.indptr[i]; p < x.indptr[i + 1]; ++p) {
+      if (x.indices[p] < 0 || x.indices[p] >= dim) {
+        throw std::invalid_argument(std::string(what) + ": index " + std::to_string(x.indices[p]) +
+                                    " in row " + std::to_string(i) + " is outside [0, " +
+                                    std::to_string(dim) + ")");
+      }
+      if (!std::isfinite(x.values[p])) {
+        throw std::invalid_argument(std::string(what) + " must be finite; row " +
+                                    std::to_string(i) + " has " + std::to_string(x.values[p]));
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Top-k selection.
+
+struct Candidate {
+  float score;
+  uint32_t row;
+};
+
+// Higher score first; among equal scores the lower row id.
+bool better(const Candidate& a, const Candidate& b) {
+  return a.score > b.score || (a.score == b.score && a.row < b.row);
+}
+
+// The best `capacity` candidates pushed so far, in a heap whose front is the
+// worst of them.
+class TopK {
+ public:
+  void reset(int64_t capacity) {
+    capacity_ = static_cast<size_t>(capacity);
+    heap_.clear();
+    heap_.reserve(capacity_);
+  }
+  size_t capacity() const { return capacity_; }
+  bool full() const { return heap_.size() >= capacity_; }
+  // What a row visited in increasing id order must score strictly above to
+  // enter: ties with the worst kept row lose to its lower id.
+  float cut(float threshold) const { return full() ? heap_.front().score : threshold; }
+
+  void push(Candidate c) {
+    if (heap_.size() < capacity_) {
+      heap_.push_back(c);
+      std::push_heap(heap_.begin(), heap_.end(), better);
+    } else if (better(c, heap_.front())) {
+      std::pop_heap(heap_.begin(), heap_.end(), better);
+      heap_.back() = c;
+      std::push_heap(heap_.begin(), heap_.end(), better);
+    }
+  }
+
+  // Moves the kept candidates, best first, into `out`; leaves this empty.
+  void take_sorted(std::vector<Candidate>& out) {
+    std::sort_heap(heap_.begin(), heap_.end(), better);
+    out.assign(heap_.begin(), heap_.end());
+    heap_.clear();
+  }
+
+ private:
+  size_t capacity_ = 0;
+  std::vector<Candidate> heap_;
+};
+
+// Pushes the rows of a score block whose score is above `threshold` into
+// `top`, visiting them in increasing id order; returns how many of them have
+// a non-zero score above `threshold`.
+int64_t scan_block(const float* s, int64_t n, int64_t base, float threshold, TopK& top) {
+  constexpr int64_t kChunk = 32;
+  int64_t candidates = 0;
+  float cut = top.cut(threshold);
+  int64_t i = 0;
+  // The branch-free chunk test vectorises; rows rarely beat the cut once the
+  // heap is full, so the per-row path runs for few chunks.
+  for (; i + kChunk <= n; i += kChunk) {
+    int any = 0;
+    int count = 0;
+    for (int64_t j = 0; j < kChunk; ++j) {
+      const float x = s[i + j];
+      any |= x > cut;
+      count += (x != 0.0f) & (x > threshold);
+    }
+    candidates += count;
+    if (!any) continue;
+    for (int64_t j = 0; j < kChunk; ++j) {
+      if (s[i + j] > cut) {
+        top.push({s[i + j], static_cast<uint32_t>(base + i + j)});
+        cut = top.cut(threshold);
+      }
+    }
+  }
+  for (; i < n; ++i) {
+    const float x = s[i];
+    candidates += (x != 0.0f) & (x > threshold);
+    if (x > cut) {
+      top.push({x, static_cast<uint32_t>(base + i)});
+      cut = top.cut(threshold);
+    }
+  }
+  return candidates;
+}
+
+// Inner product with eight independent lanes: vectorisable without
+// -ffast-math, and the summation order (hence the result) is fixed.
+float dot(const float* a, const float* b, int64_t n) {
+  float lane[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    for (int j = 0; j < 8; ++j) lane[j] += a[i + j] * b[i + j];
+  }
+  float sum = ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
+  for (; i < n; ++i) sum += a[i] * b[i];
+  return sum;
+}
+
+// The postings of one query dimension.
+struct Term {
+  const uint32_t* rows;
+  const float* values;
+  int64_t size;
+  float weight;
+};
+
+// Per-thread scratch memory, reused across the thread's queries.
+struct Workspace {
+  std::vector<Term> terms;
+  std::vector<int64_t> cursor;
+  std::vector<float> block;      // dense mode: one block of scores
+  std::vector<float> scores;     // sparse mode: every row, zero between queries
+  std::vector<uint8_t> seen;     // sparse mode: row touched by the current query
+  std::vector<uint32_t> touched; // sparse mode: rows touched, in first-touch order
+  TopK first;
+  TopK second;
+  std::vector<Candidate> ranked;
+};
+
+void write_all(std::FILE* f, const void* data, size_t len, Xxh64* hash, const std::string& path) {
+  if (len == 0) return;
+  if (std::fwrite(data, 1, len, f) != len) {
+    throw FormatError("cannot write " + path + ": " + std::strerror(errno));
+  }
+  if (hash != nullptr) hash->update(data, len);
+}
+
+void write_padding(std::FILE* f, uint64_t written, Xxh64* hash, const std::string& path) {
+  static const uint8_t zeros[kAlign] = {};
+  write_all(f, zeros, align_up(written) - written, hash, path);
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------
+// Storage: owned vectors (built in memory) or a read-only file mapping.
+
+struct SparseIndex::Storage {
+  std::vector<uint64_t> offsets;
+  std::vector<uint32_t> rows;
+  std::vector<float> values;
+  std::vector<int32_t> labels;
+  void* map = nullptr;
+  size_t map_size = 0;
+
+  Storage() = default;
+  Storage(const Storage&) = delete;
+  Storage& operator=(const Storage&) = delete;
+  ~Storage() {
+    if (map != nullptr) munmap(map, map_size);
+  }
+};
+
+CsrView CsrMatrix::view(int64_t begin, int64_t end) const {
+  CsrView v;
+  v.indptr = indptr.data() + begin;
+  v.indices = indices.data();
+  v.values = values.data();
+  v.rows = end - begin;
+  return v;
+}
+
+// Two passes over the rows: count the postings of every dimension, then
+// place each entry at its dimension's cursor. O(rows + nnz + dim), and the
+// row ids of a dimension come out increasing.
+template <typename Rows>
+SparseIndex SparseIndex::build(const Rows& rows, int64_t dim, const int32_t* labels) {
+  const auto start = Clock::now();
+  const int64_t n = rows.size();
+  if (dim < 1 || dim > std::numeric_limits<int32_t>::max()) {
+    throw std::invalid_argument("dim must be in [1, 2^31), got " + std::to_string(dim));
+  }
+  if (n >= kMaxRows) {
+    throw std::invalid_argument("an index holds fewer than 2^32 rows; split the database into "
+                                "shards (got " + std::to_string(n) + " rows)");
+  }
+  auto storage = std::make_shared<Storage>();
+  storage->offsets.assign(static_cast<size_t>(dim) + 1, 0);
+  uint64_t* offsets = storage->offsets.data();
+  for (int64_t i = 0; i < n; ++i) {
+    rows.for_each(i, [&](int64_t d, float) { ++offsets[d + 1]; });
+  }
+  for (int64_t d = 0; d < dim; ++d) offsets[d + 1] += offsets[d];
+  const uint64_t nnz = offsets[dim];
+  storage->rows.resize(nnz);
+  storage->values.resize(nnz);
+  std::vector<uint64_t> cursor(offsets, offsets + dim);
+  uint32_t* post_rows = storage->rows.data();
+  float* post_values = storage->values.data();
+  for (int64_t i = 0; i < n; ++i) {
+    rows.for_each(i, [&](int64_t d, float v) {
+      const uint64_t p = cursor[d]++;
+      post_rows[p] = static_cast<uint32_t>(i);
+      post_values[p] = v;
+    });
+  }
+  if (labels != nullptr) storage->labels.assign(labels, labels + n);
+
+  SparseIndex index;
+  index.rows_ = n;
+  index.dim_ = dim;
+  index.nnz_ = static_cast<int64_t>(nnz);
+  index.offsets_ = storage->offsets.data();
+  index.post_rows_ = storage->rows.data();
+  index.post_values_ = storage->values.data();
+  index.labels_ = labels != nullptr ? storage->labels.data() : nullptr;
+  index.storage_ = std::move(storage);
+  index.build_seconds_ = seconds_since(start);
+  return index;
+}
+
+SparseIndex SparseIndex::from_dense(const DenseView& x, float zero_threshold) {
+  if (!(zero_threshold >= 0.0f) || !std::isfinite(zero_threshold)) {
+    throw std::invalid_argument("zero_threshold must be finite and >= 0, got " +
+                                std::to_string(zero_threshold));
+  }
+  check_dense(x, "database");
+  return build(DenseRows{x, zero_threshold}, x.cols, nullptr);
+}
+
+SparseIndex SparseIndex::from_csr(const CsrView& x, int64_t dim, const int32_t* labels) {
+  check_csr(x, dim, "database");
+  return build(CsrRows{x}, dim, labels);
+}
+
+SparseIndex SparseIndex::from_bin(const std::string& path, int64_t dim) {
+  const CsrMatrix m = read_bin(path);
+  if (dim <= 0) dim = std::max<int64_t>(m.cols, 1);
+  if (m.cols > dim) {
+    throw std::invalid_argument(path + " has index " + std::to_string(m.cols - 1) +
+                                ", outside dim " + std::to_string(dim));
+  }
+  return build(CsrRows{m.view(0, m.rows())}, dim, m.labels.data());
+}
+
+int64_t SparseIndex::memory_bytes() const {
+  return 8 * (dim_ + 1) + 8 * nnz_ + (labels_ != nullptr ? 4 * rows_ : 0);
+}
+
+bool SparseIndex::memory_mapped() const { return storage_ != nullptr && storage_->map != nullptr; }
+
+// ---------------------------------------------------------------------------
+// Search.
+
+void SparseIndex::search(const DenseView& queries, const SearchParams& params,
+                         const SearchOutput& out) const {
+  if (queries.cols != dim_) {
+    throw std::invalid_argument("queries must have shape [Q, " + std::to_string(dim_) +
+                                "] (the index dim), got [" + std::to_string(queries.rows) + ", " +
+                                std::to_string(queries.cols) + "]");
+  }
+  check_dense(queries, "queries");
+  search_impl(DenseRows{queries, 0.0f}, params, out);
+}
+
+void SparseIndex::search(const CsrView& queries, const SearchParams& params,
+                         const SearchOutput& out) const {
+  check_csr(queries, dim_, "queries");
+  search_impl(CsrRows{queries}, params, out);
+}
+
+template <typename Queries>
+void SparseIndex::search_impl(const Queries& queries, const SearchParams& params,
+                              const SearchOutput& out) const {
+  const int64_t num_queries = queries.size();
+  const int64_t k = params.k;
+  if (k < 1) throw std::invalid_argument("k must be >= 1, got " + std::to_string(k));
+  if (std::isnan(params.threshold)) throw std::invalid_argument("threshold must not be NaN");
+  if (params.num_threads < 0) {
+    throw std::invalid_argument("num_threads must be >= 0 (0: every core), got " +
+                                std::to_string(params.num_threads));
+  }
+  const bool rerank = params.rerank_database.data != nullptr || params.rerank_queries.data != nullptr;
+  if (rerank) {
+    const DenseView& db = params.rerank_database;
+    const DenseView& qd = params.rerank_queries;
+    if (db.data == nullptr || qd.data == nullptr) {
+      throw std::invalid_argument("re-ranking needs both the database and the query dense vectors");
+    }
+    if (db.rows != rows_) {
+      throw std::invalid_argument("rerank database must have one row per index row (" +
+                                  std::to_string(rows_) + "), got " + std::to_string(db.rows));
+    }
+    if (qd.rows != num_queries || qd.cols != db.cols) {
+      throw std::invalid_argument("rerank queries must have shape [" + std::to_string(num_queries) +
+                                  ", " + std::to_string(db.cols) + "], got [" +
+                                  std::to_string(qd.rows) + ", " + std::to_string(qd.cols) + "]");
+    }
+    if (params.rerank_k < k) {
+      throw std::invalid_argument("rerank_k (" + std::to_string(params.rerank_k) +
+                                  ") must be >= k (" + std::to_string(k) + ")");
+    }
+    check_dense(db, "rerank database");
+    check_dense(qd, "rerank queries");
+  }
+  const float threshold = params.threshold;
+  const int64_t first_capacity = std::min(rerank ? params.rerank_k : k, rows_);
+  const int64_t final_capacity = std::min(k, rows_);
+
+  auto run_query = [&](int64_t q, Workspace& ws) {
+    const auto start = Clock::now();
+    ws.terms.clear();
+    int64_t postings = 0;
+    queries.for_each(q, [&](int64_t d, float w) {
+      const uint64_t b = offsets_[d];
+      const int64_t size = static_cast<int64_t>(offsets_[d + 1] - b);
+      if (size > 0) {
+        ws.terms.push_back({post_rows_ + b, post_values_ + b, size, w});
+        postings += size;
+      }
+    });
+    int64_t candidates = 0;
+    int64_t found = 0;
+    if (rows_ > 0) {
+      TopK& top = ws.first;
+      top.reset(first_capacity);
+      if (postings * kSparseModeRatio < rows_) {
+        // Few postings: accumulate into the full score vector, remembering the
+        // rows touched, and visit only those.
+        if (ws.scores.empty()) {
+          ws.scores.assign(rows_, 0.0f);
+          ws.seen.assign(rows_, 0);
+        }
+        float* s = ws.scores.data();
+        uint8_t* seen = ws.seen.data();
+        ws.touched.clear();
+        for (const Term& t : ws.terms) {
+          for (int64_t p = 0; p < t.size; ++p) {
+            const uint32_t r = t.rows[p];
+            if (!seen[r]) {
+              seen[r] = 1;
+              ws.touched.push_back(r);
+            }
+            s[r] += t.weight * t.values[p];
+          }
+        }
+        for (const uint32_t r : ws.touched) {
+          if (s[r] != 0.0f && s[r] > threshold) {
+            ++candidates;
+            top.push({s[r], r});
+          }
+        }
+        // Every other row scores exactly 0; when 0 qualifies, the lowest ids
+        // among them compete too.
+        if (0.0f > threshold) {
+          size_t taken = 0;
+          for (int64_t r = 0; r < rows_ && taken < top.capacity(); ++r) {
+            if (s[r] == 0.0f) {
+              top.push({0.0f, static_cast<uint32_t>(r)});
+              ++taken;
+            }
+          }
+        }
+        for (const uint32_t r : ws.touched) {
+          s[r] = 0.0f;
+          seen[r] = 0;
+        }
+      } else {
+        // Many postings: accumulate one cache-resident block of rows at a time
+        // (the postings of a dimension are sorted by row, so each term's
+        // cursor moves forward), then scan the block while it is hot.
+        ws.cursor.assign(ws.terms.size(), 0);
+        if (ws.block.empty()) ws.block.resize(std::min(rows_, kBlockRows));
+        float* buf = ws.block.data();
+        for (int64_t lo = 0; lo < rows_; lo += kBlockRows) {
+          const int64_t hi = std::min(rows_, lo + kBlockRows);
+          std::fill(buf, buf + (hi - lo), 0.0f);
+          const uint32_t lo32 = static_cast<uint32_t>(lo);
+          for (size_t t = 0; t < ws.terms.size(); ++t) {
+            const Term& term = ws.terms[t];
+            int64_t p = ws.cursor[t];
+            const int64_t end =
+                hi == rows_ ? term.size
+                            : std::lower_bound(term.rows + p, term.rows + term.size,
+                                               static_cast<uint32_t>(hi)) - term.rows;
+            const float w = term.weight;
+            for (; p < end; ++p) buf[term.rows[p] - lo32] += w * term.values[p];
+            ws.cursor[t] = end;
+          }
+          candidates += scan_block(buf, hi - lo, lo, threshold, top);
+        }
+      }
+      top.take_sorted(ws.ranked);
+      if (rerank) {
+        const DenseView& db = params.rerank_database;
+        const float* qv = params.rerank_queries.data + q * db.cols;
+        ws.second.reset(final_capacity);
+        for (const Candidate& c : ws.ranked) {
+          ws.second.push({dot(db.data + int64_t{c.row} * db.cols, qv, db.cols), c.row});
+        }
+        ws.second.take_sorted(ws.ranked);
+      }
+      found = std::min<int64_t>(static_cast<int64_t>(ws.ranked.size()), k);
+      for (int64_t i = 0; i < found; ++i) {
+        out.ids[q * k + i] = ws.ranked[i].row;
+        out.scores[q * k + i] = ws.ranked[i].score;
+      }
+    }
+    for (int64_t i = found; i < k; ++i) {
+      out.ids[q * k + i] = -1;
+      out.scores[q * k + i] = -std::numeric_limits<float>::infinity();
+    }
+    if (out.postings != nullptr) out.postings[q] = postings;
+    if (out.candidates != nullptr) out.candidates[q] = candidates;
+    if (out.seconds != nullptr) out.seconds[q] = seconds_since(start);
+  };
+
+  int64_t threads = params.num_threads > 0 ? params.num_threads
+                                           : std::max<int64_t>(1, std::thread::hardware_concurrency());
+  threads = std::max<int64_t>(1, std::min(threads, num_queries));
+  // Queries are handed out one at a time: their cost varies with their
+  // postings, and one atomic increment is negligible next to a query.
+  std::atomic<int64_t> next{0};
+  std::exception_ptr error;
+  std::mutex error_mutex;
+  auto worker = [&]() {
+    try {
+      Workspace ws;
+      for (int64_t q = next++; q < num_queries; q = next++) run_query(q, ws);
+    } catch (...) {
+      std::lock_guard<std::mutex> lock(error_mutex);
+      if (!error) error = std::current_exception();
+      next = num_queries;
+    }
+  };
+  std::vector<std::thread> pool;
+  pool.reserve(threads - 1);
+  for (int64_t t = 1; t < threads; ++t) pool.emplace_back(worker);
+  worker();
+  for (std::thread& t : pool) t.join();
+  if (error) std::rethrow_exception(error);
+}
+
+// ---------------------------------------------------------------------------
+// Save / load.
+
+void SparseIndex::save(const std::string& path) const {
+  std::FILE* f = std::fopen(path.c_str(), "wb");
+  if (f == nullptr) throw FormatError("cannot write " + path + ": " + std::strerror(errno));
+  std::unique_ptr<std::FILE, int (*)(std::FILE*)> closer(f, std::fclose);
+
+  uint8_t header[kHeaderSize] = {};
+  // The header is written last, once the payload checksum is known.
+  if (std::fseek(f, kHeaderSize, SEEK_SET) != 0) {
+    throw FormatError("cannot write " + path + ": " + std::strerror(errno));
+  }
+  Xxh64 hash;
+  const uint64_t offsets_bytes = 8 * (static_cast<uint64_t>(dim_) + 1);
+  const uint64_t nnz = static_cast<uint64_t>(nnz_);
+  write_all(f, offsets_, offsets_bytes, &hash, path);
+  write_padding(f, offsets_bytes, &hash, path);
+  write_all(f, post_rows_, 4 * nnz, &hash, path);
+  write_padding(f, 4 * nnz, &hash, path);
+  write_all(f, post_values_, 4 * nnz, &hash, path);
+  write_padding(f, 4 * nnz, &hash, path);
+  if (labels_ != nullptr) {
+    write_all(f, labels_, 4 * static_cast<uint64_t>(rows_), &hash, path);
+    write_padding(f, 4 * static_cast<uint64_t>(rows_), &hash, path);
+  }
+
+  const uint32_t version = kIndexFormatVersion;
+  const uint32_t header_size = kHeaderSize;
+  const uint64_t rows = rows_, dim = dim_;
+  const uint32_t flags = labels_ != nullptr ? kFlagLabels : 0;
+  const uint64_t payload_hash = hash.digest();
+  std::memcpy(header, kMagic, 8);
+  std::memcpy(header + 8, &version, 4);
+  std::memcpy(header + 12, &header_size, 4);
+  std::memcpy(header + 16, &rows, 8);
+  std::memcpy(header + 24, &dim, 8);
+  std::memcpy(header + 32, &nnz, 8);
+  std::memcpy(header + 40, &flags, 4);
+  std::memcpy(header + 48, &payload_hash, 8);
+  const uint64_t header_hash = xxh64(header, 56);
+  std::memcpy(header + 56, &header_hash, 8);
+  if (std::fseek(f, 0, SEEK_SET) != 0) {
+    throw FormatError("cannot write " + path + ": " + std::strerror(errno));
+  }
+  write_all(f, header, kHeaderSize, nullptr, path);
+  if (std::fflush(f) != 0) throw FormatError("cannot write " + path + ": " + std::strerror(errno));
+  closer.reset();
+}
+
+SparseIndex SparseIndex::load(const std::string& path) {
+  const auto start = Clock::now();
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) throw FormatError("cannot open index file " + path + ": " + std::strerror(errno));
+  struct stat st;
+  if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+    ::close(fd);
+    throw FormatError(path + " is not a regular file");
+  }
+  const uint64_t size = static_cast<uint64_t>(st.st_size);
+  const std::string foreign = path + " is not a sparse-embed index (expected a file written by "
+                                     "SparseIndex.save; a .bin embedding file loads with from_bin)";
+  if (size < 8) {
+    ::close(fd);
+    throw FormatError(size == 0 ? path + " is empty" : foreign);
+  }
+  auto storage = std::make_shared<Storage>();
+  storage->map = ::mmap(nullptr, size, PROT_READ, MAP_PRIVATE, fd, 0);
+  ::close(fd);
+  if (storage->map == MAP_FAILED) {
+    storage->map = nullptr;
+    throw FormatError("cannot map " + path + ": " + std::strerror(errno));
+  }
+  storage->map_size = size;
+  const auto* base = static_cast<const uint8_t*>(storage->map);
+
+  if (std::memcmp(base, kMagic, 8) != 0) throw FormatError(foreign);
+  if (size < kHeaderSize) {
+    throw FormatError(path + " is truncated: " + std::to_string(size) +
+                      " bytes, shorter than the 64-byte header");
+  }
+  uint32_t version, header_size, flags;
+  uint64_t rows, dim, nnz, payload_hash, header_hash;
+  std::memcpy(&version, base + 8, 4);
+  std::memcpy(&header_size, base + 12, 4);
+  std::memcpy(&rows, base + 16, 8);
+  std::memcpy(&dim, base + 24, 8);
+  std::memcpy(&nnz, base + 32, 8);
+  std::memcpy(&flags, base + 40, 4);
+  std::memcpy(&payload_hash, base + 48, 8);
+  std::memcpy(&header_hash, base + 56, 8);
+  if (xxh64(base, 56) != header_hash) {
+    throw FormatError(path + " is corrupted: header checksum mismatch");
+  }
+  if (version != kIndexFormatVersion) {
+    throw FormatError(path + " has index format version " + std::to_string(version) +
+                      "; this build reads version " + std::to_string(kIndexFormatVersion));
+  }
+  if (header_size != kHeaderSize || (flags & ~kFlagLabels) != 0 || rows >= uint64_t{kMaxRows} ||
+      dim < 1 || dim > uint64_t{std::numeric_limits<int32_t>::max()} ||
+      nnz > (uint64_t{1} << 48)) {
+    throw FormatError(path + " is corrupted: implausible header fields");
+  }
+  const bool has_labels = (flags & kFlagLabels) != 0;
+  const uint64_t offsets_at = kHeaderSize;
+  const uint64_t rows_at = offsets_at + align_up(8 * (dim + 1));
+  const uint64_t values_at = rows_at + align_up(4 * nnz);
+  const uint64_t labels_at = values_at + align_up(4 * nnz);
+  const uint64_t expected = labels_at + (has_labels ? align_up(4 * rows) : 0);
+  if (size < expected) {
+    throw FormatError(path + " is truncated: " + std::to_string(size) + " bytes, expected " +
+                      std::to_string(expected));
+  }
+  if (size > expected) {
+    throw FormatError(path + " is corrupted: " + std::to_string(size - expected) +
+                      " unexpected trailing bytes");
+  }
+  if (xxh64(base + kHeaderSize, size - kHeaderSize) != payload_hash) {
+    throw FormatError(path + " is corrupted: checksum mismatch");
+  }
+
+  // A file with valid checksums can still have been crafted: check the
+  // invariants the search relies on, so no file can make it read out of
+  // bounds.
+  const auto* offsets = reinterpret_cast<const uint64_t*>(base + offsets_at);
+  const auto* post_rows = reinterpret_cast<const uint32_t*>(base + rows_at);
+  const auto* post_values = reinterpret_cast<const float*>(base + values_at);
+  const std::string inconsistent = path + " is corrupted: inconsistent postings";
+  if (offsets[0] != 0 || offsets[dim] != nnz) throw FormatError(inconsistent);
+  for (uint64_t d = 0; d < dim; ++d) {
+    if (offsets[d + 1] < offsets[d] || offsets[d + 1] > nnz) throw FormatError(inconsistent);
+    for (uint64_t p = offsets[d]; p < offsets[d + 1]; ++p) {
+      if (post_rows[p] >= rows || (p > offsets[d] && post_rows[p] < post_rows[p - 1]) ||
+          !std::isfinite(post_values[p])) {
+        throw FormatError(inconsistent);
+      }
+    }
+  }
+
+  SparseIndex index;
+  index.rows_ = static_cast<int64_t>(rows);
+  index.dim_ = static_cast<int64_t>(dim);
+  index.nnz_ = static_cast<int64_t>(nnz);
+  index.offsets_ = offsets;
+  index.post_rows_ = post_rows;
+  index.post_values_ = post_values;
+  index.labels_ = has_labels ? reinterpret_cast<const int32_t*>(base + labels_at) : nullptr;
+  index.storage_ = std::move(storage);
+  index.build_seconds_ = seconds_since(start);
+  return index;
+}
+
+// ---------------------------------------------------------------------------
+// The .bin format of the original code.
+
+CsrMatrix read_bin(const std::string& path) {
+  std::FILE* f = std::fopen(path.c_str(), "rb");
+  if (f == nullptr) throw FormatError("cannot open " + path + ": " + std::strerror(errno));
+  std::unique_ptr<std::FILE, int (*)(std::FILE*)> closer(f, std::fclose);
+  std::setvbuf(f, nullptr, _IOFBF, 1 << 20);
+  struct stat st;
+  if (::fstat(::fileno(f), &st) != 0 || !S_ISREG(st.st_mode)) {
+    throw FormatError(path + " is not a regular file");
+  }
+  const int64_t size = st.st_size;
+  int64_t position = 0;
+  auto read = [&](void* data, int64_t bytes, const char* what, int64_t row) {
+    if (bytes > 0 && std::fread(data, 1, bytes, f) != static_cast<size_t>(bytes)) {
+      throw FormatError(path + " is truncated: cannot read the " + what +
+                        (row >= 0 ? " of row " + std::to_string(row) : std::string()) +
+                        " (not a .bin embedding file?)");
+    }
+    position += bytes;
+  };
+  int32_t n;
+  read(&n, 4, "row count", -1);
+  // Every row takes at least 8 bytes (label, nnz).
+  if (n < 0 || int64_t{n} * 8 > size - 4) {
+    throw FormatError(path + " declares " + std::to_string(n) + " rows but holds " +
+                      std::to_string(size) + " bytes (truncated, or not a .bin embedding file)");
+  }
+  CsrMatrix m;
+  m.indptr.reserve(static_cast<size_t>(n) + 1);
+  m.labels.resize(n);
+  std::vector<int32_t> indices;
+  std::vector<float> values;
+  for (int32_t i = 0; i < n; ++i) {
+    int32_t head[2];
+    read(head, 8, "label and nnz", i);
+    const int32_t nnz = head[1];
+    if (nnz < 0 || int64_t{nnz} * 8 > size - position) {
+      throw FormatError(path + ": row " + std::to_string(i) + " declares " + std::to_string(nnz) +
+                        " non-zeros but only " + std::to_string(size - position) +
+                        " bytes remain (truncated, or not a .bin embedding file)");
+    }
+    m.labels[i] = head[0];
+    indices.resize(nnz);
+    values.resize(nnz);
+    read(indices.data(), int64_t{nnz} * 4, "indices", i);
+    read(values.data(), int64_t{nnz} * 4, "values", i);
+    for (int32_t j = 0; j < nnz; ++j) {
+      if (indices[j] < 0) {
+        throw FormatError(path + ": row " + std::to_string(i) + " has negative index " +
+                          std::to_string(indices[j]));
+      }
+      if (!std::isfinite(values[j])) {
+        throw FormatError(path + ": row " + std::to_string(i) + " has a non-finite value");
+      }
+      if (values[j] == 0.0f) continue;
+      m.indices.push_back(indices[j]);
+      m.values.push_back(values[j]);
+      m.cols = std::max<int64_t>(m.cols, int64_t{indices[j]} + 1);
+    }
+    m.indptr.push_back(static_cast<int64_t>(m.indices.size()));
+  }
+  if (position != size) {
+    throw FormatError(path + " has " + std::to_string(size - position) + " trailing bytes after " +
+                      std::to_string(n) + " rows (not a .bin embedding file?)");
+  }
+  return m;
+}
+
+}  // namespace sparse_embed

@@ -1,0 +1,154 @@
+// Inverted index over sparse embeddings: exact top-k inner-product search.
+//
+// The payoff of sparse embeddings (Paria et al., "Minimizing FLOPs to Learn
+// Efficient Sparse Representations", ICLR 2020) is that a query only touches
+// the postings of its own non-zero dimensions. This core stores, for every
+// dimension, the contiguous list of (row id, value) pairs of the database rows
+// that are non-zero there, and answers query batches on all cores.
+//
+// The core knows nothing of Python; search/bindings.cpp adapts it and
+// search/cli.cpp drives it from the command line.
+
+#ifndef SPARSE_EMBED_SEARCH_SPARSE_INDEX_H_
+#define SPARSE_EMBED_SEARCH_SPARSE_INDEX_H_
+
+#include <cstdint>
+#include <limits>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace sparse_embed {
+
+// Defaults shared by every interface (the Python binding and the CLI).
+inline constexpr int64_t kDefaultRerankK = 1000;  // candidates re-ranked with dense vectors
+inline constexpr int kDefaultNumThreads = 0;      // 0: every core
+inline constexpr float kDefaultZeroThreshold = 0.0f;
+// `threshold` value that keeps every row: all finite scores are above it.
+inline constexpr float kNoThreshold = -std::numeric_limits<float>::infinity();
+
+// Version of the file written by SparseIndex::save.
+inline constexpr uint32_t kIndexFormatVersion = 1;
+
+// A file (index or .bin) is missing, truncated, corrupted or of another format.
+class FormatError : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+// A row-major float32 matrix owned by the caller.
+struct DenseView {
+  const float* data = nullptr;
+  int64_t rows = 0;
+  int64_t cols = 0;
+};
+
+// CSR rows owned by the caller: row i holds entries [indptr[i], indptr[i+1])
+// of `indices` / `values` (indptr need not start at 0, so a view can address
+// a row range of a larger matrix).
+struct CsrView {
+  const int64_t* indptr = nullptr;
+  const int32_t* indices = nullptr;
+  const float* values = nullptr;
+  int64_t rows = 0;
+};
+
+// An owned CSR matrix with one int32 label per row: the contents of a .bin file.
+struct CsrMatrix {
+  int64_t cols = 0;  // 1 + the largest index (0 when there are no entries)
+  std::vector<int64_t> indptr{0};
+  std::vector<int32_t> indices;
+  std::vector<float> values;
+  std::vector<int32_t> labels;
+
+  int64_t rows() const { return static_cast<int64_t>(indptr.size()) - 1; }
+  // View of rows [begin, end).
+  CsrView view(int64_t begin, int64_t end) const;
+};
+
+// Reads the .bin format of the original sparse-embed code (little-endian):
+// int32 N, then per row: int32 label, int32 nnz, int32 indices[nnz],
+// float32 values[nnz]. Zero values are dropped.
+// Throws FormatError on a missing, truncated or malformed file.
+CsrMatrix read_bin(const std::string& path);
+
+// What to search for and how.
+struct SearchParams {
+  int64_t k = 10;
+  // Only rows whose score is strictly above it are returned.
+  float threshold = kNoThreshold;
+  // When both are set, the top `rerank_k` rows by sparse score are re-scored
+  // with the inner product of these dense vectors (row i of `rerank_database`
+  // belongs to database row i, row q of `rerank_queries` to query q), and the
+  // top k by dense score are returned with their dense scores.
+  DenseView rerank_database;
+  DenseView rerank_queries;
+  int64_t rerank_k = kDefaultRerankK;
+  int num_threads = kDefaultNumThreads;
+};
+
+// Caller-owned output buffers of a batch of Q queries.
+struct SearchOutput {
+  int64_t* ids = nullptr;        // [Q, k]; -1 where fewer than k rows qualify
+  float* scores = nullptr;       // [Q, k]; -inf where fewer than k rows qualify
+  int64_t* postings = nullptr;   // [Q] postings touched (the paper's FLOPs); may be null
+  int64_t* candidates = nullptr; // [Q] rows with a non-zero score above threshold; may be null
+  double* seconds = nullptr;     // [Q] time spent on each query; may be null
+};
+
+class SparseIndex {
+ public:
+  // Keeps entries with |x| > zero_threshold. Throws std::invalid_argument on
+  // non-finite values or a negative threshold.
+  static SparseIndex from_dense(const DenseView& x, float zero_threshold = kDefaultZeroThreshold);
+  // Builds from CSR rows with indices in [0, dim); `labels` (one per row) may
+  // be null. Explicit zeros are dropped.
+  static SparseIndex from_csr(const CsrView& x, int64_t dim, const int32_t* labels = nullptr);
+  // Reads a .bin file; dim <= 0 infers it as 1 + the largest index.
+  static SparseIndex from_bin(const std::string& path, int64_t dim = 0);
+  // Memory-maps a file written by save() after checking its size, header and
+  // checksums. Throws FormatError if it is truncated, corrupted or foreign.
+  static SparseIndex load(const std::string& path);
+
+  // Writes the versioned index file (see sparse_index.cpp for the layout).
+  void save(const std::string& path) const;
+
+  // Exact top-k of each query row (ties: lower row id first). Query values
+  // must be finite; CSR query indices must lie in [0, dim()).
+  void search(const DenseView& queries, const SearchParams& params, const SearchOutput& out) const;
+  void search(const CsrView& queries, const SearchParams& params, const SearchOutput& out) const;
+
+  int64_t rows() const { return rows_; }
+  int64_t dim() const { return dim_; }
+  int64_t nnz() const { return nnz_; }
+  // Postings, offsets and labels, in bytes.
+  int64_t memory_bytes() const;
+  bool has_labels() const { return labels_ != nullptr; }
+  const int32_t* labels() const { return labels_; }  // [rows] or null
+  bool memory_mapped() const;
+  // Seconds spent building (or loading and verifying) the index.
+  double build_seconds() const { return build_seconds_; }
+
+ private:
+  struct Storage;
+  template <typename Queries>
+  void search_impl(const Queries& queries, const SearchParams& params,
+                   const SearchOutput& out) const;
+  template <typename Rows>
+  static SparseIndex build(const Rows& rows, int64_t dim, const int32_t* labels);
+
+  std::shared_ptr<const Storage> storage_;
+  const uint64_t* offsets_ = nullptr;  // [dim + 1] start of each dimension's postings
+  const uint32_t* post_rows_ = nullptr;  // [nnz] row ids, increasing within a dimension
+  const float* post_values_ = nullptr;   // [nnz]
+  const int32_t* labels_ = nullptr;      // [rows] or null
+  int64_t rows_ = 0;
+  int64_t dim_ = 0;
+  int64_t nnz_ = 0;
+  double build_seconds_ = 0.0;
+};
+
+}  // namespace sparse_embed
+
+#endif  // SPARSE_EMBED_SEARCH_SPARSE_INDEX_H_
