@@ -53,11 +53,11 @@ double seconds_since(Clock::time_point start) {
   return std::chrono::duration<double>(Clock::now() - start).count();
 }
 
-// Rows of one score block in the dense accumulation mode: 64 KiB of floats
-// stays in L1/L2 while a query's postings for those rows are added into it
-// and then scanned for the top-k, so the full score vector never goes
-// through memory.
-constexpr int64_t kBlockRows = 16384;
+// Rows of one score block in the dense accumulation mode: 256 KiB of floats
+// stays in L2 while a query's postings for those rows are added into it and
+// then scanned for the top-k, so the full score vector never goes through
+// memory.
+constexpr int64_t kBlockRows = 65536;
 // A query whose postings are fewer than rows / kSparseModeRatio accumulates
 // into a full score vector and scans only the rows it touched; above that,
 // scanning blocks of every row is cheaper than tracking touched rows.
@@ -604,16 +604,35 @@ void SparseIndex::search_impl(const Queries& queries, const SearchParams& params
           const int64_t hi = std::min(rows_, lo + kBlockRows);
           std::fill(buf, buf + (hi - lo), 0.0f);
           const uint32_t lo32 = static_cast<uint32_t>(lo);
-          for (size_t t = 0; t < ws.terms.size(); ++t) {
+          // This block's postings of term t: [cursor, end), found by bisection.
+          auto advance = [&](size_t t) {
             const Term& term = ws.terms[t];
-            int64_t p = ws.cursor[t];
+            const int64_t begin = ws.cursor[t];
             const int64_t end =
                 hi == rows_ ? term.size
-                            : std::lower_bound(term.rows + p, term.rows + term.size,
+                            : std::lower_bound(term.rows + begin, term.rows + term.size,
                                                static_cast<uint32_t>(hi)) - term.rows;
-            const float w = term.weight;
-            for (; p < end; ++p) buf[term.rows[p] - lo32] += w * term.values[p];
             ws.cursor[t] = end;
+            return Term{term.rows + begin, term.values + begin, end - begin, term.weight};
+          };
+          // Two terms at a time: their scatters are independent, which keeps
+          // more of them in flight than one term's loop does.
+          size_t t = 0;
+          for (; t + 2 <= ws.terms.size(); t += 2) {
+            const Term a = advance(t);
+            const Term b = advance(t + 1);
+            const int64_t both = std::min(a.size, b.size);
+            int64_t i = 0;
+            for (; i < both; ++i) {
+              buf[a.rows[i] - lo32] += a.weight * a.values[i];
+              buf[b.rows[i] - lo32] += b.weight * b.values[i];
+            }
+            for (int64_t j = i; j < a.size; ++j) buf[a.rows[j] - lo32] += a.weight * a.values[j];
+            for (int64_t j = i; j < b.size; ++j) buf[b.rows[j] - lo32] += b.weight * b.values[j];
+          }
+          if (t < ws.terms.size()) {
+            const Term a = advance(t);
+            for (int64_t j = 0; j < a.size; ++j) buf[a.rows[j] - lo32] += a.weight * a.values[j];
           }
           candidates += scan_block(buf, hi - lo, lo, threshold, top);
         }

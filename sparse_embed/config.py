@@ -240,6 +240,12 @@ def _coerce(path: str, value: Any, typ: Any) -> Any:
     elif typ is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        # YAML 1.1 reads `1e-3` (no dot, no sign in the exponent) as a string.
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
     elif typ is str:
         if isinstance(value, str):
             choices = _CHOICES.get(path)

@@ -25,6 +25,7 @@ def test_packaged_configs_load_and_document_themselves(name: str) -> None:
 
 
 def test_overrides_are_typed() -> None:
+    assert load_config(None, ["schedule.base_lr=1e-3"]).schedule.base_lr == 1e-3
     config = load_config("smoke", ["sparsity.weight=3", "schedule.boundaries=[10, 20]",
                                    "model.embedding_size=256", "data.augment=false"])
     assert config.sparsity.weight == 3.0 and isinstance(config.sparsity.weight, float)
@@ -38,6 +39,7 @@ def test_overrides_are_typed() -> None:
     ("sparsity.wieght=3", "did you mean 'sparsity.weight'"),
     ("modl.name=x", "did you mean 'model'"),
     ("train.steps=1.5", "expects int"),
+    ("schedule.base_lr=fast", "expects float"),
     ("model.final_activation=tanh", "must be one of relu, soft_threshold, none"),
     ("train.steps", "key.path=value"),
     ("model=3", "must be a mapping"),
