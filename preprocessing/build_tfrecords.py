@@ -30,8 +30,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--output", required=True, help="Directory for the shards and labels.txt.")
     parser.add_argument("--name", default="train", help="Shard name prefix.")
     parser.add_argument("--shards", type=int, default=8, help="Number of shards.")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                        help="Processes decoding images.")
+    parser.add_argument(
+        "--workers", type=int, default=os.cpu_count() or 1, help="Processes decoding images."
+    )
     parser.add_argument("--seed", type=int, default=0, help="Seed of the example order.")
     return parser.parse_args(argv)
 
@@ -49,10 +50,29 @@ def main(argv: Sequence[str] | None = None) -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from sparse_embed.data.tfrecord import write_tfrecords
 
-    summary = write_tfrecords(paths, labels, class_names, args.input, args.output, name=args.name,
-                              num_shards=args.shards, num_workers=args.workers, seed=args.seed)
-    rows = [(key, summary[key]) for key in ("output", "images", "reencoded", "skipped", "classes",
-                                            "shards", "stale_shards_removed")]
+    summary = write_tfrecords(
+        paths,
+        labels,
+        class_names,
+        args.input,
+        args.output,
+        name=args.name,
+        num_shards=args.shards,
+        num_workers=args.workers,
+        seed=args.seed,
+    )
+    rows = [
+        (key, summary[key])
+        for key in (
+            "output",
+            "images",
+            "reencoded",
+            "skipped",
+            "classes",
+            "shards",
+            "stale_shards_removed",
+        )
+    ]
     rows += [(f"  skipped {path}", reason) for path, reason in summary["skipped_examples"]]
     print(format_summary(f"TFRecords {args.name}", rows))
 

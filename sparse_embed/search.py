@@ -1,0 +1,633 @@
+"""Exact top-k inner-product search over sparse embeddings.
+
+`SparseIndex` is the Python face of the C++ inverted index in `search/`: for
+every dimension it stores the contiguous postings (row id, value) of the
+database rows that are non-zero there, so a query only touches the postings
+of its own non-zero dimensions (their count is the paper's FLOPs).
+
+    index = SparseIndex.from_dense(gallery, zero_threshold=1e-4)
+    ids, scores = index.search(probes, k=10)                      # exact, all cores
+    ids, scores = index.search(probes, k=10, rerank=(gallery_dense, probes_dense))
+    index.save("gallery.idx")
+    index = SparseIndex.load("gallery.idx")                        # memory-mapped
+
+Semantics shared by `SparseIndex.search` and the NumPy oracle
+`brute_force_search`: the score of a row is its float32 inner product with the
+query; only rows scoring strictly above `threshold` qualify (every row when it
+is None, including rows that share no dimension with the query, which score
+0); results are sorted by score, ties broken by the lower row id; where fewer
+than k rows qualify the ids are -1 and the scores -inf.
+
+The `.bin` format of the original sparse-embed code (little-endian): int32 N,
+then per row int32 label, int32 nnz, int32 indices[nnz], float32 values[nnz].
+
+    python -m sparse_embed.search hdf5-to-bin EMB.hdf5 OUT.bin [--threshold T]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sparse_embed.cli import user_errors_exit
+from sparse_embed.errors import ConfigError, DataError
+from sparse_embed.fileio import atomic_path
+
+try:
+    from sparse_embed import _search
+except ImportError as e:  # pragma: no cover - depends on the installation
+    raise ImportError(
+        "the C++ search extension sparse_embed._search is not built; run `pip install -e .` "
+        "(or `python setup.py build_ext --inplace`) in the repository"
+    ) from e
+
+__all__ = [
+    "DEFAULT_NUM_THREADS",
+    "DEFAULT_RERANK_K",
+    "SparseIndex",
+    "brute_force_search",
+    "hdf5_to_bin",
+    "read_bin",
+    "write_bin",
+]
+
+# The defaults live in the C++ header; the binding exports them.
+DEFAULT_RERANK_K: int = _search.DEFAULT_RERANK_K
+DEFAULT_NUM_THREADS: int = _search.DEFAULT_NUM_THREADS
+DEFAULT_ZERO_THRESHOLD: float = _search.DEFAULT_ZERO_THRESHOLD
+
+# Dense queries x database rows scored at once by the oracle (float64 scores).
+_ORACLE_BATCH_ELEMENTS = 1 << 22
+# Rows of a .bin file encoded at once by `write_bin`.
+_BIN_CHUNK_ROWS = 1 << 16
+
+_INT32 = np.iinfo(np.int32)
+
+
+def _shape(a: Any) -> str:
+    return "[" + ", ".join(str(s) for s in np.shape(a)) + "]"
+
+
+def _real_matrix(x: Any, name: str, expected: str) -> np.ndarray:
+    """`x` as a C-contiguous float32 matrix; ValueError naming `expected` otherwise."""
+    a = np.asarray(x)
+    if a.dtype.kind not in "fiub":
+        raise ValueError(
+            f"{name} must be a real-valued array of shape {expected}, got dtype {a.dtype}")
+    if a.ndim != 2:
+        raise ValueError(f"{name} must have shape {expected}, got {_shape(a)}")
+    return np.ascontiguousarray(a, dtype=np.float32)
+
+
+def _int_vector(x: Any, name: str) -> np.ndarray:
+    a = np.asarray(x)
+    if a.dtype.kind not in "iu" or a.ndim != 1:
+        raise ValueError(f"{name} must be a 1-D integer array, got {a.dtype} {_shape(a)}")
+    return a.astype(np.int64, copy=False)
+
+
+def _csr_arrays(csr: Any, dim: int | None, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(indptr int64, indices int32, values float32) of a scipy.sparse matrix or a CSR triple.
+
+    Args:
+        csr: A scipy.sparse matrix (any format) or an (indptr, indices, values) tuple.
+        dim: The number of columns the indices must stay below; None skips the check.
+        name: What the matrix is, for error messages.
+    """
+    if hasattr(csr, "tocsr"):
+        m = csr.tocsr()
+        if dim is not None and m.shape[1] != dim:
+            raise ValueError(f"{name} must have shape [Q, {dim}], got {_shape(m)}")
+        parts: Sequence[Any] = (m.indptr, m.indices, m.data)
+    else:
+        parts = csr
+        if len(parts) != 3:
+            raise ValueError(f"{name} as CSR must be a tuple (indptr, indices, values)")
+    indptr = _int_vector(parts[0], f"{name} indptr")
+    indices = _int_vector(parts[1], f"{name} indices")
+    values = np.asarray(parts[2])
+    if values.dtype.kind not in "fiub" or values.ndim != 1:
+        raise ValueError(
+            f"{name} values must be a 1-D real array, got {values.dtype} {_shape(values)}")
+    if len(indices) and (indices.min() < 0 or (dim is not None and indices.max() >= dim)
+                         or indices.max() > _INT32.max):
+        bound = dim if dim is not None else _INT32.max
+        raise ValueError(f"{name} indices must lie in [0, {bound}), got "
+                         f"[{indices.min()}, {indices.max()}]")
+    return indptr, indices.astype(np.int32), values.astype(np.float32, copy=False)
+
+
+def _is_csr(x: Any) -> bool:
+    return hasattr(x, "tocsr") or isinstance(x, tuple)
+
+
+class SparseIndex:
+    """Inverted index over sparse embeddings: exact top-k inner-product search.
+
+    Build one with `from_dense`, `from_csr`, `from_bin` or `load`. Searches may
+    run concurrently from several Python threads (the index is read-only and
+    the GIL is released); `stats` then describes whichever finished last.
+
+    Args:
+        index: The compiled index; use the `from_*` constructors or `load`.
+    """
+
+    def __init__(self, index: Any) -> None:
+        self._index = index
+        self._last: dict[str, Any] = {
+            "queries": 0,
+            "postings": np.zeros(0, np.int64),
+            "candidates": np.zeros(0, np.int64),
+            "seconds": np.zeros(0, np.float64),
+            "wall_seconds": 0.0,
+        }
+
+    @classmethod
+    def from_dense(cls, x: Any, zero_threshold: float = DEFAULT_ZERO_THRESHOLD) -> SparseIndex:
+        """Indexes the rows of a dense matrix.
+
+        Args:
+            x: float32 [N, D] embeddings (other real dtypes are converted).
+            zero_threshold: Entries with |x| at or below it are dropped; >= 0.
+
+        Raises:
+            ValueError: On a bad shape or dtype, non-finite values or a negative threshold.
+        """
+        return cls(_search.Index.from_dense(_real_matrix(x, "database", "[N, D]"),
+                                            float(zero_threshold)))
+
+    @classmethod
+    def from_csr(cls, indptr: Any, indices: Any, values: Any, dim: int,
+                 labels: Any | None = None) -> SparseIndex:
+        """Indexes CSR rows (scipy's `m.indptr, m.indices, m.data`).
+
+        Args:
+            indptr: int [N + 1], row i holds entries indptr[i]:indptr[i+1].
+            indices: int [nnz] dimensions, in [0, dim).
+            values: float [nnz]; explicit zeros are dropped.
+            dim: The embedding dimension D.
+            labels: Optional int32 [N] labels, kept as `labels`.
+
+        Raises:
+            ValueError: On bad shapes, dtypes, out-of-range indices or non-finite values.
+        """
+        parts = _csr_arrays((indptr, indices, values), int(dim), "database")
+        label_array = None
+        if labels is not None:
+            label_array = _int_vector(labels, "labels")
+            if len(label_array) and not (_INT32.min <= label_array.min()
+                                         and label_array.max() <= _INT32.max):
+                raise ValueError("labels must fit in int32")
+            label_array = label_array.astype(np.int32)
+        return cls(_search.Index.from_csr(*parts, int(dim), label_array))
+
+    @classmethod
+    def from_bin(cls, path: str | os.PathLike, dim: int | None = None) -> SparseIndex:
+        """Indexes a `.bin` embedding file, keeping its labels as `labels`.
+
+        Args:
+            path: The `.bin` file.
+            dim: The embedding dimension; None infers 1 + the largest index.
+
+        Raises:
+            DataError: If the file is missing, truncated or malformed.
+        """
+        try:
+            return cls(_search.Index.from_bin(os.fspath(path), int(dim or 0)))
+        except _search.FormatError as e:
+            raise DataError(str(e)) from None
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> SparseIndex:
+        """Memory-maps an index written by `save`, after checking its size and checksums.
+
+        Args:
+            path: The index file.
+
+        Raises:
+            DataError: If the file is missing, truncated, corrupted or not an index file.
+        """
+        try:
+            return cls(_search.Index.load(os.fspath(path)))
+        except _search.FormatError as e:
+            raise DataError(str(e)) from None
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Writes the index (versioned, checksummed) to a temporary name, then renames it.
+
+        Args:
+            path: Destination file.
+        """
+        try:
+            with atomic_path(path) as tmp:
+                self._index.save(os.fspath(tmp))
+        except _search.FormatError as e:
+            raise DataError(str(e)) from None
+
+    def search(
+        self,
+        queries: Any,
+        k: int,
+        threshold: float | None = None,
+        rerank: tuple[Any, Any] | None = None,
+        rerank_k: int = DEFAULT_RERANK_K,
+        num_threads: int = DEFAULT_NUM_THREADS,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Exact top-k rows of every query by inner product, on all cores.
+
+        Args:
+            queries: Dense float32 [Q, D], a scipy.sparse matrix [Q, D], or a CSR
+                tuple (indptr [Q + 1], indices [nnz], values [nnz]).
+            k: Results per query, >= 1 (may exceed the number of rows).
+            threshold: Only rows scoring strictly above it qualify; None: every row.
+            rerank: Optional (database_dense float32 [N, Dd], query_dense float32
+                [Q, Dd]): the top `rerank_k` rows by sparse score are re-scored
+                by the inner product of these dense vectors, and the top k by
+                dense score (ties: lower row id) are returned with their dense
+                scores.
+            rerank_k: Candidates re-ranked per query; >= k.
+            num_threads: Worker threads; 0 uses every core. Results do not
+                depend on it.
+
+        Returns:
+            ids int64 [Q, k] and scores float32 [Q, k], best first; -1 and
+            -inf where fewer than k rows qualify.
+
+        Raises:
+            ValueError: On bad shapes or dtypes (the message names the expected
+                shape), non-finite values, k < 1 or rerank_k < k.
+        """
+        if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
+            raise ValueError(f"k must be an integer >= 1, got {k!r}")
+        options: dict[str, Any] = {"rerank_k": int(rerank_k), "num_threads": int(num_threads)}
+        if rerank is not None:
+            if not isinstance(rerank, tuple | list) or len(rerank) != 2:
+                raise ValueError(
+                    "rerank must be a pair (database_dense [N, Dd], query_dense [Q, Dd])")
+            options["rerank_database"] = _real_matrix(rerank[0], "rerank database", "[N, Dd]")
+            options["rerank_queries"] = _real_matrix(rerank[1], "rerank queries", "[Q, Dd]")
+        threshold = None if threshold is None else float(threshold)
+        start = time.perf_counter()
+        if _is_csr(queries):
+            indptr, indices, values = _csr_arrays(queries, self.dim, "queries")
+            result = self._index.search_csr(indptr, indices, values, int(k), threshold, **options)
+        else:
+            dense = _real_matrix(queries, "queries", f"[Q, {self.dim}]")
+            result = self._index.search_dense(dense, int(k), threshold, **options)
+        wall = time.perf_counter() - start
+        ids, scores, postings, candidates, seconds = result
+        self._last = {"queries": len(ids), "postings": postings, "candidates": candidates,
+                      "seconds": seconds, "wall_seconds": wall}
+        return ids, scores
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        """The index's size and the statistics of the last `search`.
+
+        Keys: `rows`, `dim`, `nnz`, `bytes`, `bytes_per_nnz`, `build_seconds`
+        (build, or load and verification), then for the last search:
+        `queries`, per-query arrays `postings` (postings touched: the paper's
+        FLOPs), `candidates` (rows with a non-zero score above the threshold)
+        and `seconds`, their means `postings_per_query`,
+        `candidates_per_query`, `ms_per_query` (per query on one thread), and
+        `wall_seconds` (the whole call). Means are NaN before the first search.
+        """
+        last = self._last
+        n = last["queries"]
+
+        def mean(values: np.ndarray, scale: float = 1.0) -> float:
+            return float(values.mean()) * scale if n else math.nan
+
+        return {
+            "rows": len(self),
+            "dim": self.dim,
+            "nnz": self.nnz,
+            "bytes": self.nbytes,
+            "bytes_per_nnz": self.nbytes / self.nnz if self.nnz else math.nan,
+            "build_seconds": self._index.build_seconds,
+            **last,
+            "postings_per_query": mean(last["postings"]),
+            "candidates_per_query": mean(last["candidates"]),
+            "ms_per_query": mean(last["seconds"], 1e3),
+        }
+
+    def __len__(self) -> int:
+        return self._index.rows
+
+    @property
+    def dim(self) -> int:
+        """The embedding dimension D."""
+        return self._index.dim
+
+    @property
+    def nnz(self) -> int:
+        """Stored postings (non-zero database entries)."""
+        return self._index.nnz
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of postings, offsets and labels."""
+        return self._index.nbytes
+
+    @property
+    def labels(self) -> np.ndarray | None:
+        """int32 [N] labels (from `from_bin` or `from_csr(labels=...)`), else None."""
+        return self._index.labels
+
+    @property
+    def memory_mapped(self) -> bool:
+        """Whether the postings are mapped from a file (`load`) rather than built in memory."""
+        return self._index.memory_mapped
+
+    def __repr__(self) -> str:
+        return (f"SparseIndex(rows={len(self)}, dim={self.dim}, nnz={self.nnz}, "
+                f"memory_mapped={self.memory_mapped})")
+
+
+def _dense64(x: Any, dim: int | None, name: str) -> np.ndarray:
+    """float64 [rows, dim] copy of a dense matrix, scipy.sparse matrix or CSR triple."""
+    expected = "[N, D]" if dim is None else f"[Q, {dim}]"
+    if hasattr(x, "tocsr"):
+        a = _real_matrix(x.toarray(), name, expected)
+    elif isinstance(x, tuple):
+        if dim is None:
+            raise ValueError(f"{name} as a CSR tuple needs the dimension of the database")
+        indptr, indices, values = _csr_arrays(x, dim, name)
+        rows = np.repeat(np.arange(len(indptr) - 1), np.diff(indptr))
+        entries = slice(indptr[0], indptr[-1])
+        a = np.zeros((len(indptr) - 1, dim), np.float32)
+        np.add.at(a, (rows, indices[entries]), values[entries])
+    else:
+        a = _real_matrix(x, name, expected)
+    if dim is not None and a.shape[1] != dim:
+        raise ValueError(f"{name} must have shape {expected}, got {_shape(a)}")
+    if not np.isfinite(a).all():
+        raise ValueError(f"{name} must be finite")
+    return a.astype(np.float64)
+
+
+def _top_k(scores: np.ndarray, ids: np.ndarray, k: int, threshold: np.float32 | None
+           ) -> tuple[np.ndarray, np.ndarray]:
+    """The best k (score desc, id asc) of float32 `scores` above `threshold`."""
+    if threshold is not None:
+        keep = scores > threshold
+        scores, ids = scores[keep], ids[keep]
+    if len(scores) > k:
+        kth = np.partition(scores, len(scores) - k)[len(scores) - k]
+        keep = scores >= kth
+        scores, ids = scores[keep], ids[keep]
+    order = np.lexsort((ids, -scores))[:k]
+    return ids[order], scores[order]
+
+
+def brute_force_search(
+    database: Any,
+    queries: Any,
+    k: int,
+    threshold: float | None = None,
+    rerank: tuple[Any, Any] | None = None,
+    rerank_k: int = DEFAULT_RERANK_K,
+) -> tuple[np.ndarray, np.ndarray]:
+    """NumPy oracle with the semantics of `SparseIndex.search` (see the module docstring).
+
+    Scores are computed in float64 and rounded to float32 before ranking, so
+    with exactly representable inputs the ids match the index exactly.
+
+    Args:
+        database: Dense [N, D] or a scipy.sparse matrix.
+        queries: Dense [Q, D], a scipy.sparse matrix or a CSR tuple (indptr, indices, values).
+        k: Results per query, >= 1.
+        threshold: Only rows scoring strictly above it qualify; None: every row.
+        rerank: Optional (database_dense [N, Dd], query_dense [Q, Dd]), as in `SparseIndex.search`.
+        rerank_k: Candidates re-ranked per query; >= k.
+
+    Returns:
+        ids int64 [Q, k] and scores float32 [Q, k]; -1 and -inf where fewer than k rows qualify.
+    """
+    if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
+        raise ValueError(f"k must be an integer >= 1, got {k!r}")
+    db = _dense64(database, None, "database")
+    n, dim = db.shape
+    q = _dense64(queries, dim, "queries")
+    num_queries = len(q)
+    capacity = k
+    if rerank is not None:
+        if rerank_k < k:
+            raise ValueError(f"rerank_k ({rerank_k}) must be >= k ({k})")
+        capacity = rerank_k
+        db_dense = _real_matrix(rerank[0], "rerank database", "[N, Dd]").astype(np.float64)
+        q_dense = _real_matrix(rerank[1], "rerank queries", "[Q, Dd]").astype(np.float64)
+        if len(db_dense) != n or q_dense.shape != (num_queries, db_dense.shape[1]):
+            raise ValueError(f"rerank must be ([{n}, Dd], [{num_queries}, Dd]), got "
+                             f"({_shape(db_dense)}, {_shape(q_dense)})")
+    cut = None if threshold is None else np.float32(threshold)
+    ids = np.full((num_queries, k), -1, np.int64)
+    scores = np.full((num_queries, k), -np.inf, np.float32)
+    row_ids = np.arange(n, dtype=np.int64)
+    batch = max(1, _ORACLE_BATCH_ELEMENTS // max(n, 1))
+    for start in range(0, num_queries, batch):
+        block = (q[start:start + batch] @ db.T).astype(np.float32)
+        for offset, row_scores in enumerate(block):
+            qi = start + offset
+            top_ids, top_scores = _top_k(row_scores, row_ids, capacity, cut)
+            if rerank is not None:
+                dense = (db_dense[top_ids] @ q_dense[qi]).astype(np.float32)
+                top_ids, top_scores = _top_k(dense, top_ids, k, None)
+            ids[qi, :len(top_ids)] = top_ids
+            scores[qi, :len(top_ids)] = top_scores
+    return ids, scores
+
+
+def _encode_bin_rows(block: np.ndarray, labels: np.ndarray, zero_threshold: float) -> np.ndarray:
+    """The .bin records of a float32 [rows, D] block, as one int32 array."""
+    mask = np.abs(block) > zero_threshold
+    rows, cols = np.nonzero(mask)
+    counts = mask.sum(axis=1)
+    sizes = 2 + 2 * counts
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    out = np.empty(int(sizes.sum()), np.int32)
+    out[starts] = labels
+    out[starts + 1] = counts
+    first = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    within = np.arange(len(rows)) - first[rows]
+    out[starts[rows] + 2 + within] = cols
+    out[starts[rows] + 2 + counts[rows] + within] = block[rows, cols].view(np.int32)
+    return out
+
+
+def write_bin(path: str | os.PathLike, embeddings: Any, labels: Any,
+              zero_threshold: float = DEFAULT_ZERO_THRESHOLD) -> int:
+    """Writes embeddings in the `.bin` format, atomically.
+
+    Args:
+        path: Output file.
+        embeddings: float [N, D]: a NumPy array or anything sliced by rows into
+            one (an h5py dataset is read in chunks, never whole).
+        labels: int [N], must fit in int32.
+        zero_threshold: Entries with |x| at or below it are left out.
+
+    Returns:
+        The number of non-zeros written.
+
+    Raises:
+        ValueError: On bad shapes or dtypes, labels outside int32 or non-finite values.
+    """
+    shape = tuple(embeddings.shape)
+    if len(shape) != 2:
+        raise ValueError(f"embeddings must have shape [N, D], got {list(shape)}")
+    n = shape[0]
+    label_array = _int_vector(labels, "labels")
+    if len(label_array) != n:
+        raise ValueError(f"labels must have shape [{n}], got {_shape(label_array)}")
+    if n and (label_array.min() < _INT32.min or label_array.max() > _INT32.max):
+        raise ValueError("labels must fit in int32 for the .bin format")
+    if not zero_threshold >= 0:
+        raise ValueError(f"zero_threshold must be >= 0, got {zero_threshold}")
+    nnz = 0
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(np.int32(n).astype("<i4").tobytes())
+        for start in range(0, n, _BIN_CHUNK_ROWS):
+            block = _real_matrix(embeddings[start:start + _BIN_CHUNK_ROWS], "embeddings", "[N, D]")
+            if not np.isfinite(block).all():
+                raise ValueError(
+                    f"embeddings must be finite (rows {start}..{start + len(block) - 1})")
+            records = _encode_bin_rows(block, label_array[start:start + len(block)], zero_threshold)
+            nnz += (len(records) - 2 * len(block)) // 2
+            f.write(records.astype("<i4", copy=False).tobytes())
+    return nnz
+
+
+def read_bin(path: str | os.PathLike, dim: int | None = None) -> tuple[Any, np.ndarray]:
+    """Reads a `.bin` embedding file.
+
+    Args:
+        path: The file.
+        dim: The embedding dimension; None infers 1 + the largest index.
+
+    Returns:
+        A scipy.sparse.csr_matrix float32 [N, dim] (entries as stored) and int32 labels [N].
+
+    Raises:
+        DataError: If the file is missing, truncated or malformed.
+    """
+    import scipy.sparse
+
+    if not Path(path).is_file():
+        raise DataError(f".bin file {path} not found")
+    size = Path(path).stat().st_size
+    if size < 4 or size % 4:
+        raise DataError(
+            f"{path} is not a .bin embedding file ({size} bytes is not 4 + a multiple of 4)")
+    words = np.fromfile(path, dtype="<i4")
+    n = int(words[0])
+    if n < 0 or 1 + 2 * n > len(words):
+        raise DataError(f"{path} declares {n} rows but holds {size} bytes (truncated?)")
+    labels = np.empty(n, np.int32)
+    indptr = np.zeros(n + 1, np.int64)
+    starts = np.empty(n, np.int64)
+    pos = 1
+    for i in range(n):
+        if pos + 2 > len(words):
+            raise DataError(f"{path} is truncated at row {i}")
+        nnz = int(words[pos + 1])
+        if nnz < 0 or pos + 2 + 2 * nnz > len(words):
+            raise DataError(f"{path}: row {i} declares {nnz} non-zeros past the end of the file")
+        labels[i] = words[pos]
+        starts[i] = pos + 2
+        indptr[i + 1] = indptr[i] + nnz
+        pos += 2 + 2 * nnz
+    if pos != len(words):
+        raise DataError(f"{path} has {4 * (len(words) - pos)} trailing bytes after {n} rows")
+    counts = np.diff(indptr)
+    within = np.arange(indptr[-1]) - np.repeat(indptr[:-1], counts)
+    index_at = np.repeat(starts, counts) + within
+    indices = words[index_at]
+    values = words[index_at + np.repeat(counts, counts)].view(np.float32)
+    if len(indices) and indices.min() < 0:
+        raise DataError(f"{path} has a negative index")
+    inferred = int(indices.max()) + 1 if len(indices) else 1
+    if dim is not None and inferred > dim:
+        raise DataError(f"{path} has index {inferred - 1}, outside dim {dim}")
+    matrix = scipy.sparse.csr_matrix((values, indices, indptr), shape=(n, dim or inferred))
+    return matrix, labels
+
+
+def hdf5_to_bin(hdf5_path: str | os.PathLike, bin_path: str | os.PathLike,
+                threshold: float = DEFAULT_ZERO_THRESHOLD) -> tuple[int, int, int]:
+    """Converts an embedding HDF5 file (`embedding` [N, D], `label` [N]) to `.bin`.
+
+    Args:
+        hdf5_path: File written by `python -m sparse_embed.embed`.
+        bin_path: The `.bin` file to write (atomically).
+        threshold: Entries with |x| at or below it are left out.
+
+    Returns:
+        (rows, dims, non-zeros) written.
+
+    Raises:
+        DataError: If the file is missing, not HDF5, or lacks a dataset.
+        ConfigError: If the threshold is negative.
+    """
+    import h5py
+
+    if not threshold >= 0:
+        raise ConfigError(f"--threshold must be >= 0, got {threshold}")
+    if not Path(hdf5_path).is_file():
+        raise DataError(f"embedding file {hdf5_path} not found")
+    try:
+        f = h5py.File(hdf5_path, "r")
+    except OSError as e:
+        raise DataError(f"{hdf5_path} is not a readable HDF5 file ({e})") from None
+    with f:
+        for name in ("embedding", "label"):
+            if name not in f:
+                raise DataError(f"{hdf5_path} has no {name!r} dataset; write it with "
+                                "python -m sparse_embed.embed --output")
+        embedding, label = f["embedding"], f["label"]
+        if embedding.ndim != 2 or label.shape != (embedding.shape[0],):
+            raise DataError(f"{hdf5_path}: 'embedding' must be [N, D] and 'label' [N], got "
+                            f"{list(embedding.shape)} and {list(label.shape)}")
+        try:
+            nnz = write_bin(bin_path, embedding, label[:], zero_threshold=threshold)
+        except ValueError as e:
+            raise DataError(f"{hdf5_path}: {e}") from None
+        return embedding.shape[0], embedding.shape[1], nnz
+
+
+@user_errors_exit
+def main(argv: Sequence[str] | None = None) -> None:
+    """Command-line tools around the search index.
+
+    Args:
+        argv: Arguments after the program name; None reads sys.argv.
+    """
+    parser = argparse.ArgumentParser(prog="python -m sparse_embed.search",
+                                     description="Tools for the sparse search index.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    convert = commands.add_parser(
+        "hdf5-to-bin", help="convert an embedding HDF5 file to the .bin format of search/search")
+    convert.add_argument("hdf5", help="HDF5 file with datasets 'embedding' [N, D] and 'label' [N]")
+    convert.add_argument("output", help=".bin file to write")
+    convert.add_argument("--threshold", type=float, default=DEFAULT_ZERO_THRESHOLD,
+                         help="keep entries with |x| above it (default: %(default)s)")
+    args = parser.parse_args(argv)
+    rows, dims, nnz = hdf5_to_bin(args.hdf5, args.output, args.threshold)
+    per_row = nnz / rows if rows else 0.0
+    print(f"wrote {args.output}: {rows} rows, {dims} dims, {per_row:.2f} non-zeros per row "
+          f"({100 * per_row / dims:.2f}%)")
+
+
+def run() -> None:
+    """Console-script entry point."""
+    main()
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,220 @@
+"""Input pipelines and augmentations: shapes, ranges, determinism, resume, worker sharding."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from sparse_embed.data import augment as aug
+from sparse_embed.data.pipeline import decode_image, eval_dataset, files_dataset, train_dataset
+from sparse_embed.data.tfrecord import build_tfrecords, image_folder, read_label_map
+from sparse_embed.errors import DataError
+
+NUM_EXAMPLES = 24
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """24 classes of one image each (so a label names its example), as 4 shards and as 1 shard."""
+    root = tmp_path_factory.mktemp("pipeline")
+    rng = np.random.default_rng(0)
+    for i in range(NUM_EXAMPLES):
+        (root / "images" / f"c{i:02d}").mkdir(parents=True)
+        size = (40 + i, 36 + (i % 5))
+        pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(root / "images" / f"c{i:02d}" / "0.jpg")
+    build_tfrecords(root / "images", root / "four", num_shards=4, seed=0)
+    build_tfrecords(root / "images", root / "one", num_shards=1, seed=0)
+    return root
+
+
+def _take(dataset: tf.data.Dataset, n: int) -> list[tuple[np.ndarray, ...]]:
+    return [tuple(t.numpy() for t in batch) for batch in dataset.take(n)]
+
+
+def test_train_batches_shapes_dtypes_range(data: Path) -> None:
+    dataset = train_dataset(str(data / "four" / "train-*"), 5, 32, seed=0)
+    image_spec, label_spec = dataset.element_spec
+    assert image_spec.shape == (5, 32, 32, 3) and image_spec.dtype == tf.float32
+    assert label_spec.shape == (5,) and label_spec.dtype == tf.int32, "drop_remainder: static batch"
+    for images, labels in _take(dataset, 6):
+        assert images.shape == (5, 32, 32, 3) and labels.shape == (5,)
+        assert images.min() >= -1.0 and images.max() <= 1.0
+        assert images.min() < -0.5 and images.max() > 0.5, "the full range is used"
+        assert ((labels >= 0) & (labels < NUM_EXAMPLES)).all()
+
+
+def test_train_stream_is_deterministic_and_resumable(data: Path) -> None:
+    pattern = str(data / "four" / "train-*")
+    first = _take(train_dataset(pattern, 4, 24, seed=3), 5)
+    again = _take(train_dataset(pattern, 4, 24, seed=3), 5)
+    other = _take(train_dataset(pattern, 4, 24, seed=4), 5)
+    for (xa, ya), (xb, yb) in zip(first, again, strict=True):
+        np.testing.assert_array_equal(ya, yb)
+        np.testing.assert_allclose(xa, xb, atol=1e-6)
+    assert any(not np.array_equal(a[1], b[1]) for a, b in zip(first, other, strict=True))
+
+    resumed = _take(train_dataset(pattern, 4, 24, seed=3, start_batch=2), 3)
+    for (xa, ya), (xb, yb) in zip(first[2:], resumed, strict=True):
+        np.testing.assert_array_equal(ya, yb)
+        np.testing.assert_allclose(xa, xb, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "records, num_workers", [("four", 2), ("four", 3), ("one", 2), ("four", 1)]
+)
+def test_worker_shards_are_disjoint_and_complete(
+    data: Path, records: str, num_workers: int
+) -> None:
+    seen = []
+    for worker in range(num_workers):
+        dataset = train_dataset(
+            str(data / records / "train-*"),
+            1,
+            16,
+            augment=False,
+            shuffle_buffer=1,
+            seed=0,
+            num_workers=num_workers,
+            worker_index=worker,
+        )
+        seen.append({int(y[0]) for _, y in _take(dataset, 2 * NUM_EXAMPLES)})
+    assert set().union(*seen) == set(range(NUM_EXAMPLES))
+    assert sum(len(s) for s in seen) == NUM_EXAMPLES, "no example is read by two workers"
+
+
+def test_bad_worker_index_raises(data: Path) -> None:
+    with pytest.raises(ValueError, match="worker_index"):
+        train_dataset(str(data / "four" / "train-*"), 2, 16, num_workers=2, worker_index=2)
+
+
+def test_empty_glob_raises_data_error(tmp_path: Path) -> None:
+    pattern = str(tmp_path / "missing-*")
+    with pytest.raises(DataError, match="build_tfrecords") as info:
+        train_dataset(pattern, 8, 32)
+    assert pattern in str(info.value)
+    with pytest.raises(DataError, match="no TFRecord files match"):
+        eval_dataset(pattern, 8, 32)
+
+
+def test_eval_dataset_reads_every_example_once(data: Path) -> None:
+    names = read_label_map(data / "four" / "labels.txt")
+    dataset = eval_dataset(str(data / "four" / "train-*"), 5, 20)
+    image_spec, label_spec, name_spec = dataset.element_spec
+    assert image_spec.shape.as_list() == [None, 20, 20, 3] and name_spec.dtype == tf.string
+    batches = _take(dataset, 100)
+    assert [len(b[1]) for b in batches] == [5, 5, 5, 5, 4], "no drop, no repeat"
+    filenames = [f.decode() for b in batches for f in b[2]]
+    labels = [int(y) for b in batches for y in b[1]]
+    assert len(set(filenames)) == NUM_EXAMPLES
+    assert all(names[y] == f.split("/")[0] for y, f in zip(labels, filenames, strict=True))
+    images = np.concatenate([b[0] for b in batches])
+    assert images.dtype == np.float32 and images.min() >= -1 and images.max() <= 1
+
+    shares = [
+        {
+            f
+            for b in _take(
+                eval_dataset(str(data / "four" / "train-*"), 4, 20, num_workers=2, worker_index=w),
+                100,
+            )
+            for f in b[2]
+        }
+        for w in range(2)
+    ]
+    assert not shares[0] & shares[1] and len(shares[0] | shares[1]) == NUM_EXAMPLES
+
+
+def test_files_dataset_keeps_order_and_labels(data: Path, tmp_path: Path) -> None:
+    paths, labels, _ = image_folder(data / "images")
+    png = tmp_path / "extra.png"
+    Image.fromarray(np.full((10, 14, 3), 255, np.uint8)).save(png)
+    paths = paths[:5] + [str(png)]
+    batches = _take(files_dataset(paths, None, 4, 16), 10)
+    assert [len(b[1]) for b in batches] == [4, 2]
+    assert [f.decode() for b in batches for f in b[2]] == paths
+    assert all((b[1] == -1).all() for b in batches)
+    np.testing.assert_allclose(batches[1][0][1], 1.0, atol=1e-5)  # the white PNG
+
+    labelled = _take(files_dataset(paths[:5], labels[:5], 8, 16), 1)[0]
+    np.testing.assert_array_equal(labelled[1], labels[:5])
+    assert labelled[1].dtype == np.int32 and labelled[0].shape == (5, 16, 16, 3)
+
+    with pytest.raises(DataError, match=r"2 of 3 image files do not exist, first: .*nope1"):
+        files_dataset([paths[0], str(tmp_path / "nope1"), str(tmp_path / "nope2")], None, 2, 16)
+    with pytest.raises(DataError, match="no image files"):
+        files_dataset([], None, 2, 16)
+
+
+def test_decode_image_range_and_size() -> None:
+    black = io.BytesIO()
+    Image.fromarray(np.zeros((30, 50, 3), np.uint8)).save(black, format="JPEG")
+    white = io.BytesIO()
+    Image.fromarray(np.full((9, 9), 255, np.uint8)).save(white, format="PNG")
+    x = decode_image(tf.constant(black.getvalue()), 24).numpy()
+    assert x.shape == (24, 24, 3) and x.dtype == np.float32
+    np.testing.assert_allclose(x, -1.0, atol=0.02)
+    np.testing.assert_allclose(
+        decode_image(tf.constant(white.getvalue()), 12).numpy(), 1.0, atol=1e-5
+    )
+
+
+def _ramp(size: int = 32) -> tf.Tensor:
+    x = np.linspace(-1, 1, size, dtype=np.float32)
+    image = np.stack(
+        [x[None, :].repeat(size, 0), x[:, None].repeat(size, 1), -x[None, :].repeat(size, 0)], -1
+    )
+    return tf.constant(image * 0.9)
+
+
+def test_augment_same_result_eagerly_and_in_dataset_map() -> None:
+    image = _ramp()
+    seeds = tf.constant([[0, i] for i in range(8)], tf.int64)
+    eager = np.stack([aug.augment(image, s).numpy() for s in seeds])
+    mapped = np.stack(
+        [
+            x.numpy()
+            for x in tf.data.Dataset.from_tensor_slices(seeds).map(lambda s: aug.augment(image, s))
+        ]
+    )
+    np.testing.assert_allclose(eager, mapped, atol=1e-5)
+    assert eager.shape == (8, 32, 32, 3) and eager.min() >= -1 and eager.max() <= 1
+    assert len({e.tobytes() for e in eager}) == 8, "different seeds, different augmentations"
+    np.testing.assert_array_equal(eager[3], aug.augment(image, seeds[3]).numpy())
+
+
+def test_flip_and_crop_do_what_they_say() -> None:
+    image = _ramp()
+    flips = [aug.random_flip(image, tf.constant([1, i])).numpy() for i in range(16)]
+    flipped = [np.array_equal(f, image.numpy()[:, ::-1]) for f in flips]
+    unchanged = [np.array_equal(f, image.numpy()) for f in flips]
+    assert (
+        all(a or b for a, b in zip(flipped, unchanged, strict=True))
+        and any(flipped)
+        and any(unchanged)
+    )
+
+    np.testing.assert_array_equal(aug.random_scale_crop(image, tf.constant([0, 1]), 1.0), image)
+    zoomed = aug.random_scale_crop(image, tf.constant([0, 1]), 1.5).numpy()
+    assert zoomed.shape == (32, 32, 3)
+    # Zooming in shows a smaller part of the ramp: a smaller range of values.
+    assert np.ptp(zoomed[..., 0]) < np.ptp(image.numpy()[..., 0])
+    with pytest.raises(ValueError, match="max_scale"):
+        aug.random_scale_crop(image, tf.constant([0, 1]), 0.9)
+
+
+def test_color_jitter_strengths() -> None:
+    image = _ramp()
+    same = aug.color_jitter(image, tf.constant([0, 0]), brightness=0, contrast=0, saturation=0)
+    np.testing.assert_allclose(same, image, atol=1e-6)
+    jittered = aug.color_jitter(
+        image, tf.constant([0, 0]), brightness=0.3, contrast=0.5, saturation=0.5
+    )
+    assert np.abs(jittered.numpy() - image.numpy()).mean() > 0.01
+    with pytest.raises(ValueError, match="contrast"):
+        aug.color_jitter(image, tf.constant([0, 0]), contrast=1.5)

@@ -1,0 +1,206 @@
+"""Search command lines: `python -m sparse_embed.search hdf5-to-bin`, the C++ `search`
+binary (built from a copy of search/ with its Makefile) and the run targets."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from conftest import ROOT, assert_user_error, run_module
+
+from sparse_embed.search import brute_force_search, read_bin, write_bin
+
+SEARCH_SOURCES = ("Makefile", "sparse_index.h", "sparse_index.cpp", "cli.cpp")
+
+
+def copy_search_dir(destination: Path) -> Path:
+    """A copy of search/ (sources and Makefile only), so builds never touch the checkout."""
+    destination.mkdir(parents=True, exist_ok=True)
+    for name in SEARCH_SOURCES:
+        shutil.copy(ROOT / "search" / name, destination / name)
+    return destination
+
+
+def make(directory: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["make", "--no-print-directory", "-C", str(directory), *args],
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def search_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """search/ copied to a temporary directory with the `search` binary built by make."""
+    if shutil.which("make") is None:
+        pytest.skip("`make` is not installed")
+    if not any(shutil.which(cxx) for cxx in ("c++", "g++", "clang++")):
+        pytest.skip("no C++ compiler (c++, g++ or clang++) to build search/search")
+    directory = copy_search_dir(tmp_path_factory.mktemp("search"))
+    proc = make(directory, "search")
+    assert proc.returncode == 0, proc.stderr
+    return directory
+
+
+def identities(rng: np.random.Generator, rows: int, dim: int, people: int
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """Sparse embeddings clustered by identity, values exact in float32 (multiples of 1/8)."""
+    labels = rng.integers(0, people, rows)
+    prototypes = np.where(rng.random((people, dim)) < 0.15, rng.integers(4, 17, (people, dim)), 0)
+    noise = np.where(rng.random((rows, dim)) < 0.05, rng.integers(1, 9, (rows, dim)), 0)
+    return ((prototypes[labels] + noise) / 8).astype(np.float32), labels
+
+
+def parse(output: str, name: str) -> float:
+    match = re.search(rf"^\s*{re.escape(name)}\s+([-0-9.]+)", output, re.MULTILINE)
+    assert match, (name, output)
+    return float(match.group(1))
+
+
+def test_cli_splits_one_file_into_queries_and_database(search_dir: Path, tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    emb, labels = identities(rng, 400, 48, 30)
+    write_bin(tmp_path / "db.bin", emb, labels)
+    proc = subprocess.run([str(search_dir / "search"), str(tmp_path / "db.bin"), "0", "0",
+                           "--threads", "2", "--topk", "5"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    # Fewer than 20,000 rows: half are the queries, and the CLI says so.
+    assert "only 400 rows; the first 200 are the queries" in out
+    queries, q_labels, db, db_labels = emb[:200], labels[:200], emb[200:], labels[200:]
+    assert parse(out, "N") == 200 and parse(out, "D") == 48
+    assert parse(out, "NNZ") == pytest.approx(100 * (db != 0).mean(), abs=1e-3)
+    expected_postings = ((queries != 0) @ (db != 0).sum(axis=0)).mean()
+    assert parse(out, "postings/query") == pytest.approx(expected_postings, abs=0.1)
+    assert parse(out, "ms/query") >= 0
+    ids, _ = brute_force_search(db, queries, 5, threshold=0.0)
+    top1 = np.where(ids[:, 0] >= 0, db_labels[ids[:, 0]], -1)
+    assert parse(out, "rank-1 label agreement") == pytest.approx((top1 == q_labels).mean(),
+                                                                 abs=5e-5)
+
+
+def test_cli_query_file_and_dense_rerank(search_dir: Path, tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    db, db_labels = identities(rng, 300, 32, 20)
+    queries, q_labels = identities(rng, 40, 32, 20)
+    db_dense = (rng.integers(-8, 9, (300, 8)) / 4).astype(np.float32)
+    q_dense = (rng.integers(-8, 9, (40, 8)) / 4).astype(np.float32)
+    write_bin(tmp_path / "db.bin", db, db_labels)
+    write_bin(tmp_path / "q.bin", queries, q_labels)
+    np.save(tmp_path / "db.npy", db_dense)
+    np.save(tmp_path / "q.npy", q_dense)
+    proc = subprocess.run([str(search_dir / "search"), str(tmp_path / "db.bin"), "20", "none",
+                           str(tmp_path / "q.bin"), "--topk", "3",
+                           "--db-dense", str(tmp_path / "db.npy"),
+                           "--query-dense", str(tmp_path / "q.npy")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "re-rank top 20 with 8-d dense vectors" in proc.stdout
+    assert parse(proc.stdout, "N") == 300
+    ids, _ = brute_force_search(db, queries, 3, rerank=(db_dense, q_dense), rerank_k=20)
+    hits = (db_labels[ids] == q_labels[:, None]).any(axis=1).mean()
+    assert parse(proc.stdout, "label in top-3") == pytest.approx(hits, abs=5e-5)
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "expected 3 or 4 positional arguments"),
+    (["x.bin", "10"], "expected 3 or 4 positional arguments"),
+    (["x.bin", "ten", "0"], "rerank_topk must be an integer"),
+    (["x.bin", "10", "abc"], "threshold must be a number"),
+    (["x.bin", "10", "0", "--bogus", "1"], "unknown option --bogus"),
+    (["x.bin", "10", "0", "--threads"], "--threads needs a value"),
+    (["x.bin", "2", "0", "--topk", "5", "--db-dense", "d.npy"], "must be >= --topk"),
+])
+def test_cli_bad_arguments(search_dir: Path, args: list[str], message: str) -> None:
+    proc = subprocess.run([str(search_dir / "search"), *args], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("usage: search <db.bin>")
+    assert message in proc.stderr
+
+
+def test_cli_bad_files(search_dir: Path, tmp_path: Path) -> None:
+    proc = subprocess.run([str(search_dir / "search"), str(tmp_path / "missing.bin"), "0", "0"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines() == [
+        f"search: error: cannot open {tmp_path / 'missing.bin'}: No such file or directory"]
+    (tmp_path / "junk.bin").write_bytes(b"\x10\x00\x00\x00" + b"\x01" * 13)
+    proc = subprocess.run([str(search_dir / "search"), str(tmp_path / "junk.bin"), "0", "0"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and "not a .bin embedding file" in proc.stderr
+
+
+@pytest.mark.parametrize("target, variable, default", [
+    ("runmegaface", "MEGAFACE_BIN", "data/megaface/megaface_distractors.bin"),
+    ("runfacescrub", "FACESCRUB_BIN", "data/megaface/facescrub.bin"),
+])
+def test_make_run_targets_explain_missing_files(tmp_path: Path, target: str, variable: str,
+                                                default: str) -> None:
+    if shutil.which("make") is None:
+        pytest.skip("`make` is not installed")
+    directory = copy_search_dir(tmp_path / "search")
+    missing = tmp_path / "nowhere.bin"
+    for args, path in (([f"{variable}={missing}"], str(missing)), ([], default)):
+        proc = make(directory, target, *args)
+        assert proc.returncode != 0
+        assert path in proc.stderr and "not found" in proc.stderr
+        assert "python -m sparse_embed.embed" in proc.stderr
+        assert "python -m sparse_embed.search hdf5-to-bin emb.hdf5" in proc.stderr
+    # The file check comes first: nothing was compiled.
+    assert not (directory / "search").exists()
+
+
+def test_make_runfacescrub_runs_the_binary(search_dir: Path, tmp_path: Path) -> None:
+    rng = np.random.default_rng(2)
+    emb, labels = identities(rng, 60, 16, 5)
+    write_bin(tmp_path / "facescrub.bin", emb, labels)
+    proc = make(search_dir, "runfacescrub", f"FACESCRUB_BIN={tmp_path / 'facescrub.bin'}",
+                "RERANK_TOPK=0", "SEARCH_ARGS=--threads 1")
+    assert proc.returncode == 0, proc.stderr
+    assert "postings/query" in proc.stdout and "rank-1 label agreement" in proc.stdout
+
+
+def write_hdf5(path: Path, **datasets: np.ndarray) -> None:
+    with h5py.File(path, "w") as f:
+        for name, data in datasets.items():
+            f.create_dataset(name, data=data)
+
+
+def test_hdf5_to_bin(tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    emb = np.where(rng.random((70, 12)) < 0.4, rng.standard_normal((70, 12)), 0)
+    emb = emb.astype(np.float32)
+    labels = rng.integers(0, 9, 70)
+    write_hdf5(tmp_path / "emb.hdf5", embedding=emb, label=labels,
+               filename=np.array([b"a"] * 70))
+    proc = run_module("sparse_embed.search", "hdf5-to-bin", str(tmp_path / "emb.hdf5"),
+                      str(tmp_path / "emb.bin"), "--threshold", "0.25")
+    assert proc.returncode == 0, proc.stderr
+    kept = np.where(np.abs(emb) > 0.25, emb, 0)
+    assert f"{(kept != 0).sum() / 70:.2f} non-zeros per row" in proc.stdout
+    matrix, read_labels = read_bin(tmp_path / "emb.bin", dim=12)
+    np.testing.assert_array_equal(matrix.toarray(), kept)
+    np.testing.assert_array_equal(read_labels, labels)
+
+
+def test_hdf5_to_bin_user_errors(tmp_path: Path) -> None:
+    out = tmp_path / "out.bin"
+    proc = run_module("sparse_embed.search", "hdf5-to-bin", str(tmp_path / "missing.hdf5"),
+                      str(out))
+    assert_user_error(proc, "not found", "missing.hdf5")
+    write_hdf5(tmp_path / "no_label.hdf5", embedding=np.ones((3, 4), np.float32))
+    proc = run_module("sparse_embed.search", "hdf5-to-bin", str(tmp_path / "no_label.hdf5"),
+                      str(out))
+    assert_user_error(proc, "no 'label' dataset")
+    (tmp_path / "text.hdf5").write_text("not hdf5")
+    proc = run_module("sparse_embed.search", "hdf5-to-bin", str(tmp_path / "text.hdf5"), str(out))
+    assert_user_error(proc, "not a readable HDF5 file")
+    write_hdf5(tmp_path / "ok.hdf5", embedding=np.ones((3, 4), np.float32), label=np.arange(3))
+    proc = run_module("sparse_embed.search", "hdf5-to-bin", str(tmp_path / "ok.hdf5"), str(out),
+                      "--threshold", "-1")
+    assert_user_error(proc, "--threshold must be >= 0")
+    assert not out.exists()
