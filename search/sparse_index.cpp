@@ -44,6 +44,17 @@
 #error "the index and .bin formats are little-endian; this build targets a big-endian machine"
 #endif
 
+// The score scan and the dense dot product also get an AVX2 clone, picked at
+// load time (GNU ifunc), so the default build stays portable without
+// -march=native. Both clones do the same float operations in the same order
+// (no FMA contraction), so results do not depend on the CPU.
+#if defined(__x86_64__) && defined(__linux__) && defined(__GLIBC__) && \
+    (defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 6))
+#define SPARSE_EMBED_MULTIVERSION __attribute__((target_clones("avx2", "default")))
+#else
+#define SPARSE_EMBED_MULTIVERSION
+#endif
+
 namespace sparse_embed {
 namespace {
 
@@ -286,6 +297,7 @@ class TopK {
 // Pushes the rows of a score block whose score is above `threshold` into
 // `top`, visiting them in increasing id order; returns how many of them have
 // a non-zero score above `threshold`.
+SPARSE_EMBED_MULTIVERSION
 int64_t scan_block(const float* s, int64_t n, int64_t base, float threshold, TopK& top) {
   constexpr int64_t kChunk = 32;
   int64_t candidates = 0;
@@ -323,6 +335,7 @@ int64_t scan_block(const float* s, int64_t n, int64_t base, float threshold, Top
 
 // Inner product with eight independent lanes: vectorisable without
 // -ffast-math, and the summation order (hence the result) is fixed.
+SPARSE_EMBED_MULTIVERSION
 float dot(const float* a, const float* b, int64_t n) {
   float lane[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   int64_t i = 0;

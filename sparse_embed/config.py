@@ -43,7 +43,7 @@ class DataConfig:
     shuffle_buffer: int = 2048
     augment: bool = True
     pairs: str = "pairs.txt"
-    pairs_images: str = "images"
+    pairs_images: str = "test"
 
 
 @dataclass(frozen=True)

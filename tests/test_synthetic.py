@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import assert_user_error, run_module
+from conftest import ROOT, assert_user_error, run_module
 from PIL import Image
 
 from sparse_embed.data.synthetic import (
@@ -201,3 +204,16 @@ def test_cli_occupied_output_exit_2(tmp_path: Path) -> None:
     proc = _run_cli(f"--out={tmp_path}", "--identities=2", "--images=2", "--test_identities=2")
     assert_user_error(proc, "synthetic.json")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_generator_does_not_import_tensorflow() -> None:
+    """The generator runs (and its workers start) without paying for a TensorFlow import."""
+    code = "import sys, sparse_embed.data.synthetic; print('tensorflow' in sys.modules)"
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        timeout=120,
+    )
+    assert proc.stdout.strip() == "False", proc.stderr

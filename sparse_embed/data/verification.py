@@ -1,0 +1,230 @@
+"""Verification pairs in the LFW `pairs.txt` format: reading, writing, de-duplication.
+
+The format (also used by CFP, AgeDB exports and the synthetic generator)::
+
+    <nfolds> <n>
+    name k1 k2                 # n "same" lines of fold 0
+    name1 k1 name2 k2          # n "different" lines of fold 0
+    ...                        # the same for folds 1 .. nfolds-1
+
+A header with a single number `n` (LFW's View 1 files) means one fold. `name k`
+refers to `<image_root>/name/<k>.<ext>` (the synthetic layout) or to LFW's
+`<image_root>/name/name_<k:04d>.<ext>`, with `ext` one of jpg, jpeg, png.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from sparse_embed.errors import DataError
+from sparse_embed.fileio import atomic_path
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png")
+
+SamePair = tuple[str, int, int]
+DifferentPair = tuple[str, int, str, int]
+
+
+@dataclass(frozen=True, eq=False)
+class Pairs:
+    """A verification protocol: image pairs, whether each is one identity, and its fold.
+
+    Attributes:
+        left: Path of the first image of each pair (joined onto the image root given).
+        right: Path of the second image of each pair.
+        issame: bool [N], True where both images show the same identity.
+        fold: int [N], the cross-validation fold of each pair (0-based).
+    """
+
+    left: tuple[str, ...]
+    right: tuple[str, ...]
+    issame: np.ndarray
+    fold: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.left)
+
+    @property
+    def num_folds(self) -> int:
+        """Number of folds (the largest fold index plus one)."""
+        return int(self.fold.max()) + 1 if len(self.fold) else 0
+
+
+def _parse_header(line: str, pairs_path: Path) -> tuple[int, int] | None:
+    """Returns (nfolds, n) of a header line, or None if the line is a pair already."""
+    tokens = line.split()
+    if not tokens or not all(t.isdigit() for t in tokens):
+        return None
+    if len(tokens) == 1:
+        return 1, int(tokens[0])
+    if len(tokens) == 2:
+        return int(tokens[0]), int(tokens[1])
+    raise DataError(
+        f"{pairs_path}:1: header {line.strip()!r} must be '<nfolds> <pairs per class and fold>'"
+    )
+
+
+class _ImageResolver:
+    """Finds the file of `name k` under an image root, listing each identity folder once."""
+
+    def __init__(self, image_root: Path) -> None:
+        self.root = image_root
+        self._listings: dict[str, frozenset[str]] = {}
+
+    def _listing(self, name: str) -> frozenset[str]:
+        if name not in self._listings:
+            folder = self.root / name
+            self._listings[name] = frozenset(os.listdir(folder)) if folder.is_dir() else frozenset()
+        return self._listings[name]
+
+    @staticmethod
+    def stems(name: str, k: int) -> tuple[str, str]:
+        """File names without extension that may hold image `k` of `name`, preferred first."""
+        return str(k), f"{name}_{k:04d}"
+
+    def find(self, name: str, k: int) -> str | None:
+        """Returns the path of image `k` of `name`, or None if no candidate exists."""
+        files = self._listing(name)
+        for stem in self.stems(name, k):
+            for ext in IMAGE_EXTENSIONS:
+                if f"{stem}.{ext}" in files:
+                    return os.path.join(self.root, name, f"{stem}.{ext}")
+        return None
+
+
+def read_pairs(pairs_path: str | os.PathLike, image_root: str | os.PathLike) -> Pairs:
+    """Reads an LFW-format pairs file and resolves every image under `image_root`.
+
+    Args:
+        pairs_path: The pairs file.
+        image_root: Directory holding one folder per identity name.
+
+    Returns:
+        The pairs, with folds taken from the file's layout.
+
+    Raises:
+        DataError: If the file is missing or malformed (the message names the line),
+            or if images are missing (the message names the first and counts them all).
+    """
+    pairs_path, image_root = Path(pairs_path), Path(image_root)
+    if not pairs_path.is_file():
+        raise DataError(f"pairs file {pairs_path} not found; pass the LFW-format pairs.txt")
+    if not image_root.is_dir():
+        raise DataError(f"image root {image_root} of {pairs_path} is not a directory")
+    lines = pairs_path.read_text().splitlines()
+    numbered = [(i + 1, line) for i, line in enumerate(lines) if line.strip()]
+    if not numbered:
+        raise DataError(f"pairs file {pairs_path} is empty")
+
+    header = _parse_header(numbered[0][1], pairs_path)
+    if header:
+        body = numbered[1:]
+        nfolds, per_class = header
+        if len(body) != 2 * nfolds * per_class:
+            raise DataError(
+                f"{pairs_path}: header promises {nfolds} folds x {2 * per_class} pairs = "
+                f"{2 * nfolds * per_class} lines, found {len(body)}"
+            )
+        fold_size = 2 * per_class
+    else:
+        # Without a header (some CFP/AgeDB exports) the whole file is one fold.
+        body = numbered
+        fold_size = len(body)
+
+    resolver = _ImageResolver(image_root)
+    left, right, issame, fold = [], [], [], []
+    missing: list[tuple[int, str, int]] = []
+    for position, (lineno, line) in enumerate(body):
+        tokens = line.split()
+        try:
+            if len(tokens) == 3:
+                refs = [(tokens[0], int(tokens[1])), (tokens[0], int(tokens[2]))]
+            elif len(tokens) == 4:
+                refs = [(tokens[0], int(tokens[1])), (tokens[2], int(tokens[3]))]
+            else:
+                raise ValueError(f"expected 3 or 4 fields, got {len(tokens)}")
+        except ValueError as e:
+            raise DataError(
+                f"{pairs_path}:{lineno}: malformed pair {line.strip()!r} ({e}); expected "
+                f"'name k1 k2' or 'name1 k1 name2 k2'"
+            ) from e
+        paths = []
+        for name, k in refs:
+            path = resolver.find(name, k)
+            if path is None:
+                missing.append((lineno, name, k))
+            paths.append(path or "")
+        left.append(paths[0])
+        right.append(paths[1])
+        issame.append(len(tokens) == 3)
+        fold.append(position // fold_size)
+
+    if missing:
+        lineno, name, k = missing[0]
+        tried = " or ".join(f"{name}/{stem}.*" for stem in resolver.stems(name, k))
+        raise DataError(
+            f"{pairs_path}: {len(missing)} image references missing under {image_root}; first at "
+            f"line {lineno}: {name} {k} (looked for {tried}, * = {'/'.join(IMAGE_EXTENSIONS)}); "
+            f"check the image root"
+        )
+    return Pairs(
+        tuple(left), tuple(right), np.array(issame, dtype=bool), np.array(fold, dtype=np.int64)
+    )
+
+
+def write_pairs(
+    path: str | os.PathLike,
+    same: Sequence[SamePair],
+    different: Sequence[DifferentPair],
+    nfolds: int,
+) -> None:
+    """Writes pairs in the LFW format, atomically.
+
+    Fold f holds `same[f*n:(f+1)*n]` followed by `different[f*n:(f+1)*n]`, where
+    `n = len(same) / nfolds`.
+
+    Args:
+        path: Destination file.
+        same: (name, k1, k2) pairs of one identity.
+        different: (name1, k1, name2, k2) pairs of two identities.
+        nfolds: Number of folds; must divide the number of pairs of each kind.
+
+    Raises:
+        ValueError: If the counts do not split into `nfolds` equal folds.
+    """
+    if nfolds < 1 or len(same) != len(different) or len(same) % nfolds:
+        raise ValueError(
+            f"need equally many same and different pairs divisible by nfolds={nfolds}; "
+            f"got {len(same)} same and {len(different)} different"
+        )
+    n = len(same) // nfolds
+    lines = [f"{nfolds} {n}"]
+    for f in range(nfolds):
+        lines += [f"{name}\t{k1}\t{k2}" for name, k1, k2 in same[f * n : (f + 1) * n]]
+        lines += [f"{a}\t{ka}\t{b}\t{kb}" for a, ka, b, kb in different[f * n : (f + 1) * n]]
+    with atomic_path(path) as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
+
+
+def unique_images(pairs: Pairs) -> tuple[tuple[str, ...], np.ndarray, np.ndarray]:
+    """De-duplicates the images of a protocol so each is embedded once.
+
+    Args:
+        pairs: The verification pairs.
+
+    Returns:
+        (paths in order of first appearance, index of each pair's left image into
+        `paths`, index of each pair's right image into `paths`).
+    """
+    index: dict[str, int] = {}
+    for left, right in zip(pairs.left, pairs.right, strict=True):
+        index.setdefault(left, len(index))
+        index.setdefault(right, len(index))
+    index_left = np.array([index[p] for p in pairs.left], dtype=np.int64)
+    index_right = np.array([index[p] for p in pairs.right], dtype=np.int64)
+    return tuple(index), index_left, index_right
