@@ -9,7 +9,9 @@ ext_modules = [
         ["search/sparse_index.cpp", "search/bindings.cpp"],
         include_dirs=["search"],
         cxx_std=17,
-        extra_compile_args=["-O3"],
+        extra_compile_args=["-O3", "-pthread"],
+        # The index answers query batches on std::threads.
+        extra_link_args=["-pthread"],
     ),
 ]
 

@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
-
 from conftest import run_module
+
 from sparse_embed.demo import RESULT_KEYS
 
 

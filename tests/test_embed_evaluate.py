@@ -9,8 +9,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-
 from conftest import assert_user_error, run_module
+
 from sparse_embed.config import load_config
 from sparse_embed.training.trainer import train
 

@@ -189,20 +189,31 @@ def test_both_accumulation_modes_and_blocks() -> None:
     database spanning several 65536-row score blocks."""
     rng = np.random.default_rng(7)
     n, d = 140_000, 32
-    db = scipy.sparse.random(n, d, density=0.06, format="csr", random_state=7,
+    db = scipy.sparse.random(n, d, density=0.06, format="lil", random_state=7,
                              data_rvs=lambda size: rng.integers(-16, 17, size) / 8)
-    db.data = db.data.astype(np.float32)
+    # Dimensions 0-3 are rare (about 1 row in 1000), and a few rows score
+    # exactly 0 (1 - 1), +0.5 or -0.5 against query 2, across blocks.
+    db[:, :4] = 0
+    rare = rng.choice(n, 150, replace=False)
+    db[rare, rng.integers(0, 4, 150)] = 1
+    special = {10: (1, 1), 70_000: (1, 1), 139_999: (1, 1), 20: (1, 0), 30: (0, 1)}
+    for row, (a, b) in special.items():
+        db[row, 1], db[row, 2] = a, b
+    db = db.tocsr().astype(np.float32)
     db.eliminate_zeros()
     queries = exact_matrix(rng, 12, d, 0.5, negative=True)
-    queries[0] = 0
-    queries[0, 3] = 1          # one dimension: few postings
-    queries[1] = 0             # all zero
-    queries[2] = 0
-    queries[2, [1, 2]] = [0.5, -0.5]
+    queries[:3] = 0
+    queries[0, 3] = 1                  # one rare dimension
+    queries[2, [1, 2]] = [0.5, -0.5]   # row 1 is all zero
+    queries[3:, :4] = 0
     index = SparseIndex.from_csr(db.indptr, db.indices, db.data, d)
-    for threshold in (None, 0.0, -0.25):
+    for threshold in (None, 0.0, -0.25, -1.0):
         assert_same(index.search(queries, 20, threshold=threshold),
                     brute_force_search(db, queries, 20, threshold=threshold))
+    # Queries 0-2 are in the touched-rows regime (postings < rows / 32), the
+    # rest in the blocked one.
+    postings = index.stats["postings"]
+    assert (postings[:3] * 32 < n).all() and (postings[3:] * 32 > n).all()
 
 
 def numpy_rerank(db: np.ndarray, queries: np.ndarray, db_dense: np.ndarray,

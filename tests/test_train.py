@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import yaml
-
 from conftest import assert_user_error, run_module
+
 from sparse_embed.config import load_config
 from sparse_embed.errors import TrainingError
 from sparse_embed.training.schedules import LearningRateSchedule
@@ -51,7 +51,8 @@ def test_twenty_steps_then_exact_resume(tiny_data: Path, tmp_path: Path) -> None
     # Nothing left to do: a third run returns at once.
     assert train(config20, tiny_data, tmp_path / "resumed", verbose=0).resumed_from == 20
 
-    for a, b in zip(_weights(tmp_path / "straight", config20), _weights(tmp_path / "resumed", config20)):
+    straight_weights = _weights(tmp_path / "straight", config20)
+    for a, b in zip(straight_weights, _weights(tmp_path / "resumed", config20), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
     saved = yaml.safe_load((tmp_path / "resumed" / "config.yaml").read_text())

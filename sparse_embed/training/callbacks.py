@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 
 import tensorflow as tf
 
@@ -94,3 +95,37 @@ class SummaryScalars(_StepCallback):
 
     def on_train_end(self, logs: dict | None = None) -> None:
         self.writer.close()
+
+
+class ProgressLog(_StepCallback):
+    """Prints one line of metrics every `every` steps: progress that reads well in log files.
+
+    Args:
+        optimizer: The optimizer whose `iterations` is the global step.
+        total_steps: The run's final step.
+        every: Steps between lines.
+        keys: Metrics to print, in order.
+    """
+
+    def __init__(self, optimizer: keras.optimizers.Optimizer, total_steps: int, every: int,
+                 keys: tuple[str, ...] = ("loss", "accuracy", "nnz", "flops", "lr")) -> None:
+        super().__init__(optimizer)
+        self.total_steps = total_steps
+        self.every = every
+        self.keys = keys
+        self._last: tuple[int, float] | None = None
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        self._last = (self.step, time.perf_counter())
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        step = self.step
+        if step % self.every and step != self.total_steps:
+            return
+        now = time.perf_counter()
+        last_step, last_time = self._last
+        rate = (step - last_step) / max(now - last_time, 1e-9)
+        self._last = (step, now)
+        logs = logs or {}
+        values = "  ".join(f"{k} {float(logs[k]):.4g}" for k in self.keys if k in logs)
+        print(f"step {step}/{self.total_steps}  {values}  ({rate:.2f} steps/s)", flush=True)

@@ -16,15 +16,20 @@ from pathlib import Path
 import tensorflow as tf
 
 from sparse_embed.config import Config, OptimizerConfig, SparsityConfig, save_config
+from sparse_embed.data.checks import train_inputs
 from sparse_embed.data.pipeline import train_dataset
 from sparse_embed.data.tfrecord import read_label_map
-from sparse_embed.data.checks import train_inputs
 from sparse_embed.heads import build_head
 from sparse_embed.keras import keras
 from sparse_embed.models import build_model
 from sparse_embed.registry import Registry
 from sparse_embed.sparsity import REGULARIZERS, sparsity_stats, sparsity_weight
-from sparse_embed.training.callbacks import CheckpointEvery, StopOnNonFiniteLoss, SummaryScalars
+from sparse_embed.training.callbacks import (
+    CheckpointEvery,
+    ProgressLog,
+    StopOnNonFiniteLoss,
+    SummaryScalars,
+)
 from sparse_embed.training.distributed import Strategy, get_strategy
 from sparse_embed.training.schedules import LearningRateSchedule
 
@@ -92,7 +97,7 @@ class EmbeddingTrainer(keras.Model):
             loss = head_loss + weight * sparsity_loss
         variables = self.trainable_variables
         grads = self.strategy.reduce_gradients(tape.gradient(loss, variables))
-        self.optimizer.apply_gradients(zip(grads, variables))
+        self.optimizer.apply_gradients(zip(grads, variables, strict=True))
         # Read after applying: the optimizer stores the rate it just used.
         lr = self.optimizer.learning_rate
         predictions = tf.argmax(self.head.logits(embeddings), axis=-1, output_type=labels.dtype)
@@ -167,7 +172,7 @@ def train(config: Config, data_dir: str | os.PathLike, model_dir: str | os.PathL
         data_dir: Directory the `data.*` paths of the config are relative to.
         model_dir: Output directory: config.yaml, checkpoints/, TensorBoard logs.
         strategy: Distribution strategy; the process's own by default.
-        verbose: Keras progress-bar verbosity (0 silent, 1 bar, 2 one line per epoch).
+        verbose: 0 silent, 1 Keras progress bar, 2 one line of metrics every `train.log_every` steps.
 
     Returns:
         The step reached, the step resumed from and the last metrics.
@@ -221,11 +226,13 @@ def train(config: Config, data_dir: str | os.PathLike, model_dir: str | os.PathL
     # --- train ---
     callbacks: list[keras.callbacks.Callback] = [StopOnNonFiniteLoss(optimizer)]
     if strategy.is_chief:
+        if verbose == 2:
+            callbacks.append(ProgressLog(optimizer, config.train.steps, config.train.log_every))
         callbacks += [
             SummaryScalars(str(model_dir / "logs" / "train"), optimizer, config.train.log_every),
             CheckpointEvery(manager, optimizer, config.train.checkpoint_every),
         ]
     history = model.fit(dataset, epochs=1, steps_per_epoch=remaining, callbacks=callbacks,
-                        verbose=verbose if strategy.is_chief else 0)
+                        verbose=1 if verbose == 1 and strategy.is_chief else 0)
     metrics = {k: float(v[-1]) for k, v in history.history.items()}
     return TrainResult(step=int(optimizer.iterations.numpy()), resumed_from=start, metrics=metrics)
