@@ -11,10 +11,14 @@ target mean non-zeros per row. Uniform popularity sets p_d = nnz / D; the
 skewed case makes p_d Zipf-like (p_d ~ rank^-s, capped at 1), the
 non-uniformity the FLOPs regularizer penalises: a query then touches
 N * sum_d p_d^2 postings on average instead of N * nnz^2 / D. Queries come
-from the same generator.
+from the same generator; values are uniform in (0.1, 1] (ReLU embeddings).
 
-Prints one table and one JSON line (numbers for the README; none is asserted).
-Progress goes to stderr.
+The methods of a case are timed in interleaved rounds of queries, so on a
+shared machine they see the same background load. Every method's top-k
+scores are checked against the index's before anything is printed.
+
+Prints one table and one JSON line (numbers for the README; none is
+asserted). Progress goes to stderr.
 """
 
 from __future__ import annotations
@@ -37,6 +41,11 @@ from sparse_embed.search import SparseIndex
 # temporaries).
 _DENSE_SCORES = 1 << 27
 _SCIPY_SCORES = 1 << 25
+# Timing rounds per case (fewer when there are fewer queries).
+_ROUNDS = 10
+
+# (start, stop) -> sorted top-k scores [stop - start, k] of those queries.
+Runner = Callable[[int, int], np.ndarray]
 
 
 def dimension_rates(dim: int, nnz: float, skew: float) -> np.ndarray:
@@ -87,61 +96,80 @@ def sparse_embeddings(rows: int, rates: np.ndarray, rng: np.random.Generator
     return csc.tocsr()
 
 
-def time_sparse(index: SparseIndex, queries: scipy.sparse.csr_matrix, k: int, threads: int
-                ) -> tuple[float, float, np.ndarray]:
-    """(ms/query wall, postings/query, scores) of the index on all queries."""
-    index.search(queries[: min(10, queries.shape[0])], k, num_threads=threads)  # warm-up
-    start = time.perf_counter()
-    _, scores = index.search(queries, k, num_threads=threads)
-    elapsed = time.perf_counter() - start
-    return 1e3 * elapsed / queries.shape[0], index.stats["postings_per_query"], scores
+def top_scores(score_rows: list[np.ndarray], k: int) -> np.ndarray:
+    """Sorted top-k of each score vector; a sparse product's missing rows score 0."""
+    top = np.zeros((len(score_rows), k), np.float32)
+    for i, scores in enumerate(score_rows):
+        if len(scores) < k:
+            scores = np.concatenate([scores, np.zeros(k - len(scores), scores.dtype)])
+        best = scores[np.argpartition(scores, len(scores) - k)[-k:]]
+        top[i] = np.sort(best)[::-1]
+    return top
 
 
-def time_batched(name: str, num_queries: int, batch: int,
-                 score_batch: Callable[[int, int], list[np.ndarray]], k: int
-                 ) -> tuple[float, np.ndarray]:
-    """(ms/query, sorted top-k scores) of a baseline that scores query batches.
+def engine_runner(index: SparseIndex, queries: scipy.sparse.csr_matrix, k: int, threads: int,
+                  postings: list[float]) -> Runner:
+    """The index on CSR queries; appends each call's postings touched to `postings`."""
+
+    def run(start: int, stop: int) -> np.ndarray:
+        _, scores = index.search(queries[start:stop], k, num_threads=threads)
+        postings.append(float(index.stats["postings"].sum()))
+        return scores
+
+    return run
+
+
+def scipy_runner(queries: scipy.sparse.csr_matrix, database_t: scipy.sparse.csr_matrix, k: int,
+                 batch: int) -> Runner:
+    """CSR queries @ CSR database.T (the inverted-index product), then argpartition."""
+
+    def run(start: int, stop: int) -> np.ndarray:
+        tops = []
+        for a in range(start, stop, batch):
+            product = (queries[a:min(stop, a + batch)] @ database_t).tocsr()
+            tops.append(top_scores([product.data[product.indptr[i]:product.indptr[i + 1]]
+                                    for i in range(product.shape[0])], k))
+        return np.concatenate(tops)
+
+    return run
+
+
+def dense_runner(queries: np.ndarray, database: np.ndarray, k: int, batch: int) -> Runner:
+    """Batched BLAS matmul, then argpartition."""
+
+    def run(start: int, stop: int) -> np.ndarray:
+        return np.concatenate([top_scores(list(queries[a:min(stop, a + batch)] @ database.T), k)
+                               for a in range(start, stop, batch)])
+
+    return run
+
+
+def time_interleaved(runners: dict[str, Runner], num_queries: int, desc: str
+                     ) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """Runs every method on each round of queries in turn.
 
     Args:
-        name: Shown in the progress bar.
-        num_queries: Queries to run.
-        batch: Queries per batch.
-        score_batch: (start, stop) -> one score vector per query of the batch
-            (for a sparse product: the scores of the rows it touched).
-        k: Results per query.
+        runners: Method name -> runner.
+        num_queries: Queries, split into rounds.
+        desc: Progress-bar label.
+
+    Returns:
+        ms/query and the top-k scores of every method.
     """
-    top = np.zeros((num_queries, k), np.float32)
-    start_time = time.perf_counter()
-    for start in tqdm(range(0, num_queries, batch), desc=name, file=sys.stderr, leave=False):
-        stop = min(num_queries, start + batch)
-        for offset, scores in enumerate(score_batch(start, stop)):
-            if len(scores) < k:  # untouched rows of a sparse product score 0
-                scores = np.concatenate([scores, np.zeros(k - len(scores), scores.dtype)])
-            best = scores[np.argpartition(scores, len(scores) - k)[-k:]]
-            top[start + offset] = np.sort(best)[::-1]
-    elapsed = time.perf_counter() - start_time
-    return 1e3 * elapsed / num_queries, top
-
-
-def sparse_product_scores(queries: scipy.sparse.csr_matrix, database_t: scipy.sparse.csr_matrix
-                          ) -> Callable[[int, int], list[np.ndarray]]:
-    """Batch scorer of the scipy baseline: CSR queries @ CSR database.T, touched rows only."""
-
-    def score(start: int, stop: int) -> list[np.ndarray]:
-        product = (queries[start:stop] @ database_t).tocsr()
-        return [product.data[product.indptr[i]:product.indptr[i + 1]] for i in range(stop - start)]
-
-    return score
-
-
-def dense_product_scores(queries: np.ndarray, database: np.ndarray
-                         ) -> Callable[[int, int], list[np.ndarray]]:
-    """Batch scorer of the dense baseline: one BLAS matmul per batch."""
-
-    def score(start: int, stop: int) -> list[np.ndarray]:
-        return list(queries[start:stop] @ database.T)
-
-    return score
+    rounds = max(1, min(_ROUNDS, num_queries))
+    bounds = np.linspace(0, num_queries, rounds + 1).astype(int)
+    for runner in runners.values():  # warm-up: page in the data, start the threads
+        runner(0, min(5, num_queries))
+    seconds = dict.fromkeys(runners, 0.0)
+    tops: dict[str, list[np.ndarray]] = {name: [] for name in runners}
+    for start, stop in tqdm(list(zip(bounds[:-1], bounds[1:], strict=True)), desc=desc,
+                            file=sys.stderr, leave=False):
+        for name, runner in runners.items():
+            begin = time.perf_counter()
+            tops[name].append(runner(int(start), int(stop)))
+            seconds[name] += time.perf_counter() - begin
+    ms = {name: 1e3 * s / num_queries for name, s in seconds.items()}
+    return ms, {name: np.concatenate(t) for name, t in tops.items()}
 
 
 def log(message: str) -> None:
@@ -159,112 +187,109 @@ def main() -> None:
     parser.add_argument("--skew", type=float, default=1.0,
                         help="Zipf exponent of the skewed case (0: skip it)")
     parser.add_argument("--dense-dim", type=int, default=512, help="dense baseline dimension")
-    parser.add_argument("--baseline-queries", type=int, default=None,
-                        help="queries timed for scipy and dense (default: --queries)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="100,000 rows and 200 queries")
     args = parser.parse_args()
     if args.quick:
         args.rows, args.queries = 100_000, 200
-    threads = args.threads or os.cpu_count() or 1
-    baseline_queries = min(args.baseline_queries or args.queries, args.queries)
-    k = args.k
+    cpus = os.cpu_count() or 1
+    threads = args.threads or cpus
+    k, n, q = args.k, args.rows, args.queries
     rng = np.random.default_rng(args.seed)
-    rows_out: list[tuple] = []
-    result: dict[str, float | int | str] = {
-        "rows": args.rows, "dim": args.dim, "nnz_per_row": args.nnz, "queries": args.queries,
-        "k": k, "threads": threads, "cpus": os.cpu_count() or 1,
-    }
 
-    # Uniform sparse case: engine (1 thread, all threads) and scipy.sparse.
-    log(f"generating {args.rows} x {args.dim} uniform sparse database ...")
+    # Uniform case: the index (one thread, all threads), scipy.sparse and dense BLAS.
+    log(f"generating the {n} x {args.dim} uniform sparse database ...")
     rates = dimension_rates(args.dim, args.nnz, 0.0)
-    database = sparse_embeddings(args.rows, rates, rng)
-    queries = sparse_embeddings(args.queries, rates, rng)
-    expected = args.rows * float(np.sum(rates**2))
+    database = sparse_embeddings(n, rates, rng)
+    queries = sparse_embeddings(q, rates, rng)
+    expected = n * float(np.sum(rates**2))
+    nnz_per_row = database.nnz / n
     log("building the index ...")
     index = SparseIndex.from_csr(database.indptr, database.indices, database.data, args.dim)
-    build_seconds = index.stats["build_seconds"]
-    bytes_per_nnz = index.nbytes / index.nnz
-    real_nnz = database.nnz / args.rows
-    log("timing the sparse index ...")
-    ms_1, postings, _ = time_sparse(index, queries, k, 1)
-    ms_all, _, engine_top = time_sparse(index, queries, k, threads)
-    name = "sparse index, uniform"
-    rows_out.append((name, args.rows, args.dim, real_nnz, 1, ms_1, postings, expected))
-    rows_out.append((name, args.rows, args.dim, real_nnz, threads, ms_all, postings, expected))
-    result.update(sparse_ms_1thread=ms_1, sparse_ms=ms_all, postings_per_query=postings,
-                  expected_postings=expected, build_seconds=build_seconds,
-                  bytes_per_nnz=bytes_per_nnz, index_bytes=index.nbytes)
-    del index
-
-    log("timing scipy.sparse (queries @ database.T, CSR x CSR) ...")
+    build_seconds, index_bytes = index.stats["build_seconds"], index.nbytes
+    bytes_per_nnz = index_bytes / index.nnz
     database_t = database.T.tocsr()
-    sub = queries[:baseline_queries]
+    del database
+    log(f"generating the {n} x {args.dense_dim} dense float32 database ...")
+    dense = rng.standard_normal((n, args.dense_dim), dtype=np.float32)
+    dense_queries = rng.standard_normal((q, args.dense_dim), dtype=np.float32)
+    postings_1: list[float] = []
+    postings_all: list[float] = []
+    runners = {
+        "sparse_1": engine_runner(index, queries, k, 1, postings_1),
+        "sparse": engine_runner(index, queries, k, threads, postings_all),
+        "scipy": scipy_runner(queries, database_t, k, max(1, _SCIPY_SCORES // n)),
+        "dense": dense_runner(dense_queries, dense, k, max(1, _DENSE_SCORES // n)),
+    }
+    log("timing, in interleaved rounds ...")
+    ms, tops = time_interleaved(runners, q, "uniform")
+    # A benchmark of wrong answers would be meaningless.
+    for name in ("sparse_1", "scipy"):
+        np.testing.assert_allclose(tops[name], tops["sparse"], rtol=1e-5, atol=1e-6)
+    postings = sum(postings_all[1:]) / q  # [0] is the warm-up
+    del index, database_t, queries, dense, dense_queries, runners
 
-    scipy_batch = max(1, _SCIPY_SCORES // args.rows)
-    scipy_ms, scipy_top = time_batched("scipy", baseline_queries, scipy_batch,
-                                       sparse_product_scores(sub, database_t), k)
-    # A benchmark of wrong answers would be meaningless: the engine's top-k
-    # scores must be scipy's.
-    np.testing.assert_allclose(engine_top[:baseline_queries], scipy_top, rtol=1e-5, atol=1e-6)
-    rows_out.append(("scipy.sparse CSR matmul", args.rows, args.dim, real_nnz, 1, scipy_ms,
-                     None, None))
-    result.update(scipy_ms=scipy_ms)
-    del database, database_t, queries, sub
+    table = [
+        ("sparse index, uniform", n, args.dim, nnz_per_row, 1, ms["sparse_1"], postings, expected),
+        ("sparse index, uniform", n, args.dim, nnz_per_row, threads, ms["sparse"], postings,
+         expected),
+        ("scipy.sparse CSR matmul", n, args.dim, nnz_per_row, 1, ms["scipy"], None, None),
+        (f"dense BLAS matmul, {args.dense_dim}-d", n, args.dense_dim, float(args.dense_dim), cpus,
+         ms["dense"], None, None),
+    ]
+    result: dict[str, float | int] = {
+        "rows": n, "dim": args.dim, "nnz_per_row": nnz_per_row, "queries": q, "k": k,
+        "threads": threads, "cpus": cpus, "sparse_ms_1thread": ms["sparse_1"],
+        "sparse_ms": ms["sparse"], "postings_per_query": postings, "expected_postings": expected,
+        "scipy_ms": ms["scipy"], "dense_dim": args.dense_dim, "dense_ms": ms["dense"],
+        "dense_over_sparse": ms["dense"] / ms["sparse"],
+        "scipy_over_sparse": ms["scipy"] / ms["sparse"],
+        "build_seconds": build_seconds, "index_bytes": index_bytes, "bytes_per_nnz": bytes_per_nnz,
+    }
 
-    # Skewed sparse case.
+    # Skewed case: what non-uniform dimension popularity costs the index.
     if args.skew > 0:
-        log(f"generating the skewed database (Zipf s={args.skew}) ...")
+        log(f"generating the skewed database (Zipf s={args.skew:g}) ...")
         rates = dimension_rates(args.dim, args.nnz, args.skew)
-        database = sparse_embeddings(args.rows, rates, rng)
-        queries = sparse_embeddings(args.queries, rates, rng)
-        expected_skew = args.rows * float(np.sum(rates**2))
+        database = sparse_embeddings(n, rates, rng)
+        queries = sparse_embeddings(q, rates, rng)
+        skew_expected = n * float(np.sum(rates**2))
+        skew_nnz = database.nnz / n
         index = SparseIndex.from_csr(database.indptr, database.indices, database.data, args.dim)
-        skew_nnz = database.nnz / args.rows
         del database
-        log("timing the sparse index on the skewed database ...")
-        skew_ms_1, skew_postings, _ = time_sparse(index, queries, k, 1)
-        skew_ms_all, _, _ = time_sparse(index, queries, k, threads)
+        skew_postings: list[float] = []
+        runners = {
+            "sparse_1": engine_runner(index, queries, k, 1, []),
+            "sparse": engine_runner(index, queries, k, threads, skew_postings),
+        }
+        skew_ms, skew_tops = time_interleaved(runners, q, "skewed")
+        np.testing.assert_allclose(skew_tops["sparse_1"], skew_tops["sparse"], rtol=1e-6)
+        skew_post = sum(skew_postings[1:]) / q
         name = f"sparse index, zipf s={args.skew:g}"
-        rows_out.append((name, args.rows, args.dim, skew_nnz, 1, skew_ms_1, skew_postings,
-                         expected_skew))
-        rows_out.append((name, args.rows, args.dim, skew_nnz, threads, skew_ms_all, skew_postings,
-                         expected_skew))
-        result.update(skew=args.skew, skew_sparse_ms_1thread=skew_ms_1, skew_sparse_ms=skew_ms_all,
-                      skew_postings_per_query=skew_postings, skew_expected_postings=expected_skew)
-        del index, queries
-
-    # Dense brute force with BLAS.
-    log(f"generating {args.rows} x {args.dense_dim} dense float32 database ...")
-    dense = rng.standard_normal((args.rows, args.dense_dim), dtype=np.float32)
-    dense_queries = rng.standard_normal((baseline_queries, args.dense_dim), dtype=np.float32)
-    log("timing dense BLAS (batched matmul + argpartition) ...")
-
-    dense_batch = max(1, _DENSE_SCORES // args.rows)
-    dense_ms, _ = time_batched("dense", baseline_queries, dense_batch,
-                               dense_product_scores(dense_queries, dense), k)
-    rows_out.append((f"dense BLAS matmul, {args.dense_dim}-d", args.rows, args.dense_dim,
-                     float(args.dense_dim), os.cpu_count() or 1, dense_ms, None, None))
-    result.update(dense_dim=args.dense_dim, dense_ms=dense_ms,
-                  dense_over_sparse=dense_ms / ms_all, scipy_over_sparse=scipy_ms / ms_all)
-    del dense
+        table.append((name, n, args.dim, skew_nnz, 1, skew_ms["sparse_1"], skew_post,
+                      skew_expected))
+        table.append((name, n, args.dim, skew_nnz, threads, skew_ms["sparse"], skew_post,
+                      skew_expected))
+        result.update(skew=args.skew, skew_sparse_ms_1thread=skew_ms["sparse_1"],
+                      skew_sparse_ms=skew_ms["sparse"], skew_postings_per_query=skew_post,
+                      skew_expected_postings=skew_expected)
 
     header = (f"{'method':<28}{'rows':>9}{'dim':>6}{'nnz/row':>9}{'threads':>8}"
               f"{'ms/query':>10}{'postings/q':>12}{'expected':>12}{'vs sparse':>10}")
     print(header)
     print("-" * len(header))
-    for name, rows, dim, nnz, used, ms, post, exp in rows_out:
+    for name, rows, dim, nnz, used, ms_query, post, exp in table:
         post_text = f"{post:>12.0f}" if post is not None else f"{'':>12}"
         exp_text = f"{exp:>12.0f}" if exp is not None else f"{'':>12}"
-        ratio = f"{ms / ms_all:>9.1f}x" if name.startswith(("scipy", "dense")) else f"{'':>10}"
-        print(f"{name:<28}{rows:>9}{dim:>6}{nnz:>9.1f}{used:>8}{ms:>10.3f}"
+        is_baseline = name.startswith(("scipy", "dense"))
+        ratio = f"{ms_query / ms['sparse']:>9.1f}x" if is_baseline else f"{'':>10}"
+        print(f"{name:<28}{rows:>9}{dim:>6}{nnz:>9.1f}{used:>8}{ms_query:>10.3f}"
               f"{post_text}{exp_text}{ratio}")
-    print(f"index: built in {build_seconds:.2f} s, {result['index_bytes'] / 2**20:.1f} MiB, "
+    print(f"index: built in {build_seconds:.2f} s, {index_bytes / 2**20:.1f} MiB, "
           f"{bytes_per_nnz:.2f} bytes per non-zero (target <= 8)")
-    print(f"dense/sparse {dense_ms / ms_all:.1f}x (target >= 20x), "
-          f"scipy/sparse {scipy_ms / ms_all:.1f}x (target >= 3x); "
-          f"sparse at {threads} threads, {baseline_queries} baseline queries")
+    print(f"dense/sparse {result['dense_over_sparse']:.1f}x (target >= 20x), "
+          f"scipy/sparse {result['scipy_over_sparse']:.1f}x (target >= 3x), "
+          f"sparse at {threads} threads")
     print(json.dumps({key: round(v, 6) if isinstance(v, float) else v
                       for key, v in result.items()}))
 

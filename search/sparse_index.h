@@ -3,8 +3,8 @@
 // The payoff of sparse embeddings (Paria et al., "Minimizing FLOPs to Learn
 // Efficient Sparse Representations", ICLR 2020) is that a query only touches
 // the postings of its own non-zero dimensions. This core stores, for every
-// dimension, the contiguous list of (row id, value) pairs of the database rows
-// that are non-zero there, and answers query batches on all cores.
+// dimension, the contiguous list of (row id, value) postings of the database
+// rows that are non-zero there, and answers query batches on all cores.
 //
 // The core knows nothing of Python; search/bindings.cpp adapts it and
 // search/cli.cpp drives it from the command line.
@@ -69,7 +69,7 @@ struct CsrMatrix {
 
 // Reads the .bin format of the original sparse-embed code (little-endian):
 // int32 N, then per row: int32 label, int32 nnz, int32 indices[nnz],
-// float32 values[nnz]. Zero values are dropped.
+// float32 values[nnz]. Zero values are dropped; indices must be below 2^24.
 // Throws FormatError on a missing, truncated or malformed file.
 CsrMatrix read_bin(const std::string& path);
 
@@ -139,13 +139,16 @@ class SparseIndex {
   static SparseIndex build(const Rows& rows, int64_t dim, const int32_t* labels);
 
   std::shared_ptr<const Storage> storage_;
-  const uint64_t* offsets_ = nullptr;  // [dim + 1] start of each dimension's postings
-  const uint32_t* post_rows_ = nullptr;  // [nnz] row ids, increasing within a dimension
+  // Postings of dimension d in row block b (rows [65536 b, 65536 (b + 1))):
+  // [segments_[d * blocks_ + b], segments_[d * blocks_ + b + 1]).
+  const uint64_t* segments_ = nullptr;  // [dim * blocks + 1]
+  const uint16_t* post_rows_ = nullptr;  // [nnz] row - 65536 b, increasing within a segment
   const float* post_values_ = nullptr;   // [nnz]
   const int32_t* labels_ = nullptr;      // [rows] or null
   int64_t rows_ = 0;
   int64_t dim_ = 0;
   int64_t nnz_ = 0;
+  int64_t blocks_ = 1;
   double build_seconds_ = 0.0;
 };
 

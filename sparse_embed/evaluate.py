@@ -67,13 +67,15 @@ def format_results(rows: dict[str, dict[str, float]]) -> str:
         The table as text.
     """
     columns = list(dict.fromkeys(k for r in rows.values() for k in r))
-    width = max(12, *(len(c) for c in columns))
-    head = f"{'run':<12}" + "".join(f"{c:>{width + 1}}" for c in columns)
+    widths = [max(8, len(c)) for c in columns]
+    first = max(4, *(len(name) for name in rows))
+    head = f"{'run':<{first}}" + "".join(f"  {c:>{w}}" for c, w in zip(columns, widths, strict=True))
     lines = [head, "-" * len(head)]
     for name, r in rows.items():
-        cells = "".join(f"{r[c]:>{width + 1}.4g}" if c in r else " " * (width + 1) for c in columns)
-        lines.append(f"{name:<12}" + cells)
-    return "\n".join(lines)
+        cells = "".join(f"  {r[c]:>{w}.4g}" if c in r else "  " + " " * w
+                        for c, w in zip(columns, widths, strict=True))
+        lines.append(f"{name:<{first}}" + cells)
+    return "\n".join(lines) + "\n"
 
 
 def run() -> None:

@@ -101,7 +101,8 @@ def embed_dataset(backbone: keras.Model, dataset: tf.data.Dataset, flip: str = "
         return tf.math.l2_normalize(e, axis=-1)
 
     chunks, labels, names = [], [], []
-    with tqdm(total=total, desc="embed", unit="img", leave=False) as bar:
+    # disable=None: a bar on a terminal, nothing in log files.
+    with tqdm(total=total, desc="embed", unit="img", leave=False, disable=None) as bar:
         for images, batch_labels, batch_names in dataset:
             chunks.append(step(images).numpy())
             labels.append(batch_labels.numpy())

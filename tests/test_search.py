@@ -303,7 +303,7 @@ def test_stats_count_postings_and_candidates() -> None:
     assert stats["queries"] == 25 and stats["postings_per_query"] == stats["postings"].mean()
     assert (stats["seconds"] >= 0).all() and stats["ms_per_query"] >= 0
     assert stats["rows"] == 400 and stats["dim"] == 30 and stats["nnz"] == (db != 0).sum()
-    assert stats["bytes"] == 8 * 31 + 8 * stats["nnz"]
+    assert stats["bytes"] == 8 * (30 + 1) + 6 * stats["nnz"]  # segments, postings
 
 
 def test_stats_before_search() -> None:
