@@ -41,8 +41,10 @@ from sparse_embed.search import SparseIndex
 # temporaries).
 _DENSE_SCORES = 1 << 27
 _SCIPY_SCORES = 1 << 25
-# Timing rounds per case (fewer when there are fewer queries).
+# Timing rounds per case, of at least _ROUND_QUERIES queries each (so per-call
+# overheads stay small next to the work).
 _ROUNDS = 10
+_ROUND_QUERIES = 100
 
 # (start, stop) -> sorted top-k scores [stop - start, k] of those queries.
 Runner = Callable[[int, int], np.ndarray]
@@ -156,7 +158,7 @@ def time_interleaved(runners: dict[str, Runner], num_queries: int, desc: str
     Returns:
         ms/query and the top-k scores of every method.
     """
-    rounds = max(1, min(_ROUNDS, num_queries))
+    rounds = max(1, min(_ROUNDS, num_queries // _ROUND_QUERIES))
     bounds = np.linspace(0, num_queries, rounds + 1).astype(int)
     for runner in runners.values():  # warm-up: page in the data, start the threads
         runner(0, min(5, num_queries))
@@ -192,7 +194,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.rows, args.queries = 100_000, 200
-    cpus = os.cpu_count() or 1
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     threads = args.threads or cpus
     k, n, q = args.k, args.rows, args.queries
     rng = np.random.default_rng(args.seed)

@@ -28,6 +28,7 @@
 #include "sparse_index.h"
 
 #include <fcntl.h>
+#include <sched.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -76,6 +77,16 @@ double seconds_since(Clock::time_point start) {
   return std::chrono::duration<double>(Clock::now() - start).count();
 }
 
+// Cores this process may run on (its affinity mask under taskset, cpusets
+// or a container), which can be fewer than the machine has.
+int64_t available_cores() {
+#if defined(__linux__) && defined(CPU_COUNT)
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
+#endif
+  return std::max<int64_t>(1, std::thread::hardware_concurrency());
+}
+
 // Rows of one block. In the dense accumulation mode a block's 256 KiB of
 // float scores stays in L2 while a query's postings for those rows are added
 // into it and then scanned for the top-k, so the full score vector never goes
@@ -87,13 +98,13 @@ constexpr int64_t kBlockRows = int64_t{1} << kBlockBits;
 // into a full score vector and visits only the rows it touched. Tracking
 // touched rows costs several random accesses per posting against about a
 // quarter of one per row for the blocked scan of every row, so it pays only
-// for queries far sparser than the database (measured crossover: rows / 16
-// at 100k rows, below rows / 32 at 1M).
-constexpr int64_t kSparseModeRatio = 32;
-// Rows ids are uint32 in the postings.
+// for queries far sparser than the database (measured crossover: about
+// rows / 32 at 100k rows, lower at 1M).
+constexpr int64_t kSparseModeRatio = 64;
+// Row ids are uint32 (result ids, the touched-row list of the sparse mode).
 constexpr int64_t kMaxRows = int64_t{1} << 32;
-// Largest index read_bin accepts: the index allocates O(dim) offsets, so a
-// flipped bit in a corrupted file must not turn into gigabytes.
+// Largest index read_bin accepts: the index allocates O(dim) segment bounds,
+// so a flipped bit in a corrupted file must not turn into gigabytes.
 constexpr int32_t kMaxBinIndex = (1 << 24) - 1;
 
 constexpr char kMagic[8] = {'S', 'P', 'E', 'M', 'B', 'I', 'D', 'X'};
@@ -384,7 +395,7 @@ struct Segment {
 // Postings read ahead of the scatter loops. A block visits 64 short posting
 // streams (row ids and values of 32 terms), more than hardware prefetchers
 // follow, so without this every stream stalls on cache misses (measured:
-// 20% of the query time at 1M rows).
+// about a fifth of the query time at 1M rows).
 constexpr int64_t kPrefetchPostings = 128;
 
 // Prefetches base[offset] if it lies before `end`, the end of base's array.
@@ -739,8 +750,7 @@ void SparseIndex::search_impl(const Queries& queries, const SearchParams& params
     if (out.seconds != nullptr) out.seconds[q] = seconds_since(start);
   };
 
-  int64_t threads = params.num_threads > 0 ? params.num_threads
-                                           : std::max<int64_t>(1, std::thread::hardware_concurrency());
+  int64_t threads = params.num_threads > 0 ? params.num_threads : available_cores();
   threads = std::max<int64_t>(1, std::min(threads, num_queries));
   // Queries are handed out one at a time: their cost varies with their
   // postings, and one atomic increment is negligible next to a query.

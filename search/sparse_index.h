@@ -23,7 +23,7 @@ namespace sparse_embed {
 
 // Defaults shared by every interface (the Python binding and the CLI).
 inline constexpr int64_t kDefaultRerankK = 1000;  // candidates re-ranked with dense vectors
-inline constexpr int kDefaultNumThreads = 0;      // 0: every core
+inline constexpr int kDefaultNumThreads = 0;      // 0: every core the process may use
 inline constexpr float kDefaultZeroThreshold = 0.0f;
 // `threshold` value that keeps every row: all finite scores are above it.
 inline constexpr float kNoThreshold = -std::numeric_limits<float>::infinity();
@@ -122,7 +122,7 @@ class SparseIndex {
   int64_t rows() const { return rows_; }
   int64_t dim() const { return dim_; }
   int64_t nnz() const { return nnz_; }
-  // Postings, offsets and labels, in bytes.
+  // Postings, segment bounds and labels, in bytes.
   int64_t memory_bytes() const;
   bool has_labels() const { return labels_ != nullptr; }
   const int32_t* labels() const { return labels_; }  // [rows] or null

@@ -13,10 +13,16 @@ of its own non-zero dimensions (their count is the paper's FLOPs).
 
 Semantics shared by `SparseIndex.search` and the NumPy oracle
 `brute_force_search`: the score of a row is its float32 inner product with the
-query; only rows scoring strictly above `threshold` qualify (every row when it
-is None, including rows that share no dimension with the query, which score
-0); results are sorted by score, ties broken by the lower row id; where fewer
-than k rows qualify the ids are -1 and the scores -inf.
+query; only rows scoring strictly above `threshold` (rounded to float32)
+qualify, or every row when it is None, including rows that share no dimension
+with the query, which score 0; results are sorted by score, ties broken by the
+lower row id; where fewer than k rows qualify the ids are -1 and the scores
+-inf.
+
+`save` writes a versioned file (magic, version, sizes, XXH64 checksums of the
+header and of the contents; postings take 6 bytes per non-zero); `load`
+memory-maps it after checking all of them, so a truncated, corrupted or
+foreign file raises `DataError` instead of crashing.
 
 The `.bin` format of the original sparse-embed code (little-endian): int32 N,
 then per row int32 label, int32 nnz, int32 indices[nnz], float32 values[nnz].
@@ -51,6 +57,7 @@ except ImportError as e:  # pragma: no cover - depends on the installation
 __all__ = [
     "DEFAULT_NUM_THREADS",
     "DEFAULT_RERANK_K",
+    "DEFAULT_ZERO_THRESHOLD",
     "SparseIndex",
     "brute_force_search",
     "hdf5_to_bin",
@@ -253,8 +260,8 @@ class SparseIndex:
                 dense score (ties: lower row id) are returned with their dense
                 scores.
             rerank_k: Candidates re-ranked per query; >= k.
-            num_threads: Worker threads; 0 uses every core. Results do not
-                depend on it.
+            num_threads: Worker threads; 0 uses every core the process may
+                run on. Results do not depend on it.
 
         Returns:
             ids int64 [Q, k] and scores float32 [Q, k], best first; -1 and
@@ -333,7 +340,7 @@ class SparseIndex:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of postings, offsets and labels."""
+        """Bytes of postings (6 per non-zero), segment bounds and labels."""
         return self._index.nbytes
 
     @property

@@ -210,10 +210,10 @@ def test_both_accumulation_modes_and_blocks() -> None:
     for threshold in (None, 0.0, -0.25, -1.0):
         assert_same(index.search(queries, 20, threshold=threshold),
                     brute_force_search(db, queries, 20, threshold=threshold))
-    # Queries 0-2 are in the touched-rows regime (postings < rows / 32), the
+    # Queries 0-2 are in the touched-rows regime (postings < rows / 64), the
     # rest in the blocked one.
     postings = index.stats["postings"]
-    assert (postings[:3] * 32 < n).all() and (postings[3:] * 32 > n).all()
+    assert (postings[:3] * 64 < n).all() and (postings[3:] * 64 > n).all()
 
 
 def numpy_rerank(db: np.ndarray, queries: np.ndarray, db_dense: np.ndarray,
@@ -311,18 +311,19 @@ def test_stats_before_search() -> None:
     assert stats["queries"] == 0 and np.isnan(stats["postings_per_query"])
 
 
-def test_save_load_round_trip(tmp_path) -> None:
+@pytest.mark.parametrize("rows", [500, 70_000])  # one, then two 65536-row blocks
+def test_save_load_round_trip(tmp_path, rows: int) -> None:
     rng = np.random.default_rng(13)
-    db = exact_matrix(rng, 500, 40, 0.1, negative=True)
+    db = exact_matrix(rng, rows, 40, 0.1, negative=True)
     csr = scipy.sparse.csr_matrix(db)
-    labels = rng.integers(-5, 100, 500)
+    labels = rng.integers(-5, 100, rows)
     index = SparseIndex.from_csr(csr.indptr, csr.indices, csr.data, 40, labels=labels)
     path = tmp_path / "gallery.idx"
     index.save(path)
     assert sorted(os.listdir(tmp_path)) == ["gallery.idx"]
     loaded = SparseIndex.load(path)
     assert loaded.memory_mapped and not index.memory_mapped
-    assert (len(loaded), loaded.dim) == (500, 40)
+    assert (len(loaded), loaded.dim) == (rows, 40)
     assert (loaded.nnz, loaded.nbytes) == (index.nnz, index.nbytes)
     np.testing.assert_array_equal(loaded.labels, labels)
     queries = exact_matrix(rng, 20, 40, 0.2, negative=True)
