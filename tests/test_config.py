@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from sparse_embed.config import (
@@ -12,6 +14,8 @@ from sparse_embed.config import (
     save_config,
 )
 from sparse_embed.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
 
 PACKAGED = sorted(str(p.relative_to(CONFIG_DIR).with_suffix("")) for p in CONFIG_DIR.rglob("*.yaml"))
 
@@ -64,3 +68,12 @@ def test_save_and_reload_round_trip(tmp_path) -> None:
 def test_model_dir_without_config(tmp_path) -> None:
     with pytest.raises(ConfigError, match="config.yaml not found"):
         config_from_model_dir(tmp_path)
+
+
+def test_package_and_config_import_without_tensorflow() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, sparse_embed, sparse_embed.config, sparse_embed.data.checks; "
+            "sys.exit('tensorflow' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
