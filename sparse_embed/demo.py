@@ -4,10 +4,10 @@
 
 Trains two models that differ only in the sparsity setting (packaged configs
 `synthetic/dense` and `synthetic/sparse_flops`), evaluates them and an
-untrained network on the held-out identities' pairs, prints one table and
-writes it to `<out>/results.json`. Each stage is skipped when its output is
-already there, and training resumes from its checkpoints, so an interrupted
-demo continues where it stopped.
+untrained network on the held-out identities' pairs, prints one table,
+writes it to `<out>/results.json` and their ROC curves to `<out>/roc.png`.
+Each stage is skipped when its output is already there, and training resumes
+from its checkpoints, so an interrupted demo continues where it stopped.
 """
 
 from __future__ import annotations
@@ -68,6 +68,7 @@ def main(argv: list[str]) -> None:
     from sparse_embed.evaluate import format_results
     from sparse_embed.fileio import atomic_path
     from sparse_embed.inference import evaluate_verification, load_backbone
+    from sparse_embed.plots import plot_roc
     from sparse_embed.training.trainer import train
 
     out = Path(_OUT.value)
@@ -76,7 +77,7 @@ def main(argv: list[str]) -> None:
     data = prepare_data(out, _IDENTITIES.value, _IMAGES.value, _TEST_IDENTITIES.value)
     timings["data"] = time.perf_counter() - start
 
-    results = {}
+    results, scores = {}, {}
     for name, config_name in RUNS.items():
         config = load_config(config_name, _SET.value)
         pairs = read_pairs(data / config.data.pairs, data / config.data.pairs_images)
@@ -86,16 +87,18 @@ def main(argv: list[str]) -> None:
         timings[f"train {name}"] = time.perf_counter() - start
         if name == "dense":
             backbone, _ = load_backbone(out / name, untrained=True)
-            results["untrained"] = evaluate_verification(backbone, config, pairs)
+            results["untrained"], scores["untrained"] = evaluate_verification(backbone, config, pairs)
         backbone, _ = load_backbone(out / name)
-        results[name] = evaluate_verification(backbone, config, pairs)
+        results[name], scores[name] = evaluate_verification(backbone, config, pairs)
 
     table = {run: {k: r[k] for k in RESULT_KEYS} for run, r in results.items()}
     print("\n" + format_results(table))
     print("\n" + "  ".join(f"{stage}: {secs:.0f}s" for stage, secs in timings.items()))
     with atomic_path(out / "results.json") as tmp:
         tmp.write_text(json.dumps({k: table[k] for k in RUNS}, indent=2))
-    print(f"wrote {out / 'results.json'}")
+    plot_roc({run: (s, pairs.issame) for run, s in scores.items()}, out / "roc.png",
+             title="Held-out synthetic identities")
+    print(f"wrote {out / 'results.json'} and {out / 'roc.png'}")
 
 
 if __name__ == "__main__":

@@ -4,8 +4,8 @@
         --pairs=data/lfw/pairs.txt --pairs_images=data/lfw/images
 
 Prints 10-fold accuracy (mean and std), best threshold, ROC AUC, EER, TAR@FAR
-where the pairs allow, sparsity statistics and search time, and writes them to
-`<model_dir>/eval.json` (or --output).
+where the pairs allow, sparsity statistics and search time, writes them to
+`<model_dir>/eval.json` (or --output) and the ROC curve beside it (`eval.roc.png`).
 """
 
 from __future__ import annotations
@@ -51,10 +51,15 @@ def main(argv: list[str]) -> None:
     from sparse_embed.inference import evaluate_verification, load_backbone
 
     backbone, config = load_backbone(_MODEL_DIR.value, untrained=_UNTRAINED.value)
-    results = evaluate_verification(backbone, config, pairs)
-    print(format_results({Path(_MODEL_DIR.value).name: results}))
-    with atomic_path(_OUTPUT.value or Path(_MODEL_DIR.value) / "eval.json") as tmp:
+    from sparse_embed.plots import plot_roc
+
+    results, scores = evaluate_verification(backbone, config, pairs)
+    name = Path(_MODEL_DIR.value).name
+    print(format_results({name: results}))
+    output = Path(_OUTPUT.value or Path(_MODEL_DIR.value) / "eval.json")
+    with atomic_path(output) as tmp:
         tmp.write_text(json.dumps(results, indent=2))
+    plot_roc({name: (scores, pairs.issame)}, output.with_suffix(".roc.png"))
 
 
 def format_results(rows: dict[str, dict[str, float]]) -> str:

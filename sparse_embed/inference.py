@@ -168,7 +168,8 @@ def search_time(embeddings: np.ndarray, zero_threshold: float, k: int = 10) -> d
     }
 
 
-def evaluate_verification(backbone: keras.Model, config: Config, pairs: Pairs) -> dict[str, float]:
+def evaluate_verification(backbone: keras.Model, config: Config, pairs: Pairs
+                          ) -> tuple[dict[str, float], np.ndarray]:
     """Verification, sparsity and search-time results of a backbone on a pairs protocol.
 
     Each distinct image of the pairs is embedded once; a pair's score is the
@@ -180,8 +181,9 @@ def evaluate_verification(backbone: keras.Model, config: Config, pairs: Pairs) -
         pairs: The verification pairs.
 
     Returns:
-        Flat dict: accuracy, accuracy_std, threshold, auc, eer, tar@far=..., embedding_size,
-        mean_nnz, flops_per_pair, r_sub, search_ms_per_query, postings_per_query.
+        (results, scores): a flat dict (accuracy, accuracy_std, threshold, auc, eer,
+        tar@far=..., embedding_size, mean_nnz, flops_per_pair, r_sub, search_ms_per_query,
+        postings_per_query) and the pair scores, for ROC plots.
     """
     paths, left, right = unique_images(pairs)
     dataset = files_dataset(list(paths), None, config.eval.batch_size, config.model.input_size)
@@ -198,4 +200,4 @@ def evaluate_verification(backbone: keras.Model, config: Config, pairs: Pairs) -
         r_sub=float(sparsity["r_sub"]),
     )
     result.update(search_time(emb, config.sparsity.zero_threshold))
-    return {k: float(v) for k, v in result.items()}
+    return {k: float(v) for k, v in result.items()}, scores

@@ -76,6 +76,7 @@ def test_evaluate_writes_metrics(tiny_data: Path, model_dir: Path, tmp_path: Pat
     assert 0.0 <= results["accuracy"] <= 1.0 and results["embedding_size"] == 64
     assert results["mean_nnz"] <= 64 and results["flops_per_pair"] <= results["mean_nnz"] + 1e-6
     assert "accuracy" in proc.stdout
+    assert (tmp_path / "eval.roc.png").is_file()
 
 
 def test_pairs_with_missing_images_exit_2(tiny_data: Path, model_dir: Path, tmp_path: Path) -> None:
@@ -91,3 +92,14 @@ def test_pairs_with_missing_images_exit_2(tiny_data: Path, model_dir: Path, tmp_
     assert not out.exists()
     assert_user_error(run_module("sparse_embed.embed", f"--model_dir={tmp_path / 'nope'}",
                                  f"--images={images}", f"--output={out}"), "config.yaml")
+
+
+def test_roc_plot_is_a_png(tmp_path: Path) -> None:
+    from sparse_embed.plots import plot_roc
+
+    rng = np.random.default_rng(0)
+    issame = np.arange(200) % 2 == 0
+    scores = rng.normal(size=200) + issame
+    plot_roc({"a": (scores, issame), "b": (-scores, issame)}, tmp_path / "roc.png")
+    assert (tmp_path / "roc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["roc.png"]
