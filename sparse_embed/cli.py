@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 from sparse_embed.errors import SparseEmbedError
+from sparse_embed.training.launch import process_rank
 
 
 def _program(main: Callable[..., Any]) -> str:
@@ -27,7 +28,9 @@ def user_errors_exit(main: Callable[..., Any]) -> Callable[..., Any]:
 
     Returns:
         The wrapped function. A `SparseEmbedError` becomes
-        ``<prog>: error: <message>`` on stderr and exit status 2, with no traceback.
+        ``<prog>: error: <message>`` on stderr and exit status 2, with no
+        traceback. Under a multi-process launcher every rank exits, and only
+        rank 0 prints, so the user reads the message once.
     """
 
     @functools.wraps(main)
@@ -35,7 +38,8 @@ def user_errors_exit(main: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return main(*args, **kwargs)
         except SparseEmbedError as e:
-            print(f"{_program(main)}: error: {e}", file=sys.stderr)
+            if process_rank() == 0:
+                print(f"{_program(main)}: error: {e}", file=sys.stderr)
             sys.exit(2)
 
     return wrapper

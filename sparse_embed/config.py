@@ -90,6 +90,10 @@ class SparsityConfig:
         schedule: `constant` | `quadratic_warmup` (the paper's dynamic_4).
         warmup_steps: T of the quadratic warm-up w * min(1, (t/T)^2).
         zero_threshold: |e_j| at or below this counts as zero in the statistics.
+        cross_replica: FLOPs regularizer only: average the per-dimension mean
+            |e_j| over all workers before squaring, so N workers with batch B
+            compute the regularizer of one batch of N*B. False keeps the
+            per-worker batch statistic of the original implementation.
     """
 
     type: str = "none"
@@ -97,6 +101,7 @@ class SparsityConfig:
     schedule: str = "quadratic_warmup"
     warmup_steps: int = 1000
     zero_threshold: float = 1e-6
+    cross_replica: bool = False
 
 
 @dataclass(frozen=True)
@@ -140,12 +145,16 @@ class TrainConfig:
     """Training loop.
 
     Attributes:
-        batch_size: Global batch size (split across workers).
+        batch_size: Global batch size, split across workers (per worker when
+            `distributed.scale_lr` is true).
         steps: Total optimizer steps.
         checkpoint_every: Save a checkpoint every this many steps (and at the end).
         log_every: Write TensorBoard scalars every this many steps.
         keep_checkpoints: Checkpoints kept on disk.
         seed: Seed of weight init, shuffling and augmentation.
+        mixed_precision: Run the backbone in float16 (Keras `mixed_float16`)
+            with dynamic loss scaling; the embedding normalisation, the
+            sparsity regularizer and the head's logits and loss stay float32.
     """
 
     batch_size: int = 128
@@ -154,6 +163,27 @@ class TrainConfig:
     log_every: int = 50
     keep_checkpoints: int = 3
     seed: int = 0
+    mixed_precision: bool = False
+
+
+@dataclass(frozen=True)
+class DistributedConfig:
+    """How training is spread over workers (see training/distributed.py).
+
+    Attributes:
+        backend: `auto` (Horovod under `horovodrun`, `multi_worker` when
+            TF_CONFIG is set, otherwise one process) | `none` | `horovod` |
+            `mirrored` (all local GPUs, one process) | `multi_worker`.
+        scale_lr: The linear scaling rule of Goyal et al. (2017): every worker
+            takes `train.batch_size` examples per step, so the global batch is
+            N * batch_size, and the peak learning rate is N * base_lr, reached
+            by the linear warm-up over `schedule.warmup_steps`. False:
+            `train.batch_size` is the global batch, split over the workers,
+            and the learning rate does not depend on N.
+    """
+
+    backend: str = "auto"
+    scale_lr: bool = False
 
 
 @dataclass(frozen=True)
@@ -182,6 +212,7 @@ class Config:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
@@ -194,6 +225,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "optimizer.name": ("sgd", "adam", "adamw"),
     "schedule.name": ("constant", "piecewise", "cosine"),
     "eval.flip": ("none", "sum", "concat"),
+    "distributed.backend": ("auto", "none", "horovod", "mirrored", "multi_worker"),
 }
 
 

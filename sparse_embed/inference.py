@@ -14,7 +14,6 @@ from pathlib import Path
 
 import h5py
 import numpy as np
-import tensorflow as tf
 from tqdm import tqdm
 
 from sparse_embed.config import Config, config_from_model_dir
@@ -22,7 +21,7 @@ from sparse_embed.data.pipeline import files_dataset
 from sparse_embed.data.verification import Pairs, unique_images
 from sparse_embed.errors import DataError
 from sparse_embed.fileio import atomic_path
-from sparse_embed.keras import keras
+from sparse_embed.keras import keras, tf
 from sparse_embed.metrics.verification import verification_metrics
 from sparse_embed.models import build_model
 from sparse_embed.registry import Registry

@@ -37,13 +37,16 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-import tensorflow as tf
 
 from sparse_embed.config import SparsityConfig
 from sparse_embed.errors import ConfigError
+from sparse_embed.keras import tf
 from sparse_embed.registry import Registry
 
-Regularizer = Callable[[tf.Tensor], tf.Tensor]
+# regularizer(embeddings, cross_replica_mean) -> float32 scalar. The second
+# argument maps a per-worker statistic to its average over all workers (None:
+# use the local batch alone).
+Regularizer = Callable[[tf.Tensor, Callable[[tf.Tensor], tf.Tensor] | None], tf.Tensor]
 WeightSchedule = Callable[[Any, float, int], tf.Tensor]
 
 REGULARIZERS: Registry[Regularizer] = Registry("sparsity regularizer")
@@ -59,7 +62,9 @@ _TINY = float(np.finfo(np.float32).tiny)
 
 
 @REGULARIZERS.register("flops")
-def flops_regularizer(embeddings: tf.Tensor) -> tf.Tensor:
+def flops_regularizer(embeddings: tf.Tensor,
+                      cross_replica_mean: Callable[[tf.Tensor], tf.Tensor] | None = None
+                      ) -> tf.Tensor:
     """The FLOPs regularizer sum_j ((1/B) sum_i |e_ij|)^2 (Paria et al. 2020).
 
     The continuous relaxation of FLOPs = sum_j p_j^2 (module docstring). The
@@ -67,22 +72,36 @@ def flops_regularizer(embeddings: tf.Tensor) -> tf.Tensor:
     than quiet ones, which spreads the non-zeros evenly over the dimensions
     instead of merely reducing their number, as L1 does.
 
+    It is a batch statistic, not a sum over examples: N workers with batch B
+    each compute it on their own B (the original per-GPU form) unless
+    `cross_replica_mean` averages the column means first, which gives exactly
+    the value (and gradient) of one batch of N*B.
+
     Args:
         embeddings: float [B, d], L2-normalised.
+        cross_replica_mean: Averages a [d] tensor over workers; None keeps the local batch.
 
     Returns:
         float32 scalar.
     """
     mean_abs = tf.reduce_mean(tf.abs(tf.cast(embeddings, tf.float32)), axis=0)
+    if cross_replica_mean is not None:
+        mean_abs = cross_replica_mean(mean_abs)
     return tf.reduce_sum(tf.square(mean_abs))
 
 
 @REGULARIZERS.register("l1")
-def l1_regularizer(embeddings: tf.Tensor) -> tf.Tensor:
+def l1_regularizer(embeddings: tf.Tensor,
+                   cross_replica_mean: Callable[[tf.Tensor], tf.Tensor] | None = None
+                   ) -> tf.Tensor:
     """The L1 regularizer (1/B) sum_i sum_j |e_ij|, the paper's baseline.
+
+    A mean over examples, so averaging workers' gradients already gives the
+    global batch's: `cross_replica_mean` is not needed and not used.
 
     Args:
         embeddings: float [B, d], L2-normalised.
+        cross_replica_mean: Unused; accepted so every regularizer has one signature.
 
     Returns:
         float32 scalar.
@@ -91,11 +110,14 @@ def l1_regularizer(embeddings: tf.Tensor) -> tf.Tensor:
 
 
 @REGULARIZERS.register("none")
-def no_regularizer(embeddings: tf.Tensor) -> tf.Tensor:
+def no_regularizer(embeddings: tf.Tensor,
+                   cross_replica_mean: Callable[[tf.Tensor], tf.Tensor] | None = None
+                   ) -> tf.Tensor:
     """No regularizer: a float32 zero, so dense runs log the same metrics.
 
     Args:
         embeddings: float [B, d]; unused.
+        cross_replica_mean: Unused.
     """
     return tf.zeros([], tf.float32)
 

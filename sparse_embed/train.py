@@ -2,9 +2,10 @@
 
     python -m sparse_embed.train --config=face/sparse_mobilefacenet_flops \
         --data_dir=/data/ms1m --model_dir=runs/sparse_mfn --set sparsity.weight=100
+    horovodrun -np 8 python -m sparse_embed.train --config=... (one process per GPU)
 
 Re-running the same command after an interruption resumes from the latest
-checkpoint in --model_dir.
+checkpoint in --model_dir, with the same or a different number of processes.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from absl import app, flags
 
 from sparse_embed.cli import user_errors_exit
 from sparse_embed.errors import ConfigError
+from sparse_embed.training.launch import process_rank
 
 _CONFIG = flags.DEFINE_string("config", "smoke", "Packaged config name or YAML path.")
 _SET = flags.DEFINE_multi_string("set", [], "Override, key.path=value (repeatable).")
@@ -36,7 +38,10 @@ def main(argv: list[str]) -> None:
     from sparse_embed.training.trainer import train
 
     result = train(config, _DATA_DIR.value, _MODEL_DIR.value)
-    print(f"\nstep {result.step} (resumed from {result.resumed_from}), model_dir {_MODEL_DIR.value}")
+    if process_rank() != 0:
+        return
+    print(f"\nstep {result.step} (resumed from {result.resumed_from}), {result.samples} examples, "
+          f"{result.num_workers} worker(s), model_dir {_MODEL_DIR.value}")
     for name, value in result.metrics.items():
         print(f"  {name:<16} {value:.4g}")
 

@@ -25,9 +25,16 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return data
 
 
-def run_module(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """Runs `python -m <args>` with the package importable; captures text output."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+def run_module(*args: str, cwd: Path | None = None,
+               pythonpath: tuple[Path, ...] = ()) -> subprocess.CompletedProcess:
+    """Runs `python -m <args>` with the package importable; captures text output.
+
+    Args:
+        *args: Module name and its arguments.
+        cwd: Working directory.
+        pythonpath: Directories put before the package on the import path.
+    """
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(map(str, (*pythonpath, ROOT))))
     return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True,
                           env=env, cwd=cwd, timeout=600)
 
@@ -40,3 +47,37 @@ def assert_user_error(proc: subprocess.CompletedProcess, *fragments: str) -> Non
     assert len(lines) == 1, proc.stderr
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
+
+
+def horovod_available() -> None:
+    """Skips (outside CI) or fails (in CI and `make test`) when Horovod is not installed.
+
+    `make test` builds Horovod first and sets SPARSE_EMBED_REQUIRE_HOROVOD, so a
+    missing install there is a failure, never a silent skip.
+    """
+    try:
+        import horovod.tensorflow  # noqa: F401
+    except ImportError as e:
+        reason = f"Horovod is not installed ({e}); run `make horovod`"
+        if os.environ.get("SPARSE_EMBED_REQUIRE_HOROVOD") or os.environ.get("CI"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+
+
+def horovodrun(np: int, *args: str, cwd: Path | None = None, timeout: float = 600,
+               env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Runs `horovodrun -np N -H localhost:N --gloo python <args>` on this machine."""
+    horovod_available()
+    launcher = Path(sys.executable).with_name("horovodrun")
+    full_env = dict(os.environ, PYTHONPATH=str(ROOT), **(env or {}))
+    return subprocess.run(
+        [str(launcher), "-np", str(np), "-H", f"localhost:{np}", "--gloo", sys.executable, *args],
+        capture_output=True, text=True, env=full_env, cwd=cwd, timeout=timeout,
+    )
+
+
+def rank_lines(output: str, rank: int, stream: str = "stderr") -> list[str]:
+    """The non-empty lines one rank wrote, with horovodrun's `[rank]<stream>:` prefix removed."""
+    prefix = f"[{rank}]<{stream}>:"
+    return [line[len(prefix):] for line in output.splitlines()
+            if line.startswith(prefix) and line[len(prefix):].strip()]

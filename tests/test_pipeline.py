@@ -59,7 +59,7 @@ def test_train_stream_is_deterministic_and_resumable(data: Path) -> None:
         np.testing.assert_allclose(xa, xb, atol=1e-6)
     assert any(not np.array_equal(a[1], b[1]) for a, b in zip(first, other, strict=True))
 
-    resumed = _take(train_dataset(pattern, 4, 24, seed=3, start_batch=2), 3)
+    resumed = _take(train_dataset(pattern, 4, 24, seed=3, start_example=8), 3)
     for (xa, ya), (xb, yb) in zip(first[2:], resumed, strict=True):
         np.testing.assert_array_equal(ya, yb)
         np.testing.assert_allclose(xa, xb, atol=1e-6)

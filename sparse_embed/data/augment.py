@@ -7,7 +7,7 @@ Every function takes one image (float32 [H, W, 3] in [-1, 1]) and a seed
 
 from __future__ import annotations
 
-import tensorflow as tf
+from sparse_embed.keras import tf
 
 MAX_SCALE = 1.15
 BRIGHTNESS = 0.125

@@ -11,11 +11,11 @@ import os
 from collections.abc import Callable, Sequence
 
 import numpy as np
-import tensorflow as tf
 
 from sparse_embed.data.augment import augment as augment_image
 from sparse_embed.data.tfrecord import parse_example
 from sparse_embed.errors import DataError
+from sparse_embed.keras import tf
 
 AUTOTUNE = tf.data.AUTOTUNE
 # TFRecord files read concurrently by the training interleave.
@@ -75,15 +75,18 @@ def train_dataset(
     seed: int = 0,
     num_workers: int = 1,
     worker_index: int = 0,
-    start_batch: int = 0,
+    start_example: int = 0,
 ) -> tf.data.Dataset:
     """The endless, shuffled, augmented training stream of one worker.
 
     Each worker reads its own share of the shards (every `num_workers`-th file);
     with fewer files than workers it reads every `num_workers`-th example
     instead. The stream is a pure function of the files and the arguments, so
-    `start_batch=k` continues exactly where a run stopped after k batches (it
-    reads, but does not decode, the skipped records).
+    `start_example=k * batch_size` continues exactly where a run stopped after
+    k batches (it reads, but does not decode, the skipped records). A run
+    resumed with a different number of workers passes each worker its share of
+    the examples already consumed: every worker continues at the same epoch
+    position, over its new share of the files.
 
     Args:
         file_pattern: Glob of TFRecord shards.
@@ -94,7 +97,7 @@ def train_dataset(
         seed: Seed of the file order, the shuffle and the augmentation.
         num_workers: Number of workers reading the data.
         worker_index: This worker, in [0, num_workers).
-        start_batch: Batches to skip, to resume a run.
+        start_example: Examples of this worker's stream to skip, to resume a run.
 
     Returns:
         Dataset of (float32 [B, S, S, 3] in [-1, 1], int32 [B]) with static shapes.
@@ -103,10 +106,10 @@ def train_dataset(
         DataError: If no file matches `file_pattern`.
         ValueError: On a bad batch size, buffer, worker index or start batch.
     """
-    if batch_size < 1 or shuffle_buffer < 1 or start_batch < 0:
+    if batch_size < 1 or shuffle_buffer < 1 or start_example < 0:
         raise ValueError(
-            f"need batch_size >= 1, shuffle_buffer >= 1, start_batch >= 0; got "
-            f"{batch_size}, {shuffle_buffer}, {start_batch}"
+            f"need batch_size >= 1, shuffle_buffer >= 1, start_example >= 0; got "
+            f"{batch_size}, {shuffle_buffer}, {start_example}"
         )
     _check_worker(num_workers, worker_index)
     files = list_files(file_pattern)
@@ -129,8 +132,8 @@ def train_dataset(
     # Number the examples before skipping, so the augmentation seed of an example
     # is the same in a resumed run as in an uninterrupted one.
     records = tf.data.Dataset.zip(records, tf.data.Dataset.counter())
-    if start_batch:
-        records = records.skip(start_batch * batch_size)
+    if start_example:
+        records = records.skip(start_example)
     base_seed = tf.constant(_worker_seed(seed, worker_index), tf.int64)
 
     def load(serialized: tf.Tensor, index: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:

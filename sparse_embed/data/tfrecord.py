@@ -28,13 +28,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import tensorflow as tf
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from sparse_embed.data import image_folder
 from sparse_embed.errors import DataError
 from sparse_embed.fileio import atomic_path
+from sparse_embed.keras import tf
 
 LABEL_MAP = "labels.txt"
 JPEG_QUALITY = 95

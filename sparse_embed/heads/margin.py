@@ -28,10 +28,8 @@ import math
 import numbers
 from typing import Any
 
-import tensorflow as tf
-
 from sparse_embed.config import HeadConfig
-from sparse_embed.keras import keras
+from sparse_embed.keras import keras, tf
 
 # InsightFace initialises the class centres of its normalised heads with
 # N(0, 0.01^2). The logits only see W's direction; its norm sets the effective

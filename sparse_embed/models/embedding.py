@@ -23,10 +23,8 @@ import math
 import numbers
 from collections.abc import Callable
 
-import tensorflow as tf
-
 from sparse_embed.errors import ConfigError
-from sparse_embed.keras import keras
+from sparse_embed.keras import keras, tf
 from sparse_embed.registry import Registry
 
 # Batch-norm settings shared by the backbones: momentum 0.9 and epsilon 1e-5

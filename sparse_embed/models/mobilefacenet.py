@@ -30,10 +30,8 @@ import math
 import numbers
 from dataclasses import dataclass
 
-import tensorflow as tf
-
 from sparse_embed.errors import ConfigError
-from sparse_embed.keras import keras
+from sparse_embed.keras import keras, tf
 from sparse_embed.models import MODELS
 from sparse_embed.models.embedding import batch_norm, embedding_block
 

@@ -5,10 +5,8 @@ from __future__ import annotations
 import math
 import time
 
-import tensorflow as tf
-
 from sparse_embed.errors import TrainingError
-from sparse_embed.keras import keras
+from sparse_embed.keras import keras, tf
 
 
 class _StepCallback(keras.callbacks.Callback):

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import math
 
-import tensorflow as tf
-
 from sparse_embed.config import ScheduleConfig
-from sparse_embed.keras import keras
+from sparse_embed.keras import keras, tf
 from sparse_embed.registry import Registry
 
 DECAYS: Registry = Registry("learning-rate schedule")

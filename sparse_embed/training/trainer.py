@@ -9,18 +9,25 @@ until `train.steps`.
 
 from __future__ import annotations
 
+import dataclasses
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import tensorflow as tf
-
-from sparse_embed.config import Config, OptimizerConfig, SparsityConfig, save_config
+from sparse_embed.config import (
+    Config,
+    OptimizerConfig,
+    SparsityConfig,
+    config_from_model_dir,
+    config_to_dict,
+    save_config,
+)
 from sparse_embed.data.checks import train_inputs
 from sparse_embed.data.pipeline import train_dataset
 from sparse_embed.data.tfrecord import read_label_map
+from sparse_embed.errors import ConfigError, SparseEmbedError
 from sparse_embed.heads import build_head
-from sparse_embed.keras import keras
+from sparse_embed.keras import keras, silence_warnings, tf
 from sparse_embed.models import build_model
 from sparse_embed.registry import Registry
 from sparse_embed.sparsity import REGULARIZERS, sparsity_stats, sparsity_weight
@@ -63,13 +70,17 @@ class EmbeddingTrainer(keras.Model):
 
     loss = head_loss(e, y) + w(t) * R(normalize(e)), where R is the FLOPs or L1
     regularizer of Paria et al. (2020) applied to the L2-normalised embeddings
-    that retrieval uses, and w(t) the scheduled weight.
+    that retrieval uses, and w(t) the scheduled weight. The embeddings, the
+    regularizer and the loss are float32 even when the backbone runs in
+    float16; with a `LossScaleOptimizer` the loss is scaled before the gradient
+    and the gradients unscaled after they are averaged over workers, so every
+    worker sees the same overflow and skips the same steps.
 
     Args:
         backbone: images -> embeddings (after the final activation).
         head: A head layer from `sparse_embed.heads` (`head(e, y)` -> loss, `head.logits(e)`).
         sparsity: The `sparsity` section of the config.
-        strategy: Averages gradients across workers.
+        strategy: Averages gradients and metrics across workers.
         **kwargs: Passed to `keras.Model`.
     """
 
@@ -81,28 +92,47 @@ class EmbeddingTrainer(keras.Model):
         self.sparsity = sparsity
         self.strategy = strategy
         self._regularizer = REGULARIZERS.get(sparsity.type)
+        # Examples consumed by all workers together: what a resume with a
+        # different worker count needs (a step count alone depends on N when
+        # the global batch does).
+        self.samples = tf.Variable(0, dtype=tf.int64, trainable=False, name="samples")
+        self._moving_statistics = [v for v in backbone.non_trainable_variables
+                                   if v.dtype.is_floating]
 
     def call(self, images: tf.Tensor, training: bool | None = None) -> tf.Tensor:
         return self.backbone(images, training=training)
 
     def train_step(self, data: tuple[tf.Tensor, tf.Tensor]) -> dict[str, tf.Tensor]:
         images, labels = data
-        step = self.optimizer.iterations
+        optimizer = self.optimizer
+        loss_scaled = isinstance(optimizer, keras.mixed_precision.LossScaleOptimizer)
+        step = optimizer.iterations
         weight = sparsity_weight(self.sparsity, step)
+        cross_replica_mean = self.strategy.mean if self.sparsity.cross_replica else None
         with tf.GradientTape() as tape:
-            embeddings = self.backbone(images, training=True)
+            embeddings = tf.cast(self.backbone(images, training=True), tf.float32)
             head_loss = self.head(embeddings, labels, training=True)
             normalized = tf.math.l2_normalize(embeddings, axis=-1)
-            sparsity_loss = self._regularizer(normalized)
+            sparsity_loss = self._regularizer(normalized, cross_replica_mean)
             loss = head_loss + weight * sparsity_loss
+            objective = optimizer.get_scaled_loss(loss) if loss_scaled else loss
         variables = self.trainable_variables
-        grads = self.strategy.reduce_gradients(tape.gradient(loss, variables))
-        self.optimizer.apply_gradients(zip(grads, variables, strict=True))
+        grads = self.strategy.reduce_gradients(tape.gradient(objective, variables))
+        if loss_scaled:
+            grads = optimizer.get_unscaled_gradients(grads)
+        optimizer.apply_gradients(zip(grads, variables, strict=True))
+        # BatchNorm moving statistics follow each worker's own batches; their
+        # average keeps every worker's model identical, and is the moving
+        # average of the workers' mean batch statistics.
+        self.strategy.average_variables(self._moving_statistics)
+        self.samples.assign_add(
+            tf.cast(tf.shape(images)[0], tf.int64) * self.strategy.num_workers
+        )
         # Read after applying: the optimizer stores the rate it just used.
-        lr = self.optimizer.learning_rate
+        lr = optimizer.learning_rate
         predictions = tf.argmax(self.head.logits(embeddings), axis=-1, output_type=labels.dtype)
         stats = sparsity_stats(normalized, self.sparsity.zero_threshold)
-        return {
+        metrics = {
             "loss": loss,
             "head_loss": head_loss,
             "sparsity_loss": sparsity_loss,
@@ -113,6 +143,12 @@ class EmbeddingTrainer(keras.Model):
             "r_sub": stats["r_sub"],
             "lr": tf.cast(lr, tf.float32),
         }
+        if loss_scaled:
+            metrics["loss_scale"] = tf.cast(optimizer.loss_scale, tf.float32)
+        # Every worker logs (and the non-finite guard sees) the average over
+        # workers: one all-reduce of the stacked values.
+        averaged = tf.unstack(self.strategy.mean(tf.stack(list(metrics.values()))))
+        return dict(zip(metrics, averaged, strict=True))
 
 
 @dataclass(frozen=True)
@@ -122,16 +158,26 @@ class TrainResult:
     Attributes:
         step: The global step reached.
         resumed_from: The step restored from a checkpoint (0 for a fresh run).
-        metrics: The last step's training metrics (empty if no step ran).
+        samples: Training examples consumed by all workers together.
+        num_workers: Workers that trained this time.
+        metrics: The last step's training metrics, averaged over workers (empty if no step ran).
+        model: The trained model (`model.backbone`, `model.head`) of this worker.
     """
 
     step: int
     resumed_from: int
+    samples: int
+    num_workers: int
     metrics: dict[str, float]
+    model: EmbeddingTrainer = field(repr=False, compare=False)
 
 
 def build_networks(config: Config, num_classes: int) -> tuple[keras.Model, keras.layers.Layer]:
     """Builds the backbone and head of a run, with every variable created.
+
+    With `train.mixed_precision`, both are built under the `mixed_float16`
+    policy (float32 variables, float16 compute); the process's global policy
+    is restored afterwards.
 
     Args:
         config: The run config.
@@ -140,87 +186,167 @@ def build_networks(config: Config, num_classes: int) -> tuple[keras.Model, keras
     Returns:
         (backbone, head).
     """
-    backbone = build_model(config.model)
-    head = build_head(num_classes, config.model.embedding_size, config.head)
-    head.build((None, config.model.embedding_size))
+    previous = keras.mixed_precision.global_policy()
+    if config.train.mixed_precision:
+        keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        backbone = build_model(config.model)
+        head = build_head(num_classes, config.model.embedding_size, config.head)
+        head.build((None, config.model.embedding_size))
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
     return backbone, head
 
 
 def checkpoint_for(backbone: keras.Model, head: keras.layers.Layer | None = None,
-                   optimizer: keras.optimizers.Optimizer | None = None) -> tf.train.Checkpoint:
+                   optimizer: keras.optimizers.Optimizer | None = None,
+                   samples: tf.Variable | None = None) -> tf.train.Checkpoint:
     """Returns the checkpoint object layout shared by training and embedding.
 
     Args:
         backbone: The embedding network.
         head: The training head, omitted when only embedding.
-        optimizer: The optimizer, omitted when only embedding.
+        optimizer: The optimizer (its `iterations` is the global step), omitted when only embedding.
+        samples: The count of training examples consumed, omitted when only embedding.
     """
-    parts = {"backbone": backbone}
-    if head is not None:
-        parts["head"] = head
-    if optimizer is not None:
-        parts["optimizer"] = optimizer
-    return tf.train.Checkpoint(**parts)
+    parts = {"backbone": backbone, "head": head, "optimizer": optimizer, "samples": samples}
+    return tf.train.Checkpoint(**{k: v for k, v in parts.items() if v is not None})
+
+
+def worker_batch_size(config: Config, num_workers: int) -> int:
+    """Examples per step on each worker.
+
+    Args:
+        config: The run config (`train.batch_size`, `distributed.scale_lr`).
+        num_workers: Number of workers.
+
+    Raises:
+        ConfigError: If the global batch does not split evenly over the workers.
+    """
+    batch = config.train.batch_size
+    if config.distributed.scale_lr:
+        return batch
+    if batch % num_workers:
+        raise ConfigError(
+            f"train.batch_size={batch} (the global batch) does not split over {num_workers} "
+            f"workers; use a multiple of {num_workers}, or set distributed.scale_lr=true to make "
+            f"it the per-worker batch"
+        )
+    return batch // num_workers
+
+
+def _restore(checkpoint: tf.train.Checkpoint, manager: tf.train.CheckpointManager,
+             config: Config, model_dir: Path, strategy: Strategy) -> None:
+    """Restores the latest checkpoint on every worker that sees one.
+
+    Workers agree on the outcome before anyone goes on, so a checkpoint that
+    does not fit the config stops every worker with the same error instead of
+    leaving some waiting in the first collective.
+    """
+    error = None
+    if manager.latest_checkpoint:
+        try:
+            checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
+        except (AssertionError, ValueError, tf.errors.OpError) as e:
+            error = str(e).strip().splitlines()[0][:200]
+        if error is not None:
+            # The failed restore warns about its unrestored values at shutdown;
+            # the error below already says what happened.
+            silence_warnings()
+    if strategy.any(error is not None):
+        raise ConfigError(
+            f"the checkpoint in {model_dir / CHECKPOINT_DIR} does not match this config "
+            f"({error or 'failed on another worker'}){_config_differences(config, model_dir)}; "
+            f"resume with the config it was trained with, or pass a new --model_dir"
+        )
+
+
+def _config_differences(config: Config, model_dir: Path) -> str:
+    """Names the model/head keys where `model_dir/config.yaml` differs from `config`."""
+    try:
+        saved = config_to_dict(config_from_model_dir(model_dir))
+    except SparseEmbedError:
+        return ""
+    new = config_to_dict(config)
+    keys = [f"{section}.{key}" for section in ("model", "head")
+            for key, value in new[section].items() if saved[section].get(key) != value]
+    return f"; {model_dir}/config.yaml differs in {', '.join(keys)}" if keys else ""
 
 
 def train(config: Config, data_dir: str | os.PathLike, model_dir: str | os.PathLike,
           strategy: Strategy | None = None, verbose: int = 1) -> TrainResult:
     """Trains (or resumes training) a run until `config.train.steps`.
 
+    Every worker builds the same model, restores the latest checkpoint of
+    `model_dir` if it has one, and then takes rank 0's variables (weights,
+    optimizer slots, global step, examples consumed). Each worker reads its own
+    share of the TFRecords, skipping its share of the examples already
+    consumed, so a resume continues at the right place even when the number of
+    workers changed. Only the chief writes config.yaml, checkpoints and
+    summaries.
+
     Args:
         config: The resolved run config.
         data_dir: Directory the `data.*` paths of the config are relative to.
         model_dir: Output directory: config.yaml, checkpoints/, TensorBoard logs.
-        strategy: Distribution strategy; the process's own by default.
+        strategy: Distribution strategy; by default the one `config.distributed` names.
         verbose: 0 silent, 1 Keras progress bar, 2 one line of metrics every `train.log_every` steps.
 
     Returns:
-        The step reached, the step resumed from and the last metrics.
+        The step reached, the step resumed from, examples consumed and the last metrics.
 
     Raises:
+        ConfigError: If the backend is unavailable, the batch does not split over
+            the workers, or the checkpoint in `model_dir` does not fit the config.
         DataError: If the data dir, TFRecords or label map are missing.
         TrainingError: If the loss becomes non-finite.
     """
-    strategy = strategy or get_strategy()
+    strategy = strategy or get_strategy(config.distributed)
     data_dir, model_dir = Path(data_dir), Path(model_dir)
     pattern, label_map = train_inputs(config, data_dir)
     class_names = read_label_map(label_map)
+    per_worker_batch = worker_batch_size(config, strategy.num_workers)
     keras.utils.set_random_seed(config.train.seed)
 
-    if strategy.is_chief:
-        model_dir.mkdir(parents=True, exist_ok=True)
-        save_config(config, model_dir / "config.yaml")
-
-    # --- data ---
-    per_worker_batch = config.train.batch_size // strategy.num_workers
     # --- model ---
     backbone, head = build_networks(config, len(class_names))
+    schedule = config.schedule
+    if config.distributed.scale_lr:
+        schedule = dataclasses.replace(schedule, base_lr=schedule.base_lr * strategy.num_workers)
     optimizer = OPTIMIZERS.get(config.optimizer.name)(
-        config.optimizer, LearningRateSchedule(config.schedule, config.train.steps)
+        config.optimizer, LearningRateSchedule(schedule, config.train.steps)
     )
+    if config.train.mixed_precision:
+        optimizer = keras.mixed_precision.LossScaleOptimizer(optimizer)
     model = EmbeddingTrainer(backbone, head, config.sparsity, strategy)
     model.compile(optimizer=optimizer)
     # Creating the optimizer slots before restoring makes the restore immediate
-    # and exact, instead of deferred until the first step.
+    # and exact, instead of deferred until the first step, and gives the
+    # broadcast below every variable to copy.
     optimizer.build(model.trainable_variables)
 
-    checkpoint = checkpoint_for(backbone, head, optimizer)
+    checkpoint = checkpoint_for(backbone, head, optimizer, model.samples)
     manager = tf.train.CheckpointManager(
         checkpoint, str(model_dir / CHECKPOINT_DIR), max_to_keep=config.train.keep_checkpoints
     )
-    if manager.latest_checkpoint:
-        checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
+    _restore(checkpoint, manager, config, model_dir, strategy)
     strategy.broadcast_variables(model.variables + optimizer.variables)
+    if strategy.is_chief:
+        model_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, model_dir / "config.yaml")
     start = int(optimizer.iterations.numpy())
+    samples = int(model.samples.numpy())
     remaining = config.train.steps - start
     if remaining <= 0:
-        return TrainResult(step=start, resumed_from=start, metrics={})
+        return TrainResult(step=start, resumed_from=start, samples=samples,
+                           num_workers=strategy.num_workers, metrics={}, model=model)
 
+    # --- data ---
     dataset = train_dataset(
         pattern, per_worker_batch, config.model.input_size,
         augment=config.data.augment, shuffle_buffer=config.data.shuffle_buffer,
         seed=config.train.seed, num_workers=strategy.num_workers,
-        worker_index=strategy.worker_index, start_batch=start,
+        worker_index=strategy.worker_index, start_example=samples // strategy.num_workers,
     )
 
     # --- train ---
@@ -235,4 +361,6 @@ def train(config: Config, data_dir: str | os.PathLike, model_dir: str | os.PathL
     history = model.fit(dataset, epochs=1, steps_per_epoch=remaining, callbacks=callbacks,
                         verbose=1 if verbose == 1 and strategy.is_chief else 0)
     metrics = {k: float(v[-1]) for k, v in history.history.items()}
-    return TrainResult(step=int(optimizer.iterations.numpy()), resumed_from=start, metrics=metrics)
+    return TrainResult(step=int(optimizer.iterations.numpy()), resumed_from=start,
+                       samples=int(model.samples.numpy()), num_workers=strategy.num_workers,
+                       metrics=metrics, model=model)

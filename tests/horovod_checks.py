@@ -1,0 +1,93 @@
+"""Checks that run inside real Horovod processes: `horovodrun -np N python horovod_checks.py CHECK OUT ...`.
+
+Each rank writes what it measured to OUT/rank<r>.npz; tests/test_distributed.py
+launches the processes and compares. Kept out of pytest's collection (no
+`test_` prefix): it is a program, one process per rank.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from sparse_embed.config import load_config
+from sparse_embed.heads.margin import ArcFaceHead
+from sparse_embed.keras import keras, tf
+from sparse_embed.sparsity import flops_regularizer, l1_regularizer
+from sparse_embed.training.distributed import HorovodStrategy, SingleProcess
+from sparse_embed.training.trainer import EmbeddingTrainer, train
+
+CLASSES, DIM, PER_RANK, LR = 5, 16, 4, 0.5
+
+
+def _trainer(sparsity: str, cross_replica: bool, strategy) -> EmbeddingTrainer:
+    """A network without batch-dependent layers, the same initial weights on every call."""
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((6, 6, 3))
+    outputs = keras.layers.Dense(DIM, name="embed")(keras.layers.Flatten()(inputs))
+    backbone = keras.Model(inputs, outputs)
+    head = ArcFaceHead(CLASSES, scale=8.0, margin=0.3, embedding_size=DIM)
+    head.build((None, DIM))
+    config = load_config(None, [f"sparsity.type={sparsity}", "sparsity.weight=2.0",
+                                "sparsity.schedule=constant",
+                                f"sparsity.cross_replica={str(cross_replica).lower()}"])
+    model = EmbeddingTrainer(backbone, head, config.sparsity, strategy)
+    model.compile(optimizer=keras.optimizers.SGD(LR))
+    model.optimizer.build(model.trainable_variables)
+    return model
+
+
+def step_equivalence(out: Path) -> None:
+    """One step of N ranks x batch B against one process with the N*B batch."""
+    strategy = HorovodStrategy()
+    rank, size = strategy.worker_index, strategy.num_workers
+    rng = np.random.default_rng(0)
+    images = rng.uniform(-1, 1, (size * PER_RANK, 6, 6, 3)).astype(np.float32)
+    labels = rng.integers(0, CLASSES, size * PER_RANK).astype(np.int32)
+    mine = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
+    results: dict[str, np.ndarray] = {}
+    for sparsity, cross in (("l1", False), ("flops", True), ("flops", False)):
+        name = f"{sparsity}_{'cross' if cross else 'local'}"
+        model = _trainer(sparsity, cross, strategy)
+        strategy.broadcast_variables(model.variables + model.optimizer.variables)
+        logs = model.train_on_batch(images[mine], labels[mine], return_dict=True)
+        results[f"{name}/weights"] = np.concatenate(
+            [w.numpy().ravel() for w in model.trainable_variables])
+        results[f"{name}/sparsity_loss"] = np.float64(logs["sparsity_loss"])
+
+        # The reference, in one process: the loss the N ranks optimise together.
+        ref = _trainer(sparsity, cross, SingleProcess())
+        x, y = tf.constant(images), tf.constant(labels)
+        with tf.GradientTape() as tape:
+            e = ref.backbone(x, training=True)
+            normalized = tf.math.l2_normalize(e, axis=-1)
+            if sparsity == "l1" or cross:
+                # Linear in the examples (L1), or a statistic of the whole batch (cross-replica).
+                reg = (l1_regularizer if sparsity == "l1" else flops_regularizer)(normalized)
+            else:
+                # Per worker: the mean of the regularizers of the ranks' own batches.
+                reg = tf.add_n([flops_regularizer(normalized[r * PER_RANK:(r + 1) * PER_RANK])
+                                for r in range(size)]) / size
+            loss = ref.head(e, y) + 2.0 * reg
+        grads = tape.gradient(loss, ref.trainable_variables)
+        results[f"{name}/reference_weights"] = np.concatenate(
+            [(w - LR * g).numpy().ravel() for w, g in zip(ref.trainable_variables, grads, strict=True)])
+        results[f"{name}/reference_sparsity_loss"] = np.float64(reg)
+    np.savez(out / f"rank{rank}.npz", **results)
+
+
+def train_run(out: Path, data_dir: str, model_dir: str, *overrides: str) -> None:
+    """`train()` under Horovod; every rank saves the weights it ended with."""
+    result = train(load_config("smoke", list(overrides)), data_dir, model_dir, verbose=0)
+    rank = result.model.strategy.worker_index
+    np.savez(out / f"rank{rank}.npz", step=result.step, samples=result.samples,
+             **{f"w{i}": w.numpy() for i, w in enumerate(result.model.variables)})
+
+
+CHECKS = {"step_equivalence": step_equivalence, "train": train_run}
+
+if __name__ == "__main__":
+    check, out_dir, *rest = sys.argv[1:]
+    CHECKS[check](Path(out_dir), *rest)

@@ -1,0 +1,191 @@
+"""Distributed training with real Horovod processes (Gloo on loopback) and the backend choice."""
+
+from __future__ import annotations
+
+import glob
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+from conftest import ROOT, assert_user_error, horovodrun, rank_lines, run_module
+
+from sparse_embed.config import load_config
+from sparse_embed.errors import ConfigError
+from sparse_embed.keras import tf
+from sparse_embed.training.distributed import resolve_backend
+from sparse_embed.training.trainer import CHECKPOINT_DIR, worker_batch_size
+
+CHECKS = str(ROOT / "tests" / "horovod_checks.py")
+TINY = ["train.batch_size=8", "train.log_every=1", "train.checkpoint_every=2"]
+
+
+def _train_cli(model_dir: Path, data: Path, *overrides: str) -> list[str]:
+    args = ["-m", "sparse_embed.train", "--config=smoke", f"--data_dir={data}",
+            f"--model_dir={model_dir}"]
+    for item in (*TINY, *overrides):
+        args += ["--set", item]
+    return args
+
+
+def _checkpoint_value(model_dir: Path, name: str) -> int:
+    reader = tf.train.load_checkpoint(str(model_dir / CHECKPOINT_DIR))
+    return int(reader.get_tensor(name))
+
+
+def _scalars(model_dir: Path, tag: str) -> list[float]:
+    values = {}
+    for path in glob.glob(str(model_dir / "logs" / "train" / "events.out.tfevents.*")):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            for value in event.summary.value:
+                if value.tag == tag:
+                    values[event.step] = float(tf.make_ndarray(value.tensor))
+    return [values[k] for k in sorted(values)]
+
+
+@pytest.mark.slow
+def test_one_step_of_two_ranks_equals_one_process_on_the_whole_batch(tmp_path: Path) -> None:
+    """2 ranks x batch B == 1 process x batch 2B, for L1, cross-replica FLOPs and per-worker FLOPs.
+
+    The reference is computed by plain autodiff in one process: the head loss of
+    the 2B batch plus the regularizer the ranks optimise together (the FLOPs of
+    the 2B batch with `cross_replica`, the mean of each rank's own FLOPs without).
+    """
+    proc = horovodrun(2, CHECKS, "step_equivalence", str(tmp_path))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ranks = [np.load(tmp_path / f"rank{r}.npz") for r in range(2)]
+    for name in ("l1_local", "flops_cross", "flops_local"):
+        for rank in ranks:
+            np.testing.assert_allclose(rank[f"{name}/weights"], rank[f"{name}/reference_weights"],
+                                       atol=1e-5, err_msg=name)
+            np.testing.assert_allclose(rank[f"{name}/sparsity_loss"],
+                                       rank[f"{name}/reference_sparsity_loss"], rtol=1e-5)
+        np.testing.assert_array_equal(ranks[0][f"{name}/weights"], ranks[1][f"{name}/weights"])
+    # The two FLOPs statements are different: the cross-replica batch statistic
+    # is not the mean of the per-rank ones.
+    first = ranks[0]
+    assert not np.allclose(first["flops_cross/sparsity_loss"], first["flops_local/sparsity_loss"])
+    assert np.abs(first["flops_cross/weights"] - first["flops_local/weights"]).max() > 1e-3
+
+
+@pytest.mark.slow
+def test_two_ranks_train_identical_models_and_the_loss_falls(tiny_data: Path, tmp_path: Path) -> None:
+    model_dir = tmp_path / "run"
+    proc = horovodrun(2, CHECKS, "train", str(tmp_path), str(tiny_data), str(model_dir),
+                      "train.steps=40", "train.batch_size=16", "train.log_every=1")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ranks = [np.load(tmp_path / f"rank{r}.npz") for r in range(2)]
+    assert int(ranks[0]["step"]) == 40 and int(ranks[0]["samples"]) == 40 * 16
+    # Every variable, BatchNorm moving statistics included, bit for bit.
+    assert ranks[0].files == ranks[1].files
+    for key in ranks[0].files:
+        np.testing.assert_array_equal(ranks[0][key], ranks[1][key], err_msg=key)
+    losses = _scalars(model_dir, "train/head_loss")
+    assert len(losses) == 40
+    assert np.mean(losses[-10:]) < 0.8 * np.mean(losses[:5]), losses
+
+
+@pytest.mark.slow
+def test_resume_with_a_different_number_of_workers(tiny_data: Path, tmp_path: Path) -> None:
+    """2 ranks -> 1 process -> 2 ranks: the step, the examples consumed and the slots carry over."""
+    run = tmp_path / "run"
+    proc = horovodrun(2, *_train_cli(run, tiny_data, "train.steps=6"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = "\n".join(rank_lines(proc.stdout, 0, "stdout"))
+    assert "step 6 (resumed from 0), 48 examples, 2 worker(s)" in out
+    assert not rank_lines(proc.stdout, 1, "stdout"), "only rank 0 prints"
+
+    proc = run_module(*_train_cli(run, tiny_data, "train.steps=10")[1:])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "step 10 (resumed from 6), 80 examples, 1 worker(s)" in proc.stdout
+
+    proc = horovodrun(2, *_train_cli(run, tiny_data, "train.steps=14"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "step 14 (resumed from 10), 112 examples, 2 worker(s)" in "\n".join(
+        rank_lines(proc.stdout, 0, "stdout"))
+    assert _checkpoint_value(run, "samples/.ATTRIBUTES/VARIABLE_VALUE") == 112
+    assert _checkpoint_value(run, "optimizer/_iterations/.ATTRIBUTES/VARIABLE_VALUE") == 14
+
+    # A checkpoint of another model: one line from rank 0, every rank exits 2, none hangs.
+    proc = horovodrun(2, *_train_cli(run, tiny_data, "train.steps=16", "model.embedding_size=32"),
+                      timeout=300)
+    assert proc.returncode != 0
+    errors = rank_lines(proc.stdout + proc.stderr, 0)
+    assert len(errors) == 1 and "does not match this config" in errors[0], errors
+    assert "model.embedding_size" in errors[0] and "--model_dir" in errors[0]
+    assert not rank_lines(proc.stdout + proc.stderr, 1)
+    for rank in (0, 1):
+        assert f"Process {rank} exit with status code 2" in proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+def test_kill_9_of_every_rank_then_rerun_finishes(tiny_data: Path, tmp_path: Path) -> None:
+    """SIGKILL of all ranks at a random moment never leaves a checkpoint that fails to load."""
+    run = tmp_path / "run"
+    args = _train_cli(run, tiny_data, "train.steps=60", "train.checkpoint_every=1",
+                      "train.keep_checkpoints=2")
+    launcher = Path(sys.executable).with_name("horovodrun")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([str(launcher), "-np", "2", "-H", "localhost:2", "--gloo",
+                             sys.executable, *args], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    state = run / CHECKPOINT_DIR / "checkpoint"
+    deadline = time.time() + 300
+    while not state.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert state.exists(), "no checkpoint was written"
+    time.sleep(random.Random().uniform(0.0, 1.5))
+    family = [proc.pid] + [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+    for pid in family:
+        try:
+            os.kill(pid, 9)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+    killed_at = _checkpoint_value(run, "optimizer/_iterations/.ATTRIBUTES/VARIABLE_VALUE")
+    assert killed_at < 60, "the run finished before it was killed; kill earlier"
+
+    proc = horovodrun(2, *args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = "\n".join(rank_lines(proc.stdout, 0, "stdout"))
+    assert f"step 60 (resumed from {killed_at})" in out, out[-2000:]
+    assert _checkpoint_value(run, "optimizer/_iterations/.ATTRIBUTES/VARIABLE_VALUE") == 60
+
+
+def test_backend_horovod_without_horovod_is_one_line(tiny_data: Path, tmp_path: Path) -> None:
+    # A `horovod` package that fails to import stands in for a missing install.
+    fake = tmp_path / "fake"
+    (fake / "horovod").mkdir(parents=True)
+    (fake / "horovod" / "__init__.py").write_text(
+        "raise ImportError(\"No module named 'horovod'\")\n")
+    proc = run_module(*_train_cli(tmp_path / "run", tiny_data, "distributed.backend=horovod")[1:],
+                      pythonpath=(fake,))
+    assert_user_error(proc, "make horovod", "distributed.backend")
+    assert not (tmp_path / "run").exists()
+
+
+def test_auto_backend_follows_the_launcher(monkeypatch: pytest.MonkeyPatch) -> None:
+    auto = load_config(None).distributed
+    for name in ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "TF_CONFIG"):
+        monkeypatch.delenv(name, raising=False)
+    assert resolve_backend(auto) == "none"
+    monkeypatch.setenv("TF_CONFIG", '{"cluster": {"worker": ["a:1", "b:2"]}, '
+                                    '"task": {"type": "worker", "index": 1}}')
+    assert resolve_backend(auto) == "multi_worker"
+    monkeypatch.setenv("HOROVOD_RANK", "1")
+    assert resolve_backend(auto) == "horovod"
+    assert resolve_backend(load_config(None, ["distributed.backend=none"]).distributed) == "none"
+
+
+def test_batch_split_over_workers() -> None:
+    config = load_config(None, ["train.batch_size=12"])
+    assert worker_batch_size(config, 4) == 3
+    with pytest.raises(ConfigError, match="does not split over 5 workers"):
+        worker_batch_size(config, 5)
+    scaled = load_config(None, ["train.batch_size=12", "distributed.scale_lr=true"])
+    assert worker_batch_size(scaled, 5) == 12
