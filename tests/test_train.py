@@ -97,3 +97,31 @@ def test_train_cli_runs_and_rejects_bad_input(tiny_data: Path, tmp_path: Path) -
                                  f"--model_dir={bad}", "--set", "data.train_files=nothing-*"),
                       "no TFRecords match")
     assert not bad.exists(), "a rejected run must not leave a model_dir behind"
+
+
+def test_mixed_precision_trains_finite_and_resumes(tiny_data: Path, tmp_path: Path) -> None:
+    """float16 backbone, float32 embeddings/regularizer/loss, dynamic loss scaling, on CPU."""
+    overrides = SMOKE + ["train.mixed_precision=true"]
+    result = train(load_config("smoke", overrides + ["train.steps=6"]), tiny_data,
+                   tmp_path / "mp", verbose=0)
+    assert result.step == 6
+    assert all(np.isfinite(v) for v in result.metrics.values()), result.metrics
+    assert result.metrics["loss_scale"] >= 1
+    backbone = result.model.backbone
+    # Convolutions and BatchNorm compute in float16 on float32 variables; the
+    # output layer (the embedding after its final activation) is float32.
+    assert {layer.dtype_policy.name for layer in backbone.layers if layer.weights} == {
+        "mixed_float16"}
+    assert all(w.dtype == tf.float32 for w in backbone.weights)
+    assert backbone.get_layer("embedding").dtype_policy.name == "float32"
+    images = tf.zeros((2, 32, 32, 3))
+    assert backbone(images).dtype == tf.float32
+    assert result.model.head(backbone(images), tf.constant([0, 1])).dtype == tf.float32
+    # Building under the policy does not leak it to the rest of the process.
+    from sparse_embed.keras import keras
+    assert keras.mixed_precision.global_policy().name == "float32"
+
+    resumed = train(load_config("smoke", overrides + ["train.steps=10"]), tiny_data,
+                    tmp_path / "mp", verbose=0)
+    assert (resumed.step, resumed.resumed_from) == (10, 6)
+    assert np.isfinite(resumed.metrics["loss"])
