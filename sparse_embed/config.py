@@ -73,11 +73,17 @@ class HeadConfig:
         name: A name in `sparse_embed.heads.HEADS`.
         scale: Logit scale s of the normalised heads.
         margin: Additive angular margin m (ArcFace).
+        sharded: Partial FC: split the class centres over the workers (each
+            holds about C/N of them); only for the normalised margin heads.
+        sample_rate: With `sharded`, the fraction of each worker's negative
+            classes in a step's logits, in (0, 1]; positives are always kept.
     """
 
     name: str = "arcface"
     scale: float = 64.0
     margin: float = 0.5
+    sharded: bool = False
+    sample_rate: float = 1.0
 
 
 @dataclass(frozen=True)

@@ -81,3 +81,23 @@ def rank_lines(output: str, rank: int, stream: str = "stderr") -> list[str]:
     prefix = f"[{rank}]<{stream}>:"
     return [line[len(prefix):] for line in output.splitlines()
             if line.startswith(prefix) and line[len(prefix):].strip()]
+
+
+def assert_rank0_user_error(proc: subprocess.CompletedProcess, num_ranks: int,
+                            *fragments: str) -> None:
+    """A user error under horovodrun: one line from rank 0, exit 2, the other ranks silent.
+
+    horovodrun stops the remaining ranks once one exits, so they may report
+    only that they were terminated; that every rank is gone is shown by
+    horovodrun having returned at all.
+    """
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "Process 0 exit with status code 2" in output, output[-3000:]
+    errors = rank_lines(output, 0)
+    assert len(errors) == 1, errors
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+    for rank in range(1, num_ranks):
+        assert set(rank_lines(output, rank)) <= {"Terminated"}, rank_lines(output, rank)
+    assert not any("Traceback" in line for r in range(num_ranks) for line in rank_lines(output, r))

@@ -78,6 +78,49 @@ def step_equivalence(out: Path) -> None:
     np.savez(out / f"rank{rank}.npz", **results)
 
 
+def partial_fc(out: Path) -> None:
+    """One step with the class centres split over the ranks against the unsharded ArcFace head."""
+    from sparse_embed.heads.partial_fc import ShardedMarginHead, shard_range
+
+    strategy = HorovodStrategy()
+    rank, size = strategy.worker_index, strategy.num_workers
+    classes = 4 * size
+    rng = np.random.default_rng(1)
+    images = rng.uniform(-1, 1, (size * PER_RANK, 6, 6, 3)).astype(np.float32)
+    labels = rng.integers(0, classes, size * PER_RANK).astype(np.int32)
+    centres = rng.normal(size=(classes, DIM)).astype(np.float32)
+    mine = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
+    sparsity = load_config(None, ["sparsity.type=none"]).sparsity
+
+    def trainer(head, strategy) -> EmbeddingTrainer:
+        keras.utils.set_random_seed(0)
+        inputs = keras.Input((6, 6, 3))
+        backbone = keras.Model(inputs, keras.layers.Dense(DIM)(keras.layers.Flatten()(inputs)))
+        head.build((None, DIM))
+        model = EmbeddingTrainer(backbone, head, sparsity, strategy)
+        model.compile(optimizer=keras.optimizers.SGD(LR))
+        model.optimizer.build(model.trainable_variables)
+        return model
+
+    start, end = shard_range(classes, size, rank)
+    sharded = ShardedMarginHead(ArcFaceHead(classes, scale=8.0, margin=0.3), strategy)
+    model = trainer(sharded, strategy)
+    sharded.kernel.assign(centres[start:end])
+    logs = model.train_on_batch(images[mine], labels[mine], return_dict=True)
+
+    full = ArcFaceHead(classes, scale=8.0, margin=0.3)
+    ref = trainer(full, SingleProcess())
+    full.kernel.assign(centres.T)
+    ref_logs = ref.train_on_batch(images, labels, return_dict=True)
+    np.savez(out / f"rank{rank}.npz",
+             loss=logs["head_loss"], reference_loss=ref_logs["head_loss"],
+             accuracy=logs["accuracy"], reference_accuracy=ref_logs["accuracy"],
+             kernel=sharded.kernel.numpy(), reference_kernel=full.kernel.numpy().T[start:end],
+             initial_kernel=centres[start:end],
+             backbone=np.concatenate([w.numpy().ravel() for w in model.backbone.weights]),
+             reference_backbone=np.concatenate([w.numpy().ravel() for w in ref.backbone.weights]))
+
+
 def train_run(out: Path, data_dir: str, model_dir: str, *overrides: str) -> None:
     """`train()` under Horovod; every rank saves the weights it ended with."""
     result = train(load_config("smoke", list(overrides)), data_dir, model_dir, verbose=0)
@@ -86,7 +129,7 @@ def train_run(out: Path, data_dir: str, model_dir: str, *overrides: str) -> None
              **{f"w{i}": w.numpy() for i, w in enumerate(result.model.variables)})
 
 
-CHECKS = {"step_equivalence": step_equivalence, "train": train_run}
+CHECKS = {"step_equivalence": step_equivalence, "partial_fc": partial_fc, "train": train_run}
 
 if __name__ == "__main__":
     check, out_dir, *rest = sys.argv[1:]

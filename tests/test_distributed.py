@@ -13,7 +13,14 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
-from conftest import ROOT, assert_user_error, horovodrun, rank_lines, run_module
+from conftest import (
+    ROOT,
+    assert_rank0_user_error,
+    assert_user_error,
+    horovodrun,
+    rank_lines,
+    run_module,
+)
 
 from sparse_embed.config import load_config
 from sparse_embed.errors import ConfigError
@@ -114,13 +121,8 @@ def test_resume_with_a_different_number_of_workers(tiny_data: Path, tmp_path: Pa
     # A checkpoint of another model: one line from rank 0, every rank exits 2, none hangs.
     proc = horovodrun(2, *_train_cli(run, tiny_data, "train.steps=16", "model.embedding_size=32"),
                       timeout=300)
-    assert proc.returncode != 0
-    errors = rank_lines(proc.stdout + proc.stderr, 0)
-    assert len(errors) == 1 and "does not match this config" in errors[0], errors
-    assert "model.embedding_size" in errors[0] and "--model_dir" in errors[0]
-    assert not rank_lines(proc.stdout + proc.stderr, 1)
-    for rank in (0, 1):
-        assert f"Process {rank} exit with status code 2" in proc.stdout + proc.stderr
+    assert_rank0_user_error(proc, 2, "does not match this config", "model.embedding_size",
+                            "--model_dir")
 
 
 @pytest.mark.slow
@@ -189,3 +191,53 @@ def test_batch_split_over_workers() -> None:
         worker_batch_size(config, 5)
     scaled = load_config(None, ["train.batch_size=12", "distributed.scale_lr=true"])
     assert worker_batch_size(scaled, 5) == 12
+
+
+@pytest.mark.slow
+def test_partial_fc_on_two_ranks_equals_the_unsharded_head(tmp_path: Path) -> None:
+    """sample_rate=1: the step of 2 ranks, each with half the class centres, is the unsharded one."""
+    proc = horovodrun(2, CHECKS, "partial_fc", str(tmp_path))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for rank in range(2):
+        got = np.load(tmp_path / f"rank{rank}.npz")
+        assert got["kernel"].shape == (4, 16), "each rank holds C/2 = 4 of the 8 centres"
+        np.testing.assert_allclose(got["loss"], got["reference_loss"], rtol=1e-5)
+        np.testing.assert_allclose(got["accuracy"], got["reference_accuracy"])
+        np.testing.assert_allclose(got["kernel"], got["reference_kernel"], atol=1e-5)
+        np.testing.assert_allclose(got["backbone"], got["reference_backbone"], atol=1e-5)
+        assert np.abs(got["kernel"] - got["initial_kernel"]).max() > 1e-3, "the step moved nothing"
+
+
+@pytest.mark.slow
+def test_sampled_partial_fc_trains_resumes_and_guards_the_worker_count(
+        tiny_data: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    sharded = ["head.sharded=true", "head.sample_rate=0.5"]
+    proc = horovodrun(2, *_train_cli(run, tiny_data, "train.steps=4", *sharded))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (run / CHECKPOINT_DIR / "worker-1-of-2" / "checkpoint").is_file()
+    reader = tf.train.load_checkpoint(str(run / CHECKPOINT_DIR / "worker-1-of-2"))
+    assert reader.get_variable_to_shape_map()["head/kernel/.ATTRIBUTES/VARIABLE_VALUE"] == [4, 64]
+    proc = horovodrun(2, *_train_cli(run, tiny_data, "train.steps=6", *sharded))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = "\n".join(rank_lines(proc.stdout, 0, "stdout"))
+    assert "step 6 (resumed from 4), 48 examples, 2 worker(s)" in out
+    summary = out.split("step 6 (resumed from 4)")[1]
+    assert np.isfinite(float(summary.split("head_loss")[1].split()[0]))
+
+    proc = run_module(*_train_cli(run, tiny_data, "train.steps=8", *sharded)[1:])
+    assert_user_error(proc, "sharded head checkpointed over 2 workers", "resume it with 2 workers")
+
+
+@pytest.mark.slow
+def test_sharded_head_with_fewer_classes_than_workers(tmp_path: Path) -> None:
+    from sparse_embed.data.synthetic import generate
+    from sparse_embed.data.tfrecord import build_tfrecords
+
+    data = tmp_path / "two"
+    generate(data, 2, 2, 2, seed=0, image_size=32, workers=1, pairs_folds=1, pairs_per_fold=1)
+    build_tfrecords(data / "train", data / "tfrecords", name="train", num_shards=1,
+                    num_workers=1, seed=0)
+    proc = horovodrun(3, *_train_cli(tmp_path / "run", data, "head.sharded=true",
+                                     "train.batch_size=6"), timeout=300)
+    assert_rank0_user_error(proc, 3, "needs at least that many classes, got 2")

@@ -14,13 +14,16 @@ normalised; labels int32/int64 [B]) and ``head.logits(embeddings)`` -> float32
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from sparse_embed.config import HeadConfig
 from sparse_embed.errors import ConfigError
 from sparse_embed.heads import margin
 from sparse_embed.heads.margin import ArcFaceHead, ClassifierHead, MarginHead, SoftmaxHead
+from sparse_embed.heads.partial_fc import ShardedMarginHead
 from sparse_embed.keras import keras
 from sparse_embed.registry import Registry
+from sparse_embed.training.distributed import SingleProcess
 
 HeadBuilder = Callable[[int, int, HeadConfig], keras.layers.Layer]
 
@@ -29,24 +32,35 @@ HEADS.register("softmax")(margin.softmax_head)
 HEADS.register("arcface")(margin.arcface_head)
 
 
-def build_head(num_classes: int, embedding_size: int, config: HeadConfig) -> keras.layers.Layer:
-    """Builds the head a config names.
+def build_head(num_classes: int, embedding_size: int, config: HeadConfig,
+               strategy: Any = None) -> keras.layers.Layer:
+    """Builds the head a config names, sharded over the workers with `config.sharded`.
 
     Args:
         num_classes: Number of training identities.
         embedding_size: Embedding dimension D of the backbone.
         config: The run's head section.
+        strategy: The distribution strategy a sharded head splits its classes
+            over; None is one process.
 
     Returns:
         The unbuilt head layer; its weights are created by `head.build((None, D))`
         or the first call.
 
     Raises:
-        ConfigError: If the name is unknown or an argument is out of range.
+        ConfigError: If the name is unknown, an argument is out of range, or a
+            sharded head is asked of a head without class-centre margins or
+            with fewer classes than workers.
     """
     builder = HEADS.get(config.name)
     try:
-        return builder(num_classes, embedding_size, config)
+        head = builder(num_classes, embedding_size, config)
+        if not config.sharded:
+            return head
+        if not isinstance(head, MarginHead):
+            raise ValueError("head.sharded needs a normalised margin head (e.g. arcface)")
+        return ShardedMarginHead(head, strategy or SingleProcess(), sample_rate=config.sample_rate,
+                                 name=f"sharded_{head.name}")
     except ValueError as e:
         raise ConfigError(f"head {config.name!r}: {e}") from e
 
@@ -57,6 +71,7 @@ __all__ = [
     "ClassifierHead",
     "HeadBuilder",
     "MarginHead",
+    "ShardedMarginHead",
     "SoftmaxHead",
     "build_head",
 ]

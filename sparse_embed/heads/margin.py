@@ -158,6 +158,23 @@ class ClassifierHead(keras.layers.Layer):
         losses = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)
         return tf.reduce_mean(losses)
 
+    def loss_and_accuracy(self, embeddings: tf.Tensor, labels: tf.Tensor,
+                          training: bool | None = None) -> tuple[tf.Tensor, tf.Tensor]:
+        """Returns the loss and the fraction of the batch whose largest logit is its class.
+
+        Args:
+            embeddings: float [B, D] from the backbone, not normalised.
+            labels: int [B], class indices in [0, num_classes).
+            training: Keras training flag.
+
+        Returns:
+            (float32 loss, float32 accuracy).
+        """
+        loss = self(embeddings, labels, training=training)
+        predictions = tf.argmax(self.logits(embeddings), axis=-1, output_type=tf.int32)
+        correct = tf.equal(predictions, tf.cast(tf.reshape(labels, [-1]), tf.int32))
+        return loss, tf.reduce_mean(tf.cast(correct, tf.float32))
+
     def compute_output_shape(self, input_shape: tf.TensorShape) -> tf.TensorShape:
         return tf.TensorShape([])
 

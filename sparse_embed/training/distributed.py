@@ -50,8 +50,17 @@ class Strategy(Protocol):
     def all_gather(self, tensor: tf.Tensor) -> tf.Tensor:
         """Concatenates every worker's tensor along axis 0, in rank order; differentiable."""
 
+    def sum(self, tensor: tf.Tensor) -> tf.Tensor:
+        """Sums a tensor over workers; differentiable."""
+
+    def max(self, tensor: tf.Tensor) -> tf.Tensor:
+        """Elementwise maximum over workers; not differentiable."""
+
     def any(self, flag: bool) -> bool:
         """Whether `flag` is true on some worker (a host-side agreement step)."""
+
+    def min_int(self, value: int) -> int:
+        """The smallest of the workers' values (a host-side agreement step)."""
 
 
 STRATEGIES: Registry[type] = Registry("distribution backend")
@@ -108,6 +117,22 @@ class SingleProcess:
         """
         return tensor
 
+    def sum(self, tensor: tf.Tensor) -> tf.Tensor:
+        """Returns `tensor`: the sum over one worker.
+
+        Args:
+            tensor: Any tensor.
+        """
+        return tensor
+
+    def max(self, tensor: tf.Tensor) -> tf.Tensor:
+        """Returns `tensor`: the maximum over one worker.
+
+        Args:
+            tensor: Any tensor.
+        """
+        return tensor
+
     def any(self, flag: bool) -> bool:
         """Returns `flag`.
 
@@ -115,6 +140,14 @@ class SingleProcess:
             flag: This worker's value.
         """
         return bool(flag)
+
+    def min_int(self, value: int) -> int:
+        """Returns `value`.
+
+        Args:
+            value: This worker's value.
+        """
+        return int(value)
 
 
 def _import_horovod() -> Any:
@@ -217,10 +250,12 @@ class HorovodStrategy:
         gradient of that slice: each rank's loss depends on every rank's rows.
 
         Args:
-            tensor: float tensor [B, ...], the same B on every rank.
+            tensor: tensor [B, ...], the same B on every rank (integers are not differentiated).
         """
         hvd = self._hvd
         rank, size = self.worker_index, self.num_workers
+        if not tensor.dtype.is_floating:
+            return hvd.allgather(tensor)
 
         @tf.custom_gradient
         def _gather(x: tf.Tensor) -> tuple[tf.Tensor, Any]:
@@ -232,6 +267,31 @@ class HorovodStrategy:
 
         return _gather(tensor)
 
+    def sum(self, tensor: tf.Tensor) -> tf.Tensor:
+        """Sums over ranks; the backward pass sums the upstream gradients (its adjoint).
+
+        Args:
+            tensor: float tensor of the same shape on every rank.
+        """
+        hvd = self._hvd
+
+        @tf.custom_gradient
+        def _sum(x: tf.Tensor) -> tuple[tf.Tensor, Any]:
+            def grad(upstream: tf.Tensor) -> tf.Tensor:
+                return hvd.allreduce(upstream, op=hvd.Sum)
+
+            return hvd.allreduce(x, op=hvd.Sum), grad
+
+        return _sum(tensor)
+
+    def max(self, tensor: tf.Tensor) -> tf.Tensor:
+        """Elementwise maximum over ranks, without a gradient.
+
+        Args:
+            tensor: tensor of the same shape on every rank.
+        """
+        return self._hvd.allreduce(tf.stop_gradient(tensor), op=self._hvd.Max)
+
     def any(self, flag: bool) -> bool:
         """Whether `flag` is true on at least one rank.
 
@@ -241,6 +301,16 @@ class HorovodStrategy:
         total = self._hvd.allreduce(tf.constant(float(flag)), op=self._hvd.Sum,
                                     name=f"sparse_embed_any_{next(self._names)}")
         return float(total) > 0
+
+    def min_int(self, value: int) -> int:
+        """The smallest of the ranks' values.
+
+        Args:
+            value: This rank's value.
+        """
+        least = self._hvd.allreduce(tf.constant(-int(value), tf.int64), op=self._hvd.Max,
+                                    name=f"sparse_embed_min_{next(self._names)}")
+        return -int(least)
 
 
 def resolve_backend(config: DistributedConfig) -> str:

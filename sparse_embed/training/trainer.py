@@ -102,6 +102,33 @@ class EmbeddingTrainer(keras.Model):
     def call(self, images: tf.Tensor, training: bool | None = None) -> tf.Tensor:
         return self.backbone(images, training=training)
 
+    @property
+    def sharded_variables(self) -> list[tf.Variable]:
+        """Variables that differ per worker (a sharded head's class centres)."""
+        return list(getattr(self.head, "sharded_variables", ()))
+
+    def _reduce(self, grads: list, variables: list[tf.Variable]) -> list:
+        """Averages replicated gradients over workers; scales sharded ones by 1/N.
+
+        A sharded variable lives on one worker, and its gradient is already
+        that of the sum of the workers' losses (heads/partial_fc.py), so it is
+        divided by N instead of averaged with the other workers' (different)
+        variables.
+        """
+        sharded = {id(v) for v in self.sharded_variables}
+        replicated = [i for i, v in enumerate(variables) if id(v) not in sharded]
+        reduced = list(grads)
+        for i, g in zip(replicated, self.strategy.reduce_gradients(
+                [grads[i] for i in replicated]), strict=True):
+            reduced[i] = g
+        scale = 1.0 / self.strategy.num_workers
+        for i, v in enumerate(variables):
+            if id(v) in sharded and self.strategy.num_workers > 1:
+                g = grads[i]
+                reduced[i] = (tf.IndexedSlices(g.values * scale, g.indices, g.dense_shape)
+                              if isinstance(g, tf.IndexedSlices) else g * scale)
+        return reduced
+
     def train_step(self, data: tuple[tf.Tensor, tf.Tensor]) -> dict[str, tf.Tensor]:
         images, labels = data
         optimizer = self.optimizer
@@ -111,13 +138,13 @@ class EmbeddingTrainer(keras.Model):
         cross_replica_mean = self.strategy.mean if self.sparsity.cross_replica else None
         with tf.GradientTape() as tape:
             embeddings = tf.cast(self.backbone(images, training=True), tf.float32)
-            head_loss = self.head(embeddings, labels, training=True)
+            head_loss, accuracy = self.head.loss_and_accuracy(embeddings, labels, training=True)
             normalized = tf.math.l2_normalize(embeddings, axis=-1)
             sparsity_loss = self._regularizer(normalized, cross_replica_mean)
             loss = head_loss + weight * sparsity_loss
             objective = optimizer.get_scaled_loss(loss) if loss_scaled else loss
         variables = self.trainable_variables
-        grads = self.strategy.reduce_gradients(tape.gradient(objective, variables))
+        grads = self._reduce(tape.gradient(objective, variables), variables)
         if loss_scaled:
             grads = optimizer.get_unscaled_gradients(grads)
         optimizer.apply_gradients(zip(grads, variables, strict=True))
@@ -130,14 +157,13 @@ class EmbeddingTrainer(keras.Model):
         )
         # Read after applying: the optimizer stores the rate it just used.
         lr = optimizer.learning_rate
-        predictions = tf.argmax(self.head.logits(embeddings), axis=-1, output_type=labels.dtype)
         stats = sparsity_stats(normalized, self.sparsity.zero_threshold)
         metrics = {
             "loss": loss,
             "head_loss": head_loss,
             "sparsity_loss": sparsity_loss,
             "sparsity_weight": weight,
-            "accuracy": tf.reduce_mean(tf.cast(predictions == labels, tf.float32)),
+            "accuracy": accuracy,
             "nnz": stats["nnz"],
             "flops": stats["flops"],
             "r_sub": stats["r_sub"],
@@ -172,7 +198,8 @@ class TrainResult:
     model: EmbeddingTrainer = field(repr=False, compare=False)
 
 
-def build_networks(config: Config, num_classes: int) -> tuple[keras.Model, keras.layers.Layer]:
+def build_networks(config: Config, num_classes: int,
+                   strategy: Strategy | None = None) -> tuple[keras.Model, keras.layers.Layer]:
     """Builds the backbone and head of a run, with every variable created.
 
     With `train.mixed_precision`, both are built under the `mixed_float16`
@@ -182,6 +209,7 @@ def build_networks(config: Config, num_classes: int) -> tuple[keras.Model, keras
     Args:
         config: The run config.
         num_classes: Number of training identities.
+        strategy: What a sharded head (`head.sharded`) splits its classes over; None is one process.
 
     Returns:
         (backbone, head).
@@ -191,7 +219,7 @@ def build_networks(config: Config, num_classes: int) -> tuple[keras.Model, keras
         keras.mixed_precision.set_global_policy("mixed_float16")
     try:
         backbone = build_model(config.model)
-        head = build_head(num_classes, config.model.embedding_size, config.head)
+        head = build_head(num_classes, config.model.embedding_size, config.head, strategy)
         head.build((None, config.model.embedding_size))
     finally:
         keras.mixed_precision.set_global_policy(previous)
@@ -236,17 +264,29 @@ def worker_batch_size(config: Config, num_workers: int) -> int:
 
 
 def _restore(checkpoint: tf.train.Checkpoint, manager: tf.train.CheckpointManager,
-             config: Config, model_dir: Path, strategy: Strategy) -> None:
+             config: Config, model_dir: Path, strategy: Strategy, per_worker: bool) -> None:
     """Restores the latest checkpoint on every worker that sees one.
 
     Workers agree on the outcome before anyone goes on, so a checkpoint that
     does not fit the config stops every worker with the same error instead of
-    leaving some waiting in the first collective.
+    leaving some waiting in the first collective. With per-worker checkpoints
+    (a sharded head), they also agree on the step: the latest one every worker
+    saved, since a kill can fall between two workers' saves.
     """
+    path = manager.latest_checkpoint
+    if per_worker:
+        steps = {int(p.rsplit("-", 1)[1]) for p in manager.checkpoints}
+        agreed = strategy.min_int(max(steps, default=0))
+        path = f"{manager.directory}/ckpt-{agreed}" if agreed in steps else None
+        if strategy.any(agreed > 0 and path is None):
+            raise ConfigError(
+                f"the workers' checkpoints in {model_dir / CHECKPOINT_DIR} have no common step; "
+                f"raise train.keep_checkpoints, or start again with a new --model_dir"
+            )
     error = None
-    if manager.latest_checkpoint:
+    if path:
         try:
-            checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
+            checkpoint.restore(path).assert_existing_objects_matched()
         except (AssertionError, ValueError, tf.errors.OpError) as e:
             error = str(e).strip().splitlines()[0][:200]
         if error is not None:
@@ -259,6 +299,38 @@ def _restore(checkpoint: tf.train.Checkpoint, manager: tf.train.CheckpointManage
             f"({error or 'failed on another worker'}){_config_differences(config, model_dir)}; "
             f"resume with the config it was trained with, or pass a new --model_dir"
         )
+
+
+def _checkpoint_dir(model_dir: Path, strategy: Strategy, per_worker: bool) -> Path:
+    """Where this worker's checkpoints go; checks a sharded run resumes on its worker count.
+
+    The chief's checkpoints are always in `model_dir/checkpoints` (what embed
+    and evaluate read: the backbone is the same on every worker). With a
+    sharded head, the other workers keep their own class centres and
+    optimizer slots in `checkpoints/worker-<r>-of-<N>`.
+    """
+    root = model_dir / CHECKPOINT_DIR
+    shards = sorted({p.name.rsplit("-of-", 1)[1] for p in root.glob("worker-*-of-*")})
+    count = str(strategy.num_workers) if per_worker else None
+    if shards and shards != [count]:
+        raise ConfigError(
+            f"{root} holds a sharded head checkpointed over {shards[0]} workers; its class "
+            f"centres are split per worker, so resume it with {shards[0]} workers, or pass a "
+            f"new --model_dir"
+        )
+    if per_worker and not strategy.is_chief:
+        return root / f"worker-{strategy.worker_index}-of-{strategy.num_workers}"
+    return root
+
+
+def _replicated(variables: list[tf.Variable], sharded: list[tf.Variable]) -> list[tf.Variable]:
+    """`variables` without the sharded ones and their optimizer slots.
+
+    Keras names a slot `<slot>/<variable's shared name>` (`m/sharded_arcface_head/kernel:0`).
+    """
+    own = {v.name for v in sharded} | {getattr(v, "_shared_name", v.name) for v in sharded}
+    return [v for v in variables
+            if v.name not in own and v.name.split("/", 1)[-1].removesuffix(":0") not in own]
 
 
 def _config_differences(config: Config, model_dir: Path) -> str:
@@ -309,7 +381,7 @@ def train(config: Config, data_dir: str | os.PathLike, model_dir: str | os.PathL
     keras.utils.set_random_seed(config.train.seed)
 
     # --- model ---
-    backbone, head = build_networks(config, len(class_names))
+    backbone, head = build_networks(config, len(class_names), strategy)
     schedule = config.schedule
     if config.distributed.scale_lr:
         schedule = dataclasses.replace(schedule, base_lr=schedule.base_lr * strategy.num_workers)
@@ -325,12 +397,16 @@ def train(config: Config, data_dir: str | os.PathLike, model_dir: str | os.PathL
     # broadcast below every variable to copy.
     optimizer.build(model.trainable_variables)
 
+    # With class centres split over the workers, every worker saves its own.
+    per_worker = bool(model.sharded_variables) and strategy.num_workers > 1
     checkpoint = checkpoint_for(backbone, head, optimizer, model.samples)
     manager = tf.train.CheckpointManager(
-        checkpoint, str(model_dir / CHECKPOINT_DIR), max_to_keep=config.train.keep_checkpoints
+        checkpoint, str(_checkpoint_dir(model_dir, strategy, per_worker)),
+        max_to_keep=config.train.keep_checkpoints,
     )
-    _restore(checkpoint, manager, config, model_dir, strategy)
-    strategy.broadcast_variables(model.variables + optimizer.variables)
+    _restore(checkpoint, manager, config, model_dir, strategy, per_worker)
+    strategy.broadcast_variables(
+        _replicated(model.variables + optimizer.variables, model.sharded_variables))
     if strategy.is_chief:
         model_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, model_dir / "config.yaml")
@@ -351,13 +427,13 @@ def train(config: Config, data_dir: str | os.PathLike, model_dir: str | os.PathL
 
     # --- train ---
     callbacks: list[keras.callbacks.Callback] = [StopOnNonFiniteLoss(optimizer)]
+    if strategy.is_chief or per_worker:
+        callbacks.append(CheckpointEvery(manager, optimizer, config.train.checkpoint_every))
     if strategy.is_chief:
         if verbose == 2:
             callbacks.append(ProgressLog(optimizer, config.train.steps, config.train.log_every))
-        callbacks += [
-            SummaryScalars(str(model_dir / "logs" / "train"), optimizer, config.train.log_every),
-            CheckpointEvery(manager, optimizer, config.train.checkpoint_every),
-        ]
+        callbacks.append(
+            SummaryScalars(str(model_dir / "logs" / "train"), optimizer, config.train.log_every))
     history = model.fit(dataset, epochs=1, steps_per_epoch=remaining, callbacks=callbacks,
                         verbose=1 if verbose == 1 and strategy.is_chief else 0)
     metrics = {k: float(v[-1]) for k, v in history.history.items()}
