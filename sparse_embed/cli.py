@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import functools
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
 from sparse_embed.errors import SparseEmbedError
 from sparse_embed.training.launch import process_rank
+
+# How long ranks other than 0 wait before reporting a user error themselves.
+OTHER_RANKS_DELAY_S = 5.0
 
 
 def _program(main: Callable[..., Any]) -> str:
@@ -29,8 +33,9 @@ def user_errors_exit(main: Callable[..., Any]) -> Callable[..., Any]:
     Returns:
         The wrapped function. A `SparseEmbedError` becomes
         ``<prog>: error: <message>`` on stderr and exit status 2, with no
-        traceback. Under a multi-process launcher every rank exits, and only
-        rank 0 prints, so the user reads the message once.
+        traceback. Under a multi-process launcher every rank exits 2; rank 0
+        prints at once, the others only if they are still running
+        `OTHER_RANKS_DELAY_S` later, so the user reads the message once.
     """
 
     @functools.wraps(main)
@@ -38,8 +43,13 @@ def user_errors_exit(main: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return main(*args, **kwargs)
         except SparseEmbedError as e:
-            if process_rank() == 0:
-                print(f"{_program(main)}: error: {e}", file=sys.stderr)
+            if process_rank() != 0:
+                # horovodrun stops every process once one exits. Rank 0 meets
+                # the same error: give it the time to report it, so it is
+                # printed once. An error rank 0 did not meet leaves this rank
+                # running, and it reports the error itself.
+                time.sleep(OTHER_RANKS_DELAY_S)
+            print(f"{_program(main)}: error: {e}", file=sys.stderr)
             sys.exit(2)
 
     return wrapper

@@ -39,6 +39,13 @@ def run_module(*args: str, cwd: Path | None = None,
                           env=env, cwd=cwd, timeout=600)
 
 
+def run_module_script(script: str, *args: str) -> subprocess.CompletedProcess:
+    """Runs `python <script> <args>` with the package importable; captures text output."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, script, *args], capture_output=True, text=True,
+                          env=env, timeout=600)
+
+
 def assert_user_error(proc: subprocess.CompletedProcess, *fragments: str) -> None:
     """A user error: exit status 2, one line on stderr naming the problem, no traceback."""
     assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])

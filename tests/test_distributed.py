@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import glob
+import json
 import os
 import random
+import socket
 import subprocess
 import sys
 import time
@@ -20,6 +22,7 @@ from conftest import (
     horovodrun,
     rank_lines,
     run_module,
+    run_module_script,
 )
 
 from sparse_embed.config import load_config
@@ -28,7 +31,7 @@ from sparse_embed.keras import tf
 from sparse_embed.training.distributed import resolve_backend
 from sparse_embed.training.trainer import CHECKPOINT_DIR, worker_batch_size
 
-CHECKS = str(ROOT / "tests" / "horovod_checks.py")
+CHECKS = str(ROOT / "tests" / "distributed_checks.py")
 TINY = ["train.batch_size=8", "train.log_every=1", "train.checkpoint_every=2"]
 
 
@@ -241,3 +244,59 @@ def test_sharded_head_with_fewer_classes_than_workers(tmp_path: Path) -> None:
     proc = horovodrun(3, *_train_cli(tmp_path / "run", data, "head.sharded=true",
                                      "train.batch_size=6"), timeout=300)
     assert_rank0_user_error(proc, 3, "needs at least that many classes, got 2")
+
+
+@pytest.mark.slow
+def test_mirrored_two_replicas_equal_one_process_on_the_whole_batch(tmp_path: Path) -> None:
+    """tf.distribute.MirroredStrategy on 2 logical CPUs: the same statements as for Horovod."""
+    proc = run_module_script(CHECKS, "step_equivalence", str(tmp_path), "mirrored")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = np.load(tmp_path / "rank0.npz")
+    for name in ("l1_local", "flops_cross", "flops_local"):
+        np.testing.assert_allclose(got[f"{name}/weights"], got[f"{name}/reference_weights"],
+                                   atol=1e-5, err_msg=name)
+        np.testing.assert_allclose(got[f"{name}/sparsity_loss"],
+                                   got[f"{name}/reference_sparsity_loss"], rtol=1e-5)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_multi_worker_mirrored_with_two_local_processes(tiny_data: Path, tmp_path: Path) -> None:
+    """Two processes joined by TF_CONFIG train the model two Horovod ranks train, then resume alone."""
+    run = tmp_path / "mw"
+    ports = [_free_port(), _free_port()]
+    cluster = {"worker": [f"localhost:{p}" for p in ports]}
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    procs = [subprocess.Popen(
+        [sys.executable, *_train_cli(run, tiny_data, "train.steps=6")], env=dict(
+            env, TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}})),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outputs = [p.communicate(timeout=600) for p in procs]
+    for proc, (_, err) in zip(procs, outputs, strict=True):
+        assert proc.returncode == 0, err[-3000:]
+    assert "step 6 (resumed from 0), 48 examples, 2 worker(s)" in outputs[0][0]
+    assert "step 6" not in outputs[1][0], "only the chief prints"
+    assert sorted(p.name for p in (run / CHECKPOINT_DIR).iterdir()) == [
+        "checkpoint", "ckpt-2.data-00000-of-00001", "ckpt-2.index", "ckpt-4.data-00000-of-00001",
+        "ckpt-4.index", "ckpt-6.data-00000-of-00001", "ckpt-6.index"]
+
+    horovod = tmp_path / "hvd"
+    proc = horovodrun(2, *_train_cli(horovod, tiny_data, "train.steps=6"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    mw_reader = tf.train.load_checkpoint(str(run / CHECKPOINT_DIR))
+    hvd_reader = tf.train.load_checkpoint(str(horovod / CHECKPOINT_DIR))
+    kernels = [k for k in mw_reader.get_variable_to_shape_map()
+               if k.startswith(("backbone/", "head/")) and "kernel" in k]
+    assert kernels
+    for key in kernels:
+        np.testing.assert_allclose(mw_reader.get_tensor(key), hvd_reader.get_tensor(key),
+                                   atol=1e-4, err_msg=key)
+
+    proc = run_module(*_train_cli(run, tiny_data, "train.steps=8")[1:])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "step 8 (resumed from 6), 64 examples, 1 worker(s)" in proc.stdout

@@ -4,17 +4,30 @@ The trainer only talks to a `Strategy`: which worker it is, how to average
 gradients, how to make every worker start from the same weights, and the few
 collectives the losses need (a differentiable mean for the cross-replica FLOPs
 regularizer, an all-gather for the sharded classifier). `get_strategy` picks
-the backend named by the `distributed` config section.
+the backend named by the `distributed` config section:
+
+- `none`: one process;
+- `horovod`: one process per device under `horovodrun` (Gloo or MPI);
+- `mirrored`, `multi_worker`: TensorFlow's own `MirroredStrategy` (all local
+  GPUs, or the logical CPUs, in one process) and `MultiWorkerMirroredStrategy`
+  (processes described by TF_CONFIG), for where Horovod is not installed.
+  Their "workers" in the sense of this module are the replicas.
 
 Gradient convention: every worker computes the gradient of its own loss (a
 mean over its local batch) and `reduce_gradients` averages them, so N workers
-with batch B take the step one process would take with batch N*B.
+with batch B take the step one process would take with batch N*B. The
+backward pass of every collective is its adjoint (mean -> mean of the upstream
+gradients, sum and all-gather -> sum), so a loss built from collectives gets
+the gradient of the sum of all workers' losses.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
-from collections.abc import Sequence
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
 
 from sparse_embed.config import DistributedConfig
@@ -23,6 +36,8 @@ from sparse_embed.keras import tf
 from sparse_embed.registry import Registry
 from sparse_embed.training.launch import has_tf_config, launched_by_horovod
 
+DatasetFn = Callable[[int, int], tf.data.Dataset]
+
 
 class Strategy(Protocol):
     """What the trainer needs from a distribution backend."""
@@ -30,6 +45,14 @@ class Strategy(Protocol):
     name: str
     num_workers: int
     worker_index: int
+    # Whether every worker must take part in saving a checkpoint (the chief's is kept).
+    saves_on_every_worker: bool
+
+    def scope(self) -> contextlib.AbstractContextManager:
+        """The context in which the model and optimizer variables are created."""
+
+    def distribute_dataset(self, make: DatasetFn, per_worker_batch: int) -> Any:
+        """The training input: `make(num_pipelines, pipeline_index)` per input pipeline."""
 
     @property
     def is_chief(self) -> bool:
@@ -73,11 +96,25 @@ class SingleProcess:
     name = "none"
     num_workers = 1
     worker_index = 0
+    saves_on_every_worker = False
 
     @property
     def is_chief(self) -> bool:
         """The only worker is the chief."""
         return True
+
+    def scope(self) -> contextlib.AbstractContextManager:
+        """No special placement."""
+        return contextlib.nullcontext()
+
+    def distribute_dataset(self, make: DatasetFn, per_worker_batch: int) -> tf.data.Dataset:
+        """The one input pipeline.
+
+        Args:
+            make: Builds the dataset of pipeline `i` of `n`.
+            per_worker_batch: Examples per step of this worker (already in `make`).
+        """
+        return make(self.num_workers, self.worker_index)
 
     def reduce_gradients(self, grads: Sequence[tf.Tensor]) -> list[tf.Tensor]:
         """Returns the gradients unchanged: there is nothing to average with.
@@ -171,6 +208,7 @@ class HorovodStrategy:
     """
 
     name = "horovod"
+    saves_on_every_worker = False
 
     def __init__(self) -> None:
         hvd = self._hvd = _import_horovod()
@@ -190,6 +228,19 @@ class HorovodStrategy:
     def is_chief(self) -> bool:
         """Rank 0 is the chief."""
         return self.worker_index == 0
+
+    def scope(self) -> contextlib.AbstractContextManager:
+        """No special placement: each process has its own device."""
+        return contextlib.nullcontext()
+
+    def distribute_dataset(self, make: DatasetFn, per_worker_batch: int) -> tf.data.Dataset:
+        """This rank's own input pipeline, one of `size`.
+
+        Args:
+            make: Builds the dataset of pipeline `i` of `n`.
+            per_worker_batch: Examples per step of this rank (already in `make`).
+        """
+        return make(self.num_workers, self.worker_index)
 
     def reduce_gradients(self, grads: Sequence[tf.Tensor]) -> list[tf.Tensor]:
         """Averages gradients over all ranks with one fused all-reduce.
@@ -311,6 +362,208 @@ class HorovodStrategy:
         least = self._hvd.allreduce(tf.constant(-int(value), tf.int64), op=self._hvd.Max,
                                     name=f"sparse_embed_min_{next(self._names)}")
         return -int(least)
+
+
+class _TFDistribute:
+    """A `tf.distribute` strategy behind the `Strategy` interface; replicas are the workers.
+
+    Variables are mirrored by TensorFlow (identical at creation, BatchNorm
+    statistics averaged on read), so broadcasting and averaging variables are
+    no-ops; gradients and the loss collectives use the replica context of the
+    training step.
+
+    Args:
+        strategy: The TensorFlow strategy.
+        task_index: This process's index among the processes (0 with one process).
+    """
+
+    def __init__(self, strategy: tf.distribute.Strategy, task_index: int) -> None:
+        self._strategy = strategy
+        self.num_workers = strategy.num_replicas_in_sync
+        self.worker_index = task_index
+
+    @property
+    def is_chief(self) -> bool:
+        """Task 0 writes the files."""
+        return self.worker_index == 0
+
+    def scope(self) -> contextlib.AbstractContextManager:
+        """The strategy's scope: variables created in it are mirrored."""
+        return self._strategy.scope()
+
+    def distribute_dataset(self, make: DatasetFn, per_worker_batch: int) -> Any:
+        """One pipeline per process, each batch split over that process's replicas.
+
+        Args:
+            make: Builds the dataset of pipeline `i` of `n`, batched per replica.
+            per_worker_batch: Examples per step of one replica.
+        """
+        def dataset_fn(context: tf.distribute.InputContext) -> tf.data.Dataset:
+            return make(context.num_input_pipelines, context.input_pipeline_id)
+
+        return self._strategy.distribute_datasets_from_function(dataset_fn)
+
+    @staticmethod
+    def _context() -> tf.distribute.ReplicaContext:
+        return tf.distribute.get_replica_context()
+
+    def reduce_gradients(self, grads: Sequence[tf.Tensor]) -> list[tf.Tensor]:
+        """Averages gradients over replicas (one batched all-reduce).
+
+        Args:
+            grads: Per-variable gradients of this replica (IndexedSlices are densified).
+        """
+        dense = [tf.convert_to_tensor(g) for g in grads]
+        return list(self._context().all_reduce(tf.distribute.ReduceOp.MEAN, dense))
+
+    def broadcast_variables(self, variables: Sequence[tf.Variable]) -> None:
+        """Nothing to do: mirrored variables start equal.
+
+        Args:
+            variables: Model and optimizer variables.
+        """
+
+    def average_variables(self, variables: Sequence[tf.Variable]) -> None:
+        """Nothing to do: BatchNorm statistics are sync-on-read means.
+
+        Args:
+            variables: BatchNorm moving statistics.
+        """
+
+    def mean(self, tensor: tf.Tensor) -> tf.Tensor:
+        """Averages over replicas; backward: the mean of the upstream gradients.
+
+        Args:
+            tensor: float tensor of the same shape on every replica.
+        """
+        context = self._context()
+
+        @tf.custom_gradient
+        def _mean(x: tf.Tensor) -> tuple[tf.Tensor, Any]:
+            def grad(upstream: tf.Tensor) -> tf.Tensor:
+                return context.all_reduce(tf.distribute.ReduceOp.MEAN, upstream)
+
+            return context.all_reduce(tf.distribute.ReduceOp.MEAN, x), grad
+
+        return _mean(tensor)
+
+    def sum(self, tensor: tf.Tensor) -> tf.Tensor:
+        """Sums over replicas; backward: the sum of the upstream gradients.
+
+        Args:
+            tensor: float tensor of the same shape on every replica.
+        """
+        context = self._context()
+
+        @tf.custom_gradient
+        def _sum(x: tf.Tensor) -> tuple[tf.Tensor, Any]:
+            def grad(upstream: tf.Tensor) -> tf.Tensor:
+                return context.all_reduce(tf.distribute.ReduceOp.SUM, upstream)
+
+            return context.all_reduce(tf.distribute.ReduceOp.SUM, x), grad
+
+        return _sum(tensor)
+
+    def all_gather(self, tensor: tf.Tensor) -> tf.Tensor:
+        """Concatenates every replica's tensor along axis 0 (replica order).
+
+        Args:
+            tensor: tensor [B, ...], the same B on every replica.
+        """
+        context = self._context()
+        if not tensor.dtype.is_floating:
+            return context.all_gather(tensor, axis=0)
+
+        @tf.custom_gradient
+        def _gather(x: tf.Tensor) -> tuple[tf.Tensor, Any]:
+            def grad(upstream: tf.Tensor) -> tf.Tensor:
+                summed = context.all_reduce(tf.distribute.ReduceOp.SUM, upstream)
+                rows = tf.shape(x)[0]
+                return summed[context.replica_id_in_sync_group * rows:][:rows]
+
+            return context.all_gather(x, axis=0), grad
+
+        return _gather(tensor)
+
+    def max(self, tensor: tf.Tensor) -> tf.Tensor:
+        """Elementwise maximum over replicas (ReduceOp has no MAX: gather, then reduce).
+
+        Args:
+            tensor: tensor of the same shape on every replica.
+        """
+        gathered = self._context().all_gather(tf.stop_gradient(tensor)[tf.newaxis], axis=0)
+        return tf.reduce_max(gathered, axis=0)
+
+    def _host_gather(self, value: float) -> list[float]:
+        return [float(v) for v in self._gather_values(tf.constant(value, tf.float64)).numpy()]
+
+    @tf.function
+    def _gather_values(self, value: tf.Tensor) -> tf.Tensor:
+        # Traced: the strategy warns (and is slow) when run eagerly.
+        per_replica = self._strategy.run(lambda v: v[tf.newaxis], args=(value,))
+        return self._strategy.gather(per_replica, axis=0)
+
+    def any(self, flag: bool) -> bool:
+        """Whether `flag` is true on at least one process.
+
+        Args:
+            flag: This process's value.
+        """
+        return max(self._host_gather(float(flag))) > 0
+
+    def min_int(self, value: int) -> int:
+        """The smallest of the processes' values.
+
+        Args:
+            value: This process's value.
+        """
+        return int(min(self._host_gather(float(value))))
+
+
+@STRATEGIES.register("mirrored")
+class MirroredStrategy(_TFDistribute):
+    """`tf.distribute.MirroredStrategy` over every local GPU, or every logical CPU without GPUs."""
+
+    name = "mirrored"
+    saves_on_every_worker = False
+
+    def __init__(self) -> None:
+        devices = ([d.name for d in tf.config.list_logical_devices("GPU")]
+                   or [d.name for d in tf.config.list_logical_devices("CPU")])
+        super().__init__(tf.distribute.MirroredStrategy(devices), task_index=0)
+
+
+@STRATEGIES.register("multi_worker")
+class MultiWorkerStrategy(_TFDistribute):
+    """`tf.distribute.MultiWorkerMirroredStrategy` over the processes TF_CONFIG lists.
+
+    Reading a sync-on-read variable (BatchNorm statistics) is a collective, so
+    every process saves each checkpoint; the chief's copy is kept (see
+    `scratch_checkpoint_dir`).
+    """
+
+    name = "multi_worker"
+    saves_on_every_worker = True
+
+    def __init__(self) -> None:
+        if not has_tf_config():
+            raise ConfigError(
+                "distributed.backend=multi_worker needs TF_CONFIG with a cluster of at least "
+                "two tasks; see the README's Distributed training section"
+            )
+        strategy = tf.distribute.MultiWorkerMirroredStrategy()
+        resolver = strategy.cluster_resolver
+        super().__init__(strategy, task_index=int(resolver.task_id or 0))
+
+
+@contextlib.contextmanager
+def scratch_checkpoint_dir() -> Iterator[str]:
+    """A temporary directory for a non-chief worker's copy of the checkpoints, removed after."""
+    path = tempfile.mkdtemp(prefix="sparse_embed_worker_ckpt_")
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def resolve_backend(config: DistributedConfig) -> str:

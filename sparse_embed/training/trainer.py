@@ -9,6 +9,7 @@ until `train.steps`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from dataclasses import dataclass, field
@@ -37,7 +38,7 @@ from sparse_embed.training.callbacks import (
     StopOnNonFiniteLoss,
     SummaryScalars,
 )
-from sparse_embed.training.distributed import Strategy, get_strategy
+from sparse_embed.training.distributed import Strategy, get_strategy, scratch_checkpoint_dir
 from sparse_embed.training.schedules import LearningRateSchedule
 
 CHECKPOINT_DIR = "checkpoints"
@@ -95,9 +96,13 @@ class EmbeddingTrainer(keras.Model):
         # Examples consumed by all workers together: what a resume with a
         # different worker count needs (a step count alone depends on N when
         # the global batch does).
-        self.samples = tf.Variable(0, dtype=tf.int64, trainable=False, name="samples")
+        self.samples = tf.Variable(0, dtype=tf.int64, trainable=False, name="samples",
+                                   aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
         self._moving_statistics = [v for v in backbone.non_trainable_variables
                                    if v.dtype.is_floating]
+        # The step returns metrics already averaged over workers: Keras must
+        # report one replica's copy, not their sum.
+        self.distribute_reduction_method = "first"
 
     def call(self, images: tf.Tensor, training: bool | None = None) -> tf.Tensor:
         return self.backbone(images, training=training)
@@ -147,7 +152,9 @@ class EmbeddingTrainer(keras.Model):
         grads = self._reduce(tape.gradient(objective, variables), variables)
         if loss_scaled:
             grads = optimizer.get_unscaled_gradients(grads)
-        optimizer.apply_gradients(zip(grads, variables, strict=True))
+        # The strategy has averaged the gradients already.
+        optimizer.apply_gradients(zip(grads, variables, strict=True),
+                                  skip_gradients_aggregation=True)
         # BatchNorm moving statistics follow each worker's own batches; their
         # average keeps every worker's model identical, and is the moving
         # average of the workers' mean batch statistics.
@@ -381,21 +388,27 @@ def train(config: Config, data_dir: str | os.PathLike, model_dir: str | os.PathL
     keras.utils.set_random_seed(config.train.seed)
 
     # --- model ---
-    backbone, head = build_networks(config, len(class_names), strategy)
+    if config.head.sharded and strategy.name in ("mirrored", "multi_worker"):
+        raise ConfigError(
+            f"head.sharded splits class centres over Horovod processes; with "
+            f"distributed.backend={strategy.name} use head.sharded=false, or run under horovodrun"
+        )
     schedule = config.schedule
     if config.distributed.scale_lr:
         schedule = dataclasses.replace(schedule, base_lr=schedule.base_lr * strategy.num_workers)
-    optimizer = OPTIMIZERS.get(config.optimizer.name)(
-        config.optimizer, LearningRateSchedule(schedule, config.train.steps)
-    )
-    if config.train.mixed_precision:
-        optimizer = keras.mixed_precision.LossScaleOptimizer(optimizer)
-    model = EmbeddingTrainer(backbone, head, config.sparsity, strategy)
-    model.compile(optimizer=optimizer)
-    # Creating the optimizer slots before restoring makes the restore immediate
-    # and exact, instead of deferred until the first step, and gives the
-    # broadcast below every variable to copy.
-    optimizer.build(model.trainable_variables)
+    with strategy.scope():
+        backbone, head = build_networks(config, len(class_names), strategy)
+        optimizer = OPTIMIZERS.get(config.optimizer.name)(
+            config.optimizer, LearningRateSchedule(schedule, config.train.steps)
+        )
+        if config.train.mixed_precision:
+            optimizer = keras.mixed_precision.LossScaleOptimizer(optimizer)
+        model = EmbeddingTrainer(backbone, head, config.sparsity, strategy)
+        model.compile(optimizer=optimizer)
+        # Creating the optimizer slots before restoring makes the restore immediate
+        # and exact, instead of deferred until the first step, and gives the
+        # broadcast below every variable to copy.
+        optimizer.build(model.trainable_variables)
 
     # With class centres split over the workers, every worker saves its own.
     per_worker = bool(model.sharded_variables) and strategy.num_workers > 1
@@ -418,24 +431,34 @@ def train(config: Config, data_dir: str | os.PathLike, model_dir: str | os.PathL
                            num_workers=strategy.num_workers, metrics={}, model=model)
 
     # --- data ---
-    dataset = train_dataset(
-        pattern, per_worker_batch, config.model.input_size,
-        augment=config.data.augment, shuffle_buffer=config.data.shuffle_buffer,
-        seed=config.train.seed, num_workers=strategy.num_workers,
-        worker_index=strategy.worker_index, start_example=samples // strategy.num_workers,
-    )
+    def make_dataset(num_pipelines: int, index: int) -> tf.data.Dataset:
+        # Each pipeline skips its share of the examples all workers consumed.
+        return train_dataset(
+            pattern, per_worker_batch, config.model.input_size,
+            augment=config.data.augment, shuffle_buffer=config.data.shuffle_buffer,
+            seed=config.train.seed, num_workers=num_pipelines, worker_index=index,
+            start_example=samples // num_pipelines,
+        )
+
+    dataset = strategy.distribute_dataset(make_dataset, per_worker_batch)
 
     # --- train ---
     callbacks: list[keras.callbacks.Callback] = [StopOnNonFiniteLoss(optimizer)]
-    if strategy.is_chief or per_worker:
-        callbacks.append(CheckpointEvery(manager, optimizer, config.train.checkpoint_every))
-    if strategy.is_chief:
-        if verbose == 2:
-            callbacks.append(ProgressLog(optimizer, config.train.steps, config.train.log_every))
-        callbacks.append(
-            SummaryScalars(str(model_dir / "logs" / "train"), optimizer, config.train.log_every))
-    history = model.fit(dataset, epochs=1, steps_per_epoch=remaining, callbacks=callbacks,
-                        verbose=1 if verbose == 1 and strategy.is_chief else 0)
+    with contextlib.ExitStack() as stack:
+        if strategy.is_chief or per_worker:
+            callbacks.append(CheckpointEvery(manager, optimizer, config.train.checkpoint_every))
+        elif strategy.saves_on_every_worker:
+            scratch = stack.enter_context(scratch_checkpoint_dir())
+            callbacks.append(CheckpointEvery(
+                tf.train.CheckpointManager(checkpoint, scratch, max_to_keep=1),
+                optimizer, config.train.checkpoint_every))
+        if strategy.is_chief:
+            if verbose == 2:
+                callbacks.append(ProgressLog(optimizer, config.train.steps, config.train.log_every))
+            callbacks.append(SummaryScalars(str(model_dir / "logs" / "train"), optimizer,
+                                            config.train.log_every))
+        history = model.fit(dataset, epochs=1, steps_per_epoch=remaining, callbacks=callbacks,
+                            verbose=1 if verbose == 1 and strategy.is_chief else 0)
     metrics = {k: float(v[-1]) for k, v in history.history.items()}
     return TrainResult(step=int(optimizer.iterations.numpy()), resumed_from=start,
                        samples=int(model.samples.numpy()), num_workers=strategy.num_workers,

@@ -1,4 +1,7 @@
-"""Checks that run inside real Horovod processes: `horovodrun -np N python horovod_checks.py CHECK OUT ...`.
+"""Checks that run inside real distributed processes.
+
+    horovodrun -np N python distributed_checks.py CHECK OUT ...      (Horovod ranks)
+    python distributed_checks.py step_equivalence OUT mirrored       (2 replicas on 2 logical CPUs)
 
 Each rank writes what it measured to OUT/rank<r>.npz; tests/test_distributed.py
 launches the processes and compares. Kept out of pytest's collection (no
@@ -16,7 +19,7 @@ from sparse_embed.config import load_config
 from sparse_embed.heads.margin import ArcFaceHead
 from sparse_embed.keras import keras, tf
 from sparse_embed.sparsity import flops_regularizer, l1_regularizer
-from sparse_embed.training.distributed import HorovodStrategy, SingleProcess
+from sparse_embed.training.distributed import HorovodStrategy, MirroredStrategy, SingleProcess
 from sparse_embed.training.trainer import EmbeddingTrainer, train
 
 CLASSES, DIM, PER_RANK, LR = 5, 16, 4, 0.5
@@ -25,28 +28,39 @@ CLASSES, DIM, PER_RANK, LR = 5, 16, 4, 0.5
 def _trainer(sparsity: str, cross_replica: bool, strategy) -> EmbeddingTrainer:
     """A network without batch-dependent layers, the same initial weights on every call."""
     keras.utils.set_random_seed(0)
-    inputs = keras.Input((6, 6, 3))
-    outputs = keras.layers.Dense(DIM, name="embed")(keras.layers.Flatten()(inputs))
-    backbone = keras.Model(inputs, outputs)
-    head = ArcFaceHead(CLASSES, scale=8.0, margin=0.3, embedding_size=DIM)
-    head.build((None, DIM))
-    config = load_config(None, [f"sparsity.type={sparsity}", "sparsity.weight=2.0",
-                                "sparsity.schedule=constant",
-                                f"sparsity.cross_replica={str(cross_replica).lower()}"])
-    model = EmbeddingTrainer(backbone, head, config.sparsity, strategy)
-    model.compile(optimizer=keras.optimizers.SGD(LR))
-    model.optimizer.build(model.trainable_variables)
+    with strategy.scope():
+        inputs = keras.Input((6, 6, 3))
+        outputs = keras.layers.Dense(DIM, name="embed")(keras.layers.Flatten()(inputs))
+        backbone = keras.Model(inputs, outputs)
+        head = ArcFaceHead(CLASSES, scale=8.0, margin=0.3, embedding_size=DIM)
+        head.build((None, DIM))
+        config = load_config(None, [f"sparsity.type={sparsity}", "sparsity.weight=2.0",
+                                    "sparsity.schedule=constant",
+                                    f"sparsity.cross_replica={str(cross_replica).lower()}"])
+        model = EmbeddingTrainer(backbone, head, config.sparsity, strategy)
+        model.compile(optimizer=keras.optimizers.SGD(LR))
+        model.optimizer.build(model.trainable_variables)
     return model
 
 
-def step_equivalence(out: Path) -> None:
-    """One step of N ranks x batch B against one process with the N*B batch."""
-    strategy = HorovodStrategy()
+def _mirrored_on_two_cpus() -> MirroredStrategy:
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+    return MirroredStrategy()
+
+
+def step_equivalence(out: Path, backend: str = "horovod") -> None:
+    """One step of N workers x batch B against one process with the N*B batch.
+
+    Horovod ranks feed their own B examples; the mirrored strategy is fed the
+    N*B batch and splits it over its replicas.
+    """
+    strategy = HorovodStrategy() if backend == "horovod" else _mirrored_on_two_cpus()
     rank, size = strategy.worker_index, strategy.num_workers
     rng = np.random.default_rng(0)
     images = rng.uniform(-1, 1, (size * PER_RANK, 6, 6, 3)).astype(np.float32)
     labels = rng.integers(0, CLASSES, size * PER_RANK).astype(np.int32)
-    mine = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
+    mine = slice(rank * PER_RANK, (rank + 1) * PER_RANK) if backend == "horovod" else slice(None)
     results: dict[str, np.ndarray] = {}
     for sparsity, cross in (("l1", False), ("flops", True), ("flops", False)):
         name = f"{sparsity}_{'cross' if cross else 'local'}"
