@@ -91,8 +91,10 @@ def embed_dataset(backbone: keras.Model, dataset: tf.data.Dataset, flip: str = "
         The L2-normalised embeddings in dataset order.
     """
     combine = FLIP_MODES.get(flip)
+    size = backbone.input_shape[1:]
 
-    @tf.function
+    # Any batch size, so the smaller last batch reuses the one trace.
+    @tf.function(input_signature=[tf.TensorSpec([None, *size], tf.float32)])
     def step(images: tf.Tensor) -> tf.Tensor:
         e = backbone(images, training=False)
         if combine is not None:
