@@ -7,7 +7,7 @@ PYTEST_ARGS ?=
 MEGAFACE_BIN ?= data/megaface/megaface_distractors.bin
 FACESCRUB_BIN ?= data/megaface/facescrub.bin
 
-.PHONY: install horovod test test-fast demo bench lint runmegaface runfacescrub clean
+.PHONY: install horovod test test-fast demo bench bench-train lint runmegaface runfacescrub clean
 
 install: $(VENV)/.installed
 
@@ -39,6 +39,9 @@ demo: install
 
 bench: install
 	$(PY) benchmarks/search_bench.py
+
+bench-train: install horovod
+	$(PY) benchmarks/train_throughput.py
 
 lint: install
 	$(PY) -m ruff check sparse_embed tests benchmarks preprocessing

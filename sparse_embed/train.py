@@ -42,6 +42,8 @@ def main(argv: list[str]) -> None:
         return
     print(f"\nstep {result.step} (resumed from {result.resumed_from}), {result.samples} examples, "
           f"{result.num_workers} worker(s), model_dir {_MODEL_DIR.value}")
+    if result.images_per_second:
+        print(f"  {'images/s':<16} {result.images_per_second:.4g}")
     for name, value in result.metrics.items():
         print(f"  {name:<16} {value:.4g}")
 

@@ -127,3 +127,31 @@ class ProgressLog(_StepCallback):
         logs = logs or {}
         values = "  ".join(f"{k} {float(logs[k]):.4g}" for k in self.keys if k in logs)
         print(f"step {step}/{self.total_steps}  {values}  ({rate:.2f} steps/s)", flush=True)
+
+
+class Throughput(keras.callbacks.Callback):
+    """Measures steady-state steps per second: from the end of the first step to the end of the last.
+
+    The first step includes tracing the training function, so it is left out.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._first: float | None = None
+        self._last: float | None = None
+        self._steps = 0
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        now = time.perf_counter()
+        if self._first is None:
+            self._first = now
+        else:
+            self._steps += 1
+        self._last = now
+
+    @property
+    def steps_per_second(self) -> float:
+        """Steps per second after the first step; 0 with fewer than two steps."""
+        if self._steps == 0:
+            return 0.0
+        return self._steps / max(self._last - self._first, 1e-9)

@@ -37,6 +37,7 @@ from sparse_embed.training.callbacks import (
     ProgressLog,
     StopOnNonFiniteLoss,
     SummaryScalars,
+    Throughput,
 )
 from sparse_embed.training.distributed import Strategy, get_strategy, scratch_checkpoint_dir
 from sparse_embed.training.schedules import LearningRateSchedule
@@ -194,6 +195,8 @@ class TrainResult:
         samples: Training examples consumed by all workers together.
         num_workers: Workers that trained this time.
         metrics: The last step's training metrics, averaged over workers (empty if no step ran).
+        images_per_second: Training examples per second of all workers together,
+            after the first (traced) step; 0 when fewer than two steps ran.
         model: The trained model (`model.backbone`, `model.head`) of this worker.
     """
 
@@ -202,6 +205,7 @@ class TrainResult:
     samples: int
     num_workers: int
     metrics: dict[str, float]
+    images_per_second: float
     model: EmbeddingTrainer = field(repr=False, compare=False)
 
 
@@ -428,7 +432,8 @@ def train(config: Config, data_dir: str | os.PathLike, model_dir: str | os.PathL
     remaining = config.train.steps - start
     if remaining <= 0:
         return TrainResult(step=start, resumed_from=start, samples=samples,
-                           num_workers=strategy.num_workers, metrics={}, model=model)
+                           num_workers=strategy.num_workers, metrics={}, images_per_second=0.0,
+                           model=model)
 
     # --- data ---
     def make_dataset(num_pipelines: int, index: int) -> tf.data.Dataset:
@@ -443,7 +448,8 @@ def train(config: Config, data_dir: str | os.PathLike, model_dir: str | os.PathL
     dataset = strategy.distribute_dataset(make_dataset, per_worker_batch)
 
     # --- train ---
-    callbacks: list[keras.callbacks.Callback] = [StopOnNonFiniteLoss(optimizer)]
+    throughput = Throughput()
+    callbacks: list[keras.callbacks.Callback] = [StopOnNonFiniteLoss(optimizer), throughput]
     with contextlib.ExitStack() as stack:
         if strategy.is_chief or per_worker:
             callbacks.append(CheckpointEvery(manager, optimizer, config.train.checkpoint_every))
@@ -460,6 +466,8 @@ def train(config: Config, data_dir: str | os.PathLike, model_dir: str | os.PathL
         history = model.fit(dataset, epochs=1, steps_per_epoch=remaining, callbacks=callbacks,
                             verbose=1 if verbose == 1 and strategy.is_chief else 0)
     metrics = {k: float(v[-1]) for k, v in history.history.items()}
-    return TrainResult(step=int(optimizer.iterations.numpy()), resumed_from=start,
-                       samples=int(model.samples.numpy()), num_workers=strategy.num_workers,
-                       metrics=metrics, model=model)
+    end = int(model.samples.numpy())
+    return TrainResult(step=int(optimizer.iterations.numpy()), resumed_from=start, samples=end,
+                       num_workers=strategy.num_workers, metrics=metrics,
+                       images_per_second=throughput.steps_per_second * (end - samples) / remaining,
+                       model=model)
