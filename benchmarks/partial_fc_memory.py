@@ -1,0 +1,113 @@
+"""Peak memory of a training step for a huge class count: ArcFace against Partial FC sample rates.
+
+    python benchmarks/partial_fc_memory.py [--classes=400000] [--dim=128] [--batch=128] [--steps=5]
+
+Each row runs in a fresh process: a one-layer backbone on random 112-d inputs,
+the head, SGD with momentum, `--steps` training steps inside `tf.function`;
+the figure is the process's peak resident memory (ru_maxrss) minus its
+resident memory once TensorFlow is imported and the head built, i.e. what the
+steps themselves add (logits, their gradient, the class-centre gradient). The
+class centres and their momentum (2 x classes x dim x 4 bytes) are allocated
+before that baseline and are the same in every row; sharding over N workers
+divides them by N, which is not measured here (one process).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+def measure(head_kind: str, sample_rate: float, classes: int, dim: int, batch: int,
+            steps: int) -> dict:
+    """One measurement, in this process (called by the child processes)."""
+    import numpy as np
+
+    from sparse_embed.heads import ArcFaceHead, ShardedMarginHead
+    from sparse_embed.keras import keras, tf
+    from sparse_embed.training.distributed import SingleProcess
+
+    arcface = ArcFaceHead(classes, scale=64.0, margin=0.5)
+    head = arcface if head_kind == "arcface" else ShardedMarginHead(
+        arcface, SingleProcess(), sample_rate=sample_rate)
+    head.build((None, dim))
+    backbone = keras.layers.Dense(dim)
+    backbone.build((None, 112))
+    variables = backbone.trainable_variables + head.trainable_variables
+    optimizer = keras.optimizers.SGD(0.1, momentum=0.9)
+    optimizer.build(variables)
+    rng = np.random.default_rng(0)
+    x = tf.constant(rng.normal(size=(batch, 112)), tf.float32)
+    y = tf.constant(rng.integers(0, classes, batch), tf.int32)
+
+    @tf.function
+    def step() -> tf.Tensor:
+        with tf.GradientTape() as tape:
+            loss = head.loss_and_accuracy(backbone(x), y, training=True)[0]
+        optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables, strict=True))
+        return loss
+
+    baseline = _rss_mib()
+    losses = [float(step()) for _ in range(steps)]
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"head": head_kind, "sample_rate": sample_rate, "classes": classes, "dim": dim,
+            "batch": batch, "step_peak_mib": peak - baseline, "first_loss": losses[0],
+            "last_loss": losses[-1]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--classes", type=int, default=400_000)
+    parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--child", nargs=2, metavar=("HEAD", "RATE"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        row = measure(args.child[0], float(args.child[1]), args.classes, args.dim, args.batch,
+                      args.steps)
+        print(json.dumps(row))
+        return
+
+    rows = []
+    for head, rate in (("arcface", 1.0), ("partial_fc", 1.0), ("partial_fc", 0.5),
+                       ("partial_fc", 0.1)):
+        print(f"{head} sample_rate={rate} ...", file=sys.stderr, flush=True)
+        proc = subprocess.run(
+            [sys.executable, __file__, f"--classes={args.classes}", f"--dim={args.dim}",
+             f"--batch={args.batch}", f"--steps={args.steps}", "--child", head, str(rate)],
+            capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SystemExit(proc.stderr[-2000:])
+        rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    base = rows[0]["step_peak_mib"]
+    centres = 2 * args.classes * args.dim * 4 / 2**20
+    print(f"{args.classes} classes x {args.dim}-d, batch {args.batch}; class centres + momentum: "
+          f"{centres:.0f} MiB in every row")
+    header = (f"{'head':<12} {'sample_rate':>11} {'step peak MiB':>13} {'first loss':>10}"
+              f" {'last loss':>9} {'vs arcface':>10}")
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        print(f"{row['head']:<12} {row['sample_rate']:>11} {row['step_peak_mib']:>13.0f} "
+              f"{row['first_loss']:>10.3f} {row['last_loss']:>9.3f} "
+              f"{row['step_peak_mib'] / base:>9.2f}x")
+
+
+if __name__ == "__main__":
+    main()
