@@ -25,16 +25,18 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return data
 
 
-def run_module(*args: str, cwd: Path | None = None,
-               pythonpath: tuple[Path, ...] = ()) -> subprocess.CompletedProcess:
+def run_module(*args: str, cwd: Path | None = None, pythonpath: tuple[Path, ...] = (),
+               env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """Runs `python -m <args>` with the package importable; captures text output.
 
     Args:
         *args: Module name and its arguments.
         cwd: Working directory.
         pythonpath: Directories put before the package on the import path.
+        env: Extra environment variables.
     """
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(map(str, (*pythonpath, ROOT))))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(map(str, (*pythonpath, ROOT))),
+               **(env or {}))
     return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True,
                           env=env, cwd=cwd, timeout=600)
 

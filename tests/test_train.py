@@ -125,3 +125,20 @@ def test_mixed_precision_trains_finite_and_resumes(tiny_data: Path, tmp_path: Pa
                     tmp_path / "mp", verbose=0)
     assert (resumed.step, resumed.resumed_from) == (10, 6)
     assert np.isfinite(resumed.metrics["loss"])
+
+
+def test_tensorflow_start_up_lines_stay_off_the_terminal(tiny_data: Path, tmp_path: Path) -> None:
+    """Only our progress and summary reach the user; SPARSE_EMBED_TF_LOGS=1 brings TF's lines back."""
+    args = ("sparse_embed.train", "--config=smoke", f"--data_dir={tiny_data}", "--set",
+            "train.steps=2", "--set", "train.checkpoint_every=1")
+    proc = run_module(*args, f"--model_dir={tmp_path / 'quiet'}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    noise = ("absl::InitializeLog", "oneDNN", "cuda", "cpu_feature_guard", "Sharding callback",
+             "TFRecordDataset buffer_size")
+    assert not [line for line in proc.stderr.splitlines() if any(n in line for n in noise)], (
+        proc.stderr)
+
+    loud = run_module(*args, f"--model_dir={tmp_path / 'loud'}",
+                      env={"SPARSE_EMBED_TF_LOGS": "1"})
+    assert loud.returncode == 0
+    assert "oneDNN" in loud.stderr or "cuda" in loud.stderr

@@ -7,8 +7,10 @@ Every entry of `HEADS` is a builder
 returning an unbuilt head layer with the contract of `margin.ClassifierHead`:
 ``head(embeddings, labels, training=None)`` -> scalar float32 mean loss over
 the batch (embeddings float32 [B, D] as the backbone produces them, not
-normalised; labels int32/int64 [B]) and ``head.logits(embeddings)`` -> float32
-[B, C] without margin.
+normalised; labels int32/int64 [B]), ``head.logits(embeddings)`` -> float32
+[B, C] without margin, and ``head.loss_and_accuracy(embeddings, labels)``, what
+the trainer calls. `build_head` wraps a margin head in `ShardedMarginHead`
+(Partial FC) when `head.sharded` is set; that head has no full [B, C] logits.
 """
 
 from __future__ import annotations

@@ -80,7 +80,7 @@ class EmbeddingTrainer(keras.Model):
 
     Args:
         backbone: images -> embeddings (after the final activation).
-        head: A head layer from `sparse_embed.heads` (`head(e, y)` -> loss, `head.logits(e)`).
+        head: A head layer from `sparse_embed.heads` (`head.loss_and_accuracy(e, y)`).
         sparsity: The `sparsity` section of the config.
         strategy: Averages gradients and metrics across workers.
         **kwargs: Passed to `keras.Model`.
@@ -121,18 +121,19 @@ class EmbeddingTrainer(keras.Model):
         divided by N instead of averaged with the other workers' (different)
         variables.
         """
-        sharded = {id(v) for v in self.sharded_variables}
-        replicated = [i for i, v in enumerate(variables) if id(v) not in sharded]
+        sharded_ids = {id(v) for v in self.sharded_variables}
+        sharded = [i for i, v in enumerate(variables) if id(v) in sharded_ids]
+        replicated = [i for i in range(len(variables)) if i not in sharded]
         reduced = list(grads)
-        for i, g in zip(replicated, self.strategy.reduce_gradients(
-                [grads[i] for i in replicated]), strict=True):
+        averaged = self.strategy.reduce_gradients([grads[i] for i in replicated])
+        for i, g in zip(replicated, averaged, strict=True):
             reduced[i] = g
         scale = 1.0 / self.strategy.num_workers
-        for i, v in enumerate(variables):
-            if id(v) in sharded and self.strategy.num_workers > 1:
-                g = grads[i]
-                reduced[i] = (tf.IndexedSlices(g.values * scale, g.indices, g.dense_shape)
-                              if isinstance(g, tf.IndexedSlices) else g * scale)
+        for i in sharded:
+            g = grads[i]
+            # Sampled class centres have IndexedSlices gradients: keep them sparse.
+            reduced[i] = (tf.IndexedSlices(g.values * scale, g.indices, g.dense_shape)
+                          if isinstance(g, tf.IndexedSlices) else g * scale)
         return reduced
 
     def train_step(self, data: tuple[tf.Tensor, tf.Tensor]) -> dict[str, tf.Tensor]:
