@@ -89,6 +89,20 @@ class Strategy(Protocol):
 STRATEGIES: Registry[type] = Registry("distribution backend")
 
 
+def _self_adjoint(reduce: Callable[[tf.Tensor], tf.Tensor], tensor: tf.Tensor) -> tf.Tensor:
+    """`reduce(tensor)` whose backward pass applies the same reduction to the upstream gradient.
+
+    A sum or a mean over workers is its own adjoint: with y = sum_k x_k on
+    every worker, d(sum_k L_k)/dx_r = sum_k dL_k/dy.
+    """
+
+    @tf.custom_gradient
+    def _reduced(x: tf.Tensor) -> tuple[tf.Tensor, Callable[[tf.Tensor], tf.Tensor]]:
+        return reduce(x), reduce
+
+    return _reduced(tensor)
+
+
 @STRATEGIES.register("none")
 class SingleProcess:
     """One process, all local devices seen by TensorFlow's default placement."""
@@ -284,15 +298,7 @@ class HorovodStrategy:
             tensor: float tensor of the same shape on every rank.
         """
         hvd = self._hvd
-
-        @tf.custom_gradient
-        def _mean(x: tf.Tensor) -> tuple[tf.Tensor, Any]:
-            def grad(upstream: tf.Tensor) -> tf.Tensor:
-                return hvd.allreduce(upstream, op=hvd.Average)
-
-            return hvd.allreduce(x, op=hvd.Average), grad
-
-        return _mean(tensor)
+        return _self_adjoint(lambda x: hvd.allreduce(x, op=hvd.Average), tensor)
 
     def all_gather(self, tensor: tf.Tensor) -> tf.Tensor:
         """Concatenates every rank's tensor along axis 0 (rank order).
@@ -325,15 +331,7 @@ class HorovodStrategy:
             tensor: float tensor of the same shape on every rank.
         """
         hvd = self._hvd
-
-        @tf.custom_gradient
-        def _sum(x: tf.Tensor) -> tuple[tf.Tensor, Any]:
-            def grad(upstream: tf.Tensor) -> tf.Tensor:
-                return hvd.allreduce(upstream, op=hvd.Sum)
-
-            return hvd.allreduce(x, op=hvd.Sum), grad
-
-        return _sum(tensor)
+        return _self_adjoint(lambda x: hvd.allreduce(x, op=hvd.Sum), tensor)
 
     def max(self, tensor: tf.Tensor) -> tf.Tensor:
         """Elementwise maximum over ranks, without a gradient.
@@ -437,15 +435,7 @@ class _TFDistribute:
             tensor: float tensor of the same shape on every replica.
         """
         context = self._context()
-
-        @tf.custom_gradient
-        def _mean(x: tf.Tensor) -> tuple[tf.Tensor, Any]:
-            def grad(upstream: tf.Tensor) -> tf.Tensor:
-                return context.all_reduce(tf.distribute.ReduceOp.MEAN, upstream)
-
-            return context.all_reduce(tf.distribute.ReduceOp.MEAN, x), grad
-
-        return _mean(tensor)
+        return _self_adjoint(lambda x: context.all_reduce(tf.distribute.ReduceOp.MEAN, x), tensor)
 
     def sum(self, tensor: tf.Tensor) -> tf.Tensor:
         """Sums over replicas; backward: the sum of the upstream gradients.
@@ -454,15 +444,7 @@ class _TFDistribute:
             tensor: float tensor of the same shape on every replica.
         """
         context = self._context()
-
-        @tf.custom_gradient
-        def _sum(x: tf.Tensor) -> tuple[tf.Tensor, Any]:
-            def grad(upstream: tf.Tensor) -> tf.Tensor:
-                return context.all_reduce(tf.distribute.ReduceOp.SUM, upstream)
-
-            return context.all_reduce(tf.distribute.ReduceOp.SUM, x), grad
-
-        return _sum(tensor)
+        return _self_adjoint(lambda x: context.all_reduce(tf.distribute.ReduceOp.SUM, x), tensor)
 
     def all_gather(self, tensor: tf.Tensor) -> tf.Tensor:
         """Concatenates every replica's tensor along axis 0 (replica order).
