@@ -29,7 +29,7 @@ from sparse_embed.config import load_config
 from sparse_embed.errors import ConfigError
 from sparse_embed.keras import tf
 from sparse_embed.training.distributed import resolve_backend
-from sparse_embed.training.trainer import CHECKPOINT_DIR, worker_batch_size
+from sparse_embed.training.trainer import CHECKPOINT_DIR, train, worker_batch_size
 
 CHECKS = str(ROOT / "tests" / "distributed_checks.py")
 TINY = ["train.batch_size=8", "train.log_every=1", "train.checkpoint_every=2"]
@@ -211,15 +211,31 @@ def test_partial_fc_on_two_ranks_equals_the_unsharded_head(tmp_path: Path) -> No
         assert np.abs(got["kernel"] - got["initial_kernel"]).max() > 1e-3, "the step moved nothing"
 
 
+def _sharded_state(*checkpoint_dirs: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The class centres and their momentum, concatenated over the workers' checkpoints."""
+    kernels, momenta = [], []
+    for directory in checkpoint_dirs:
+        reader = tf.train.load_checkpoint(str(directory))
+        kernel = reader.get_tensor("head/kernel/.ATTRIBUTES/VARIABLE_VALUE")
+        # The momentum of the centres is the one optimizer slot of their shape.
+        slot = [k for k, shape in reader.get_variable_to_shape_map().items()
+                if k.startswith("optimizer/_variables/") and shape == list(kernel.shape)]
+        assert len(slot) == 1, slot
+        kernels.append(kernel)
+        momenta.append(reader.get_tensor(slot[0]))
+    return np.concatenate(kernels), np.concatenate(momenta)
+
+
 @pytest.mark.slow
-def test_sampled_partial_fc_trains_resumes_and_guards_the_worker_count(
+def test_sampled_partial_fc_trains_and_resumes_on_any_worker_count(
         tiny_data: Path, tmp_path: Path) -> None:
+    """2 ranks -> 1 process -> 2 ranks with the class centres split per worker, re-split on resume."""
     run = tmp_path / "run"
+    ckpt = run / CHECKPOINT_DIR
     sharded = ["head.sharded=true", "head.sample_rate=0.5"]
     proc = horovodrun(2, *_train_cli(run, tiny_data, "train.steps=4", *sharded))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert (run / CHECKPOINT_DIR / "worker-1-of-2" / "checkpoint").is_file()
-    reader = tf.train.load_checkpoint(str(run / CHECKPOINT_DIR / "worker-1-of-2"))
+    reader = tf.train.load_checkpoint(str(ckpt / "worker-1-of-2"))
     assert reader.get_variable_to_shape_map()["head/kernel/.ATTRIBUTES/VARIABLE_VALUE"] == [4, 64]
     proc = horovodrun(2, *_train_cli(run, tiny_data, "train.steps=6", *sharded))
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -227,9 +243,27 @@ def test_sampled_partial_fc_trains_resumes_and_guards_the_worker_count(
     assert "step 6 (resumed from 4), 48 examples, 2 worker(s)" in out
     summary = out.split("step 6 (resumed from 4)")[1]
     assert np.isfinite(float(summary.split("head_loss")[1].split()[0]))
+    centres, momentum = _sharded_state(ckpt, ckpt / "worker-1-of-2")
+
+    # One process takes all 8 centres and their momentum, as the two ranks left them.
+    config = load_config("smoke", [*TINY, *sharded, "train.steps=6"])
+    same = train(config, tiny_data, run, verbose=0)
+    assert (same.step, same.resumed_from, same.samples) == (6, 6, 48)
+    np.testing.assert_array_equal(same.model.head.kernel.numpy(), centres)
+    slots = [v for v in same.model.optimizer.variables if v.shape == centres.shape]
+    np.testing.assert_array_equal(slots[0].numpy(), momentum)
 
     proc = run_module(*_train_cli(run, tiny_data, "train.steps=8", *sharded)[1:])
-    assert_user_error(proc, "sharded head checkpointed over 2 workers", "resume it with 2 workers")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "step 8 (resumed from 6), 64 examples, 1 worker(s)" in proc.stdout
+    centres, momentum = _sharded_state(ckpt)
+    assert centres.shape == (8, 64)
+
+    proc = horovodrun(2, *_train_cli(run, tiny_data, "train.steps=10", *sharded))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "step 10 (resumed from 8), 80 examples, 2 worker(s)" in "\n".join(
+        rank_lines(proc.stdout, 0, "stdout"))
+    assert _sharded_state(ckpt, ckpt / "worker-1-of-2")[0].shape == (8, 64)
 
 
 @pytest.mark.slow

@@ -80,6 +80,10 @@ class ShardedMarginHead(keras.layers.Layer):
         self.num_sample = max(1, math.ceil(self.sample_rate * self.num_local))
         # Every worker samples its own negatives.
         self._rng = tf.random.Generator.from_seed(seed + 1_000_003 * strategy.worker_index)
+        # Saved with the centres: how many blocks the classes were split into,
+        # so a resume on another number of workers can re-split them.
+        self.shards = tf.Variable(strategy.num_workers, dtype=tf.int64, trainable=False,
+                                  name="shards")
 
     def build(self, input_shape: tf.TensorShape) -> None:
         dim = tf.TensorShape(input_shape)[-1] or self.margin.embedding_size

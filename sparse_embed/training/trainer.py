@@ -15,6 +15,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from sparse_embed.config import (
     Config,
     OptimizerConfig,
@@ -28,6 +30,7 @@ from sparse_embed.data.pipeline import train_dataset
 from sparse_embed.data.tfrecord import read_label_map
 from sparse_embed.errors import ConfigError, SparseEmbedError
 from sparse_embed.heads import build_head
+from sparse_embed.heads.partial_fc import shard_range
 from sparse_embed.keras import keras, silence_warnings, tf
 from sparse_embed.models import build_model
 from sparse_embed.registry import Registry
@@ -314,7 +317,7 @@ def _restore(checkpoint: tf.train.Checkpoint, manager: tf.train.CheckpointManage
 
 
 def _checkpoint_dir(model_dir: Path, strategy: Strategy, per_worker: bool) -> Path:
-    """Where this worker's checkpoints go; checks a sharded run resumes on its worker count.
+    """Where this worker's checkpoints go.
 
     The chief's checkpoints are always in `model_dir/checkpoints` (what embed
     and evaluate read: the backbone is the same on every worker). With a
@@ -322,17 +325,81 @@ def _checkpoint_dir(model_dir: Path, strategy: Strategy, per_worker: bool) -> Pa
     optimizer slots in `checkpoints/worker-<r>-of-<N>`.
     """
     root = model_dir / CHECKPOINT_DIR
-    shards = sorted({p.name.rsplit("-of-", 1)[1] for p in root.glob("worker-*-of-*")})
-    count = str(strategy.num_workers) if per_worker else None
-    if shards and shards != [count]:
-        raise ConfigError(
-            f"{root} holds a sharded head checkpointed over {shards[0]} workers; its class "
-            f"centres are split per worker, so resume it with {shards[0]} workers, or pass a "
-            f"new --model_dir"
-        )
     if per_worker and not strategy.is_chief:
         return root / f"worker-{strategy.worker_index}-of-{strategy.num_workers}"
     return root
+
+
+_SHARDS_KEY = "head/shards/.ATTRIBUTES/VARIABLE_VALUE"
+_VALUE = "/.ATTRIBUTES/VARIABLE_VALUE"
+
+
+def _saved_shards(model_dir: Path) -> int | None:
+    """The number of blocks the latest checkpoint's sharded head was split into (None: not sharded)."""
+    latest = tf.train.latest_checkpoint(str(model_dir / CHECKPOINT_DIR))
+    if latest is None:
+        return None
+    reader = tf.train.load_checkpoint(latest)
+    if _SHARDS_KEY not in reader.get_variable_to_shape_map():
+        return None
+    return int(reader.get_tensor(_SHARDS_KEY))
+
+
+def _reshard_restore(model: EmbeddingTrainer, optimizer: keras.optimizers.Optimizer,
+                     model_dir: Path, old_shards: int) -> int:
+    """Restores a sharded-head run saved by `old_shards` workers into this worker's block.
+
+    Everything but the class centres comes from the chief's checkpoint; this
+    worker's centres and their optimizer slots are cut from the old workers'
+    blocks that overlap its new block. Every worker reads only files, so no
+    collective is needed. Returns the step restored.
+
+    Raises:
+        ConfigError: If the old workers' checkpoints share no step, or the run
+            uses mixed precision (its optimizer nests the slots differently).
+    """
+    head = model.head
+    root = model_dir / CHECKPOINT_DIR
+    dirs = [root] + [root / f"worker-{r}-of-{old_shards}" for r in range(1, old_shards)]
+    saved = []
+    for directory in dirs:
+        state = tf.train.get_checkpoint_state(str(directory))
+        paths = state.all_model_checkpoint_paths if state else []
+        saved.append({int(path.rsplit("-", 1)[1]) for path in paths})
+    common = set.intersection(*saved)
+    if not common or isinstance(optimizer, keras.mixed_precision.LossScaleOptimizer):
+        raise ConfigError(
+            f"{root} holds a sharded head checkpointed over {old_shards} workers that cannot be "
+            f"re-split here ({'mixed precision' if common else 'no common step'}); resume it "
+            f"with {old_shards} workers, or pass a new --model_dir"
+        )
+    step = max(common)
+    readers = [tf.train.load_checkpoint(str(d / f"ckpt-{step}")) for d in dirs]
+    checkpoint_for(model.backbone, samples=model.samples).restore(
+        str(root / f"ckpt-{step}")).expect_partial()
+
+    start, end = head.class_start, head.class_start + head.num_local
+
+    def my_rows(key: str) -> np.ndarray:
+        parts = []
+        for r, reader in enumerate(readers):
+            old_start, old_end = shard_range(head.num_classes, old_shards, r)
+            lo, hi = max(start, old_start), min(end, old_end)
+            if lo < hi:
+                parts.append(reader.get_tensor(key)[lo - old_start:hi - old_start])
+        return np.concatenate(parts)
+
+    head.kernel.assign(my_rows(f"head/kernel{_VALUE}"))
+    slots = {v.name for v in optimizer.variables} - {v.name for v in _replicated(
+        optimizer.variables, [head.kernel])}
+    chief = readers[0]
+    optimizer.iterations.assign(chief.get_tensor(f"optimizer/_iterations{_VALUE}"))
+    # The optimizer checkpoints its slots by position, the same for every
+    # worker count; position 0 is the step counter.
+    for i, variable in enumerate(optimizer.variables[1:], start=1):
+        key = f"optimizer/_variables/{i}{_VALUE}"
+        variable.assign(my_rows(key) if variable.name in slots else chief.get_tensor(key))
+    return step
 
 
 def _replicated(variables: list[tf.Variable], sharded: list[tf.Variable]) -> list[tf.Variable]:
@@ -422,7 +489,11 @@ def train(config: Config, data_dir: str | os.PathLike, model_dir: str | os.PathL
         checkpoint, str(_checkpoint_dir(model_dir, strategy, per_worker)),
         max_to_keep=config.train.keep_checkpoints,
     )
-    _restore(checkpoint, manager, config, model_dir, strategy, per_worker)
+    saved_shards = _saved_shards(model_dir) if model.sharded_variables else None
+    if saved_shards is not None and saved_shards != strategy.num_workers:
+        _reshard_restore(model, optimizer, model_dir, saved_shards)
+    else:
+        _restore(checkpoint, manager, config, model_dir, strategy, per_worker)
     strategy.broadcast_variables(
         _replicated(model.variables + optimizer.variables, model.sharded_variables))
     if strategy.is_chief:
