@@ -28,7 +28,7 @@ from conftest import (
 from sparse_embed.config import load_config
 from sparse_embed.errors import ConfigError
 from sparse_embed.keras import tf
-from sparse_embed.training.distributed import resolve_backend
+from sparse_embed.training.distributed import SingleProcess, resolve_backend
 from sparse_embed.training.trainer import CHECKPOINT_DIR, train, worker_batch_size
 
 CHECKS = str(ROOT / "tests" / "distributed_checks.py")
@@ -334,3 +334,24 @@ def test_multi_worker_mirrored_with_two_local_processes(tiny_data: Path, tmp_pat
     proc = run_module(*_train_cli(run, tiny_data, "train.steps=8")[1:])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "step 8 (resumed from 6), 64 examples, 1 worker(s)" in proc.stdout
+
+
+def test_scale_lr_is_the_linear_scaling_rule(tiny_data: Path, tmp_path: Path) -> None:
+    """With scale_lr, each of N workers takes train.batch_size examples and the peak rate is N x base_lr."""
+
+    class FirstOfTwo(SingleProcess):
+        # Worker 0 of 2 as far as batch, data and learning rate go (no peer to reduce with).
+        num_workers = 2
+
+    config = load_config("smoke", [*TINY, "train.steps=4", "distributed.scale_lr=true",
+                                   "schedule.name=cosine", "schedule.base_lr=0.05",
+                                   "schedule.warmup_steps=2"])
+    result = train(config, tiny_data, tmp_path / "run", strategy=FirstOfTwo(), verbose=0)
+    assert result.samples == 4 * 8 * 2
+    lr = _scalars(tmp_path / "run", "train/lr")
+    # The rate of step s (logged after it): linear warm-up (s + 1) / 2 x peak over 2 steps,
+    # then cosine decay of the peak 2 x 0.05 over the remaining 2 steps.
+    peak = 2 * 0.05
+    expected = [peak * 1 / 2, peak * 2 / 2, peak * 0.5 * (1 + np.cos(0.0)),
+                peak * 0.5 * (1 + np.cos(np.pi * 0.5))]
+    np.testing.assert_allclose(lr, expected, atol=1e-6)

@@ -352,11 +352,12 @@ def _reshard_restore(model: EmbeddingTrainer, optimizer: keras.optimizers.Optimi
     Everything but the class centres comes from the chief's checkpoint; this
     worker's centres and their optimizer slots are cut from the old workers'
     blocks that overlap its new block. Every worker reads only files, so no
-    collective is needed. Returns the step restored.
+    collective is needed. Under mixed precision the dynamic loss scale starts
+    again from its initial value and settles within a few steps. Returns the
+    step restored.
 
     Raises:
-        ConfigError: If the old workers' checkpoints share no step, or the run
-            uses mixed precision (its optimizer nests the slots differently).
+        ConfigError: If the old workers' checkpoints share no step.
     """
     head = model.head
     root = model_dir / CHECKPOINT_DIR
@@ -367,11 +368,10 @@ def _reshard_restore(model: EmbeddingTrainer, optimizer: keras.optimizers.Optimi
         paths = state.all_model_checkpoint_paths if state else []
         saved.append({int(path.rsplit("-", 1)[1]) for path in paths})
     common = set.intersection(*saved)
-    if not common or isinstance(optimizer, keras.mixed_precision.LossScaleOptimizer):
+    if not common:
         raise ConfigError(
-            f"{root} holds a sharded head checkpointed over {old_shards} workers that cannot be "
-            f"re-split here ({'mixed precision' if common else 'no common step'}); resume it "
-            f"with {old_shards} workers, or pass a new --model_dir"
+            f"{root} holds a sharded head checkpointed over {old_shards} workers with no step "
+            f"saved by all of them; resume it with {old_shards} workers, or pass a new --model_dir"
         )
     step = max(common)
     readers = [tf.train.load_checkpoint(str(d / f"ckpt-{step}")) for d in dirs]
