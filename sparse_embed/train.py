@@ -10,6 +10,8 @@ checkpoint in --model_dir, with the same or a different number of processes.
 
 from __future__ import annotations
 
+import sys
+
 from absl import app, flags
 
 from sparse_embed.cli import user_errors_exit
@@ -37,7 +39,10 @@ def main(argv: list[str]) -> None:
     # TensorFlow is imported only once the inputs are known to be usable.
     from sparse_embed.training.trainer import train
 
-    result = train(config, _DATA_DIR.value, _MODEL_DIR.value)
+    # A progress bar on a terminal; in a log file or under horovodrun (whose
+    # output is a pipe), one line every train.log_every steps.
+    result = train(config, _DATA_DIR.value, _MODEL_DIR.value,
+                   verbose=1 if sys.stdout.isatty() else 2)
     if process_rank() != 0:
         return
     print(f"\nstep {result.step} (resumed from {result.resumed_from}), {result.samples} examples, "
