@@ -51,7 +51,7 @@ class Strategy(Protocol):
     def scope(self) -> contextlib.AbstractContextManager:
         """The context in which the model and optimizer variables are created."""
 
-    def distribute_dataset(self, make: DatasetFn, per_worker_batch: int) -> Any:
+    def distribute_dataset(self, make: DatasetFn) -> Any:
         """The training input: `make(num_pipelines, pipeline_index)` per input pipeline."""
 
     @property
@@ -121,12 +121,11 @@ class SingleProcess:
         """No special placement."""
         return contextlib.nullcontext()
 
-    def distribute_dataset(self, make: DatasetFn, per_worker_batch: int) -> tf.data.Dataset:
+    def distribute_dataset(self, make: DatasetFn) -> tf.data.Dataset:
         """The one input pipeline.
 
         Args:
             make: Builds the dataset of pipeline `i` of `n`.
-            per_worker_batch: Examples per step of this worker (already in `make`).
         """
         return make(self.num_workers, self.worker_index)
 
@@ -247,12 +246,11 @@ class HorovodStrategy:
         """No special placement: each process has its own device."""
         return contextlib.nullcontext()
 
-    def distribute_dataset(self, make: DatasetFn, per_worker_batch: int) -> tf.data.Dataset:
+    def distribute_dataset(self, make: DatasetFn) -> tf.data.Dataset:
         """This rank's own input pipeline, one of `size`.
 
         Args:
             make: Builds the dataset of pipeline `i` of `n`.
-            per_worker_batch: Examples per step of this rank (already in `make`).
         """
         return make(self.num_workers, self.worker_index)
 
@@ -389,12 +387,11 @@ class _TFDistribute:
         """The strategy's scope: variables created in it are mirrored."""
         return self._strategy.scope()
 
-    def distribute_dataset(self, make: DatasetFn, per_worker_batch: int) -> Any:
+    def distribute_dataset(self, make: DatasetFn) -> Any:
         """One pipeline per process, each batch split over that process's replicas.
 
         Args:
             make: Builds the dataset of pipeline `i` of `n`, batched per replica.
-            per_worker_batch: Examples per step of one replica.
         """
         def dataset_fn(context: tf.distribute.InputContext) -> tf.data.Dataset:
             return make(context.num_input_pipelines, context.input_pipeline_id)

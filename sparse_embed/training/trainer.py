@@ -517,7 +517,7 @@ def train(config: Config, data_dir: str | os.PathLike, model_dir: str | os.PathL
             start_example=samples // num_pipelines,
         )
 
-    dataset = strategy.distribute_dataset(make_dataset, per_worker_batch)
+    dataset = strategy.distribute_dataset(make_dataset)
 
     # --- train ---
     throughput = Throughput()
