@@ -19,6 +19,7 @@
 #include <cstring>
 #include <exception>
 #include <memory>
+#include <new>
 #include <string>
 #include <vector>
 
@@ -324,8 +325,13 @@ int main(int argc, char** argv) {
   } catch (const UsageError& e) {
     std::fprintf(stderr, "%ssearch: error: %s\n", kUsage, e.what());
     return 2;
-  } catch (const std::exception& e) {
-    std::fprintf(stderr, "search: error: %s\n", e.what());
+  } catch (const std::bad_alloc&) {
+    std::fprintf(stderr, "search: error: out of memory\n");
     return 1;
+  } catch (const std::exception& e) {
+    // Everything else is thrown while reading the inputs (missing, truncated
+    // or not a .bin file): bad input, exit status 2 like every entry point.
+    std::fprintf(stderr, "search: error: %s\n", e.what());
+    return 2;
   }
 }

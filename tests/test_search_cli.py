@@ -125,13 +125,22 @@ def test_cli_bad_arguments(search_dir: Path, args: list[str], message: str) -> N
 def test_cli_bad_files(search_dir: Path, tmp_path: Path) -> None:
     proc = subprocess.run([str(search_dir / "search"), str(tmp_path / "missing.bin"), "0", "0"],
                           capture_output=True, text=True, timeout=60)
-    assert proc.returncode != 0
+    assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         f"search: error: cannot open {tmp_path / 'missing.bin'}: No such file or directory"]
     (tmp_path / "junk.bin").write_bytes(b"\x10\x00\x00\x00" + b"\x01" * 13)
     proc = subprocess.run([str(search_dir / "search"), str(tmp_path / "junk.bin"), "0", "0"],
                           capture_output=True, text=True, timeout=60)
-    assert proc.returncode != 0 and "not a .bin embedding file" in proc.stderr
+    assert proc.returncode == 2 and "not a .bin embedding file" in proc.stderr
+    # A real file cut short: bad input too, one line, status 2.
+    rng = np.random.default_rng(0)
+    write_bin(tmp_path / "whole.bin", np.abs(rng.normal(size=(20, 8))).astype(np.float32),
+              np.arange(20))
+    data = (tmp_path / "whole.bin").read_bytes()
+    (tmp_path / "cut.bin").write_bytes(data[: len(data) // 2])
+    proc = subprocess.run([str(search_dir / "search"), str(tmp_path / "cut.bin"), "0", "0"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
 
 @pytest.mark.parametrize("target, variable, default", [
