@@ -13,6 +13,7 @@ import difflib
 import functools
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -235,6 +236,46 @@ _CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 
+# Numeric ranges, checked with the types, so `train.batch_size=-4` is one line
+# before TensorFlow starts rather than a traceback from deep inside it.
+_AT_LEAST_1 = (lambda v: v >= 1, ">= 1")
+_NON_NEGATIVE = (lambda v: v >= 0, ">= 0")
+_POSITIVE = (lambda v: v > 0, "> 0")
+_RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "data.shuffle_buffer": _AT_LEAST_1,
+    "model.embedding_size": _AT_LEAST_1,
+    "model.input_size": _AT_LEAST_1,
+    "model.width": _POSITIVE,
+    "head.scale": _POSITIVE,
+    "head.margin": _NON_NEGATIVE,
+    "head.sample_rate": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "sparsity.weight": _NON_NEGATIVE,
+    "sparsity.warmup_steps": _NON_NEGATIVE,
+    "sparsity.zero_threshold": _NON_NEGATIVE,
+    "optimizer.momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "optimizer.weight_decay": _NON_NEGATIVE,
+    "optimizer.clipnorm": _NON_NEGATIVE,
+    "schedule.base_lr": _NON_NEGATIVE,
+    "schedule.warmup_steps": _NON_NEGATIVE,
+    "schedule.boundaries": _NON_NEGATIVE,
+    "schedule.decay_rate": _POSITIVE,
+    "train.batch_size": _AT_LEAST_1,
+    "train.steps": _AT_LEAST_1,
+    "train.checkpoint_every": _AT_LEAST_1,
+    "train.log_every": _AT_LEAST_1,
+    "train.keep_checkpoints": _AT_LEAST_1,
+    "eval.batch_size": _AT_LEAST_1,
+    "eval.nfolds": (lambda v: v >= 2, ">= 2"),
+}
+
+
+def _check_range(path: str, value: Any) -> Any:
+    check = _RANGES.get(path)
+    if check is not None and not check[0](value):
+        raise ConfigError(f"config key {path!r} must be {check[1]}; got {value!r}")
+    return value
+
+
 @functools.cache
 def _field_types(cls: type) -> dict[str, Any]:
     # `from __future__ import annotations` leaves field types as strings.
@@ -274,16 +315,18 @@ def _coerce(path: str, value: Any, typ: Any) -> Any:
             return value
     elif typ is int:
         if isinstance(value, int) and not isinstance(value, bool):
-            return value
+            return _check_range(path, value)
     elif typ is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            return _check_range(path, float(value))
         # YAML 1.1 reads `1e-3` (no dot, no sign in the exponent) as a string.
         if isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+            else:
+                return _check_range(path, number)
     elif typ is str:
         if isinstance(value, str):
             choices = _CHOICES.get(path)

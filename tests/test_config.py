@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from conftest import assert_user_error, run_module
 
 from sparse_embed.config import (
     CONFIG_DIR,
@@ -77,3 +78,23 @@ def test_package_and_config_import_without_tensorflow() -> None:
     code = ("import sys, sparse_embed, sparse_embed.config, sparse_embed.data.checks; "
             "sys.exit('tensorflow' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.batch_size=-4", "'train.batch_size' must be >= 1; got -4"),
+    ("train.steps=0", "'train.steps' must be >= 1; got 0"),
+    ("head.sample_rate=1.5", "'head.sample_rate' must be in (0, 1]; got 1.5"),
+    ("optimizer.momentum=1", "'optimizer.momentum' must be in [0, 1); got 1.0"),
+    ("schedule.boundaries=[10, -1]", "'schedule.boundaries' must be >= 0; got -1"),
+    ("sparsity.weight=-1e-3", "'sparsity.weight' must be >= 0; got -0.001"),
+])
+def test_out_of_range_values_are_config_errors(override: str, message: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        load_config("smoke", [override])
+    assert message in str(error.value)
+
+
+def test_out_of_range_value_on_the_command_line_is_one_line(tmp_path: Path) -> None:
+    proc = run_module("sparse_embed.train", "--config=smoke", f"--data_dir={tmp_path}",
+                      f"--model_dir={tmp_path / 'run'}", "--set", "train.batch_size=-4")
+    assert_user_error(proc, "train.batch_size", ">= 1")
