@@ -142,3 +142,16 @@ def test_tensorflow_start_up_lines_stay_off_the_terminal(tiny_data: Path, tmp_pa
                       env={"SPARSE_EMBED_TF_LOGS": "1"})
     assert loud.returncode == 0
     assert "oneDNN" in loud.stderr or "cuda" in loud.stderr
+
+
+def test_truncated_shard_stops_with_one_line_naming_it(tiny_data: Path, tmp_path: Path) -> None:
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    shard = sorted((data / "tfrecords").glob("train-*"))[0]
+    with open(shard, "r+b") as f:
+        f.truncate(shard.stat().st_size * 2 // 3)
+    proc = run_module("sparse_embed.train", "--config=smoke", f"--data_dir={data}",
+                      f"--model_dir={tmp_path / 'run'}", "--set", "train.steps=40")
+    assert_user_error(proc, f"TFRecord shard {shard} is damaged after", "build_tfrecords.py")

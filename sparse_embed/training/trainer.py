@@ -25,10 +25,10 @@ from sparse_embed.config import (
     config_to_dict,
     save_config,
 )
-from sparse_embed.data.checks import train_inputs
+from sparse_embed.data.checks import damaged_tfrecords, train_inputs
 from sparse_embed.data.pipeline import train_dataset
 from sparse_embed.data.tfrecord import read_label_map
-from sparse_embed.errors import ConfigError, SparseEmbedError
+from sparse_embed.errors import ConfigError, DataError, SparseEmbedError
 from sparse_embed.heads import build_head
 from sparse_embed.heads.partial_fc import shard_range
 from sparse_embed.keras import keras, silence_warnings, tf
@@ -424,6 +424,21 @@ def _config_differences(config: Config, model_dir: Path) -> str:
     return f"; {model_dir}/config.yaml differs in {', '.join(keys)}" if keys else ""
 
 
+def _damaged_input_error(pattern: str, error: tf.errors.DataLossError) -> DataError:
+    """A one-line error naming the damaged TFRecord shard(s) behind a DataLossError."""
+    damaged = damaged_tfrecords(pattern)
+    if not damaged:
+        reason = str(error).strip().splitlines()[0][:200]
+        return DataError(f"a TFRecord file matching {pattern} is corrupt ({reason}); rebuild the "
+                         f"shards with preprocessing/build_tfrecords.py")
+    path, records, problem = damaged[0]
+    others = f" (and {len(damaged) - 1} more damaged shard(s))" if len(damaged) > 1 else ""
+    return DataError(
+        f"TFRecord shard {path} is damaged after {records} intact records: {problem}{others}; "
+        f"rebuild it with preprocessing/build_tfrecords.py, then re-run to resume"
+    )
+
+
 def train(config: Config, data_dir: str | os.PathLike, model_dir: str | os.PathLike,
           strategy: Strategy | None = None, verbose: int = 1) -> TrainResult:
     """Trains (or resumes training) a run until `config.train.steps`.
@@ -535,8 +550,12 @@ def train(config: Config, data_dir: str | os.PathLike, model_dir: str | os.PathL
                 callbacks.append(ProgressLog(optimizer, config.train.steps, config.train.log_every))
             callbacks.append(SummaryScalars(str(model_dir / "logs" / "train"), optimizer,
                                             config.train.log_every))
-        history = model.fit(dataset, epochs=1, steps_per_epoch=remaining, callbacks=callbacks,
-                            verbose=1 if verbose == 1 and strategy.is_chief else 0)
+        try:
+            history = model.fit(dataset, epochs=1, steps_per_epoch=remaining,
+                                callbacks=callbacks,
+                                verbose=1 if verbose == 1 and strategy.is_chief else 0)
+        except tf.errors.DataLossError as e:
+            raise _damaged_input_error(pattern, e) from e
     metrics = {k: float(v[-1]) for k, v in history.history.items()}
     end = int(model.samples.numpy())
     return TrainResult(step=int(optimizer.iterations.numpy()), resumed_from=start, samples=end,
