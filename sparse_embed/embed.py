@@ -11,7 +11,7 @@ from __future__ import annotations
 from absl import app, flags
 
 from sparse_embed.cli import user_errors_exit
-from sparse_embed.errors import ConfigError
+from sparse_embed.errors import ConfigError, DataError
 
 _MODEL_DIR = flags.DEFINE_string("model_dir", None, "Directory written by sparse_embed.train.")
 _OUTPUT = flags.DEFINE_string("output", None, "HDF5 file to write.")
@@ -42,7 +42,7 @@ def main(argv: list[str]) -> None:
         pair_paths, _, _ = verification.unique_images(
             verification.read_pairs(_PAIRS.value, _PAIRS_IMAGES.value))
     # TensorFlow is imported only once the inputs are known to be usable.
-    from sparse_embed.data import pipeline, tfrecord
+    from sparse_embed.data import format_summary, pipeline, tfrecord
     from sparse_embed.inference import embed_dataset, load_backbone, write_hdf5
 
     backbone, config = load_backbone(_MODEL_DIR.value)
@@ -56,9 +56,21 @@ def main(argv: list[str]) -> None:
     else:
         dataset, total = pipeline.files_dataset(list(pair_paths), None, batch, size), len(pair_paths)
     embeddings = embed_dataset(backbone, dataset, _FLIP.value or config.eval.flip, total=total)
+    unreadable = []
+    if _IMAGES.value:
+        unreadable = pipeline.missing_paths(paths, embeddings.filename)
+    elif pair_paths is not None:
+        unreadable = pipeline.missing_paths(pair_paths, embeddings.filename)
+        if unreadable:
+            # A pair with a missing side cannot be scored: the output would not match the pairs.
+            raise DataError(f"{len(unreadable)} image(s) of --pairs do not decode, first: "
+                            f"{unreadable[0]}; replace or re-align them")
     write_hdf5(_OUTPUT.value, embeddings)
     n, d = embeddings.embedding.shape
-    print(f"wrote {_OUTPUT.value}: {n} embeddings x {d} dims")
+    rows = [("output", _OUTPUT.value), ("embeddings", n), ("dims", d),
+            ("skipped", len(unreadable))]
+    rows += [(f"  skipped {path}", "not a decodable image") for path in unreadable]
+    print(format_summary("embed", rows))
 
 
 def run() -> None:

@@ -17,7 +17,7 @@ import numpy as np
 from tqdm import tqdm
 
 from sparse_embed.config import Config, config_from_model_dir
-from sparse_embed.data.pipeline import files_dataset
+from sparse_embed.data.pipeline import files_dataset, missing_paths
 from sparse_embed.data.verification import Pairs, unique_images
 from sparse_embed.errors import DataError
 from sparse_embed.fileio import atomic_path
@@ -188,7 +188,12 @@ def evaluate_verification(backbone: keras.Model, config: Config, pairs: Pairs
     """
     paths, left, right = unique_images(pairs)
     dataset = files_dataset(list(paths), None, config.eval.batch_size, config.model.input_size)
-    emb = embed_dataset(backbone, dataset, config.eval.flip, total=len(paths)).embedding
+    embedded = embed_dataset(backbone, dataset, config.eval.flip, total=len(paths))
+    unreadable = missing_paths(paths, embedded.filename)
+    if unreadable:
+        raise DataError(f"{len(unreadable)} image(s) of the pairs do not decode, first: "
+                        f"{unreadable[0]}; replace or re-align them")
+    emb = embedded.embedding
     scores = np.sum(emb[left] * emb[right], axis=1)
     result = verification_metrics(scores, pairs.issame, folds=pairs.fold)
     tar = result.pop("tar_at_far", {})

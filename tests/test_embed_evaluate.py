@@ -103,3 +103,36 @@ def test_roc_plot_is_a_png(tmp_path: Path) -> None:
     plot_roc({"a": (scores, issame), "b": (-scores, issame)}, tmp_path / "roc.png")
     assert (tmp_path / "roc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [p.name for p in tmp_path.iterdir()] == ["roc.png"]
+
+
+def test_unreadable_images_are_skipped_and_reported(tiny_data: Path, model_dir: Path,
+                                                    tmp_path: Path) -> None:
+    images = tmp_path / "images"
+    shutil.copytree(tiny_data / "test", images)
+    first, second = sorted(images.rglob("*.jpg"))[:2]
+    first.write_text("not an image\n")
+    second.write_bytes(second.read_bytes()[:200])
+    total = len(list(images.rglob("*.jpg")))
+    out = tmp_path / "emb.hdf5"
+    proc = run_module("sparse_embed.embed", f"--model_dir={model_dir}", f"--images={images}",
+                      f"--output={out}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    for bad in (first, second):
+        assert f"skipped {bad}" in proc.stdout, proc.stdout
+    with h5py.File(out) as f:
+        assert f["embedding"].shape[0] == total - 2
+        names = [n.decode() for n in f["filename"][:]]
+    assert str(first) not in names and str(second) not in names
+
+    # Evaluation needs every image of the pairs: one line naming the first unreadable one.
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copy(tiny_data / "pairs.txt", data / "pairs.txt")
+    shutil.copytree(tiny_data / "test", data / "test")
+    from sparse_embed.data.verification import read_pairs, unique_images
+
+    pairs_image = Path(unique_images(read_pairs(data / "pairs.txt", data / "test"))[0][0])
+    pairs_image.write_text("not an image\n")
+    proc = run_module("sparse_embed.evaluate", f"--model_dir={model_dir}", f"--data_dir={data}")
+    assert_user_error(proc, "do not decode", str(pairs_image))

@@ -212,6 +212,9 @@ def files_dataset(
 
     Returns:
         Dataset of (float32 [B, S, S, 3] in [-1, 1], int32 [B], string [B] paths).
+        Files that exist but do not decode (a text file named `.jpg`, a
+        truncated JPEG) are left out instead of stopping the whole job: compare
+        the paths that come out with `paths` (`missing_paths`) to report them.
 
     Raises:
         DataError: If `paths` is empty or some files do not exist (the message names
@@ -239,6 +242,18 @@ def files_dataset(
     )
     return (
         dataset.map(load, num_parallel_calls=AUTOTUNE, deterministic=True)
+        .ignore_errors()
         .batch(batch_size)
         .prefetch(AUTOTUNE)
     )
+
+
+def missing_paths(paths: Sequence[str], produced: Sequence[str]) -> list[str]:
+    """The `paths` a `files_dataset` left out because they did not decode, in order.
+
+    Args:
+        paths: What was given to `files_dataset`.
+        produced: The paths that came out of it.
+    """
+    seen = set(produced)
+    return [p for p in map(os.fspath, paths) if p not in seen]
