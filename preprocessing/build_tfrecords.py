@@ -1,11 +1,18 @@
-"""Converts a folder-per-class image tree into sharded TFRecords and a label map.
+"""Converts a folder-per-class image tree or a RecordIO pack into sharded TFRecords and a label map.
 
     python preprocessing/build_tfrecords.py --input=data/synth/train --output=data/synth/tfrecords \
         --name=train --shards=8 --workers=4
+    python preprocessing/build_tfrecords.py --recordio=$MS1M_DIR/train.rec \
+        --output=$MS1M_DIR/tfrecords --shards=1000 --workers=16
 
 Writes `<output>/<name>-0000i-of-0000N` (schema: sparse_embed/data/tfrecord.py)
 and `<output>/labels.txt`. Files that are not decodable images are skipped and
 listed in the closing summary.
+
+`--recordio` reads an InsightFace / MXNet `.rec` (with its `.idx` beside it)
+directly, copying the encoded JPEGs: the class names are the pack's integer
+labels as strings, sorted numerically, and label i of the TFRecords is line i
+of labels.txt. Unreadable records are skipped and listed by key.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from collections.abc import Sequence
 
 from sparse_embed.cli import user_errors_exit
 from sparse_embed.data import format_summary, image_folder
+from sparse_embed.data.recordio import open_recordio
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
@@ -26,7 +34,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         argv: Arguments without the program name.
     """
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--input", required=True, help="Directory with one sub-folder per class.")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--input", help="Directory with one sub-folder per class.")
+    source.add_argument(
+        "--recordio", help="InsightFace / MXNet train.rec, with train.idx beside it."
+    )
     parser.add_argument("--output", required=True, help="Directory for the shards and labels.txt.")
     parser.add_argument("--name", default="train", help="Shard name prefix.")
     parser.add_argument("--shards", type=int, default=8, help="Number of shards.")
@@ -45,22 +57,21 @@ def main(argv: Sequence[str] | None = None) -> None:
         argv: Arguments without the program name; None reads sys.argv.
     """
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    # List (and check) the input before TensorFlow is imported: a bad path fails fast and plainly.
-    paths, labels, class_names = image_folder(args.input)
+    # Check the input before TensorFlow is imported: a bad path fails fast and plainly.
+    if args.recordio is not None:
+        pack = open_recordio(args.recordio)
+    else:
+        paths, labels, class_names = image_folder(args.input)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from sparse_embed.data.tfrecord import write_tfrecords
+    from sparse_embed.data.tfrecord import write_recordio_tfrecords, write_tfrecords
 
-    summary = write_tfrecords(
-        paths,
-        labels,
-        class_names,
-        args.input,
-        args.output,
-        name=args.name,
-        num_shards=args.shards,
-        num_workers=args.workers,
-        seed=args.seed,
+    options = dict(
+        name=args.name, num_shards=args.shards, num_workers=args.workers, seed=args.seed
     )
+    if args.recordio is not None:
+        summary = write_recordio_tfrecords(pack, args.output, **options)
+    else:
+        summary = write_tfrecords(paths, labels, class_names, args.input, args.output, **options)
     rows = [
         (key, summary[key])
         for key in (

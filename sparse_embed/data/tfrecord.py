@@ -23,15 +23,16 @@ import io
 import multiprocessing
 import multiprocessing.pool
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from sparse_embed.data import image_folder
+from sparse_embed.data import image_folder, recordio
 from sparse_embed.errors import DataError
 from sparse_embed.fileio import atomic_path
 from sparse_embed.keras import tf
@@ -40,6 +41,9 @@ LABEL_MAP = "labels.txt"
 JPEG_QUALITY = 95
 # How many skipped files the summary names; the rest are only counted.
 SHOWN_SKIPS = 5
+
+# What `write_examples` reads an image from: a path, a record offset.
+T = TypeVar("T")
 
 FEATURES = {
     "image/encoded": tf.io.FixedLenFeature([], tf.string),
@@ -196,15 +200,33 @@ def shard_path(output_dir: str | os.PathLike, name: str, index: int, num_shards:
 
 
 def _pool_map(
-    num_workers: int, paths: Iterator[str]
+    num_workers: int, load: Callable[[T], EncodedImage], sources: Iterator[T]
 ) -> tuple[Iterator[EncodedImage], multiprocessing.pool.Pool | None]:
     if num_workers == 1:
-        return map(_encode_file, paths), None
+        return map(load, sources), None
     # Fork where possible: workers only run PIL, and a fork starts them without
     # re-importing TensorFlow.
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
     pool = multiprocessing.get_context(method).Pool(num_workers)
-    return pool.imap(_encode_file, paths, chunksize=16), pool
+    return pool.imap(load, sources, chunksize=16), pool
+
+
+class _RecordLoader:
+    """Reads and checks one RecordIO image in a worker: record offset -> EncodedImage.
+
+    Args:
+        rec_path: The `.rec` file.
+    """
+
+    def __init__(self, rec_path: str | os.PathLike) -> None:
+        self.reader = recordio.RecordReader(rec_path)
+
+    def __call__(self, offset: int) -> EncodedImage:
+        try:
+            _, data = recordio.unpack(self.reader.read(offset))
+        except recordio.RecordError as e:
+            return EncodedImage(error=str(e))
+        return encode_image(data)
 
 
 def build_tfrecords(
@@ -260,11 +282,9 @@ def write_tfrecords(
 ) -> dict[str, object]:
     """Writes labelled image files as sharded TFRecords and a label map.
 
-    Examples are shuffled across shards with `seed`; the output depends only on
-    the inputs and the seed, never on `num_workers`. Files that are not decodable
-    images are skipped, counted and named in the summary. Each shard is written
-    under a temporary name and renamed; shards of an earlier build with the same
-    `name` but another shard count are removed so the shard glob stays consistent.
+    `write_examples` over the files, each stored under its path relative to
+    `root`; files that are not decodable images are skipped and named in the
+    summary.
 
     Args:
         paths: Image files, as listed by `image_folder`.
@@ -285,31 +305,92 @@ def write_tfrecords(
         ValueError: If `num_shards` or `num_workers` is below 1, or labels and paths differ
             in length.
     """
+    if len(labels) != len(paths):
+        raise ValueError(f"{len(labels)} labels for {len(paths)} paths")
+    root = Path(root)
+    filenames = [Path(p).relative_to(root).as_posix() for p in paths]
+    return write_examples(
+        paths,
+        _encode_file,
+        labels,
+        class_names,
+        filenames,
+        output_dir,
+        name=name,
+        num_shards=num_shards,
+        num_workers=num_workers,
+        seed=seed,
+    )
+
+
+def write_examples(
+    sources: Sequence[T],
+    load: Callable[[T], EncodedImage],
+    labels: Sequence[int],
+    class_names: Sequence[str],
+    filenames: Sequence[str],
+    output_dir: str | os.PathLike,
+    name: str = "train",
+    num_shards: int = 8,
+    num_workers: int = 1,
+    seed: int = 0,
+) -> dict[str, object]:
+    """Writes labelled images from any source as sharded TFRecords and a label map.
+
+    The one writer behind `write_tfrecords` (image files) and
+    `write_recordio_tfrecords` (RecordIO packs). Examples are shuffled across
+    shards with `seed`; the output depends only on the inputs and the seed, never
+    on `num_workers`. Sources that `load` reports unusable are skipped, counted
+    and named in the summary. Each shard is written under a temporary name and
+    renamed; shards of an earlier build with the same `name` but another shard
+    count are removed so the shard glob stays consistent.
+
+    Args:
+        sources: One picklable handle per image (a path, a record offset).
+        load: Module-level (picklable) function: source -> EncodedImage; runs in the workers.
+        labels: Label of each source, an index into `class_names`.
+        class_names: Class names in label order; written to labels.txt.
+        filenames: Name stored with each example and used to report it when skipped.
+        output_dir: Destination of the shards and labels.txt.
+        name: Shard name prefix (`train`, `val`, ...).
+        num_shards: Number of shards.
+        num_workers: Processes decoding and checking images.
+        seed: Seed of the example order.
+
+    Returns:
+        Summary: images written, re-encoded, skipped (and the first reasons),
+        classes, shards, stale shards removed, output directory.
+
+    Raises:
+        ValueError: If `num_shards` or `num_workers` is below 1, or sources, labels and
+            filenames differ in length.
+    """
     if num_shards < 1 or num_workers < 1:
         raise ValueError(
             f"num_shards and num_workers must be >= 1, got {num_shards}, {num_workers}"
         )
-    if len(labels) != len(paths):
-        raise ValueError(f"{len(labels)} labels for {len(paths)} paths")
-    root, output_dir = Path(root), Path(output_dir)
-    order = np.random.default_rng(seed).permutation(len(paths))
+    if not len(sources) == len(labels) == len(filenames):
+        raise ValueError(
+            f"{len(sources)} sources, {len(labels)} labels and {len(filenames)} filenames"
+        )
+    output_dir = Path(output_dir)
+    order = np.random.default_rng(seed).permutation(len(sources))
     shards = np.array_split(order, num_shards)
     output_dir.mkdir(parents=True, exist_ok=True)
 
     written = reencoded = 0
     skipped: list[tuple[str, str]] = []
-    results, pool = _pool_map(num_workers, (paths[i] for i in order))
+    results, pool = _pool_map(num_workers, load, (sources[i] for i in order))
     try:
-        with tqdm(total=len(paths), unit="img", desc=f"{name} records", disable=None) as bar:
+        with tqdm(total=len(sources), unit="img", desc=f"{name} records", disable=None) as bar:
             for index, shard in enumerate(shards):
                 path = shard_path(output_dir, name, index, num_shards)
                 with atomic_path(path) as tmp, tf.io.TFRecordWriter(str(tmp)) as writer:
                     for i in shard:
                         encoded = next(results)
-                        relative = Path(paths[i]).relative_to(root).as_posix()
                         bar.update()
                         if encoded.error:
-                            skipped.append((relative, encoded.error))
+                            skipped.append((filenames[i], encoded.error))
                             continue
                         label = labels[i]
                         writer.write(
@@ -317,7 +398,7 @@ def write_tfrecords(
                                 encoded.jpeg,
                                 label,
                                 class_names[label],
-                                relative,
+                                filenames[i],
                                 encoded.height,
                                 encoded.width,
                             )
@@ -343,3 +424,62 @@ def write_tfrecords(
         "shards": num_shards,
         "stale_shards_removed": len(stale),
     }
+
+
+def write_recordio_tfrecords(
+    pack: recordio.RecordIO,
+    output_dir: str | os.PathLike,
+    name: str = "train",
+    num_shards: int = 8,
+    num_workers: int = 1,
+    seed: int = 0,
+) -> dict[str, object]:
+    """Converts an InsightFace / MXNet RecordIO pack into sharded TFRecords and a label map.
+
+    The encoded images are copied from the `.rec` as they are (RGB JPEGs byte
+    for byte; other formats re-encoded as `encode_image` does), with no folder
+    in between. Classes are the packs' integer labels: labels.txt lists them as
+    strings, sorted numerically, and label i of the TFRecords is line i
+    (so labels 0..C-1 keep their values). Each example's filename is
+    `<label>/<key>.jpg`, the path `recordio.extract_images` writes it to.
+    Records that cannot be read or decoded are skipped and reported by key.
+
+    Args:
+        pack: The opened pack (`recordio.open_recordio`).
+        output_dir: Destination of the shards and labels.txt.
+        name: Shard name prefix (`train`, `val`, ...).
+        num_shards: Number of shards.
+        num_workers: Processes reading, checking and decoding images.
+        seed: Seed of the example order.
+
+    Returns:
+        The summary of `write_examples`, with the records skipped while reading labels
+        added to its counts.
+
+    Raises:
+        DataError: If no image record of the pack can be read.
+    """
+    records, unreadable = recordio.scan_labels(pack)
+    if not records:
+        raise DataError(
+            f"no readable image record in {pack.rec} ({len(unreadable)} skipped); "
+            f"check that the .rec and .idx belong together"
+        )
+    classes = sorted({record.label for record in records})
+    dense = {label: i for i, label in enumerate(classes)}
+    summary = write_examples(
+        [record.offset for record in records],
+        _RecordLoader(pack.rec),
+        [dense[record.label] for record in records],
+        [str(label) for label in classes],
+        [f"{record.label}/{record.key}.jpg" for record in records],
+        output_dir,
+        name=name,
+        num_shards=num_shards,
+        num_workers=num_workers,
+        seed=seed,
+    )
+    shown = [(f"key {key}", reason) for key, reason in unreadable]
+    summary["skipped"] += len(unreadable)
+    summary["skipped_examples"] = (shown + summary["skipped_examples"])[:SHOWN_SKIPS]
+    return summary
