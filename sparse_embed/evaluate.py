@@ -2,6 +2,7 @@
 
     python -m sparse_embed.evaluate --model_dir=runs/sparse_mfn \
         --pairs=data/lfw/pairs.txt --pairs_images=data/lfw/images
+    python -m sparse_embed.evaluate --model_dir=runs/sparse_mfn --bin=data/faces_emore/lfw.bin
 
 Prints 10-fold accuracy (mean and std), best threshold, ROC AUC, EER, TAR@FAR
 where the pairs allow, sparsity statistics and search time, writes them to
@@ -21,6 +22,7 @@ from sparse_embed.errors import ConfigError
 _MODEL_DIR = flags.DEFINE_string("model_dir", None, "Directory written by sparse_embed.train.")
 _PAIRS = flags.DEFINE_string("pairs", None, "Pairs file; default: the run's data_dir/data.pairs.")
 _PAIRS_IMAGES = flags.DEFINE_string("pairs_images", None, "Image root the pairs refer to.")
+_BIN = flags.DEFINE_string("bin", None, "InsightFace verification pack (lfw.bin, cfp_fp.bin, ...).")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Resolve data.pairs / data.pairs_images here.")
 _OUTPUT = flags.DEFINE_string("output", None, "JSON results file; default: <model_dir>/eval.json.")
 _UNTRAINED = flags.DEFINE_bool("untrained", False, "Evaluate the random initialisation (baseline).")
@@ -33,33 +35,44 @@ def main(argv: list[str]) -> None:
     if not _MODEL_DIR.value:
         raise ConfigError("--model_dir is required")
     from sparse_embed.config import config_from_model_dir
-    from sparse_embed.data.verification import read_pairs
+    from sparse_embed.data.verification import read_bin, read_pairs
     from sparse_embed.fileio import atomic_path
 
     config = config_from_model_dir(_MODEL_DIR.value)
-    if _PAIRS.value:
-        pairs_path, images = _PAIRS.value, _PAIRS_IMAGES.value
-    elif _DATA_DIR.value:
-        pairs_path = Path(_DATA_DIR.value) / config.data.pairs
-        images = Path(_DATA_DIR.value) / config.data.pairs_images
+    if _BIN.value and (_PAIRS.value or _DATA_DIR.value):
+        raise ConfigError("pass either --bin or --pairs/--data_dir, not both")
+    pack = pairs = None
+    if _BIN.value:
+        pack = read_bin(_BIN.value)
     else:
-        raise ConfigError("pass --pairs and --pairs_images, or --data_dir")
-    if not images:
-        raise ConfigError("--pairs needs --pairs_images (the image root it refers to)")
-    pairs = read_pairs(pairs_path, images)
+        if _PAIRS.value:
+            pairs_path, images = _PAIRS.value, _PAIRS_IMAGES.value
+        elif _DATA_DIR.value:
+            pairs_path = Path(_DATA_DIR.value) / config.data.pairs
+            images = Path(_DATA_DIR.value) / config.data.pairs_images
+        else:
+            raise ConfigError("pass --bin, --pairs and --pairs_images, or --data_dir")
+        if not images:
+            raise ConfigError("--pairs needs --pairs_images (the image root it refers to)")
+        pairs = read_pairs(pairs_path, images)
     # TensorFlow is imported only once the inputs are known to be usable.
-    from sparse_embed.inference import evaluate_verification, load_backbone
+    from sparse_embed.inference import evaluate_bin, evaluate_verification, load_backbone
 
     backbone, config = load_backbone(_MODEL_DIR.value, untrained=_UNTRAINED.value)
     from sparse_embed.plots import plot_roc
 
-    results, scores = evaluate_verification(backbone, config, pairs)
+    if pack is not None:
+        results, scores = evaluate_bin(backbone, config, pack, name=Path(_BIN.value).name)
+        issame = pack.issame
+    else:
+        results, scores = evaluate_verification(backbone, config, pairs)
+        issame = pairs.issame
     name = Path(_MODEL_DIR.value).name
     print(format_results({name: results}))
     output = Path(_OUTPUT.value or Path(_MODEL_DIR.value) / "eval.json")
     with atomic_path(output) as tmp:
         tmp.write_text(json.dumps(results, indent=2))
-    plot_roc({name: (scores, pairs.issame)}, output.with_suffix(".roc.png"))
+    plot_roc({name: (scores, issame)}, output.with_suffix(".roc.png"))
 
 
 def format_results(rows: dict[str, dict[str, float]]) -> str:

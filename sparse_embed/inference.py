@@ -9,6 +9,7 @@ every zero of a sparse embedding a zero.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,8 +18,8 @@ import numpy as np
 from tqdm import tqdm
 
 from sparse_embed.config import Config, config_from_model_dir
-from sparse_embed.data.pipeline import files_dataset, missing_paths
-from sparse_embed.data.verification import Pairs, unique_images
+from sparse_embed.data.pipeline import bytes_dataset, files_dataset, missing_paths
+from sparse_embed.data.verification import BinPack, Pairs, unique_images
 from sparse_embed.errors import DataError
 from sparse_embed.fileio import atomic_path
 from sparse_embed.keras import keras, tf
@@ -169,6 +170,31 @@ def search_time(embeddings: np.ndarray, zero_threshold: float, k: int = 10) -> d
     }
 
 
+def _verify(backbone: keras.Model, config: Config, dataset: tf.data.Dataset,
+            names: Sequence[str], left: np.ndarray, right: np.ndarray, issame: np.ndarray,
+            fold: np.ndarray) -> tuple[dict[str, float], np.ndarray]:
+    """Embeds `dataset` (images called `names`), scores the pairs (left[i], right[i]), measures."""
+    embedded = embed_dataset(backbone, dataset, config.eval.flip, total=len(names))
+    unreadable = missing_paths(names, embedded.filename)
+    if unreadable:
+        raise DataError(f"{len(unreadable)} image(s) of the pairs do not decode, first: "
+                        f"{unreadable[0]}; replace or re-align them")
+    emb = embedded.embedding
+    scores = np.sum(emb[left] * emb[right], axis=1)
+    result = verification_metrics(scores, issame, folds=fold)
+    tar = result.pop("tar_at_far", {})
+    result.update({f"tar@far={far:g}": value for far, value in tar.items()})
+    sparsity = sparsity_stats_np(emb, config.sparsity.zero_threshold)
+    result.update(
+        embedding_size=int(emb.shape[1]),
+        mean_nnz=float(sparsity["nnz"]),
+        flops_per_pair=float(sparsity["flops"]),
+        r_sub=float(sparsity["r_sub"]),
+    )
+    result.update(search_time(emb, config.sparsity.zero_threshold))
+    return {k: float(v) for k, v in result.items()}, scores
+
+
 def evaluate_verification(backbone: keras.Model, config: Config, pairs: Pairs
                           ) -> tuple[dict[str, float], np.ndarray]:
     """Verification, sparsity and search-time results of a backbone on a pairs protocol.
@@ -185,25 +211,32 @@ def evaluate_verification(backbone: keras.Model, config: Config, pairs: Pairs
         (results, scores): a flat dict (accuracy, accuracy_std, threshold, auc, eer,
         tar@far=..., embedding_size, mean_nnz, flops_per_pair, r_sub, search_ms_per_query,
         postings_per_query) and the pair scores, for ROC plots.
+
+    Raises:
+        DataError: If an image of the pairs does not decode.
     """
     paths, left, right = unique_images(pairs)
     dataset = files_dataset(list(paths), None, config.eval.batch_size, config.model.input_size)
-    embedded = embed_dataset(backbone, dataset, config.eval.flip, total=len(paths))
-    unreadable = missing_paths(paths, embedded.filename)
-    if unreadable:
-        raise DataError(f"{len(unreadable)} image(s) of the pairs do not decode, first: "
-                        f"{unreadable[0]}; replace or re-align them")
-    emb = embedded.embedding
-    scores = np.sum(emb[left] * emb[right], axis=1)
-    result = verification_metrics(scores, pairs.issame, folds=pairs.fold)
-    tar = result.pop("tar_at_far", {})
-    result.update({f"tar@far={far:g}": value for far, value in tar.items()})
-    sparsity = sparsity_stats_np(emb, config.sparsity.zero_threshold)
-    result.update(
-        embedding_size=int(emb.shape[1]),
-        mean_nnz=float(sparsity["nnz"]),
-        flops_per_pair=float(sparsity["flops"]),
-        r_sub=float(sparsity["r_sub"]),
-    )
-    result.update(search_time(emb, config.sparsity.zero_threshold))
-    return {k: float(v) for k, v in result.items()}, scores
+    return _verify(backbone, config, dataset, paths, left, right, pairs.issame, pairs.fold)
+
+
+def evaluate_bin(backbone: keras.Model, config: Config, pack: BinPack, name: str = "bin"
+                 ) -> tuple[dict[str, float], np.ndarray]:
+    """`evaluate_verification` on an InsightFace `.bin` pack (pair i: images 2i, 2i + 1).
+
+    Args:
+        backbone: images -> embeddings.
+        config: The run config.
+        pack: The verification pack.
+        name: Prefix of the image names in error messages (the pack's file name).
+
+    Returns:
+        (results, scores), as `evaluate_verification`.
+
+    Raises:
+        DataError: If an image of the pack does not decode.
+    """
+    names = [f"{name}#{i}" for i in range(len(pack.images))]
+    dataset = bytes_dataset(pack.images, names, config.eval.batch_size, config.model.input_size)
+    left = np.arange(0, len(names), 2)
+    return _verify(backbone, config, dataset, names, left, left + 1, pack.issame, pack.fold)

@@ -248,6 +248,37 @@ def files_dataset(
     )
 
 
+def bytes_dataset(images: Sequence[bytes], names: Sequence[str], batch_size: int,
+                  image_size: int) -> tf.data.Dataset:
+    """Encoded images held in memory (an InsightFace `.bin` pack), in the given order.
+
+    Args:
+        images: Encoded images (JPEG, PNG, BMP, GIF).
+        names: One name per image, carried through as the file name.
+        batch_size: Images per batch; the last batch may be smaller.
+        image_size: Side S of the square images.
+
+    Returns:
+        Dataset of (float32 [B, S, S, 3] in [-1, 1], int32 [B] of -1, string [B] names);
+        images that do not decode are left out (compare the names with `missing_paths`).
+    """
+    if len(images) != len(names) or not images:
+        raise ValueError(f"need one name per image and at least one image, got "
+                         f"{len(images)} images and {len(names)} names")
+
+    def load(data: tf.Tensor, name: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        return decode_image(data, image_size), tf.constant(-1, tf.int32), name
+
+    dataset = tf.data.Dataset.from_tensor_slices(
+        (tf.constant(list(images), tf.string), tf.constant(list(names), tf.string)))
+    return (
+        dataset.map(load, num_parallel_calls=AUTOTUNE, deterministic=True)
+        .ignore_errors()
+        .batch(batch_size)
+        .prefetch(AUTOTUNE)
+    )
+
+
 def missing_paths(paths: Sequence[str], produced: Sequence[str]) -> list[str]:
     """The `paths` a `files_dataset` left out because they did not decode, in order.
 

@@ -10,11 +10,23 @@ The format (also used by CFP, AgeDB exports and the synthetic generator)::
 A header with a single number `n` (LFW's View 1 files) means one fold. `name k`
 refers to `<image_root>/name/<k>.<ext>` (the synthetic layout) or to LFW's
 `<image_root>/name/name_<k:04d>.<ext>`, with `ext` one of jpg, jpeg, png.
+
+InsightFace's verification packs (`lfw.bin`, `cfp_fp.bin`, `agedb_30.bin`, ...)
+are a pickled `(bins, issame_list)`: a list of 2N encoded images (pair i is
+images 2i and 2i+1) and N bools. `read_bin` loads them without running code
+(pickle can), `write_bin` / `build-bin` writes the same layout:
+
+    python -m sparse_embed.data.verification build-bin --pairs=pairs.txt \
+        --images=ALIGNED --output=my.bin
 """
 
 from __future__ import annotations
 
+import argparse
+import io
 import os
+import pickle
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -228,3 +240,156 @@ def unique_images(pairs: Pairs) -> tuple[tuple[str, ...], np.ndarray, np.ndarray
     index_left = np.array([index[p] for p in pairs.left], dtype=np.int64)
     index_right = np.array([index[p] for p in pairs.right], dtype=np.int64)
     return tuple(index), index_left, index_right
+
+
+# InsightFace evaluates its .bin packs with 10 contiguous folds (KFold without shuffling).
+BIN_FOLDS = 10
+
+
+@dataclass(frozen=True, eq=False)
+class BinPack:
+    """An InsightFace verification pack in memory.
+
+    Attributes:
+        images: 2N encoded images; pair i is images 2i and 2i + 1.
+        issame: bool [N].
+        fold: int [N], contiguous folds as InsightFace's evaluation splits them.
+    """
+
+    images: tuple[bytes, ...]
+    issame: np.ndarray
+    fold: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.issame)
+
+
+class _PlainDataUnpickler(pickle.Unpickler):
+    """Unpickles lists, tuples, bytes, bools and numbers only: no class is ever looked up.
+
+    A pickle names callables (`os.system`, ...) through `find_class`; refusing
+    every lookup means loading a .bin can build data but never run code.
+    """
+
+    def find_class(self, module: str, name: str) -> type:
+        raise pickle.UnpicklingError(f"it refers to {module}.{name}, and only plain data is "
+                                     f"accepted")
+
+
+def _contiguous_folds(n: int, nfolds: int) -> np.ndarray:
+    fold = np.zeros(n, dtype=np.int64)
+    for f, part in enumerate(np.array_split(np.arange(n), min(nfolds, max(n, 1)))):
+        fold[part] = f
+    return fold
+
+
+def read_bin(path: str | os.PathLike, nfolds: int = BIN_FOLDS) -> BinPack:
+    """Reads an InsightFace verification `.bin` without executing anything in it.
+
+    Args:
+        path: The pack (`lfw.bin`, `cfp_fp.bin`, ...).
+        nfolds: Contiguous folds to split the pairs into.
+
+    Raises:
+        DataError: If the file is missing, is not a pickle, refers to any class
+            or function, or does not hold `(list of bytes, list of bools)` with two
+            images per pair.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"verification pack {path} not found")
+    what = "an InsightFace verification .bin (a pickled (list of images, list of bools))"
+    try:
+        with open(path, "rb") as f:
+            # encoding="bytes": packs written by Python 2 hold the images as str.
+            data = _PlainDataUnpickler(f, encoding="bytes").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError,
+            AttributeError, ImportError, KeyError, MemoryError) as e:
+        # One line: some pickle errors span several.
+        raise DataError(f"{path} is not {what}: {' '.join(str(e).split())}") from e
+    if not (isinstance(data, (tuple, list)) and len(data) == 2):
+        raise DataError(f"{path} is not {what}: it holds a {type(data).__name__}")
+    images, issame = data
+    if not isinstance(images, (list, tuple)) or not all(
+            isinstance(b, (bytes, bytearray)) for b in images):
+        raise DataError(f"{path} is not {what}: its first element is not a list of bytes")
+    if not isinstance(issame, (list, tuple)) or not all(
+            isinstance(x, (bool, int)) and x in (0, 1) for x in issame):
+        raise DataError(f"{path} is not {what}: its second element is not a list of bools")
+    if len(images) != 2 * len(issame) or not issame:
+        raise DataError(f"{path}: {len(images)} images for {len(issame)} pairs; a pack has "
+                        f"two images per pair and at least one pair")
+    return BinPack(tuple(bytes(b) for b in images), np.array(issame, dtype=bool),
+                   _contiguous_folds(len(issame), nfolds))
+
+
+def write_bin(path: str | os.PathLike, images: Sequence[bytes], issame: Sequence[bool]) -> None:
+    """Writes a verification pack in InsightFace's layout, atomically.
+
+    Args:
+        path: Destination `.bin`.
+        images: 2N encoded images, pair i being images 2i and 2i + 1.
+        issame: N bools.
+
+    Raises:
+        ValueError: If there are not exactly two images per pair.
+    """
+    if len(images) != 2 * len(issame):
+        raise ValueError(f"need two images per pair, got {len(images)} for {len(issame)}")
+    buffer = io.BytesIO()
+    # Protocol 4: readable by every Python 3 insightface loader.
+    pickle.dump(([bytes(b) for b in images], [bool(x) for x in issame]), buffer, protocol=4)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(buffer.getvalue())
+
+
+def build_bin(pairs_path: str | os.PathLike, image_root: str | os.PathLike,
+              output: str | os.PathLike) -> int:
+    """Builds a `.bin` from a pairs file and the aligned images it refers to.
+
+    Args:
+        pairs_path: LFW-format pairs file.
+        image_root: Aligned images, one folder per identity.
+        output: Destination `.bin`.
+
+    Returns:
+        The number of pairs written.
+
+    Raises:
+        DataError: If the pairs file or an image is missing or malformed.
+    """
+    pairs = read_pairs(pairs_path, image_root)
+    images = []
+    for left, right in zip(pairs.left, pairs.right, strict=True):
+        images += [Path(left).read_bytes(), Path(right).read_bytes()]
+    write_bin(output, images, pairs.issame.tolist())
+    return len(pairs)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """`python -m sparse_embed.data.verification build-bin ...`.
+
+    Args:
+        argv: Arguments without the program name; None reads sys.argv.
+    """
+    from sparse_embed.cli import user_errors_exit
+
+    parser = argparse.ArgumentParser(prog="python -m sparse_embed.data.verification",
+                                     description="Verification-set tools.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    build = commands.add_parser("build-bin", help="Pairs file + aligned images -> InsightFace .bin.")
+    build.add_argument("--pairs", required=True, help="LFW-format pairs file.")
+    build.add_argument("--images", required=True, help="Aligned images, one folder per identity.")
+    build.add_argument("--output", required=True, help="The .bin to write.")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+
+    @user_errors_exit
+    def run() -> None:
+        count = build_bin(args.pairs, args.images, args.output)
+        print(f"wrote {args.output}: {count} pairs, {2 * count} images")
+
+    run()
+
+
+if __name__ == "__main__":
+    main()
