@@ -12,6 +12,7 @@ One `tf.train.Example` per image, with the feature keys of TF models'
     image/class/label  int64   0-based; line `label` of labels.txt
     image/class/text   bytes   class (folder) name
     image/filename     bytes   path relative to the input root, e.g. b"id_00042/3.jpg"
+                               (from a RecordIO pack: b"<label>/<key>.jpg")
 
 Shards are named `<name>-00000-of-00008` and hold a seeded shuffle of all
 examples, so any shard is a random sample of the classes.
