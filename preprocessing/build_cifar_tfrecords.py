@@ -1,0 +1,59 @@
+"""Converts the CIFAR-100 Python pickles into TFRecords (train and test splits) and a label map.
+
+    python preprocessing/build_cifar_tfrecords.py --root=cifar-100-python --output=data/cifar100 \
+        --labels=fine --shards=8 --workers=2
+
+Reads `train`, `test` and `meta` of the unpacked "python version" archive
+without running any code in them (see sparse_embed/data/cifar.py) and writes
+`<output>/tfrecords/{train,test}-*` and `<output>/tfrecords/labels.txt`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from sparse_embed.cli import user_errors_exit
+from sparse_embed.data import format_summary
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    """Parses the command line.
+
+    Args:
+        argv: Arguments without the program name.
+    """
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--root", required=True, help="The unpacked cifar-100-python folder.")
+    parser.add_argument("--output", required=True, help="Output directory (tfrecords/ inside).")
+    parser.add_argument("--labels", choices=("fine", "coarse"), default="fine",
+                        help="100 fine classes or 20 coarse superclasses.")
+    parser.add_argument("--shards", type=int, default=8, help="Shards per split.")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                        help="Processes checking the encoded images.")
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the example order.")
+    return parser.parse_args(argv)
+
+
+@user_errors_exit
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point: parse flags, convert, print the summary table.
+
+    Args:
+        argv: Arguments without the program name; None reads sys.argv.
+    """
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    from sparse_embed.data.cifar import write_cifar_tfrecords
+
+    summaries = write_cifar_tfrecords(args.root, args.output, labels=args.labels,
+                                      num_shards=args.shards, num_workers=args.workers,
+                                      seed=args.seed)
+    rows = [(f"{split} {key}", summary[key]) for split, summary in summaries.items()
+            for key in ("images", "skipped", "classes", "shards")]
+    print(format_summary(f"CIFAR-100 TFRecords in {args.output}/tfrecords", rows))
+
+
+if __name__ == "__main__":
+    main()
