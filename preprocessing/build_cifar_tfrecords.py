@@ -11,12 +11,11 @@ without running any code in them (see sparse_embed/data/cifar.py) and writes
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Sequence
 
 from sparse_embed.cli import user_errors_exit
-from sparse_embed.data import format_summary
+from sparse_embed.data import add_writer_flags, format_summary
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
@@ -30,10 +29,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--output", required=True, help="Output directory (tfrecords/ inside).")
     parser.add_argument("--labels", choices=("fine", "coarse"), default="fine",
                         help="100 fine classes or 20 coarse superclasses.")
-    parser.add_argument("--shards", type=int, default=8, help="Shards per split.")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                        help="Processes checking the encoded images.")
-    parser.add_argument("--seed", type=int, default=0, help="Seed of the example order.")
+    add_writer_flags(parser, "Shards per split.")
     return parser.parse_args(argv)
 
 

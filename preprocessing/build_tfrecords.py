@@ -23,7 +23,7 @@ import sys
 from collections.abc import Sequence
 
 from sparse_embed.cli import user_errors_exit
-from sparse_embed.data import format_summary, image_folder
+from sparse_embed.data import add_writer_flags, format_summary, image_folder
 from sparse_embed.data.recordio import open_recordio
 
 
@@ -41,11 +41,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     )
     parser.add_argument("--output", required=True, help="Directory for the shards and labels.txt.")
     parser.add_argument("--name", default="train", help="Shard name prefix.")
-    parser.add_argument("--shards", type=int, default=8, help="Number of shards.")
-    parser.add_argument(
-        "--workers", type=int, default=os.cpu_count() or 1, help="Processes decoding images."
-    )
-    parser.add_argument("--seed", type=int, default=0, help="Seed of the example order.")
+    add_writer_flags(parser)
     return parser.parse_args(argv)
 
 

@@ -7,6 +7,7 @@ synthetic generator and the pairs reader run without TensorFlow.
 
 from __future__ import annotations
 
+import argparse
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,6 +29,20 @@ def format_summary(title: str, rows: Sequence[tuple[str, object]]) -> str:
     lines = [title, "-" * max(len(title), width + 12)]
     lines += [f"{name:<{width}}  {value}" for name, value in rows]
     return "\n".join(lines)
+
+
+def add_writer_flags(parser: argparse.ArgumentParser, shards_help: str = "Number of shards."
+                     ) -> None:
+    """Adds the flags every TFRecord converter shares: --shards, --workers, --seed.
+
+    Args:
+        parser: The converter's parser.
+        shards_help: Help text of --shards.
+    """
+    parser.add_argument("--shards", type=int, default=8, help=shards_help)
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                        help="Processes reading and checking images.")
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the example order.")
 
 
 def image_folder(root: str | os.PathLike) -> tuple[list[str], list[int], list[str]]:
