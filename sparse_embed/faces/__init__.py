@@ -1,0 +1,1 @@
+"""Faces: five-point alignment (`align`) and MTCNN detection (`detect`, the one place MTCNN is imported)."""
