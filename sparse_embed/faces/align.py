@@ -106,16 +106,18 @@ def alignment_matrix(landmarks: np.ndarray, crop: str = "112x112") -> np.ndarray
     """The [2, 3] similarity transform taking `landmarks` onto the crop's template.
 
     Args:
-        landmarks: [5, 2] (x, y) points in LANDMARK_NAMES order.
+        landmarks: [5, 2] (x, y) points in LANDMARK_NAMES order, or [3, 2] with
+            only the first three (the eyes and the nose), for datasets that give
+            no mouth corners; those land on the template's first three points.
         crop: A registered crop name.
 
     Raises:
-        ValueError: If `landmarks` is not [5, 2] or degenerate.
+        ValueError: If `landmarks` is not [5, 2] or [3, 2], or is degenerate.
     """
     landmarks = np.asarray(landmarks, dtype=np.float64)
-    if landmarks.shape != (5, 2):
-        raise ValueError(f"need [5, 2] landmarks, got shape {landmarks.shape}")
-    return umeyama(landmarks, template(crop).array())
+    if landmarks.shape not in ((5, 2), (3, 2)):
+        raise ValueError(f"need [5, 2] (or eyes and nose, [3, 2]) landmarks, got shape {landmarks.shape}")
+    return umeyama(landmarks, template(crop).array()[: len(landmarks)])
 
 
 def align(image: np.ndarray, landmarks: np.ndarray, crop: str = "112x112") -> np.ndarray:
@@ -123,7 +125,8 @@ def align(image: np.ndarray, landmarks: np.ndarray, crop: str = "112x112") -> np
 
     Args:
         image: [H, W, C] uint8 image (any channel order; it is kept).
-        landmarks: [5, 2] (x, y) points in LANDMARK_NAMES order, in `image` pixels.
+        landmarks: [5, 2] (x, y) points in LANDMARK_NAMES order, in `image` pixels
+            (or [3, 2]: the eyes and nose, see `alignment_matrix`).
         crop: A registered crop name.
 
     Returns:
