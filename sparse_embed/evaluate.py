@@ -3,10 +3,16 @@
     python -m sparse_embed.evaluate --model_dir=runs/sparse_mfn \
         --pairs=data/lfw/pairs.txt --pairs_images=data/lfw/images
     python -m sparse_embed.evaluate --model_dir=runs/sparse_mfn --bin=data/faces_emore/lfw.bin
+    # LFW View 1: threshold chosen on pairsDevTrain, accuracy measured on pairsDevTest.
+    python -m sparse_embed.evaluate --model_dir=runs/sparse_mfn \
+        --pairs=data/lfw/pairsDevTest.txt --threshold_pairs=data/lfw/pairsDevTrain.txt \
+        --pairs_images=data/lfw/images
 
-Prints 10-fold accuracy (mean and std), best threshold, ROC AUC, EER, TAR@FAR
-where the pairs allow, sparsity statistics and search time, writes them to
-`<model_dir>/eval.json` (or --output) and the ROC curve beside it (`eval.roc.png`).
+Prints accuracy (k-fold mean and std, or View 1's single fold), the threshold,
+ROC AUC, EER, TAR@FAR where the pairs allow, sparsity statistics and search
+time, with a note under the table saying how the threshold was chosen; writes
+them to `<model_dir>/eval.json` (or --output) and the ROC curve beside it
+(`eval.roc.png`).
 """
 
 from __future__ import annotations
@@ -25,6 +31,12 @@ _PAIRS_IMAGES = flags.DEFINE_string("pairs_images", None, "Image root the pairs 
 _BIN = flags.DEFINE_string("bin", None, "InsightFace verification pack (lfw.bin, cfp_fp.bin, ...).")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Resolve data.pairs / data.pairs_images here.")
 _OUTPUT = flags.DEFINE_string("output", None, "JSON results file; default: <model_dir>/eval.json.")
+_THRESHOLD_PAIRS = flags.DEFINE_string(
+    "threshold_pairs", None,
+    "Pairs file that chooses the accuracy threshold (LFW View 1: pairsDevTrain.txt, with "
+    "--pairs=pairsDevTest.txt); its images are under --pairs_images (or --data_dir's). "
+    "Default: the threshold comes from the other folds, or, with a single fold, from the fold "
+    "itself (labelled as such).")
 _UNTRAINED = flags.DEFINE_bool("untrained", False, "Evaluate the random initialisation (baseline).")
 
 
@@ -41,12 +53,13 @@ def main(argv: list[str]) -> None:
     config = config_from_model_dir(_MODEL_DIR.value)
     if _BIN.value and (_PAIRS.value or _DATA_DIR.value):
         raise ConfigError("pass either --bin or --pairs/--data_dir, not both")
-    pack = pairs = None
+    pack = pairs = threshold_pairs = None
+    images = _PAIRS_IMAGES.value
     if _BIN.value:
-        pack = read_bin(_BIN.value)
+        pack = read_bin(_BIN.value, nfolds=config.eval.nfolds)
     else:
         if _PAIRS.value:
-            pairs_path, images = _PAIRS.value, _PAIRS_IMAGES.value
+            pairs_path = _PAIRS.value
         elif _DATA_DIR.value:
             pairs_path = Path(_DATA_DIR.value) / config.data.pairs
             images = Path(_DATA_DIR.value) / config.data.pairs_images
@@ -55,6 +68,10 @@ def main(argv: list[str]) -> None:
         if not images:
             raise ConfigError("--pairs needs --pairs_images (the image root it refers to)")
         pairs = read_pairs(pairs_path, images)
+    if _THRESHOLD_PAIRS.value:
+        if not images:
+            raise ConfigError("--threshold_pairs needs --pairs_images (the image root it refers to)")
+        threshold_pairs = read_pairs(_THRESHOLD_PAIRS.value, images)
     # TensorFlow is imported only once the inputs are known to be usable.
     from sparse_embed.inference import evaluate_bin, evaluate_verification, load_backbone
 
@@ -62,10 +79,11 @@ def main(argv: list[str]) -> None:
     from sparse_embed.plots import plot_roc
 
     if pack is not None:
-        results, scores = evaluate_bin(backbone, config, pack, name=Path(_BIN.value).name)
+        results, scores = evaluate_bin(backbone, config, pack, name=Path(_BIN.value).name,
+                                       threshold_pairs=threshold_pairs)
         issame = pack.issame
     else:
-        results, scores = evaluate_verification(backbone, config, pairs)
+        results, scores = evaluate_verification(backbone, config, pairs, threshold_pairs)
         issame = pairs.issame
     name = Path(_MODEL_DIR.value).name
     print(format_results({name: results}))
@@ -75,8 +93,11 @@ def main(argv: list[str]) -> None:
     plot_roc({name: (scores, issame)}, output.with_suffix(".roc.png"))
 
 
-def format_results(rows: dict[str, dict[str, float]]) -> str:
+def format_results(rows: dict[str, dict[str, float | str]]) -> str:
     """Formats result dicts as a table, one row per run, one column per metric.
+
+    Text values (`accuracy_protocol`: how the threshold was chosen) are notes
+    under the table, `key: text`, prefixed with the run name where runs differ.
 
     Args:
         rows: Run name -> metric name -> value.
@@ -84,7 +105,8 @@ def format_results(rows: dict[str, dict[str, float]]) -> str:
     Returns:
         The table as text.
     """
-    columns = list(dict.fromkeys(k for r in rows.values() for k in r))
+    columns = list(dict.fromkeys(k for r in rows.values() for k, v in r.items()
+                                 if not isinstance(v, str)))
     widths = [max(8, len(c)) for c in columns]
     first = max(4, *(len(name) for name in rows))
     head = f"{'run':<{first}}" + "".join(f"  {c:>{w}}" for c, w in zip(columns, widths, strict=True))
@@ -93,6 +115,16 @@ def format_results(rows: dict[str, dict[str, float]]) -> str:
         cells = "".join(f"  {r[c]:>{w}.4g}" if c in r else "  " + " " * w
                         for c, w in zip(columns, widths, strict=True))
         lines.append(f"{name:<{first}}" + cells)
+    notes = {}
+    for name, r in rows.items():
+        for key, value in r.items():
+            if isinstance(value, str):
+                notes.setdefault(key, {})[name] = value
+    for key, by_run in notes.items():
+        if len(set(by_run.values())) == 1:
+            lines.append(f"{key}: {next(iter(by_run.values()))}")
+        else:
+            lines += [f"{name} {key}: {value}" for name, value in by_run.items()]
     return "\n".join(lines) + "\n"
 
 

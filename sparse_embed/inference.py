@@ -170,18 +170,39 @@ def search_time(embeddings: np.ndarray, zero_threshold: float, k: int = 10) -> d
     }
 
 
-def _verify(backbone: keras.Model, config: Config, dataset: tf.data.Dataset,
-            names: Sequence[str], left: np.ndarray, right: np.ndarray, issame: np.ndarray,
-            fold: np.ndarray) -> tuple[dict[str, float], np.ndarray]:
-    """Embeds `dataset` (images called `names`), scores the pairs (left[i], right[i]), measures."""
+def _embed_names(backbone: keras.Model, config: Config, dataset: tf.data.Dataset,
+                 names: Sequence[str]) -> np.ndarray:
+    """Embeds `dataset` (images called `names`); every one of them must decode."""
     embedded = embed_dataset(backbone, dataset, config.eval.flip, total=len(names))
     unreadable = missing_paths(names, embedded.filename)
     if unreadable:
         raise DataError(f"{len(unreadable)} image(s) of the pairs do not decode, first: "
                         f"{unreadable[0]}; replace or re-align them")
-    emb = embedded.embedding
-    scores = np.sum(emb[left] * emb[right], axis=1)
-    result = verification_metrics(scores, issame, folds=fold)
+    return embedded.embedding
+
+
+def _embed_pairs(backbone: keras.Model, config: Config, pairs: Pairs
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(embeddings of the distinct images, index of each left image, of each right image)."""
+    paths, left, right = unique_images(pairs)
+    dataset = files_dataset(list(paths), None, config.eval.batch_size, config.model.input_size)
+    return _embed_names(backbone, config, dataset, paths), left, right
+
+
+def _pair_scores(emb: np.ndarray, left: np.ndarray, right: np.ndarray) -> np.ndarray:
+    return np.sum(emb[left] * emb[right], axis=1)
+
+
+def _verify(backbone: keras.Model, config: Config, emb: np.ndarray, left: np.ndarray,
+            right: np.ndarray, issame: np.ndarray, fold: np.ndarray,
+            threshold_pairs: Pairs | None) -> tuple[dict[str, float | str], np.ndarray]:
+    """Scores the pairs (left[i], right[i]) of embeddings `emb` and measures them."""
+    scores = _pair_scores(emb, left, right)
+    chooser = None
+    if threshold_pairs is not None:
+        chooser = (_pair_scores(*_embed_pairs(backbone, config, threshold_pairs)),
+                   threshold_pairs.issame)
+    result = verification_metrics(scores, issame, folds=fold, threshold_pairs=chooser)
     tar = result.pop("tar_at_far", {})
     result.update({f"tar@far={far:g}": value for far, value in tar.items()})
     sparsity = sparsity_stats_np(emb, config.sparsity.zero_threshold)
@@ -192,11 +213,12 @@ def _verify(backbone: keras.Model, config: Config, dataset: tf.data.Dataset,
         r_sub=float(sparsity["r_sub"]),
     )
     result.update(search_time(emb, config.sparsity.zero_threshold))
-    return {k: float(v) for k, v in result.items()}, scores
+    return {k: v if isinstance(v, str) else float(v) for k, v in result.items()}, scores
 
 
-def evaluate_verification(backbone: keras.Model, config: Config, pairs: Pairs
-                          ) -> tuple[dict[str, float], np.ndarray]:
+def evaluate_verification(backbone: keras.Model, config: Config, pairs: Pairs,
+                          threshold_pairs: Pairs | None = None
+                          ) -> tuple[dict[str, float | str], np.ndarray]:
     """Verification, sparsity and search-time results of a backbone on a pairs protocol.
 
     Each distinct image of the pairs is embedded once; a pair's score is the
@@ -206,22 +228,27 @@ def evaluate_verification(backbone: keras.Model, config: Config, pairs: Pairs
         backbone: images -> embeddings.
         config: The run config (input size, eval batch size and flip mode, zero threshold).
         pairs: The verification pairs.
+        threshold_pairs: Separate pairs that choose the accuracy threshold (LFW
+            View 1: `pairsDevTrain.txt`, with `pairs` from `pairsDevTest.txt`);
+            None chooses it by the folds of `pairs` (see `verification_metrics`).
 
     Returns:
-        (results, scores): a flat dict (accuracy, accuracy_std, threshold, auc, eer,
-        tar@far=..., embedding_size, mean_nnz, flops_per_pair, r_sub, search_ms_per_query,
-        postings_per_query) and the pair scores, for ROC plots.
+        (results, scores): a flat dict (accuracy, accuracy_std with 2 or more folds,
+        accuracy_protocol (a sentence), threshold, auc, eer, tar@far=..., embedding_size,
+        mean_nnz, flops_per_pair, r_sub, search_ms_per_query, postings_per_query) and
+        the pair scores, for ROC plots. The sparsity and search figures are those
+        of the images of `pairs`.
 
     Raises:
         DataError: If an image of the pairs does not decode.
     """
-    paths, left, right = unique_images(pairs)
-    dataset = files_dataset(list(paths), None, config.eval.batch_size, config.model.input_size)
-    return _verify(backbone, config, dataset, paths, left, right, pairs.issame, pairs.fold)
+    emb, left, right = _embed_pairs(backbone, config, pairs)
+    return _verify(backbone, config, emb, left, right, pairs.issame, pairs.fold, threshold_pairs)
 
 
-def evaluate_bin(backbone: keras.Model, config: Config, pack: BinPack, name: str = "bin"
-                 ) -> tuple[dict[str, float], np.ndarray]:
+def evaluate_bin(backbone: keras.Model, config: Config, pack: BinPack, name: str = "bin",
+                 threshold_pairs: Pairs | None = None
+                 ) -> tuple[dict[str, float | str], np.ndarray]:
     """`evaluate_verification` on an InsightFace `.bin` pack (pair i: images 2i, 2i + 1).
 
     Args:
@@ -229,14 +256,17 @@ def evaluate_bin(backbone: keras.Model, config: Config, pack: BinPack, name: str
         config: The run config.
         pack: The verification pack.
         name: Prefix of the image names in error messages (the pack's file name).
+        threshold_pairs: Separate pairs that choose the accuracy threshold; None
+            chooses it by the pack's folds.
 
     Returns:
         (results, scores), as `evaluate_verification`.
 
     Raises:
-        DataError: If an image of the pack does not decode.
+        DataError: If an image of the pack or of `threshold_pairs` does not decode.
     """
     names = [f"{name}#{i}" for i in range(len(pack.images))]
     dataset = bytes_dataset(pack.images, names, config.eval.batch_size, config.model.input_size)
+    emb = _embed_names(backbone, config, dataset, names)
     left = np.arange(0, len(names), 2)
-    return _verify(backbone, config, dataset, names, left, left + 1, pack.issame, pack.fold)
+    return _verify(backbone, config, emb, left, left + 1, pack.issame, pack.fold, threshold_pairs)

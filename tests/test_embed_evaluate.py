@@ -136,3 +136,60 @@ def test_unreadable_images_are_skipped_and_reported(tiny_data: Path, model_dir: 
     pairs_image.write_text("not an image\n")
     proc = run_module("sparse_embed.evaluate", f"--model_dir={model_dir}", f"--data_dir={data}")
     assert_user_error(proc, "do not decode", str(pairs_image))
+
+
+def _view1_files(pairs_txt: Path, out: Path) -> tuple[Path, Path]:
+    """Folds 0 and 1 of a `<nfolds> <n>` pairs file as LFW View 1 files (header `n`, one fold)."""
+    lines = pairs_txt.read_text().splitlines()
+    per_class = int(lines[0].split()[1])
+    files = []
+    for fold, name in enumerate(("pairsDevTrain.txt", "pairsDevTest.txt")):
+        body = lines[1 + 2 * per_class * fold: 1 + 2 * per_class * (fold + 1)]
+        (out / name).write_text("\n".join([str(per_class), *body]) + "\n")
+        files.append(out / name)
+    return files[0], files[1]
+
+
+def test_evaluate_lfw_view1(tiny_data: Path, model_dir: Path, tmp_path: Path) -> None:
+    """View 1: threshold from pairsDevTrain applied to pairsDevTest, checked against a brute force."""
+    from sparse_embed.data.verification import read_pairs
+    from sparse_embed.inference import evaluate_verification, load_backbone
+    from sparse_embed.metrics.verification import PROTOCOLS
+
+    dev_train, dev_test = _view1_files(tiny_data / "pairs.txt", tmp_path)
+    images = tiny_data / "test"
+    out = tmp_path / "view1.json"
+    proc = run_module("sparse_embed.evaluate", f"--model_dir={model_dir}", f"--pairs={dev_test}",
+                      f"--threshold_pairs={dev_train}", f"--pairs_images={images}",
+                      f"--output={out}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"accuracy_protocol: {PROTOCOLS['threshold pairs']}" in proc.stdout, proc.stdout
+    cli = json.loads(out.read_text())
+    assert cli["accuracy_protocol"] == PROTOCOLS["threshold pairs"] and "accuracy_std" not in cli
+
+    # Oracle: every threshold between the training scores, the best (lowest on ties) on the test.
+    backbone, config = load_backbone(model_dir)
+    train_pairs, test_pairs = read_pairs(dev_train, images), read_pairs(dev_test, images)
+    _, train_scores = evaluate_verification(backbone, config, train_pairs)
+    results, test_scores = evaluate_verification(backbone, config, test_pairs, train_pairs)
+    values = np.unique(train_scores)
+    candidates = np.concatenate([[values[0] - 1], (values[:-1] + values[1:]) / 2, [values[-1]]])
+    correct = [np.sum((train_scores > t) == train_pairs.issame) for t in candidates]
+    threshold = candidates[int(np.argmax(correct))]
+    assert results["accuracy"] == np.mean((test_scores > threshold) == test_pairs.issame)
+    for key in ("accuracy", "auc", "eer"):
+        assert cli[key] == pytest.approx(results[key], rel=1e-6), key
+
+    # Without training pairs, the one fold chooses its own threshold, and the table says so.
+    own = tmp_path / "own.json"
+    proc = run_module("sparse_embed.evaluate", f"--model_dir={model_dir}", f"--pairs={dev_test}",
+                      f"--pairs_images={images}", f"--output={own}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "threshold chosen on the test fold itself (no held-out fold)" in proc.stdout, proc.stdout
+    own_results = json.loads(own.read_text())
+    assert own_results["accuracy"] >= cli["accuracy"]
+    assert own_results["auc"] == pytest.approx(cli["auc"], rel=1e-6)
+
+    assert_user_error(run_module("sparse_embed.evaluate", f"--model_dir={model_dir}",
+                                 f"--pairs={dev_test}", f"--pairs_images={images}",
+                                 f"--threshold_pairs={tmp_path / 'nope.txt'}"), "nope.txt not found")

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from sparse_embed.errors import DataError
-from sparse_embed.metrics.verification import roc_curve, verification_metrics
+from sparse_embed.metrics.verification import PROTOCOLS, roc_curve, verification_metrics
 
 # Fold 0 and fold 1 of the hand-computed example (see test_hand_computed_example).
 HAND_SCORES = np.array([0.1, 0.3, 0.5, 0.7, 0.3, 0.5, 0.7, 0.8])
@@ -42,7 +42,9 @@ def test_hand_computed_example() -> None:
     (1/4, 1/2) -> 0.5. FAR = 0.1 needs 10 negatives: omitted.
     """
     result = verification_metrics(HAND_SCORES, HAND_ISSAME, nfolds=2, far_targets=(0.25, 0.1))
-    assert result.keys() == {"accuracy", "accuracy_std", "threshold", "auc", "eer", "tar_at_far"}
+    assert result.keys() == {"accuracy", "accuracy_std", "accuracy_protocol", "threshold", "auc",
+                             "eer", "tar_at_far"}
+    assert result["accuracy_protocol"] == PROTOCOLS["k-fold"]
     np.testing.assert_allclose(
         [result[k] for k in ("accuracy", "accuracy_std", "threshold", "auc", "eer")],
         [0.375, 0.125, 0.4, 0.71875, 0.375], rtol=1e-12)
@@ -53,6 +55,61 @@ def test_hand_computed_example() -> None:
     np.testing.assert_allclose(tar, [0, 0.25, 0.5, 0.75, 1, 1])
     np.testing.assert_allclose(thresholds[:-1], [0.8, 0.75, 0.6, 0.4, 0.2])
     assert thresholds[-1] < 0.1 and np.all(HAND_SCORES > thresholds[-1])
+
+
+def test_single_fold_hand_computed() -> None:
+    """Fold 0 of the hand example alone (LFW View 1 without training pairs).
+
+    0.1 F, 0.3 T, 0.5 T, 0.7 F; candidates (correct of 4): all same 2, t=0.2 3,
+    t=0.4 2, t=0.6 1, none 2. Nothing is held out, so the fold's own best
+    threshold 0.2 is applied to it: accuracy 3/4, labelled as chosen on the
+    test fold; no spread over one fold.
+
+    AUC: positives 0.3, 0.5 beat negative 0.1 and lose to 0.7 -> 2/4. ROC by
+    decreasing threshold: (0, 0), > 0.5 (1/2, 0), > 0.3 (1/2, 1/2), > 0.1
+    (1/2, 1), (1, 1): 1 - far - tar is 0 at (1/2, 1/2): EER = 1/2.
+    """
+    result = verification_metrics(HAND_SCORES[:4], HAND_ISSAME[:4], nfolds=1, far_targets=(0.5,))
+    assert result.keys() == {"accuracy", "accuracy_protocol", "threshold", "auc", "eer",
+                             "tar_at_far"}
+    np.testing.assert_allclose([result[k] for k in ("accuracy", "threshold", "auc", "eer")],
+                               [0.75, 0.2, 0.5, 0.5], rtol=1e-12)
+    assert result["accuracy_protocol"] == PROTOCOLS["test fold"]
+    assert "test fold itself (no held-out fold)" in result["accuracy_protocol"]
+    # FAR 1/2 allows 1 of the 2 negatives: best is > 0.1, (1/2, 1).
+    assert result["tar_at_far"] == {0.5: 1.0}
+    # One fold given per pair is the same protocol.
+    assert verification_metrics(HAND_SCORES[:4], HAND_ISSAME[:4], folds=np.full(4, 3),
+                                far_targets=(0.5,)) == result
+
+
+def test_threshold_pairs_hand_computed() -> None:
+    """View 1: the threshold comes from the other set of pairs, as a k-fold split would.
+
+    Fold 1 (0.3 F, 0.5 F, 0.7 T, 0.8 T) alone is separable at t = 0.6; applied
+    to fold 0 it calls only 0.7 same: 1/4 right. Fold 0's best, t = 0.2, on
+    fold 1 calls all same: 2/4 right. These are the two test folds of the
+    2-fold example, whose accuracy is their mean 0.375.
+    """
+    fold0 = HAND_SCORES[:4], HAND_ISSAME[:4]
+    fold1 = HAND_SCORES[4:], HAND_ISSAME[4:]
+    on0 = verification_metrics(*fold0, nfolds=1, threshold_pairs=fold1)
+    on1 = verification_metrics(*fold1, nfolds=1, threshold_pairs=fold0)
+    np.testing.assert_allclose([on0["accuracy"], on0["threshold"], on1["accuracy"],
+                                on1["threshold"]], [0.25, 0.6, 0.5, 0.2], rtol=1e-12)
+    assert on0["accuracy_protocol"] == on1["accuracy_protocol"] == PROTOCOLS["threshold pairs"]
+    assert "accuracy_std" not in on0
+    kfold = verification_metrics(HAND_SCORES, HAND_ISSAME, nfolds=2)
+    assert kfold["accuracy"] == pytest.approx((on0["accuracy"] + on1["accuracy"]) / 2)
+    # The threshold-free metrics do not depend on where the threshold comes from.
+    alone = verification_metrics(*fold0, nfolds=1)
+    assert [on0[k] for k in ("auc", "eer")] == [alone[k] for k in ("auc", "eer")]
+
+    # Test pairs with several folds: the one threshold on every fold, mean and spread.
+    both = verification_metrics(HAND_SCORES, HAND_ISSAME, nfolds=2, threshold_pairs=fold1)
+    # t = 0.6 on fold 0: 1/4; on fold 1 (separable at 0.6): 4/4.
+    np.testing.assert_allclose([both["accuracy"], both["accuracy_std"], both["threshold"]],
+                               [0.625, 0.375, 0.6], rtol=1e-12)
 
 
 def test_explicit_folds_override_contiguous_split() -> None:
@@ -157,6 +214,53 @@ def test_accuracy_matches_brute_force_threshold_search(seed: int) -> None:
                                rtol=1e-12)
 
 
+def _brute_force_best(scores: np.ndarray, issame: np.ndarray) -> tuple[float, float]:
+    """(highest accuracy of any threshold, the lowest threshold reaching it), by trying them all.
+
+    Every threshold below the lowest score, at each score and between each two
+    consecutive scores (a fine grid of the whole range adds more); the lowest
+    best one is moved to the candidate the metrics report for its interval.
+    """
+    values = np.unique(scores)
+    fine = np.linspace(values[0] - 0.01, values[-1] + 0.01, 2001)
+    tried = np.unique(np.concatenate([fine, values, (values[:-1] + values[1:]) / 2]))
+    accuracy = np.array([np.mean((scores > t) == issame) for t in tried])
+    best = float(tried[int(np.argmax(accuracy))])
+    # The reported threshold of an interval between scores: below all, or its midpoint.
+    k = int(np.searchsorted(values, best, side="right"))
+    threshold = (np.nextafter(values[0], -np.inf) if k == 0 else
+                 values[-1] if k == len(values) else (values[k - 1] + values[k]) / 2)
+    return float(accuracy.max()), float(threshold)
+
+
+@pytest.mark.parametrize("seed", [5, 6, 7])
+def test_single_fold_accuracy_is_the_best_of_any_threshold(seed: int) -> None:
+    """One fold: the accuracy is the maximum over every threshold (rounded scores: ties)."""
+    rng = np.random.default_rng(seed)
+    issame = rng.random(80) < 0.5
+    scores = np.round(rng.normal(size=80) + issame, 1)
+    result = verification_metrics(scores, issame, nfolds=1)
+    accuracy, threshold = _brute_force_best(scores, issame)
+    np.testing.assert_allclose([result["accuracy"], result["threshold"]], [accuracy, threshold],
+                               rtol=1e-12)
+
+
+@pytest.mark.parametrize("seed", [8, 9])
+def test_threshold_pairs_match_brute_force(seed: int) -> None:
+    """View 1 with sizes 2 x 1100 / 2 x 500: the training pairs' best threshold, on the test pairs."""
+    rng = np.random.default_rng(seed)
+    train_same = np.repeat([True, False], 1100)
+    test_same = np.repeat([True, False], 500)
+    train = np.round(rng.normal(size=2200) + 1.2 * train_same, 2)
+    test = np.round(rng.normal(size=1000) + 1.2 * test_same, 2)
+    result = verification_metrics(test, test_same, nfolds=1, threshold_pairs=(train, train_same))
+    _, threshold = _brute_force_best(train, train_same)
+    np.testing.assert_allclose(result["threshold"], threshold, rtol=1e-12)
+    assert result["accuracy"] == np.mean((test > threshold) == test_same)
+    # No threshold chosen elsewhere beats the test fold's own best one.
+    assert result["accuracy"] <= verification_metrics(test, test_same, nfolds=1)["accuracy"]
+
+
 def test_roc_and_tar_match_brute_force() -> None:
     rng = np.random.default_rng(4)
     issame = rng.random(300) < 0.3
@@ -194,8 +298,12 @@ def test_does_not_import_tensorflow() -> None:
     ({"issame": np.array([1, 2, 0, 1])}, ValueError, "issame must be boolean or 0/1"),
     ({"issame": np.array([1, 1, 1, 1])}, DataError, "got 4 same and 0 different"),
     ({"scores": np.array([0.1, np.nan, 0.3, 0.4])}, DataError, "1 pair scores are NaN"),
-    ({"nfolds": 5}, ValueError, r"nfolds must be an integer in \[2, number of pairs = 4\], got 5"),
-    ({"folds": np.zeros(4, int)}, DataError, "needs at least 2 folds, the pairs define 1"),
+    ({"nfolds": 5}, ValueError, r"nfolds must be an integer in \[1, number of pairs = 4\], got 5"),
+    ({"nfolds": 0}, ValueError, r"nfolds must be an integer in \[1, number of pairs = 4\], got 0"),
+    ({"threshold_pairs": (np.array([0.5, 0.6]), np.array([1, 1]))}, DataError,
+     "got 2 same and 0 different"),
+    ({"threshold_pairs": (np.array([0.5, np.inf]), np.array([1, 0]))}, DataError,
+     "1 pair scores are NaN or infinite"),
     ({"folds": np.zeros(3, int)}, ValueError, "folds must be an integer array of shape"),
     ({"far_targets": (0.0,)}, ValueError, r"far_targets must lie in \(0, 1\], got 0.0"),
 ])

@@ -55,6 +55,49 @@ def test_lfw_layout_single_number_header_and_png(tmp_path: Path) -> None:
     np.testing.assert_array_equal(pairs.fold, [0, 0])
 
 
+def _view1_file(path: Path, same: list[tuple[str, int, int]],
+                different: list[tuple[str, int, str, int]]) -> None:
+    """Writes a pairs file as LFW's View 1 README specifies pairsDevTrain/pairsDevTest.
+
+    Line 1: the number N of pairs per class; then N lines `name i j` (two
+    images of one person), then N lines `name1 i name2 j` (two people),
+    tab-separated, image numbers without padding.
+    """
+    assert len(same) == len(different)
+    lines = [str(len(same))]
+    lines += ["\t".join(map(str, pair)) for pair in same]
+    lines += ["\t".join(map(str, pair)) for pair in different]
+    path.write_text("\n".join(lines) + "\n")
+
+
+@pytest.mark.parametrize("name", ["pairsDevTrain.txt", "pairsDevTest.txt"])
+def test_lfw_view1_files_are_one_fold(tmp_path: Path, name: str) -> None:
+    images = tmp_path / "lfw"
+    people = {"Aaron_Peirsol": 4, "Abdullah_Gul": 16, "Zico": 3}
+    _touch(images, *(f"{p}/{p}_{k:04d}.jpg" for p, n in people.items() for k in range(1, n + 1)))
+    same = [("Aaron_Peirsol", 1, 2), ("Abdullah_Gul", 13, 14), ("Zico", 1, 3)]
+    different = [("Aaron_Peirsol", 4, "Zico", 2), ("Abdullah_Gul", 16, "Zico", 1),
+                 ("Aaron_Peirsol", 3, "Abdullah_Gul", 1)]
+    _view1_file(tmp_path / name, same, different)
+    assert (tmp_path / name).read_text().splitlines()[0] == "3"
+
+    pairs = read_pairs(tmp_path / name, images)
+    assert len(pairs) == 6 and pairs.num_folds == 1
+    np.testing.assert_array_equal(pairs.fold, np.zeros(6))
+    np.testing.assert_array_equal(pairs.issame, [True] * 3 + [False] * 3)
+    assert pairs.left[1] == str(images / "Abdullah_Gul" / "Abdullah_Gul_0013.jpg")
+    assert pairs.right[1] == str(images / "Abdullah_Gul" / "Abdullah_Gul_0014.jpg")
+    assert pairs.left[4] == str(images / "Abdullah_Gul" / "Abdullah_Gul_0016.jpg")
+    assert pairs.right[4] == str(images / "Zico" / "Zico_0001.jpg")
+
+    # View 1 is N same then N different lines: a count off by one names the header's promise.
+    _view1_file(tmp_path / "short.txt", same, different)
+    text = (tmp_path / "short.txt").read_text().splitlines()
+    (tmp_path / "short.txt").write_text("\n".join(text[:-1]) + "\n")
+    with pytest.raises(DataError, match="header promises 1 folds x 6 pairs = 6 lines, found 5"):
+        read_pairs(tmp_path / "short.txt", images)
+
+
 def test_file_without_header_is_one_fold(tmp_path: Path) -> None:
     _touch(tmp_path / "im", "x/1.png", "x/2.png", "y/1.png")
     (tmp_path / "p.txt").write_text("x 1 2\nx 1 y 1\nx 2 y 1\n")
@@ -82,6 +125,8 @@ def test_unique_images_maps_back(tmp_path: Path) -> None:
         ("1 1\na 0 1\na 0 b\nextra\n", "found 3"),
         ("1 1\na 0 1\na 0 b 1 c\n", ":3: malformed"),
         ("1 2 3\na 0 1\n", ":1: header"),
+        ("0\n", ":1: header '0' promises no pairs"),
+        ("0 5\n", ":1: header '0 5' promises no pairs"),
     ],
 )
 def test_malformed_files_name_the_line(tmp_path: Path, body: str, fragment: str) -> None:

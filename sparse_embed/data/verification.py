@@ -7,7 +7,10 @@ The format (also used by CFP, AgeDB exports and the synthetic generator)::
     name1 k1 name2 k2          # n "different" lines of fold 0
     ...                        # the same for folds 1 .. nfolds-1
 
-A header with a single number `n` (LFW's View 1 files) means one fold. `name k`
+A header with a single number `n` means one fold: LFW's View 1 files,
+`pairsDevTrain.txt` (header `1100`) to choose a threshold on and
+`pairsDevTest.txt` (header `500`) to measure it on; View 2's `pairs.txt` has
+`10 300`. `name k`
 refers to `<image_root>/name/<k>.<ext>` (the synthetic layout) or to LFW's
 `<image_root>/name/name_<k:04d>.<ext>`, with `ext` one of jpg, jpeg, png.
 
@@ -72,13 +75,16 @@ def _parse_header(line: str, pairs_path: Path) -> tuple[int, int] | None:
     tokens = line.split()
     if not tokens or not all(t.isdigit() for t in tokens):
         return None
-    if len(tokens) == 1:
-        return 1, int(tokens[0])
-    if len(tokens) == 2:
-        return int(tokens[0]), int(tokens[1])
-    raise DataError(
-        f"{pairs_path}:1: header {line.strip()!r} must be '<nfolds> <pairs per class and fold>'"
-    )
+    if len(tokens) > 2:
+        raise DataError(
+            f"{pairs_path}:1: header {line.strip()!r} must be '<nfolds> <pairs per class and fold>' "
+            f"or '<pairs per class>' (one fold)"
+        )
+    nfolds, per_class = (1, int(tokens[0])) if len(tokens) == 1 else map(int, tokens)
+    if nfolds < 1 or per_class < 1:
+        raise DataError(f"{pairs_path}:1: header {line.strip()!r} promises no pairs; folds and "
+                        f"pairs per class must be at least 1")
+    return nfolds, per_class
 
 
 class _ImageResolver:

@@ -3,6 +3,13 @@
 Scores are similarities (higher = more alike, e.g. the cosine of two
 embeddings); a pair is predicted "same" when its score is > threshold.
 
+Accuracy needs a threshold chosen on pairs other than those it is measured
+on. `PROTOCOLS` lists the three ways `verification_metrics` chooses it: on
+the other folds (LFW View 2, `pairs.txt`: 10 folds), on separate threshold
+pairs (LFW View 1: chosen on `pairsDevTrain.txt`, measured on
+`pairsDevTest.txt`), or, for a single fold with nothing held out, on the
+test pairs themselves, which is an optimistic figure and labelled as one.
+
 Every threshold search is exact: the distinct classifiers `score > t` on a
 set of scores are one per gap between consecutive distinct scores, plus "all
 same" and "all different", so the candidates are the midpoints of the sorted
@@ -183,8 +190,8 @@ def _tar_at_far(points: _OperatingPoints, far_targets: tuple[float, ...]) -> dic
 
 def _contiguous_folds(num_pairs: int, nfolds: int) -> np.ndarray:
     """Fold index per pair: nfolds contiguous folds, sizes differing by at most one."""
-    if isinstance(nfolds, bool) or not isinstance(nfolds, int) or not 2 <= nfolds <= num_pairs:
-        raise ValueError(f"nfolds must be an integer in [2, number of pairs = {num_pairs}], "
+    if isinstance(nfolds, bool) or not isinstance(nfolds, int) or not 1 <= nfolds <= num_pairs:
+        raise ValueError(f"nfolds must be an integer in [1, number of pairs = {num_pairs}], "
                          f"got {nfolds!r}")
     folds = np.empty(num_pairs, np.int64)
     for index, part in enumerate(np.array_split(np.arange(num_pairs), nfolds)):
@@ -192,17 +199,42 @@ def _contiguous_folds(num_pairs: int, nfolds: int) -> np.ndarray:
     return folds
 
 
-def verification_metrics(scores: np.ndarray, issame: np.ndarray, folds: np.ndarray | None = None,
-                         nfolds: int = 10,
-                         far_targets: tuple[float, ...] = (1e-3,)) -> dict[str, Any]:
-    """Verification accuracy (LFW k-fold protocol), AUC, EER and TAR@FAR of scored pairs.
+# How the accuracy threshold was chosen -> the note that goes with the accuracy
+# (`accuracy_protocol` of the results).
+PROTOCOLS = {
+    "k-fold": "threshold chosen on the other folds (k-fold cross-validation)",
+    "threshold pairs": "threshold chosen on separate threshold pairs (LFW View 1: pairsDevTrain)",
+    "test fold": "threshold chosen on the test fold itself (no held-out fold): optimistic",
+}
 
-    Accuracy follows the LFW unrestricted protocol (Huang et al. 2007) as
-    face-recognition code evaluates it: for each fold k, the threshold that
-    maximises accuracy on the other folds (exact search over all candidate
-    thresholds, ties to the lowest) is applied to fold k; the reported
-    accuracy is the mean of the k test accuracies. AUC, EER and TAR@FAR use
-    all pairs at once.
+
+def _protocol(num_folds: int, has_threshold_pairs: bool) -> str:
+    if has_threshold_pairs:
+        return "threshold pairs"
+    return "k-fold" if num_folds > 1 else "test fold"
+
+
+def verification_metrics(scores: np.ndarray, issame: np.ndarray, folds: np.ndarray | None = None,
+                         nfolds: int = 10, far_targets: tuple[float, ...] = (1e-3,),
+                         threshold_pairs: tuple[np.ndarray, np.ndarray] | None = None
+                         ) -> dict[str, Any]:
+    """Verification accuracy (LFW protocols), AUC, EER and TAR@FAR of scored pairs.
+
+    The accuracy threshold is chosen by one of the `PROTOCOLS`, every search
+    exact over all candidate thresholds, ties to the lowest:
+
+    - `threshold pairs` (LFW View 1), when `threshold_pairs` is given: the
+      threshold of highest accuracy on those pairs (`pairsDevTrain.txt`) is
+      applied to every fold of these pairs (`pairsDevTest.txt`: one fold);
+    - `k-fold` (LFW View 2, Huang et al. 2007, as face-recognition code
+      evaluates it), with 2 or more folds: for each fold k, the threshold that
+      maximises accuracy on the other folds is applied to fold k;
+    - `test fold`, a single fold and nothing else: the best threshold of the
+      fold itself, i.e. the highest accuracy any threshold reaches on these
+      pairs; an optimistic figure, and `accuracy_protocol` says so.
+
+    The reported accuracy is the mean of the test-fold accuracies. AUC, EER
+    and TAR@FAR need no threshold and use all pairs at once.
 
     Args:
         scores: float [n], higher = more similar.
@@ -210,22 +242,27 @@ def verification_metrics(scores: np.ndarray, issame: np.ndarray, folds: np.ndarr
         folds: int [n], the fold of each pair (from the pairs file); None
             splits the pairs into `nfolds` contiguous folds, the layout of the
             LFW-style pairs files and .bin exports.
-        nfolds: Number of contiguous folds when `folds` is None.
+        nfolds: Number of contiguous folds when `folds` is None (1 or more).
         far_targets: False-accept rates at which to report TAR.
+        threshold_pairs: (scores [m], issame [m]) of separate pairs that choose
+            the threshold, as `scores` and `issame`; None chooses it on `scores`.
 
     Returns:
         A dict with
         - `accuracy`: mean test-fold accuracy;
-        - `accuracy_std`: standard deviation of the fold accuracies (ddof=0);
-        - `threshold`: mean of the folds' best thresholds;
+        - `accuracy_std`: standard deviation of the fold accuracies (ddof=0),
+          only with 2 or more folds;
+        - `accuracy_protocol`: the sentence of `PROTOCOLS` saying how the
+          threshold was chosen;
+        - `threshold`: the threshold applied (k-fold: the mean of the folds' ones);
         - `auc`: area under the ROC, ties counted 1/2 (Mann-Whitney);
         - `eer`: equal error rate (FAR = FRR, interpolated on the ROC);
         - `tar_at_far`: {far: highest TAR at an operating point with FAR <= far},
           only for the targets with at least 1/far different pairs.
 
     Raises:
-        DataError: If there are no pairs, only one kind of pair, non-finite
-            scores, or `folds` defines fewer than 2 folds.
+        DataError: If there are no pairs, only one kind of pair, or non-finite
+            scores (in either set of pairs).
         ValueError: On inconsistent shapes, a non-boolean issame, nfolds out
             of range, or a far target outside (0, 1].
     """
@@ -241,22 +278,30 @@ def verification_metrics(scores: np.ndarray, issame: np.ndarray, folds: np.ndarr
             raise ValueError(f"folds must be an integer array of shape {scores.shape}, "
                              f"got {folds.dtype} {folds.shape}")
     fold_ids = np.unique(folds)
-    if fold_ids.size < 2:
-        raise DataError(f"the k-fold protocol needs at least 2 folds, the pairs define "
-                        f"{fold_ids.size}")
+    protocol = _protocol(fold_ids.size, threshold_pairs is not None)
+    fixed = None
+    if threshold_pairs is not None:
+        fixed = _best_threshold(*_check_pairs(*threshold_pairs))
 
     accuracies, thresholds = [], []
     for fold in fold_ids:
         test = folds == fold
-        threshold = _best_threshold(scores[~test], issame[~test])
+        if fixed is not None:
+            threshold = fixed
+        elif protocol == "test fold":
+            threshold = _best_threshold(scores, issame)
+        else:
+            threshold = _best_threshold(scores[~test], issame[~test])
         accuracies.append(np.mean((scores[test] > threshold) == issame[test]))
         thresholds.append(threshold)
 
     points = _operating_points(scores, issame)
     far, tar, _ = points.roc()
-    return {
-        "accuracy": float(np.mean(accuracies)),
-        "accuracy_std": float(np.std(accuracies)),
+    result: dict[str, Any] = {"accuracy": float(np.mean(accuracies))}
+    if fold_ids.size > 1:
+        result["accuracy_std"] = float(np.std(accuracies))
+    return result | {
+        "accuracy_protocol": PROTOCOLS[protocol],
         "threshold": float(np.mean(thresholds)),
         "auc": _auc(points),
         "eer": _eer(far, tar),
