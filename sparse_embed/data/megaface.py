@@ -655,18 +655,8 @@ def rank1(split: Split, embedding: np.ndarray, labels: Sequence[int]) -> float:
     emb = np.asarray(embedding, np.float32)
     labels = np.asarray(labels, np.int64)
     queries = emb[split.queries]
-    if split.protocol == "facescrub":
-        # Each gallery row is ranked among the distractors alone.
-        match = [emb[g] @ q for g, q in zip(split.gallery, queries, strict=True)]
-        threshold = np.array([m.min() if len(m) else np.inf for m in match], np.float32)
-        same = None
-    else:
-        same = labels[split.queries]
-        threshold = np.full(len(queries), -np.inf, np.float32)
-        for label in np.unique(same):
-            members = split.database[labels[split.database] == label]
-            at = np.flatnonzero(same == label)
-            threshold[at] = (queries[at] @ emb[members].T).max(axis=1)
+    # megaface: the database holds the query's identity, whose rows are matches, not competitors.
+    same = labels[split.queries] if split.protocol == "megaface" else None
     best_other = np.full(len(queries), -np.inf, np.float32)
     for start in range(0, len(split.database), _SCORE_CHUNK_ROWS):
         rows = split.database[start:start + _SCORE_CHUNK_ROWS]
@@ -674,10 +664,17 @@ def rank1(split: Split, embedding: np.ndarray, labels: Sequence[int]) -> float:
         if same is not None:
             scores[same[:, None] == labels[rows][None, :]] = -np.inf
         best_other = np.maximum(best_other, scores.max(axis=1))
-    if split.protocol == "facescrub":
-        hits = sum(int((m >= b).sum()) for m, b in zip(match, best_other, strict=True))
+    if same is None:
+        # Each gallery row joins the distractors alone: a hit when none of them outscores it.
+        hits = sum(int((emb[g] @ q >= b).sum())
+                   for g, q, b in zip(split.gallery, queries, best_other, strict=True))
     else:
-        hits = int((threshold >= best_other).sum())
+        hits = 0
+        for label in np.unique(same):
+            at = np.flatnonzero(same == label)
+            members = split.database[labels[split.database] == label]
+            best_match = (queries[at] @ emb[members].T).max(axis=1)
+            hits += int((best_match >= best_other[at]).sum())
     return hits / split.num_trials
 
 
