@@ -7,7 +7,7 @@ PYTEST_ARGS ?=
 MEGAFACE_BIN ?= data/megaface/megaface_distractors.bin
 FACESCRUB_BIN ?= data/megaface/facescrub.bin
 
-.PHONY: install horovod test test-fast demo bench bench-train lint runmegaface runfacescrub clean
+.PHONY: install horovod test test-fast demo bench bench-train bench-pipeline lint runmegaface runfacescrub clean
 
 install: $(VENV)/.installed
 
@@ -42,6 +42,9 @@ bench: install
 
 bench-train: install horovod
 	$(PY) benchmarks/train_throughput.py
+
+bench-pipeline: install
+	$(PY) benchmarks/pipeline_bench.py
 
 lint: install
 	$(PY) -m ruff check sparse_embed tests benchmarks preprocessing

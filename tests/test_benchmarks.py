@@ -1,4 +1,4 @@
-"""The training-throughput benchmark runs end to end (its figures are not asserted: speed is not a test)."""
+"""The benchmarks run end to end (their figures are not asserted: speed is not a test)."""
 
 from __future__ import annotations
 
@@ -21,3 +21,25 @@ def test_train_throughput_benchmark_prints_its_table() -> None:
     assert [json.loads(r)["setup"] for r in rows] == [
         "input pipeline", "train step", "train step, horovod"]
     assert "vs 1 process" in proc.stdout
+
+
+@pytest.mark.slow
+def test_pipeline_benchmark_prints_its_table() -> None:
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "pipeline_bench.py"),
+                           "--images=64", "--batch=16", "--identities=4", "--per_identity=4",
+                           "--shards=2", "--processes=2", "--stages", "--json"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    setups = [row["setup"] for row in rows]
+    assert setups[:4] == ["train_dataset (decode+resize+augment+batch)",
+                          "tf.data decode_jpeg map (AUTOTUNE)", "cv2.imdecode loop",
+                          "cv2.imdecode pool x2"]
+    assert any(s.startswith("stage: fix:") for s in setups)
+    assert rows[0]["pipeline_ratio"] == 1.0
+    for row in rows:
+        assert row.keys() == {"setup", "cores", "images_per_s", "images_per_s_per_core",
+                              "pipeline_ratio", "pipeline_ratio_per_core"}
+        assert row["images_per_s"] > 0
+    table = proc.stdout.split("\n{", 1)[0]
+    assert "pipeline/this" in table and all(s in table for s in setups)
