@@ -33,8 +33,13 @@ class DataConfig:
     Attributes:
         train_files: Glob of training TFRecord shards, relative to `--data_dir`.
         label_map: Label-map file written by `build_tfrecords`, relative to `--data_dir`.
-        shuffle_buffer: Examples in the shuffle buffer.
+        shuffle_buffer: Records shuffled together (the `shuffle` sampler's window).
         augment: Random flip, scale/crop and colour jitter on training images.
+        sampler: `shuffle` (every record once an epoch, window-shuffled) |
+            `p_k` (class-balanced: `classes_per_batch` classes x
+            `samples_per_class` images, the per-worker batch; for pair and proxy losses).
+        classes_per_batch: P of the `p_k` sampler.
+        samples_per_class: K of the `p_k` sampler.
         pairs: Verification pairs file (LFW format), relative to `--data_dir`.
         pairs_images: Image root the pairs file refers to, relative to `--data_dir`.
     """
@@ -43,6 +48,9 @@ class DataConfig:
     label_map: str = "tfrecords/labels.txt"
     shuffle_buffer: int = 2048
     augment: bool = True
+    sampler: str = "shuffle"
+    classes_per_batch: int = 32
+    samples_per_class: int = 4
     pairs: str = "pairs.txt"
     pairs_images: str = "test"
 
@@ -226,6 +234,7 @@ class Config:
 # Values a field may take, checked when the config is built so a typo fails
 # before any data is read. Registries are consulted at build time instead.
 _CHOICES: dict[str, tuple[str, ...]] = {
+    "data.sampler": ("shuffle", "p_k"),
     "model.final_activation": ("relu", "soft_threshold", "none"),
     "sparsity.type": ("flops", "l1", "none"),
     "sparsity.schedule": ("constant", "quadratic_warmup"),
@@ -243,6 +252,8 @@ _NON_NEGATIVE = (lambda v: v >= 0, ">= 0")
 _POSITIVE = (lambda v: v > 0, "> 0")
 _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "data.shuffle_buffer": _AT_LEAST_1,
+    "data.classes_per_batch": _AT_LEAST_1,
+    "data.samples_per_class": _AT_LEAST_1,
     "model.embedding_size": _AT_LEAST_1,
     "model.input_size": _AT_LEAST_1,
     "model.width": _POSITIVE,
@@ -265,7 +276,7 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "train.log_every": _AT_LEAST_1,
     "train.keep_checkpoints": _AT_LEAST_1,
     "eval.batch_size": _AT_LEAST_1,
-    "eval.nfolds": (lambda v: v >= 2, ">= 2"),
+    "eval.nfolds": _AT_LEAST_1,
 }
 
 

@@ -11,8 +11,9 @@ import tensorflow as tf
 from PIL import Image
 
 from sparse_embed.data import augment as aug
-from sparse_embed.data.pipeline import decode_image, eval_dataset, files_dataset, train_dataset
-from sparse_embed.data.tfrecord import build_tfrecords, image_folder, read_label_map
+from sparse_embed.data import pipeline
+from sparse_embed.data.pipeline import decode_image, eval_dataset, files_dataset, pk_dataset, train_dataset
+from sparse_embed.data.tfrecord import build_tfrecords, image_folder, make_example, read_label_map
 from sparse_embed.errors import DataError
 
 NUM_EXAMPLES = 24
@@ -218,3 +219,175 @@ def test_color_jitter_strengths() -> None:
     assert np.abs(jittered.numpy() - image.numpy()).mean() > 0.01
     with pytest.raises(ValueError, match="contrast"):
         aug.color_jitter(image, tf.constant([0, 0]), contrast=1.5)
+
+
+def _write_shards(root: Path, counts: list[int], jpeg: bytes) -> str:
+    """Shards whose records are numbered 0.. in file order by their label."""
+    root.mkdir(parents=True)
+    label = 0
+    for index, count in enumerate(counts):
+        with tf.io.TFRecordWriter(str(root / f"train-{index:05d}-of-{len(counts):05d}")) as writer:
+            for _ in range(count):
+                writer.write(make_example(jpeg, label, f"c{label}", f"{label}.jpg", 8, 8))
+                label += 1
+    return str(root / "train-*")
+
+
+def _jpeg(size: int, seed: int = 0) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=95)
+    return buffer.getvalue()
+
+
+def _labels(dataset: tf.data.Dataset, batches: int) -> list[int]:
+    return [int(y) for _, labels in dataset.take(batches) for y in labels.numpy()]
+
+
+def _oracle_epoch(counts: list[int], cycle: int, worker_seed: int, epoch: int) -> list[int]:
+    """The pre-shuffle record order of one epoch, from the documented rule, in plain Python."""
+    firsts = np.concatenate([[0], np.cumsum(counts)])
+    order = np.random.default_rng([worker_seed, epoch]).permutation(len(counts))
+    out = []
+    for g in range(0, len(order), cycle):
+        members = list(order[g:g + cycle])
+        read = dict.fromkeys(members, 0)
+        while any(read[m] < counts[m] for m in members):
+            for m in members:
+                if read[m] < counts[m]:
+                    out.append(int(firsts[m] + read[m]))
+                    read[m] += 1
+    return out
+
+
+COUNTS = [5, 9, 1, 7, 0, 4, 6]  # uneven, one empty shard
+
+
+def test_record_order_follows_the_documented_rule(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                                  ) -> None:
+    monkeypatch.setattr(pipeline, "CYCLE_LENGTH", 3)
+    pattern = _write_shards(tmp_path / "shards", COUNTS, _jpeg(8))
+    total = sum(COUNTS)
+    # A window of one record is no shuffle: the stream is the pre-shuffle order itself.
+    got = _labels(train_dataset(pattern, 4, 8, augment=False, shuffle_buffer=1, seed=5), 2 * total // 4)
+    seed = pipeline._worker_seed(5, 0)
+    expected = _oracle_epoch(COUNTS, 3, seed, 0) + _oracle_epoch(COUNTS, 3, seed, 1)
+    assert got == expected[:len(got)]
+    # Windows of 8 are permutations of those 8 records; every epoch holds each record once.
+    shuffled = _labels(train_dataset(pattern, 1, 8, augment=False, shuffle_buffer=8, seed=5), 2 * total)
+    for epoch in range(2):
+        part, order = shuffled[epoch * total:(epoch + 1) * total], expected[epoch * total:(epoch + 1) * total]
+        assert sorted(part) == list(range(total))
+        for w in range(0, total, 8):
+            assert sorted(part[w:w + 8]) == sorted(order[w:w + 8])
+        assert part != order, "the windows are shuffled"
+
+
+@pytest.mark.parametrize("start", [1, 7, 8, 13, 31, 32, 33, 95])
+def test_resume_anywhere_equals_the_uninterrupted_stream(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         start: int) -> None:
+    # Positions inside a window, on window and epoch boundaries (32 records per
+    # epoch), inside a group of files, and three epochs on.
+    monkeypatch.setattr(pipeline, "CYCLE_LENGTH", 3)
+    pattern = _write_shards(tmp_path / "shards", COUNTS, _jpeg(8))
+    whole = list(train_dataset(pattern, 1, 8, shuffle_buffer=8, seed=2).take(start + 12))
+    resumed = list(train_dataset(pattern, 1, 8, shuffle_buffer=8, seed=2, start_example=start).take(12))
+    for (xa, ya), (xb, yb) in zip(whole[start:], resumed, strict=True):
+        np.testing.assert_array_equal(ya.numpy(), yb.numpy())
+        np.testing.assert_allclose(xa.numpy(), xb.numpy(), atol=1e-6, err_msg="same augmentation")
+
+
+def _bytes_read() -> int:
+    with open("/proc/self/io") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("rchar"))
+
+
+@pytest.mark.skipif(not Path("/proc/self/io").exists(), reason="needs Linux /proc/self/io")
+def test_resume_does_not_read_the_records_it_skips(tmp_path: Path) -> None:
+    jpeg = _jpeg(112)
+    pattern = _write_shards(tmp_path / "shards", [300] * 4, jpeg)
+    total = 4 * 300 * len(jpeg)
+    start = 3 * 1200 + 1000  # three epochs and most of a fourth
+    first = next(iter(train_dataset(pattern, 1, 16, augment=False, shuffle_buffer=16)))  # warm up
+    del first
+    before = _bytes_read()
+    batch = next(iter(train_dataset(pattern, 1, 16, augment=False, shuffle_buffer=16,
+                                    start_example=start)))
+    read = _bytes_read() - before
+    assert batch[1].shape == (1,)
+    # Reading through would cost 3.8 epochs of payload; what is read is the
+    # record headers, one window and the read-ahead of the files being read.
+    assert read < 0.1 * 3.8 * total, f"read {read} bytes to resume, the data is {total} bytes an epoch"
+
+
+def test_a_cut_short_shard_is_named_before_training(tmp_path: Path) -> None:
+    pattern = _write_shards(tmp_path / "shards", [4, 4], _jpeg(8))
+    shard = tmp_path / "shards" / "train-00001-of-00002"
+    shard.write_bytes(shard.read_bytes()[:-10])
+    with pytest.raises(DataError, match=r"train-00001-of-00002 is damaged after 3 intact records"):
+        train_dataset(pattern, 2, 8)
+
+
+def _pk_shards(root: Path, sizes: list[int]) -> str:
+    """Class c has sizes[c] records; the records are spread over 3 shards."""
+    labels = np.repeat(np.arange(len(sizes)), sizes)
+    order = np.random.default_rng(0).permutation(len(labels))
+    jpeg = _jpeg(8)
+    root.mkdir(parents=True)
+    for shard, part in enumerate(np.array_split(order, 3)):
+        with tf.io.TFRecordWriter(str(root / f"train-{shard:05d}-of-00003")) as writer:
+            for i in part:
+                writer.write(make_example(jpeg, int(labels[i]), "c", f"{i}.jpg", 8, 8))
+    return str(root / "train-*")
+
+
+def test_pk_batches_hold_exactly_p_classes_of_k_images(tmp_path: Path) -> None:
+    sizes = [6, 1, 9, 4, 2, 7, 5, 3]  # classes 1, 4, 7 have fewer than K=4 images
+    pattern = _pk_shards(tmp_path / "pk", sizes)
+    dataset = pk_dataset(pattern, 3, 4, 8, augment=False, seed=1)
+    assert dataset.element_spec[1].shape == (12,)
+    drawn = np.zeros(len(sizes))
+    for _, labels in dataset.take(300):
+        labels = labels.numpy()
+        blocks = labels.reshape(3, 4)
+        assert (blocks == blocks[:, :1]).all(), "class-major: K images of a class together"
+        assert len(set(blocks[:, 0])) == 3, "P distinct classes"
+        drawn[blocks[:, 0]] += 1
+    # Classes are drawn uniformly: 300 x 3 / 8 = 112.5 each; 4 standard deviations of slack.
+    assert np.abs(drawn - 112.5).max() < 4 * np.sqrt(300 * 3 / 8 * (1 - 3 / 8))
+    # The index is kept beside the shards, out of the shard glob.
+    assert len(list((tmp_path / "pk" / ".index").glob("*.npz"))) == 3
+    assert len(pipeline.list_files(pattern)) == 3
+
+
+def test_pk_images_within_a_class_do_not_repeat_when_the_class_has_k(tmp_path: Path) -> None:
+    sizes = [4, 4, 5, 6]
+    root = tmp_path / "pk"
+    labels = np.repeat(np.arange(len(sizes)), sizes)
+    root.mkdir()
+    with tf.io.TFRecordWriter(str(root / "train-00000-of-00001")) as writer:
+        for i, label in enumerate(labels):
+            # Each record's image differs, so repeated records show as equal images.
+            writer.write(make_example(_jpeg(8, seed=i), int(label), "c", f"{i}.jpg", 8, 8))
+    dataset = pk_dataset(str(root / "train-*"), 2, 4, 8, augment=False, seed=0)
+    for images, _ in dataset.take(20):
+        images = images.numpy().reshape(2, 4, -1)
+        for block in images:
+            assert len({row.tobytes() for row in block}) == 4
+
+
+def test_pk_stream_resumes_exactly_and_workers_differ(tmp_path: Path) -> None:
+    pattern = _pk_shards(tmp_path / "pk", [5, 5, 5, 5, 5, 5])
+    whole = list(pk_dataset(pattern, 2, 3, 8, seed=4).take(7))
+    resumed = list(pk_dataset(pattern, 2, 3, 8, seed=4, start_example=4 * 6).take(3))
+    for (xa, ya), (xb, yb) in zip(whole[4:], resumed, strict=True):
+        np.testing.assert_array_equal(ya.numpy(), yb.numpy())
+        np.testing.assert_allclose(xa.numpy(), xb.numpy(), atol=1e-6)
+    other = list(pk_dataset(pattern, 2, 3, 8, seed=4, worker_index=1).take(7))
+    assert any(not np.array_equal(a[1].numpy(), b[1].numpy()) for a, b in zip(whole, other, strict=True))
+
+
+def test_pk_rejects_more_classes_than_the_data_has(tmp_path: Path) -> None:
+    pattern = _pk_shards(tmp_path / "pk", [3, 3])
+    with pytest.raises(DataError, match="holds 2 classes, fewer than data.classes_per_batch=3"):
+        pk_dataset(pattern, 3, 2, 8)

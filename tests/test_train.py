@@ -155,3 +155,16 @@ def test_truncated_shard_stops_with_one_line_naming_it(tiny_data: Path, tmp_path
     proc = run_module("sparse_embed.train", "--config=smoke", f"--data_dir={data}",
                       f"--model_dir={tmp_path / 'run'}", "--set", "train.steps=40")
     assert_user_error(proc, f"TFRecord shard {shard} is damaged after", "build_tfrecords.py")
+
+
+def test_pk_sampler_trains_and_checks_p_times_k(tiny_data: Path, tmp_path: Path) -> None:
+    config = load_config("smoke", ["train.batch_size=8", "train.steps=4", "data.sampler=p_k",
+                                   "data.classes_per_batch=4", "data.samples_per_class=2"])
+    result = train(config, tiny_data, tmp_path / "pk", verbose=0)
+    assert result.step == 4 and result.samples == 32 and np.isfinite(result.metrics["loss"])
+    bad = tmp_path / "bad"
+    assert_user_error(run_module("sparse_embed.train", "--config=smoke", f"--data_dir={tiny_data}",
+                                 f"--model_dir={bad}", "--set=train.batch_size=8", "--set=data.sampler=p_k",
+                                 "--set=data.classes_per_batch=3", "--set=data.samples_per_class=2"),
+                      "data.classes_per_batch x data.samples_per_class = 3 x 2 must equal")
+    assert not bad.exists()

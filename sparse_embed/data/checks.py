@@ -7,6 +7,8 @@ import os
 import struct
 from pathlib import Path
 
+import numpy as np
+
 from sparse_embed.config import Config
 from sparse_embed.errors import DataError
 
@@ -39,13 +41,61 @@ def train_inputs(config: Config, data_dir: str | Path) -> tuple[str, Path]:
     return pattern, label_map
 
 
+def scan_records(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, str]:
+    """Locates the records of a TFRecord file from its headers alone, seeking over the payloads.
+
+    A record is a uint64 length, a uint32 CRC of the length, the payload and its
+    uint32 CRC. Only the 12-byte headers are read, so even large shards are
+    scanned in a moment. Payload CRCs are not verified: this finds truncated or
+    overwritten files, the usual damage of a killed copy.
+
+    Args:
+        path: A TFRecord file.
+
+    Returns:
+        (payload offsets int64 [R], payload lengths int64 [R], what is wrong after
+        the R intact records; empty when the file is whole).
+    """
+    size = os.path.getsize(path)
+    offsets: list[int] = []
+    lengths: list[int] = []
+    problem = ""
+    # Unbuffered: a buffered reader would fill its buffer with payload at every seek.
+    with open(path, "rb", buffering=0) as f:
+        position = 0
+        while position < size:
+            header = f.read(12)
+            if len(header) < 12:
+                problem = f"a record header is cut short at byte {position}"
+                break
+            (length,) = struct.unpack("<Q", header[:8])
+            end = position + 12 + length + 4
+            if end > size:
+                problem = (f"record {len(offsets)} needs {length + 4} bytes at byte {position + 12}, "
+                           f"the file ends {size - position - 12} bytes later")
+                break
+            offsets.append(position + 12)
+            lengths.append(length)
+            f.seek(end)
+            position = end
+    return np.asarray(offsets, np.int64), np.asarray(lengths, np.int64), problem
+
+
+def count_records(path: str | os.PathLike) -> tuple[int, str]:
+    """Counts the intact records of a TFRecord file (see `scan_records`).
+
+    Args:
+        path: A TFRecord file.
+
+    Returns:
+        (intact records, what is wrong after them; empty when the file is whole).
+    """
+    offsets, _, problem = scan_records(path)
+    return len(offsets), problem
+
+
 def damaged_tfrecords(pattern: str) -> list[tuple[str, int, str]]:
     """Finds TFRecord files whose framing is cut short, without reading their payloads.
-
-    Walks each file's record headers (uint64 length, uint32 CRC of the length,
-    then the payload and its uint32 CRC), seeking over the payloads, so even
-    large shards are checked in a moment. Payload CRCs are not verified: this
-    finds truncated or overwritten files, the usual damage of a killed copy.
 
     Args:
         pattern: Glob of TFRecord files.
@@ -55,22 +105,7 @@ def damaged_tfrecords(pattern: str) -> list[tuple[str, int, str]]:
     """
     damaged = []
     for path in sorted(glob.glob(pattern)):
-        size = os.path.getsize(path)
-        records, problem = 0, ""
-        with open(path, "rb") as f:
-            while f.tell() < size:
-                header = f.read(12)
-                if len(header) < 12:
-                    problem = f"a record header is cut short at byte {f.tell() - len(header)}"
-                    break
-                (length,) = struct.unpack("<Q", header[:8])
-                end = f.tell() + length + 4
-                if end > size:
-                    problem = (f"record {records} needs {length + 4} bytes at byte {f.tell()}, "
-                               f"the file ends {size - f.tell()} bytes later")
-                    break
-                f.seek(end)
-                records += 1
+        records, problem = count_records(path)
         if problem:
             damaged.append((path, records, problem))
     return damaged

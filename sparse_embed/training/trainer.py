@@ -26,7 +26,7 @@ from sparse_embed.config import (
     save_config,
 )
 from sparse_embed.data.checks import damaged_tfrecords, train_inputs
-from sparse_embed.data.pipeline import train_dataset
+from sparse_embed.data.pipeline import training_stream
 from sparse_embed.data.tfrecord import read_label_map
 from sparse_embed.errors import ConfigError, DataError, SparseEmbedError
 from sparse_embed.heads import build_head
@@ -511,9 +511,6 @@ def train(config: Config, data_dir: str | os.PathLike, model_dir: str | os.PathL
         _restore(checkpoint, manager, config, model_dir, strategy, per_worker)
     strategy.broadcast_variables(
         _replicated(model.variables + optimizer.variables, model.sharded_variables))
-    if strategy.is_chief:
-        model_dir.mkdir(parents=True, exist_ok=True)
-        save_config(config, model_dir / "config.yaml")
     start = int(optimizer.iterations.numpy())
     samples = int(model.samples.numpy())
     remaining = config.train.steps - start
@@ -525,14 +522,14 @@ def train(config: Config, data_dir: str | os.PathLike, model_dir: str | os.PathL
     # --- data ---
     def make_dataset(num_pipelines: int, index: int) -> tf.data.Dataset:
         # Each pipeline skips its share of the examples all workers consumed.
-        return train_dataset(
-            pattern, per_worker_batch, config.model.input_size,
-            augment=config.data.augment, shuffle_buffer=config.data.shuffle_buffer,
-            seed=config.train.seed, num_workers=num_pipelines, worker_index=index,
-            start_example=samples // num_pipelines,
-        )
+        return training_stream(pattern, config.data, per_worker_batch, config.model.input_size,
+                               config.train.seed, num_pipelines, index, samples // num_pipelines)
 
+    # Built before anything is written, so bad input leaves no half-made run behind.
     dataset = strategy.distribute_dataset(make_dataset)
+    if strategy.is_chief:
+        model_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, model_dir / "config.yaml")
 
     # --- train ---
     throughput = Throughput()
