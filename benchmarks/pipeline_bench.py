@@ -6,7 +6,8 @@ Generates synthetic 112x112 faces (the training size) as TFRecord shards, then
 measures images/s over the same records of
 
 - the training pipeline, `train_dataset(..., augment=True)`: read, parse,
-  decode, resize, augment, shuffle, batch;
+  decode, augment, shuffle, batch; with `augmentation=full` (flip, scale/crop,
+  colour jitter) and `augmentation=flip` (mirror only, the insightface recipe);
 - `tf.io.decode_jpeg` in a tf.data map: read, parse, decode, batch, with the
   pipeline's parallelism (AUTOTUNE) and nothing else;
 - `cv2.imdecode` in a plain Python loop (1 process), and in a
@@ -14,8 +15,8 @@ measures images/s over the same records of
   the encoded images and decodes its share: the decode capacity of all cores,
   without the cost of shipping pixels back).
 
-The last column is the pipeline's rate divided by the row's: the target is the
-pipeline at >= 70% of the raw decode rate. With `--stages` (on by default when a
+The last columns are each pipeline's rate per core divided by the row's: the
+target is the pipeline at >= 70% of the raw decode rate. With `--stages` (on by default when a
 ratio falls short) the tf.data map is rebuilt stage by stage, as the pipeline
 does it, to show what each stage costs.
 
@@ -114,11 +115,12 @@ def _rate(batches: Iterator, batch: int, count: int) -> float:
     return _best_of_rounds(run, count)
 
 
-def pipeline_rate(pattern: str, batch: int, count: int) -> float:
-    """Images/s of the training pipeline, augmentation on."""
+def pipeline_rate(pattern: str, batch: int, count: int, augmentation: str) -> float:
+    """Images/s of the training pipeline with the augmentation policy `augmentation`."""
     from sparse_embed.data.pipeline import train_dataset
 
-    return _rate(iter(train_dataset(pattern, batch, IMAGE_SIZE, augment=True)), batch, count)
+    return _rate(iter(train_dataset(pattern, batch, IMAGE_SIZE, augment=True,
+                                    augmentation=augmentation)), batch, count)
 
 
 def _stage_maps() -> dict[str, Callable]:
@@ -138,24 +140,21 @@ def _stage_maps() -> dict[str, Callable]:
         encoded = parse_example(serialized)["image/encoded"]
         return tf.io.decode_image(encoded, channels=3, expand_animations=False)
 
-    def resized(antialias: bool) -> Callable:
-        def load(serialized: tf.Tensor) -> tf.Tensor:
-            image = tf.image.resize(any_format(serialized), [IMAGE_SIZE, IMAGE_SIZE],
-                                    method="bilinear", antialias=antialias)
-            return tf.clip_by_value(image / 127.5 - 1.0, -1.0, 1.0)
-        return load
-
     def scaled(serialized: tf.Tensor) -> tf.Tensor:
-        # The pipeline's decode_image without the resize: the records are already 112x112.
+        # decode_image on records already at the training size: no resize.
         image = tf.ensure_shape(tf.cast(any_format(serialized), tf.float32),
                                 [IMAGE_SIZE, IMAGE_SIZE, 3])
         return tf.clip_by_value(image / 127.5 - 1.0, -1.0, 1.0)
 
-    base = resized(True)
+    def resized(serialized: tf.Tensor) -> tf.Tensor:
+        image = tf.image.resize(any_format(serialized), [IMAGE_SIZE, IMAGE_SIZE],
+                                method="bilinear", antialias=True)
+        return tf.clip_by_value(image / 127.5 - 1.0, -1.0, 1.0)
+
     seed = tf.constant([0, 1], tf.int64)
 
     def flip(serialized: tf.Tensor) -> tf.Tensor:
-        return augment.random_flip(base(serialized), seed)
+        return augment.random_flip(scaled(serialized), seed)
 
     def scale_crop(serialized: tf.Tensor) -> tf.Tensor:
         return augment.random_scale_crop(flip(serialized), seed)
@@ -163,79 +162,32 @@ def _stage_maps() -> dict[str, Callable]:
     def jitter(serialized: tf.Tensor) -> tf.Tensor:
         return augment.color_jitter(scale_crop(serialized), seed)
 
-    def jitter_no_saturation(serialized: tf.Tensor) -> tf.Tensor:
-        return augment.color_jitter(scale_crop(serialized), seed, saturation=0.0)
-
-    def augmented_no_resize(serialized: tf.Tensor) -> tf.Tensor:
-        return augment.augment(scaled(serialized), seed)
-
-    def geometric_no_resize(serialized: tf.Tensor) -> tf.Tensor:
-        image = augment.random_flip(scaled(serialized), seed)
-        return augment.random_scale_crop(image, seed)
-
-    def augment_batch(images: tf.Tensor) -> tf.Tensor:
-        """The training augmentation vectorised over a batch, one random draw per image.
-
-        Same distribution as `augment.augment` (flip; zoom by [1, MAX_SCALE] and crop,
-        here one `crop_and_resize`; brightness, per-channel contrast, HSV saturation),
-        not the same pixels: a prototype of what batching the augmentation would cost.
-        """
-        b = tf.shape(images)[0]
-        s = tf.unstack(tf.random.experimental.stateless_split(seed, 7))
-
-        def uniform(shape: list, i: int, low: float, high: float) -> tf.Tensor:
-            return tf.random.stateless_uniform(shape, s[i], low, high)
-
-        mirror = uniform([b], 0, 0.0, 1.0) < 0.5
-        images = tf.where(mirror[:, None, None, None], tf.reverse(images, [2]), images)
-        side = 1.0 / uniform([b], 1, 1.0, augment.MAX_SCALE)
-        top, left = uniform([b], 2, 0.0, 1.0) * (1 - side), uniform([b], 3, 0.0, 1.0) * (1 - side)
-        boxes = tf.stack([top, left, top + side, left + side], axis=1)
-        images = tf.image.crop_and_resize(images, boxes, tf.range(b), [IMAGE_SIZE, IMAGE_SIZE])
-        x = (images + 1.0) / 2.0 + uniform([b, 1, 1, 1], 4, -augment.BRIGHTNESS, augment.BRIGHTNESS)
-        mean = tf.reduce_mean(x, axis=[1, 2], keepdims=True)
-        x = (x - mean) * uniform([b, 1, 1, 1], 5, 1 - augment.CONTRAST, 1 + augment.CONTRAST) + mean
-        h, sat, v = tf.unstack(tf.image.rgb_to_hsv(tf.clip_by_value(x, 0.0, 1.0)), axis=-1)
-        sat = sat * uniform([b, 1, 1], 6, 1 - augment.SATURATION, 1 + augment.SATURATION)
-        x = tf.image.hsv_to_rgb(tf.stack([h, tf.clip_by_value(sat, 0.0, 1.0), v], axis=-1))
-        return tf.clip_by_value(x * 2.0 - 1.0, -1.0, 1.0)
-
     return {
         "decode_jpeg": jpeg,
         "+ decode_image (any format)": any_format,
-        "+ float, scale to [-1, 1] (no resize)": scaled,
-        "  instead: resize 112->112, no antialias": resized(False),
-        "+ resize 112->112, antialias (= decode_image)": base,
-        "+ random flip": flip,
+        "+ float, scale to [-1, 1] (= decode_image)": scaled,
+        "+ random flip, per image on floats": flip,
         "+ random scale/crop": scale_crop,
-        "+ colour jitter, no saturation": jitter_no_saturation,
-        "+ colour jitter (= the pipeline's map)": jitter,
-        "fix: the map, same-size resize skipped": augmented_no_resize,
-        "fix + flip, scale/crop only (jitter on GPU)": geometric_no_resize,
-        # (per-record map, per-batch map): the augmentation runs on whole batches.
-        "batched augment after batch, no resize": (scaled, augment_batch),
+        "+ colour jitter (= augmentation=full)": jitter,
+        "  what decode_image skips: resize 112->112": resized,
     }
 
 
-def map_rate(pattern: str, batch: int, count: int,
-             load: Callable | tuple[Callable, Callable]) -> float:
+def map_rate(pattern: str, batch: int, count: int, load: Callable) -> float:
     """Images/s of read + `load` (AUTOTUNE parallel map) + batch over the shards, endlessly.
 
     Args:
         pattern: Shard glob.
         batch: Batch size.
         count: Images to time.
-        load: Per-record map, or (per-record map, per-batch map applied after batching).
+        load: Per-record map.
     """
     from sparse_embed.data.pipeline import list_files
     from sparse_embed.keras import tf
 
-    per_record, per_batch = load if isinstance(load, tuple) else (load, None)
     dataset = (tf.data.TFRecordDataset(list_files(pattern)).repeat()
-               .map(per_record, num_parallel_calls=tf.data.AUTOTUNE)
+               .map(load, num_parallel_calls=tf.data.AUTOTUNE)
                .batch(batch, drop_remainder=True))
-    if per_batch is not None:
-        dataset = dataset.map(per_batch, num_parallel_calls=tf.data.AUTOTUNE)
     return _rate(iter(dataset.prefetch(tf.data.AUTOTUNE)), batch, count)
 
 
@@ -302,23 +254,27 @@ def cv2_pool_rate(encoded: list[bytes], count: int, processes: int) -> float:
         return _best_of_rounds(run, count)
 
 
-def format_table(rows: list[Row], title: str) -> str:
-    """The table: images/s, per core, core-microseconds per image, and the pipeline's ratios.
+def format_table(rows: list[Row], pipelines: list[Row], title: str) -> str:
+    """The table: images/s, per core, core-microseconds per image, and each pipeline's ratio.
 
     Args:
-        rows: The pipeline first, then the setups it is compared with.
+        rows: Every measured setup, the pipelines first.
+        pipelines: The training pipelines whose rate is divided by each row's.
         title: First line.
     """
-    pipeline = rows[0]
-    header = (f"{'setup':<52} {'cores':>5} {'images/s':>9} {'img/s/core':>10} "
-              f"{'core-us/img':>11} {'pipeline/this':>13} {'per core':>8}")
+    header = f"{'setup':<48} {'cores':>5} {'images/s':>9} {'img/s/core':>10} {'core-us/img':>11}"
+    header += "".join(f" {_short(p.setup) + '/this':>11}" for p in pipelines)
     lines = [title, header, "-" * len(header)]
     for row in rows:
-        lines.append(f"{row.setup:<52} {row.cores:>5} {row.images_per_s:>9.0f} "
-                     f"{row.per_core:>10.0f} {1e6 / row.per_core:>11.0f} "
-                     f"{pipeline.images_per_s / row.images_per_s:>13.0%} "
-                     f"{pipeline.per_core / row.per_core:>8.0%}")
+        line = (f"{row.setup:<48} {row.cores:>5} {row.images_per_s:>9.0f} "
+                f"{row.per_core:>10.0f} {1e6 / row.per_core:>11.0f}")
+        line += "".join(f" {p.per_core / row.per_core:>11.0%}" for p in pipelines)
+        lines.append(line)
     return "\n".join(lines)
+
+
+def _short(setup: str) -> str:
+    return setup.rsplit("=", 1)[-1].rstrip(")")
 
 
 def main() -> None:
@@ -344,8 +300,9 @@ def main() -> None:
                             min(cores, 4))
         encoded = read_encoded(pattern)
         print(f"{len(encoded)} records; timing ...", file=sys.stderr, flush=True)
-        pipeline = Row("train_dataset (decode+resize+augment+batch)", cores,
-                       pipeline_rate(pattern, args.batch, args.images))
+        pipelines = [Row(f"train_dataset (augmentation={name})", cores,
+                         pipeline_rate(pattern, args.batch, args.images, name))
+                     for name in ("full", "flip")]
         stage_maps = _stage_maps()
         raw = [
             Row("tf.data decode_jpeg map (AUTOTUNE)", cores,
@@ -354,8 +311,8 @@ def main() -> None:
             Row(f"cv2.imdecode pool x{args.processes}", min(args.processes, cores),
                 cv2_pool_rate(encoded, args.images, args.processes)),
         ]
-        rows = [pipeline, *raw]
-        short = any(pipeline.images_per_s < TARGET * r.images_per_s for r in raw)
+        rows = [*pipelines, *raw]
+        short = any(p.per_core < TARGET * r.per_core for p in pipelines for r in raw)
         if args.stages or (args.stages is None and short):
             for name, load in list(stage_maps.items())[1:]:
                 print(f"stage: {name} ...", file=sys.stderr, flush=True)
@@ -367,15 +324,13 @@ def main() -> None:
     title = (f"input pipeline vs raw JPEG decode, {len(encoded)} records of {IMAGE_SIZE}x{IMAGE_SIZE}, "
              f"{args.images} images per setup, batch {args.batch}, {cores} cores "
              f"(target: pipeline >= {TARGET:.0%} of raw)")
-    print(format_table(rows, title))
+    print(format_table(rows, pipelines, title))
     if args.json:
         for row in rows:
-            print(json.dumps({"setup": row.setup, "cores": row.cores,
-                              "images_per_s": row.images_per_s,
-                              "images_per_s_per_core": row.per_core,
-                              "pipeline_ratio": pipeline.images_per_s / row.images_per_s,
-                              "pipeline_ratio_per_core": pipeline.per_core / row.per_core}))
-
+            record = {"setup": row.setup, "cores": row.cores, "images_per_s": row.images_per_s,
+                      "images_per_s_per_core": row.per_core}
+            record |= {f"{_short(p.setup)}_ratio_per_core": p.per_core / row.per_core for p in pipelines}
+            print(json.dumps(record))
 
 if __name__ == "__main__":
     main()

@@ -34,7 +34,9 @@ class DataConfig:
         train_files: Glob of training TFRecord shards, relative to `--data_dir`.
         label_map: Label-map file written by `build_tfrecords`, relative to `--data_dir`.
         shuffle_buffer: Records shuffled together (the `shuffle` sampler's window).
-        augment: Random flip, scale/crop and colour jitter on training images.
+        augment: Augment training images with the `augmentation` policy.
+        augmentation: `full` (flip, scale/crop, colour jitter) | `flip` (mirror
+            only: the insightface recipe, and the cheaper pipeline).
         sampler: `shuffle` (every record once an epoch, window-shuffled) |
             `p_k` (class-balanced: `classes_per_batch` classes x
             `samples_per_class` images, the per-worker batch; for pair and proxy losses).
@@ -48,6 +50,7 @@ class DataConfig:
     label_map: str = "tfrecords/labels.txt"
     shuffle_buffer: int = 2048
     augment: bool = True
+    augmentation: str = "full"
     sampler: str = "shuffle"
     classes_per_batch: int = 32
     samples_per_class: int = 4
@@ -235,6 +238,7 @@ class Config:
 # before any data is read. Registries are consulted at build time instead.
 _CHOICES: dict[str, tuple[str, ...]] = {
     "data.sampler": ("shuffle", "p_k"),
+    "data.augmentation": ("full", "flip"),
     "model.final_activation": ("relu", "soft_threshold", "none"),
     "sparsity.type": ("flops", "l1", "none"),
     "sparsity.schedule": ("constant", "quadratic_warmup"),

@@ -32,14 +32,14 @@ def test_pipeline_benchmark_prints_its_table() -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     setups = [row["setup"] for row in rows]
-    assert setups[:4] == ["train_dataset (decode+resize+augment+batch)",
+    assert setups[:5] == ["train_dataset (augmentation=full)", "train_dataset (augmentation=flip)",
                           "tf.data decode_jpeg map (AUTOTUNE)", "cv2.imdecode loop",
                           "cv2.imdecode pool x2"]
-    assert any(s.startswith("stage: fix:") for s in setups)
-    assert rows[0]["pipeline_ratio"] == 1.0
+    assert any(s.startswith("stage: + random flip") for s in setups)
+    assert rows[0]["full_ratio_per_core"] == 1.0 and rows[1]["flip_ratio_per_core"] == 1.0
     for row in rows:
         assert row.keys() == {"setup", "cores", "images_per_s", "images_per_s_per_core",
-                              "pipeline_ratio", "pipeline_ratio_per_core"}
+                              "full_ratio_per_core", "flip_ratio_per_core"}
         assert row["images_per_s"] > 0
     table = proc.stdout.split("\n{", 1)[0]
-    assert "pipeline/this" in table and all(s in table for s in setups)
+    assert "flip/this" in table and all(s in table for s in setups)

@@ -391,3 +391,40 @@ def test_pk_rejects_more_classes_than_the_data_has(tmp_path: Path) -> None:
     pattern = _pk_shards(tmp_path / "pk", [3, 3])
     with pytest.raises(DataError, match="holds 2 classes, fewer than data.classes_per_batch=3"):
         pk_dataset(pattern, 3, 2, 8)
+
+
+def test_decode_skips_a_same_size_resize_bit_for_bit() -> None:
+    encoded = tf.constant(_jpeg(24, seed=3))
+    resized = tf.image.resize(tf.io.decode_jpeg(encoded, channels=3), [24, 24], method="bilinear",
+                              antialias=True)
+    expected = tf.clip_by_value(resized / 127.5 - 1.0, -1.0, 1.0)
+    np.testing.assert_array_equal(decode_image(encoded, 24).numpy(), expected.numpy())
+    assert decode_image(encoded, 16).shape == (16, 16, 3), "other sizes are still resized"
+
+
+def test_flip_policy_only_mirrors(data: Path) -> None:
+    plain = {int(y): x for x, y in zip(*_take(train_dataset(str(data / "one" / "train-*"), NUM_EXAMPLES, 24,
+                                                            augment=False), 1)[0], strict=True)}
+    flipped = _take(train_dataset(str(data / "one" / "train-*"), NUM_EXAMPLES, 24,
+                                  augmentation="flip", seed=1), 2)
+    mirrored = 0
+    for images, labels in flipped:
+        for x, y in zip(images, labels, strict=True):
+            # These records are resized, which the flip policy rounds to whole grey levels.
+            level = 1 / 127.5 + 1e-6
+            same = np.allclose(x, plain[int(y)], atol=level)
+            mirror = np.allclose(x, plain[int(y)][:, ::-1], atol=level)
+            assert same or mirror
+            mirrored += mirror and not same
+    assert 0 < mirrored < 2 * NUM_EXAMPLES, "about half are mirrored"
+
+
+def test_flip_policy_resumes_exactly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(pipeline, "CYCLE_LENGTH", 3)
+    pattern = _write_shards(tmp_path / "shards", COUNTS, _jpeg(8))
+    whole = list(train_dataset(pattern, 1, 8, shuffle_buffer=8, seed=2, augmentation="flip").take(25))
+    resumed = list(train_dataset(pattern, 1, 8, shuffle_buffer=8, seed=2, augmentation="flip",
+                                 start_example=13).take(12))
+    for (xa, ya), (xb, yb) in zip(whole[13:], resumed, strict=True):
+        np.testing.assert_array_equal(ya.numpy(), yb.numpy())
+        np.testing.assert_array_equal(xa.numpy(), xb.numpy())

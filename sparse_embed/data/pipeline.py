@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from sparse_embed.config import DataConfig
-from sparse_embed.data.augment import augment as augment_image
+from sparse_embed.data.augment import AUGMENTATIONS, Augmentation
 from sparse_embed.data.checks import count_records, scan_records
 from sparse_embed.data.tfrecord import parse_example
 from sparse_embed.errors import ConfigError, DataError
@@ -42,7 +42,13 @@ def decode_image(encoded: tf.Tensor, image_size: int) -> tf.Tensor:
         float32 [S, S, 3] in [-1, 1].
     """
     image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
-    image = tf.image.resize(image, [image_size, image_size], method="bilinear", antialias=True)
+    # A resize to the same size is the identity, bit for bit, but costs more than
+    # the decode; aligned faces are stored at the training size.
+    same = tf.reduce_all(tf.shape(image)[:2] == image_size)
+    image = tf.cond(
+        same, lambda: tf.cast(image, tf.float32),
+        lambda: tf.image.resize(image, [image_size, image_size], method="bilinear", antialias=True))
+    image = tf.ensure_shape(image, [image_size, image_size, 3])
     return tf.clip_by_value(image / 127.5 - 1.0, -1.0, 1.0)
 
 
@@ -188,6 +194,7 @@ def train_dataset(
     num_workers: int = 1,
     worker_index: int = 0,
     start_example: int = 0,
+    augmentation: str = "full",
 ) -> tf.data.Dataset:
     """The endless, shuffled, augmented training stream of one worker.
 
@@ -209,12 +216,13 @@ def train_dataset(
         file_pattern: Glob of TFRecord shards.
         batch_size: Examples per batch (per worker).
         image_size: Side S of the square images.
-        augment: Random flip, scale/crop and colour jitter.
+        augment: Augment the images (False: decode only).
         shuffle_buffer: Records shuffled together (the window).
         seed: Seed of the file order, the shuffle and the augmentation.
         num_workers: Number of workers reading the data.
         worker_index: This worker, in [0, num_workers).
         start_example: Examples of this worker's stream to skip, to resume a run.
+        augmentation: A policy of `augment.AUGMENTATIONS` (`full` | `flip`).
 
     Returns:
         Dataset of (float32 [B, S, S, 3] in [-1, 1], int32 [B]) with static shapes.
@@ -254,12 +262,24 @@ def train_dataset(
         records = tf.data.TFRecordDataset(files).shard(num_workers, worker_index).repeat()
         records = records.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
         records = records.skip(start_example)
-    return _decoded_batches(records, start_example, worker_seed, batch_size, image_size, augment)
+    return _decoded_batches(records, start_example, worker_seed, batch_size, image_size,
+                            augmentation if augment else None)
+
+
+def _decode_uint8(encoded: tf.Tensor, image_size: int) -> tf.Tensor:
+    """Decodes to uint8 [S, S, 3]; other sizes are resized (antialiased) and rounded."""
+    image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
+    same = tf.reduce_all(tf.shape(image)[:2] == image_size)
+    image = tf.cond(same, lambda: image, lambda: tf.cast(tf.round(tf.clip_by_value(
+        tf.image.resize(image, [image_size, image_size], method="bilinear", antialias=True),
+        0.0, 255.0)), tf.uint8))
+    return tf.ensure_shape(image, [image_size, image_size, 3])
 
 
 def _decoded_batches(records: tf.data.Dataset, start_example: int, worker_seed: int, batch_size: int,
-                     image_size: int, augment: bool) -> tf.data.Dataset:
-    """Decodes, augments and batches a worker's stream of serialized examples."""
+                     image_size: int, augmentation: str | None) -> tf.data.Dataset:
+    """Decodes, augments (with the named policy, unless None) and batches serialized examples."""
+    policy = AUGMENTATIONS.get(augmentation) if augmentation else Augmentation()
     # Examples are numbered by their stream position, so the augmentation of an
     # example is the same in a resumed run as in an uninterrupted one.
     records = tf.data.Dataset.zip(records, tf.data.Dataset.counter(start_example))
@@ -268,18 +288,28 @@ def _decoded_batches(records: tf.data.Dataset, start_example: int, worker_seed: 
     def load(serialized: tf.Tensor, index: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         features = parse_example(serialized)
         image = decode_image(features["image/encoded"], image_size)
-        if augment:
-            image = augment_image(image, tf.stack([base_seed, index]))
+        if policy.per_example is not None:
+            image = policy.per_example(image, tf.stack([base_seed, index]))
         return image, tf.cast(features["image/class/label"], tf.int32)
 
-    dataset = (
-        records.map(load, num_parallel_calls=AUTOTUNE, deterministic=True)
-        .batch(batch_size, drop_remainder=True)
-        .prefetch(AUTOTUNE)
-    )
+    def load_uint8(serialized: tf.Tensor, index: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        features = parse_example(serialized)
+        return (_decode_uint8(features["image/encoded"], image_size),
+                tf.cast(features["image/class/label"], tf.int32), index)
+
+    if policy.per_batch is None:
+        dataset = records.map(load, num_parallel_calls=AUTOTUNE, deterministic=True).batch(
+            batch_size, drop_remainder=True)
+    else:
+        dataset = (
+            records.map(load_uint8, num_parallel_calls=AUTOTUNE, deterministic=True)
+            .batch(batch_size, drop_remainder=True)
+            .map(lambda images, labels, index: (policy.per_batch(images, index, worker_seed), labels),
+                 num_parallel_calls=AUTOTUNE, deterministic=True)
+        )
     options = tf.data.Options()
     options.deterministic = True
-    return dataset.with_options(options)
+    return dataset.prefetch(AUTOTUNE).with_options(options)
 
 
 @dataclass(frozen=True, eq=False)
@@ -405,6 +435,7 @@ def pk_dataset(
     seed: int = 0,
     worker_index: int = 0,
     start_example: int = 0,
+    augmentation: str = "full",
 ) -> tf.data.Dataset:
     """The endless class-balanced training stream of one worker: P classes x K images a batch.
 
@@ -420,10 +451,11 @@ def pk_dataset(
         classes_per_batch: P, distinct classes per batch.
         samples_per_class: K, images per class.
         image_size: Side S of the square images.
-        augment: Random flip, scale/crop and colour jitter.
+        augment: Augment the images (False: decode only).
         seed: Seed of the draws and the augmentation.
         worker_index: This worker; workers draw independent batches.
         start_example: Examples of this worker's stream to skip (a multiple of P x K).
+        augmentation: A policy of `augment.AUGMENTATIONS` (`full` | `flip`).
 
     Returns:
         Dataset of (float32 [P*K, S, S, 3] in [-1, 1], int32 [P*K]) with static shapes.
@@ -447,7 +479,8 @@ def pk_dataset(
     records = tf.data.Dataset.from_generator(
         plan.batches, args=(start_example // batch_size,),
         output_signature=tf.TensorSpec([batch_size], tf.string)).unbatch()
-    return _decoded_batches(records, start_example, worker_seed, batch_size, image_size, augment)
+    return _decoded_batches(records, start_example, worker_seed, batch_size, image_size,
+                            augmentation if augment else None)
 
 
 SAMPLERS: Registry[Callable[..., tf.data.Dataset]] = Registry("sampler")
@@ -458,7 +491,8 @@ def _shuffle_sampler(file_pattern: str, data: DataConfig, batch_size: int, image
                      num_workers: int, worker_index: int, start_example: int) -> tf.data.Dataset:
     return train_dataset(file_pattern, batch_size, image_size, augment=data.augment,
                          shuffle_buffer=data.shuffle_buffer, seed=seed, num_workers=num_workers,
-                         worker_index=worker_index, start_example=start_example)
+                         worker_index=worker_index, start_example=start_example,
+                         augmentation=data.augmentation)
 
 
 @SAMPLERS.register("p_k")
@@ -473,7 +507,8 @@ def _pk_sampler(file_pattern: str, data: DataConfig, batch_size: int, image_size
     # A resume after a batch-size change lands inside a batch: start at the next one.
     start = -(-start_example // batch_size) * batch_size
     return pk_dataset(file_pattern, data.classes_per_batch, data.samples_per_class, image_size,
-                      augment=data.augment, seed=seed, worker_index=worker_index, start_example=start)
+                      augment=data.augment, seed=seed, worker_index=worker_index, start_example=start,
+                      augmentation=data.augmentation)
 
 
 def training_stream(file_pattern: str, data: DataConfig, batch_size: int, image_size: int, seed: int,
