@@ -7,7 +7,9 @@ measures images/s over the same records of
 
 - the training pipeline, `train_dataset(..., augment=True)`: read, parse,
   decode, augment, shuffle, batch; with `augmentation=full` (flip, scale/crop,
-  colour jitter) and `augmentation=flip` (mirror only, the insightface recipe);
+  colour jitter, float32 batches) and `augmentation=flip` (mirror only, the
+  insightface recipe; uint8 batches, scaled to [-1, 1] by the train step on
+  the device);
 - `tf.io.decode_jpeg` in a tf.data map: read, parse, decode, batch, with the
   pipeline's parallelism (AUTOTUNE) and nothing else;
 - `cv2.imdecode` in a plain Python loop (1 process), and in a

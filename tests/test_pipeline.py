@@ -407,9 +407,10 @@ def test_flip_policy_only_mirrors(data: Path) -> None:
                                                             augment=False), 1)[0], strict=True)}
     flipped = _take(train_dataset(str(data / "one" / "train-*"), NUM_EXAMPLES, 24,
                                   augmentation="flip", seed=1), 2)
+    assert flipped[0][0].dtype == np.uint8, "the train step scales them on the device"
     mirrored = 0
     for images, labels in flipped:
-        for x, y in zip(images, labels, strict=True):
+        for x, y in zip(aug.to_model_input(tf.constant(images)).numpy(), labels, strict=True):
             # These records are resized, which the flip policy rounds to whole grey levels.
             level = 1 / 127.5 + 1e-6
             same = np.allclose(x, plain[int(y)], atol=level)

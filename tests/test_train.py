@@ -168,3 +168,9 @@ def test_pk_sampler_trains_and_checks_p_times_k(tiny_data: Path, tmp_path: Path)
                                  "--set=data.classes_per_batch=3", "--set=data.samples_per_class=2"),
                       "data.classes_per_batch x data.samples_per_class = 3 x 2 must equal")
     assert not bad.exists()
+
+
+def test_flip_policy_trains_on_uint8_batches(tiny_data: Path, tmp_path: Path) -> None:
+    config = load_config("smoke", ["train.batch_size=8", "train.steps=3", "data.augmentation=flip"])
+    result = train(config, tiny_data, tmp_path / "flip", verbose=0)
+    assert result.step == 3 and np.isfinite(result.metrics["loss"])

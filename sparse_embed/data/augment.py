@@ -1,7 +1,8 @@
 """Training-time image augmentations, built on stateless random ops.
 
 `AUGMENTATIONS` names the policies a config picks with `data.augmentation`:
-`full` (flip, scale/crop, colour jitter) and `flip` (mirror only).
+`full` (flip, scale/crop, colour jitter, on float32) and `flip` (mirror only,
+on uint8; `to_model_input` scales those batches in the train step).
 
 Every function takes one image (float32 [H, W, 3] in [-1, 1]) and a seed
 (int [2]); the same seed gives the same result eagerly and inside
@@ -144,43 +145,54 @@ def _mix(seed: int, index: tf.Tensor) -> tf.Tensor:
     return tf.bitwise.bitwise_xor(x, tf.bitwise.right_shift(x, 31))
 
 
-def random_flip_batch(images: tf.Tensor, index: tf.Tensor, seed: int) -> tf.Tensor:
-    """Mirrors each image of a uint8 batch with probability 1/2, then scales it to [-1, 1].
+def random_flip_uint8(image: tf.Tensor, index: tf.Tensor, seed: int) -> tf.Tensor:
+    """Mirrors a uint8 image left-right with probability 1/2.
 
-    One vectorised pass over the whole batch, on uint8 pixels: a fraction of the
-    cost of a per-image flip on floats. Whether example i is mirrored depends only
-    on (seed, index[i]), so a resumed stream mirrors the same examples.
+    Whether example `index` is mirrored depends only on (seed, index), so a
+    resumed stream mirrors the same examples.
 
     Args:
-        images: uint8 [B, H, W, 3].
-        index: int64 [B], the stream position of each example.
+        image: uint8 [H, W, 3].
+        index: int64 scalar, the example's stream position.
         seed: The worker's seed.
-
-    Returns:
-        float32 [B, H, W, 3] in [-1, 1].
     """
     mirror = tf.equal(tf.bitwise.bitwise_and(tf.bitwise.right_shift(_mix(seed, index), 40), 1), 1)
-    images = tf.where(mirror[:, None, None, None], tf.reverse(images, [2]), images)
-    return tf.cast(images, tf.float32) / 127.5 - 1.0
+    return tf.cond(mirror, lambda: tf.reverse(image, [1]), lambda: image)
+
+
+def to_model_input(images: tf.Tensor) -> tf.Tensor:
+    """Scales uint8 pixels to the models' float32 [-1, 1]; float32 images pass through.
+
+    The `flip` policy hands batches over as uint8 (a quarter of the bytes to
+    move to the device); the train step scales them there.
+
+    Args:
+        images: uint8 [B, H, W, 3] in [0, 255], or float32 [B, H, W, 3] in [-1, 1].
+    """
+    if images.dtype == tf.uint8:
+        return tf.cast(images, tf.float32) / 127.5 - 1.0
+    return images
 
 
 @dataclass(frozen=True)
 class Augmentation:
-    """A training augmentation policy; exactly one of the two functions is set.
+    """A training augmentation policy; at most one of the two functions is set.
 
     Attributes:
-        per_example: (float32 image [H, W, 3] in [-1, 1], seed int [2]) -> image.
-        per_batch: (uint8 batch [B, H, W, 3], int64 stream positions [B], worker
-            seed) -> float32 batch in [-1, 1]; the pipeline then keeps images
-            uint8 until they are batched.
+        per_example: (float32 image [H, W, 3] in [-1, 1], seed int [2]) -> image;
+            the pipeline yields float32 batches.
+        per_uint8: (uint8 image [H, W, 3], int64 stream position, worker seed)
+            -> uint8 image; the pipeline yields uint8 batches, which
+            `to_model_input` scales in the train step.
     """
 
     per_example: Callable[[tf.Tensor, tf.Tensor], tf.Tensor] | None = None
-    per_batch: Callable[[tf.Tensor, tf.Tensor, int], tf.Tensor] | None = None
+    per_uint8: Callable[[tf.Tensor, tf.Tensor, int], tf.Tensor] | None = None
 
 
 AUGMENTATIONS: Registry[Augmentation] = Registry("augmentation")
 AUGMENTATIONS.register("full")(Augmentation(per_example=augment))
-# The insightface recipe for large face sets: mirror only. Batched on uint8 it
-# keeps the input pipeline near the raw JPEG decode rate (benchmarks/pipeline_bench.py).
-AUGMENTATIONS.register("flip")(Augmentation(per_batch=random_flip_batch))
+# The insightface recipe for large face sets: mirror only. On uint8 pixels, with
+# the scaling left to the device, it keeps the input pipeline near the raw JPEG
+# decode rate (benchmarks/pipeline_bench.py).
+AUGMENTATIONS.register("flip")(Augmentation(per_uint8=random_flip_uint8))

@@ -158,15 +158,18 @@ def _window_seed(seed: int, epoch: tf.Tensor, window: tf.Tensor) -> tf.Tensor:
 
 def _epoch_stream(plan: _EpochPlan, window: int, first_epoch: int, first_start: int
                   ) -> tf.data.Dataset:
-    """The worker's endless record stream from `first_start` of `first_epoch`, window-shuffled.
+    """The worker's endless (record, stream position) pairs from `first_start` of `first_epoch`.
 
     Each epoch's records are cut into consecutive windows of `window` records and
     every window is shuffled with a seed of (worker, epoch, window): a position
     of the stream is a pure function of the arguments and can be started at
-    after reading only the window that contains it.
+    after reading only the window that contains it. The positions come with the
+    windows rather than from a per-record counter, which would cost more than
+    the record reading.
     """
     signature = (tf.TensorSpec([plan.cycle], tf.string), tf.TensorSpec([plan.cycle], tf.int64),
                  tf.TensorSpec([None], tf.int64))
+    epoch_size = sum(plan.counts)
 
     def epoch_records(epoch: tf.Tensor) -> tf.data.Dataset:
         start = tf.where(epoch == first_epoch, tf.constant(first_start, tf.int64),
@@ -176,9 +179,14 @@ def _epoch_stream(plan: _EpochPlan, window: int, first_epoch: int, first_start: 
         records = groups.flat_map(lambda f, s, c: _read_group(f, s, c, plan.cycle))
         windows = tf.data.Dataset.zip(records.batch(window),
                                       tf.data.Dataset.counter(start // window))
-        return windows.map(
-            lambda batch, index: tf.random.experimental.stateless_shuffle(
-                batch, _window_seed(plan.seed, epoch, index))).unbatch()
+
+        def shuffle(batch: tf.Tensor, index: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+            first = epoch * epoch_size + index * window
+            positions = first + tf.range(tf.size(batch, out_type=tf.int64))
+            return tf.random.experimental.stateless_shuffle(
+                batch, _window_seed(plan.seed, epoch, index)), positions
+
+        return windows.map(shuffle).unbatch()
 
     return tf.data.Dataset.counter(first_epoch).flat_map(epoch_records)
 
@@ -225,7 +233,9 @@ def train_dataset(
         augmentation: A policy of `augment.AUGMENTATIONS` (`full` | `flip`).
 
     Returns:
-        Dataset of (float32 [B, S, S, 3] in [-1, 1], int32 [B]) with static shapes.
+        Dataset of (images [B, S, S, 3], int32 [B]) with static shapes: float32 in
+        [-1, 1], or uint8 under the `flip` policy (`augment.to_model_input` scales
+        them; the trainer does so on the device).
 
     Raises:
         DataError: If no file matches `file_pattern`, the worker's files hold no
@@ -261,8 +271,8 @@ def train_dataset(
     else:
         records = tf.data.TFRecordDataset(files).shard(num_workers, worker_index).repeat()
         records = records.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
-        records = records.skip(start_example)
-    return _decoded_batches(records, start_example, worker_seed, batch_size, image_size,
+        records = tf.data.Dataset.zip(records, tf.data.Dataset.counter()).skip(start_example)
+    return _decoded_batches(records, worker_seed, batch_size, image_size,
                             augmentation if augment else None)
 
 
@@ -276,13 +286,14 @@ def _decode_uint8(encoded: tf.Tensor, image_size: int) -> tf.Tensor:
     return tf.ensure_shape(image, [image_size, image_size, 3])
 
 
-def _decoded_batches(records: tf.data.Dataset, start_example: int, worker_seed: int, batch_size: int,
-                     image_size: int, augmentation: str | None) -> tf.data.Dataset:
-    """Decodes, augments (with the named policy, unless None) and batches serialized examples."""
+def _decoded_batches(records: tf.data.Dataset, worker_seed: int, batch_size: int, image_size: int,
+                     augmentation: str | None) -> tf.data.Dataset:
+    """Decodes, augments (with the named policy, unless None) and batches (example, position) pairs.
+
+    The augmentation of an example is seeded by its stream position, so it is
+    the same in a resumed run as in an uninterrupted one.
+    """
     policy = AUGMENTATIONS.get(augmentation) if augmentation else Augmentation()
-    # Examples are numbered by their stream position, so the augmentation of an
-    # example is the same in a resumed run as in an uninterrupted one.
-    records = tf.data.Dataset.zip(records, tf.data.Dataset.counter(start_example))
     base_seed = tf.constant(worker_seed, tf.int64)
 
     def load(serialized: tf.Tensor, index: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
@@ -292,21 +303,15 @@ def _decoded_batches(records: tf.data.Dataset, start_example: int, worker_seed: 
             image = policy.per_example(image, tf.stack([base_seed, index]))
         return image, tf.cast(features["image/class/label"], tf.int32)
 
-    def load_uint8(serialized: tf.Tensor, index: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    def load_uint8(serialized: tf.Tensor, index: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         features = parse_example(serialized)
-        return (_decode_uint8(features["image/encoded"], image_size),
-                tf.cast(features["image/class/label"], tf.int32), index)
+        image = policy.per_uint8(_decode_uint8(features["image/encoded"], image_size), index,
+                                 worker_seed)
+        return image, tf.cast(features["image/class/label"], tf.int32)
 
-    if policy.per_batch is None:
-        dataset = records.map(load, num_parallel_calls=AUTOTUNE, deterministic=True).batch(
-            batch_size, drop_remainder=True)
-    else:
-        dataset = (
-            records.map(load_uint8, num_parallel_calls=AUTOTUNE, deterministic=True)
-            .batch(batch_size, drop_remainder=True)
-            .map(lambda images, labels, index: (policy.per_batch(images, index, worker_seed), labels),
-                 num_parallel_calls=AUTOTUNE, deterministic=True)
-        )
+    per_record = load if policy.per_uint8 is None else load_uint8
+    dataset = records.map(per_record, num_parallel_calls=AUTOTUNE, deterministic=True).batch(
+        batch_size, drop_remainder=True)
     options = tf.data.Options()
     options.deterministic = True
     return dataset.prefetch(AUTOTUNE).with_options(options)
@@ -397,8 +402,10 @@ class _PKPlan:
     samples_per_class: int
     seed: int
 
-    def batches(self, first: int) -> Iterator[list[bytes]]:
-        """Yields the serialized examples of batches `first`, `first + 1`, ... (class-major).
+    def batches(self, first: int) -> Iterator[tuple[list[bytes], np.ndarray]]:
+        """Yields (serialized examples, stream positions) of batches `first`, `first + 1`, ...
+
+        The examples of a batch are listed class by class.
 
         Args:
             first: Index of the first batch.
@@ -419,7 +426,8 @@ class _PKPlan:
                     for r in order[starts[c] + picks]:
                         records.append(os.pread(handles[index.file[r]], int(index.length[r]),
                                                 int(index.offset[r])))
-                yield records
+                size = len(records)
+                yield records, np.arange(batch * size, (batch + 1) * size, dtype=np.int64)
         finally:
             for handle in handles:
                 os.close(handle)
@@ -458,7 +466,8 @@ def pk_dataset(
         augmentation: A policy of `augment.AUGMENTATIONS` (`full` | `flip`).
 
     Returns:
-        Dataset of (float32 [P*K, S, S, 3] in [-1, 1], int32 [P*K]) with static shapes.
+        Dataset of (images [P*K, S, S, 3], int32 [P*K]) with static shapes, of the
+        dtype `train_dataset` gives for the policy.
 
     Raises:
         DataError: If no file matches, a file is cut short, or the files hold
@@ -478,8 +487,9 @@ def pk_dataset(
     plan = _PKPlan(index, classes_per_batch, samples_per_class, worker_seed)
     records = tf.data.Dataset.from_generator(
         plan.batches, args=(start_example // batch_size,),
-        output_signature=tf.TensorSpec([batch_size], tf.string)).unbatch()
-    return _decoded_batches(records, start_example, worker_seed, batch_size, image_size,
+        output_signature=(tf.TensorSpec([batch_size], tf.string),
+                          tf.TensorSpec([batch_size], tf.int64))).unbatch()
+    return _decoded_batches(records, worker_seed, batch_size, image_size,
                             augmentation if augment else None)
 
 

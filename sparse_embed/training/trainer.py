@@ -25,6 +25,7 @@ from sparse_embed.config import (
     config_to_dict,
     save_config,
 )
+from sparse_embed.data.augment import to_model_input
 from sparse_embed.data.checks import damaged_tfrecords, train_inputs
 from sparse_embed.data.pipeline import training_stream
 from sparse_embed.data.tfrecord import read_label_map
@@ -141,6 +142,7 @@ class EmbeddingTrainer(keras.Model):
 
     def train_step(self, data: tuple[tf.Tensor, tf.Tensor]) -> dict[str, tf.Tensor]:
         images, labels = data
+        images = to_model_input(images)
         optimizer = self.optimizer
         loss_scaled = isinstance(optimizer, keras.mixed_precision.LossScaleOptimizer)
         step = optimizer.iterations
