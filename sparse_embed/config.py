@@ -66,8 +66,13 @@ class ModelConfig:
         name: A name in `sparse_embed.models.MODELS`.
         embedding_size: Embedding dimension d.
         final_activation: `relu` | `soft_threshold` | `none` (see models/embedding.py).
-        input_size: Square input resolution; images are resized to it.
+        input_size: Input height (and width, unless `input_width` is set); images
+            are resized to it.
         width: Channel width multiplier of the backbone.
+        input_width: Input width when it differs from the height (SphereFace-20
+            takes 112x96); 0 means square.
+        dropout: Dropout rate before the embedding layer (IResNet's "E" output).
+        se: Squeeze-and-excitation blocks, for backbones that offer them (MobileNetV2).
     """
 
     name: str = "mobilefacenet"
@@ -75,6 +80,9 @@ class ModelConfig:
     final_activation: str = "none"
     input_size: int = 112
     width: float = 1.0
+    input_width: int = 0
+    dropout: float = 0.0
+    se: bool = False
 
 
 @dataclass(frozen=True)
@@ -89,6 +97,33 @@ class HeadConfig:
             holds about C/N of them); only for the normalised margin heads.
         sample_rate: With `sharded`, the fraction of each worker's negative
             classes in a step's logits, in (0, 1]; positives are always kept.
+        loss: Loss of the margin heads' logits: `softmax_ce` | `focal`.
+        focal_gamma: Focusing parameter gamma of the focal loss.
+        sub_centers: Sub-centres per class (sub-center ArcFace); 1 is plain.
+        m1: Multiplicative angular margin of `combined`: s(cos(m1 theta + m2) - m3).
+        m2: Additive angular margin of `combined`.
+        m3: Additive cosine margin of `combined`.
+        lambda_base: SphereFace annealing: lambda = max(lambda_min,
+            lambda_base * (1 + lambda_gamma * step) ** -lambda_power).
+        lambda_gamma: See `lambda_base`.
+        lambda_power: See `lambda_base`.
+        lambda_min: See `lambda_base`.
+        mining: Triplet mining: `semi_hard` | `batch_hard` | `all`.
+        distance: Distance of the pair losses: `cosine` | `squared_euclidean`.
+        pos_margin: Contrastive loss: positive pairs closer than this cost nothing.
+        neg_margin: Contrastive loss: negative pairs farther than this cost nothing.
+        ms_alpha: Multi-Similarity alpha (positive weight).
+        ms_beta: Multi-Similarity beta (negative weight).
+        ms_base: Multi-Similarity lambda (similarity offset).
+        ms_epsilon: Multi-Similarity mining margin.
+        proxy_alpha: Proxy-Anchor scale alpha.
+        proxy_delta: Proxy-Anchor margin delta.
+        proxy_lr_multiplier: Learning-rate multiplier of the proxies.
+        gather_batch: Pair losses: all-gather embeddings and labels over the
+            workers first (more pairs per step, one all-gather more).
+
+    `margin` is each head's own margin: ArcFace's angle, CosFace's cosine
+    margin, SphereFace's integer multiplier, the triplet margin.
     """
 
     name: str = "arcface"
@@ -96,6 +131,28 @@ class HeadConfig:
     margin: float = 0.5
     sharded: bool = False
     sample_rate: float = 1.0
+    loss: str = "softmax_ce"
+    focal_gamma: float = 2.0
+    sub_centers: int = 1
+    m1: float = 1.0
+    m2: float = 0.5
+    m3: float = 0.0
+    lambda_base: float = 1000.0
+    lambda_gamma: float = 0.12
+    lambda_power: float = 1.0
+    lambda_min: float = 5.0
+    mining: str = "semi_hard"
+    distance: str = "cosine"
+    pos_margin: float = 0.0
+    neg_margin: float = 0.5
+    ms_alpha: float = 2.0
+    ms_beta: float = 50.0
+    ms_base: float = 0.5
+    ms_epsilon: float = 0.1
+    proxy_alpha: float = 32.0
+    proxy_delta: float = 0.1
+    proxy_lr_multiplier: float = 100.0
+    gather_batch: bool = False
 
 
 @dataclass(frozen=True)
@@ -246,6 +303,9 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "schedule.name": ("constant", "piecewise", "cosine"),
     "eval.flip": ("none", "sum", "concat"),
     "distributed.backend": ("auto", "none", "horovod", "mirrored", "multi_worker"),
+    "head.loss": ("softmax_ce", "focal"),
+    "head.mining": ("semi_hard", "batch_hard", "all"),
+    "head.distance": ("cosine", "squared_euclidean"),
 }
 
 
@@ -264,6 +324,21 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "head.scale": _POSITIVE,
     "head.margin": _NON_NEGATIVE,
     "head.sample_rate": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "model.input_width": _NON_NEGATIVE,
+    "model.dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "head.focal_gamma": _NON_NEGATIVE,
+    "head.sub_centers": _AT_LEAST_1,
+    "head.m1": _POSITIVE,
+    "head.lambda_base": _NON_NEGATIVE,
+    "head.lambda_gamma": _NON_NEGATIVE,
+    "head.lambda_power": _NON_NEGATIVE,
+    "head.lambda_min": _NON_NEGATIVE,
+    "head.ms_alpha": _POSITIVE,
+    "head.ms_beta": _POSITIVE,
+    "head.ms_epsilon": _NON_NEGATIVE,
+    "head.proxy_alpha": _POSITIVE,
+    "head.proxy_delta": _NON_NEGATIVE,
+    "head.proxy_lr_multiplier": _POSITIVE,
     "sparsity.weight": _NON_NEGATIVE,
     "sparsity.warmup_steps": _NON_NEGATIVE,
     "sparsity.zero_threshold": _NON_NEGATIVE,
