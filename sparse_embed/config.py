@@ -84,6 +84,11 @@ class ModelConfig:
     dropout: float = 0.0
     se: bool = False
 
+    @property
+    def input_shape(self) -> tuple[int, int]:
+        """(height, width) of the model's input images."""
+        return self.input_size, self.input_width or self.input_size
+
 
 @dataclass(frozen=True)
 class HeadConfig:

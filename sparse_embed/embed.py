@@ -55,7 +55,7 @@ def main(argv: list[str]) -> None:
 
     backbone, config = load_backbone(_MODEL_DIR.value)
     batch = _BATCH_SIZE.value or config.eval.batch_size
-    size = config.model.input_size
+    size = config.model.input_shape
     if _TFRECORDS.value:
         dataset, total = pipeline.eval_dataset(_TFRECORDS.value, batch, size), None
     elif _IMAGES.value or manifest is not None:

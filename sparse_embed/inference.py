@@ -185,7 +185,7 @@ def _embed_pairs(backbone: keras.Model, config: Config, pairs: Pairs
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(embeddings of the distinct images, index of each left image, of each right image)."""
     paths, left, right = unique_images(pairs)
-    dataset = files_dataset(list(paths), None, config.eval.batch_size, config.model.input_size)
+    dataset = files_dataset(list(paths), None, config.eval.batch_size, config.model.input_shape)
     return _embed_names(backbone, config, dataset, paths), left, right
 
 
@@ -266,7 +266,7 @@ def evaluate_bin(backbone: keras.Model, config: Config, pack: BinPack, name: str
         DataError: If an image of the pack or of `threshold_pairs` does not decode.
     """
     names = [f"{name}#{i}" for i in range(len(pack.images))]
-    dataset = bytes_dataset(pack.images, names, config.eval.batch_size, config.model.input_size)
+    dataset = bytes_dataset(pack.images, names, config.eval.batch_size, config.model.input_shape)
     emb = _embed_names(backbone, config, dataset, names)
     left = np.arange(0, len(names), 2)
     return _verify(backbone, config, emb, left, left + 1, pack.issame, pack.fold, threshold_pairs)

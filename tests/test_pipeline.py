@@ -429,3 +429,15 @@ def test_flip_policy_resumes_exactly(tmp_path: Path, monkeypatch: pytest.MonkeyP
     for (xa, ya), (xb, yb) in zip(whole[13:], resumed, strict=True):
         np.testing.assert_array_equal(ya.numpy(), yb.numpy())
         np.testing.assert_array_equal(xa.numpy(), xb.numpy())
+
+
+def test_non_square_input_sizes(data: Path) -> None:
+    # SphereFace-20 takes 112 x 96 (height x width) crops.
+    pattern = str(data / "four" / "train-*")
+    for augmentation in ("full", "flip"):
+        images, _ = _take(train_dataset(pattern, 3, (28, 24), augmentation=augmentation), 1)[0]
+        assert images.shape == (3, 28, 24, 3)
+    images, _, _ = _take(eval_dataset(pattern, 3, (28, 24)), 1)[0]
+    assert images.shape == (3, 28, 24, 3)
+    encoded = tf.constant(_jpeg(24, seed=1))
+    assert decode_image(encoded, (24, 24)).numpy().tolist() == decode_image(encoded, 24).numpy().tolist()

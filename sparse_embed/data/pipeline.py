@@ -31,24 +31,40 @@ CYCLE_LENGTH = 16
 READ_BUFFER = 256 * 1024
 
 
-def decode_image(encoded: tf.Tensor, image_size: int) -> tf.Tensor:
+ImageSize = int | tuple[int, int]
+
+
+def image_hw(image_size: ImageSize) -> tuple[int, int]:
+    """(height, width) of an image size given as S (square) or (H, W).
+
+    Args:
+        image_size: Side of a square, or (height, width).
+    """
+    if isinstance(image_size, int):
+        return image_size, image_size
+    height, width = image_size
+    return int(height), int(width)
+
+
+def decode_image(encoded: tf.Tensor, image_size: ImageSize) -> tf.Tensor:
     """Decodes an encoded image (JPEG, PNG, BMP, GIF) to the model's input.
 
     Args:
         encoded: Scalar string tensor with the file contents.
-        image_size: Side S of the square output.
+        image_size: Output side S, or (height, width).
 
     Returns:
-        float32 [S, S, 3] in [-1, 1].
+        float32 [H, W, 3] in [-1, 1].
     """
+    height, width = image_hw(image_size)
     image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
     # A resize to the same size is the identity, bit for bit, but costs more than
     # the decode; aligned faces are stored at the training size.
-    same = tf.reduce_all(tf.shape(image)[:2] == image_size)
+    same = tf.reduce_all(tf.shape(image)[:2] == [height, width])
     image = tf.cond(
         same, lambda: tf.cast(image, tf.float32),
-        lambda: tf.image.resize(image, [image_size, image_size], method="bilinear", antialias=True))
-    image = tf.ensure_shape(image, [image_size, image_size, 3])
+        lambda: tf.image.resize(image, [height, width], method="bilinear", antialias=True))
+    image = tf.ensure_shape(image, [height, width, 3])
     return tf.clip_by_value(image / 127.5 - 1.0, -1.0, 1.0)
 
 
@@ -194,7 +210,7 @@ def _epoch_stream(plan: _EpochPlan, window: int, first_epoch: int, first_start: 
 def train_dataset(
     file_pattern: str,
     batch_size: int,
-    image_size: int,
+    image_size: ImageSize,
     *,
     augment: bool = True,
     shuffle_buffer: int = 2048,
@@ -223,7 +239,7 @@ def train_dataset(
     Args:
         file_pattern: Glob of TFRecord shards.
         batch_size: Examples per batch (per worker).
-        image_size: Side S of the square images.
+        image_size: Side S of square images, or (height, width).
         augment: Augment the images (False: decode only).
         shuffle_buffer: Records shuffled together (the window).
         seed: Seed of the file order, the shuffle and the augmentation.
@@ -276,17 +292,19 @@ def train_dataset(
                             augmentation if augment else None)
 
 
-def _decode_uint8(encoded: tf.Tensor, image_size: int) -> tf.Tensor:
-    """Decodes to uint8 [S, S, 3]; other sizes are resized (antialiased) and rounded."""
+def _decode_uint8(encoded: tf.Tensor, image_size: ImageSize) -> tf.Tensor:
+    """Decodes to uint8 [H, W, 3]; other sizes are resized (antialiased) and rounded."""
+    height, width = image_hw(image_size)
     image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
-    same = tf.reduce_all(tf.shape(image)[:2] == image_size)
+    same = tf.reduce_all(tf.shape(image)[:2] == [height, width])
     image = tf.cond(same, lambda: image, lambda: tf.cast(tf.round(tf.clip_by_value(
-        tf.image.resize(image, [image_size, image_size], method="bilinear", antialias=True),
+        tf.image.resize(image, [height, width], method="bilinear", antialias=True),
         0.0, 255.0)), tf.uint8))
-    return tf.ensure_shape(image, [image_size, image_size, 3])
+    return tf.ensure_shape(image, [height, width, 3])
 
 
-def _decoded_batches(records: tf.data.Dataset, worker_seed: int, batch_size: int, image_size: int,
+def _decoded_batches(records: tf.data.Dataset, worker_seed: int, batch_size: int,
+                     image_size: ImageSize,
                      augmentation: str | None) -> tf.data.Dataset:
     """Decodes, augments (with the named policy, unless None) and batches (example, position) pairs.
 
@@ -437,7 +455,7 @@ def pk_dataset(
     file_pattern: str,
     classes_per_batch: int,
     samples_per_class: int,
-    image_size: int,
+    image_size: ImageSize,
     *,
     augment: bool = True,
     seed: int = 0,
@@ -458,7 +476,7 @@ def pk_dataset(
         file_pattern: Glob of TFRecord shards.
         classes_per_batch: P, distinct classes per batch.
         samples_per_class: K, images per class.
-        image_size: Side S of the square images.
+        image_size: Side S of square images, or (height, width).
         augment: Augment the images (False: decode only).
         seed: Seed of the draws and the augmentation.
         worker_index: This worker; workers draw independent batches.
@@ -497,7 +515,7 @@ SAMPLERS: Registry[Callable[..., tf.data.Dataset]] = Registry("sampler")
 
 
 @SAMPLERS.register("shuffle")
-def _shuffle_sampler(file_pattern: str, data: DataConfig, batch_size: int, image_size: int, seed: int,
+def _shuffle_sampler(file_pattern: str, data: DataConfig, batch_size: int, image_size: ImageSize, seed: int,
                      num_workers: int, worker_index: int, start_example: int) -> tf.data.Dataset:
     return train_dataset(file_pattern, batch_size, image_size, augment=data.augment,
                          shuffle_buffer=data.shuffle_buffer, seed=seed, num_workers=num_workers,
@@ -506,7 +524,7 @@ def _shuffle_sampler(file_pattern: str, data: DataConfig, batch_size: int, image
 
 
 @SAMPLERS.register("p_k")
-def _pk_sampler(file_pattern: str, data: DataConfig, batch_size: int, image_size: int, seed: int,
+def _pk_sampler(file_pattern: str, data: DataConfig, batch_size: int, image_size: ImageSize, seed: int,
                 num_workers: int, worker_index: int, start_example: int) -> tf.data.Dataset:
     del num_workers  # every worker draws from all files
     if data.classes_per_batch * data.samples_per_class != batch_size:
@@ -521,7 +539,7 @@ def _pk_sampler(file_pattern: str, data: DataConfig, batch_size: int, image_size
                       augmentation=data.augmentation)
 
 
-def training_stream(file_pattern: str, data: DataConfig, batch_size: int, image_size: int, seed: int,
+def training_stream(file_pattern: str, data: DataConfig, batch_size: int, image_size: ImageSize, seed: int,
                     num_workers: int = 1, worker_index: int = 0, start_example: int = 0
                     ) -> tf.data.Dataset:
     """The training input the config's `data.sampler` names.
@@ -530,7 +548,7 @@ def training_stream(file_pattern: str, data: DataConfig, batch_size: int, image_
         file_pattern: Glob of TFRecord shards.
         data: The run's `data` config (sampler, P, K, shuffle window, augmentation).
         batch_size: Examples per batch of this worker.
-        image_size: Side S of the square images.
+        image_size: Side S of square images, or (height, width).
         seed: Seed of the order and the augmentation.
         num_workers: Number of input pipelines.
         worker_index: This pipeline.
@@ -543,7 +561,7 @@ def training_stream(file_pattern: str, data: DataConfig, batch_size: int, image_
                                       worker_index, start_example)
 
 
-def _eval_map(image_size: int) -> Callable[[tf.Tensor], tuple[tf.Tensor, tf.Tensor, tf.Tensor]]:
+def _eval_map(image_size: ImageSize) -> Callable[[tf.Tensor], tuple[tf.Tensor, tf.Tensor, tf.Tensor]]:
     def load(serialized: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
         features = parse_example(serialized)
         image = decode_image(features["image/encoded"], image_size)
@@ -555,7 +573,7 @@ def _eval_map(image_size: int) -> Callable[[tf.Tensor], tuple[tf.Tensor, tf.Tens
 def eval_dataset(
     file_pattern: str,
     batch_size: int,
-    image_size: int,
+    image_size: ImageSize,
     *,
     num_workers: int = 1,
     worker_index: int = 0,
@@ -565,7 +583,7 @@ def eval_dataset(
     Args:
         file_pattern: Glob of TFRecord shards (read in sorted order).
         batch_size: Examples per batch; the last batch may be smaller.
-        image_size: Side S of the square images.
+        image_size: Side S of square images, or (height, width).
         num_workers: Number of workers sharing the examples.
         worker_index: This worker; it gets every `num_workers`-th example.
 
@@ -590,7 +608,7 @@ def files_dataset(
     paths: Sequence[str],
     labels: Sequence[int] | None,
     batch_size: int,
-    image_size: int,
+    image_size: ImageSize,
 ) -> tf.data.Dataset:
     """Image files on disk, in the given order, without augmentation.
 
@@ -598,7 +616,7 @@ def files_dataset(
         paths: Image files (JPEG, PNG, BMP, GIF).
         labels: One label per path, or None (labels are then -1).
         batch_size: Images per batch; the last batch may be smaller.
-        image_size: Side S of the square images.
+        image_size: Side S of square images, or (height, width).
 
     Returns:
         Dataset of (float32 [B, S, S, 3] in [-1, 1], int32 [B], string [B] paths).
@@ -639,14 +657,14 @@ def files_dataset(
 
 
 def bytes_dataset(images: Sequence[bytes], names: Sequence[str], batch_size: int,
-                  image_size: int) -> tf.data.Dataset:
+                  image_size: ImageSize) -> tf.data.Dataset:
     """Encoded images held in memory (an InsightFace `.bin` pack), in the given order.
 
     Args:
         images: Encoded images (JPEG, PNG, BMP, GIF).
         names: One name per image, carried through as the file name.
         batch_size: Images per batch; the last batch may be smaller.
-        image_size: Side S of the square images.
+        image_size: Side S of square images, or (height, width).
 
     Returns:
         Dataset of (float32 [B, S, S, 3] in [-1, 1], int32 [B] of -1, string [B] names);

@@ -524,7 +524,7 @@ def train(config: Config, data_dir: str | os.PathLike, model_dir: str | os.PathL
     # --- data ---
     def make_dataset(num_pipelines: int, index: int) -> tf.data.Dataset:
         # Each pipeline skips its share of the examples all workers consumed.
-        return training_stream(pattern, config.data, per_worker_batch, config.model.input_size,
+        return training_stream(pattern, config.data, per_worker_batch, config.model.input_shape,
                                config.train.seed, num_pipelines, index, samples // num_pipelines)
 
     # Built before anything is written, so bad input leaves no half-made run behind.
