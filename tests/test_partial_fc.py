@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
 from sparse_embed.config import HeadConfig
 from sparse_embed.errors import ConfigError
 from sparse_embed.heads import ArcFaceHead, ShardedMarginHead, build_head
+from sparse_embed.heads.margin import CosFaceHead
 from sparse_embed.heads.partial_fc import shard_range
 from sparse_embed.keras import tf
 from sparse_embed.training.distributed import SingleProcess
@@ -31,15 +34,29 @@ def test_shard_ranges_tile_the_classes(classes: int, workers: int) -> None:
     assert max(sizes) - min(sizes) <= 1
 
 
-def test_one_worker_equals_arcface_loss_and_gradients() -> None:
-    embeddings, labels, centres = _batch()
-    sharded = build_head(C, D, HeadConfig(scale=16.0, margin=0.4, sharded=True))
+@pytest.mark.parametrize("overrides", [
+    {"name": "arcface"},
+    {"name": "cosface", "margin": 0.35},
+    {"name": "combined", "m1": 1.2, "m2": 0.3, "m3": 0.2},
+    {"name": "arcface", "loss": "focal", "focal_gamma": 2.0},
+    {"name": "cosface", "margin": 0.35, "sub_centers": 3},
+    {"name": "combined", "m1": 1.0, "m2": 0.5, "m3": 0.1, "sub_centers": 2, "loss": "focal"},
+], ids=["arcface", "cosface", "combined", "arcface-focal", "cosface-subcenters",
+        "combined-subcenters-focal"])
+def test_one_worker_equals_the_unsharded_head(overrides: dict) -> None:
+    """N = 1, every class: the unsharded head's loss, accuracy and gradients, for each
+    normalised margin, the focal loss and sub-centres (class c's K rows are its K columns)."""
+    embeddings, labels, _ = _batch()
+    config = HeadConfig(**{"scale": 16.0, "margin": 0.4, "sharded": True, **overrides})
+    sharded = build_head(C, D, config)
     assert isinstance(sharded, ShardedMarginHead) and sharded.num_local == C
     sharded.build((None, D))
+    k = config.sub_centers
+    centres = np.random.default_rng(5).normal(size=sharded.kernel.shape).astype(np.float32)
     sharded.kernel.assign(centres)
-    full = ArcFaceHead(C, scale=16.0, margin=0.4)
+    full = build_head(C, D, dataclasses.replace(config, sharded=False))
     full.build((None, D))
-    full.kernel.assign(centres.T)
+    full.kernel.assign(centres.reshape(C * k, D).T)
     for training in (True, False):
         with tf.GradientTape(persistent=True) as tape:
             tape.watch(embeddings)
@@ -49,8 +66,24 @@ def test_one_worker_equals_arcface_loss_and_gradients() -> None:
         np.testing.assert_allclose(got_acc, want_acc)
         np.testing.assert_allclose(tape.gradient(got, embeddings), tape.gradient(want, embeddings),
                                    atol=1e-6)
-        np.testing.assert_allclose(tape.gradient(got, sharded.kernel),
-                                   tf.transpose(tape.gradient(want, full.kernel)), atol=1e-6)
+        want_grad = tf.transpose(tape.gradient(want, full.kernel)).numpy().reshape(centres.shape)
+        np.testing.assert_allclose(tape.gradient(got, sharded.kernel), want_grad, atol=1e-6)
+
+
+def test_sampling_with_sub_centers_keeps_whole_classes() -> None:
+    """K sub-centres: the sampled gradient is IndexedSlices of whole [K, D] class rows."""
+    embeddings, labels, _ = _batch(2)
+    head = ShardedMarginHead(CosFaceHead(C, scale=16.0, sub_centers=2), SingleProcess(),
+                             sample_rate=0.3)
+    head.build((None, D))
+    assert head.kernel.shape == (C, 2, D)
+    few = labels[:3]
+    with tf.GradientTape() as tape:
+        loss, accuracy = head.loss_and_accuracy(embeddings[:3], few, training=True)
+    grad = tape.gradient(loss, head.kernel)
+    assert np.isfinite(loss.numpy()) and 0 <= accuracy.numpy() <= 1
+    assert isinstance(grad, tf.IndexedSlices) and grad.values.shape[1:] == (2, D)
+    assert set(np.unique(few.numpy())) <= set(grad.indices.numpy().tolist())
 
 
 def test_sampling_keeps_every_positive_and_samples_negatives() -> None:
@@ -87,5 +120,8 @@ def test_sampling_keeps_every_positive_and_samples_negatives() -> None:
 def test_sharded_head_config_errors() -> None:
     with pytest.raises(ConfigError, match="sharded needs a normalised margin head"):
         build_head(C, D, HeadConfig(name="softmax", sharded=True))
+    with pytest.raises(ConfigError, match="head 'sphereface': head.sharded .* not available for "
+                                          "sphereface, whose logits are scaled by each feature's norm"):
+        build_head(C, D, HeadConfig(name="sphereface", margin=4.0, sharded=True))
     with pytest.raises(ConfigError, match=r"sample_rate must be in \(0, 1\]"):
         build_head(C, D, HeadConfig(sharded=True, sample_rate=0.0))

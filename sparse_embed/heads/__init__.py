@@ -32,6 +32,9 @@ HeadBuilder = Callable[[int, int, HeadConfig], keras.layers.Layer]
 HEADS: Registry[HeadBuilder] = Registry("head")
 HEADS.register("softmax")(margin.softmax_head)
 HEADS.register("arcface")(margin.arcface_head)
+HEADS.register("cosface")(margin.cosface_head)
+HEADS.register("sphereface")(margin.sphereface_head)
+HEADS.register("combined")(margin.combined_head)
 
 
 def build_head(num_classes: int, embedding_size: int, config: HeadConfig,

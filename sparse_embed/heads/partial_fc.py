@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from sparse_embed.heads.margin import MarginHead
+from sparse_embed.heads.margin import MarginHead, per_example_loss
 from sparse_embed.keras import keras, tf
 
 
@@ -46,9 +46,14 @@ def shard_range(num_classes: int, num_workers: int, worker_index: int) -> tuple[
 class ShardedMarginHead(keras.layers.Layer):
     """A `MarginHead` family member with its class centres split over the workers.
 
+    The class centres are rows: [C/N, D], or [C/N, K, D] with K sub-centres
+    per class (the cosine of a class is the largest of its K), so a class's
+    centres stay on one worker and a re-split moves whole rows.
+
     Args:
         margin: The unsharded head whose margin (`target_logit`), scale,
-            class count and initializer this head uses; its own weights are never built.
+            class count, sub-centres, loss (`softmax_ce` | `focal`) and
+            initializer this head uses; its own weights are never built.
         strategy: The distribution strategy (`num_workers`, `worker_index`,
             `all_gather`, `sum`, `max`).
         sample_rate: Fraction of each worker's negative classes in a step's
@@ -89,8 +94,10 @@ class ShardedMarginHead(keras.layers.Layer):
         dim = tf.TensorShape(input_shape)[-1] or self.margin.embedding_size
         # Rows are classes, so a sampled subset's gradient is IndexedSlices of
         # those rows, not a dense matrix of the whole shard.
+        k = self.margin.sub_centers
         self.kernel = self.add_weight(
-            name="kernel", shape=(self.num_local, dim), trainable=True,
+            name="kernel", shape=(self.num_local, dim) if k == 1 else (self.num_local, k, dim),
+            trainable=True,
             initializer=self.margin.kernel_initializer,
         )
         super().build(input_shape)
@@ -116,7 +123,7 @@ class ShardedMarginHead(keras.layers.Layer):
 
     def loss_and_accuracy(self, embeddings: tf.Tensor, labels: tf.Tensor,
                           training: bool | None = None) -> tuple[tf.Tensor, tf.Tensor]:
-        """Cross-entropy of the global batch and its accuracy, the same on every worker.
+        """Loss (cross-entropy or focal) of the global batch and its accuracy, the same on every worker.
 
         Accuracy counts an example as correct when its class centre is at least
         as close as every other centre in the step's logits (with
@@ -143,8 +150,12 @@ class ShardedMarginHead(keras.layers.Layer):
             local = tf.searchsorted(index, tf.where(in_shard, local, 0))
         column = tf.where(in_shard, local, -1)
 
-        cos = tf.matmul(tf.math.l2_normalize(e, axis=-1),
-                        tf.math.l2_normalize(kernel, axis=-1), transpose_b=True)
+        e = tf.math.l2_normalize(e, axis=-1)
+        kernel = tf.math.l2_normalize(kernel, axis=-1)
+        if self.margin.sub_centers == 1:
+            cos = tf.matmul(e, kernel, transpose_b=True)
+        else:
+            cos = tf.reduce_max(tf.einsum("bd,ckd->bck", e, kernel), axis=-1)
         cos = tf.clip_by_value(cos, -1.0, 1.0)
         is_target = tf.equal(tf.range(tf.shape(cos)[1])[tf.newaxis, :], column[:, tf.newaxis])
         target_cos = tf.reduce_sum(tf.where(is_target, cos, 0.0), axis=1)
@@ -155,7 +166,11 @@ class ShardedMarginHead(keras.layers.Layer):
         row_max = strategy.max(tf.stop_gradient(tf.reduce_max(z, axis=1)))
         normaliser = strategy.sum(tf.reduce_sum(tf.exp(z - row_max[:, tf.newaxis]), axis=1))
         target_z = strategy.sum(tf.reduce_sum(tf.where(is_target, z, 0.0), axis=1))
-        loss = tf.reduce_mean(tf.math.log(normaliser) + row_max - target_z)
+        # Every worker holds each example's exact cross-entropy, so a focal
+        # weighting of it needs no further collective.
+        cross_entropy = tf.math.log(normaliser) + row_max - target_z
+        loss = tf.reduce_mean(per_example_loss(cross_entropy, self.margin.loss,
+                                               self.margin.focal_gamma))
 
         best = strategy.max(tf.reduce_max(cos, axis=1))
         target_plain = strategy.sum(target_cos)
@@ -164,7 +179,7 @@ class ShardedMarginHead(keras.layers.Layer):
 
     def call(self, embeddings: tf.Tensor, labels: tf.Tensor,
              training: bool | None = None) -> tf.Tensor:
-        """Returns the cross-entropy of the global batch (float32 scalar).
+        """Returns the loss of the global batch (float32 scalar).
 
         Args:
             embeddings: float [B, D] of this worker, not normalised.
