@@ -518,15 +518,17 @@ class CombinedMarginHead(MarginHead):
     theta = atan2(sin theta, cos theta) with the clipped sine of ArcFace, so
     the gradient is finite at cos(theta) = +-1.
 
-    Where m1 theta + m2 > pi the margin no longer decreases in theta. As
-    InsightFace's ArcFace and combined loss did there (the `theta`/`sinmm`
-    branch, not `easy_margin`), the target is then first order in the extra
-    angle d = (m1 - 1) theta + m2, frozen at the threshold theta_t =
-    (pi - m2) / m1: cos(theta) - (pi - theta_t) sin(theta_t) - m3, decreasing in
-    theta. With m1 = 1 that is InsightFace's cos(theta) - m2 sin(pi - m2) - m3,
-    so (1, m, 0) equals `ArcFaceHead(margin=m)` exactly. (Its current PyTorch
-    code instead evaluates cos(theta + m2) on every theta and back-propagates
-    as if there were no margin; this head keeps the exact gradient.)
+    Where m1 theta + m2 > pi the margin no longer decreases in theta. There
+    InsightFace's ArcFace and combined loss switched to a linear target (the
+    `theta`/`sinmm` branch, not `easy_margin`); this head generalises it to
+    m1 >= 1 as the first-order expansion in the extra angle
+    d = (m1 - 1) theta + m2, frozen at the threshold theta_t = (pi - m2) / m1:
+    cos(theta) - (pi - theta_t) sin(theta_t) - m3, decreasing in theta. With
+    m1 = 1 that is InsightFace's cos(theta) - m2 sin(pi - m2) - m3, so (1, m, 0)
+    equals `ArcFaceHead(margin=m)` exactly. (InsightFace's current PyTorch code
+    evaluates cos(theta + m2) on every theta and back-propagates as if there
+    were no margin, and with m3 > 0 applies m3 alone; this head keeps the exact
+    gradient and all three margins, as its MXNet code did.)
 
     Args:
         num_classes: Number of training identities C, >= 2.
