@@ -174,3 +174,20 @@ def test_flip_policy_trains_on_uint8_batches(tiny_data: Path, tmp_path: Path) ->
     config = load_config("smoke", ["train.batch_size=8", "train.steps=3", "data.augmentation=flip"])
     result = train(config, tiny_data, tmp_path / "flip", verbose=0)
     assert result.step == 3 and np.isfinite(result.metrics["loss"])
+
+
+def test_pair_loss_trains_on_pk_batches_and_needs_them(tiny_data: Path, tmp_path: Path) -> None:
+    """Multi-Similarity on 4 classes x 2 images a batch runs end to end; without the P x K
+    sampler the CLI stops on one line before anything is built."""
+    config = load_config("smoke", ["train.batch_size=8", "train.steps=3", "data.sampler=p_k",
+                                   "data.classes_per_batch=4", "data.samples_per_class=2",
+                                   "head.name=multi_similarity"])
+    result = train(config, tiny_data, tmp_path / "ms", verbose=0)
+    assert result.step == 3 and np.isfinite(result.metrics["loss"])
+    assert 0.0 <= result.metrics["accuracy"] <= 1.0
+    bad = tmp_path / "bad"
+    assert_user_error(run_module("sparse_embed.train", "--config=smoke", f"--data_dir={tiny_data}",
+                                 f"--model_dir={bad}", "--set=head.name=triplet"),
+                      "head.name=triplet is a pair loss",
+                      "set data.sampler: p_k (with data.samples_per_class >= 2)")
+    assert not bad.exists()

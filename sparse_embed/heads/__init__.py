@@ -20,7 +20,7 @@ from typing import Any
 
 from sparse_embed.config import HeadConfig
 from sparse_embed.errors import ConfigError
-from sparse_embed.heads import margin
+from sparse_embed.heads import margin, pair, proxy
 from sparse_embed.heads.margin import ArcFaceHead, ClassifierHead, MarginHead, SoftmaxHead
 from sparse_embed.heads.partial_fc import ShardedMarginHead
 from sparse_embed.keras import keras
@@ -35,6 +35,8 @@ HEADS.register("arcface")(margin.arcface_head)
 HEADS.register("cosface")(margin.cosface_head)
 HEADS.register("sphereface")(margin.sphereface_head)
 HEADS.register("combined")(margin.combined_head)
+for _name, _builder in {**pair.PAIR_HEADS, **proxy.PROXY_HEADS}.items():
+    HEADS.register(_name)(_builder)
 
 
 def build_head(num_classes: int, embedding_size: int, config: HeadConfig,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from sparse_embed.data.pipeline import training_stream
 from sparse_embed.data.tfrecord import read_label_map
 from sparse_embed.errors import ConfigError, DataError, SparseEmbedError
 from sparse_embed.heads import build_head
+from sparse_embed.heads.pair import PAIR_HEADS, PairLossHead
 from sparse_embed.heads.partial_fc import shard_range
 from sparse_embed.keras import keras, silence_warnings, tf
 from sparse_embed.models import build_model
@@ -71,6 +73,35 @@ def _adamw(config: OptimizerConfig, lr: keras.optimizers.schedules.LearningRateS
     )
 
 
+def apply_gradients(optimizer: keras.optimizers.Optimizer, grads_and_vars: Iterable,
+                    lr_multipliers: Sequence[tuple[tf.Variable, float]] = ()) -> None:
+    """Applies averaged gradients, stepping some variables as if at a multiple of the learning rate.
+
+    The optimizer steps every variable; each variable v of `lr_multipliers`
+    then moves `m` times as far: v <- v_old + m (v_new - v_old). That is
+    exactly the step of the same optimizer at m times the learning rate,
+    because each optimizer of `OPTIMIZERS` moves a variable by an amount
+    proportional to the rate: SGD by -lr g (with momentum, the velocity
+    accumulates lr g, so it and every later step scale with lr too), Adam by
+    -lr m_hat / (sqrt(v_hat) + eps), and the decoupled weight decay of SGD and
+    AdamW by -lr wd v. Multiplying the gradient instead would be the same for
+    plain SGD only: Adam divides its scale away. (Exact in real arithmetic; in
+    float32 the rescaled step carries about m ulps of v of rounding.) The
+    optimizer's slots are the same as without multipliers, so checkpoints and
+    resume are unaffected, and a step the loss scaler skips stays skipped.
+
+    Args:
+        optimizer: The run's optimizer (possibly a `LossScaleOptimizer`).
+        grads_and_vars: (gradient, variable) pairs, already averaged over workers.
+        lr_multipliers: (variable, multiplier) pairs; a multiplier of 1 changes nothing.
+    """
+    scaled = [(v, m) for v, m in lr_multipliers if m != 1.0]
+    before = [tf.identity(v) for v, _ in scaled]
+    optimizer.apply_gradients(grads_and_vars, skip_gradients_aggregation=True)
+    for (variable, multiplier), old in zip(scaled, before, strict=True):
+        variable.assign(old + multiplier * (variable - old))
+
+
 class EmbeddingTrainer(keras.Model):
     """Trains a backbone with a classification head and a sparsity regularizer.
 
@@ -105,6 +136,8 @@ class EmbeddingTrainer(keras.Model):
                                    aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
         self._moving_statistics = [v for v in backbone.non_trainable_variables
                                    if v.dtype.is_floating]
+        # Variables stepped faster than the rest (a proxy head's proxies).
+        self._lr_multipliers = list(getattr(head, "lr_multipliers", ()))
         # The step returns metrics already averaged over workers: Keras must
         # report one replica's copy, not their sum.
         self.distribute_reduction_method = "first"
@@ -160,8 +193,7 @@ class EmbeddingTrainer(keras.Model):
         if loss_scaled:
             grads = optimizer.get_unscaled_gradients(grads)
         # The strategy has averaged the gradients already.
-        optimizer.apply_gradients(zip(grads, variables, strict=True),
-                                  skip_gradients_aggregation=True)
+        apply_gradients(optimizer, zip(grads, variables, strict=True), self._lr_multipliers)
         # BatchNorm moving statistics follow each worker's own batches; their
         # average keeps every worker's model identical, and is the moving
         # average of the workers' mean batch statistics.
@@ -237,6 +269,9 @@ def build_networks(config: Config, num_classes: int,
     try:
         backbone = build_model(config.model)
         head = build_head(num_classes, config.model.embedding_size, config.head, strategy)
+        if isinstance(head, PairLossHead) and strategy is not None:
+            # What `head.gather_batch` gathers the batch over.
+            head.strategy = strategy
         head.build((None, config.model.embedding_size))
     finally:
         keras.mixed_precision.set_global_policy(previous)
@@ -256,6 +291,24 @@ def checkpoint_for(backbone: keras.Model, head: keras.layers.Layer | None = None
     """
     parts = {"backbone": backbone, "head": head, "optimizer": optimizer, "samples": samples}
     return tf.train.Checkpoint(**{k: v for k, v in parts.items() if v is not None})
+
+
+def check_sampler(config: Config) -> None:
+    """Checks that a pair loss gets batches with at least two images of each class.
+
+    Args:
+        config: The run config (`head.name`, `data.sampler`, `data.samples_per_class`).
+
+    Raises:
+        ConfigError: If a pair loss would train without the P x K sampler or with K < 2.
+    """
+    data = config.data
+    if config.head.name in PAIR_HEADS and (data.sampler != "p_k" or data.samples_per_class < 2):
+        raise ConfigError(
+            f"head.name={config.head.name} is a pair loss and needs at least two images of every "
+            f"class in a batch (got data.sampler={data.sampler}, data.samples_per_class="
+            f"{data.samples_per_class}); set data.sampler: p_k (with data.samples_per_class >= 2)"
+        )
 
 
 def worker_batch_size(config: Config, num_workers: int) -> int:
@@ -465,10 +518,12 @@ def train(config: Config, data_dir: str | os.PathLike, model_dir: str | os.PathL
 
     Raises:
         ConfigError: If the backend is unavailable, the batch does not split over
-            the workers, or the checkpoint in `model_dir` does not fit the config.
+            the workers, a pair loss runs without the P x K sampler, or the
+            checkpoint in `model_dir` does not fit the config.
         DataError: If the data dir, TFRecords or label map are missing.
         TrainingError: If the loss becomes non-finite.
     """
+    check_sampler(config)
     strategy = strategy or get_strategy(config.distributed)
     data_dir, model_dir = Path(data_dir), Path(model_dir)
     pattern, label_map = train_inputs(config, data_dir)
