@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import inspect
 import json
 import re
 
@@ -14,30 +17,46 @@ from sparse_embed.config import ModelConfig
 from sparse_embed.errors import ConfigError
 from sparse_embed.keras import keras
 from sparse_embed.models import MODELS, build_model
+from sparse_embed.models.common import SE_BACKBONES
 from sparse_embed.models.embedding import ACTIVATIONS, SoftThreshold, embedding_block
+from sparse_embed.models.iresnet import IResNetSpec, build_iresnet
 from sparse_embed.models.mobilefacenet import scale_channels
-from sparse_embed.models.profile import count_macs, count_params
+from sparse_embed.models.mobilenet_v2 import imagenet_classifier
+from sparse_embed.models.profile import count_macs, count_params, measure_latency
 
 EMBEDDING_SIZE = 16
 BATCH = 2
+TINY = [name for name in MODELS.names() if name.endswith("_tiny")]
+FULL = [name for name in MODELS.names() if not name.endswith("_tiny")]
+# Full-size networks too deep to build, save, reload and convert quickly even
+# at a reduced width (20-60 s each): they share every line of code with their
+# family's tiny variant and iresnet18, which are checked, and their size is
+# pinned by the size tests below. Every other registered model is checked.
+DEEP = {"iresnet34", "iresnet50", "iresnet100", "faceresnet"}
+CHECKED = [name for name in MODELS.names() if name not in DEEP]
+# Inputs of full-size entries in the contract tests; 32x32 unless the
+# architecture takes only its published sizes.
+SMALL_INPUTS = {"sphereface20": {}}
 
 
 def _small_kwargs(name: str) -> dict:
     # Tiny entries are small by their defaults; a full-size entry is checked at
     # a reduced input and width so the suite stays fast on CPU (its real size
     # is pinned by the parameter / MAC tests below).
-    return {} if name.endswith("_tiny") else {"input_size": 32, "width": 0.25}
+    if name.endswith("_tiny"):
+        return {}
+    return {"width": 0.25, **SMALL_INPUTS.get(name, {"input_size": 32})}
 
 
-def _build(name: str, final_activation: str = "none") -> keras.Model:
+def _build(name: str, final_activation: str = "none", **kwargs) -> keras.Model:
     keras.utils.set_random_seed(0)
     return MODELS.get(name)(embedding_size=EMBEDDING_SIZE, final_activation=final_activation,
-                            **_small_kwargs(name))
+                            **{**_small_kwargs(name), **kwargs})
 
 
 def _images(model: keras.Model, seed: int = 0) -> np.ndarray:
-    size = model.input_shape[1]
-    return np.random.default_rng(seed).uniform(-1, 1, (BATCH, size, size, 3)).astype(np.float32)
+    height, width = model.input_shape[1:3]
+    return np.random.default_rng(seed).uniform(-1, 1, (BATCH, height, width, 3)).astype(np.float32)
 
 
 def _randomize_batch_norm(model: keras.Model, seed: int = 0) -> None:
@@ -50,13 +69,47 @@ def _randomize_batch_norm(model: keras.Model, seed: int = 0) -> None:
             layer.moving_variance.assign(rng.uniform(0.5, 2.0, n).astype(np.float32))
 
 
+@pytest.mark.parametrize("name", CHECKED)
+def test_model_contract(name: str, tmp_path) -> None:
+    """Every registered model: shapes, finite outputs, a gradient on every weight,
+    config round trip, save and reload without custom objects."""
+    # soft_threshold: its threshold is a trainable weight too, and a custom layer to reload.
+    model = _build(name, "soft_threshold")
+    assert model.name == name
+    height, width = model.input_shape[1:3]
+    assert model.input_shape == (None, height, width, 3)
+    assert model.output_shape == (None, EMBEDDING_SIZE)
+    images = _images(model)
+
+    with tf.GradientTape() as tape:
+        out = model(images, training=True)
+        loss = tf.reduce_sum(tf.square(out))
+    assert out.dtype == tf.float32 and out.shape == (BATCH, EMBEDDING_SIZE)
+    assert np.all(np.isfinite(out.numpy()))
+    grads = tape.gradient(loss, model.trainable_weights)
+    missing = [w.name for w, g in zip(model.trainable_weights, grads, strict=True) if g is None]
+    assert not missing
+    assert any(float(tf.reduce_max(tf.abs(g))) > 0 for g in grads)
+
+    _randomize_batch_norm(model)
+    expected = model(images, training=False).numpy()
+    assert expected.shape == (BATCH, EMBEDDING_SIZE) and np.all(np.isfinite(expected))
+    clone = keras.Model.from_config(model.get_config())
+    assert clone.get_config() == model.get_config()
+    clone.set_weights(model.get_weights())
+    np.testing.assert_array_equal(clone(images, training=False).numpy(), expected)
+
+    path = tmp_path / f"{name}.keras"
+    model.save(path)
+    reloaded = keras.models.load_model(path)
+    assert isinstance(reloaded.get_layer("embedding"), SoftThreshold)
+    np.testing.assert_array_equal(reloaded(images, training=False).numpy(), expected)
+
+
 @pytest.mark.parametrize("final_activation", ACTIVATIONS.names())
-@pytest.mark.parametrize("name", MODELS.names())
+@pytest.mark.parametrize("name", TINY)
 def test_output_shape_and_finite(name: str, final_activation: str) -> None:
     model = _build(name, final_activation)
-    assert model.name == name
-    size = model.input_shape[1]
-    assert model.input_shape == (None, size, size, 3)
     assert model.output_shape == (None, EMBEDDING_SIZE)
     for training in (False, True):
         out = model(_images(model), training=training)
@@ -65,48 +118,11 @@ def test_output_shape_and_finite(name: str, final_activation: str) -> None:
         assert np.all(np.isfinite(out.numpy()))
 
 
-@pytest.mark.parametrize("name", MODELS.names())
-def test_gradient_on_every_trainable_weight(name: str) -> None:
-    # soft_threshold: its threshold is a trainable weight too.
-    model = _build(name, "soft_threshold")
-    with tf.GradientTape() as tape:
-        loss = tf.reduce_sum(tf.square(model(_images(model), training=True)))
-    grads = tape.gradient(loss, model.trainable_weights)
-    missing = [w.name for w, g in zip(model.trainable_weights, grads, strict=True) if g is None]
-    assert not missing
-    assert any(float(tf.reduce_max(tf.abs(g))) > 0 for g in grads)
-
-
-@pytest.mark.parametrize("name", MODELS.names())
-def test_config_round_trip(name: str) -> None:
-    model = _build(name, "soft_threshold")
-    _randomize_batch_norm(model)
-    clone = keras.Model.from_config(model.get_config())
-    assert clone.get_config() == model.get_config()
-    clone.set_weights(model.get_weights())
-    images = _images(model)
-    np.testing.assert_array_equal(clone(images, training=False).numpy(),
-                                  model(images, training=False).numpy())
-
-
-@pytest.mark.parametrize("name", MODELS.names())
-def test_save_and_reload_without_custom_objects(name: str, tmp_path) -> None:
-    model = _build(name, "soft_threshold")
-    _randomize_batch_norm(model)
-    path = tmp_path / f"{name}.keras"
-    model.save(path)
-    reloaded = keras.models.load_model(path)
-    assert isinstance(reloaded.get_layer("embedding"), SoftThreshold)
-    images = _images(model)
-    np.testing.assert_array_equal(reloaded(images, training=False).numpy(),
-                                  model(images, training=False).numpy())
-
-
 # Conversion takes ~10 s for a tiny model and ~30 s for a full-size one even
 # at a reduced size, so only tiny models convert in `make test-fast`.
 @pytest.mark.parametrize("name", [
     pytest.param(name, marks=() if name.endswith("_tiny") else pytest.mark.slow)
-    for name in MODELS.names()
+    for name in CHECKED
 ])
 @pytest.mark.filterwarnings("ignore:.*tf.lite.Interpreter is deprecated:UserWarning")
 def test_tflite_matches_keras(name: str) -> None:
@@ -122,6 +138,202 @@ def test_tflite_matches_keras(name: str) -> None:
     interpreter.invoke()
     out = interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
     np.testing.assert_allclose(out, model(images, training=False).numpy(), rtol=1e-4, atol=1e-4)
+
+
+CONTRACT_ARGS = ("embedding_size", "final_activation", "input_size", "width", "input_width",
+                 "dropout", "se")
+
+
+def test_build_model_passes_every_model_field() -> None:
+    fields = {field.name for field in dataclasses.fields(ModelConfig)}
+    assert fields - {"name"} == set(CONTRACT_ARGS)
+
+
+@pytest.mark.parametrize("name", MODELS.names())
+def test_every_builder_takes_the_same_arguments(name: str) -> None:
+    parameters = inspect.signature(MODELS.get(name)).parameters
+    assert tuple(parameters) == CONTRACT_ARGS
+    assert all(p.default is not inspect.Parameter.empty for p in parameters.values())
+    assert parameters["final_activation"].default == "none"
+    assert parameters["width"].default == 1.0 and parameters["dropout"].default == 0.0
+    assert parameters["se"].default is False
+
+
+@pytest.fixture
+def no_layers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Makes building a model fail, so a test sees that an error came first."""
+    def fail(*args, **kwargs):
+        raise AssertionError("a layer was built before the arguments were checked")
+
+    monkeypatch.setattr(keras, "Input", fail)
+
+
+@pytest.mark.parametrize("name", MODELS.names())
+@pytest.mark.usefixtures("no_layers")
+def test_bad_arguments_fail_before_any_layer_is_built(name: str) -> None:
+    builder = MODELS.get(name)
+    for field, value in (("width", 0.0), ("width", float("nan")), ("dropout", 1.0),
+                         ("embedding_size", 0), ("input_width", -1), ("input_size", 2)):
+        with pytest.raises(ConfigError, match=f"model.{field}"):
+            builder(**{field: value})
+    with pytest.raises(ConfigError, match="sigmoid.*none, relu, soft_threshold"):
+        builder(final_activation="sigmoid")
+    if name not in SE_BACKBONES:
+        with pytest.raises(ConfigError, match=f"{name}.*{', '.join(SE_BACKBONES)}"):
+            builder(se=True)
+
+
+@pytest.mark.usefixtures("no_layers")
+def test_sphereface20_names_the_sizes_it_takes() -> None:
+    with pytest.raises(ConfigError, match=r"sphereface20 takes 112x96 .*, 112x112 .*input_size=32"):
+        build_model(ModelConfig(name="sphereface20", input_size=32))
+    with pytest.raises(ConfigError, match="112x96"):
+        MODELS.get("sphereface20")(input_width=112 + 8)
+
+
+def test_build_model_passes_input_width_dropout_and_se() -> None:
+    model = build_model(ModelConfig(name="sphereface20", embedding_size=8, input_size=112,
+                                    input_width=96, dropout=0.25, width=0.25))
+    assert model.input_shape == (None, 112, 96, 3)
+    assert model.get_layer("embedding_dropout").rate == 0.25
+    assert model.get_layer("embedding_flatten").output_shape == (None, 7 * 6 * 128)
+    square = build_model(ModelConfig(name="sphereface20_tiny", embedding_size=8, input_size=28))
+    assert square.input_shape == (None, 28, 28, 3)
+    assert not any(isinstance(layer, keras.layers.Dropout) for layer in square.layers)
+
+    plain = build_model(ModelConfig(name="mobilenet_v2_tiny", input_size=32))
+    se = build_model(ModelConfig(name="mobilenet_v2_tiny", input_size=32, se=True))
+    blocks = [layer for layer in se.layers if layer.name.endswith("_project_bn")]
+    gates = [layer for layer in se.layers if isinstance(layer, keras.layers.Multiply)]
+    assert len(gates) == len(blocks) == 7
+    # Each SE module: C -> C // 8 -> C 1x1 convolutions with biases.
+    extra = sum(2 * c * (c // 8) + c // 8 + c for c in (b.gamma.shape[0] for b in blocks))
+    assert count_params(se) - count_params(plain) == extra
+    with pytest.raises(ConfigError, match="iresnet_tiny.*mobilenet_v2"):
+        build_model(ModelConfig(name="iresnet_tiny", se=True))
+
+
+@functools.cache
+def _size(name: str) -> tuple[int, int]:
+    """(parameters, MACs) of a registered model at its defaults (the published size)."""
+    model = MODELS.get(name)()
+    return count_params(model), count_macs(model)
+
+
+@pytest.mark.parametrize(("name", "params", "gflops"), [
+    ("iresnet34", 34.1e6, 8.934),
+    ("iresnet50", 43.6e6, 12.637),
+    ("iresnet100", 65.1e6, 24.209),
+])
+def test_iresnet_matches_insightface_size_and_cost(name: str, params: float, gflops: float) -> None:
+    """InsightFace arcface_torch at 112x112, d = 512; its FLOPs are 2 x MACs."""
+    measured_params, macs = _size(name)
+    assert abs(measured_params - params) / params < 0.05, measured_params
+    assert abs(2 * macs - gflops * 1e9) / (gflops * 1e9) < 0.05, macs
+
+
+def test_faceresnet_is_iresnet100_with_relu_and_a_bare_stem() -> None:
+    """Same convolutions, hence the same MACs; fewer parameters by exactly the PReLU
+    slopes (one per channel: stem and one per block) and the stem BN (gamma, beta)."""
+    params, macs = _size("faceresnet")
+    r100_params, r100_macs = _size("iresnet100")
+    assert macs == r100_macs
+    blocks, channels = (3, 13, 30, 3), (64, 128, 256, 512)
+    slopes = 64 + sum(n * c for n, c in zip(blocks, channels, strict=True))
+    assert r100_params - params == slopes + 2 * 64
+
+
+def test_iresnet_block_structure() -> None:
+    """Stride on the second convolution, symmetric padding, shortcut convs where the shape changes."""
+    keras.utils.set_random_seed(0)
+    model = MODELS.get("iresnet_tiny")(embedding_size=EMBEDDING_SIZE)
+    assert model.get_layer("stage1_block1_conv1").output_shape == (None, 32, 32, 8)
+    assert model.get_layer("stage1_block1_conv2").output_shape == (None, 16, 16, 8)
+    assert model.get_layer("stage1_block1_conv2_pad").padding == ((1, 1), (1, 1))
+    shortcuts = [layer.name for layer in model.layers if layer.name.endswith("_shortcut_conv")]
+    assert shortcuts == [f"stage{i}_block1_shortcut_conv" for i in range(1, 5)]
+    assert model.get_layer("embedding_flatten").output_shape == (None, 2 * 2 * 64)
+    assert isinstance(model.get_layer("stem_prelu"), keras.layers.PReLU)
+
+    relu = build_iresnet(IResNetSpec(blocks=(2, 1), channels=(8, 16), stem_channels=8,
+                                     activation="relu", stem_norm=False),
+                         "faceresnet_like", EMBEDDING_SIZE, "none", 16, 1.0)
+    names = [layer.name for layer in relu.layers]
+    assert "stem_bn" not in names and not any(isinstance(layer, keras.layers.PReLU)
+                                              for layer in relu.layers)
+    assert "stage1_block2_shortcut_conv" not in names
+    assert isinstance(relu.get_layer("stage1_block2_relu"), keras.layers.ReLU)
+
+
+def _sphereface_closed_form(height: int, width: int, d: int) -> tuple[int, int]:
+    params = macs = 0
+    channels_in = 3
+    for units, c in zip((1, 2, 4, 1), (64, 128, 256, 512), strict=True):
+        height, width = (height + 1) // 2, (width + 1) // 2
+        # Strided conv (weights + bias) + PReLU, then 2 convs (no bias) + PReLU per unit.
+        params += 9 * channels_in * c + c + c + units * 2 * (9 * c * c + c)
+        macs += height * width * (9 * channels_in * c + units * 2 * 9 * c * c)
+        channels_in = c
+    fc = height * width * 512 * d
+    return params + fc + 2 * d, macs + fc  # + the embedding BN's gamma and beta
+
+
+def test_sphereface20_matches_published_size_and_cost() -> None:
+    """MLPerf edge (SphereFace-20, 112x96): 21.6M parameters, 1.75 GMACs.
+
+    We measure 22.67M: 21.6M is that count in units of 2^20, and within 5% of
+    it in units of 10^6 too; our embedding layer adds a 1024-parameter BN.
+    """
+    params, macs = _size("sphereface20")
+    assert (params, macs) == _sphereface_closed_form(112, 96, 512)
+    assert abs(params - 21.6e6) / 21.6e6 < 0.05, params
+    assert abs(params - 21.6 * 2**20) / (21.6 * 2**20) < 0.005, params
+    assert abs(macs - 1.75e9) / 1.75e9 < 0.05, macs
+    model = MODELS.get("sphereface20")(width=0.25, input_width=112)
+    assert not any(isinstance(layer, keras.layers.BatchNormalization) and layer.name != "embedding_bn"
+                   for layer in model.layers)
+    assert sum(isinstance(layer, keras.layers.Add) for layer in model.layers) == 1 + 2 + 4 + 1
+
+
+def test_nin_matches_closed_form() -> None:
+    """32x32, d = 64: mlpconv blocks (conv5x5 192, 160, 96 | 5x5 192, 192, 192 | 3x3 192, 192)."""
+    convs = [  # (positions, kernel, in, out); every conv has a bias
+        (32 * 32, 25, 3, 192), (32 * 32, 1, 192, 160), (32 * 32, 1, 160, 96),
+        (16 * 16, 25, 96, 192), (16 * 16, 1, 192, 192), (16 * 16, 1, 192, 192),
+        (8 * 8, 9, 192, 192), (8 * 8, 1, 192, 192),
+    ]
+    params = sum(k * i * o + o for _, k, i, o in convs) + 192 * 64 + 2 * 64
+    macs = sum(p * k * i * o for p, k, i, o in convs) + 192 * 64
+    assert _size("nin") == (params, macs)
+
+
+@pytest.mark.parametrize("width", [1.0, 0.35])
+def test_mobilenet_v2_imagenet_variant_has_keras_parameter_count(width: float) -> None:
+    ours = imagenet_classifier(width=width)
+    reference = keras.applications.MobileNetV2(weights=None, alpha=width)
+    assert ours.count_params() == reference.count_params()
+    assert count_params(ours) == count_params(reference)
+    if width == 1.0:
+        assert ours.count_params() == 3_538_984
+        # Sandler et al. (2018), Table 4: 300M multiply-adds at 224x224.
+        assert abs(count_macs(ours) - 300e6) / 300e6 < 0.05
+
+
+def test_mobilenet_v2_face_variant_is_the_imagenet_trunk_with_a_gdconv_head() -> None:
+    d = 512
+    trunk = count_params(imagenet_classifier()) - (1280 * 1000 + 1000)
+    model = MODELS.get("mobilenet_v2")(embedding_size=d)
+    assert model.get_layer("gdconv_dw").input_shape == (None, 4, 4, 1280)
+    # GDConv 4x4 depthwise + its BN, the linear projection + the embedding BN.
+    assert count_params(model) == trunk + 1280 * 16 + 2 * 1280 + 1280 * d + 2 * d
+
+
+def test_measure_latency_runs_the_model() -> None:
+    model = _build("nin_tiny")
+    latency = measure_latency(model, runs=2, warmup=1)
+    assert np.isfinite(latency) and latency > 0
+    with pytest.raises(ValueError, match="runs"):
+        measure_latency(model, runs=0)
 
 
 def test_mixed_precision_keeps_a_float32_embedding() -> None:
@@ -329,13 +541,29 @@ def test_cli_prints_params_and_macs() -> None:
     row = json.loads(proc.stdout)
     model = MODELS.get("mobilefacenet_tiny")(embedding_size=24, final_activation="soft_threshold")
     assert row == {"model": "mobilefacenet_tiny", "params": count_params(model),
-                   "macs": count_macs(model), "embedding_size": 24, "input_size": 32}
+                   "macs": count_macs(model), "embedding_size": 24, "input_size": 32,
+                   "input_width": 32}
 
     table = run_module("sparse_embed.models", "mobilefacenet_tiny", "--input_size=64")
     assert table.returncode == 0, table.stderr[-3000:]
     model = MODELS.get("mobilefacenet_tiny")(input_size=64)
     assert f"{count_macs(model):,}" in table.stdout
     assert f"{count_params(model):,}" in table.stdout
+
+
+@pytest.mark.slow
+def test_cli_all_prints_every_full_size_model() -> None:
+    proc = run_module("sparse_embed.models", "--all", "--json", "--runs=1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [row["model"] for row in rows] == FULL
+    by_name = {row["model"]: row for row in rows}
+    for name in ("nin", "sphereface20"):
+        assert (by_name[name]["params"], by_name[name]["macs"]) == _size(name)
+    assert all(row["latency_ms"] > 0 for row in rows)
+
+    usage = run_module("sparse_embed.models", "--all", "nin")
+    assert usage.returncode != 0 and "--all takes no model name" in usage.stderr
 
 
 def test_cli_unknown_model_is_a_one_line_user_error() -> None:

@@ -1,14 +1,26 @@
 """Embedding networks: images -> embeddings, one registry for every family.
 
-Every entry of `MODELS` is a builder
+Every entry of `MODELS` is a builder with the same arguments,
 
-    builder(embedding_size: int = 128, final_activation: str = "none",
-            input_size: int = 112, width: float = 1.0) -> keras.Model
+    builder(embedding_size: int, final_activation: str = "none", input_size: int,
+            width: float = 1.0, input_width: int = 0, dropout: float = 0.0,
+            se: bool = False) -> keras.Model
 
 returning a functional model named after the entry, float32
-[B, input_size, input_size, 3] in [-1, 1] -> float32 [B, embedding_size]:
-the embedding after the final activation, not L2-normalised (the trainer
-normalises). Tiny variants (name ending in `_tiny`) default to small inputs.
+[B, input_size, input_width or input_size, 3] in [-1, 1] -> float32
+[B, embedding_size]: the embedding after the final activation (see
+embedding.py), not L2-normalised (the trainer normalises). `width` is the
+family's channel multiplier (1 is the published network), `dropout` the rate
+of a dropout layer before the embedding layer, `se` asks for
+squeeze-and-excitation blocks. A builder checks every argument before it
+builds a layer and rejects what its family cannot do (se=True without SE
+blocks, an input size the architecture does not take) with a `ConfigError`
+that names the valid values. Defaults are the published network's (input
+size, embedding size); tiny variants (name ending in `_tiny`) default to
+small inputs and build in well under a second, for tests.
+
+Families: mobilefacenet.py, iresnet.py (iresnet18/34/50/100, faceresnet),
+mobilenet_v2.py, sphereface.py (sphereface20), nin.py (CIFAR).
 """
 
 from __future__ import annotations
@@ -36,8 +48,9 @@ def build_model(config: ModelConfig) -> keras.Model:
     """
     builder = MODELS.get(config.name)
     return builder(embedding_size=config.embedding_size, final_activation=config.final_activation,
-                   input_size=config.input_size, width=config.width)
+                   input_size=config.input_size, width=config.width, input_width=config.input_width,
+                   dropout=config.dropout, se=config.se)
 
 
 # Imported after MODELS exists: each family module registers its entries on import.
-from sparse_embed.models import mobilefacenet  # noqa: E402, F401
+from sparse_embed.models import iresnet, mobilefacenet, mobilenet_v2, nin, sphereface  # noqa: E402, F401

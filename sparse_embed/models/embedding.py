@@ -136,9 +136,34 @@ def batch_norm(name: str) -> keras.layers.BatchNormalization:
     return keras.layers.BatchNormalization(momentum=BN_MOMENTUM, epsilon=BN_EPSILON, name=name)
 
 
+def check_embedding_args(embedding_size: int, final_activation: str,
+                         dropout: float = 0.0) -> tuple[Callable[[str], keras.layers.Layer], float]:
+    """Checks the embedding layer's arguments; builders call it before building any layer.
+
+    Args:
+        embedding_size: Embedding dimension d, a positive integer.
+        final_activation: A name in `ACTIVATIONS`.
+        dropout: Dropout rate before the linear layer, in [0, 1).
+
+    Returns:
+        The final activation's factory and the dropout rate as a float.
+
+    Raises:
+        ConfigError: If one of them is out of range or unknown.
+    """
+    if (isinstance(embedding_size, bool) or not isinstance(embedding_size, numbers.Integral)
+            or embedding_size < 1):
+        raise ConfigError(
+            f"model.embedding_size must be a positive integer, got {embedding_size!r}"
+        )
+    if isinstance(dropout, bool) or not (isinstance(dropout, numbers.Real) and 0 <= dropout < 1):
+        raise ConfigError(f"model.dropout must be a number in [0, 1), got {dropout!r}")
+    return ACTIVATIONS.get(final_activation), float(dropout)
+
+
 def embedding_block(x: tf.Tensor, embedding_size: int, final_activation: str,
-                    name: str = "embedding") -> tf.Tensor:
-    """Projects backbone features to the embedding: linear layer, BN, final activation.
+                    name: str = "embedding", dropout: float = 0.0) -> tf.Tensor:
+    """Projects backbone features to the embedding: [dropout,] linear layer, BN, final activation.
 
     Inputs of rank > 2 are flattened first, so a [B, 1, 1, C] global feature
     (MobileFaceNet's GDConv) and a [B, H, W, C] map (IResNet's FC output
@@ -150,23 +175,22 @@ def embedding_block(x: tf.Tensor, embedding_size: int, final_activation: str,
         embedding_size: Embedding dimension d.
         final_activation: A name in `ACTIVATIONS`.
         name: Prefix of the created layers; the output layer gets `name` itself.
+        dropout: Rate of a dropout layer on the (flattened) features before
+            the linear layer, as in IResNet's "E" output; 0 adds no layer.
 
     Returns:
         The embedding, float32 [B, embedding_size], after the final activation
         and not L2-normalised.
 
     Raises:
-        ConfigError: If `embedding_size` is not a positive integer or
-            `final_activation` is unknown.
+        ConfigError: If `embedding_size` is not a positive integer, `dropout`
+            is outside [0, 1) or `final_activation` is unknown.
     """
-    if (isinstance(embedding_size, bool) or not isinstance(embedding_size, numbers.Integral)
-            or embedding_size < 1):
-        raise ConfigError(
-            f"model.embedding_size must be a positive integer, got {embedding_size!r}"
-        )
-    activation = ACTIVATIONS.get(final_activation)
+    activation, dropout = check_embedding_args(embedding_size, final_activation, dropout)
     if x.shape.rank > 2:
         x = keras.layers.Flatten(name=f"{name}_flatten")(x)
+    if dropout > 0:
+        x = keras.layers.Dropout(dropout, name=f"{name}_dropout")(x)
     x = keras.layers.Dense(int(embedding_size), use_bias=False, name=f"{name}_dense")(x)
     x = batch_norm(f"{name}_bn")(x)
     return activation(name)(x)

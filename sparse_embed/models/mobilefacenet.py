@@ -26,19 +26,12 @@ its size, so smaller inputs (the tiny variant, 32x32) work with the same code.
 
 from __future__ import annotations
 
-import math
-import numbers
 from dataclasses import dataclass
 
-from sparse_embed.errors import ConfigError
 from sparse_embed.keras import keras, tf
 from sparse_embed.models import MODELS
+from sparse_embed.models.common import check_common, check_input_shape, check_no_se, prelu, scale_channels
 from sparse_embed.models.embedding import batch_norm, embedding_block
-
-# Initial PReLU slope of He et al. (2015) and of the reference MobileFaceNet
-# implementations; Keras' default of 0 would start out as a plain ReLU.
-PRELU_INIT = 0.25
-CHANNEL_DIVISOR = 8
 
 
 @dataclass(frozen=True)
@@ -110,37 +103,12 @@ MOBILEFACENET_TINY = MobileFaceNetSpec(
 )
 
 
-def scale_channels(channels: int, width: float) -> int:
-    """Scales a channel count by `width`, rounded to a multiple of 8 (at least 8).
-
-    As in MobileNetV2: round to the nearest multiple, but never more than 10%
-    below the exact value, so a small width does not lose a whole group.
-
-    Args:
-        channels: Channel count at width 1.
-        width: Width multiplier.
-    """
-    exact = channels * width
-    rounded = int(exact + CHANNEL_DIVISOR / 2) // CHANNEL_DIVISOR * CHANNEL_DIVISOR
-    rounded = max(CHANNEL_DIVISOR, rounded)
-    if rounded < 0.9 * exact:
-        rounded += CHANNEL_DIVISOR
-    return rounded
-
-
-def _prelu(x: tf.Tensor, name: str) -> tf.Tensor:
-    # One slope per channel, shared over the spatial axes as in the paper, so
-    # the parameter count does not depend on the input size.
-    return keras.layers.PReLU(alpha_initializer=keras.initializers.Constant(PRELU_INIT),
-                              shared_axes=[1, 2], name=name)(x)
-
-
 def _conv_bn(x: tf.Tensor, filters: int, kernel_size: int, strides: int, name: str,
              linear: bool = False) -> tf.Tensor:
     x = keras.layers.Conv2D(filters, kernel_size, strides=strides, padding="same",
                             use_bias=False, name=f"{name}_conv")(x)
     x = batch_norm(f"{name}_bn")(x)
-    return x if linear else _prelu(x, f"{name}_prelu")
+    return x if linear else prelu(x, f"{name}_prelu")
 
 
 def _depthwise_bn(x: tf.Tensor, kernel_size: int | tuple[int, int], strides: int, name: str,
@@ -148,7 +116,7 @@ def _depthwise_bn(x: tf.Tensor, kernel_size: int | tuple[int, int], strides: int
     x = keras.layers.DepthwiseConv2D(kernel_size, strides=strides, padding=padding,
                                      use_bias=False, name=f"{name}_dw")(x)
     x = batch_norm(f"{name}_bn")(x)
-    return x if linear else _prelu(x, f"{name}_prelu")
+    return x if linear else prelu(x, f"{name}_prelu")
 
 
 def _inverted_residual(x: tf.Tensor, expansion: int, channels: int, strides: int,
@@ -163,7 +131,8 @@ def _inverted_residual(x: tf.Tensor, expansion: int, channels: int, strides: int
 
 
 def build_mobilefacenet(spec: MobileFaceNetSpec, name: str, embedding_size: int,
-                        final_activation: str, input_size: int, width: float) -> keras.Model:
+                        final_activation: str, input_size: int, width: float,
+                        input_width: int = 0, dropout: float = 0.0, se: bool = False) -> keras.Model:
     """Builds a MobileFaceNet from its stage table.
 
     Args:
@@ -171,26 +140,27 @@ def build_mobilefacenet(spec: MobileFaceNetSpec, name: str, embedding_size: int,
         name: Model name.
         embedding_size: Embedding dimension d.
         final_activation: A name in `sparse_embed.models.embedding.ACTIVATIONS`.
-        input_size: Square input resolution, at least the total stride.
+        input_size: Input height, at least the total stride.
         width: Multiplier of every channel count (rounded to multiples of 8);
             the embedding size is not scaled.
+        input_width: Input width; 0 means square. The GDConv covers the
+            whole final map, so any size from the total stride up works.
+        dropout: Dropout rate before the embedding layer.
+        se: Must be false: MobileFaceNet has no squeeze-and-excitation blocks.
 
     Returns:
-        A functional model float32 [B, input_size, input_size, 3] in [-1, 1] ->
+        A functional model float32 [B, input_size, input_width, 3] in [-1, 1] ->
         float32 [B, embedding_size], the embedding after the final activation.
 
     Raises:
-        ConfigError: If an argument is out of range or `final_activation` is unknown.
+        ConfigError: If an argument is out of range, `se` is true or
+            `final_activation` is unknown.
     """
-    if (isinstance(input_size, bool) or not isinstance(input_size, numbers.Integral)
-            or input_size < spec.stride):
-        raise ConfigError(f"model.input_size must be an integer >= {spec.stride} (the total "
-                          f"stride of {name}), got {input_size!r}")
-    if not (isinstance(width, numbers.Real) and math.isfinite(width) and width > 0):
-        raise ConfigError(f"model.width must be a finite number > 0, got {width!r}")
+    height, image_width = check_input_shape(name, input_size, input_width, spec.stride)
+    check_common(embedding_size, final_activation, width, dropout)
+    check_no_se(name, se)
 
-    input_size = int(input_size)
-    images = keras.Input(shape=(input_size, input_size, 3), dtype="float32", name="images")
+    images = keras.Input(shape=(height, image_width, 3), dtype="float32", name="images")
     stem = scale_channels(spec.stem_channels, width)
     x = _conv_bn(images, stem, 3, 2, "stem")
     x = _depthwise_bn(x, 3, 1, "stem_depthwise")
@@ -204,35 +174,43 @@ def build_mobilefacenet(spec: MobileFaceNetSpec, name: str, embedding_size: int,
     # position of the final map (faces are aligned, so positions matter,
     # unlike with global average pooling).
     x = _depthwise_bn(x, (x.shape[1], x.shape[2]), 1, "gdconv", padding="valid", linear=True)
-    embedding = embedding_block(x, embedding_size, final_activation)
+    embedding = embedding_block(x, embedding_size, final_activation, dropout=dropout)
     return keras.Model(images, embedding, name=name)
 
 
 @MODELS.register("mobilefacenet")
 def mobilefacenet(embedding_size: int = 128, final_activation: str = "none",
-                  input_size: int = 112, width: float = 1.0) -> keras.Model:
+                  input_size: int = 112, width: float = 1.0, input_width: int = 0,
+                  dropout: float = 0.0, se: bool = False) -> keras.Model:
     """MobileFaceNet as in Chen et al. (2018), Table 1.
 
     Args:
         embedding_size: Embedding dimension d.
         final_activation: `none` | `relu` | `soft_threshold`.
-        input_size: Square input resolution (the paper's is 112).
+        input_size: Input height (the paper's is 112).
         width: Channel width multiplier.
+        input_width: Input width; 0 means square.
+        dropout: Dropout rate before the embedding layer.
+        se: Must be false (no squeeze-and-excitation blocks).
     """
-    return build_mobilefacenet(MOBILEFACENET, "mobilefacenet", embedding_size,
-                               final_activation, input_size, width)
+    return build_mobilefacenet(MOBILEFACENET, "mobilefacenet", embedding_size, final_activation,
+                               input_size, width, input_width, dropout, se)
 
 
 @MODELS.register("mobilefacenet_tiny")
 def mobilefacenet_tiny(embedding_size: int = 128, final_activation: str = "none",
-                       input_size: int = 32, width: float = 1.0) -> keras.Model:
+                       input_size: int = 32, width: float = 1.0, input_width: int = 0,
+                       dropout: float = 0.0, se: bool = False) -> keras.Model:
     """MobileFaceNet with one block per stage and 16-32 channels, 32x32 input: for tests.
 
     Args:
         embedding_size: Embedding dimension d.
         final_activation: `none` | `relu` | `soft_threshold`.
-        input_size: Square input resolution.
+        input_size: Input height.
         width: Channel width multiplier.
+        input_width: Input width; 0 means square.
+        dropout: Dropout rate before the embedding layer.
+        se: Must be false (no squeeze-and-excitation blocks).
     """
     return build_mobilefacenet(MOBILEFACENET_TINY, "mobilefacenet_tiny", embedding_size,
-                               final_activation, input_size, width)
+                               final_activation, input_size, width, input_width, dropout, se)

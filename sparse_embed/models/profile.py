@@ -1,4 +1,4 @@
-"""Model cost: parameter and multiply-accumulate counts.
+"""Model cost: parameter and multiply-accumulate counts, CPU latency.
 
 Counts follow the convention of the MobileNet / MobileFaceNet papers' MAdds:
 only the layers that multiply inputs by weights count (convolutions, depthwise
@@ -11,11 +11,12 @@ model's graph, so they follow the input size, strides and padding exactly.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Iterator
 
 import numpy as np
 
-from sparse_embed.keras import keras
+from sparse_embed.keras import keras, tf
 from sparse_embed.registry import Registry
 
 Counter = Callable[[keras.layers.Layer, tuple, tuple], int]
@@ -160,3 +161,35 @@ def format_count(n: int) -> str:
         if n >= divisor:
             return f"{n / divisor:.{max(0, 2 - int(math.log10(n / divisor)))}f}{suffix}"
     return str(n)
+
+
+def measure_latency(model: keras.Model, runs: int = 10, warmup: int = 2, seed: int = 0) -> float:
+    """Returns the median seconds of one inference of one example (batch 1).
+
+    The model runs inside one `tf.function` (traced during the warm-up runs)
+    on a fixed random image in [-1, 1]. The thread pools are whatever the
+    process set up before TensorFlow's first op: for a one-thread figure call
+    `tf.config.threading.set_{intra,inter}_op_parallelism_threads(1)` first.
+
+    Args:
+        model: A model with a fully defined input shape (batch aside).
+        runs: Timed runs, >= 1; the median is returned.
+        warmup: Untimed runs before them, >= 1 (the first traces the function).
+        seed: Seed of the input image.
+
+    Raises:
+        ValueError: If `runs` or `warmup` is < 1.
+    """
+    if runs < 1 or warmup < 1:
+        raise ValueError(f"runs and warmup must be >= 1, got runs={runs}, warmup={warmup}")
+    shape = (1, *(int(d) for d in model.input_shape[1:]))
+    images = tf.constant(np.random.default_rng(seed).uniform(-1, 1, shape).astype(np.float32))
+    forward = tf.function(lambda x: model(x, training=False))
+    for _ in range(warmup):
+        forward(images).numpy()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        forward(images).numpy()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
