@@ -98,3 +98,13 @@ def test_out_of_range_value_on_the_command_line_is_one_line(tmp_path: Path) -> N
     proc = run_module("sparse_embed.train", "--config=smoke", f"--data_dir={tmp_path}",
                       f"--model_dir={tmp_path / 'run'}", "--set", "train.batch_size=-4")
     assert_user_error(proc, "train.batch_size", ">= 1")
+
+
+@pytest.mark.parametrize("name", PACKAGED)
+def test_packaged_configs_name_registered_models_and_heads(name: str) -> None:
+    from sparse_embed.heads import HEADS
+    from sparse_embed.models import MODELS
+
+    config = load_config(name)
+    MODELS.get(config.model.name)
+    HEADS.get(config.head.name)

@@ -59,3 +59,32 @@ def test_face_recipes_train_and_export_on_tiny_data(tiny_data: Path, tmp_path: P
         for name in ("megaface", "facescrub"):
             with h5py.File(out / f"{name}_{suffix}.hdf5") as f:
                 assert f["embedding"].shape == (len(list((tiny_data / "test").rglob("*.jpg"))), 64)
+
+
+CIFAR_TINY = ["--set", "model.name=nin_tiny", "--set", "model.input_size=32", "--set", "train.steps=2",
+              "--set", "train.batch_size=8", "--set", "data.classes_per_batch=4",
+              "--set", "data.samples_per_class=2", "--set", "train.checkpoint_every=2"]
+CIFAR = {"train_sparse_flops.sh": ("flops", "relu"), "train_sparse_l1.sh": ("l1", "relu"),
+         "train_dense.sh": ("none", "none")}
+
+
+@pytest.mark.parametrize("script", sorted(CIFAR))
+def test_cifar_recipes_train_on_tiny_data(tiny_data: Path, tmp_path: Path, script: str) -> None:
+    model_dir = tmp_path / "run"
+    proc = _run(SCRIPTS / "cifar" / script, {"CIFAR_DIR": str(tiny_data), "MODEL_DIR": str(model_dir)},
+                *CIFAR_TINY)
+    assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-2000:])
+    assert "step 2 (resumed from 0), 16 examples, 1 worker(s)" in proc.stdout
+    config = yaml.safe_load((model_dir / "config.yaml").read_text())
+    assert (config["sparsity"]["type"], config["model"]["final_activation"]) == CIFAR[script]
+    assert (config["head"]["name"], config["head"]["mining"], config["data"]["sampler"]) == (
+        "triplet", "semi_hard", "p_k")
+
+
+def test_cifar_recipe_under_two_horovod_processes(tiny_data: Path, tmp_path: Path) -> None:
+    horovod_available()
+    proc = _run(SCRIPTS / "cifar" / "train_sparse_flops.sh", {
+        "NP": "2", "CIFAR_DIR": str(tiny_data), "MODEL_DIR": str(tmp_path / "run"),
+        "HOROVODRUN_ARGS": "--gloo"}, *CIFAR_TINY, "--set", "distributed.scale_lr=true")
+    assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-2000:])
+    assert "[0]<stdout>:step 2 (resumed from 0), 32 examples, 2 worker(s)" in proc.stdout
