@@ -191,3 +191,19 @@ def test_pair_loss_trains_on_pk_batches_and_needs_them(tiny_data: Path, tmp_path
                       "head.name=triplet is a pair loss",
                       "set data.sampler: p_k (with data.samples_per_class >= 2)")
     assert not bad.exists()
+
+
+def test_other_backbone_and_margin_head_train_from_the_cli(tiny_data: Path, tmp_path: Path) -> None:
+    proc = run_module("sparse_embed.train", "--config=smoke", f"--data_dir={tiny_data}",
+                      f"--model_dir={tmp_path / 'r'}", "--set=model.name=iresnet_tiny",
+                      "--set=head.name=cosface", "--set=head.margin=0.35", "--set=train.steps=2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "step 2" in proc.stdout
+    bad = tmp_path / "bad"
+    assert_user_error(run_module("sparse_embed.train", "--config=smoke", f"--data_dir={tiny_data}",
+                                 f"--model_dir={bad}", "--set=model.name=sphereface20"),
+                      "sphereface20", "112")
+    assert_user_error(run_module("sparse_embed.train", "--config=smoke", f"--data_dir={tiny_data}",
+                                 f"--model_dir={bad}", "--set=model.name=resnet9000"),
+                      "unknown model 'resnet9000'", "iresnet50")
+    assert not bad.exists()
