@@ -52,12 +52,15 @@ class Bottleneck:
 
 
 @dataclass(frozen=True)
-class MobileFaceNetSpec:
-    """The stage table of a MobileFaceNet variant, at width 1.
+class StageTable:
+    """The stage table of a MobileFaceNet or MobileNetV2 variant, at width 1.
+
+    Both networks are a stem, stages of inverted-residual bottlenecks and a 1x1
+    head convolution; they differ in the blocks built from the table.
 
     Attributes:
-        stem_channels: Channels of the stride-2 3x3 convolution and the
-            depthwise convolution after it.
+        stem_channels: Channels of the stride-2 3x3 convolution (and, in
+            MobileFaceNet, of the depthwise convolution after it).
         stages: The bottleneck stages, in order.
         head_channels: Channels of the 1x1 convolution before the GDConv.
     """
@@ -75,7 +78,7 @@ class MobileFaceNetSpec:
         return stride
 
 
-MOBILEFACENET = MobileFaceNetSpec(
+MOBILEFACENET = StageTable(
     stem_channels=64,
     stages=(
         Bottleneck(2, 64, 5, 2),
@@ -90,7 +93,7 @@ MOBILEFACENET = MobileFaceNetSpec(
 # The paper's table with one block per stage and a quarter of the channels:
 # ~50k parameters and 0.65M MACs at d = 128: builds and trains in seconds on a
 # CPU (tests, the smoke config).
-MOBILEFACENET_TINY = MobileFaceNetSpec(
+MOBILEFACENET_TINY = StageTable(
     stem_channels=16,
     stages=(
         Bottleneck(2, 16, 1, 2),
@@ -130,7 +133,7 @@ def _inverted_residual(x: tf.Tensor, expansion: int, channels: int, strides: int
     return y
 
 
-def build_mobilefacenet(spec: MobileFaceNetSpec, name: str, embedding_size: int,
+def build_mobilefacenet(spec: StageTable, name: str, embedding_size: int,
                         final_activation: str, input_size: int, width: float,
                         input_width: int = 0, dropout: float = 0.0, se: bool = False) -> keras.Model:
     """Builds a MobileFaceNet from its stage table.

@@ -34,41 +34,16 @@ of the OpenVINO training extensions.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from sparse_embed.keras import keras, tf
 from sparse_embed.models import MODELS
 from sparse_embed.models.common import check_common, check_input_shape, check_width, scale_channels
 from sparse_embed.models.embedding import batch_norm, embedding_block
-from sparse_embed.models.mobilefacenet import Bottleneck
+from sparse_embed.models.mobilefacenet import Bottleneck, StageTable
 
 SE_RATIO = 8
 
 
-@dataclass(frozen=True)
-class MobileNetV2Spec:
-    """The stage table of a MobileNetV2 variant, at width 1.
-
-    Attributes:
-        stem_channels: Channels of the stride-2 3x3 convolution.
-        stages: The bottleneck stages, in order.
-        head_channels: Channels of the final 1x1 convolution.
-    """
-
-    stem_channels: int
-    stages: tuple[Bottleneck, ...]
-    head_channels: int
-
-    @property
-    def stride(self) -> int:
-        """Total down-sampling factor of the network."""
-        stride = 2
-        for stage in self.stages:
-            stride *= stage.stride
-        return stride
-
-
-MOBILENET_V2 = MobileNetV2Spec(
+MOBILENET_V2 = StageTable(
     stem_channels=32,
     stages=(
         Bottleneck(1, 16, 1, 1),
@@ -84,7 +59,7 @@ MOBILENET_V2 = MobileNetV2Spec(
 
 # One block per stage and about a quarter of the channels: ~80k parameters
 # at 32x32 and d = 128, for tests.
-MOBILENET_V2_TINY = MobileNetV2Spec(
+MOBILENET_V2_TINY = StageTable(
     stem_channels=8,
     stages=(
         Bottleneck(1, 8, 1, 1),
@@ -135,7 +110,7 @@ def _inverted_residual(x: tf.Tensor, expansion: int, channels: int, strides: int
     return y
 
 
-def _features(images: tf.Tensor, spec: MobileNetV2Spec, width: float, se: bool) -> tf.Tensor:
+def _features(images: tf.Tensor, spec: StageTable, width: float, se: bool) -> tf.Tensor:
     """The shared trunk: stem, bottlenecks and the 1x1 head convolution."""
     # Keras' channel rule: the stem scales the exact product, the blocks its
     # integer part, and the head keeps its width unless width > 1.
@@ -149,7 +124,7 @@ def _features(images: tf.Tensor, spec: MobileNetV2Spec, width: float, se: bool) 
     return _conv_bn(x, head, 1, "head")
 
 
-def build_mobilenet_v2(spec: MobileNetV2Spec, name: str, embedding_size: int, final_activation: str,
+def build_mobilenet_v2(spec: StageTable, name: str, embedding_size: int, final_activation: str,
                        input_size: int, width: float, input_width: int = 0, dropout: float = 0.0,
                        se: bool = False) -> keras.Model:
     """Builds a face MobileNetV2 (GDConv embedding head) from its stage table.
