@@ -235,6 +235,9 @@ class TrainConfig:
         mixed_precision: Run the backbone in float16 (Keras `mixed_float16`)
             with dynamic loss scaling; the embedding normalisation, the
             sparsity regularizer and the head's logits and loss stay float32.
+        init_from: A trained run's directory whose latest backbone and head
+            weights start this run (a fresh optimizer, step 0), e.g. to
+            fine-tune it with `compression`; ignored once this run has a checkpoint.
     """
 
     batch_size: int = 128
@@ -244,6 +247,7 @@ class TrainConfig:
     keep_checkpoints: int = 3
     seed: int = 0
     mixed_precision: bool = False
+    init_from: str = ""
 
 
 @dataclass(frozen=True)
@@ -282,6 +286,41 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class CompressionConfig:
+    """Quantization-aware training and pruning of the backbone and embedding (TF-MOT).
+
+    The head is never compressed: it is thrown away after training. A
+    compressed run usually starts from a trained one (`train.init_from`).
+
+    Attributes:
+        type: `none` | `qat` (fake-quantized weights and activations) | `prune`
+            (magnitude pruning) | `prune_qat` (pruning-preserving QAT of an
+            already pruned run: the zeros stay zeros through int8).
+        bits: Weight bits of QAT; 8 is TF-MOT's default scheme (what TFLite
+            deploys), 4..7 its experimental n-bit scheme (accuracy studies only).
+        activation_bits: Activation bits of the n-bit scheme (TFLite converts 8 only).
+        target_sparsity: Fraction of each pruned kernel's weights set to zero at `end_step`.
+        schedule: `polynomial` (TF-MOT's PolynomialDecay from 0 to the target
+            between `begin_step` and `end_step`) | `constant` (the target from `begin_step`).
+        m_by_n: `[m, n]` structured sparsity (e.g. `[2, 4]`: at most 2 non-zeros in
+            every 4 consecutive weights); empty for unstructured pruning.
+        begin_step: Step (counted from the start of this run) where pruning begins.
+        end_step: Step where the sparsity reaches the target; 0 means `train.steps`.
+        frequency: Masks are recomputed every this many steps.
+    """
+
+    type: str = "none"
+    bits: int = 8
+    activation_bits: int = 8
+    target_sparsity: float = 0.5
+    schedule: str = "polynomial"
+    m_by_n: tuple[int, ...] = ()
+    begin_step: int = 0
+    end_step: int = 0
+    frequency: int = 10
+
+
+@dataclass(frozen=True)
 class Config:
     """A whole run."""
 
@@ -294,6 +333,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    compression: CompressionConfig = field(default_factory=CompressionConfig)
 
 
 # Values a field may take, checked when the config is built so a typo fails
@@ -311,6 +351,8 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "head.loss": ("softmax_ce", "focal"),
     "head.mining": ("semi_hard", "batch_hard", "all"),
     "head.distance": ("cosine", "squared_euclidean"),
+    "compression.type": ("none", "qat", "prune", "prune_qat"),
+    "compression.schedule": ("polynomial", "constant"),
 }
 
 
@@ -361,6 +403,13 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "train.keep_checkpoints": _AT_LEAST_1,
     "eval.batch_size": _AT_LEAST_1,
     "eval.nfolds": _AT_LEAST_1,
+    "compression.bits": (lambda v: 2 <= v <= 8, "in [2, 8]"),
+    "compression.activation_bits": (lambda v: 2 <= v <= 8, "in [2, 8]"),
+    "compression.target_sparsity": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "compression.m_by_n": _AT_LEAST_1,
+    "compression.begin_step": _NON_NEGATIVE,
+    "compression.end_step": _NON_NEGATIVE,
+    "compression.frequency": _AT_LEAST_1,
 }
 
 
