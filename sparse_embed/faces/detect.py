@@ -27,6 +27,9 @@ import mtcnn
 
 # MTCNN's default smallest face, in pixels; smaller ones are not searched for.
 MIN_FACE_SIZE = 20
+# MTCNN's three networks in pipeline order, with the square input side each takes (P-Net: any size,
+# it slides over the image pyramid; R- and O-Net: crops of the previous stage's boxes).
+NETWORK_INPUT_SIDES = {"pnet": None, "rnet": 24, "onet": 48}
 
 
 @dataclass(frozen=True, eq=False)
@@ -94,6 +97,21 @@ class FaceDetector:
             faces.append(Face(tuple(float(v) for v in result["box"]), float(result["confidence"]),
                               landmarks))
         return sorted(faces, key=lambda face: -face.confidence)
+
+
+def mtcnn_networks() -> dict[str, tf.keras.Model]:
+    """The P-, R- and O-Net the `mtcnn` package ships, with its weights loaded.
+
+    Returns:
+        Network name (the keys of NETWORK_INPUT_SIDES, in pipeline order) -> the
+        subclassed Keras 2 model: P-Net maps [B, H, W, 3] to (box offsets
+        [B, h, w, 4], face softmax [B, h, w, 2]); R-Net maps [B, 24, 24, 3] to
+        (offsets [B, 4], softmax [B, 2]); O-Net maps [B, 48, 48, 3] to (offsets
+        [B, 4], landmarks [B, 10] (x1..x5, y1..y5 in box units), softmax [B, 2]).
+        Inputs are RGB scaled as (pixel - 127.5) / 128.
+    """
+    stages = mtcnn.MTCNN(stages="face_and_landmarks_detection").stages
+    return {name: stage.model for name, stage in zip(NETWORK_INPUT_SIDES, stages, strict=True)}
 
 
 def limit_threads(num_threads: int) -> None:
