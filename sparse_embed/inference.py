@@ -17,6 +17,7 @@ import h5py
 import numpy as np
 from tqdm import tqdm
 
+from sparse_embed import compression
 from sparse_embed.config import Config, config_from_model_dir
 from sparse_embed.data.pipeline import bytes_dataset, files_dataset, missing_paths
 from sparse_embed.data.verification import BinPack, Pairs, unique_images
@@ -56,6 +57,12 @@ class Embeddings:
 def load_backbone(model_dir: str | os.PathLike, untrained: bool = False) -> tuple[keras.Model, Config]:
     """Rebuilds a run's backbone from `model_dir/config.yaml` and restores its latest weights.
 
+    A compressed run's backbone is rebuilt with its compression (the same
+    structure the trainer checkpointed): quantization-aware runs come back
+    with their fake-quant, pruned runs with their wrappers (which mask the
+    kernels when called; `sparse_embed.compression.for_export` strips them,
+    giving the same outputs).
+
     Args:
         model_dir: A directory written by `sparse_embed.train`.
         untrained: Keep the fresh random initialisation (a baseline), skip the restore.
@@ -69,12 +76,13 @@ def load_backbone(model_dir: str | os.PathLike, untrained: bool = False) -> tupl
     """
     config = config_from_model_dir(model_dir)
     keras.utils.set_random_seed(config.train.seed)
-    backbone = build_model(config.model)
+    backbone = compression.compress(build_model(config.model), config.compression, config.train.steps)
     if not untrained:
         latest = tf.train.latest_checkpoint(str(Path(model_dir) / CHECKPOINT_DIR))
         if latest is None:
             raise DataError(f"no checkpoint in {Path(model_dir) / CHECKPOINT_DIR}; train first")
         checkpoint_for(backbone).restore(latest).expect_partial()
+        compression.after_restore(backbone)
     return backbone, config
 
 

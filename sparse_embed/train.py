@@ -6,6 +6,11 @@
 
 Re-running the same command after an interruption resumes from the latest
 checkpoint in --model_dir, with the same or a different number of processes.
+
+    python -m sparse_embed.train --config=smoke --data_dir=data/synth \
+        --model_dir=runs/smoke_qat --init_from=runs/smoke --set compression.type=qat
+
+starts from a trained run's weights (a new optimizer, step 0) and compresses it.
 """
 
 from __future__ import annotations
@@ -22,6 +27,9 @@ _CONFIG = flags.DEFINE_string("config", "smoke", "Packaged config name or YAML p
 _SET = flags.DEFINE_multi_string("set", [], "Override, key.path=value (repeatable).")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Directory the config's data paths are relative to.")
 _MODEL_DIR = flags.DEFINE_string("model_dir", None, "Output directory (checkpoints, logs, config).")
+_INIT_FROM = flags.DEFINE_string(
+    "init_from", None, "A trained run's model_dir to start from (sets train.init_from), e.g. "
+    "to compress it with --set compression.type=qat.")
 
 
 @user_errors_exit
@@ -34,7 +42,10 @@ def main(argv: list[str]) -> None:
     from sparse_embed.config import load_config
     from sparse_embed.data.checks import train_inputs
 
-    config = load_config(_CONFIG.value, _SET.value)
+    overrides = list(_SET.value)
+    if _INIT_FROM.value:
+        overrides.append(f"train.init_from={_INIT_FROM.value}")
+    config = load_config(_CONFIG.value, overrides)
     train_inputs(config, _DATA_DIR.value)
     # TensorFlow is imported only once the inputs are known to be usable.
     from sparse_embed.training.trainer import train

@@ -71,6 +71,9 @@ class CheckpointEvery(_StepCallback):
 class SummaryScalars(_StepCallback):
     """Writes every training metric as a TensorBoard scalar `train/<name>`.
 
+    A metric whose name already has a section (`compress/weight_sparsity`)
+    keeps it.
+
     Args:
         logdir: TensorBoard log directory.
         optimizer: The optimizer whose `iterations` is the global step.
@@ -88,7 +91,7 @@ class SummaryScalars(_StepCallback):
             return
         with self.writer.as_default(step=step):
             for name, value in (logs or {}).items():
-                tf.summary.scalar(f"train/{name}", float(value))
+                tf.summary.scalar(name if "/" in name else f"train/{name}", float(value))
         self.writer.flush()
 
     def on_train_end(self, logs: dict | None = None) -> None:
@@ -106,7 +109,8 @@ class ProgressLog(_StepCallback):
     """
 
     def __init__(self, optimizer: keras.optimizers.Optimizer, total_steps: int, every: int,
-                 keys: tuple[str, ...] = ("loss", "accuracy", "nnz", "flops", "lr")) -> None:
+                 keys: tuple[str, ...] = ("loss", "accuracy", "nnz", "flops", "lr",
+                                          "compress/weight_sparsity")) -> None:
         super().__init__(optimizer)
         self.total_steps = total_steps
         self.every = every

@@ -17,7 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from absl import logging
 
+from sparse_embed import compression
 from sparse_embed.config import (
     Config,
     OptimizerConfig,
@@ -134,8 +136,12 @@ class EmbeddingTrainer(keras.Model):
         # the global batch does).
         self.samples = tf.Variable(0, dtype=tf.int64, trainable=False, name="samples",
                                    aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+        # Pruning masks are computed alike on every worker from the same
+        # weights: averaging them would only cost an all-reduce.
+        same = {id(v) for v in compression.identical_on_workers(backbone)}
         self._moving_statistics = [v for v in backbone.non_trainable_variables
-                                   if v.dtype.is_floating]
+                                   if v.dtype.is_floating and id(v) not in same]
+        self._compress_metrics = compression.metrics(backbone)
         # Variables stepped faster than the rest (a proxy head's proxies).
         self._lr_multipliers = list(getattr(head, "lr_multipliers", ()))
         # The step returns metrics already averaged over workers: Keras must
@@ -214,6 +220,7 @@ class EmbeddingTrainer(keras.Model):
             "flops": stats["flops"],
             "r_sub": stats["r_sub"],
             "lr": tf.cast(lr, tf.float32),
+            **self._compress_metrics(),
         }
         if loss_scaled:
             metrics["loss_scale"] = tf.cast(optimizer.loss_scale, tf.float32)
@@ -479,6 +486,121 @@ def _config_differences(config: Config, model_dir: Path) -> str:
     return f"; {model_dir}/config.yaml differs in {', '.join(keys)}" if keys else ""
 
 
+# Compression types whose checkpoints can start another run: they restore
+# into a float backbone (a pruned one once its wrappers are stripped). A
+# quantization-aware run has no float model left to start from.
+_INIT_SOURCES = ("none", "prune")
+
+
+def check_compression(config: Config) -> None:
+    """Checks that the compression section fits the rest of the run.
+
+    Args:
+        config: The run config.
+
+    Raises:
+        ConfigError: If QAT is asked for under mixed precision (TF-MOT's
+            fake-quant ops are float32 only), or `prune_qat` has no pruned run to start from.
+    """
+    kind = config.compression.type
+    if kind in compression.QUANTIZED_TYPES and config.train.mixed_precision:
+        raise ConfigError(
+            f"compression.type={kind} cannot run with train.mixed_precision=true (TF-MOT's "
+            f"fake-quant is float32 only); set train.mixed_precision=false"
+        )
+    if kind == "prune_qat" and not config.train.init_from:
+        raise ConfigError(
+            "compression.type=prune_qat keeps the zeros of a pruned run; pass --init_from=RUN "
+            "(set train.init_from) with a run trained with compression.type=prune"
+        )
+
+
+def check_init_run(config: Config) -> Config:
+    """Checks the run `train.init_from` names and returns its config.
+
+    Args:
+        config: The run config, with `train.init_from` set.
+
+    Raises:
+        ConfigError: If the directory has no config.yaml, was trained with a
+            different model (the differing keys are named) or with a
+            compression it cannot start from, or a `prune_qat` run does not start from a pruned one.
+        DataError: If it has no checkpoint.
+    """
+    init_dir = Path(config.train.init_from)
+    init = config_from_model_dir(init_dir)
+    if tf.train.latest_checkpoint(str(init_dir / CHECKPOINT_DIR)) is None:
+        raise DataError(f"train.init_from={init_dir} has no checkpoint in {init_dir / CHECKPOINT_DIR}; "
+                        f"train that run first, or point --init_from at a trained run")
+    new, old = config_to_dict(config)["model"], config_to_dict(init)["model"]
+    keys = [f"model.{k}={v!r} (init run: {old.get(k)!r})" for k, v in new.items() if old.get(k) != v]
+    if keys:
+        raise ConfigError(f"train.init_from={init_dir} was trained with a different model: "
+                          f"{', '.join(keys)}; use the same model settings as that run")
+    kind = init.compression.type
+    if kind not in _INIT_SOURCES:
+        raise ConfigError(f"train.init_from={init_dir} is a compression.type={kind} run, which cannot "
+                          f"start another; start from its own init run (train.init_from in its config)")
+    if config.compression.type == "prune_qat" and kind != "prune":
+        raise ConfigError(f"compression.type=prune_qat needs a pruned run; train.init_from={init_dir} "
+                          f"has compression.type={kind}: prune it first (compression.type=prune)")
+    return init
+
+
+def initialize_from(backbone: keras.Model, head: keras.layers.Layer, config: Config,
+                    init: Config) -> keras.Model:
+    """Loads the latest backbone (and head, when it fits) of the run `config.train.init_from`.
+
+    The init run's own compression is rebuilt first so its checkpoint fits,
+    then taken off again: a pruned run's wrappers are stripped (masks applied),
+    leaving a float backbone with its zeros. The head is restored when it has
+    the same variables and shapes (same head and number of classes); otherwise
+    it keeps its fresh initialisation and a warning says so, since a new
+    class set needs new class centres. The optimizer, step and data position
+    start again at 0.
+
+    Args:
+        backbone: The freshly built float backbone of this run.
+        head: This run's head.
+        config: This run's config.
+        init: The init run's config (`check_init_run`).
+
+    Returns:
+        The float backbone holding the init run's weights (`backbone` itself
+        unless the init run was pruned).
+
+    Raises:
+        ConfigError: If the checkpoint does not fit the rebuilt backbone.
+    """
+    init_dir = Path(config.train.init_from)
+    latest = tf.train.latest_checkpoint(str(init_dir / CHECKPOINT_DIR))
+    source = compression.compress(backbone, init.compression, init.train.steps)
+    try:
+        checkpoint_for(source).restore(latest).expect_partial().assert_existing_objects_matched()
+    except (AssertionError, ValueError, tf.errors.OpError) as e:
+        silence_warnings()
+        reason = str(e).strip().splitlines()[0][:200]
+        raise ConfigError(f"the checkpoint {latest} of train.init_from does not fit this backbone "
+                          f"({reason}); check that run's config.yaml") from e
+    fresh = head.get_weights()
+    try:
+        tf.train.Checkpoint(head=head).restore(latest).expect_partial().assert_existing_objects_matched()
+    except (AssertionError, ValueError, tf.errors.OpError):
+        head.set_weights(fresh)
+        logging.warning("train.init_from=%s: its head does not fit this one (head %s, %s classes "
+                        "there); the head starts from scratch", init_dir, init.head.name,
+                        _init_classes(init_dir))
+    return compression.for_export(source)
+
+
+def _init_classes(init_dir: Path) -> str:
+    """The number of classes of the init run's head, read from its checkpoint's shapes (or '?')."""
+    latest = tf.train.latest_checkpoint(str(init_dir / CHECKPOINT_DIR))
+    shapes = tf.train.load_checkpoint(latest).get_variable_to_shape_map()
+    kernel = shapes.get(f"head/kernel{_VALUE}")
+    return str(kernel[-1]) if kernel else "?"
+
+
 def _damaged_input_error(pattern: str, error: tf.errors.DataLossError) -> DataError:
     """A one-line error naming the damaged TFRecord shard(s) behind a DataLossError."""
     damaged = damaged_tfrecords(pattern)
@@ -540,8 +662,17 @@ def train(config: Config, data_dir: str | os.PathLike, model_dir: str | os.PathL
     schedule = config.schedule
     if config.distributed.scale_lr:
         schedule = dataclasses.replace(schedule, base_lr=schedule.base_lr * strategy.num_workers)
+    check_compression(config)
+    fresh_run = tf.train.latest_checkpoint(str(model_dir / CHECKPOINT_DIR)) is None
+    init = check_init_run(config) if config.train.init_from and fresh_run else None
     with strategy.scope():
         backbone, head = build_networks(config, len(class_names), strategy)
+        # The init run's weights go in before compression: folding a BN, or
+        # pruning by magnitude, acts on trained values. A resume rebuilds the
+        # same compressed structure and restores it from this run's checkpoints.
+        if init is not None:
+            backbone = initialize_from(backbone, head, config, init)
+        backbone = compression.compress(backbone, config.compression, config.train.steps)
         optimizer = OPTIMIZERS.get(config.optimizer.name)(
             config.optimizer, LearningRateSchedule(schedule, config.train.steps)
         )
@@ -568,6 +699,7 @@ def train(config: Config, data_dir: str | os.PathLike, model_dir: str | os.PathL
         _restore(checkpoint, manager, config, model_dir, strategy, per_worker)
     strategy.broadcast_variables(
         _replicated(model.variables + optimizer.variables, model.sharded_variables))
+    compression.after_restore(backbone)
     start = int(optimizer.iterations.numpy())
     samples = int(model.samples.numpy())
     remaining = config.train.steps - start
@@ -590,7 +722,8 @@ def train(config: Config, data_dir: str | os.PathLike, model_dir: str | os.PathL
 
     # --- train ---
     throughput = Throughput()
-    callbacks: list[keras.callbacks.Callback] = [StopOnNonFiniteLoss(optimizer), throughput]
+    callbacks: list[keras.callbacks.Callback] = [
+        *compression.callbacks(backbone), StopOnNonFiniteLoss(optimizer), throughput]
     with contextlib.ExitStack() as stack:
         if strategy.is_chief or per_worker:
             callbacks.append(CheckpointEvery(manager, optimizer, config.train.checkpoint_every))
