@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +18,26 @@ from sparse_embed.errors import DataError
 TFLITE_IDENTIFIER = b"TFL3"
 # The recognition models' input scaling: RGB pixel p -> p / 127.5 - 1, in [-1, 1] (as in training).
 PIXEL_SCALE = 127.5
+
+
+@contextlib.contextmanager
+def quiet_runtime() -> Iterator[None]:
+    """Keeps what the LiteRT runtime prints on file descriptor 2 during the block off the terminal.
+
+    The runtime announces its CPU delegate ("INFO: Created TensorFlow Lite
+    XNNPACK delegate for CPU.") on stderr when tensors are first allocated,
+    and no setting silences it; stderr is where a user error's one line goes.
+    Errors still surface: as exceptions, which callers turn into such a line.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
 
 
 def load_interpreter(path: str | os.PathLike, num_threads: int | None = None) -> Interpreter:
@@ -41,7 +65,8 @@ def load_interpreter(path: str | os.PathLike, num_threads: int | None = None) ->
         raise DataError(f"{path} is not a TFLite model (no {TFLITE_IDENTIFIER.decode()} identifier); "
                         f"pass a .tflite file, e.g. one written by sparse_embed.export --format=tflite")
     try:
-        return Interpreter(model_path=str(path), num_threads=num_threads)
+        with quiet_runtime():
+            return Interpreter(model_path=str(path), num_threads=num_threads)
     except (ValueError, RuntimeError) as e:
         raise DataError(f"{path}: the TFLite interpreter cannot load it ({_first_line(e)})") from e
 
@@ -111,7 +136,8 @@ class EmbeddingModel:
 
     def _allocate(self) -> None:
         try:
-            self._interpreter.allocate_tensors()
+            with quiet_runtime():
+                self._interpreter.allocate_tensors()
         except RuntimeError as e:
             raise DataError(f"{self.path}: the TFLite interpreter cannot prepare it "
                             f"({_first_line(e)})") from e

@@ -32,7 +32,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from sparse_embed.edge.model import load_interpreter
+from sparse_embed.edge.model import load_interpreter, quiet_runtime
 from sparse_embed.errors import DataError
 
 NETWORKS = ("pnet", "rnet", "onet")
@@ -270,7 +270,8 @@ class TFLiteMTCNN:
         index = interpreter.get_input_details()[0]["index"]
         if self._shapes.get(name) != batch.shape:
             interpreter.resize_tensor_input(index, batch.shape)
-            interpreter.allocate_tensors()
+            with quiet_runtime():
+                interpreter.allocate_tensors()
             self._shapes[name] = batch.shape
         interpreter.set_tensor(index, np.ascontiguousarray(batch, dtype=np.float32))
         interpreter.invoke()
