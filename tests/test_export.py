@@ -1,0 +1,277 @@
+"""Export (TFLite in every quantization mode, SavedModel, ONNX) of a tiny trained run, and its parity gate.
+
+The exported files are checked with their own runtimes (the `ai_edge_litert`
+interpreter, onnxruntime, a reloaded SavedModel) against the Keras model
+with a NumPy cosine, independently of the figures export.json reports.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import ROOT, assert_user_error, run_module
+
+from sparse_embed.config import load_config, save_config
+from sparse_embed.training.trainer import train
+
+MODES = ("fp32", "fp16", "dynamic", "int8", "int8_full")
+# The tiny protocol has 24 pairs: one pair that flips is 4.2 points of accuracy, so the
+# default 0.5-point gate would judge noise; the accuracy gate is tested on closed forms below.
+TINY_ACCURACY_DROP = "100"
+REPRESENTATIVE = 16
+HELD_OUT = 16
+
+
+@pytest.fixture(scope="module")
+def run_dir(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The smoke model (MobileFaceNet-tiny, PReLU, relu embedding: a sparse run), 10 steps."""
+    out = tmp_path_factory.mktemp("export") / "run"
+    train(load_config("smoke", ["train.steps=10"]), tiny_data, out, verbose=0)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tflite_exports(run_dir: Path, tiny_data: Path) -> tuple[subprocess.CompletedProcess, Path]:
+    """Every TFLite mode, in one export command (one model load, one trace)."""
+    proc = run_module("sparse_embed.export", f"--model_dir={run_dir}", f"--data_dir={tiny_data}",
+                      "--format=tflite", f"--quantize={','.join(MODES)}",
+                      f"--representative_count={REPRESENTATIVE}", f"--held_out={HELD_OUT}",
+                      f"--max_accuracy_drop={TINY_ACCURACY_DROP}")
+    return proc, run_dir / "export"
+
+
+@pytest.fixture(scope="module")
+def held_out(run_dir: Path, tiny_data: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(the held-out images the export did not calibrate on, their Keras embeddings)."""
+    from sparse_embed.compression.tflite import load_images
+    from sparse_embed.inference import load_backbone
+
+    backbone, config = load_backbone(run_dir)
+    images = load_images(str(tiny_data / config.data.train_files), HELD_OUT, config.model.input_shape,
+                         start=REPRESENTATIVE)
+    return images, backbone(images, training=False).numpy()
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+def _interpreter(path: Path, delegates: bool = True):  # noqa: ANN202 (the runtime's own type)
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    resolver = OpResolverType.AUTO if delegates else OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+    interpreter = Interpreter(model_path=str(path), experimental_op_resolver_type=resolver)
+    interpreter.allocate_tensors()
+    return interpreter
+
+
+def _run_tflite(path: Path, images: np.ndarray) -> np.ndarray:
+    """Runs a .tflite file image by image (batch 1, as on the device), quantizing int8 I/O by hand."""
+    interpreter = _interpreter(path)
+    inp, out = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
+    rows = []
+    for image in images:
+        x = image[None]
+        if inp["dtype"] == np.int8:
+            scale, zero_point = inp["quantization"]
+            x = np.clip(np.round(x / scale + zero_point), -128, 127).astype(np.int8)
+        interpreter.set_tensor(inp["index"], x)
+        interpreter.invoke()
+        y = interpreter.get_tensor(out["index"])[0]
+        if out["dtype"] == np.int8:
+            scale, zero_point = out["quantization"]
+            y = (y.astype(np.float32) - zero_point) * scale
+        rows.append(y)
+    return np.stack(rows)
+
+
+@pytest.mark.slow
+def test_every_tflite_mode_runs_and_matches_keras(tflite_exports: tuple, held_out: tuple) -> None:
+    proc, export_dir = tflite_exports
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    images, keras_embeddings = held_out
+    sizes = {}
+    for mode in MODES:
+        record = json.loads((export_dir / f"tflite_{mode}" / "export.json").read_text())
+        assert record["passed"] and record["file"] == "model.tflite", record["reason"]
+        exported = _run_tflite(export_dir / f"tflite_{mode}" / "model.tflite", images)
+        cosine = _cosine(exported, keras_embeddings)
+        assert cosine.mean() >= record["min_cosine"], (mode, cosine.mean())
+        assert record["min_cosine"] == (0.999 if mode in ("fp32", "fp16") else 0.98)
+        parity = record["parity"]
+        assert parity["images"] > HELD_OUT and parity["mean_cosine"] >= record["min_cosine"]
+        # The smoke run is sparse (relu embedding): nnz and FLOPs of both sides are reported.
+        for side in ("keras", "exported"):
+            assert 0 < parity[side]["mean_nnz"] <= 64 and 0 <= parity[side]["accuracy"] <= 1
+        sizes[mode] = record["size_bytes"]
+        assert sizes[mode] == (export_dir / f"tflite_{mode}" / "model.tflite").stat().st_size
+        assert record["input"]["shape"] == [-1, 32, 32, 3] and record["output"]["shape"] == [-1, 64]
+    # Weights take 4, 2 and 1 bytes; the graph itself is the same in every mode.
+    assert sizes["fp16"] < 0.75 * sizes["fp32"] and sizes["int8"] < 0.6 * sizes["fp32"]
+    assert "tflite      int8_full" in proc.stdout and proc.stdout.count("PASS") == len(MODES)
+
+
+@pytest.mark.slow
+def test_int8_full_is_integer_only(tflite_exports: tuple) -> None:
+    _, export_dir = tflite_exports
+    record = json.loads((export_dir / "tflite_int8_full" / "export.json").read_text())
+    assert record["float_ops"] == []
+    interpreter = _interpreter(export_dir / "tflite_int8_full" / "model.tflite", delegates=False)
+    dtypes = {np.dtype(d["dtype"]).name for d in interpreter.get_tensor_details()}
+    assert dtypes <= {"int8", "int32"}, dtypes
+    inp = interpreter.get_input_details()[0]
+    # Inputs span [-1, 1]: 256 int8 steps of 2/255, the zero point at (or one step off) the middle.
+    scale, zero_point = inp["quantization"]
+    assert record["input"]["quantization"] == {"scale": pytest.approx(scale), "zero_point": zero_point}
+    assert scale == pytest.approx(2 / 255, rel=0.01) and abs(zero_point) <= 1
+    # int8 keeps float only at its two ends: the input, the output and their (de)quantize ops.
+    interpreter = _interpreter(export_dir / "tflite_int8" / "model.tflite", delegates=False)
+    ends = {d["index"] for d in (*interpreter.get_input_details(), *interpreter.get_output_details())}
+    floats = {d["index"] for d in interpreter.get_tensor_details() if np.dtype(d["dtype"]).kind == "f"}
+    assert floats == ends
+
+
+@pytest.mark.slow
+def test_failing_gate_keeps_the_onnx_model_as_failed(run_dir: Path, tiny_data: Path,
+                                                     held_out: tuple, tmp_path: Path) -> None:
+    import onnxruntime
+
+    proc = run_module("sparse_embed.export", f"--model_dir={run_dir}", f"--data_dir={tiny_data}",
+                      "--format=onnx", f"--held_out={HELD_OUT}", "--min_cosine=1.01",
+                      f"--output={tmp_path}")
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "parity gate failed" in lines[0] and "--min_cosine=1.01" in lines[0]
+    folder = tmp_path / "onnx_fp32"
+    assert sorted(p.name for p in folder.iterdir()) == ["export.json", "model.failed.onnx"]
+    record = json.loads((folder / "export.json").read_text())
+    assert not record["passed"] and "mean cosine" in record["reason"]
+    assert record["parity"]["mean_cosine"] > 0.99999 and record["input"]["name"] == "images"
+    assert "FAIL" in proc.stdout
+    images, keras_embeddings = held_out
+    session = onnxruntime.InferenceSession(str(folder / "model.failed.onnx"),
+                                           providers=["CPUExecutionProvider"])
+    exported = session.run(None, {"images": images})[0]
+    np.testing.assert_allclose(exported, keras_embeddings, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_saved_model_with_flip_concat(run_dir: Path, held_out: tuple, tmp_path: Path) -> None:
+    from sparse_embed.compression.tflite import ParityData, export
+    from sparse_embed.inference import load_backbone
+    from sparse_embed.keras import tf
+
+    backbone, config = load_backbone(run_dir)
+    images, keras_embeddings = held_out
+    (result,) = export(backbone, config, "saved_model", ["fp32"], tmp_path, ParityData(images),
+                       flip_concat=True)
+    assert result.passed and result.folder == tmp_path / "saved_model_fp32_flip"
+    assert result.record["output"]["shape"] == [-1, 128] and result.record["flip_concat"]
+    serve = tf.saved_model.load(str(result.model_path)).signatures["serving_default"]
+    out = serve(images=tf.constant(images))["embedding"].numpy()
+    # concat(e(x), e(flip(x))): the second half is the embedding of the mirror images.
+    mirrored = backbone(images[:, :, ::-1], training=False).numpy()
+    np.testing.assert_allclose(out, np.concatenate([keras_embeddings, mirrored], 1), rtol=1e-4,
+                               atol=1e-4)
+
+
+@pytest.mark.slow
+def test_unquantizable_op_is_named_and_leaves_no_file(held_out: tuple, tmp_path: Path) -> None:
+    from sparse_embed.compression.tflite import ParityData, export
+    from sparse_embed.errors import ConfigError
+    from sparse_embed.models import build_model
+
+    # Soft thresholding is relu(x - t) - relu(-x - t): TFLite has no int8 NEG kernel.
+    config = load_config("smoke", ["model.final_activation=soft_threshold"])
+    images, _ = held_out
+    with pytest.raises(ConfigError, match=r"int8_full: .*first: NEG \(") as error:
+        export(build_model(config.model), config, "tflite", ["int8_full"], tmp_path,
+               ParityData(images), representative=images)
+    assert "\n" not in str(error.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_gate_failure_closed_forms() -> None:
+    from sparse_embed.compression.tflite import gate_failure
+
+    def figures(cosine: float, keras_acc: float | None, exported_acc: float | None) -> dict:
+        return {"mean_cosine": cosine, "keras": {"accuracy": keras_acc},
+                "exported": {"accuracy": exported_acc}}
+
+    assert gate_failure(figures(0.999, 0.99, 0.986), 0.999, 0.5) == ""
+    assert "mean cosine" in gate_failure(figures(0.9989, 0.99, 0.99), 0.999, 0.5)
+    # 0.99 -> 0.984 is 0.6 points.
+    assert "drops 0.60 points" in gate_failure(figures(1.0, 0.99, 0.984), 0.999, 0.5)
+    assert gate_failure(figures(1.0, 0.99, 0.999), 0.999, 0.5) == ""
+    assert gate_failure(figures(1.0, None, None), 0.999, 0.5) == ""
+
+
+def test_not_a_tflite_file(tmp_path: Path) -> None:
+    from sparse_embed.compression.tflite import TFLiteModel
+    from sparse_embed.errors import DataError
+
+    fake = tmp_path / "model.tflite"
+    fake.write_bytes(b"\x00" * 64)
+    with pytest.raises(DataError, match="is not a TFLite model"):
+        TFLiteModel.from_path(fake)
+    # The right identifier on a truncated file: the interpreter refuses it.
+    fake.write_bytes(b"\x1c\x00\x00\x00TFL3" + b"\x00" * 8)
+    with pytest.raises(DataError, match="does not load as a TFLite model"):
+        TFLiteModel.from_path(fake)
+    with pytest.raises(DataError, match="not found"):
+        TFLiteModel.from_path(tmp_path / "missing.tflite")
+
+
+def test_format_takes_only_its_modes() -> None:
+    from sparse_embed.compression.tflite import check_format
+    from sparse_embed.errors import ConfigError
+
+    assert check_format("tflite", "int8_full").filename == "model.tflite"
+    with pytest.raises(ConfigError, match="--format=onnx takes --quantize=fp32, got int8"):
+        check_format("onnx", "int8")
+    with pytest.raises(ConfigError, match="unknown quantization"):
+        check_format("tflite", "int4")
+
+
+def test_model_dir_without_a_trained_model(tiny_data: Path, tmp_path: Path) -> None:
+    proc = run_module("sparse_embed.export", f"--model_dir={tmp_path}", f"--data_dir={tiny_data}")
+    assert_user_error(proc, "config.yaml not found")
+    untrained = tmp_path / "untrained"
+    untrained.mkdir()
+    save_config(load_config("smoke"), untrained / "config.yaml")
+    proc = run_module("sparse_embed.export", f"--model_dir={untrained}", f"--data_dir={tiny_data}",
+                      "--quantize=int8")
+    assert_user_error(proc, "no checkpoint", "train first")
+    assert sorted(p.name for p in untrained.iterdir()) == ["config.yaml"]
+
+
+def test_representative_set_of_the_wrong_size(run_dir: Path, tiny_data: Path, tmp_path: Path) -> None:
+    array = tmp_path / "calibration.npy"
+    np.save(array, np.zeros((4, 28, 28, 3), np.float32))
+    proc = run_module("sparse_embed.export", f"--model_dir={run_dir}", f"--data_dir={tiny_data}",
+                      "--quantize=int8", f"--representative={array}", f"--output={tmp_path / 'out'}")
+    assert_user_error(proc, "calibration.npy", "(4, 28, 28, 3)", "[N, 32, 32, 3]")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_latency_benchmark_runs_tiny(tmp_path: Path) -> None:
+    out = tmp_path / "latency.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "tflite_latency.py"), "--tiny",
+                           "--models=sphereface20", "--modes=fp32", "--repeats=2",
+                           f"--json={out}"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["model"], r["input"], r["mode"]) for r in rows] == [("sphereface20_tiny", "28x24", "fp32")]
+    row = rows[0]
+    assert row["ms_1_thread"] > 0 and row["ms_all_threads"] > 0 and row["ratio_vs_fp32"] == 1.0
+    assert row["size_mib"] == pytest.approx(json.loads(out.read_text())["rows"][0]["size_mib"])
+    # 2400 inferences (600 pairs x 4) at the measured all-thread time.
+    assert json.loads(out.read_text())["mlperf_fp32_s"] == pytest.approx(2.4 * row["ms_all_threads"])
+    assert "MLPerf 600-pair protocol" in proc.stdout and "vs fp32" in proc.stdout
