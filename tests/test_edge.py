@@ -67,9 +67,13 @@ sys.meta_path.insert(0, _Blocker())
 
 
 def _identity_image(rng: np.random.Generator, base: np.ndarray) -> np.ndarray:
-    """A noisy, slightly shifted copy of an identity's base pattern, uint8 RGB."""
+    """A noisy, slightly shifted copy of an identity's base pattern, uint8 RGB in [128, 255].
+
+    Bright images only: the int8 model's input range is then [0, 1], whose zero
+    point (-128) is far from 0, so a quantization that ignored it would show.
+    """
     shifted = np.roll(base, rng.integers(-2, 3, size=2), axis=(0, 1))
-    return np.clip(shifted + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
+    return np.clip(shifted + rng.normal(0, 12, base.shape), 128, 255).astype(np.uint8)
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +83,7 @@ def edge(tmp_path_factory: pytest.TempPathFactory) -> dict:
     rng = np.random.default_rng(0)
     images: dict[str, np.ndarray] = {}
     for identity in range(IDENTITIES):
-        base = cv2.resize(rng.uniform(0, 255, (4, 4, 3)), (SIZE, SIZE), interpolation=cv2.INTER_CUBIC)
+        base = cv2.resize(rng.uniform(140, 240, (4, 4, 3)), (SIZE, SIZE), interpolation=cv2.INTER_CUBIC)
         folder = root / "images" / f"id{identity}"
         folder.mkdir(parents=True)
         for k in range(1, IMAGES_PER_IDENTITY + 1):
@@ -164,7 +168,7 @@ def test_float_model_matches_keras_without_tensorflow(edge: dict, tmp_path: Path
     assert proc.returncode == 0, proc.stderr[-3000:]
     for phase in ("pre-process", "inference", "post-process", "ms per inference"):
         assert any(line.startswith(phase) for line in proc.stdout.splitlines()), proc.stdout
-    assert "11 evaluated, 1 skipped: 1 images could not be decoded" in proc.stdout
+    assert "11 evaluated, 1 skipped: 1 image could not be decoded" in proc.stdout
     result = json.loads(output.read_text())
     assert result["undecodable"] == [str(edge["root"] / "images" / "bad" / "1.jpg")]
     assert result["pair_index"] == [i for i in range(12) if i != SKIPPED]
@@ -195,6 +199,34 @@ def test_integer_only_model_quantizes_its_input_and_dequantizes_its_output(edge:
     scores = np.array(result["scores"])
     assert result["accuracy"] == pytest.approx(np.mean((scores > 0.5) == issame[:6]))
     assert result["accuracy_protocol"] == "given threshold (--threshold)"
+
+
+def test_integer_io_uses_the_zero_points_of_input_and_output(edge: dict, tmp_path: Path) -> None:
+    """A model whose input ([0, 1]) and output ([2, 4]) ranges put both zero points near -128."""
+    from sparse_embed.edge.model import EmbeddingModel
+
+    keras = tf.keras
+    inputs = keras.Input((SIZE, SIZE, 3))
+    pooled = keras.layers.GlobalAveragePooling2D()(inputs)
+    dense = keras.layers.Dense(EMBEDDING, kernel_initializer="zeros",
+                               bias_initializer=keras.initializers.Constant(3.0))
+    model = keras.Model(inputs, dense(pooled))
+    dense.kernel.assign(np.random.default_rng(1).uniform(-1, 1, (3, EMBEDDING)))
+    images = list(edge["images"].values())
+    x = np.stack(images).astype(np.float32) / 127.5 - 1
+    converter = tf.lite.TFLiteConverter.from_keras_model(model)
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.representative_dataset = lambda: ([v[None]] for v in x)
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    converter.inference_input_type = converter.inference_output_type = tf.int8
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Statistics for quantized inputs", UserWarning)
+        (tmp_path / "dense.tflite").write_bytes(converter.convert())
+
+    edge_model = EmbeddingModel(tmp_path / "dense.tflite", num_threads=1)
+    assert edge_model.integer_io
+    out = np.stack([edge_model.run(edge_model.prepare(image)) for image in images])
+    np.testing.assert_allclose(out, model(x).numpy(), rtol=0.02)
 
 
 def test_no_decodable_pair_is_one_line(edge: dict, tmp_path: Path) -> None:
@@ -269,7 +301,7 @@ def test_align_detects_skips_faceless_images_and_matches_the_library(edge: dict,
                      f"--images={tmp_path / 'images'}", f"--align={mtcnn_dir}", "--threshold=0.5",
                      f"--output={output}")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "1 images have no face MTCNN finds" in proc.stdout
+    assert "1 image without a face MTCNN finds" in proc.stdout
     result = json.loads(output.read_text())
     assert result["no_face"] == [str(tmp_path / "images" / "cup" / "1.png")]
     assert result["pair_index"] == [0]

@@ -113,12 +113,13 @@ class _Progress:
 
     def __init__(self, label: str, total: int) -> None:
         self.label, self.total = label, total
-        self._next = 0
+        self._step = max(1, math.ceil(total / PROGRESS_STEPS))
+        self._next = self._step
 
     def update(self, done: int) -> None:
         if self.total and (done >= self._next or done == self.total):
             print(f"{self.label}: {done}/{self.total}", flush=True)
-            self._next = done + max(1, math.ceil(self.total / PROGRESS_STEPS))
+            self._next = done + self._step
 
 
 @dataclass(frozen=True)
@@ -248,6 +249,10 @@ def _select(pairs: Pairs, first: int | None) -> Pairs:
     return Pairs(pairs.left[:n], pairs.right[:n], pairs.issame[:n], pairs.fold[:n])
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
 def _examples(paths: Sequence[str]) -> str:
     shown = ", ".join(paths[:SHOWN_EXAMPLES])
     return shown + (f", ... ({len(paths) - SHOWN_EXAMPLES} more)" if len(paths) > SHOWN_EXAMPLES else "")
@@ -279,10 +284,10 @@ def evaluate(model: EmbeddingModel, pairs: Pairs, detector: TFLiteMTCNN | None =
                      for a, b in zip(pairs.left, pairs.right, strict=True)], dtype=bool)
     problems = []
     if prepared.undecodable:
-        problems.append(f"{len(prepared.undecodable)} images could not be decoded "
+        problems.append(f"{_count(len(prepared.undecodable), 'image')} could not be decoded "
                         f"({_examples(prepared.undecodable)})")
     if prepared.no_face:
-        problems.append(f"{len(prepared.no_face)} images have no face MTCNN finds "
+        problems.append(f"{_count(len(prepared.no_face), 'image')} without a face MTCNN finds "
                         f"({_examples(prepared.no_face)})")
     if not kept.any():
         raise DataError(f"no pair left to evaluate: all {len(pairs)} pairs skipped, "
@@ -345,7 +350,7 @@ def format_report(result: dict, threads: int) -> str:
         ("phase", "seconds"),
         ("pre-process", f"{result['preprocess_s']:.2f} ({preprocess} {result['images']} images)"),
         ("inference", f"{result['inference_s']:.2f} ({result['inferences']} inferences, "
-                      f"{INFERENCES_PER_PAIR} per pair, {threads} threads)"),
+                      f"{INFERENCES_PER_PAIR} per pair, {_count(threads, 'thread')})"),
         ("post-process", f"{result['postprocess_s']:.2f} (concatenate, cosine, accuracy)"),
         ("ms per inference", f"{result['ms_per_inference']:.2f}"),
     ]
