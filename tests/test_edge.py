@@ -168,7 +168,7 @@ def test_float_model_matches_keras_without_tensorflow(edge: dict, tmp_path: Path
     assert proc.returncode == 0, proc.stderr[-3000:]
     for phase in ("pre-process", "inference", "post-process", "ms per inference"):
         assert any(line.startswith(phase) for line in proc.stdout.splitlines()), proc.stdout
-    assert "11 evaluated, 1 skipped: 1 image could not be decoded" in proc.stdout
+    assert "11 of 12 evaluated, 1 skipped: 1 image could not be decoded" in proc.stdout
     result = json.loads(output.read_text())
     assert result["undecodable"] == [str(edge["root"] / "images" / "bad" / "1.jpg")]
     assert result["pair_index"] == [i for i in range(12) if i != SKIPPED]
@@ -324,4 +324,4 @@ def test_run_script_runs_the_protocol(edge: dict) -> None:
                           capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "LFW verification (MLPerf edge protocol): model.tflite" in proc.stdout
-    assert "11 evaluated, 1 skipped" in proc.stdout
+    assert "11 of 12 evaluated, 1 skipped" in proc.stdout
