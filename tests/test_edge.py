@@ -250,6 +250,34 @@ def test_bad_model_and_flags_are_one_line(edge: dict) -> None:
     assert_user_error(_edge_run(edge, *_dataset(edge)), "one of the arguments --align --aligned is required")
 
 
+@pytest.mark.parametrize("width, height", [(112, 112), (96, 112), (SIZE, SIZE)])
+def test_alignment_puts_the_landmarks_on_the_template_of_the_input_size(width: int, height: int) -> None:
+    from sparse_embed.edge.preprocess import align_face, crop_points
+    from sparse_embed.faces.align import TEMPLATES
+
+    template = crop_points(width, height)
+    name = f"{width}x{height}"
+    expected = (TEMPLATES.get(name).array() if name in TEMPLATES.names()
+                else TEMPLATES.get("112x112").array() * [width / 112, height / 112])
+    np.testing.assert_allclose(template, expected)
+    # Five dots where a face 2.5x the crop, turned 20 degrees, has its landmarks.
+    angle, scale, shift = np.deg2rad(20), 2.5 * 112 / width, np.array([60.0, 40.0])
+    rotation = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+    landmarks = template @ (scale * rotation).T + shift
+    image = np.zeros((400, 400, 3), np.uint8)
+    for x, y in landmarks:
+        cv2.circle(image, (round(x), round(y)), 6, (255, 255, 255), -1)
+    crop = align_face(image, landmarks, width, height)
+    assert crop.shape == (height, width, 3)
+    for x, y in template:
+        # Each dot's brightness-weighted centre in a window around its template point.
+        x0, y0 = int(x) - 4, int(y) - 4
+        window = crop[max(y0, 0):y0 + 9, max(x0, 0):x0 + 9, 0].astype(float)
+        ys, xs = np.mgrid[max(y0, 0):y0 + 9, max(x0, 0):x0 + 9]
+        centre = np.array([np.sum(xs * window), np.sum(ys * window)]) / window.sum()
+        np.testing.assert_allclose(centre, (x, y), atol=1.0)
+
+
 @pytest.fixture(scope="module")
 def mtcnn_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """P-, R- and O-Net exported to TFLite by the export command's library function."""
