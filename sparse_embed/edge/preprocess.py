@@ -2,43 +2,22 @@
 
 The five-point alignment is the project's (`sparse_embed.faces.align`: the
 ArcFace 112x112 and SphereFace 96x112 templates, Umeyama's similarity
-transform). That module needs only NumPy and OpenCV, but importing it as
-`sparse_embed.faces.align` runs `sparse_embed.faces`' package init, which
-also imports the tree aligner and its progress bar; it is therefore loaded
-here from its file, under a private name, so the device needs nothing more.
+transform); `sparse_embed.faces` needs only NumPy and OpenCV until a detector
+or a whole tree is aligned, so it runs on the device as it is.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import sys
-from pathlib import Path
-from types import ModuleType
 
 import cv2
 import numpy as np
 
 from sparse_embed.edge.mtcnn import Detection, TFLiteMTCNN
+from sparse_embed.faces.align import TEMPLATES, umeyama
 
 # The template other crop sizes are scaled from (insightface does the same for its 128x128 crops).
 REFERENCE_CROP = "112x112"
-
-
-def _load_align() -> ModuleType:
-    """`sparse_embed/faces/align.py`, without running `sparse_embed/faces/__init__.py` (module docstring)."""
-    name = "sparse_embed.edge._faces_align"
-    if name not in sys.modules:
-        path = Path(__file__).resolve().parent.parent / "faces" / "align.py"
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        # Registered before it runs: its dataclasses look their module up by name.
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-_align = _load_align()
 
 
 def decode(path: str | os.PathLike) -> np.ndarray | None:
@@ -72,9 +51,9 @@ def crop_points(width: int, height: int) -> np.ndarray:
         ("112x112", "96x112"), otherwise the 112x112 one scaled to the size.
     """
     name = f"{width}x{height}"
-    if name in _align.TEMPLATES.names():
-        return _align.TEMPLATES.get(name).array()
-    reference = _align.TEMPLATES.get(REFERENCE_CROP)
+    if name in TEMPLATES.names():
+        return TEMPLATES.get(name).array()
+    reference = TEMPLATES.get(REFERENCE_CROP)
     return reference.array() * np.array([width / reference.width, height / reference.height])
 
 
@@ -90,7 +69,7 @@ def align_face(image: np.ndarray, landmarks: np.ndarray, width: int, height: int
     Returns:
         [height, width, 3] uint8 crop; pixels from outside the image are black.
     """
-    matrix = _align.umeyama(landmarks, crop_points(width, height))
+    matrix = umeyama(landmarks, crop_points(width, height))
     return cv2.warpAffine(image, matrix, (width, height), flags=cv2.INTER_LINEAR,
                           borderMode=cv2.BORDER_CONSTANT, borderValue=0)
 

@@ -28,7 +28,6 @@ from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
-from tqdm import tqdm
 
 from sparse_embed.errors import ConfigError, DataError
 from sparse_embed.faces.align import align, template
@@ -439,6 +438,10 @@ def align_tree(input_dir: str | os.PathLike, output_dir: str | os.PathLike, crop
         pool = multiprocessing.get_context("spawn").Pool(
             min(workers, len(chunks)), initializer=_init_worker, initargs=(job,))
         results = pool.imap_unordered(_align_chunk, chunks)
+    # Imported here: the package's alignment (align.py, this module) also runs
+    # on edge devices, which have NumPy and OpenCV but no progress-bar library.
+    from tqdm import tqdm
+
     try:
         with tqdm(total=len(items), unit="img", desc="faces", disable=None) as bar:
             for chunk in results:
