@@ -264,9 +264,10 @@ def test_bad_compression_input(tiny_data: Path, runs: dict[str, Path], tmp_path:
     with pytest.raises(ConfigError, match=r"model.embedding_size=32 \(init run: 64\)"):
         train(load_config("smoke", SMOKE + ["model.embedding_size=32", f"train.init_from={runs['dense']}"]),
               tiny_data, tmp_path / "c", verbose=0)
-    with pytest.raises(ConfigError, match="mixed_precision"):
-        train(load_config("smoke", SMOKE + ["compression.type=qat", "train.mixed_precision=true"]),
-              tiny_data, tmp_path / "d", verbose=0)
+    for kind in ("qat", "prune"):
+        with pytest.raises(ConfigError, match=f"compression.type={kind} cannot run with train.mixed"):
+            train(load_config("smoke", SMOKE + [f"compression.type={kind}", "train.mixed_precision=true"]),
+                  tiny_data, tmp_path / "d", verbose=0)
     with pytest.raises(ConfigError, match="needs a pruned run"):
         train(load_config("smoke", SMOKE + ["compression.type=prune_qat",
                                             f"train.init_from={runs['dense']}"]),

@@ -36,9 +36,6 @@ from sparse_embed.registry import Registry
 COMPRESSIONS: Registry[Callable[[keras.Model, CompressionConfig, int], keras.Model]] = Registry(
     "compression.type")
 
-# Types whose models carry fake-quant: TF-MOT's quantizers are float32 only.
-QUANTIZED_TYPES = ("qat", "prune_qat")
-
 
 @COMPRESSIONS.register("none")
 def _none(backbone: keras.Model, config: CompressionConfig, total_steps: int) -> keras.Model:
@@ -182,7 +179,6 @@ def metrics(model: keras.Model) -> Callable[[], dict[str, tf.Tensor]]:
 
 __all__ = [
     "COMPRESSIONS",
-    "QUANTIZED_TYPES",
     "after_restore",
     "callbacks",
     "compress",

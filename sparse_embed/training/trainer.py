@@ -499,14 +499,16 @@ def check_compression(config: Config) -> None:
         config: The run config.
 
     Raises:
-        ConfigError: If QAT is asked for under mixed precision (TF-MOT's
-            fake-quant ops are float32 only), or `prune_qat` has no pruned run to start from.
+        ConfigError: If compression is asked for under mixed precision, or
+            `prune_qat` has no pruned run to start from.
     """
     kind = config.compression.type
-    if kind in compression.QUANTIZED_TYPES and config.train.mixed_precision:
+    if kind != "none" and config.train.mixed_precision:
+        # TF-MOT's fake-quant ops are float32 only, and its pruning wrapper
+        # calls the wrapped layer without Keras' float16 autocast of the kernel.
         raise ConfigError(
-            f"compression.type={kind} cannot run with train.mixed_precision=true (TF-MOT's "
-            f"fake-quant is float32 only); set train.mixed_precision=false"
+            f"compression.type={kind} cannot run with train.mixed_precision=true (TF-MOT "
+            f"quantizes and prunes float32 layers only); set train.mixed_precision=false"
         )
     if kind == "prune_qat" and not config.train.init_from:
         raise ConfigError(
