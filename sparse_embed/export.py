@@ -40,9 +40,6 @@ from absl import app, flags
 from sparse_embed.cli import user_errors_exit
 from sparse_embed.errors import ConfigError
 
-# compression.type values whose backbone carries fake-quant ranges.
-QUANTIZATION_AWARE = ("qat", "prune_qat")
-
 _MODEL_DIR = flags.DEFINE_string("model_dir", None, "Directory written by sparse_embed.train.")
 _FORMAT = flags.DEFINE_string("format", "tflite", "saved_model | tflite | onnx.")
 _QUANTIZE = flags.DEFINE_list("quantize", ["fp32"],
@@ -108,8 +105,9 @@ def main(argv: list[str]) -> None:
     representative = None
     source = _REPRESENTATIVE.value or records
     needs = any(tflite.QUANTIZATIONS.get(q).representative for q in _QUANTIZE.value)
-    # A quantization-aware run calibrated itself in training: its fake-quant ranges are the scales.
-    if needs and source and config.compression.type not in QUANTIZATION_AWARE:
+    # A quantization-aware run needs none (its fake-quant ranges are the scales) but
+    # still gets one where there is data: it calibrates any tensor without a range.
+    if needs and source:
         print(f"representative set: {_REPRESENTATIVE_COUNT.value} images of {source}", flush=True)
         representative = tflite.load_images(source, _REPRESENTATIVE_COUNT.value,
                                             config.model.input_shape)

@@ -31,7 +31,7 @@ HELD_OUT = 16
 def run_dir(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The smoke model (MobileFaceNet-tiny, PReLU, relu embedding: a sparse run), 10 steps."""
     out = tmp_path_factory.mktemp("export") / "run"
-    train(load_config("smoke", ["train.steps=10"]), tiny_data, out, verbose=0)
+    train(load_config("smoke", ["train.steps=6"]), tiny_data, out, verbose=0)
     return out
 
 
@@ -181,20 +181,45 @@ def test_saved_model_with_flip_concat(run_dir: Path, held_out: tuple, tmp_path: 
                                atol=1e-4)
 
 
-@pytest.mark.slow
 def test_unquantizable_op_is_named_and_leaves_no_file(held_out: tuple, tmp_path: Path) -> None:
     from sparse_embed.compression.tflite import ParityData, export
     from sparse_embed.errors import ConfigError
-    from sparse_embed.models import build_model
+    from sparse_embed.keras import keras
+    from sparse_embed.models.embedding import SoftThreshold
 
-    # Soft thresholding is relu(x - t) - relu(-x - t): TFLite has no int8 NEG kernel.
+    # Soft thresholding is relu(x - t) - relu(-x - t), and TFLite has no int8 NEG kernel.
+    # The embedding layer alone, on a small Dense: the conversion of a backbone takes longer.
+    inputs = keras.Input((32, 32, 3))
+    outputs = SoftThreshold(name="embedding")(keras.layers.Dense(8)(keras.layers.Flatten()(inputs)))
     config = load_config("smoke", ["model.final_activation=soft_threshold"])
     images, _ = held_out
-    with pytest.raises(ConfigError, match=r"int8_full: .*first: NEG \(") as error:
-        export(build_model(config.model), config, "tflite", ["int8_full"], tmp_path,
+    with pytest.raises(ConfigError, match=r"int8_full: .*first: NEG \(.*embedding") as error:
+        export(keras.Model(inputs, outputs), config, "tflite", ["int8_full"], tmp_path,
                ParityData(images), representative=images)
     assert "\n" not in str(error.value)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_quantization_aware_run_exports_integer_only(run_dir: Path, tiny_data: Path, held_out: tuple,
+                                                     tmp_path: Path) -> None:
+    from sparse_embed.compression.tflite import ParityData, export
+    from sparse_embed.inference import load_backbone
+
+    qat_dir = tmp_path / "qat"
+    train(load_config("smoke", ["compression.type=qat", "train.steps=1", f"train.init_from={run_dir}"]),
+          tiny_data, qat_dir, verbose=0)
+    backbone, config = load_backbone(qat_dir)
+    images, _ = held_out
+    # No representative set: the fake-quant ranges learned in training are the int8 scales.
+    (result,) = export(backbone, config, "tflite", ["int8_full"], tmp_path / "export", ParityData(images))
+    assert result.passed and result.record["quantization_aware"], result.record["reason"]
+    assert result.record["float_ops"] == [] and result.record["representative_count"] == 0
+    interpreter = _interpreter(result.model_path, delegates=False)
+    assert {np.dtype(d["dtype"]).name for d in interpreter.get_tensor_details()} <= {"int8", "int32"}
+    # The int8 file reproduces the fake-quantized Keras model it was converted from.
+    cosine = _cosine(_run_tflite(result.model_path, images), backbone(images, training=False).numpy())
+    assert cosine.mean() > 0.99, cosine.mean()
 
 
 def test_gate_failure_closed_forms() -> None:
