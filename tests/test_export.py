@@ -237,7 +237,7 @@ def test_gate_failure_closed_forms() -> None:
     assert gate_failure(figures(1.0, None, None), 0.999, 0.5) == ""
 
 
-def test_not_a_tflite_file(tmp_path: Path) -> None:
+def test_not_a_model_file(tmp_path: Path) -> None:
     from sparse_embed.compression.tflite import TFLiteModel
     from sparse_embed.errors import DataError
 
@@ -251,6 +251,11 @@ def test_not_a_tflite_file(tmp_path: Path) -> None:
         TFLiteModel.from_path(fake)
     with pytest.raises(DataError, match="not found"):
         TFLiteModel.from_path(tmp_path / "missing.tflite")
+    from sparse_embed.compression.onnx import ONNXModel
+
+    fake.rename(tmp_path / "model.onnx")
+    with pytest.raises(DataError, match="is not an ONNX model"):
+        ONNXModel(tmp_path / "model.onnx")
 
 
 def test_format_takes_only_its_modes() -> None:
