@@ -7,7 +7,7 @@ PYTEST_ARGS ?=
 MEGAFACE_BIN ?= data/megaface/megaface_distractors.bin
 FACESCRUB_BIN ?= data/megaface/facescrub.bin
 
-.PHONY: install horovod test test-fast demo bench bench-train bench-pipeline lint runmegaface runfacescrub clean
+.PHONY: install horovod test test-fast demo bench bench-train bench-pipeline bench-tflite bench-compression lint runmegaface runfacescrub clean
 
 install: $(VENV)/.installed
 
@@ -45,6 +45,13 @@ bench-train: install horovod
 
 bench-pipeline: install
 	$(PY) benchmarks/pipeline_bench.py
+
+bench-tflite: install
+	$(PY) benchmarks/tflite_latency.py
+
+# Fine-tunes the demo's two models with each compression recipe (make demo first).
+bench-compression: install
+	$(PY) benchmarks/compression_table.py --demo_dir=runs/demo
 
 lint: install
 	$(PY) -m ruff check sparse_embed tests benchmarks preprocessing
