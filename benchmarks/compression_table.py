@@ -15,6 +15,8 @@ gate of `sparse_embed.export`, and times the file in the LiteRT interpreter
     prune_52     magnitude pruning to 52% zeros, polynomial schedule (OpenVINO's MobileFaceNet), fp32
     prune_2of4   2:4 structured pruning, fp32
     pqat_int8    pruning-preserving QAT of prune_52, int8: both its zeros and 8-bit weights
+    qat_w6       QAT with 6-bit weights (TF-MOT's n-bit scheme, 8-bit activations), int8 file
+    qat_w4       QAT with 4-bit weights, int8 file (TFLite stores them as int8 in [-7, 7])
 
 Accuracy is the 10-fold verification accuracy of the *exported* model on
 the demo's held-out identity pairs (no flip), next to the Keras accuracy of
@@ -74,6 +76,8 @@ RECIPES = (
     Recipe("prune_2of4", "fp32", {"compression.type": "prune", "compression.m_by_n": [2, 4],
                                   "compression.target_sparsity": 0.5}),
     Recipe("pqat_int8", "int8", {"compression.type": "prune_qat"}, init_from="prune_52"),
+    Recipe("qat_w6", "int8", {"compression.type": "qat", "compression.bits": 6}),
+    Recipe("qat_w4", "int8", {"compression.type": "qat", "compression.bits": 4}),
 )
 
 
