@@ -100,6 +100,23 @@ def test_two_ranks_train_identical_models_and_the_loss_falls(tiny_data: Path, tm
     assert np.mean(losses[-10:]) < 0.8 * np.mean(losses[:5]), losses
 
 
+def test_pruning_on_two_ranks_keeps_the_models_identical(tiny_data: Path, tmp_path: Path) -> None:
+    """Every rank computes the pruning masks from the same weights: the models stay bit-identical."""
+    model_dir = tmp_path / "run"
+    proc = horovodrun(2, CHECKS, "train", str(tmp_path), str(tiny_data), str(model_dir),
+                      "train.steps=6", "train.batch_size=16", "train.log_every=1",
+                      "compression.type=prune", "compression.target_sparsity=0.5",
+                      "compression.end_step=4", "compression.frequency=2")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ranks = [np.load(tmp_path / f"rank{r}.npz") for r in range(2)]
+    assert int(ranks[0]["step"]) == 6
+    for key in ranks[0].files:
+        np.testing.assert_array_equal(ranks[0][key], ranks[1][key], err_msg=key)
+    sparsity = _scalars(model_dir, "compress/weight_sparsity")
+    assert len(sparsity) == 6 and sparsity[0] < 0.5
+    assert sparsity[-1] == pytest.approx(0.5, abs=0.01), sparsity
+
+
 def test_pk_sampler_on_two_ranks(tiny_data: Path, tmp_path: Path) -> None:
     """Each rank draws its own P x K batches; the models stay identical."""
     proc = horovodrun(2, CHECKS, "train", str(tmp_path), str(tiny_data), str(tmp_path / "run"),
