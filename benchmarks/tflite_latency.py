@@ -5,7 +5,11 @@
 
 Each model is built untrained with `sparse_embed.models.build_model` at its
 published input size (MobileFaceNet 112x112, SphereFace-20 112x96, IResNet-50
-112x112; latency does not depend on the weights), converted by
+112x112; latency does not depend on the weights, with one exception: the
+int8 modes rewrite each PReLU by its slopes, one LEAKY_RELU when a layer's
+slopes are all equal, as they are at initialisation, and MUL + MAXIMUM when
+they differ per channel, as after training; so the PReLU slopes are drawn per
+channel in [0.05, 0.6] first), converted by
 `sparse_embed.compression.tflite.convert` (int8 calibrated on random images in
 [-1, 1]) and timed in the `ai_edge_litert` interpreter, the runtime of the edge
 devices, with its default XNNPACK delegate on 1 thread and on --threads
@@ -54,6 +58,8 @@ MLPERF_INFERENCES_PER_PAIR = 4
 MLPERF_INFERENCE_S = 271.0
 MOBILEFACENET_GOAL_MS = 10.0
 CALIBRATION_IMAGES = 8
+# Per-channel PReLU slopes of the timed models (initialised at 0.25): see the module docstring.
+PRELU_SLOPES = (0.05, 0.6)
 
 
 def time_invoke(content: bytes, image: np.ndarray, num_threads: int, repeats: int, warmup: int) -> float:
@@ -90,6 +96,10 @@ def measure(name: str, config: ModelConfig, modes: list[str], threads: int, repe
     keras.utils.set_random_seed(0)
     model = build_model(config)
     rng = np.random.default_rng(0)
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.PReLU):
+            shape = layer.get_weights()[0].shape
+            layer.set_weights([rng.uniform(*PRELU_SLOPES, shape).astype(np.float32)])
     shape = (*config.input_shape, 3)
     calibration = rng.uniform(-1, 1, (CALIBRATION_IMAGES, *shape)).astype(np.float32)
     image = rng.uniform(-1, 1, (1, *shape)).astype(np.float32)

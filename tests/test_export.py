@@ -7,6 +7,7 @@ with a NumPy cosine, independently of the figures export.json reports.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -111,7 +112,12 @@ def test_every_tflite_mode_runs_and_matches_keras(tflite_exports: tuple, held_ou
         sizes[mode] = record["size_bytes"]
         assert sizes[mode] == (export_dir / f"tflite_{mode}" / "model.tflite").stat().st_size
         assert record["input"]["shape"] == [-1, 32, 32, 3] and record["output"]["shape"] == [-1, 64]
-    # Weights take 4, 2 and 1 bytes; the graph itself is the same in every mode.
+    # The float graph runs PRELU (XNNPACK takes it in float), the integer ones its rewrite.
+    for mode in MODES:
+        ops = {op["op_name"] for op in _interpreter(export_dir / f"tflite_{mode}" / "model.tflite",
+                                                    delegates=False)._get_ops_details()}
+        assert ("PRELU" in ops) == (mode in ("fp32", "fp16", "dynamic")), (mode, ops)
+    # Weights take 4, 2 and 1 bytes; the graph itself is about the same in every mode.
     assert sizes["fp16"] < 0.75 * sizes["fp32"] and sizes["int8"] < 0.6 * sizes["fp32"]
     assert "tflite      int8_full" in proc.stdout and proc.stdout.count("PASS") == len(MODES)
 
@@ -179,6 +185,56 @@ def test_saved_model_with_flip_concat(run_dir: Path, held_out: tuple, tmp_path: 
     mirrored = backbone(images[:, :, ::-1], training=False).numpy()
     np.testing.assert_allclose(out, np.concatenate([keras_embeddings, mirrored], 1), rtol=1e-4,
                                atol=1e-4)
+
+
+def test_prelu_forms_closed_forms() -> None:
+    from sparse_embed.compression.rewrite import prelu_form
+    from sparse_embed.keras import tf
+
+    assert prelu_form(np.full((1, 1, 4), 0.25, np.float32)).name == "leaky"
+    assert prelu_form(np.array([[[0.0, 0.3, 1.0]]], np.float32)).name == "maximum"
+    assert prelu_form(np.array([[[-0.2, 0.3, 1.5]]], np.float32)).name == "leaky_residual"
+    # Each form against PReLU's definition, on the slopes it is chosen for and on both signs.
+    x = np.array([[[[-2.0, -0.5, 3.0]]], [[[1.0, 4.0, -1.0]]]], np.float32)
+    for alpha in ([0.25, 0.25, 0.25], [0.0, 0.3, 1.0], [-0.2, 0.3, 1.5]):
+        alpha = np.array([[alpha]], np.float32)
+        out = prelu_form(alpha).compute(tf.constant(x), alpha).numpy()
+        np.testing.assert_allclose(out, np.where(x > 0, x, alpha * x), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.slow
+def test_prelu_rewrite_is_exact_and_int8_has_no_prelu(held_out: tuple, run_dir: Path, tiny_data: Path,
+                                                      tmp_path: Path) -> None:
+    from sparse_embed.compression.rewrite import IntegerPReLU, rewrite_prelu
+    from sparse_embed.compression.tflite import convert, load_images
+    from sparse_embed.inference import load_backbone
+    from sparse_embed.keras import keras
+
+    backbone, config = load_backbone(run_dir)
+    # Slopes for each form: equal (as initialised), in [0, 1] (as trained), and outside it.
+    rng = np.random.default_rng(0)
+    prelus = [layer for layer in backbone.layers if isinstance(layer, keras.layers.PReLU)]
+    for i, layer in enumerate(prelus):
+        shape = layer.get_weights()[0].shape
+        low, high = ((0.25, 0.25), (0.05, 0.6), (-0.3, 1.4))[i % 3]
+        layer.set_weights([rng.uniform(low, high, shape).astype(np.float32)])
+    images, _ = held_out
+    keras_embeddings = backbone(images, training=False).numpy()
+    rewritten = rewrite_prelu(backbone)
+    forms = sorted({layer.form.name for layer in rewritten.layers if isinstance(layer, IntegerPReLU)})
+    assert forms == ["leaky", "leaky_residual", "maximum"]
+    assert not any(isinstance(layer, keras.layers.PReLU) for layer in rewritten.layers)
+    np.testing.assert_allclose(rewritten(images, training=False).numpy(), keras_embeddings,
+                               rtol=1e-5, atol=1e-6)
+    representative = load_images(str(tiny_data / config.data.train_files), REPRESENTATIVE,
+                                 config.model.input_shape)
+    content = convert(backbone, "int8", representative)
+    path = tmp_path / "int8.tflite"
+    path.write_bytes(content)
+    ops = {op["op_name"] for op in _interpreter(path, delegates=False)._get_ops_details()}
+    assert "PRELU" not in ops and {"LEAKY_RELU", "MAXIMUM", "SUB"} <= ops, ops
+    cosine = _cosine(_run_tflite(path, images), keras_embeddings)
+    assert cosine.mean() >= 0.98, cosine.mean()
 
 
 def test_unquantizable_op_is_named_and_leaves_no_file(held_out: tuple, tmp_path: Path) -> None:
@@ -291,17 +347,23 @@ def test_representative_set_of_the_wrong_size(run_dir: Path, tiny_data: Path, tm
 
 
 @pytest.mark.slow
-def test_latency_benchmark_runs_tiny(tmp_path: Path) -> None:
+def test_latency_benchmark_runs_tiny(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                     capsys: pytest.CaptureFixture) -> None:
+    # In this process: the script's main() as its command line runs it, without a second TF import.
+    spec = importlib.util.spec_from_file_location("tflite_latency", ROOT / "benchmarks" / "tflite_latency.py")
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
     out = tmp_path / "latency.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "tflite_latency.py"), "--tiny",
-                           "--models=sphereface20", "--modes=fp32", "--repeats=2",
-                           f"--json={out}"], capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = json.loads(out.read_text())["rows"]
-    assert [(r["model"], r["input"], r["mode"]) for r in rows] == [("sphereface20_tiny", "28x24", "fp32")]
-    row = rows[0]
+    monkeypatch.setattr(sys, "argv", ["tflite_latency.py", "--tiny", "--models=sphereface20", "--modes=fp32",
+                                      "--repeats=2", f"--json={out}"])
+    benchmark.main()
+    stdout = capsys.readouterr().out
+    result = json.loads(out.read_text())
+    rows = [(r["model"], r["input"], r["mode"]) for r in result["rows"]]
+    assert rows == [("sphereface20_tiny", "28x24", "fp32")]
+    row = result["rows"][0]
     assert row["ms_1_thread"] > 0 and row["ms_all_threads"] > 0 and row["ratio_vs_fp32"] == 1.0
-    assert row["size_mib"] == pytest.approx(json.loads(out.read_text())["rows"][0]["size_mib"])
+    assert 0 < row["size_mib"] < 1
     # 2400 inferences (600 pairs x 4) at the measured all-thread time.
-    assert json.loads(out.read_text())["mlperf_fp32_s"] == pytest.approx(2.4 * row["ms_all_threads"])
-    assert "MLPerf 600-pair protocol" in proc.stdout and "vs fp32" in proc.stdout
+    assert result["mlperf_fp32_s"] == pytest.approx(2.4 * row["ms_all_threads"])
+    assert "MLPerf 600-pair protocol" in stdout and "vs fp32" in stdout
