@@ -11,6 +11,7 @@ import importlib.util
 import json
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -198,8 +199,11 @@ def test_prelu_forms_closed_forms() -> None:
     x = np.array([[[[-2.0, -0.5, 3.0]]], [[[1.0, 4.0, -1.0]]]], np.float32)
     for alpha in ([0.25, 0.25, 0.25], [0.0, 0.3, 1.0], [-0.2, 0.3, 1.5]):
         alpha = np.array([[alpha]], np.float32)
-        out = prelu_form(alpha).compute(tf.constant(x), alpha).numpy()
+        out = prelu_form(alpha).compute(tf.constant(x), alpha, lambda t: t).numpy()
         np.testing.assert_allclose(out, np.where(x > 0, x, alpha * x), rtol=1e-6, atol=1e-7)
+    # A quantization-aware PReLU: MUL + MAXIMUM whenever the slopes are in [0, 1], else kept.
+    assert prelu_form(np.full((1, 1, 4), 0.25, np.float32), quantized=True).name == "maximum"
+    assert prelu_form(np.array([[[-0.2, 0.3]]], np.float32), quantized=True) is None
 
 
 @pytest.mark.slow
@@ -273,6 +277,20 @@ def test_quantization_aware_run_exports_integer_only(run_dir: Path, tiny_data: P
     assert result.record["float_ops"] == [] and result.record["representative_count"] == 0
     interpreter = _interpreter(result.model_path, delegates=False)
     assert {np.dtype(d["dtype"]).name for d in interpreter.get_tensor_details()} <= {"int8", "int32"}
+    # A PReLU whose slopes are all in [0, 1] runs as MUL + MAXIMUM, its output fake-quant kept;
+    # one with a slope outside (training pushes some below 0) stays PRELU. Either way the
+    # rewritten Keras model is the fake-quantized one exactly.
+    from sparse_embed.compression.rewrite import rewrite_prelu
+    from sparse_embed.keras import keras
+
+    slopes = [layer.layer.get_weights()[0] for layer in backbone.layers
+              if isinstance(getattr(layer, "layer", None), keras.layers.PReLU)]
+    in_unit = sum(bool(np.all((a >= 0) & (a <= 1))) for a in slopes)
+    ops = Counter(op["op_name"] for op in interpreter._get_ops_details())
+    assert in_unit > 0 and ops["MAXIMUM"] == in_unit and ops["PRELU"] == len(slopes) - in_unit, ops
+
+    np.testing.assert_array_equal(rewrite_prelu(backbone)(images, training=False).numpy(),
+                                  backbone(images, training=False).numpy())
     # The int8 file reproduces the fake-quantized Keras model it was converted from.
     cosine = _cosine(_run_tflite(result.model_path, images), backbone(images, training=False).numpy())
     assert cosine.mean() > 0.99, cosine.mean()

@@ -20,10 +20,21 @@ holds for the layer's slopes is used (`PRELU_FORMS`):
   [0.01, 0.99] and `l = leaky_relu(x, b)`, `l + (b - alpha) / (1 - b) * (l - x)`
   (for `x < 0`, `l - x = (b - 1) x`). LEAKY_RELU, SUB, MUL and ADD, all delegated.
 
-The float export keeps PRELU, which XNNPACK runs in float. A
-quantization-aware model is not rewritten (`rewrite_prelu` returns it as
-is): its PReLU carries one output fake-quant and the new intermediate tensor
-(`alpha * x`) would have no trained range.
+The float export keeps PRELU, which XNNPACK runs in float.
+
+A quantization-aware model's PReLU carries one output fake-quant (TF-MOT's
+wrapper with `OutputQuantizeConfig`, quantize.py), whose trained range the
+converter turns into the int8 scale of the PRELU output. The rewrite keeps
+it as the output's range and gives the one new tensor of `maximum`,
+`alpha * x`, the same range: where `alpha * x` is above it, `x >= alpha * x`
+is too and the output is clamped to the same top anyway, and below zero
+`alpha * x` is the output. So `maximum` converts without a representative
+set, as the fake-quantized model computes (cosine 1.0 to it on the tiny
+MobileFaceNet), and is used for equal slopes too: a LEAKY_RELU between the
+fake-quant of its input and of its output converts to an int8 model that
+does not match the Keras one (cosine 0.45). The three intermediate tensors
+of `leaky_residual` have no trained range: a quantization-aware PReLU with a
+slope outside [0, 1] stays PRELU.
 """
 
 from __future__ import annotations
@@ -33,12 +44,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from sparse_embed.compression import is_quantized
 from sparse_embed.keras import keras, tf
 
 # Bounds of the leaky slope of `leaky_residual`: 1 would divide by zero, and
 # XNNPACK's int8 LEAKY_RELU is only taken with a positive slope.
 _RESIDUAL_SLOPE_RANGE = (0.01, 0.99)
+
+
+# The fake-quant of a quantization-aware PReLU's output: (min, max, num_bits), or None.
+OutputRange = tuple[float, float, int] | None
 
 
 @dataclass(frozen=True)
@@ -48,23 +62,31 @@ class PReLUForm:
     Attributes:
         name: The form's name (`IntegerPReLU.form`).
         applies: slopes -> whether the identity holds for them.
-        compute: (x, slopes) -> the PReLU of x, slopes broadcast against x.
+        compute: (x, slopes, quantize) -> the PReLU of x, slopes broadcast against x;
+            `quantize` fake-quantizes a new intermediate tensor (the identity without a range).
+        quantizable: Whether the form converts right from a quantization-aware PReLU, its
+            intermediate tensors taking the output's range.
     """
 
     name: str
     applies: Callable[[np.ndarray], bool] = field(repr=False)
-    compute: Callable[[tf.Tensor, np.ndarray], tf.Tensor] = field(repr=False)
+    compute: Callable[[tf.Tensor, np.ndarray, Callable[[tf.Tensor], tf.Tensor]], tf.Tensor] = field(
+        repr=False)
+    quantizable: bool
 
 
-def _leaky(x: tf.Tensor, alpha: np.ndarray) -> tf.Tensor:
+def _leaky(x: tf.Tensor, alpha: np.ndarray, quantize: Callable[[tf.Tensor], tf.Tensor]) -> tf.Tensor:
+    del quantize
     return tf.nn.leaky_relu(x, float(alpha.flat[0]))
 
 
-def _maximum(x: tf.Tensor, alpha: np.ndarray) -> tf.Tensor:
-    return tf.maximum(x, tf.constant(alpha, x.dtype) * x)
+def _maximum(x: tf.Tensor, alpha: np.ndarray, quantize: Callable[[tf.Tensor], tf.Tensor]) -> tf.Tensor:
+    return tf.maximum(x, quantize(tf.constant(alpha, x.dtype) * x))
 
 
-def _leaky_residual(x: tf.Tensor, alpha: np.ndarray) -> tf.Tensor:
+def _leaky_residual(x: tf.Tensor, alpha: np.ndarray,
+                    quantize: Callable[[tf.Tensor], tf.Tensor]) -> tf.Tensor:
+    del quantize
     b = float(np.clip(alpha.mean(), *_RESIDUAL_SLOPE_RANGE))
     leaky = tf.nn.leaky_relu(x, b)
     return leaky + tf.constant((b - alpha) / (1 - b), x.dtype) * (leaky - x)
@@ -72,19 +94,24 @@ def _leaky_residual(x: tf.Tensor, alpha: np.ndarray) -> tf.Tensor:
 
 # In order of preference: the first that applies is used.
 PRELU_FORMS: tuple[PReLUForm, ...] = (
-    PReLUForm("leaky", lambda a: bool(np.all(a == a.flat[0])), _leaky),
-    PReLUForm("maximum", lambda a: bool(np.all((a >= 0) & (a <= 1))), _maximum),
-    PReLUForm("leaky_residual", lambda a: True, _leaky_residual),
+    PReLUForm("leaky", lambda a: bool(np.all(a == a.flat[0])), _leaky, False),
+    PReLUForm("maximum", lambda a: bool(np.all((a >= 0) & (a <= 1))), _maximum, True),
+    PReLUForm("leaky_residual", lambda a: True, _leaky_residual, False),
 )
 
 
-def prelu_form(alpha: np.ndarray) -> PReLUForm:
+def prelu_form(alpha: np.ndarray, quantized: bool = False) -> PReLUForm | None:
     """The first form of `PRELU_FORMS` that is exact for these slopes.
 
     Args:
         alpha: A PReLU's slopes.
+        quantized: Only the forms that take a quantization-aware PReLU's output range.
+
+    Returns:
+        The form, or None when `quantized` and no quantizable form applies.
     """
-    return next(form for form in PRELU_FORMS if form.applies(alpha))
+    return next((form for form in PRELU_FORMS if form.applies(alpha) and (form.quantizable or not quantized)),
+                None)
 
 
 @keras.utils.register_keras_serializable(package="sparse_embed")
@@ -94,43 +121,77 @@ class IntegerPReLU(keras.layers.Layer):
     Args:
         alpha: The slopes, shaped as a PReLU layer's `alpha` (broadcast against the input
             without its batch axis).
+        output_range: (min, max, num_bits) of the output fake-quant of a quantization-aware
+            PReLU, applied to the output and to the form's intermediate tensor; None for a
+            float one.
         **kwargs: Layer arguments (name, dtype).
     """
 
-    def __init__(self, alpha: np.ndarray | list, **kwargs) -> None:
+    def __init__(self, alpha: np.ndarray | list, output_range: OutputRange | list = None,
+                 **kwargs) -> None:
         super().__init__(**kwargs)
         self.alpha = np.asarray(alpha, np.float32)
         if self.alpha.size == 0:
             raise ValueError(f"alpha must hold at least one slope, got shape {self.alpha.shape}")
-        self.form = prelu_form(self.alpha)
+        self.output_range = None if output_range is None else tuple(output_range)
+        form = prelu_form(self.alpha, quantized=self.output_range is not None)
+        if form is None:
+            raise ValueError(f"a quantization-aware PReLU is rewritten only with slopes in [0, 1], got "
+                             f"[{self.alpha.min():g}, {self.alpha.max():g}]")
+        self.form = form
+
+    def _quantize(self, x: tf.Tensor) -> tf.Tensor:
+        if self.output_range is None:
+            return x
+        low, high, bits = self.output_range
+        # As TF-MOT's activation quantizer at inference: asymmetric, full range.
+        return tf.quantization.fake_quant_with_min_max_args(x, low, high, num_bits=int(bits),
+                                                            narrow_range=False)
 
     def call(self, inputs: tf.Tensor) -> tf.Tensor:
-        """The PReLU of `inputs`."""
-        return self.form.compute(inputs, self.alpha)
+        """The PReLU of `inputs` (fake-quantized like the layer it replaces)."""
+        return self._quantize(self.form.compute(inputs, self.alpha, self._quantize))
 
     def get_config(self) -> dict:
-        """Layer config: the slopes as nested lists."""
-        return {**super().get_config(), "alpha": self.alpha.tolist()}
+        """Layer config: the slopes as nested lists, the output range."""
+        return {**super().get_config(), "alpha": self.alpha.tolist(),
+                "output_range": None if self.output_range is None else list(self.output_range)}
+
+
+def _replacement(layer: keras.layers.Layer) -> IntegerPReLU | None:
+    """The `IntegerPReLU` for a PReLU layer or a quantization-aware one, or None to keep the layer."""
+    if isinstance(layer, keras.layers.PReLU):
+        return IntegerPReLU(layer.get_weights()[0], name=layer.name)
+    # TF-MOT's QuantizeWrapperV2, recognised by its attributes: TF-MOT is imported in
+    # quantize.py only. Its output quantizer and that quantizer's variables are private.
+    inner = getattr(layer, "layer", None)
+    quantizers = getattr(layer, "_output_quantizers", None)
+    if not isinstance(inner, keras.layers.PReLU) or not quantizers:
+        return None
+    alpha = inner.get_weights()[0]
+    if prelu_form(alpha, quantized=True) is None:
+        return None
+    variables = layer._output_quantizer_vars
+    output_range = (float(variables["min_var"].numpy()), float(variables["max_var"].numpy()),
+                    int(quantizers[0].num_bits))
+    return IntegerPReLU(alpha, output_range, name=layer.name)
 
 
 def rewrite_prelu(model: keras.Model) -> keras.Model:
     """The model with every PReLU layer replaced by an `IntegerPReLU` of its current slopes.
 
-    The other layers are shared with `model` (same weights, no copy), so the
-    result computes the same function and is meant to be converted at once.
+    A quantization-aware PReLU is replaced when its slopes have a quantizable
+    form (all in [0, 1]) and kept otherwise. The other layers are shared with
+    `model` (same weights, no copy), so the result computes the same function
+    and is meant to be converted at once.
 
     Args:
-        model: A functional float backbone (pruning wrappers stripped).
+        model: A functional backbone, float or quantization-aware (pruning wrappers stripped).
 
     Returns:
-        `model` itself when it has no PReLU or is quantization-aware, otherwise a new functional model.
+        `model` itself when no layer is replaced, otherwise a new functional model.
     """
-    if is_quantized(model) or not any(isinstance(layer, keras.layers.PReLU) for layer in model.layers):
+    replacements = {layer.name: r for layer in model.layers if (r := _replacement(layer)) is not None}
+    if not replacements:
         return model
-
-    def replace(layer: keras.layers.Layer) -> keras.layers.Layer:
-        if isinstance(layer, keras.layers.PReLU):
-            return IntegerPReLU(layer.get_weights()[0], name=layer.name)
-        return layer
-
-    return keras.models.clone_model(model, clone_function=replace)
+    return keras.models.clone_model(model, clone_function=lambda layer: replacements.get(layer.name, layer))
