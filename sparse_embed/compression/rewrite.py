@@ -10,7 +10,7 @@ holds for the layer's slopes is used (`PRELU_FORMS`):
 
 - `leaky`, every slope equal (an untrained layer): `leaky_relu(x, alpha)`,
   one LEAKY_RELU op, delegated.
-- `maximum`, every slope in [0, 1] (what trained face models learn):
+- `maximum`, every slope in [0, 1] (the usual case after training):
   `maximum(x, alpha * x)`, as `alpha * x <= x` exactly when `x >= 0`.
   MUL is delegated; MAXIMUM is not, but its builtin int8 kernel is a plain
   element-wise loop, and the two ops measured faster than the fully
@@ -46,8 +46,8 @@ import numpy as np
 
 from sparse_embed.keras import keras, tf
 
-# Bounds of the leaky slope of `leaky_residual`: 1 would divide by zero, and
-# XNNPACK's int8 LEAKY_RELU is only taken with a positive slope.
+# Bounds of the leaky slope of `leaky_residual`: 1 would divide by zero, and an int8
+# LEAKY_RELU of slope 0 measured outside the XNNPACK graph.
 _RESIDUAL_SLOPE_RANGE = (0.01, 0.99)
 
 
