@@ -7,9 +7,9 @@ Each model is built untrained with `sparse_embed.models.build_model` at its
 published input size (MobileFaceNet 112x112, SphereFace-20 112x96, IResNet-50
 112x112; latency does not depend on the weights, with one exception: the
 int8 modes rewrite each PReLU by its slopes, one LEAKY_RELU when a layer's
-slopes are all equal, as they are at initialisation, and MUL + MAXIMUM when
-they differ per channel, as after training; so the PReLU slopes are drawn per
-channel in [0.05, 0.6] first), converted by
+slopes are all equal, as they are at initialisation, and LEAKY_RELU, SUB,
+MUL and ADD when they differ per channel, as after training; so the PReLU
+slopes are drawn per channel in [0.05, 0.6] first), converted by
 `sparse_embed.compression.tflite.convert` (int8 calibrated on random images in
 [-1, 1]) and timed in the `ai_edge_litert` interpreter, the runtime of the edge
 devices, with its default XNNPACK delegate on 1 thread and on --threads

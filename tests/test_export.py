@@ -193,13 +193,13 @@ def test_prelu_forms_closed_forms() -> None:
     from sparse_embed.keras import tf
 
     assert prelu_form(np.full((1, 1, 4), 0.25, np.float32)).name == "leaky"
-    assert prelu_form(np.array([[[0.0, 0.3, 1.0]]], np.float32)).name == "maximum"
+    assert prelu_form(np.array([[[0.0, 0.3, 1.0]]], np.float32)).name == "leaky_residual"
     assert prelu_form(np.array([[[-0.2, 0.3, 1.5]]], np.float32)).name == "leaky_residual"
     # Each form against PReLU's definition, on the slopes it is chosen for and on both signs.
     x = np.array([[[[-2.0, -0.5, 3.0]]], [[[1.0, 4.0, -1.0]]]], np.float32)
-    for alpha in ([0.25, 0.25, 0.25], [0.0, 0.3, 1.0], [-0.2, 0.3, 1.5]):
+    for alpha, quantized in (([0.25, 0.25, 0.25], False), ([-0.2, 0.3, 1.5], False), ([0.0, 0.3, 1.0], True)):
         alpha = np.array([[alpha]], np.float32)
-        out = prelu_form(alpha).compute(tf.constant(x), alpha, lambda t: t).numpy()
+        out = prelu_form(alpha, quantized).compute(tf.constant(x), alpha, lambda t: t).numpy()
         np.testing.assert_allclose(out, np.where(x > 0, x, alpha * x), rtol=1e-6, atol=1e-7)
     # A quantization-aware PReLU: MUL + MAXIMUM whenever the slopes are in [0, 1], else kept.
     assert prelu_form(np.full((1, 1, 4), 0.25, np.float32), quantized=True).name == "maximum"
@@ -215,7 +215,7 @@ def test_prelu_rewrite_is_exact_and_int8_has_no_prelu(held_out: tuple, run_dir: 
     from sparse_embed.keras import keras
 
     backbone, config = load_backbone(run_dir)
-    # Slopes for each form: equal (as initialised), in [0, 1] (as trained), and outside it.
+    # Slopes of both forms: equal (as initialised), and per channel, in [0, 1] and outside it.
     rng = np.random.default_rng(0)
     prelus = [layer for layer in backbone.layers if isinstance(layer, keras.layers.PReLU)]
     for i, layer in enumerate(prelus):
@@ -226,7 +226,7 @@ def test_prelu_rewrite_is_exact_and_int8_has_no_prelu(held_out: tuple, run_dir: 
     keras_embeddings = backbone(images, training=False).numpy()
     rewritten = rewrite_prelu(backbone)
     forms = sorted({layer.form.name for layer in rewritten.layers if isinstance(layer, IntegerPReLU)})
-    assert forms == ["leaky", "leaky_residual", "maximum"]
+    assert forms == ["leaky", "leaky_residual"]
     assert not any(isinstance(layer, keras.layers.PReLU) for layer in rewritten.layers)
     np.testing.assert_allclose(rewritten(images, training=False).numpy(), keras_embeddings,
                                rtol=1e-5, atol=1e-6)
@@ -236,7 +236,7 @@ def test_prelu_rewrite_is_exact_and_int8_has_no_prelu(held_out: tuple, run_dir: 
     path = tmp_path / "int8.tflite"
     path.write_bytes(content)
     ops = {op["op_name"] for op in _interpreter(path, delegates=False)._get_ops_details()}
-    assert "PRELU" not in ops and {"LEAKY_RELU", "MAXIMUM", "SUB"} <= ops, ops
+    assert "PRELU" not in ops and {"LEAKY_RELU", "SUB"} <= ops and "MAXIMUM" not in ops, ops
     cosine = _cosine(_run_tflite(path, images), keras_embeddings)
     assert cosine.mean() >= 0.98, cosine.mean()
 

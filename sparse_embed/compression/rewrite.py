@@ -5,36 +5,41 @@ kernel and splits the delegated graph, which made int8 MobileFaceNet (33
 PReLUs) 6x slower than fp32 (24 ms against 4 ms on one thread). Each PReLU
 `f(x) = x if x > 0 else alpha * x` (one slope per channel) is replaced, for
 the int8 conversions only, by an identity that is exact in float and that
-the converter turns into faster int8 ops. The first form whose condition
-holds for the layer's slopes is used (`PRELU_FORMS`):
+the converter turns into int8 ops XNNPACK runs. The first form of
+`PRELU_FORMS` that holds for the layer's slopes and fits the model is used:
 
 - `leaky`, every slope equal (an untrained layer): `leaky_relu(x, alpha)`,
-  one LEAKY_RELU op, delegated.
-- `maximum`, every slope in [0, 1] (the usual case after training):
-  `maximum(x, alpha * x)`, as `alpha * x <= x` exactly when `x >= 0`.
-  MUL is delegated; MAXIMUM is not, but its builtin int8 kernel is a plain
-  element-wise loop, and the two ops measured faster than the fully
-  delegated form below (MobileFaceNet 112x112, 1 thread: 3.1-3.5 ms against
-  4.2-4.7 ms).
+  one LEAKY_RELU op. Calibrated models only.
 - `leaky_residual`, any slopes: with `b` the mean slope clipped to
   [0.01, 0.99] and `l = leaky_relu(x, b)`, `l + (b - alpha) / (1 - b) * (l - x)`
-  (for `x < 0`, `l - x = (b - 1) x`). LEAKY_RELU, SUB, MUL and ADD, all delegated.
+  (for `x < 0`, `l - x = (b - 1) x`). LEAKY_RELU, SUB, MUL and ADD, the whole
+  graph one XNNPACK partition. Calibrated models only: its intermediate
+  tensors get their ranges from the representative set.
+- `maximum`, every slope in [0, 1]: `maximum(x, alpha * x)`, as
+  `alpha * x <= x` exactly when `x >= 0`. Quantization-aware models only.
+
+Measured on calibrated models (MobileFaceNet 112x112, per-channel slopes in
+[0.05, 0.6], 1 thread): `maximum` is the fastest (3.1-3.6 ms; MAXIMUM is not
+delegated, but its builtin int8 kernel is a plain loop) against 4.2-4.7 ms
+for `leaky_residual`, but MAXIMUM's int8 kernel takes one scale for its
+inputs and output, so x's wider range quantizes the output: on the tiny
+trained smoke run the mean cosine to Keras was 0.986 (min 0.93) against
+0.996 (min 0.976) for `leaky_residual` and 0.995 for the PRELU op.
 
 The float export keeps PRELU, which XNNPACK runs in float.
 
 A quantization-aware model's PReLU carries one output fake-quant (TF-MOT's
 wrapper with `OutputQuantizeConfig`, quantize.py), whose trained range the
-converter turns into the int8 scale of the PRELU output. The rewrite keeps
-it as the output's range and gives the one new tensor of `maximum`,
-`alpha * x`, the same range: where `alpha * x` is above it, `x >= alpha * x`
-is too and the output is clamped to the same top anyway, and below zero
-`alpha * x` is the output. So `maximum` converts without a representative
-set, as the fake-quantized model computes (cosine 1.0 to it on the tiny
-MobileFaceNet), and is used for equal slopes too: a LEAKY_RELU between the
-fake-quant of its input and of its output converts to an int8 model that
-does not match the Keras one (cosine 0.45). The three intermediate tensors
-of `leaky_residual` have no trained range: a quantization-aware PReLU with a
-slope outside [0, 1] stays PRELU.
+converter turns into the int8 scale of the PRELU output, and a conversion
+without a representative set has no range for new tensors. `maximum` has one,
+`alpha * x`, and takes the output's range: where `alpha * x` is above it,
+`x >= alpha * x` is too and the output is clamped to the same top anyway,
+and below zero `alpha * x` is the output. It converts as the fake-quantized
+model computes (cosine 1.0 to it on the tiny MobileFaceNet), and is used for
+equal slopes too: a LEAKY_RELU between the fake-quant of its input and of
+its output converts to an int8 model that does not match the Keras one
+(cosine 0.45). A quantization-aware PReLU with a slope outside [0, 1] stays
+PRELU.
 """
 
 from __future__ import annotations
@@ -64,15 +69,17 @@ class PReLUForm:
         applies: slopes -> whether the identity holds for them.
         compute: (x, slopes, quantize) -> the PReLU of x, slopes broadcast against x;
             `quantize` fake-quantizes a new intermediate tensor (the identity without a range).
-        quantizable: Whether the form converts right from a quantization-aware PReLU, its
-            intermediate tensors taking the output's range.
+        calibrated: Used in a float model calibrated on a representative set.
+        quantization_aware: Used in a quantization-aware model, its intermediate tensor
+            taking the output's trained range.
     """
 
     name: str
     applies: Callable[[np.ndarray], bool] = field(repr=False)
     compute: Callable[[tf.Tensor, np.ndarray, Callable[[tf.Tensor], tf.Tensor]], tf.Tensor] = field(
         repr=False)
-    quantizable: bool
+    calibrated: bool
+    quantization_aware: bool
 
 
 def _leaky(x: tf.Tensor, alpha: np.ndarray, quantize: Callable[[tf.Tensor], tf.Tensor]) -> tf.Tensor:
@@ -92,11 +99,11 @@ def _leaky_residual(x: tf.Tensor, alpha: np.ndarray,
     return leaky + tf.constant((b - alpha) / (1 - b), x.dtype) * (leaky - x)
 
 
-# In order of preference: the first that applies is used.
+# In order of preference: the first that applies and fits the model is used.
 PRELU_FORMS: tuple[PReLUForm, ...] = (
-    PReLUForm("leaky", lambda a: bool(np.all(a == a.flat[0])), _leaky, False),
-    PReLUForm("maximum", lambda a: bool(np.all((a >= 0) & (a <= 1))), _maximum, True),
-    PReLUForm("leaky_residual", lambda a: True, _leaky_residual, False),
+    PReLUForm("leaky", lambda a: bool(np.all(a == a.flat[0])), _leaky, True, False),
+    PReLUForm("leaky_residual", lambda a: True, _leaky_residual, True, False),
+    PReLUForm("maximum", lambda a: bool(np.all((a >= 0) & (a <= 1))), _maximum, False, True),
 )
 
 
@@ -105,13 +112,13 @@ def prelu_form(alpha: np.ndarray, quantized: bool = False) -> PReLUForm | None:
 
     Args:
         alpha: A PReLU's slopes.
-        quantized: Only the forms that take a quantization-aware PReLU's output range.
+        quantized: For a quantization-aware model (else a calibrated float one).
 
     Returns:
         The form, or None when `quantized` and no quantizable form applies.
     """
-    return next((form for form in PRELU_FORMS if form.applies(alpha) and (form.quantizable or not quantized)),
-                None)
+    return next((form for form in PRELU_FORMS if form.applies(alpha)
+                 and (form.quantization_aware if quantized else form.calibrated)), None)
 
 
 @keras.utils.register_keras_serializable(package="sparse_embed")
@@ -180,8 +187,8 @@ def _replacement(layer: keras.layers.Layer) -> IntegerPReLU | None:
 def rewrite_prelu(model: keras.Model) -> keras.Model:
     """The model with every PReLU layer replaced by an `IntegerPReLU` of its current slopes.
 
-    A quantization-aware PReLU is replaced when its slopes have a quantizable
-    form (all in [0, 1]) and kept otherwise. The other layers are shared with
+    A quantization-aware PReLU is replaced when its slopes are all in [0, 1]
+    and kept otherwise. The other layers are shared with
     `model` (same weights, no copy), so the result computes the same function
     and is meant to be converted at once.
 
