@@ -152,7 +152,8 @@ def export_row(model_dir: Path, recipe: Recipe, data: Path, out: Path) -> dict:
     representative = tflite.load_images(records, REPRESENTATIVE, config.model.input_shape)
     held_out = tflite.load_images(records, HELD_OUT, config.model.input_shape, REPRESENTATIVE)
     pairs = read_pairs(data / config.data.pairs, data / config.data.pairs_images)
-    folder = out / "export" / f"{model_dir.name}_{recipe.name}"
+    # A fine-tuned run's directory is named after its recipe already.
+    folder = out / "export" / (model_dir.name if recipe.compression else f"{model_dir.name}_{recipe.name}")
     (result,) = tflite.export(backbone, config, "tflite", [recipe.quantize], folder,
                               tflite.ParityData(held_out, pairs), representative,
                               progress=lambda line: print(f"  {line}", flush=True))
