@@ -7,7 +7,9 @@ are done here, without changing the model:
   `OutputQuantizeConfig` quantizes its output only. The converter quantizes
   the constant alpha itself, and an output-only fake-quant is what lets the
   TFLite PRELU op run in int8 (fake-quantizing alpha as well trains but
-  leaves nothing more for the converter to use).
+  leaves nothing more for the converter to use). The int8 export then
+  rewrites PRELU, which XNNPACK does not run in int8, as MUL + MAXIMUM at
+  that same trained output range (compression/rewrite.py).
 - The embedding block ends Dense(no bias) -> BatchNormalization -> final
   activation. TF-MOT's Dense + BN transform trains but converts badly (the
   FULLY_CONNECTED op stays float with `Optimize.DEFAULT`, and a full-int8
