@@ -120,11 +120,8 @@ def test_output_shape_and_finite(name: str, final_activation: str) -> None:
 
 # Conversion takes ~10 s for a tiny model and ~20 s for a full-size one even
 # at a reduced size: every family converts through its tiny variant (the same
-# layers), and only MobileFaceNet, the edge model, also at full size (slow).
-@pytest.mark.parametrize("name", [
-    pytest.param(name, marks=() if name.endswith("_tiny") else pytest.mark.slow)
-    for name in CHECKED if name.endswith("_tiny") or name == "mobilefacenet"
-])
+# layers); `make bench-tflite` converts and runs the full-size models.
+@pytest.mark.parametrize("name", [name for name in CHECKED if name.endswith("_tiny")])
 @pytest.mark.filterwarnings("ignore:.*tf.lite.Interpreter is deprecated:UserWarning")
 def test_tflite_matches_keras(name: str) -> None:
     model = _build(name, "soft_threshold")
