@@ -1,10 +1,12 @@
-"""Atomic file output: write to a temporary name, rename into place."""
+"""Atomic file output (temporary name, then rename), and native stderr kept off the terminal."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import shutil
+import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -33,3 +35,33 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
         elif tmp.exists():
             tmp.unlink()
+
+
+@contextlib.contextmanager
+def native_stderr_to_file(replay_on_error: bool = True) -> Iterator[None]:
+    """Points file descriptor 2 at a temporary file for the block.
+
+    What native code prints there (TensorFlow's start-up lines, the TFLite
+    converter's progress, LiteRT's "Created TensorFlow Lite XNNPACK delegate")
+    would bury the one line a user error prints. Only the standard library is
+    used: the TensorFlow import and the edge runtime both need it.
+
+    Args:
+        replay_on_error: If the block raises, write what was captured to
+            stderr first, so the failure shows its native cause.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as log:
+        os.dup2(log.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            if replay_on_error:
+                os.dup2(saved, 2)
+                log.seek(0)
+                sys.stderr.write(log.read().decode(errors="replace"))
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)

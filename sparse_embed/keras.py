@@ -13,9 +13,10 @@ terminal only if the import fails or `SPARSE_EMBED_TF_LOGS=1` asks for them.
 import logging
 import os
 import sys
-import tempfile
 
 from absl import logging as absl_logging
+
+from sparse_embed.fileio import native_stderr_to_file
 
 # Route `tf.keras` to Keras 2 as well, so TensorFlow internals and TF-MOT agree
 # with the layers built here. Must be set before TensorFlow is imported.
@@ -27,25 +28,13 @@ if not _SHOW_LOGS:
 
 def _import_quietly() -> None:
     """Imports TensorFlow with file descriptor 2 pointed at a temporary file."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as log:
-        os.dup2(log.fileno(), 2)
-        try:
-            import tensorflow
+    with native_stderr_to_file():
+        import tensorflow
 
-            # The CUDA probe ("failed call to cuInit") runs at the first device
-            # query, not at import; make it happen here. Listing physical
-            # devices leaves set_visible_devices (one GPU per Horovod rank) possible.
-            tensorflow.config.list_physical_devices()
-        except BaseException:
-            os.dup2(saved, 2)
-            log.seek(0)
-            sys.stderr.write(log.read().decode(errors="replace"))
-            raise
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
+        # The CUDA probe ("failed call to cuInit") runs at the first device
+        # query, not at import; make it happen here. Listing physical
+        # devices leaves set_visible_devices (one GPU per Horovod rank) possible.
+        tensorflow.config.list_physical_devices()
 
 
 if not _SHOW_LOGS and "tensorflow" not in sys.modules:

@@ -39,14 +39,11 @@ verification accuracy, and the nnz and FLOPs per pair of sparse models.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import glob
 import json
 import os
 import shutil
-import sys
-import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,7 +59,7 @@ from sparse_embed.data.pipeline import decode_image, files_dataset, list_files, 
 from sparse_embed.data.tfrecord import parse_example
 from sparse_embed.data.verification import IMAGE_EXTENSIONS, Pairs, unique_images
 from sparse_embed.errors import ConfigError, DataError
-from sparse_embed.fileio import atomic_path
+from sparse_embed.fileio import atomic_path, native_stderr_to_file
 from sparse_embed.keras import keras, tf
 from sparse_embed.metrics.verification import verification_metrics
 from sparse_embed.registry import Registry
@@ -76,31 +73,6 @@ TFLITE_IDENTIFIER = b"TFL3"
 _BOUNDARY_OPS = frozenset({"QUANTIZE", "DEQUANTIZE"})
 
 Embedder = Callable[[np.ndarray], np.ndarray]
-
-
-@contextlib.contextmanager
-def quiet_native_stderr() -> Iterator[None]:
-    """Sends what native code writes to file descriptor 2 to a temporary file.
-
-    The TFLite converter and interpreter print their progress from C++
-    ("fully_quantize: 0, ...", "Created TensorFlow Lite XNNPACK delegate"),
-    which would bury the one-line result of an export. The captured text is
-    replayed if the block raises, so a failure still shows its cause.
-    """
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as log:
-        os.dup2(log.fileno(), 2)
-        try:
-            yield
-        except BaseException:
-            os.dup2(saved, 2)
-            log.seek(0)
-            sys.stderr.write(log.read().decode(errors="replace"))
-            raise
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
 
 
 def serving_function(model: keras.Model, flip_concat: bool = False) -> tf.types.experimental.GenericFunction:
@@ -252,7 +224,7 @@ def convert_function(serve: tf.types.experimental.GenericFunction, model: keras.
     variables.variables_read = list(model.variables)
     converter = tf.lite.TFLiteConverter.from_concrete_functions([serve.get_concrete_function()], variables)
     mode.configure(converter, representative)
-    with quiet_native_stderr():
+    with native_stderr_to_file():
         content = converter.convert()
     if mode.integer_ops:
         float_ops = float_ops_of(content, allow_float_io=not mode.integer_io)
@@ -268,7 +240,7 @@ def _interpreter(content: bytes, num_threads: int | None = None,
     """An allocated interpreter of a flatbuffer; `delegates=False` keeps the ops as written."""
     resolver = (OpResolverType.AUTO if delegates
                 else OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
-    with quiet_native_stderr():
+    with native_stderr_to_file():
         interpreter = Interpreter(model_content=content, num_threads=num_threads,
                                   experimental_op_resolver_type=resolver)
         interpreter.allocate_tensors()

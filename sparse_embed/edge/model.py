@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sys
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 from ai_edge_litert.interpreter import Interpreter
 
 from sparse_embed.errors import DataError
+from sparse_embed.fileio import native_stderr_to_file
 
 # A TFLite file is a FlatBuffer whose file identifier, bytes 4-8, is this.
 TFLITE_IDENTIFIER = b"TFL3"
@@ -20,24 +18,15 @@ TFLITE_IDENTIFIER = b"TFL3"
 PIXEL_SCALE = 127.5
 
 
-@contextlib.contextmanager
-def quiet_runtime() -> Iterator[None]:
-    """Keeps what the LiteRT runtime prints on file descriptor 2 during the block off the terminal.
+def quiet_runtime() -> contextlib.AbstractContextManager[None]:
+    """Keeps what the LiteRT runtime prints on file descriptor 2 off the terminal.
 
     The runtime announces its CPU delegate ("INFO: Created TensorFlow Lite
     XNNPACK delegate for CPU.") on stderr when tensors are first allocated,
     and no setting silences it; stderr is where a user error's one line goes.
     Errors still surface: as exceptions, which callers turn into such a line.
     """
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as sink:
-        os.dup2(sink.fileno(), 2)
-        try:
-            yield
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
+    return native_stderr_to_file(replay_on_error=False)
 
 
 def load_interpreter(path: str | os.PathLike, num_threads: int | None = None) -> Interpreter:
