@@ -51,7 +51,8 @@ def main(argv: list[str]) -> None:
             verification.read_pairs(_PAIRS.value, _PAIRS_IMAGES.value))
     # TensorFlow is imported only once the inputs are known to be usable.
     from sparse_embed.data import format_summary, pipeline, tfrecord
-    from sparse_embed.inference import embed_dataset, load_backbone, write_hdf5
+    from sparse_embed.data.embeddings import write_hdf5
+    from sparse_embed.inference import embed_dataset, load_backbone
 
     backbone, config = load_backbone(_MODEL_DIR.value)
     batch = _BATCH_SIZE.value or config.eval.batch_size

@@ -1,4 +1,4 @@
-"""Evaluate a trained model on a verification pairs protocol.
+"""Evaluate a trained model: verification pairs (the default), identification, retrieval, sparsity.
 
     python -m sparse_embed.evaluate --model_dir=runs/sparse_mfn \
         --pairs=data/lfw/pairs.txt --pairs_images=data/lfw/images
@@ -13,17 +13,37 @@ ROC AUC, EER, TAR@FAR where the pairs allow, sparsity statistics and search
 time, with a note under the table saying how the threshold was chosen; writes
 them to `<model_dir>/eval.json` (or --output) and the ROC curve beside it
 (`eval.roc.png`).
+
+The other protocols work on HDF5 embedding files written by
+`sparse_embed.embed` (no TensorFlow import) and are sub-commands, each with
+its own `--help`:
+
+    python -m sparse_embed.evaluate identification --probes=facescrub_RUN.hdf5 \
+        --distractors=megaface_RUN.hdf5 --threshold=0.25 --rerank_topk=1000
+    python -m sparse_embed.evaluate retrieval --embeddings=test.hdf5
+    python -m sparse_embed.evaluate sparsity --embeddings=test.hdf5
 """
 
 from __future__ import annotations
 
+import importlib
 import json
+import sys
 from pathlib import Path
 
 from absl import app, flags
 
 from sparse_embed.cli import user_errors_exit
 from sparse_embed.errors import ConfigError
+from sparse_embed.registry import Registry
+
+# Sub-command -> module whose `main(argv)` runs it (imported only when chosen).
+SUBCOMMANDS: Registry[str] = Registry("evaluate sub-command")
+SUBCOMMANDS.register("identification")("sparse_embed.metrics.identification")
+SUBCOMMANDS.register("retrieval")("sparse_embed.metrics.retrieval")
+SUBCOMMANDS.register("sparsity")("sparse_embed.metrics.sparsity")
+# The pairs protocol, also reachable by name: `evaluate verification --model_dir=...`.
+VERIFICATION = "verification"
 
 _MODEL_DIR = flags.DEFINE_string("model_dir", None, "Directory written by sparse_embed.train.")
 _PAIRS = flags.DEFINE_string("pairs", None, "Pairs file; default: the run's data_dir/data.pairs.")
@@ -43,7 +63,8 @@ _UNTRAINED = flags.DEFINE_bool("untrained", False, "Evaluate the random initiali
 @user_errors_exit
 def main(argv: list[str]) -> None:
     """Embeds the pairs' images, scores them and prints / writes the results."""
-    del argv
+    if len(argv) > 1:  # a mistyped sub-command: name the valid ones
+        SUBCOMMANDS.get(argv[1])
     if not _MODEL_DIR.value:
         raise ConfigError("--model_dir is required")
     from sparse_embed.config import config_from_model_dir
@@ -129,7 +150,13 @@ def format_results(rows: dict[str, dict[str, float | str]]) -> str:
 
 
 def run() -> None:
-    """Console-script entry point."""
+    """Console-script entry point: a sub-command's `main`, or the verification flags."""
+    command = sys.argv[1] if len(sys.argv) > 1 else ""
+    if command in SUBCOMMANDS:
+        importlib.import_module(SUBCOMMANDS.get(command)).main(sys.argv[2:])
+        return
+    if command == VERIFICATION:
+        del sys.argv[1]
     app.run(main)
 
 

@@ -10,19 +10,17 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
-import h5py
 import numpy as np
 from tqdm import tqdm
 
 from sparse_embed import compression
 from sparse_embed.config import Config, config_from_model_dir
+from sparse_embed.data.embeddings import Embeddings
 from sparse_embed.data.pipeline import bytes_dataset, files_dataset, missing_paths
 from sparse_embed.data.verification import BinPack, Pairs, unique_images
 from sparse_embed.errors import DataError
-from sparse_embed.fileio import atomic_path
 from sparse_embed.keras import keras, tf
 from sparse_embed.metrics.verification import verification_metrics
 from sparse_embed.models import build_model
@@ -37,21 +35,6 @@ FLIP_MODES.register("none")(None)
 FLIP_MODES.register("sum")(lambda e, e_flip: e + e_flip)
 # MLPerf face protocol: both embeddings side by side (twice the dimension).
 FLIP_MODES.register("concat")(lambda e, e_flip: tf.concat([e, e_flip], axis=-1))
-
-
-@dataclass(frozen=True)
-class Embeddings:
-    """L2-normalised embeddings with their labels and source file names.
-
-    Attributes:
-        embedding: float32 [N, D].
-        label: int64 [N] (-1 where the source has no label).
-        filename: N file names.
-    """
-
-    embedding: np.ndarray
-    label: np.ndarray
-    filename: tuple[str, ...]
 
 
 def load_backbone(model_dir: str | os.PathLike, untrained: bool = False) -> tuple[keras.Model, Config]:
@@ -122,40 +105,6 @@ def embed_dataset(backbone: keras.Model, dataset: tf.data.Dataset, flip: str = "
         raise DataError("no images to embed: the input is empty")
     return Embeddings(np.concatenate(chunks).astype(np.float32),
                       np.concatenate(labels).astype(np.int64), tuple(names))
-
-
-def write_hdf5(path: str | os.PathLike, embeddings: Embeddings) -> None:
-    """Writes `embedding`, `label` and `filename` datasets to an HDF5 file, atomically.
-
-    Args:
-        path: Output file.
-        embeddings: What to write.
-    """
-    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
-        f.create_dataset("embedding", data=embeddings.embedding)
-        f.create_dataset("label", data=embeddings.label)
-        f.create_dataset("filename", data=np.array(embeddings.filename, dtype=object),
-                         dtype=h5py.string_dtype())
-
-
-def read_hdf5(path: str | os.PathLike) -> Embeddings:
-    """Reads a file written by `write_hdf5`.
-
-    Args:
-        path: An HDF5 embedding file.
-
-    Raises:
-        DataError: If the file is missing or lacks the `embedding` dataset.
-    """
-    if not Path(path).is_file():
-        raise DataError(f"embedding file {path} not found")
-    with h5py.File(path, "r") as f:
-        if "embedding" not in f:
-            raise DataError(f"{path} has no 'embedding' dataset; was it written by sparse_embed.embed?")
-        emb = f["embedding"][:].astype(np.float32)
-        label = f["label"][:] if "label" in f else np.full(len(emb), -1, np.int64)
-        names = tuple(n.decode() for n in f["filename"][:]) if "filename" in f else ()
-    return Embeddings(emb, label.astype(np.int64), names)
 
 
 def search_time(embeddings: np.ndarray, zero_threshold: float, k: int = 10) -> dict[str, float]:

@@ -23,8 +23,8 @@ def model_dir(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
 
 
 def test_embed_folder_to_hdf5_round_trip(tiny_data: Path, model_dir: Path, tmp_path: Path) -> None:
+    from sparse_embed.data.embeddings import read_hdf5
     from sparse_embed.data.tfrecord import image_folder
-    from sparse_embed.inference import read_hdf5
 
     out = tmp_path / "emb.hdf5"
     proc = run_module("sparse_embed.embed", f"--model_dir={model_dir}",

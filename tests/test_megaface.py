@@ -255,9 +255,9 @@ def test_split_rejects_rows_without_queries() -> None:
 def test_manifest_to_hdf5_to_bins(tmp_path: Path) -> None:
     """embed --manifest, then split-bins, on a model trained for two steps."""
     from sparse_embed.config import load_config
+    from sparse_embed.data.embeddings import read_hdf5
     from sparse_embed.data.synthetic import generate
     from sparse_embed.data.tfrecord import build_tfrecords
-    from sparse_embed.inference import read_hdf5
     from sparse_embed.training.trainer import train
 
     data = tmp_path / "data"
