@@ -197,13 +197,30 @@ def test_prelu_forms_closed_forms() -> None:
     assert prelu_form(np.array([[[-0.2, 0.3, 1.5]]], np.float32)).name == "leaky_residual"
     # Each form against PReLU's definition, on the slopes it is chosen for and on both signs.
     x = np.array([[[[-2.0, -0.5, 3.0]]], [[[1.0, 4.0, -1.0]]]], np.float32)
-    for alpha, quantized in (([0.25, 0.25, 0.25], False), ([-0.2, 0.3, 1.5], False), ([0.0, 0.3, 1.0], True)):
+    for alpha, quantized in (([0.25, 0.25, 0.25], False), ([-0.2, 0.3, 1.5], False), ([0.0, 0.3, 1.0], True),
+                             ([-0.2, 0.3, 0.9], True), ([-0.2, 0.3, 1.5], True)):
         alpha = np.array([[alpha]], np.float32)
         out = prelu_form(alpha, quantized).compute(tf.constant(x), alpha, lambda t: t).numpy()
         np.testing.assert_allclose(out, np.where(x > 0, x, alpha * x), rtol=1e-6, atol=1e-7)
-    # A quantization-aware PReLU: MUL + MAXIMUM whenever the slopes are in [0, 1], else kept.
+    # A quantization-aware PReLU: MUL + MAXIMUM while every slope is at most 1, else MINIMUM too.
     assert prelu_form(np.full((1, 1, 4), 0.25, np.float32), quantized=True).name == "maximum"
-    assert prelu_form(np.array([[[-0.2, 0.3]]], np.float32), quantized=True) is None
+    assert prelu_form(np.array([[[-0.2, 0.3, 1.0]]], np.float32), quantized=True).name == "maximum"
+    assert prelu_form(np.array([[[-0.2, 1.5]]], np.float32), quantized=True).name == "maximum_minimum"
+    # Fake-quantized (monotone rounding to a grid of step 1/8 on [-1, 1)): `maximum` is the
+    # quantized PReLU to the bit; `maximum_minimum` too where slopes are at most 1, and within one
+    # step where they are above.
+    def quantize(t: tf.Tensor) -> tf.Tensor:
+        return tf.quantization.fake_quant_with_min_max_args(t, -1.0, 1.0 - 1 / 8, num_bits=4)
+
+    x = np.linspace(-1.2, 1.2, 97, dtype=np.float32).reshape(-1, 1, 1, 1)
+    for alpha in ([-0.3, 0.45, 1.0], [-0.3, 0.45, 1.7]):
+        alpha = np.array([[alpha]], np.float32)
+        form = prelu_form(alpha, quantized=True)
+        out = quantize(form.compute(tf.constant(x), alpha, quantize)).numpy()
+        expected = quantize(tf.constant(np.where(x > 0, x, alpha * x))).numpy()
+        above_one = np.broadcast_to(alpha > 1, out.shape)
+        np.testing.assert_array_equal(out[~above_one], expected[~above_one])
+        assert np.abs(out - expected).max() <= 1 / 8 + 1e-7
 
 
 @pytest.mark.slow
@@ -277,20 +294,22 @@ def test_quantization_aware_run_exports_integer_only(run_dir: Path, tiny_data: P
     assert result.record["float_ops"] == [] and result.record["representative_count"] == 0
     interpreter = _interpreter(result.model_path, delegates=False)
     assert {np.dtype(d["dtype"]).name for d in interpreter.get_tensor_details()} <= {"int8", "int32"}
-    # A PReLU whose slopes are all in [0, 1] runs as MUL + MAXIMUM, its output fake-quant kept;
-    # one with a slope outside (training pushes some below 0) stays PRELU. Either way the
-    # rewritten Keras model is the fake-quantized one exactly.
+    # Every PReLU runs as MUL + MAXIMUM at its output fake-quant's range, with MUL + MINIMUM + ADD
+    # where a slope is above 1; without those the rewritten Keras model is the fake-quantized one
+    # to the bit.
     from sparse_embed.compression.rewrite import rewrite_prelu
     from sparse_embed.keras import keras
 
     slopes = [layer.layer.get_weights()[0] for layer in backbone.layers
               if isinstance(getattr(layer, "layer", None), keras.layers.PReLU)]
-    in_unit = sum(bool(np.all((a >= 0) & (a <= 1))) for a in slopes)
+    above_one = sum(bool(np.any(a > 1)) for a in slopes)
     ops = Counter(op["op_name"] for op in interpreter._get_ops_details())
-    assert in_unit > 0 and ops["MAXIMUM"] == in_unit and ops["PRELU"] == len(slopes) - in_unit, ops
-
-    np.testing.assert_array_equal(rewrite_prelu(backbone)(images, training=False).numpy(),
-                                  backbone(images, training=False).numpy())
+    assert ops["PRELU"] == 0 and ops["MAXIMUM"] == len(slopes) and ops["MINIMUM"] == above_one, ops
+    rewritten = rewrite_prelu(backbone)(images, training=False).numpy()
+    if above_one == 0:
+        np.testing.assert_array_equal(rewritten, backbone(images, training=False).numpy())
+    else:
+        assert _cosine(rewritten, backbone(images, training=False).numpy()).min() > 0.999
     # The int8 file reproduces the fake-quantized Keras model it was converted from.
     cosine = _cosine(_run_tflite(result.model_path, images), backbone(images, training=False).numpy())
     assert cosine.mean() > 0.99, cosine.mean()

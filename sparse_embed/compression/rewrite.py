@@ -15,8 +15,12 @@ the converter turns into int8 ops XNNPACK runs. The first form of
   (for `x < 0`, `l - x = (b - 1) x`). LEAKY_RELU, SUB, MUL and ADD, the whole
   graph one XNNPACK partition. Calibrated models only: its intermediate
   tensors get their ranges from the representative set.
-- `maximum`, every slope in [0, 1]: `maximum(x, alpha * x)`, as
+- `maximum`, every slope at most 1: `maximum(x, alpha * x)`, as
   `alpha * x <= x` exactly when `x >= 0`. Quantization-aware models only.
+- `maximum_minimum`, any slopes: with `a = min(alpha, 1)` and `c = max(alpha, 1) - 1`,
+  `maximum(x, a * x) + minimum(c * x, 0)`; the second term is zero in the channels
+  of slope at most 1 and adds the rest of `alpha * x` below zero in the others.
+  Quantization-aware models only.
 
 Measured on calibrated models (MobileFaceNet 112x112, per-channel slopes in
 [0.05, 0.6], 1 thread): `maximum` is the fastest (3.1-3.6 ms; MAXIMUM is not
@@ -38,8 +42,13 @@ and below zero `alpha * x` is the output. It converts as the fake-quantized
 model computes (cosine 1.0 to it on the tiny MobileFaceNet), and is used for
 equal slopes too: a LEAKY_RELU between the fake-quant of its input and of
 its output converts to an int8 model that does not match the Keras one
-(cosine 0.45). A quantization-aware PReLU with a slope outside [0, 1] stays
-PRELU.
+(cosine 0.45). Fake-quantization `q` is monotone, so `q(max(x, q(a x)))` is
+`max(q(x), q(a x))`, the quantized PReLU itself: the rewrite is exact to the
+bit. `maximum_minimum` gives its three intermediate tensors the output's
+range too (each lies in it wherever the output is not clamped) and is exact
+in the channels of slope at most 1; in the others (training pushes a few
+slopes above 1) the output is the sum of two quantized terms, within one
+quantization step of the PReLU's.
 """
 
 from __future__ import annotations
@@ -91,6 +100,14 @@ def _maximum(x: tf.Tensor, alpha: np.ndarray, quantize: Callable[[tf.Tensor], tf
     return tf.maximum(x, quantize(tf.constant(alpha, x.dtype) * x))
 
 
+def _maximum_minimum(x: tf.Tensor, alpha: np.ndarray,
+                     quantize: Callable[[tf.Tensor], tf.Tensor]) -> tf.Tensor:
+    below_one = tf.constant(np.minimum(alpha, 1), x.dtype)
+    excess = tf.constant(np.maximum(alpha, 1) - 1, x.dtype)
+    return (quantize(tf.maximum(x, quantize(below_one * x)))
+            + quantize(tf.minimum(quantize(excess * x), 0.0)))
+
+
 def _leaky_residual(x: tf.Tensor, alpha: np.ndarray,
                     quantize: Callable[[tf.Tensor], tf.Tensor]) -> tf.Tensor:
     del quantize
@@ -103,11 +120,12 @@ def _leaky_residual(x: tf.Tensor, alpha: np.ndarray,
 PRELU_FORMS: tuple[PReLUForm, ...] = (
     PReLUForm("leaky", lambda a: bool(np.all(a == a.flat[0])), _leaky, True, False),
     PReLUForm("leaky_residual", lambda a: True, _leaky_residual, True, False),
-    PReLUForm("maximum", lambda a: bool(np.all((a >= 0) & (a <= 1))), _maximum, False, True),
+    PReLUForm("maximum", lambda a: bool(np.all(a <= 1)), _maximum, False, True),
+    PReLUForm("maximum_minimum", lambda a: True, _maximum_minimum, False, True),
 )
 
 
-def prelu_form(alpha: np.ndarray, quantized: bool = False) -> PReLUForm | None:
+def prelu_form(alpha: np.ndarray, quantized: bool = False) -> PReLUForm:
     """The first form of `PRELU_FORMS` that is exact for these slopes.
 
     Args:
@@ -115,10 +133,10 @@ def prelu_form(alpha: np.ndarray, quantized: bool = False) -> PReLUForm | None:
         quantized: For a quantization-aware model (else a calibrated float one).
 
     Returns:
-        The form, or None when `quantized` and no quantizable form applies.
+        The form (each kind of model has one that applies to any slopes).
     """
-    return next((form for form in PRELU_FORMS if form.applies(alpha)
-                 and (form.quantization_aware if quantized else form.calibrated)), None)
+    return next(form for form in PRELU_FORMS if form.applies(alpha)
+                and (form.quantization_aware if quantized else form.calibrated))
 
 
 @keras.utils.register_keras_serializable(package="sparse_embed")
@@ -141,11 +159,7 @@ class IntegerPReLU(keras.layers.Layer):
         if self.alpha.size == 0:
             raise ValueError(f"alpha must hold at least one slope, got shape {self.alpha.shape}")
         self.output_range = None if output_range is None else tuple(output_range)
-        form = prelu_form(self.alpha, quantized=self.output_range is not None)
-        if form is None:
-            raise ValueError(f"a quantization-aware PReLU is rewritten only with slopes in [0, 1], got "
-                             f"[{self.alpha.min():g}, {self.alpha.max():g}]")
-        self.form = form
+        self.form = prelu_form(self.alpha, quantized=self.output_range is not None)
 
     def _quantize(self, x: tf.Tensor) -> tf.Tensor:
         if self.output_range is None:
@@ -176,8 +190,6 @@ def _replacement(layer: keras.layers.Layer) -> IntegerPReLU | None:
     if not isinstance(inner, keras.layers.PReLU) or not quantizers:
         return None
     alpha = inner.get_weights()[0]
-    if prelu_form(alpha, quantized=True) is None:
-        return None
     variables = layer._output_quantizer_vars
     output_range = (float(variables["min_var"].numpy()), float(variables["max_var"].numpy()),
                     int(quantizers[0].num_bits))
@@ -187,8 +199,7 @@ def _replacement(layer: keras.layers.Layer) -> IntegerPReLU | None:
 def rewrite_prelu(model: keras.Model) -> keras.Model:
     """The model with every PReLU layer replaced by an `IntegerPReLU` of its current slopes.
 
-    A quantization-aware PReLU is replaced when its slopes are all in [0, 1]
-    and kept otherwise. The other layers are shared with
+    The other layers are shared with
     `model` (same weights, no copy), so the result computes the same function
     and is meant to be converted at once.
 
