@@ -25,9 +25,10 @@ against the L1 baseline l1_regularizer(e) = (1/B) sum_i sum_j |e_ij|. Both are
 meant for the L2-normalised embeddings that retrieval uses (callers
 normalise), and are weighted by a schedule of the training step.
 
-The statistics have one definition (`_stats_from_fractions`) shared by the
-TensorFlow version used in training and the NumPy accumulator used to
-evaluate large embedding files chunk by chunk.
+The statistics have one definition (`stats_from_fractions`) shared by the
+TensorFlow version used in training and the NumPy ones used to evaluate
+embedding files; those live in `sparse_embed.metrics.sparsity`, which imports
+no TensorFlow, and are re-exported here.
 """
 
 from __future__ import annotations
@@ -36,11 +37,14 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
-
 from sparse_embed.config import SparsityConfig
 from sparse_embed.errors import ConfigError
 from sparse_embed.keras import tf
+from sparse_embed.metrics.sparsity import (  # noqa: F401  (re-exported)
+    SparsityAccumulator,
+    sparsity_stats_np,
+    stats_from_fractions,
+)
 from sparse_embed.registry import Registry
 
 # regularizer(embeddings, cross_replica_mean) -> float32 scalar. The second
@@ -51,12 +55,6 @@ WeightSchedule = Callable[[Any, float, int], tf.Tensor]
 
 REGULARIZERS: Registry[Regularizer] = Registry("sparsity regularizer")
 WEIGHT_SCHEDULES: Registry[WeightSchedule] = Registry("sparsity weight schedule")
-
-# Lower bound of nnz^2 in the R_sub denominator: it only matters when every
-# entry is zero (then FLOPs is 0 too and R_sub is defined as 0); any non-zero
-# batch of fewer than 1e19 vectors has nnz^2 >= 1 / B^2 far above it.
-_TINY = float(np.finfo(np.float32).tiny)
-
 
 # --- regularizers ---------------------------------------------------------------
 
@@ -195,19 +193,6 @@ def sparsity_weight(config: SparsityConfig, step: tf.Tensor | int) -> tf.Tensor:
 # --- statistics -------------------------------------------------------------------
 
 
-def _stats_from_fractions(p: Any, d: Any, reduce_sum: Callable[[Any], Any],
-                          maximum: Callable[[Any, Any], Any]) -> dict[str, Any]:
-    """nnz, FLOPs and R_sub from the per-dimension non-zero fractions p [d].
-
-    Written once for both backends: `reduce_sum` and `maximum` are NumPy's or
-    TensorFlow's.
-    """
-    nnz = reduce_sum(p)
-    flops = reduce_sum(p * p)
-    r_sub = d * flops / maximum(nnz * nnz, _TINY)
-    return {"nnz": nnz, "flops": flops, "r_sub": r_sub}
-
-
 def sparsity_stats(embeddings: tf.Tensor, zero_threshold: float) -> dict[str, tf.Tensor]:
     """Sparsity statistics of a batch, in TensorFlow (for training summaries).
 
@@ -227,68 +212,4 @@ def sparsity_stats(embeddings: tf.Tensor, zero_threshold: float) -> dict[str, tf
     """
     nonzero = tf.abs(tf.cast(embeddings, tf.float32)) > zero_threshold
     p = tf.reduce_mean(tf.cast(nonzero, tf.float32), axis=0)
-    return _stats_from_fractions(p, tf.cast(tf.size(p), tf.float32), tf.reduce_sum, tf.maximum)
-
-
-class SparsityAccumulator:
-    """Sparsity statistics of many embeddings, accumulated chunk by chunk in NumPy.
-
-    Keeps one non-zero count per dimension, so an embedding file far larger
-    than memory is measured exactly by streaming it through `update`.
-
-    Args:
-        zero_threshold: Entries with |e_ij| at or below it count as zero.
-    """
-
-    def __init__(self, zero_threshold: float) -> None:
-        self.zero_threshold = zero_threshold
-        self.count = 0
-        self._nonzero: np.ndarray | None = None
-
-    def update(self, chunk: np.ndarray) -> None:
-        """Adds a chunk of embeddings.
-
-        Args:
-            chunk: [n, d] array (any real dtype); d must match earlier chunks.
-
-        Raises:
-            ValueError: If the chunk is not 2-D or its d differs from earlier chunks'.
-        """
-        chunk = np.asarray(chunk)
-        if chunk.ndim != 2:
-            raise ValueError(f"embeddings must be a 2-D [n, d] array, got shape {chunk.shape}")
-        if self._nonzero is None:
-            self._nonzero = np.zeros(chunk.shape[1], dtype=np.int64)
-        elif chunk.shape[1] != self._nonzero.shape[0]:
-            raise ValueError(
-                f"embedding chunk has d={chunk.shape[1]}, earlier chunks d={self._nonzero.shape[0]}"
-            )
-        self._nonzero += np.count_nonzero(np.abs(chunk) > self.zero_threshold, axis=0)
-        self.count += chunk.shape[0]
-
-    def result(self) -> dict[str, float]:
-        """Returns `nnz`, `flops` and `r_sub` of everything added (see `sparsity_stats`).
-
-        Raises:
-            ValueError: If no embedding was added.
-        """
-        if self._nonzero is None or self.count == 0:
-            raise ValueError("no embeddings were added to the SparsityAccumulator")
-        p = self._nonzero / self.count
-        stats = _stats_from_fractions(p, p.size, np.sum, np.maximum)
-        return {name: float(value) for name, value in stats.items()}
-
-
-def sparsity_stats_np(embeddings: np.ndarray, zero_threshold: float) -> dict[str, float]:
-    """`sparsity_stats` of an in-memory array, in NumPy (for evaluation).
-
-    Args:
-        embeddings: [n, d] array, n >= 1.
-        zero_threshold: Entries with |e_ij| at or below it count as zero.
-
-    Returns:
-        Floats keyed `nnz`, `flops`, `r_sub`.
-    """
-    accumulator = SparsityAccumulator(zero_threshold)
-    accumulator.update(embeddings)
-    return accumulator.result()
+    return stats_from_fractions(p, tf.cast(tf.size(p), tf.float32), tf.reduce_sum, tf.maximum)

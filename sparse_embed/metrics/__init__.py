@@ -3,4 +3,6 @@
 One module per protocol, imported by path, e.g.
 `from sparse_embed.metrics.verification import verification_metrics`:
 `verification` (pairs: k-fold accuracy, ROC, AUC, EER, TAR@FAR).
+`retrieval` (open set: Recall@K, MAP@R, R-precision, Precision@1; `evaluate retrieval`).
+`sparsity` (nnz, FLOPs per pair, R_sub, all-zero embeddings; `evaluate sparsity`).
 """
