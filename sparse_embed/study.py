@@ -1,0 +1,547 @@
+"""Studies that train a grid of models and compare them: the paper's FLOPs-versus-accuracy trade-off.
+
+    python -m sparse_embed.study flops_tradeoff --out=runs/study       (what `make study` runs)
+    python -m sparse_embed.study flops_tradeoff --steps=400 --weights_flops=5,15,50,150 \\
+        --weights_l1=0.1,0.3,1,3 --data_dir=runs/demo/data
+
+`flops_tradeoff` is the central experiment of Paria et al. (ICLR 2020) on the
+synthetic identities: models that differ only in the sparsity regularizer
+(FLOPs or L1) and its weight, plus the dense baseline, each trained from the
+packaged `synthetic/sparse_flops` / `synthetic/dense` configs. Every model
+embeds the held-out identities (the probes, whose verification pairs also give
+the accuracy) and a distractor set of further synthetic identities (disjoint
+from training and probes), and is measured for mean nnz, analytic FLOPs per
+pair and R_sub (`sparse_embed.sparsity`), postings touched per query and
+search ms/query (`SparseIndex` on the distractor search), and identification
+Recall@1 without and with re-ranking by the dense baseline's embeddings of the
+same images (the original protocol: sparse candidates above `--threshold`,
+the best `--rerank_topk` re-scored densely).
+
+Each model is a run directory under `--out`; one whose `study.json` matches
+the current settings is skipped, an unfinished one resumes from its
+checkpoints. The study ends with a table, `<out>/flops_tradeoff.json` and two
+PNGs: Recall@1 against FLOPs per pair, and the sorted per-dimension non-zero
+probability p_j of the FLOPs and L1 models closest in mean nnz.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from absl import app, flags
+
+from sparse_embed.cli import user_errors_exit
+from sparse_embed.errors import ConfigError, DataError
+from sparse_embed.fileio import atomic_path
+from sparse_embed.registry import Registry
+
+# Study name -> its command-line runner (`python -m sparse_embed.study NAME`).
+STUDIES: Registry[Callable[[], None]] = Registry("study")
+
+# The dense baseline and the sparse models start from the demo's two configs;
+# a sparse model overrides only the regularizer and its weight.
+DENSE_CONFIG = "synthetic/dense"
+SPARSE_CONFIG = "synthetic/sparse_flops"
+DENSE = "none"
+# Size of the data set generated when --data_dir has none: the demo's.
+DEMO_DATA = {"num_identities": 500, "images_per_identity": 20, "num_test_identities": 100}
+RESULT_FILE = "study.json"
+TABLE_FILE = "flops_tradeoff.json"
+TRADEOFF_PLOT = "flops_tradeoff.png"
+DIMENSION_PLOT = "dimension_probability.png"
+
+
+@dataclass(frozen=True)
+class GridModel:
+    """One model of the study grid.
+
+    Attributes:
+        regularizer: `flops`, `l1` or `none` (the dense baseline).
+        weight: sparsity.weight (0 for the dense baseline).
+    """
+
+    regularizer: str
+    weight: float
+
+    @property
+    def name(self) -> str:
+        """The run directory's name, e.g. `flops_w15`, `l1_w0.3`, `dense`."""
+        return "dense" if self.regularizer == DENSE else f"{self.regularizer}_w{self.weight:g}"
+
+    @property
+    def label(self) -> str:
+        """How progress lines and plots name it."""
+        return "dense" if self.regularizer == DENSE else f"{self.regularizer} w={self.weight:g}"
+
+
+@dataclass(frozen=True)
+class StudySettings:
+    """What the numbers of a finished model depend on besides its training.
+
+    Attributes:
+        distractor_identities: Synthetic identities of the distractor set.
+        distractor_images: Images per distractor identity.
+        threshold: Sparse candidates must score strictly above it.
+        rerank_topk: Sparse candidates re-scored with the dense embeddings.
+    """
+
+    distractor_identities: int = 600
+    distractor_images: int = 5
+    threshold: float = 0.25
+    rerank_topk: int = 1000
+
+
+_OUT = flags.DEFINE_string("out", "runs/study", "Output directory: one run dir per model, JSON, PNGs.")
+_DATA_DIR = flags.DEFINE_string(
+    "data_dir", "runs/demo/data",
+    "Synthetic data set with TFRecords (the demo's); generated there at the demo's size if missing.")
+_STEPS = flags.DEFINE_integer("steps", 400, "Training steps of every model.")
+_WEIGHTS_FLOPS = flags.DEFINE_list("weights_flops", ["5", "15", "50", "150"],
+                                   "sparsity.weight of the FLOPs-regularized models.")
+_WEIGHTS_L1 = flags.DEFINE_list("weights_l1", ["0.1", "0.3", "1", "3"],
+                                "sparsity.weight of the L1-regularized models.")
+_DISTRACTOR_IDENTITIES = flags.DEFINE_integer(
+    "distractor_identities", StudySettings.distractor_identities,
+    "Synthetic identities of the distractor set (after the training and test ones).")
+_DISTRACTOR_IMAGES = flags.DEFINE_integer("distractor_images", StudySettings.distractor_images,
+                                          "Images per distractor identity.")
+_THRESHOLD = flags.DEFINE_float("threshold", StudySettings.threshold,
+                                "Sparse candidates must score above it (the original --threshold).")
+_RERANK_TOPK = flags.DEFINE_integer("rerank_topk", StudySettings.rerank_topk,
+                                    "Sparse candidates re-scored with the dense embeddings.")
+_SET = flags.DEFINE_multi_string("set", [], "Config override for every model, key.path=value.")
+
+
+def grid(weights_flops: Sequence[float], weights_l1: Sequence[float]) -> list[GridModel]:
+    """The dense baseline first (the others re-rank with it), then FLOPs and L1 models by weight.
+
+    Args:
+        weights_flops: Weights of the FLOPs-regularized models.
+        weights_l1: Weights of the L1-regularized models.
+
+    Raises:
+        ConfigError: If a weight is negative, not finite or repeated.
+    """
+    models = [GridModel(DENSE, 0.0)]
+    for regularizer, weights in (("flops", weights_flops), ("l1", weights_l1)):
+        if len(set(weights)) != len(weights):
+            raise ConfigError(f"--weights_{regularizer} repeats a weight: {list(weights)}")
+        for w in sorted(weights):
+            if not math.isfinite(w) or w < 0:
+                raise ConfigError(f"--weights_{regularizer} must be finite numbers >= 0, got {w}")
+            models.append(GridModel(regularizer, float(w)))
+    return models
+
+
+def model_config(model: GridModel, steps: int, overrides: Sequence[str] = ()) -> Any:
+    """The config of one grid model: the packaged config, its regularizer, `steps` and `overrides`.
+
+    The regularizer's quadratic warm-up keeps the packaged proportion of the
+    run (half of it), so a shorter study sparsifies as the demo does.
+
+    Args:
+        model: The grid model.
+        steps: Training steps.
+        overrides: Further `key.path=value` overrides, applied to every model.
+
+    Returns:
+        The resolved `Config`.
+    """
+    from sparse_embed.config import load_config
+
+    if steps < 1:
+        raise ConfigError(f"--steps must be at least 1, got {steps}")
+    schedule = [f"train.steps={steps}"]
+    if model.regularizer == DENSE:
+        return load_config(DENSE_CONFIG, [*schedule, *overrides])
+    return load_config(SPARSE_CONFIG, [
+        *schedule, f"sparsity.type={model.regularizer}", f"sparsity.weight={model.weight!r}",
+        f"sparsity.warmup_steps={steps // 2}", *overrides])
+
+
+def prepare_data(data_dir: Path) -> dict[str, Any]:
+    """Generates the demo's synthetic data set and TFRecords in `data_dir` unless they are there.
+
+    Args:
+        data_dir: The data directory (train/, test/, pairs.txt, tfrecords/).
+
+    Returns:
+        Its synthetic.json parameters.
+    """
+    meta = data_dir / "synthetic.json"
+    if not meta.is_file():
+        from sparse_embed.data.synthetic import generate
+
+        generate(data_dir, DEMO_DATA["num_identities"], DEMO_DATA["images_per_identity"],
+                 DEMO_DATA["num_test_identities"], seed=0, workers=2)
+    if not (data_dir / "tfrecords" / "labels.txt").is_file():
+        from sparse_embed.data.tfrecord import build_tfrecords
+
+        build_tfrecords(data_dir / "train", data_dir / "tfrecords", name="train", num_shards=8,
+                        num_workers=2, seed=0)
+    try:
+        return json.loads(meta.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise DataError(f"{meta} is not a synthetic.json ({e}); point --data_dir at a synthetic "
+                        f"data set") from e
+
+
+def prepare_distractors(data: dict[str, Any], out: Path, identities: int, images: int) -> Path:
+    """Renders the distractor images: identities after the data set's training and test ones.
+
+    Identity indices continue after the data set's (`num_identities +
+    num_test_identities` on), with its seed and image size, so no distractor
+    is a training identity or a probe. Reused when already rendered.
+
+    Args:
+        data: The data set's synthetic.json parameters.
+        out: Study output directory; the images go to `out/distractors/id_NNNNN/K.jpg`.
+        identities: Distractor identities.
+        images: Images per distractor identity.
+
+    Returns:
+        The distractor image folder.
+    """
+    from sparse_embed.data.synthetic import encode_jpeg, identity_name, render_image
+
+    if identities < 1 or images < 1:
+        raise ConfigError(f"--distractor_identities and --distractor_images must be at least 1, "
+                          f"got {identities} and {images}")
+    first = int(data["num_identities"]) + int(data["num_test_identities"])
+    wanted = {"seed": data["seed"], "image_size": data["image_size"], "first_identity": first,
+              "identities": identities, "images_per_identity": images}
+    folder = out / "distractors"
+    meta = folder / "distractors.json"
+    if meta.is_file() and json.loads(meta.read_text()) == wanted:
+        return folder
+    with atomic_path(folder) as tmp:
+        for i in range(first, first + identities):
+            (tmp / identity_name(i)).mkdir(parents=True)
+            for k in range(images):
+                pixels = render_image(data["seed"], i, k, data["image_size"])
+                (tmp / identity_name(i) / f"{k}.jpg").write_bytes(encode_jpeg(pixels))
+        (tmp / "distractors.json").write_text(json.dumps(wanted, indent=2) + "\n")
+    return folder
+
+
+def image_list(root: Path) -> tuple[list[str], list[int]]:
+    """The images of a folder-per-identity tree, labelled by global identity index (`id_00042` -> 42).
+
+    Probes and distractors then never share a label.
+
+    Args:
+        root: Folder with one `id_NNNNN` sub-folder per identity.
+    """
+    from sparse_embed.data import image_folder
+
+    paths, labels, names = image_folder(root)
+    try:
+        index = [int(name.removeprefix("id_")) for name in names]
+    except ValueError as e:
+        raise DataError(f"{root} holds a folder not named id_NNNNN ({e}); point --data_dir at a "
+                        f"synthetic data set") from e
+    return paths, [index[label] for label in labels]
+
+
+def embed_images(backbone: Any, config: Any, paths: Sequence[str], labels: Sequence[int]) -> Any:
+    """Embeds image files with the run's eval settings (batch size, flip mode).
+
+    Args:
+        backbone: images -> embeddings.
+        config: The run config.
+        paths: Image files.
+        labels: One label per file.
+
+    Returns:
+        `Embeddings`, in the order of `paths`.
+
+    Raises:
+        DataError: If an image does not decode.
+    """
+    from sparse_embed.data.pipeline import files_dataset, missing_paths
+    from sparse_embed.inference import embed_dataset
+
+    dataset = files_dataset(paths, labels, config.eval.batch_size, config.model.input_shape)
+    embedded = embed_dataset(backbone, dataset, config.eval.flip, total=len(paths))
+    unreadable = missing_paths(paths, embedded.filename)
+    if unreadable:
+        raise DataError(f"{len(unreadable)} image(s) do not decode, first: {unreadable[0]}; "
+                        f"delete the folder to render it again")
+    return embedded
+
+
+def nonzero_probability(embeddings: np.ndarray, zero_threshold: float) -> np.ndarray:
+    """p_j: the fraction of embeddings whose dimension j is above `zero_threshold` in magnitude.
+
+    Args:
+        embeddings: [n, d].
+        zero_threshold: Entries with |e_ij| at or below it count as zero.
+
+    Returns:
+        float64 [d].
+    """
+    return np.mean(np.abs(embeddings) > zero_threshold, axis=0)
+
+
+def measure_model(config: Any, probes: Any, distractors: Any, dense_probes: Any,
+                  dense_distractors: Any, settings: StudySettings) -> dict[str, Any]:
+    """Sparsity and identification figures of one model's embeddings.
+
+    Args:
+        config: The model's run config (its zero threshold).
+        probes: `Embeddings` of the held-out identities' images.
+        distractors: `Embeddings` of the distractor images.
+        dense_probes: The dense baseline's `Embeddings` of the same probe images.
+        dense_distractors: The dense baseline's `Embeddings` of the same distractor images.
+        settings: Threshold and re-ranking depth.
+
+    Returns:
+        mean_nnz, flops_per_pair, r_sub, p_j (over probes and distractors together),
+        recall@1, recall@1_rerank, postings_per_query, candidates_per_query and
+        search_ms_per_query (of the sparse search over every distractor).
+    """
+    from sparse_embed.metrics.identification import evaluate_identification
+    from sparse_embed.sparsity import sparsity_stats_np
+
+    zero_threshold = config.sparsity.zero_threshold
+    every = np.concatenate([probes.embedding, distractors.embedding])
+    stats = sparsity_stats_np(every, zero_threshold)
+    n = len(distractors.embedding)
+    result = evaluate_identification(
+        probes, distractors, dense_probes=dense_probes, dense_distractors=dense_distractors,
+        threshold=settings.threshold, rerank_topk=settings.rerank_topk, ranks=(1,),
+        distractor_counts=(n,), zero_threshold=zero_threshold, num_threads=1, seed=0)
+    rows = {row["method"]: row for row in result["rows"] if row["distractors"] == n}
+    sparse, rerank = rows["sparse"], rows["sparse+rerank"]
+    return {
+        "mean_nnz": stats["nnz"],
+        "flops_per_pair": stats["flops"],
+        "r_sub": stats["r_sub"],
+        "postings_per_query": float(sparse["postings_per_query"]),
+        "candidates_per_query": float(sparse["candidates_per_query"]),
+        "recall@1": float(sparse["recall@1"]),
+        "recall@1_rerank": float(rerank["recall@1"]),
+        "search_ms_per_query": float(sparse["ms_per_query"]),
+        "p_j": nonzero_probability(every, zero_threshold).tolist(),
+    }
+
+
+def _changed_key(saved: Any, wanted: Any) -> str | None:
+    """The first dotted config key whose value differs between two configs, or None."""
+    from sparse_embed.config import config_to_dict
+
+    def flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+        items: dict[str, Any] = {}
+        for key, value in tree.items():
+            if isinstance(value, dict):
+                items.update(flat(value, f"{prefix}{key}."))
+            else:
+                items[prefix + key] = value
+        return items
+
+    a, b = flat(config_to_dict(saved)), flat(config_to_dict(wanted))
+    return next((f"{k}: {a.get(k)!r} there, {b.get(k)!r} now" for k in sorted(a.keys() | b.keys())
+                 if a.get(k) != b.get(k)), None)
+
+
+def _check_run(run_dir: Path, config: Any) -> None:
+    """Refuses to resume a run dir that was trained with another config."""
+    from sparse_embed.config import config_from_model_dir
+
+    if not (run_dir / "config.yaml").is_file():
+        return
+    changed = _changed_key(config_from_model_dir(run_dir), config)
+    if changed is not None:
+        raise ConfigError(f"{run_dir} was trained with another config ({changed}); pass another "
+                          f"--out or remove {run_dir}")
+
+
+def _finished(run_dir: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
+    """The saved result of a run measured with `settings`, or None."""
+    path = run_dir / RESULT_FILE
+    if not path.is_file():
+        return None
+    saved = json.loads(path.read_text())
+    return saved if saved.get("settings") == settings else None
+
+
+def matched_pair(rows: Sequence[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """The FLOPs and L1 rows whose mean nnz are closest (relative difference), or None.
+
+    Args:
+        rows: Result rows with `regularizer` and `mean_nnz`.
+    """
+    candidates = [(f, l1) for f in rows if f["regularizer"] == "flops"
+                  for l1 in rows if l1["regularizer"] == "l1"]
+    if not candidates:
+        return None
+    # Ratio, not difference: nnz 10 against 20 is as far apart as 100 against 200.
+    return min(candidates, key=lambda pair: abs(math.log(max(pair[0]["mean_nnz"], 1e-9)
+                                                         / max(pair[1]["mean_nnz"], 1e-9))))
+
+
+TABLE_COLUMNS = (("mean_nnz", "nnz", ".1f"), ("flops_per_pair", "FLOPs/pair", ".3g"),
+                 ("postings_per_query", "postings/q", ".4g"), ("r_sub", "R_sub", ".3f"),
+                 ("accuracy", "accuracy", ".4f"), ("recall@1", "R@1", ".4f"),
+                 ("recall@1_rerank", "R@1 rerank", ".4f"), ("search_ms_per_query", "ms/query", ".3f"))
+
+
+def format_table(rows: Sequence[dict[str, Any]]) -> str:
+    """The study's summary table, one model per line.
+
+    Args:
+        rows: Result rows (`model` and the `TABLE_COLUMNS` keys).
+    """
+    first = max(5, *(len(r["model"]) for r in rows))
+    widths = [max(10, len(title)) for _, title, _ in TABLE_COLUMNS]
+    head = f"{'model':<{first}}" + "".join(
+        f"  {title:>{w}}" for (_, title, _), w in zip(TABLE_COLUMNS, widths, strict=True))
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r['model']:<{first}}" + "".join(
+            f"  {r[key]:>{w}{fmt}}" for (key, _, fmt), w in zip(TABLE_COLUMNS, widths, strict=True)))
+    return "\n".join(lines) + "\n"
+
+
+def flops_tradeoff(data_dir: str | Path, out: str | Path, weights_flops: Sequence[float],
+                   weights_l1: Sequence[float], steps: int, settings: StudySettings | None = None,
+                   overrides: Sequence[str] = (), verbose: int = 0) -> dict[str, Any]:
+    """Trains and measures the grid, writes `<out>/flops_tradeoff.json` and the two plots.
+
+    Args:
+        data_dir: Synthetic data set with TFRecords (generated at the demo's size if missing).
+        out: Output directory: one run dir per model, the distractor images, JSON, PNGs.
+        weights_flops: Weights of the FLOPs-regularized models.
+        weights_l1: Weights of the L1-regularized models.
+        steps: Training steps of every model.
+        settings: Distractor set, threshold and re-ranking depth; None: the defaults.
+        overrides: `key.path=value` config overrides applied to every model.
+        verbose: Training output: 0 silent, 1 progress bar, 2 a line every log_every steps.
+
+    Returns:
+        The JSON document: `settings`, `models` (one row per model),
+        `matched_nnz` (the FLOPs and L1 models of the p_j plot).
+    """
+    from sparse_embed.data.embeddings import read_hdf5, write_hdf5
+    from sparse_embed.data.verification import read_pairs
+    from sparse_embed.inference import evaluate_verification, load_backbone
+    from sparse_embed.plots import plot_dimension_probability, plot_flops_tradeoff
+    from sparse_embed.training.trainer import train
+
+    settings = settings or StudySettings()
+    data_dir, out = Path(data_dir), Path(out)
+    models = grid(weights_flops, weights_l1)
+    configs = {m: model_config(m, steps, overrides) for m in models}
+    data = prepare_data(data_dir)
+    distractor_dir = prepare_distractors(data, out, settings.distractor_identities,
+                                         settings.distractor_images)
+    probe_list, distractor_list = image_list(data_dir / "test"), image_list(distractor_dir)
+    # What a saved result depends on beyond its run's config (checked by _check_run).
+    measured_with = {"data_dir": str(data_dir), "probes": len(probe_list[0]),
+                     "distractors": len(distractor_list[0]), "threshold": settings.threshold,
+                     "rerank_topk": settings.rerank_topk}
+    pairs = None
+    dense: tuple[Any, Any] | None = None
+    rows: list[dict[str, Any]] = []
+    p_j: dict[str, np.ndarray] = {}
+    for position, model in enumerate(models, 1):
+        run_dir, config = out / model.name, configs[model]
+        prefix = f"[{position}/{len(models)}] {model.label}:"
+        _check_run(run_dir, config)
+        result = _finished(run_dir, measured_with)
+        if result is not None:
+            print(f"{prefix} skipped, finished in {run_dir}", flush=True)
+        else:
+            start = time.perf_counter()
+            trained = train(config, data_dir, run_dir, verbose=verbose)
+            train_seconds = time.perf_counter() - start
+            backbone, _ = load_backbone(run_dir)
+            probes = embed_images(backbone, config, *probe_list)
+            distractors = embed_images(backbone, config, *distractor_list)
+            write_hdf5(run_dir / "probes.hdf5", probes)
+            write_hdf5(run_dir / "distractors.hdf5", distractors)
+            if dense is None:
+                # The dense baseline comes first, so its files exist from here on.
+                dense = (read_hdf5(out / models[0].name / "probes.hdf5"),
+                         read_hdf5(out / models[0].name / "distractors.hdf5"))
+            if pairs is None:
+                pairs = read_pairs(data_dir / config.data.pairs, data_dir / config.data.pairs_images)
+            verification, _ = evaluate_verification(backbone, config, pairs)
+            result = {
+                "settings": measured_with,
+                "row": {"model": model.name, "regularizer": model.regularizer,
+                        "weight": model.weight, "steps": trained.step,
+                        "embedding_size": int(probes.embedding.shape[1]),
+                        "accuracy": float(verification["accuracy"]),
+                        **measure_model(config, probes, distractors, *dense, settings)},
+            }
+            with atomic_path(run_dir / RESULT_FILE) as tmp:
+                tmp.write_text(json.dumps(result, indent=1))
+            row = result["row"]
+            print(f"{prefix} {train_seconds:.0f} s, nnz {row['mean_nnz']:.1f}, FLOPs/pair "
+                  f"{row['flops_per_pair']:.3g}, R_sub {row['r_sub']:.3f}, accuracy "
+                  f"{row['accuracy']:.4f}, R@1 {row['recall@1']:.4f} (re-ranked "
+                  f"{row['recall@1_rerank']:.4f}), {run_dir}", flush=True)
+        row = dict(result["row"])
+        p_j[model.name] = np.asarray(row.pop("p_j"))
+        rows.append(row)
+
+    matched = matched_pair(rows)
+    document: dict[str, Any] = {"settings": {**measured_with, "steps": steps}, "models": rows,
+                                "matched_nnz": None}
+    plot_flops_tradeoff(rows, out / TRADEOFF_PLOT,
+                        title=f"Synthetic identities, {measured_with['distractors']} distractors")
+    if matched is not None:
+        flops_row, l1_row = matched
+        document["matched_nnz"] = {"flops": flops_row["model"], "l1": l1_row["model"]}
+        plot_dimension_probability(
+            {f"FLOPs w={flops_row['weight']:g} (nnz {flops_row['mean_nnz']:.1f}, R_sub "
+             f"{flops_row['r_sub']:.2f})": p_j[flops_row["model"]],
+             f"L1 w={l1_row['weight']:g} (nnz {l1_row['mean_nnz']:.1f}, R_sub "
+             f"{l1_row['r_sub']:.2f})": p_j[l1_row["model"]]},
+            out / DIMENSION_PLOT, title="Non-zero probability per dimension at matched mean nnz")
+    with atomic_path(out / TABLE_FILE) as tmp:
+        tmp.write_text(json.dumps(document, indent=2))
+    print("\n" + format_table(rows))
+    written = [TABLE_FILE, TRADEOFF_PLOT] + ([DIMENSION_PLOT] if matched is not None else [])
+    print("wrote " + ", ".join(str(out / name) for name in written))
+    return document
+
+
+def _weights(values: Sequence[str], flag: str) -> list[float]:
+    try:
+        return [float(v) for v in values]
+    except ValueError as e:
+        raise ConfigError(f"--{flag} must be a comma-separated list of numbers, got "
+                          f"{','.join(values)}") from e
+
+
+@STUDIES.register("flops_tradeoff")
+def _run_flops_tradeoff() -> None:
+    import sys
+
+    settings = StudySettings(_DISTRACTOR_IDENTITIES.value, _DISTRACTOR_IMAGES.value,
+                             _THRESHOLD.value, _RERANK_TOPK.value)
+    flops_tradeoff(_DATA_DIR.value, _OUT.value, _weights(_WEIGHTS_FLOPS.value, "weights_flops"),
+                   _weights(_WEIGHTS_L1.value, "weights_l1"), _STEPS.value, settings, _SET.value,
+                   verbose=1 if sys.stdout.isatty() else 2)
+
+
+@user_errors_exit
+def main(argv: list[str]) -> None:
+    """Runs the study named on the command line."""
+    if len(argv) != 2:
+        raise ConfigError(f"name one study: python -m sparse_embed.study NAME [flags]; valid: "
+                          f"{', '.join(STUDIES.names())}")
+    STUDIES.get(argv[1])()
+
+
+if __name__ == "__main__":
+    app.run(main)
