@@ -277,19 +277,6 @@ def embed_images(backbone: Any, config: Any, paths: Sequence[str], labels: Seque
     return embedded
 
 
-def nonzero_probability(embeddings: np.ndarray, zero_threshold: float) -> np.ndarray:
-    """p_j: the fraction of embeddings whose dimension j is above `zero_threshold` in magnitude.
-
-    Args:
-        embeddings: [n, d].
-        zero_threshold: Entries with |e_ij| at or below it count as zero.
-
-    Returns:
-        float64 [d].
-    """
-    return np.mean(np.abs(embeddings) > zero_threshold, axis=0)
-
-
 def measure_model(config: Any, probes: Any, distractors: Any, dense_probes: Any,
                   dense_distractors: Any, settings: StudySettings) -> dict[str, Any]:
     """Sparsity and identification figures of one model's embeddings.
@@ -308,11 +295,12 @@ def measure_model(config: Any, probes: Any, distractors: Any, dense_probes: Any,
         search_ms_per_query (of the sparse search over every distractor).
     """
     from sparse_embed.metrics.identification import evaluate_identification
-    from sparse_embed.sparsity import sparsity_stats_np
+    from sparse_embed.metrics.sparsity import sparsity_profile
 
     zero_threshold = config.sparsity.zero_threshold
-    every = np.concatenate([probes.embedding, distractors.embedding])
-    stats = sparsity_stats_np(every, zero_threshold)
+    profile = sparsity_profile(np.concatenate([probes.embedding, distractors.embedding]),
+                               zero_threshold)
+    stats = profile.stats()
     n = len(distractors.embedding)
     result = evaluate_identification(
         probes, distractors, dense_probes=dense_probes, dense_distractors=dense_distractors,
@@ -329,7 +317,7 @@ def measure_model(config: Any, probes: Any, distractors: Any, dense_probes: Any,
         "recall@1": float(sparse["recall@1"]),
         "recall@1_rerank": float(rerank["recall@1"]),
         "search_ms_per_query": float(sparse["ms_per_query"]),
-        "p_j": nonzero_probability(every, zero_threshold).tolist(),
+        "p_j": profile.nonzero_fraction.tolist(),
     }
 
 
