@@ -7,7 +7,7 @@ PYTEST_ARGS ?=
 MEGAFACE_BIN ?= data/megaface/megaface_distractors.bin
 FACESCRUB_BIN ?= data/megaface/facescrub.bin
 
-.PHONY: install horovod test test-fast demo bench bench-train bench-pipeline bench-tflite bench-compression lint runmegaface runfacescrub clean
+.PHONY: install horovod test test-fast demo study bench bench-train bench-pipeline bench-tflite bench-compression lint runmegaface runfacescrub clean
 
 install: $(VENV)/.installed
 
@@ -36,6 +36,13 @@ test-fast: install horovod
 
 demo: install
 	$(PY) -m sparse_embed.demo --out=runs/demo
+
+# The paper's FLOPs-versus-accuracy study on the demo's data (generated if missing; about 30 minutes
+# on 2 cores, resumable); its two plots are the README's docs/figures.
+study: install
+	$(PY) -m sparse_embed.study flops_tradeoff --out=runs/study --data_dir=runs/demo/data
+	mkdir -p docs/figures
+	cp runs/study/flops_tradeoff.png runs/study/dimension_probability.png docs/figures/
 
 bench: install
 	$(PY) benchmarks/search_bench.py

@@ -1,7 +1,7 @@
 """Studies that train a grid of models and compare them: the paper's FLOPs-versus-accuracy trade-off.
 
     python -m sparse_embed.study flops_tradeoff --out=runs/study       (what `make study` runs)
-    python -m sparse_embed.study flops_tradeoff --steps=400 --weights_flops=5,15,50,150 \\
+    python -m sparse_embed.study flops_tradeoff --steps=500 --weights_flops=5,15,50,150 \\
         --weights_l1=0.1,0.3,1,3 --data_dir=runs/demo/data
 
 `flops_tradeoff` is the central experiment of Paria et al. (ICLR 2020) on the
@@ -102,7 +102,7 @@ _OUT = flags.DEFINE_string("out", "runs/study", "Output directory: one run dir p
 _DATA_DIR = flags.DEFINE_string(
     "data_dir", "runs/demo/data",
     "Synthetic data set with TFRecords (the demo's); generated there at the demo's size if missing.")
-_STEPS = flags.DEFINE_integer("steps", 400, "Training steps of every model.")
+_STEPS = flags.DEFINE_integer("steps", 500, "Training steps of every model.")
 _WEIGHTS_FLOPS = flags.DEFINE_list("weights_flops", ["5", "15", "50", "150"],
                                    "sparsity.weight of the FLOPs-regularized models.")
 _WEIGHTS_L1 = flags.DEFINE_list("weights_l1", ["0.1", "0.3", "1", "3"],
@@ -473,7 +473,8 @@ def flops_tradeoff(data_dir: str | Path, out: str | Path, weights_flops: Sequenc
             with atomic_path(run_dir / RESULT_FILE) as tmp:
                 tmp.write_text(json.dumps(result, indent=1))
             row = result["row"]
-            print(f"{prefix} {train_seconds:.0f} s, nnz {row['mean_nnz']:.1f}, FLOPs/pair "
+            print(f"{prefix} trained {trained.step - trained.resumed_from} steps in "
+                  f"{train_seconds:.0f} s, nnz {row['mean_nnz']:.1f}, FLOPs/pair "
                   f"{row['flops_per_pair']:.3g}, R_sub {row['r_sub']:.3f}, accuracy "
                   f"{row['accuracy']:.4f}, R@1 {row['recall@1']:.4f} (re-ranked "
                   f"{row['recall@1_rerank']:.4f}), {run_dir}", flush=True)
