@@ -5,4 +5,5 @@ One module per protocol, imported by path, e.g.
 `verification` (pairs: k-fold accuracy, ROC, AUC, EER, TAR@FAR).
 `retrieval` (open set: Recall@K, MAP@R, R-precision, Precision@1; `evaluate retrieval`).
 `sparsity` (nnz, FLOPs per pair, R_sub, all-zero embeddings; `evaluate sparsity`).
+`identification` (MegaFace distractors: CMC, Recall@K of sparse, dense, re-ranked; `evaluate identification`).
 """
