@@ -22,6 +22,7 @@ import yaml
 
 from sparse_embed.errors import ConfigError
 from sparse_embed.fileio import atomic_path
+from sparse_embed.registry import Registry
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -270,19 +271,99 @@ class DistributedConfig:
     scale_lr: bool = False
 
 
+# Metrics `eval.keep_best` may choose, and which way is better: higher (`max`) or lower (`min`).
+BEST_METRICS: Registry[str] = Registry("eval.keep_best metric")
+for _name in ("accuracy", "auc", "tar@far=1e-3"):
+    BEST_METRICS.register(_name)("max")
+for _name in ("eer", "mean_nnz", "flops_per_pair"):
+    BEST_METRICS.register(_name)("min")
+
+
+@dataclass(frozen=True)
+class EvalSetConfig:
+    """One verification set evaluated during training (an item of `eval.sets`).
+
+    A set is either a pairs file with its image root or an InsightFace `.bin`
+    pack; with neither, it is the run's own `data.pairs` under
+    `data.pairs_images`. In YAML a bare name is short for a set with only a
+    name: `sets: [lfw]` evaluates the run's own pairs as `lfw`.
+
+    Attributes:
+        name: The set's name in the TensorBoard tags (`eval/<name>/accuracy`)
+            and in `eval.keep_best`.
+        pairs: LFW-format pairs file, relative to `--data_dir`; empty with an
+            empty `bin`: `data.pairs`.
+        images: Image root of the pairs, relative to `--data_dir`; empty: `data.pairs_images`.
+        bin: InsightFace verification pack (`lfw.bin`, `cfp_fp.bin`), relative to `--data_dir`.
+    """
+
+    name: str = ""
+    pairs: str = ""
+    images: str = ""
+    bin: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.name or "/" in self.name:
+            raise ConfigError(f"every item of eval.sets needs a name without '/' (it becomes the "
+                              f"tag eval/<name>/accuracy); got {self.name!r}")
+        if self.bin and (self.pairs or self.images):
+            raise ConfigError(f"eval.sets item {self.name!r} sets both bin and pairs/images; a set "
+                              f"is either a .bin pack or a pairs file with its images")
+
+
 @dataclass(frozen=True)
 class EvalConfig:
-    """Embedding extraction and evaluation.
+    """Embedding extraction and evaluation, after training and during it.
 
     Attributes:
         batch_size: Images per embedding batch.
-        flip: Flip test-time augmentation: `none` | `sum` | `concat`.
+        flip: Flip test-time augmentation: `none` | `sum` | `concat`. Evaluation
+            during training embeds with flip-sum when this is `none`.
         nfolds: Folds of the verification protocol.
+        every_steps: Evaluate `sets` every this many steps and at the end of
+            training; 0 turns evaluation during training off.
+        sets: The verification sets evaluated during training.
+        keep_best: `<set>/<metric>` (e.g. `lfw/accuracy`): keep the backbone of
+            the best evaluation in `model_dir/best/`; the metric is one of
+            `BEST_METRICS`, which says whether higher or lower is better. Empty: off.
     """
 
     batch_size: int = 128
     flip: str = "none"
     nfolds: int = 10
+    every_steps: int = 0
+    sets: tuple[EvalSetConfig, ...] = (EvalSetConfig(name="lfw"),)
+    keep_best: str = ""
+
+    def __post_init__(self) -> None:
+        names = [s.name for s in self.sets]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ConfigError(f"eval.sets names {', '.join(repeated)} more than once; give every "
+                              f"set its own name")
+        if self.every_steps and not self.sets:
+            raise ConfigError("eval.every_steps needs at least one set in eval.sets, e.g. "
+                              "eval.sets=[lfw] for the run's own data.pairs")
+        if not self.keep_best:
+            return
+        if not self.every_steps:
+            raise ConfigError(f"eval.keep_best={self.keep_best} needs evaluation during training; "
+                              f"set eval.every_steps > 0")
+        set_name, sep, metric = self.keep_best.partition("/")
+        if not sep or set_name not in names:
+            raise ConfigError(f"eval.keep_best={self.keep_best} must be <set>/<metric> with a set of "
+                              f"eval.sets ({', '.join(names)}), e.g. {names[0]}/accuracy")
+        BEST_METRICS.get(metric)
+
+    @property
+    def best_set(self) -> str:
+        """The set `keep_best` chooses by (empty when it is off)."""
+        return self.keep_best.partition("/")[0]
+
+    @property
+    def best_metric(self) -> str:
+        """The metric `keep_best` chooses by (empty when it is off)."""
+        return self.keep_best.partition("/")[2]
 
 
 @dataclass(frozen=True)
@@ -356,6 +437,10 @@ _CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 
+# Lists of sections whose items may be given as one string: the value of this key.
+_SCALAR_FORMS: dict[str, str] = {"eval.sets": "name"}
+
+
 # Numeric ranges, checked with the types, so `train.batch_size=-4` is one line
 # before TensorFlow starts rather than a traceback from deep inside it.
 _AT_LEAST_1 = (lambda v: v >= 1, ">= 1")
@@ -403,6 +488,7 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "train.keep_checkpoints": _AT_LEAST_1,
     "eval.batch_size": _AT_LEAST_1,
     "eval.nfolds": _AT_LEAST_1,
+    "eval.every_steps": _NON_NEGATIVE,
     "compression.bits": (lambda v: 2 <= v <= 8, "in [2, 8]"),
     "compression.activation_bits": (lambda v: 2 <= v <= 8, "in [2, 8]"),
     "compression.target_sparsity": (lambda v: 0 <= v < 1, "in [0, 1)"),
@@ -441,6 +527,9 @@ def _unknown_key(path: str) -> ConfigError:
             break
         known.append(part)
         cls = fields[part]
+        if typing.get_origin(cls) is tuple:
+            # A list of sections (`eval.sets`): its items' keys follow the list's.
+            cls = next(a for a in typing.get_args(cls) if a is not Ellipsis)
     return ConfigError(f"unknown config key {path!r}")
 
 
@@ -451,6 +540,10 @@ def _coerce(path: str, value: Any, typ: Any) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"config key {path!r} expects a list, got {value!r}")
         (item,) = {a for a in typing.get_args(typ) if a is not Ellipsis}
+        if dataclasses.is_dataclass(item):
+            key = _SCALAR_FORMS.get(path)
+            return tuple(_build(item, {key: v} if key and isinstance(v, str) else v, path + ".")
+                         for v in value)
         return tuple(_coerce(path, v, item) for v in value)
     if origin in (typing.Union, types.UnionType):
         raise ConfigError(f"config key {path!r} has an unsupported type {typ}")

@@ -9,7 +9,7 @@ every zero of a sparse embedding a zero.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +27,6 @@ from sparse_embed.models import build_model
 from sparse_embed.registry import Registry
 from sparse_embed.search import SparseIndex
 from sparse_embed.sparsity import sparsity_stats_np
-from sparse_embed.training.trainer import CHECKPOINT_DIR, checkpoint_for
 
 # How the embeddings of an image and of its mirror image are combined.
 FLIP_MODES: Registry = Registry("flip mode")
@@ -57,9 +56,12 @@ def load_backbone(model_dir: str | os.PathLike, untrained: bool = False) -> tupl
         ConfigError: If `model_dir` has no config.yaml.
         DataError: If it has no checkpoint.
     """
+    # Imported here: the trainer's evaluation callback imports this module.
+    from sparse_embed.training.trainer import CHECKPOINT_DIR, checkpoint_for
+
     config = config_from_model_dir(model_dir)
     keras.utils.set_random_seed(config.train.seed)
-    backbone = compression.compress(build_model(config.model), config.compression, config.train.steps)
+    backbone = build_backbone(config)
     if not untrained:
         latest = tf.train.latest_checkpoint(str(Path(model_dir) / CHECKPOINT_DIR))
         if latest is None:
@@ -67,6 +69,63 @@ def load_backbone(model_dir: str | os.PathLike, untrained: bool = False) -> tupl
         checkpoint_for(backbone).restore(latest).expect_partial()
         compression.after_restore(backbone)
     return backbone, config
+
+
+def save_backbone(backbone: keras.Model, model_dir: str | os.PathLike, step: int) -> Path:
+    """Writes a backbone-only checkpoint where `load_backbone` looks for one.
+
+    With the run's config.yaml beside it, `model_dir` is then a model
+    directory `embed`, `evaluate` and `export` read.
+
+    Args:
+        backbone: A backbone built by `build_backbone` (or restored by `load_backbone`).
+        model_dir: The directory; the checkpoint goes into its checkpoints/.
+        step: The training step the weights are from (the checkpoint's number).
+
+    Returns:
+        The checkpoint's path prefix.
+    """
+    from sparse_embed.training.trainer import CHECKPOINT_DIR, checkpoint_for
+
+    manager = tf.train.CheckpointManager(checkpoint_for(backbone),
+                                         str(Path(model_dir) / CHECKPOINT_DIR), max_to_keep=1)
+    return Path(manager.save(checkpoint_number=step))
+
+
+def build_backbone(config: Config) -> keras.Model:
+    """Builds a run's backbone with its compression: the structure its checkpoints hold.
+
+    Args:
+        config: The run config (`model`, `compression`, `train.steps`).
+
+    Returns:
+        A float32 backbone with fresh weights.
+    """
+    return compression.compress(build_model(config.model), config.compression, config.train.steps)
+
+
+def embedding_function(backbone: keras.Model, flip: str = "none") -> Callable[[tf.Tensor], tf.Tensor]:
+    """Returns images -> L2-normalised embeddings, traced once for every batch size.
+
+    The function reads the backbone's variables when called, so it follows
+    weights assigned after it was made.
+
+    Args:
+        backbone: images -> embeddings.
+        flip: Flip test-time augmentation: `none`, `sum` or `concat`.
+    """
+    combine = FLIP_MODES.get(flip)
+    size = backbone.input_shape[1:]
+
+    # Any batch size, so the smaller last batch reuses the one trace.
+    @tf.function(input_signature=[tf.TensorSpec([None, *size], tf.float32)])
+    def step(images: tf.Tensor) -> tf.Tensor:
+        e = backbone(images, training=False)
+        if combine is not None:
+            e = combine(e, backbone(tf.image.flip_left_right(images), training=False))
+        return tf.math.l2_normalize(e, axis=-1)
+
+    return step
 
 
 def embed_dataset(backbone: keras.Model, dataset: tf.data.Dataset, flip: str = "none",
@@ -82,17 +141,21 @@ def embed_dataset(backbone: keras.Model, dataset: tf.data.Dataset, flip: str = "
     Returns:
         The L2-normalised embeddings in dataset order.
     """
-    combine = FLIP_MODES.get(flip)
-    size = backbone.input_shape[1:]
+    return embed_with(embedding_function(backbone, flip), dataset, total)
 
-    # Any batch size, so the smaller last batch reuses the one trace.
-    @tf.function(input_signature=[tf.TensorSpec([None, *size], tf.float32)])
-    def step(images: tf.Tensor) -> tf.Tensor:
-        e = backbone(images, training=False)
-        if combine is not None:
-            e = combine(e, backbone(tf.image.flip_left_right(images), training=False))
-        return tf.math.l2_normalize(e, axis=-1)
 
+def embed_with(step: Callable[[tf.Tensor], tf.Tensor], dataset: tf.data.Dataset,
+               total: int | None = None) -> Embeddings:
+    """`embed_dataset` with an `embedding_function` made once and reused.
+
+    Args:
+        step: images -> L2-normalised embeddings (`embedding_function`).
+        dataset: Batches of (float32 images in [-1, 1], int labels, string file names).
+        total: Number of images, for the progress bar.
+
+    Returns:
+        The embeddings in dataset order.
+    """
     chunks, labels, names = [], [], []
     # disable=None: a bar on a terminal, nothing in log files.
     with tqdm(total=total, desc="embed", unit="img", leave=False, disable=None) as bar:
@@ -150,27 +213,52 @@ def _pair_scores(emb: np.ndarray, left: np.ndarray, right: np.ndarray) -> np.nda
     return np.sum(emb[left] * emb[right], axis=1)
 
 
-def _verify(backbone: keras.Model, config: Config, emb: np.ndarray, left: np.ndarray,
-            right: np.ndarray, issame: np.ndarray, fold: np.ndarray,
-            threshold_pairs: Pairs | None) -> tuple[dict[str, float | str], np.ndarray]:
-    """Scores the pairs (left[i], right[i]) of embeddings `emb` and measures them."""
+def pair_results(emb: np.ndarray, left: np.ndarray, right: np.ndarray, issame: np.ndarray,
+                 fold: np.ndarray, zero_threshold: float,
+                 threshold_pairs: tuple[np.ndarray, np.ndarray] | None = None
+                 ) -> tuple[dict[str, float | str], np.ndarray]:
+    """Verification and sparsity results of the pairs (emb[left[i]], emb[right[i]]).
+
+    Args:
+        emb: float32 [N, D], L2-normalised embeddings.
+        left: int [P], the first image of each pair.
+        right: int [P], the second image of each pair.
+        issame: bool [P].
+        fold: int [P], the fold of each pair.
+        zero_threshold: Values at or below it in magnitude count as zeros.
+        threshold_pairs: (scores, issame) of separate pairs that choose the
+            accuracy threshold; None chooses it by the folds.
+
+    Returns:
+        (results, scores): the results of `evaluate_verification` but the search
+        timing, and the pair scores.
+    """
     scores = _pair_scores(emb, left, right)
-    chooser = None
-    if threshold_pairs is not None:
-        chooser = (_pair_scores(*_embed_pairs(backbone, config, threshold_pairs)),
-                   threshold_pairs.issame)
-    result = verification_metrics(scores, issame, folds=fold, threshold_pairs=chooser)
+    result = verification_metrics(scores, issame, folds=fold, threshold_pairs=threshold_pairs)
     tar = result.pop("tar_at_far", {})
     result.update({f"tar@far={far:g}": value for far, value in tar.items()})
-    sparsity = sparsity_stats_np(emb, config.sparsity.zero_threshold)
+    sparsity = sparsity_stats_np(emb, zero_threshold)
     result.update(
         embedding_size=int(emb.shape[1]),
         mean_nnz=float(sparsity["nnz"]),
         flops_per_pair=float(sparsity["flops"]),
         r_sub=float(sparsity["r_sub"]),
     )
-    result.update(search_time(emb, config.sparsity.zero_threshold))
     return {k: v if isinstance(v, str) else float(v) for k, v in result.items()}, scores
+
+
+def _verify(backbone: keras.Model, config: Config, emb: np.ndarray, left: np.ndarray,
+            right: np.ndarray, issame: np.ndarray, fold: np.ndarray,
+            threshold_pairs: Pairs | None) -> tuple[dict[str, float | str], np.ndarray]:
+    """Scores the pairs (left[i], right[i]) of embeddings `emb` and measures them."""
+    chooser = None
+    if threshold_pairs is not None:
+        chooser = (_pair_scores(*_embed_pairs(backbone, config, threshold_pairs)),
+                   threshold_pairs.issame)
+    result, scores = pair_results(emb, left, right, issame, fold, config.sparsity.zero_threshold,
+                                  chooser)
+    result.update(search_time(emb, config.sparsity.zero_threshold))
+    return result, scores
 
 
 def evaluate_verification(backbone: keras.Model, config: Config, pairs: Pairs,

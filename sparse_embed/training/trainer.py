@@ -46,6 +46,8 @@ from sparse_embed.training.callbacks import (
     StopOnNonFiniteLoss,
     SummaryScalars,
     Throughput,
+    VerificationEval,
+    read_eval_sets,
 )
 from sparse_embed.training.distributed import Strategy, get_strategy, scratch_checkpoint_dir
 from sparse_embed.training.schedules import LearningRateSchedule
@@ -628,7 +630,9 @@ def train(config: Config, data_dir: str | os.PathLike, model_dir: str | os.PathL
     share of the TFRecords, skipping its share of the examples already
     consumed, so a resume continues at the right place even when the number of
     workers changed. Only the chief writes config.yaml, checkpoints and
-    summaries.
+    summaries, and only the chief evaluates `eval.sets` during training
+    (`VerificationEval`, with `eval.every_steps`): the other workers wait for
+    it in the next step's all-reduce.
 
     Args:
         config: The resolved run config.
@@ -644,7 +648,7 @@ def train(config: Config, data_dir: str | os.PathLike, model_dir: str | os.PathL
         ConfigError: If the backend is unavailable, the batch does not split over
             the workers, a pair loss runs without the P x K sampler, or the
             checkpoint in `model_dir` does not fit the config.
-        DataError: If the data dir, TFRecords or label map are missing.
+        DataError: If the data dir, TFRecords or label map, or a set of `eval.sets`, are missing.
         TrainingError: If the loss becomes non-finite.
     """
     check_sampler(config)
@@ -653,6 +657,9 @@ def train(config: Config, data_dir: str | os.PathLike, model_dir: str | os.PathL
     pattern, label_map = train_inputs(config, data_dir)
     class_names = read_label_map(label_map)
     per_worker_batch = worker_batch_size(config, strategy.num_workers)
+    # Only the chief evaluates during training; its sets are read before the
+    # model is built, so a bad set stops the run before any step.
+    eval_sets = read_eval_sets(config, data_dir) if config.eval.every_steps and strategy.is_chief else ()
     keras.utils.set_random_seed(config.train.seed)
 
     # --- model ---
@@ -737,8 +744,14 @@ def train(config: Config, data_dir: str | os.PathLike, model_dir: str | os.PathL
         if strategy.is_chief:
             if verbose == 2:
                 callbacks.append(ProgressLog(optimizer, config.train.steps, config.train.log_every))
-            callbacks.append(SummaryScalars(str(model_dir / "logs" / "train"), optimizer,
-                                            config.train.log_every))
+            summaries = SummaryScalars(str(model_dir / "logs" / "train"), optimizer,
+                                       config.train.log_every)
+            if eval_sets:
+                # Ahead of the summaries: the last evaluation writes through
+                # their writer, which they close at the end of training.
+                callbacks.append(VerificationEval(backbone, eval_sets, config, model_dir, optimizer,
+                                                  summaries.writer, verbose=verbose > 0))
+            callbacks.append(summaries)
         try:
             history = model.fit(dataset, epochs=1, steps_per_epoch=remaining,
                                 callbacks=callbacks,
