@@ -161,6 +161,14 @@ def test_rerank_is_the_index_search_with_the_genuine_inserted(sets: dict[str, Em
     assert row["recall@5"] == pytest.approx(np.mean(hits), abs=1e-12)
 
 
+def test_cmc_is_of_the_largest_count_evaluated(sets: dict[str, Embeddings]) -> None:
+    result = evaluate_identification(sets["probes"], sets["distractors"], threshold=None, ranks=(3,),
+                                     distractor_counts=[100, 20])
+    assert result["distractor_counts"] == [20, 100] and result["cmc_distractors"] == 100
+    expected = _oracle_ranks(sets, distractor_subsets(600, [100])[100], SPARSE, None, 1)
+    assert result["cmc"][SPARSE] == pytest.approx(_oracle_cmc(expected, 3), abs=1e-12)
+
+
 def test_trials_follow_the_facescrub_protocol() -> None:
     trials = probe_trials(np.array([5, 5, 5, 9, 2, 2]), num_distractors=3)
     assert trials.queries.tolist() == [0, 1, 2, 4, 5]

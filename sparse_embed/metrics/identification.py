@@ -379,8 +379,9 @@ def evaluate_identification(
         A JSON-able dict: `rows` (one per method and count: `method`, `distractors`,
         `recall@<k>`, `ms_per_query`, `postings_per_query`, `candidates_per_query`, and `note`
         where the threshold retrieves no genuine), `cmc` (method -> rates at ranks 1..max(ranks)
-        on the full set), `trials`, `probe_images`, `probe_identities`, `skipped_identities`,
-        `threshold`, `rerank_topk`, `ranks`, `distractor_counts`, `methods`, `notes`.
+        among the most distractors evaluated, `cmc_distractors`), `trials`, `probe_images`,
+        `probe_identities`, `skipped_identities`, `threshold`, `rerank_topk`, `ranks`,
+        `distractor_counts`, `methods`, `notes`.
 
     Raises:
         ConfigError: On invalid options.
@@ -447,7 +448,7 @@ def evaluate_identification(
                 row["note"] = (f"threshold {threshold:g} retrieves no genuine match (the best scores "
                                f"{best:.4g}): every trial is a miss; lower --threshold")
             rows_out.append(row)
-            if count == total:
+            if count == counts[-1]:
                 cmc[method] = rates
         summary = ", ".join(f"{m} R@{ranks[0]} {_rates(results[m][0], ranks[0])[-1]:.4f}" for m in methods)
         say(f"{count} distractors: {summary} ({time.perf_counter() - started:.1f} s)")
@@ -468,6 +469,7 @@ def evaluate_identification(
         "seed": seed,
         "rows": rows_out,
         "cmc": cmc,
+        "cmc_distractors": counts[-1],
         "notes": notes,
     }
 
@@ -630,7 +632,7 @@ def main(argv: Sequence[str]) -> None:
         from sparse_embed.plots import plot_cmc
 
         plot = Path(args.plot or output.with_suffix(".cmc.png"))
-        plot_cmc(result["cmc"], plot, title=f"CMC, {result['distractors']} distractors")
+        plot_cmc(result["cmc"], plot, title=f"CMC, {result['cmc_distractors']} distractors")
         print(f"wrote {output} and {plot}")
 
     run()
