@@ -143,7 +143,28 @@ def train_run(out: Path, data_dir: str, model_dir: str, *overrides: str) -> None
              **{f"w{i}": w.numpy() for i, w in enumerate(result.model.variables)})
 
 
-CHECKS = {"step_equivalence": step_equivalence, "partial_fc": partial_fc, "train": train_run}
+def train_eval(out: Path, data_dir: str, model_dir: str, *overrides: str) -> None:
+    """`train()` with evaluation during training; every rank saves the steps it evaluated at."""
+    import os
+
+    from sparse_embed.training.callbacks import VerificationEval
+
+    evaluated = []
+    evaluate = VerificationEval.evaluate
+
+    def counted(self: VerificationEval) -> dict:
+        evaluated.append(self.step)
+        return evaluate(self)
+
+    VerificationEval.evaluate = counted
+    result = train(load_config("smoke", list(overrides)), data_dir, model_dir, verbose=0)
+    rank = result.model.strategy.worker_index
+    np.savez(out / f"rank{rank}.npz", step=result.step, pid=os.getpid(),
+             evaluated=np.array(evaluated, np.int64))
+
+
+CHECKS = {"step_equivalence": step_equivalence, "partial_fc": partial_fc, "train": train_run,
+          "train_eval": train_eval}
 
 if __name__ == "__main__":
     check, out_dir, *rest = sys.argv[1:]

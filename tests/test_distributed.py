@@ -143,6 +143,25 @@ def test_pair_loss_with_gathered_batch_on_two_ranks(tiny_data: Path, tmp_path: P
 
 
 @pytest.mark.slow
+def test_only_rank_0_evaluates_during_training_and_keeps_best(tiny_data: Path, tmp_path: Path) -> None:
+    """Rank 1 goes on to the next all-reduce while rank 0 evaluates; nobody hangs, rank 0 writes best/."""
+    model_dir = tmp_path / "run"
+    proc = horovodrun(2, CHECKS, "train_eval", str(tmp_path), str(tiny_data), str(model_dir),
+                      "train.steps=4", "train.batch_size=16", "eval.every_steps=2",
+                      "eval.sets=[lfw]", "eval.keep_best=lfw/accuracy", timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ranks = [np.load(tmp_path / f"rank{r}.npz") for r in range(2)]
+    assert [int(r["step"]) for r in ranks] == [4, 4]
+    assert ranks[0]["evaluated"].tolist() == [2, 4] and ranks[1]["evaluated"].tolist() == []
+    assert len(_scalars(model_dir, "eval/lfw/accuracy")) == 2
+    best = json.loads((model_dir / "best" / "best.json").read_text())
+    assert best["step"] in (2, 4) and best["metric"] == "lfw/accuracy"
+    # The kept directory is named after the process that wrote it.
+    (kept,) = model_dir.glob(".best-*")
+    assert kept.name == f".best-{best['step']}-{int(ranks[0]['pid'])}"
+
+
+@pytest.mark.slow
 def test_resume_with_a_different_number_of_workers(tiny_data: Path, tmp_path: Path) -> None:
     """2 ranks -> 1 process -> 2 ranks: the step, the examples consumed and the slots carry over."""
     run = tmp_path / "run"
