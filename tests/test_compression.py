@@ -281,3 +281,49 @@ def test_bad_compression_input(tiny_data: Path, runs: dict[str, Path], tmp_path:
     proc = run_module("sparse_embed.train", f"--data_dir={tiny_data}", f"--model_dir={tmp_path / 'g'}",
                       f"--init_from={untrained}")
     assert_user_error(proc, "has no checkpoint", str(untrained))
+
+
+# tf.distribute needs its logical CPUs before TensorFlow starts, and a second strategy in the
+# same process would reuse the first one's collective instance keys: one process per run.
+_MIRRORED_SCRIPT = """
+import json, sys
+from pathlib import Path
+from sparse_embed.keras import tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+from sparse_embed import compression
+from sparse_embed.config import load_config
+from sparse_embed.inference import load_backbone
+from sparse_embed.training.trainer import train
+data, model_dir, *settings = sys.argv[1:]
+result = train(load_config("smoke", settings), data, model_dir, verbose=0)
+backbone, config = load_backbone(model_dir)
+kernels = [v.numpy() for v in compression.for_export(backbone).weights if v.name.endswith("/kernel:0")]
+print(json.dumps({"step": result.step, "strategy": config.distributed.backend,
+                  "quantized": compression.is_quantized(backbone),
+                  "zeros": sum(float((k == 0).sum()) for k in kernels) / sum(k.size for k in kernels)}))
+"""
+
+
+@pytest.mark.slow
+def test_pruning_and_qat_under_mirrored_strategy(tiny_data: Path, runs: dict[str, Path],
+                                                 tmp_path: Path) -> None:
+    """tf.distribute on 2 logical CPUs: pruning reaches its target, QAT trains (TF-MOT allows both)."""
+    import json
+
+    from conftest import run_module_script
+
+    script = tmp_path / "mirrored.py"
+    script.write_text(_MIRRORED_SCRIPT)
+    mirrored = SMOKE + ["distributed.backend=mirrored", "train.steps=6", f"train.init_from={runs['dense']}"]
+    out = {}
+    for name, settings in (("prune", ["compression.type=prune", "compression.target_sparsity=0.5",
+                                      "compression.end_step=4", "compression.frequency=2"]),
+                           ("qat", ["compression.type=qat"])):
+        proc = run_module_script(str(script), str(tiny_data), str(tmp_path / name), *mirrored, *settings)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        out[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["prune"]["step"] == out["qat"]["step"] == 6
+    assert out["prune"]["strategy"] == "mirrored"
+    assert out["prune"]["zeros"] == pytest.approx(0.5, abs=0.01)
+    assert out["qat"]["quantized"] and out["qat"]["zeros"] < 0.01
