@@ -85,6 +85,7 @@ def save_backbone(backbone: keras.Model, model_dir: str | os.PathLike, step: int
     Returns:
         The checkpoint's path prefix.
     """
+    # Imported here, as in `load_backbone`.
     from sparse_embed.training.trainer import CHECKPOINT_DIR, checkpoint_for
 
     manager = tf.train.CheckpointManager(checkpoint_for(backbone),
