@@ -53,3 +53,38 @@ def user_errors_exit(main: Callable[..., Any]) -> Callable[..., Any]:
             sys.exit(2)
 
     return wrapper
+
+
+def format_results(rows: dict[str, dict[str, float | str]]) -> str:
+    """Formats result dicts as a table, one row per run, one column per metric.
+
+    Text values (`accuracy_protocol`: how the threshold was chosen) are notes
+    under the table, `key: text`, prefixed with the run name where runs differ.
+
+    Args:
+        rows: Run name -> metric name -> value.
+
+    Returns:
+        The table as text.
+    """
+    columns = list(dict.fromkeys(k for r in rows.values() for k, v in r.items()
+                                 if not isinstance(v, str)))
+    widths = [max(8, len(c)) for c in columns]
+    first = max(4, *(len(name) for name in rows))
+    head = f"{'run':<{first}}" + "".join(f"  {c:>{w}}" for c, w in zip(columns, widths, strict=True))
+    lines = [head, "-" * len(head)]
+    for name, r in rows.items():
+        cells = "".join(f"  {r[c]:>{w}.4g}" if c in r else "  " + " " * w
+                        for c, w in zip(columns, widths, strict=True))
+        lines.append(f"{name:<{first}}" + cells)
+    notes = {}
+    for name, r in rows.items():
+        for key, value in r.items():
+            if isinstance(value, str):
+                notes.setdefault(key, {})[name] = value
+    for key, by_run in notes.items():
+        if len(set(by_run.values())) == 1:
+            lines.append(f"{key}: {next(iter(by_run.values()))}")
+        else:
+            lines += [f"{name} {key}: {value}" for name, value in by_run.items()]
+    return "\n".join(lines) + "\n"

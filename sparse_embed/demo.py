@@ -63,9 +63,9 @@ def prepare_data(out: Path, identities: int, images: int, test_identities: int) 
 def main(argv: list[str]) -> None:
     """Runs every stage and prints the results table."""
     del argv
+    from sparse_embed.cli import format_results
     from sparse_embed.config import load_config
     from sparse_embed.data.verification import read_pairs
-    from sparse_embed.evaluate import format_results
     from sparse_embed.fileio import atomic_path
     from sparse_embed.inference import evaluate_verification, load_backbone
     from sparse_embed.plots import plot_roc

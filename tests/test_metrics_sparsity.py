@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from conftest import assert_user_error, run_module
 
+from sparse_embed.cli import format_results
 from sparse_embed.data.embeddings import Embeddings, write_hdf5
 from sparse_embed.errors import ConfigError, DataError
 from sparse_embed.metrics.sparsity import (
-    format_table,
     sparsity_profile,
     sparsity_stats_np,
 )
@@ -82,13 +82,13 @@ def test_bad_input(x: np.ndarray, threshold: float, error: type, fragment: str) 
         sparsity_profile(x, threshold)
 
 
-def test_format_table_numbers_and_notes() -> None:
-    table = format_table({"a": {"nnz": 1.5, "search": "dense"}, "bb": {"nnz": 12345.0, "search": "sparse"}})
+def test_format_results_numbers_and_notes() -> None:
+    table = format_results({"a": {"nnz": 1.5, "search": "dense"}, "bb": {"nnz": 12345.0, "search": "sparse"}})
     lines = table.splitlines()
     assert lines[0].split() == ["run", "nnz"]
     assert lines[2].split() == ["a", "1.5"] and lines[3].split() == ["bb", "1.234e+04"]
     assert lines[4:] == ["a search: dense", "bb search: sparse"]
-    assert format_table({"a": {"x": 1.0, "note": "same"}, "b": {"x": 2.0, "note": "same"}}
+    assert format_results({"a": {"x": 1.0, "note": "same"}, "b": {"x": 2.0, "note": "same"}}
                         ).splitlines()[-1] == "note: same"
 
 

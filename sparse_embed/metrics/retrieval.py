@@ -45,9 +45,9 @@ from typing import Any
 
 import numpy as np
 
-from sparse_embed.cli import user_errors_exit
+from sparse_embed.cli import format_results, user_errors_exit
 from sparse_embed.errors import ConfigError, DataError
-from sparse_embed.metrics.sparsity import DEFAULT_ZERO_THRESHOLD, format_table, run_names, split_paths
+from sparse_embed.metrics.sparsity import DEFAULT_ZERO_THRESHOLD, run_names, split_paths
 from sparse_embed.registry import Registry
 
 DEFAULT_KS = (1, 2, 4, 8)
@@ -284,7 +284,7 @@ def main(argv: Sequence[str]) -> None:
                                                   args.zero_threshold, args.num_threads)
             except DataError as e:
                 raise DataError(f"{path}: {e}") from None
-        print(format_table(results), end="")
+        print(format_results(results), end="")
         if args.output:
             records = {name: {"file": files[name][0], "zero_threshold": args.zero_threshold, **r}
                        for name, r in results.items()}

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from sparse_embed.cli import user_errors_exit
+from sparse_embed.cli import format_results, user_errors_exit
 from sparse_embed.config import SparsityConfig
 from sparse_embed.errors import ConfigError, DataError
 
@@ -200,39 +200,6 @@ def split_paths(value: str) -> list[str]:
     return paths
 
 
-def format_table(rows: dict[str, dict[str, Any]]) -> str:
-    """Formats result dicts as a table, one row per run; text values become notes below it.
-
-    The layout of `sparse_embed.evaluate.format_results`, which these
-    sub-commands cannot import: `python -m sparse_embed.evaluate` runs that
-    module as `__main__`, and importing it again would define its flags twice.
-
-    Args:
-        rows: Run name -> metric name -> number or text.
-
-    Returns:
-        The table as text, ending in a newline.
-    """
-    columns = list(dict.fromkeys(k for r in rows.values() for k, v in r.items() if not isinstance(v, str)))
-    widths = [max(8, len(c)) for c in columns]
-    first = max(4, *(len(name) for name in rows))
-    head = f"{'run':<{first}}" + "".join(f"  {c:>{w}}" for c, w in zip(columns, widths, strict=True))
-    lines = [head, "-" * len(head)]
-    for name, r in rows.items():
-        lines.append(f"{name:<{first}}" + "".join(f"  {r[c]:>{w}.4g}" if c in r else "  " + " " * w
-                                                  for c, w in zip(columns, widths, strict=True)))
-    notes: dict[str, dict[str, str]] = {}
-    for name, r in rows.items():
-        for key, value in r.items():
-            if isinstance(value, str):
-                notes.setdefault(key, {})[name] = value
-    for key, by_run in notes.items():
-        values = set(by_run.values())
-        lines += ([f"{key}: {values.pop()}"] if len(values) == 1
-                  else [f"{name} {key}: {value}" for name, value in by_run.items()])
-    return "\n".join(lines) + "\n"
-
-
 def main(argv: Sequence[str]) -> None:
     """`python -m sparse_embed.evaluate sparsity --embeddings=X.hdf5[,Y.hdf5] ...`.
 
@@ -265,7 +232,7 @@ def main(argv: Sequence[str]) -> None:
             except DataError as e:
                 raise DataError(f"{path}: {e}") from None
         stats = {name: profile.stats() for name, profile in profiles.items()}
-        print(format_table(stats), end="")
+        print(format_results(stats), end="")
         print(f"zero_threshold: {args.zero_threshold:g}")
         if args.output:
             records = {name: {"file": path, "zero_threshold": args.zero_threshold, **s}
