@@ -29,7 +29,7 @@ $(VENV)/.horovod: $(VENV)/.installed tools/build_horovod.sh
 
 # Horovod is installed above, so its tests must run, never skip.
 test: install horovod
-	SPARSE_EMBED_REQUIRE_HOROVOD=1 $(PY) -m pytest $(PYTEST_ARGS)
+	SPARSE_EMBED_REQUIRE_HOROVOD=1 $(PY) -m pytest --durations=30 $(PYTEST_ARGS)
 
 test-fast: install horovod
 	SPARSE_EMBED_REQUIRE_HOROVOD=1 $(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
