@@ -36,9 +36,10 @@ order); without them, embeddings with no entry at or below `zero_threshold` are 
 `postings_per_query` (the paper's FLOPs) and `candidates_per_query` (distractors above the
 threshold); `sparse+rerank` times the index's own search with re-ranking. `dense` has NaN there.
 
-Scores of the genuine and of re-scored candidates are float64 inner products rounded to float32
-(as `sparse_embed.search.brute_force_search` computes them); the index accumulates in float32,
-which can differ in the last bit, so only ties exact in float32 are reliably the genuine's.
+The genuine's scores are float64 inner products rounded to float32 (as
+`sparse_embed.search.brute_force_search` computes them), the dense scan's float32 NumPy
+products, the distractors' sparse and re-ranked scores the index's float32 accumulation: these
+can differ in the last bit, so a tie goes to the genuine reliably only where scores are exact.
 """
 
 from __future__ import annotations
@@ -298,39 +299,30 @@ def _ranks_sparse(top_scores: np.ndarray, trials: Trials, genuine: np.ndarray,
     return np.where(retrieved, higher + 1, MISS)
 
 
-def _ranks_rerank(ids: np.ndarray, scores: np.ndarray, rows: np.ndarray, trials: Trials,
-                  genuine_sparse: np.ndarray, genuine_dense: np.ndarray, query_dense: np.ndarray,
-                  distractor_dense: np.ndarray, threshold: np.float32 | None) -> np.ndarray:
-    """Trial ranks after dense re-scoring of the best `ids.shape[1]` candidates.
+def _ranks_rerank(sparse_ids: np.ndarray, sparse_scores: np.ndarray, dense_ids: np.ndarray,
+                  dense_scores: np.ndarray, trials: Trials, genuine_sparse: np.ndarray,
+                  genuine_dense: np.ndarray, threshold: np.float32 | None) -> np.ndarray:
+    """Trial ranks after dense re-scoring of each query's best R candidates.
 
     Args:
-        ids: int64 [Q, R] index rows of each query's top R distractors by sparse score.
-        scores: float32 [Q, R] their sparse scores (-inf past the last).
-        rows: Distractor row of each index row.
+        sparse_ids: int64 [Q, R] index rows of each query's top R distractors by sparse score.
+        sparse_scores: float32 [Q, R] their sparse scores (-inf past the last).
+        dense_ids: int64 [Q, R] the same rows, re-ranked by dense score (the index's re-ranking).
+        dense_scores: float32 [Q, R] their dense scores.
         trials: The trials.
         genuine_sparse: float32 [T] sparse score of each trial's genuine.
         genuine_dense: float32 [T] dense score of each trial's genuine.
-        query_dense: float32 [Q, Dd] dense queries.
-        distractor_dense: float32 [N, Dd] dense distractors.
         threshold: The sparse threshold (float32) or None.
     """
-    topk = ids.shape[1]
+    topk = sparse_ids.shape[1]
     # The genuine takes one of the R places: it is kept when fewer than R distractors outscore it,
-    # and then competes with the best R - 1 of them.
-    higher = _count_above(scores, trials.query, genuine_sparse)
-    candidate = higher < topk
+    # and then competes with the best R - 1 of them, which leaves out the R-th by sparse score.
+    candidate = _count_above(sparse_scores, trials.query, genuine_sparse) < topk
     if threshold is not None:
         candidate &= genuine_sparse > threshold
-    kept = ids[:, :topk - 1]
-    dense = np.full(kept.shape, -np.inf, np.float32)
-    step = max(1, _CHUNK_ELEMENTS // max(kept.shape[1] * distractor_dense.shape[1], 1))
-    for start in range(0, len(kept), step):
-        block = kept[start:start + step]
-        valid = block >= 0
-        at = np.nonzero(valid)
-        dense[start:start + step][at] = _rowwise_dot(distractor_dense[rows[block[at]]],
-                                                      query_dense[start + at[0]])
-    return np.where(candidate, _count_above(dense, trials.query, genuine_dense) + 1, MISS)
+    last = sparse_ids[:, -1:]
+    competing = np.where((dense_ids == last) & (last >= 0), -np.inf, dense_scores).astype(np.float32)
+    return np.where(candidate, _count_above(competing, trials.query, genuine_dense) + 1, MISS)
 
 
 def _rates(ranks: np.ndarray, upto: int) -> list[float]:
@@ -426,17 +418,21 @@ def evaluate_identification(
             results[DENSE] = (_ranks_sparse(dense_top[count], trials, genuine_dense, None),
                               {"ms_per_query": nan, "postings_per_query": nan, "candidates_per_query": nan})
         if SPARSE in methods:
-            index = SparseIndex.from_dense(distractors.embedding[rows], zero_threshold)
+            database = distractors.embedding if count == total else distractors.embedding[rows]
+            index = SparseIndex.from_dense(database, zero_threshold)
             _, top = index.search(queries, k=max_rank, threshold=threshold, num_threads=num_threads)
             results[SPARSE] = (_ranks_sparse(top, trials, genuine_sparse, cut), _search_stats(index))
         if RERANK in methods:
-            ids, top = index.search(queries, k=rerank_topk, threshold=threshold, num_threads=num_threads)
-            ranked = _ranks_rerank(ids, top, rows, trials, genuine_sparse, genuine_dense, query_dense,
-                                   dense_distractors.embedding, cut)
-            # Timed separately: the index's own search with dense re-ranking, as a deployment runs it.
-            index.search(queries, k=min(max_rank, rerank_topk), threshold=threshold,
-                         rerank=(np.ascontiguousarray(dense_distractors.embedding[rows]), query_dense),
-                         rerank_k=rerank_topk, num_threads=num_threads)
+            sparse_ids, sparse_top = index.search(queries, k=rerank_topk, threshold=threshold,
+                                                  num_threads=num_threads)
+            # The index's own search with dense re-ranking, as a deployment runs it: it scores
+            # the same R candidates, and its statistics are the row's.
+            dense_db = dense_distractors.embedding if count == total else dense_distractors.embedding[rows]
+            dense_ids, dense_scores = index.search(queries, k=rerank_topk, threshold=threshold,
+                                                   rerank=(dense_db, query_dense), rerank_k=rerank_topk,
+                                                   num_threads=num_threads)
+            ranked = _ranks_rerank(sparse_ids, sparse_top, dense_ids, dense_scores, trials, genuine_sparse,
+                                   genuine_dense, cut)
             results[RERANK] = (ranked, _search_stats(index))
         for method in methods:
             ranked, stats = results[method]
