@@ -3,8 +3,8 @@
 #   run_scripts/get_embeddings/synthetic_megaface.sh
 #   python -m sparse_embed.evaluate identification --embeddings_dir=data/megaface_synth/embeddings \
 #       --sparse_suffix=sparse.hdf5 --dense_suffix=dense.hdf5 --threshold=0.25 --rerank_topk=1000
-# CPU is enough: on 2 idle cores the default 100k distractors take about 2 min to render and
-# 5 min per run to embed. Both sets are new identities (seeds other than the demo's training
+# CPU is enough: on 2 cores the default 100k distractors take 2 min to render (15 min on a busy
+# machine) and about 2 min per run to embed. Both sets are new identities (seeds other than the demo's training
 # seed 0): DISTRACTORS images of DISTRACTORS / 2 identities (two each, the generator's minimum)
 # and PROBES identities of PROBE_IMAGES images each, rendered at the model's input size.
 # Writes $ROOT/embeddings/{megaface,facescrub}_{dense,sparse}.hdf5, the names
