@@ -292,6 +292,10 @@ def test_bad_inputs_exit_2_with_one_line(files: Path, sets: dict[str, Embeddings
                                                      p.filename[::-1]))
     write_hdf5(files / "singles.hdf5", Embeddings(p.embedding[:4], np.arange(4), p.filename[:4]))
     write_hdf5(files / "empty.hdf5", Embeddings(np.zeros((0, DIM), np.float32), np.zeros(0, np.int64), ()))
+    d = sets["distractors"]
+    broken = d.embedding.copy()
+    broken[7, 3] = np.nan
+    write_hdf5(files / "nan.hdf5", Embeddings(broken, d.label, d.filename))
     probes, distractors = f"--probes={files / 'facescrub_sparse.hdf5'}", \
         f"--distractors={files / 'megaface_sparse.hdf5'}"
     dense_d = f"--dense_distractors={files / 'megaface_dense.hdf5'}"
@@ -304,6 +308,7 @@ def test_bad_inputs_exit_2_with_one_line(files: Path, sets: dict[str, Embeddings
         ((probes, f"--distractors={files / 'empty.hdf5'}"), ("empty.hdf5 holds no embeddings",
                                                                "distractor set is empty")),
         ((probes, distractors, dense_d), ("needs both --dense_probes and --dense_distractors",)),
+        ((probes, f"--distractors={files / 'nan.hdf5'}"), ("nan.hdf5 holds non-finite embeddings",)),
         ((probes, f"--distractors={files / 'missing.hdf5'}"), ("missing.hdf5 not found",)),
         ((probes, distractors, "--ranks=1,x"), ("--ranks must be a comma-separated list",)),
         ((probes, distractors, "--distractor_counts=10,601"),

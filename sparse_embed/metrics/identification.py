@@ -58,7 +58,7 @@ import numpy as np
 
 from sparse_embed.cli import user_errors_exit
 from sparse_embed.data.embeddings import Embeddings, read_hdf5
-from sparse_embed.data.megaface import query_database_split
+from sparse_embed.data.megaface import SIZES, query_database_split
 from sparse_embed.errors import ConfigError, DataError
 from sparse_embed.fileio import atomic_path
 from sparse_embed.search import DEFAULT_ZERO_THRESHOLD, SparseIndex
@@ -66,14 +66,12 @@ from sparse_embed.search import DEFAULT_ZERO_THRESHOLD, SparseIndex
 DEFAULT_RANKS = (1, 10, 50, 100)
 DEFAULT_THRESHOLD = 0.25
 DEFAULT_RERANK_TOPK = 1000
-# The distractor counts of the MegaFace devkit; the full set is always added.
-DEVKIT_COUNTS = (10, 100, 1000, 10000, 100000, 1000000)
 SPARSE, DENSE, RERANK = "sparse", "dense", "sparse+rerank"
 # File names of the original's directory convention: <set>_<suffix>.
 PROBE_SET, DISTRACTOR_SET = "facescrub", "megaface"
 # Rank of a trial whose genuine is not retrieved (or beyond the ranks searched).
 MISS = np.iinfo(np.int64).max
-# Bound on the elements of one temporary (gathered rows, comparisons), about 128 MiB of float64.
+# Bound on the elements of one temporary (gathered rows, comparisons): 128 MiB of float64.
 _CHUNK_ELEMENTS = 1 << 24
 # Distractor rows scored against every query at once by the dense scan.
 _DENSE_CHUNK_ROWS = 8192
@@ -163,7 +161,7 @@ def check_inputs(probes: Embeddings, distractors: Embeddings, dense_probes: Embe
             what = "distractor set" if "distractors" in role else "probe set"
             raise DataError(f"{label[role]} holds no embeddings: the {what} is empty; embed its images "
                             f"with python -m sparse_embed.embed")
-        if not np.isfinite(e.embedding).all():
+        if not _all_rows(e.embedding, np.isfinite):
             raise DataError(f"{label[role]} holds non-finite embeddings; re-embed it")
     if (probes.label < 0).any():
         raise DataError(f"{label['probes']}: {int((probes.label < 0).sum())} probe images have no identity "
@@ -176,6 +174,13 @@ def check_inputs(probes: Embeddings, distractors: Embeddings, dense_probes: Embe
     for sparse, dense in (("probes", "dense_probes"), ("distractors", "dense_distractors")):
         if sets[dense] is not None:
             _check_same_images(sets[sparse], sets[dense], label[sparse], label[dense])
+
+
+def _all_rows(x: np.ndarray, predicate: Callable[[np.ndarray], np.ndarray]) -> bool:
+    """Whether `predicate` holds for every entry of x, checked a block of rows at a time."""
+    # A million distractors would otherwise need temporaries of their full size.
+    step = max(1, _CHUNK_ELEMENTS // max(x.shape[1], 1))
+    return all(bool(predicate(x[start:start + step]).all()) for start in range(0, len(x), step))
 
 
 def _check_same_images(a: Embeddings, b: Embeddings, name_a: str, name_b: str) -> None:
@@ -199,7 +204,7 @@ def default_distractor_counts(total: int) -> list[int]:
     Args:
         total: Distractors available.
     """
-    return [c for c in DEVKIT_COUNTS if c < total] + [total]
+    return [c for c in SIZES if c < total] + [total]
 
 
 def distractor_subsets(total: int, counts: Sequence[int], seed: int = 0) -> dict[int, np.ndarray]:
@@ -332,7 +337,7 @@ def _rates(ranks: np.ndarray, upto: int) -> list[float]:
 
 
 def _is_dense(*embeddings: Embeddings, zero_threshold: float) -> bool:
-    return all(bool((np.abs(e.embedding) > zero_threshold).all()) for e in embeddings)
+    return all(_all_rows(e.embedding, lambda x: np.abs(x) > zero_threshold) for e in embeddings)
 
 
 def evaluate_identification(
