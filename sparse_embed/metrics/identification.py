@@ -446,8 +446,8 @@ def evaluate_identification(
                                    **{f"recall@{k}": rates[k - 1] for k in ranks}, **stats}
             if method != DENSE and cut is not None and not (genuine_sparse > cut).any():
                 best = float(genuine_sparse.max())
-                row["note"] = (f"threshold {threshold:g} retrieves no genuine match (the best scores "
-                               f"{best:.4g}): every trial is a miss; lower --threshold")
+                row["note"] = (f"threshold {threshold:g} retrieves no genuine match (the best genuine "
+                               f"score is {best:.4g}): every trial is a miss; lower --threshold")
             rows_out.append(row)
             if count == counts[-1]:
                 cmc[method] = rates
