@@ -252,7 +252,9 @@ def test_embeddings_dir_convention_writes_json_and_plot(files: Path, sets: dict[
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
     assert lines[0].startswith("40 distractors:") and lines[1].startswith("600 distractors:")
-    assert lines[2].split()[:4] == ["method", "distractors", "recall@1", "recall@2"]
+    assert lines[2].split()[:3] == ["run", "recall@1", "recall@2"]
+    assert [line.split()[:2] for line in lines[4:10]] == [
+        [method, count] for count in ("40", "600") for method in (SPARSE, DENSE, RERANK)]
     output = files / "facescrub_sparse.identification.json"
     result = json.loads(output.read_text())
     assert Path(result["files"]["dense_distractors"]) == files / "megaface_dense.hdf5"

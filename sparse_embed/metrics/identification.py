@@ -56,7 +56,7 @@ from typing import Any
 
 import numpy as np
 
-from sparse_embed.cli import user_errors_exit
+from sparse_embed.cli import format_results, user_errors_exit
 from sparse_embed.data.embeddings import Embeddings, read_hdf5
 from sparse_embed.data.megaface import SIZES, query_database_split
 from sparse_embed.errors import ConfigError, DataError
@@ -487,35 +487,21 @@ def format_table(result: Mapping[str, Any]) -> str:
         result: What `evaluate_identification` returned.
 
     Returns:
-        The table, with the trial counts and any notes under it.
+        The table (`cli.format_results`), with the trial counts and any notes under it.
     """
-    recall = [f"recall@{k}" for k in result["ranks"]]
-    columns = [("method", 13), ("distractors", 11), *((c, max(9, len(c))) for c in recall),
-               ("ms/query", 9), ("postings/query", 14)]
-    keys = ["method", "distractors", *recall, "ms_per_query", "postings_per_query"]
-    head = "  ".join(f"{name:>{width}}" if i else f"{name:<{width}}"
-                     for i, (name, width) in enumerate(columns))
-    lines = [head, "-" * len(head)]
+    table: dict[str, dict[str, float | str]] = {}
     for row in result["rows"]:
-        cells = []
-        for (_, width), key in zip(columns, keys, strict=True):
-            value = row[key]
-            if isinstance(value, str):
-                cells.append(f"{value:<{width}}")
-            elif isinstance(value, int):
-                cells.append(f"{value:>{width}}")
-            elif math.isnan(value):
-                cells.append(f"{'-':>{width}}")
-            else:
-                digits = 4 if key.startswith("recall") else 3 if key == "ms_per_query" else 1
-                cells.append(f"{value:>{width}.{digits}f}")
-        lines.append("  ".join(cells))
+        cells: dict[str, float | str] = {f"recall@{k}": row[f"recall@{k}"] for k in result["ranks"]}
+        if row["method"] != DENSE:  # the dense scan is not an index search: nothing to show
+            cells.update({"ms/query": row["ms_per_query"], "postings/query": row["postings_per_query"]})
+        if "note" in row:
+            cells["note"] = row["note"]
+        table[f"{row['method']} {row['distractors']}"] = cells
     threshold = "none" if result["threshold"] is None else f"{result['threshold']:g}"
-    lines.append(f"{result['trials']} trials: {result['probe_images']} probe images of "
-                 f"{result['probe_identities']} identities ({result['skipped_identities']} single-image "
-                 f"identities skipped); threshold {threshold}, rerank_topk {result['rerank_topk']}")
-    lines += [f"note: {note}" for note in result["notes"]]
-    return "\n".join(lines) + "\n"
+    return format_results(table) + (
+        f"{result['trials']} trials: {result['probe_images']} probe images of {result['probe_identities']} "
+        f"identities ({result['skipped_identities']} single-image identities skipped); threshold "
+        f"{threshold}, rerank_topk {result['rerank_topk']}\n")
 
 
 # -- Command line -------------------------------------------------------------------------------
