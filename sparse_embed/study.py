@@ -1,8 +1,9 @@
 """Studies that train a grid of models and compare them: the paper's FLOPs-versus-accuracy trade-off.
 
     python -m sparse_embed.study flops_tradeoff --out=runs/study       (what `make study` runs)
-    python -m sparse_embed.study flops_tradeoff --steps=500 --weights_flops=5,15,50,150 \\
-        --weights_l1=0.1,0.3,1,3 --data_dir=runs/demo/data
+    # a quicker, coarser grid with fewer distractors
+    python -m sparse_embed.study flops_tradeoff --out=runs/study_quick --steps=200 \\
+        --weights_flops=15,50 --weights_l1=0.1,0.6 --distractor_identities=200
 
 `flops_tradeoff` is the central experiment of Paria et al. (ICLR 2020) on the
 synthetic identities: models that differ only in the sparsity regularizer
@@ -103,9 +104,9 @@ _DATA_DIR = flags.DEFINE_string(
     "data_dir", "runs/demo/data",
     "Synthetic data set with TFRecords (the demo's); generated there at the demo's size if missing.")
 _STEPS = flags.DEFINE_integer("steps", 500, "Training steps of every model.")
-_WEIGHTS_FLOPS = flags.DEFINE_list("weights_flops", ["5", "15", "50", "150"],
+_WEIGHTS_FLOPS = flags.DEFINE_list("weights_flops", ["5", "15", "30", "50", "150"],
                                    "sparsity.weight of the FLOPs-regularized models.")
-_WEIGHTS_L1 = flags.DEFINE_list("weights_l1", ["0.1", "0.3", "1", "3"],
+_WEIGHTS_L1 = flags.DEFINE_list("weights_l1", ["0.01", "0.03", "0.1", "0.3", "0.6", "1"],
                                 "sparsity.weight of the L1-regularized models.")
 _DISTRACTOR_IDENTITIES = flags.DEFINE_integer(
     "distractor_identities", StudySettings.distractor_identities,
