@@ -1,0 +1,28 @@
+"""Exact top-k inner-product search over sparse embeddings.
+
+`index` holds `SparseIndex`, the Python face of the C++ inverted index in
+`search/`, its NumPy oracle and the `.bin` format of the original code; the
+command line is `python -m sparse_embed.search` (`__main__`).
+"""
+
+from sparse_embed.search.index import (
+    DEFAULT_NUM_THREADS,
+    DEFAULT_RERANK_K,
+    DEFAULT_ZERO_THRESHOLD,
+    SparseIndex,
+    brute_force_search,
+    hdf5_to_bin,
+    read_bin,
+    write_bin,
+)
+
+__all__ = [
+    "DEFAULT_NUM_THREADS",
+    "DEFAULT_RERANK_K",
+    "DEFAULT_ZERO_THRESHOLD",
+    "SparseIndex",
+    "brute_force_search",
+    "hdf5_to_bin",
+    "read_bin",
+    "write_bin",
+]
