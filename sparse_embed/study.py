@@ -27,8 +27,10 @@ probability p_j of the FLOPs and L1 models closest in mean nnz.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -36,15 +38,32 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from absl import app, flags
 
 from sparse_embed.cli import user_errors_exit
 from sparse_embed.errors import ConfigError, DataError
 from sparse_embed.fileio import atomic_path
 from sparse_embed.registry import Registry
 
-# Study name -> its command-line runner (`python -m sparse_embed.study NAME`).
-STUDIES: Registry[Callable[[], None]] = Registry("study")
+# Study name -> its command line (`python -m sparse_embed.study NAME [flags]`): a function that
+# declares the study's flags on a parser, and one that runs it from the parsed flags. Each study
+# parses its own flags (argparse): absl's are process-global, and the study's `--out` would
+# collide with the demo's wherever both modules are imported.
+
+
+@dataclass(frozen=True)
+class StudyCommand:
+    """A study's command line.
+
+    Attributes:
+        add_flags: Declares the study's flags on its parser.
+        run: Runs the study from the parsed flags.
+    """
+
+    add_flags: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], None]
+
+
+STUDIES: Registry[StudyCommand] = Registry("study")
 
 # The dense baseline and the sparse models start from the demo's two configs;
 # a sparse model overrides only the regularizer and its weight.
@@ -97,27 +116,6 @@ class StudySettings:
     distractor_images: int = 5
     threshold: float = 0.25
     rerank_topk: int = 1000
-
-
-_OUT = flags.DEFINE_string("out", "runs/study", "Output directory: one run dir per model, JSON, PNGs.")
-_DATA_DIR = flags.DEFINE_string(
-    "data_dir", "runs/demo/data",
-    "Synthetic data set with TFRecords (the demo's); generated there at the demo's size if missing.")
-_STEPS = flags.DEFINE_integer("steps", 500, "Training steps of every model.")
-_WEIGHTS_FLOPS = flags.DEFINE_list("weights_flops", ["5", "15", "30", "50", "150"],
-                                   "sparsity.weight of the FLOPs-regularized models.")
-_WEIGHTS_L1 = flags.DEFINE_list("weights_l1", ["0.01", "0.03", "0.1", "0.3", "0.6", "1"],
-                                "sparsity.weight of the L1-regularized models.")
-_DISTRACTOR_IDENTITIES = flags.DEFINE_integer(
-    "distractor_identities", StudySettings.distractor_identities,
-    "Synthetic identities of the distractor set (after the training and test ones).")
-_DISTRACTOR_IMAGES = flags.DEFINE_integer("distractor_images", StudySettings.distractor_images,
-                                          "Images per distractor identity.")
-_THRESHOLD = flags.DEFINE_float("threshold", StudySettings.threshold,
-                                "Sparse candidates must score above it (the original --threshold).")
-_RERANK_TOPK = flags.DEFINE_integer("rerank_topk", StudySettings.rerank_topk,
-                                    "Sparse candidates re-scored with the dense embeddings.")
-_SET = flags.DEFINE_multi_string("set", [], "Config override for every model, key.path=value.")
 
 
 def grid(weights_flops: Sequence[float], weights_l1: Sequence[float]) -> list[GridModel]:
@@ -513,25 +511,56 @@ def _weights(values: Sequence[str], flag: str) -> list[float]:
                           f"{','.join(values)}") from e
 
 
-@STUDIES.register("flops_tradeoff")
-def _run_flops_tradeoff() -> None:
-    import sys
+def _flops_tradeoff_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", default="runs/study",
+                        help="Output directory: one run dir per model, JSON, PNGs.")
+    parser.add_argument("--data_dir", default="runs/demo/data",
+                        help="Synthetic data set with TFRecords (the demo's); generated there at the "
+                             "demo's size if missing.")
+    parser.add_argument("--steps", type=int, default=500, help="Training steps of every model.")
+    parser.add_argument("--weights_flops", default="5,15,30,50,150",
+                        help="sparsity.weight of the FLOPs-regularized models (comma list).")
+    parser.add_argument("--weights_l1", default="0.01,0.03,0.1,0.3,0.6,1",
+                        help="sparsity.weight of the L1-regularized models (comma list).")
+    parser.add_argument("--distractor_identities", type=int, default=StudySettings.distractor_identities,
+                        help="Synthetic identities of the distractor set (after the training and test ones).")
+    parser.add_argument("--distractor_images", type=int, default=StudySettings.distractor_images,
+                        help="Images per distractor identity.")
+    parser.add_argument("--threshold", type=float, default=StudySettings.threshold,
+                        help="Sparse candidates must score above it (the original --threshold).")
+    parser.add_argument("--rerank_topk", type=int, default=StudySettings.rerank_topk,
+                        help="Sparse candidates re-scored with the dense embeddings.")
+    parser.add_argument("--set", action="append", default=[],
+                        help="Config override for every model, key.path=value (repeatable).")
 
-    settings = StudySettings(_DISTRACTOR_IDENTITIES.value, _DISTRACTOR_IMAGES.value,
-                             _THRESHOLD.value, _RERANK_TOPK.value)
-    flops_tradeoff(_DATA_DIR.value, _OUT.value, _weights(_WEIGHTS_FLOPS.value, "weights_flops"),
-                   _weights(_WEIGHTS_L1.value, "weights_l1"), _STEPS.value, settings, _SET.value,
+
+def _run_flops_tradeoff(args: argparse.Namespace) -> None:
+    settings = StudySettings(args.distractor_identities, args.distractor_images, args.threshold,
+                             args.rerank_topk)
+    flops_tradeoff(args.data_dir, args.out, _weights(args.weights_flops.split(","), "weights_flops"),
+                   _weights(args.weights_l1.split(","), "weights_l1"), args.steps, settings, args.set,
                    verbose=1 if sys.stdout.isatty() else 2)
 
 
+STUDIES.register("flops_tradeoff")(StudyCommand(_flops_tradeoff_flags, _run_flops_tradeoff))
+
+
 @user_errors_exit
-def main(argv: list[str]) -> None:
-    """Runs the study named on the command line."""
-    if len(argv) != 2:
+def main(argv: Sequence[str] | None = None) -> None:
+    """Runs the study named on the command line.
+
+    Args:
+        argv: Arguments after the program name; None reads sys.argv.
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0].startswith("-"):
         raise ConfigError(f"name one study: python -m sparse_embed.study NAME [flags]; valid: "
                           f"{', '.join(STUDIES.names())}")
-    STUDIES.get(argv[1])()
+    study = STUDIES.get(argv[0])
+    parser = argparse.ArgumentParser(prog=f"python -m sparse_embed.study {argv[0]}")
+    study.add_flags(parser)
+    study.run(parser.parse_args(argv[1:]))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    main()
