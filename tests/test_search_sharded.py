@@ -1,0 +1,180 @@
+"""ShardedIndex: sharded == unsharded == brute force, ties, empty shards, k > N, re-rank; the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import scipy.sparse
+
+from sparse_embed.data.embeddings import Embeddings, write_hdf5
+from sparse_embed.search import SparseIndex, brute_force_search
+from sparse_embed.search.sharded import ShardedIndex
+from tests.conftest import assert_user_error, run_module
+
+DIM = 48
+
+
+def tied_rows(rng: np.random.Generator, n: int, density: float = 0.15) -> np.ndarray:
+    """Rows of small multiples of 1/4 (sums exact in float32, so scores tie often), some empty."""
+    x = rng.integers(-2, 5, size=(n, DIM)).astype(np.float32) / 4
+    x[rng.random((n, DIM)) > density] = 0
+    x[rng.random(n) < 0.1] = 0
+    return x
+
+
+@pytest.fixture(scope="module")
+def data() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(7)
+    db = tied_rows(rng, 300)
+    db[40:60] = db[10]  # duplicate rows: equal scores across shard boundaries
+    queries = tied_rows(rng, 25, density=0.3)
+    queries[0] = 0  # all-zero query: every row scores 0
+    return {"db": db, "queries": queries,
+            "db_dense": rng.integers(-3, 4, size=(300, 8)).astype(np.float32) / 8,
+            "q_dense": rng.integers(-3, 4, size=(25, 8)).astype(np.float32) / 8}
+
+
+def split(db: np.ndarray, bounds: list[int]) -> list[SparseIndex]:
+    return [SparseIndex.from_dense(db[a:b], zero_threshold=0.0)
+            for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+
+
+# Shard boundaries cut through the duplicate block and include empty shards.
+BOUNDS = [0, 0, 45, 45, 200, 300]
+
+
+@pytest.mark.parametrize("k", [1, 7, 400])
+@pytest.mark.parametrize("threshold", [None, 0.3])
+def test_sharded_equals_unsharded_and_oracle(data, k, threshold):
+    whole = SparseIndex.from_dense(data["db"], zero_threshold=0.0)
+    sharded = ShardedIndex(split(data["db"], BOUNDS))
+    want = brute_force_search(data["db"], data["queries"], k, threshold)
+    one = whole.search(data["queries"], k, threshold)
+    got = sharded.search(data["queries"], k, threshold, num_threads=2)
+    for ids, scores in (one, got):
+        np.testing.assert_array_equal(ids, want[0])
+        np.testing.assert_array_equal(scores, want[1])
+    if k == 400:
+        assert (got[0][:, 300:] == -1).all() and np.isneginf(got[1][:, 300:]).all()
+
+
+@pytest.mark.parametrize("threshold", [None, 0.3])
+def test_sharded_rerank_equals_unsharded(data, threshold):
+    rerank = (data["db_dense"], data["q_dense"])
+    whole = SparseIndex.from_dense(data["db"], zero_threshold=0.0)
+    sharded = ShardedIndex(split(data["db"], BOUNDS))
+    one = whole.search(data["queries"], 5, threshold, rerank=rerank, rerank_k=20)
+    got = sharded.search(data["queries"], 5, threshold, rerank=rerank, rerank_k=20)
+    want = brute_force_search(data["db"], data["queries"], 5, threshold, rerank=rerank, rerank_k=20)
+    for ids, scores in (got, one):
+        np.testing.assert_array_equal(ids, want[0])
+        np.testing.assert_array_equal(scores, want[1])
+
+
+def assert_equal_up_to_rounding(got, want, tol=1e-6):
+    """Scores within float32 rounding of a sum; ids equal wherever no other score is that close."""
+    np.testing.assert_allclose(got[1], want[1], rtol=tol, atol=tol)
+    gaps = np.abs(np.diff(want[1], axis=1)) > 4 * tol
+    separated = np.ones(want[1].shape, bool)
+    separated[:, 1:] &= gaps
+    separated[:, :-1] &= gaps
+    np.testing.assert_array_equal(got[0][separated], want[0][separated])
+
+
+def test_random_floats_equal_up_to_rounding_with_rerank_and_csr_queries():
+    """Arbitrary float32 values: the core's summation order depends on the index size (see sharded.py)."""
+    rng = np.random.default_rng(3)
+    db = scipy.sparse.random(500, DIM, density=0.2, format="csr", random_state=1, dtype=np.float32)
+    queries = scipy.sparse.random(30, DIM, density=0.2, format="csr", random_state=2, dtype=np.float32)
+    dense_db = rng.standard_normal((500, 16)).astype(np.float32)
+    dense_q = rng.standard_normal((30, 16)).astype(np.float32)
+    whole = SparseIndex.from_csr(db.indptr, db.indices, db.data, DIM)
+    parts = [db[a:b] for a, b in ((0, 170), (170, 171), (171, 500))]
+    sharded = ShardedIndex([SparseIndex.from_csr(p.indptr, p.indices, p.data, DIM) for p in parts])
+    for kwargs in ({}, {"rerank": (dense_db, dense_q), "rerank_k": 40}):
+        assert_equal_up_to_rounding(sharded.search(queries, 10, **kwargs),
+                                    whole.search(queries, 10, **kwargs))
+
+
+def test_explicit_offsets_and_stats(data):
+    db = data["db"]
+    # Shards given out of order, with explicit offsets, equal the in-order set.
+    low, high = SparseIndex.from_dense(db[:120], 0.0), SparseIndex.from_dense(db[120:], 0.0)
+    sharded = ShardedIndex([high, low], offsets=[120, 0])
+    want = brute_force_search(db, data["queries"], 9)
+    got = sharded.search(data["queries"], 9)
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
+    stats = sharded.stats
+    whole = SparseIndex.from_dense(db, 0.0)
+    whole.search(data["queries"], 9)
+    assert (stats["shards"], stats["rows"], stats["dim"], stats["nnz"]) == (2, 300, DIM, whole.nnz)
+    assert stats["queries"] == 25
+    # Postings touched are a property of the data, not of how it is split.
+    np.testing.assert_array_equal(stats["postings"], whole.stats["postings"])
+    assert stats["postings_per_query"] == whole.stats["postings_per_query"]
+
+
+def test_build_writes_loadable_shards(data, tmp_path):
+    sharded = ShardedIndex.build(data["db"], 128, tmp_path / "shards", zero_threshold=0.0)
+    files = sorted(p.name for p in (tmp_path / "shards").iterdir())
+    assert files == ["shard-00000.idx", "shard-00001.idx", "shard-00002.idx"]
+    assert [len(s) for s in sharded.shards] == [128, 128, 44]
+    assert all(s.memory_mapped for s in sharded.shards)
+    want = brute_force_search(data["db"], data["queries"], 6, 0.0)
+    got = ShardedIndex(sorted((tmp_path / "shards").iterdir())).search(data["queries"], 6, 0.0)
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
+
+
+def test_bad_input():
+    a = SparseIndex.from_dense(np.eye(4, 8, dtype=np.float32))
+    b = SparseIndex.from_dense(np.eye(4, 6, dtype=np.float32))
+    with pytest.raises(ValueError, match="same dimension.*shard 0: 8, shard 1: 6"):
+        ShardedIndex([a, b])
+    with pytest.raises(ValueError, match="overlap"):
+        ShardedIndex([a, a], offsets=[0, 2])
+    with pytest.raises(ValueError, match="non-empty"):
+        ShardedIndex([])
+    with pytest.raises(ValueError, match=r"\[Q, 8\]"):
+        ShardedIndex([a, a]).search(np.ones((2, 6), np.float32), 3)
+    with pytest.raises(ValueError, match="one row per global id"):
+        ShardedIndex([a, a]).search(np.ones((2, 8), np.float32), 3,
+                                    rerank=(np.ones((4, 2), np.float32), np.ones((2, 2), np.float32)))
+
+
+@pytest.mark.slow
+def test_cli_shard_and_query(data, tmp_path):
+    def hdf5(path, x):
+        write_hdf5(path, Embeddings(x, np.arange(len(x)), tuple(f"f{i}.jpg" for i in range(len(x)))))
+        return path
+
+    gallery, probes = hdf5(tmp_path / "g.hdf5", data["db"]), hdf5(tmp_path / "q.hdf5", data["queries"])
+    proc = run_module("sparse_embed.search", "shard", f"--embeddings={gallery}", "--shards=3",
+                      f"--output={tmp_path / 'idx'}", "--zero_threshold=0")
+    assert proc.returncode == 0, proc.stderr
+    shards = sorted(str(p) for p in (tmp_path / "idx").iterdir())
+    assert len(shards) == 3 and "3 shards" in proc.stdout
+    want = brute_force_search(data["db"], data["queries"], 4)
+    for out in ("r.npz", "r.json"):
+        proc = run_module("sparse_embed.search", "query", "--index=" + ",".join(shards),
+                          f"--queries={probes}", "--k=4", f"--output={tmp_path / out}")
+        assert proc.returncode == 0, proc.stderr
+        assert "ms/query" in proc.stdout
+        if out.endswith(".npz"):
+            got = np.load(tmp_path / out)
+            ids, scores = got["ids"], got["scores"]
+        else:
+            doc = json.loads((tmp_path / out).read_text())
+            ids, scores = np.array(doc["ids"]), np.array(doc["scores"], np.float32)
+        np.testing.assert_array_equal(ids, want[0])
+        np.testing.assert_array_equal(scores, want[1])
+    other = hdf5(tmp_path / "o.hdf5", np.ones((3, 5), np.float32))
+    proc = run_module("sparse_embed.search", "query", "--index=" + ",".join(shards),
+                      f"--queries={other}", "--k=4")
+    assert_user_error(proc, "[Q, 48]")
+    proc = run_module("sparse_embed.search", "query", f"--index={tmp_path / 'missing.idx'}",
+                      f"--queries={probes}")
+    assert_user_error(proc, "missing.idx")
