@@ -56,9 +56,10 @@ from sparse_embed.search.index import DEFAULT_RERANK_K, DEFAULT_ZERO_THRESHOLD, 
 
 __all__ = ["DEFAULT_BATCH_ROWS", "MILVUS_MAX_LIMIT", "MilvusIndex", "benchmark", "to_milvus"]
 
-# pymilvus logs every failed call with its traceback before raising it; the
-# errors are raised to the caller as one line instead.
-logging.getLogger("pymilvus").setLevel(logging.CRITICAL)
+# pymilvus and Milvus Lite log every failed call with its traceback before
+# raising it; the errors reach the caller as one line instead.
+for _logger in ("pymilvus", "milvus_lite"):
+    logging.getLogger(_logger).setLevel(logging.CRITICAL)
 
 # Rows inserted per request (and read from the HDF5 file at once).
 DEFAULT_BATCH_ROWS = 1024
@@ -327,6 +328,16 @@ class MilvusIndex:
         self._client.load_collection(collection)
         self._rows = int(self._client.get_collection_stats(collection)["row_count"])
         self._last: dict[str, Any] = {"queries": 0, "requests": 0, "wall_seconds": 0.0}
+
+    def close(self) -> None:
+        """Closes the connection (a Milvus Lite database is open to one process at a time)."""
+        self._client.close()
+
+    def __enter__(self) -> MilvusIndex:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def __len__(self) -> int:
         return self._rows
