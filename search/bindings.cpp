@@ -1,5 +1,5 @@
 // pybind11 adapter of the index core: converts arrays, checks shapes, releases
-// the GIL around the work. sparse_embed/search.py is the documented Python API.
+// the GIL around the work. sparse_embed/search/index.py is the documented Python API.
 
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
@@ -54,13 +54,14 @@ se::CsrView csr_view(const Array<int64_t>& indptr, const Array<int32_t>& indices
 }
 
 // Runs a search over `queries` (a DenseView or CsrView of `num_queries` rows)
-// and returns (ids, scores, postings, candidates, seconds).
+// and returns (ids, scores, postings, candidates, seconds, blocks, scored).
 template <typename View>
 py::tuple run_search(const se::SparseIndex& index, const View& queries, int64_t num_queries,
                         int64_t k, std::optional<float> threshold,
                         const std::optional<Array<float>>& rerank_database,
                         const std::optional<Array<float>>& rerank_queries, int64_t rerank_k,
-                        int num_threads) {
+                        int num_threads, const std::string& mode,
+                        std::optional<int64_t> max_blocks) {
   if (k < 1) throw py::value_error("k must be >= 1, got " + std::to_string(k));
   if (rerank_database.has_value() != rerank_queries.has_value()) {
     throw py::value_error("re-ranking needs both the database and the query dense vectors");
@@ -70,6 +71,12 @@ py::tuple run_search(const se::SparseIndex& index, const View& queries, int64_t 
   params.threshold = threshold.value_or(se::kNoThreshold);
   params.rerank_k = rerank_k;
   params.num_threads = num_threads;
+  try {
+    params.mode = se::parse_search_mode(mode);
+  } catch (const std::invalid_argument& e) {
+    throw py::value_error(e.what());
+  }
+  params.max_blocks = max_blocks.value_or(0);
   if (rerank_database) {
     params.rerank_database =
         dense_view(*rerank_database, "rerank database", "[N, Dd] with N = " +
@@ -85,17 +92,21 @@ py::tuple run_search(const se::SparseIndex& index, const View& queries, int64_t 
   Array<int64_t> postings(num_queries);
   Array<int64_t> candidates(num_queries);
   Array<double> seconds(num_queries);
+  Array<int64_t> blocks(num_queries);
+  Array<int64_t> scored(num_queries);
   se::SearchOutput out;
   out.ids = ids.mutable_data();
   out.scores = scores.mutable_data();
   out.postings = postings.mutable_data();
   out.candidates = candidates.mutable_data();
   out.seconds = seconds.mutable_data();
+  out.blocks = blocks.mutable_data();
+  out.scored = scored.mutable_data();
   {
     py::gil_scoped_release release;
     index.search(queries, params, out);
   }
-  return py::make_tuple(ids, scores, postings, candidates, seconds);
+  return py::make_tuple(ids, scores, postings, candidates, seconds, blocks, scored);
 }
 
 }  // namespace
@@ -106,21 +117,28 @@ PYBIND11_MODULE(_search, m) {
   m.attr("DEFAULT_NUM_THREADS") = se::kDefaultNumThreads;
   m.attr("DEFAULT_ZERO_THRESHOLD") = se::kDefaultZeroThreshold;
   m.attr("INDEX_FORMAT_VERSION") = se::kIndexFormatVersion;
+  m.attr("DEFAULT_BLOCK_ROWS") = se::kDefaultBlockRows;
+  m.attr("DEFAULT_SEARCH_MODE") = se::search_mode_name(se::kDefaultSearchMode);
+  m.attr("SEARCH_MODES") = py::make_tuple(se::search_mode_name(se::SearchMode::kExhaustive),
+                                          se::search_mode_name(se::SearchMode::kPruned),
+                                          se::search_mode_name(se::SearchMode::kApprox));
   py::register_exception<se::FormatError>(m, "FormatError", PyExc_ValueError);
 
   py::class_<se::SparseIndex>(m, "Index")
       .def_static(
           "from_dense",
-          [](const Array<float>& x, float zero_threshold) {
+          [](const Array<float>& x, float zero_threshold, int64_t block_rows, bool reorder) {
             const se::DenseView view = dense_view(x, "database", "[N, D]");
             py::gil_scoped_release release;
-            return se::SparseIndex::from_dense(view, zero_threshold);
+            return se::SparseIndex::from_dense(view, zero_threshold, {block_rows, reorder});
           },
-          py::arg("x"), py::arg("zero_threshold") = se::kDefaultZeroThreshold)
+          py::arg("x"), py::arg("zero_threshold") = se::kDefaultZeroThreshold,
+          py::arg("block_rows") = se::kDefaultBlockRows, py::arg("reorder") = true)
       .def_static(
           "from_csr",
           [](const Array<int64_t>& indptr, const Array<int32_t>& indices, const Array<float>& values,
-             int64_t dim, const std::optional<Array<int32_t>>& labels) {
+             int64_t dim, const std::optional<Array<int32_t>>& labels, int64_t block_rows,
+             bool reorder) {
             const se::CsrView view = csr_view(indptr, indices, values, "database");
             const int32_t* label_data = nullptr;
             if (labels) {
@@ -131,17 +149,19 @@ PYBIND11_MODULE(_search, m) {
               label_data = labels->data();
             }
             py::gil_scoped_release release;
-            return se::SparseIndex::from_csr(view, dim, label_data);
+            return se::SparseIndex::from_csr(view, dim, label_data, {block_rows, reorder});
           },
           py::arg("indptr"), py::arg("indices"), py::arg("values"), py::arg("dim"),
-          py::arg("labels") = py::none())
+          py::arg("labels") = py::none(), py::arg("block_rows") = se::kDefaultBlockRows,
+          py::arg("reorder") = true)
       .def_static(
           "from_bin",
-          [](const std::string& path, int64_t dim) {
+          [](const std::string& path, int64_t dim, int64_t block_rows, bool reorder) {
             py::gil_scoped_release release;
-            return se::SparseIndex::from_bin(path, dim);
+            return se::SparseIndex::from_bin(path, dim, {block_rows, reorder});
           },
-          py::arg("path"), py::arg("dim") = 0)
+          py::arg("path"), py::arg("dim") = 0, py::arg("block_rows") = se::kDefaultBlockRows,
+          py::arg("reorder") = true)
       .def_static(
           "load",
           [](const std::string& path) {
@@ -160,30 +180,44 @@ PYBIND11_MODULE(_search, m) {
           "search_dense",
           [](const se::SparseIndex& index, const Array<float>& queries, int64_t k,
              std::optional<float> threshold, const std::optional<Array<float>>& rerank_database,
-             const std::optional<Array<float>>& rerank_queries, int64_t rerank_k, int num_threads) {
+             const std::optional<Array<float>>& rerank_queries, int64_t rerank_k, int num_threads,
+             const std::string& mode, std::optional<int64_t> max_blocks) {
             const se::DenseView view = dense_view(
                 queries, "queries", "[Q, " + std::to_string(index.dim()) + "]", -1, index.dim());
             return run_search(index, view, view.rows, k, threshold, rerank_database,
-                              rerank_queries, rerank_k, num_threads);
+                              rerank_queries, rerank_k, num_threads, mode, max_blocks);
           },
           py::arg("queries"), py::arg("k"), py::arg("threshold") = py::none(),
           py::arg("rerank_database") = py::none(), py::arg("rerank_queries") = py::none(),
-          py::arg("rerank_k") = se::kDefaultRerankK, py::arg("num_threads") = se::kDefaultNumThreads)
+          py::arg("rerank_k") = se::kDefaultRerankK, py::arg("num_threads") = se::kDefaultNumThreads,
+          py::arg("mode") = se::search_mode_name(se::kDefaultSearchMode),
+          py::arg("max_blocks") = py::none())
       .def(
           "search_csr",
           [](const se::SparseIndex& index, const Array<int64_t>& indptr, const Array<int32_t>& indices,
              const Array<float>& values, int64_t k, std::optional<float> threshold,
              const std::optional<Array<float>>& rerank_database,
-             const std::optional<Array<float>>& rerank_queries, int64_t rerank_k, int num_threads) {
+             const std::optional<Array<float>>& rerank_queries, int64_t rerank_k, int num_threads,
+             const std::string& mode, std::optional<int64_t> max_blocks) {
             const se::CsrView view = csr_view(indptr, indices, values, "queries");
             return run_search(index, view, view.rows, k, threshold, rerank_database,
-                              rerank_queries, rerank_k, num_threads);
+                              rerank_queries, rerank_k, num_threads, mode, max_blocks);
           },
           py::arg("indptr"), py::arg("indices"), py::arg("values"), py::arg("k"),
           py::arg("threshold") = py::none(), py::arg("rerank_database") = py::none(),
           py::arg("rerank_queries") = py::none(), py::arg("rerank_k") = se::kDefaultRerankK,
-          py::arg("num_threads") = se::kDefaultNumThreads)
+          py::arg("num_threads") = se::kDefaultNumThreads,
+          py::arg("mode") = se::search_mode_name(se::kDefaultSearchMode),
+          py::arg("max_blocks") = py::none())
       .def_property_readonly("rows", &se::SparseIndex::rows)
+      .def_property_readonly("block_rows", &se::SparseIndex::block_rows)
+      .def_property_readonly("num_blocks", &se::SparseIndex::num_blocks)
+      .def_property_readonly("block_entries", &se::SparseIndex::block_entries)
+      .def_property_readonly("block_nbytes", &se::SparseIndex::block_bytes)
+      .def_property_readonly("row_order", [](const se::SparseIndex& index) -> py::object {
+        if (index.row_order() == nullptr) return py::none();
+        return Array<uint32_t>(index.rows(), index.row_order());
+      })
       .def_property_readonly("dim", &se::SparseIndex::dim)
       .def_property_readonly("nnz", &se::SparseIndex::nnz)
       .def_property_readonly("nbytes", &se::SparseIndex::memory_bytes)

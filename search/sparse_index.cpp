@@ -1,29 +1,40 @@
 // Inverted index over sparse embeddings: build, search, save / load.
 //
-// Index file layout (version 1, little-endian), every section starting at a
+// Index file layout (version 2, little-endian), every section starting at a
 // multiple of 64 bytes and zero-padded up to the next one:
 //
-//   header, 64 bytes:
+//   header, 128 bytes:
 //     0  char[8]  magic "SPEMBIDX"
 //     8  uint32   format version (kIndexFormatVersion)
-//    12  uint32   header size (64)
+//    12  uint32   header size (128)
 //    16  uint64   rows N
 //    24  uint64   dims D
 //    32  uint64   non-zeros NNZ
-//    40  uint32   flags (bit 0: labels present)
-//    44  uint32   log2 of the rows per block (16)
+//    40  uint32   flags (bit 0: labels present, bit 1: row order present)
+//    44  uint32   log2 of the rows per segment block (16)
 //    48  uint64   XXH64 of every byte after the header
-//    56  uint64   XXH64 of header bytes [0, 56)
+//    56  uint32   rows per pruning block R (a power of two)
+//    64  uint64   block-max entries E
+//   120  uint64   XXH64 of header bytes [0, 120); the other bytes are zero
 //   uint64  segments[D * B + 1]  B = max(1, ceil(N / 65536)) row blocks; the postings
 //                                of dimension d in block b are
 //                                [segments[d * B + b], segments[d * B + b + 1])
-//   uint16  rows[NNZ]    row id - 65536 * b, non-decreasing within a segment
+//   uint16  rows[NNZ]    position - 65536 * b, non-decreasing within a segment
 //   float32 values[NNZ]
-//   int32   labels[N]    only when flag bit 0 is set
+//   int32   labels[N]    only when flag bit 0 is set, by caller row id
+//   uint32  order[N]     only when flag bit 1 is set: the caller id at each position
+//   uint64  bm_offsets[D + 1]   the block-max entries of dimension d are
+//                               [bm_offsets[d], bm_offsets[d + 1])
+//   uint32  bm_block[E]  pruning block (positions [R b, R (b + 1))), increasing per dimension
+//   float32 bm_max[E], bm_min[E]   the dimension's max / min over the block's rows (0 for
+//                                  rows without it)
+//   uint32  bm_start[E]  the block's first posting, relative to the dimension's first
 //
 // The postings of a dimension are contiguous (its segments follow each other),
-// sorted by row. A posting costs 6 bytes (uint16 row within its block +
-// float32 value); the rest is 8 * D * B + 4 * N bytes.
+// sorted by position. A posting costs 6 bytes (uint16 position within its
+// block + float32 value); the rest is 8 * D * B + 4 * N (labels) + 4 * N
+// (order) + 8 * (D + 1) + 16 * E bytes. Version 1 files (64-byte header, the
+// hash at 56, no order and no block metadata) still load.
 
 #include "sparse_index.h"
 
@@ -34,6 +45,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cerrno>
 #include <chrono>
@@ -108,9 +120,11 @@ constexpr int64_t kMaxRows = int64_t{1} << 32;
 constexpr int32_t kMaxBinIndex = (1 << 24) - 1;
 
 constexpr char kMagic[8] = {'S', 'P', 'E', 'M', 'B', 'I', 'D', 'X'};
-constexpr uint64_t kHeaderSize = 64;
+constexpr uint64_t kHeaderSize = 128;
+constexpr uint64_t kHeaderSizeV1 = 64;
 constexpr uint64_t kAlign = 64;
 constexpr uint32_t kFlagLabels = 1;
+constexpr uint32_t kFlagOrder = 2;
 
 uint64_t align_up(uint64_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
 
@@ -298,9 +312,16 @@ class TopK {
   }
   size_t capacity() const { return capacity_; }
   bool full() const { return heap_.size() >= capacity_; }
-  // What a row visited in increasing id order must score strictly above to
-  // enter: ties with the worst kept row lose to its lower id.
-  float cut(float threshold) const { return full() ? heap_.front().score : threshold; }
+  // What a row must score strictly above to enter. Visited in increasing id
+  // order, ties with the worst kept row lose to its lower id; visited in any
+  // other order (`any_order`), a tie may still enter by a lower id.
+  float cut(float threshold, bool any_order = false) const {
+    if (!full()) return threshold;
+    const float worst = heap_.front().score;
+    return any_order ? std::nextafter(worst, -std::numeric_limits<float>::infinity()) : worst;
+  }
+  // The worst kept score (valid when full()).
+  float worst() const { return heap_.front().score; }
 
   void push(Candidate c) {
     if (heap_.size() < capacity_) {
@@ -326,13 +347,19 @@ class TopK {
 };
 
 // Pushes the rows of a score block whose score is above `threshold` into
-// `top`, visiting them in increasing id order; returns how many of them have
+// `top`; row base + i is caller row order[base + i] (base + i when `order` is
+// null). `any_order`: the rows pushed so far may have higher ids than these
+// (otherwise rows come in increasing id order). Returns how many of them have
 // a non-zero score above `threshold`.
 SPARSE_EMBED_MULTIVERSION
-int64_t scan_block(const float* s, int64_t n, int64_t base, float threshold, TopK& top) {
+int64_t scan_block(const float* s, int64_t n, int64_t base, float threshold, TopK& top,
+                   const uint32_t* order, bool any_order) {
   constexpr int64_t kChunk = 32;
+  auto id = [&](int64_t i) {
+    return order != nullptr ? order[base + i] : static_cast<uint32_t>(base + i);
+  };
   int64_t candidates = 0;
-  float cut = top.cut(threshold);
+  float cut = top.cut(threshold, any_order);
   int64_t i = 0;
   // The branch-free chunk test vectorises; rows rarely beat the cut once the
   // heap is full, so the per-row path runs for few chunks.
@@ -348,8 +375,8 @@ int64_t scan_block(const float* s, int64_t n, int64_t base, float threshold, Top
     if (!any) continue;
     for (int64_t j = 0; j < kChunk; ++j) {
       if (s[i + j] > cut) {
-        top.push({s[i + j], static_cast<uint32_t>(base + i + j)});
-        cut = top.cut(threshold);
+        top.push({s[i + j], id(i + j)});
+        cut = top.cut(threshold, any_order);
       }
     }
   }
@@ -357,8 +384,8 @@ int64_t scan_block(const float* s, int64_t n, int64_t base, float threshold, Top
     const float x = s[i];
     candidates += (x != 0.0f) & (x > threshold);
     if (x > cut) {
-      top.push({x, static_cast<uint32_t>(base + i)});
-      cut = top.cut(threshold);
+      top.push({x, id(i)});
+      cut = top.cut(threshold, any_order);
     }
   }
   return candidates;
@@ -382,6 +409,7 @@ float dot(const float* a, const float* b, int64_t n) {
 struct Term {
   const uint64_t* segments;
   float weight;
+  int64_t dim;
 };
 
 // The postings of one query dimension in one row block.
@@ -451,6 +479,8 @@ struct Workspace {
   TopK first;
   TopK second;
   std::vector<Candidate> ranked;
+  std::vector<double> bounds;    // pruned mode: upper bound of every row block
+  std::vector<std::pair<double, uint32_t>> order;  // pruned mode: blocks left, as a max-heap
 };
 
 void write_all(std::FILE* f, const void* data, size_t len, Xxh64* hash, const std::string& path) {
@@ -469,6 +499,33 @@ void write_padding(std::FILE* f, uint64_t written, Xxh64* hash, const std::strin
 }  // namespace
 
 // ---------------------------------------------------------------------------
+// Search modes.
+
+namespace {
+constexpr std::pair<SearchMode, const char*> kModeNames[] = {
+    {SearchMode::kExhaustive, "exhaustive"},
+    {SearchMode::kPruned, "pruned"},
+    {SearchMode::kApprox, "approx"},
+};
+}  // namespace
+
+SearchMode parse_search_mode(const std::string& name) {
+  std::string valid;
+  for (const auto& [mode, mode_name] : kModeNames) {
+    if (name == mode_name) return mode;
+    valid += (valid.empty() ? "" : ", ") + std::string(mode_name);
+  }
+  throw std::invalid_argument("unknown search mode '" + name + "'; valid modes: " + valid);
+}
+
+const char* search_mode_name(SearchMode mode) {
+  for (const auto& [m, name] : kModeNames) {
+    if (m == mode) return name;
+  }
+  return "unknown";
+}
+
+// ---------------------------------------------------------------------------
 // Storage: owned vectors (built in memory) or a read-only file mapping.
 
 struct SparseIndex::Storage {
@@ -476,6 +533,14 @@ struct SparseIndex::Storage {
   std::vector<uint16_t> rows;
   std::vector<float> values;
   std::vector<int32_t> labels;
+  std::vector<uint32_t> order;
+  std::vector<uint32_t> position;
+  std::vector<uint64_t> bm_offsets;
+  std::vector<uint32_t> bm_block;
+  std::vector<float> bm_max;
+  std::vector<float> bm_min;
+  std::vector<uint32_t> bm_start;
+  std::vector<float> dim_absmax;
   void* map = nullptr;
   size_t map_size = 0;
 
@@ -496,11 +561,70 @@ CsrView CsrMatrix::view(int64_t begin, int64_t end) const {
   return v;
 }
 
-// Two passes over the rows: count the postings of every (dimension, block)
-// segment, then place each entry at its segment's cursor. O(rows + nnz +
-// segments), and the rows of a segment come out increasing.
+namespace {
+
+// Rows of `rows` in the order `order` (position -> caller row).
 template <typename Rows>
-SparseIndex SparseIndex::build(const Rows& rows, int64_t dim, const int32_t* labels) {
+struct OrderedRows {
+  const Rows& rows;
+  const uint32_t* order;
+  int64_t size() const { return rows.size(); }
+  template <typename F>
+  void for_each(int64_t i, F&& f) const {
+    rows.for_each(order[i], f);
+  }
+};
+
+// Dimensions of a row's largest |values| that make up its sort key.
+constexpr int kOrderKeyDims = 3;
+
+// Row order that puts similar rows side by side: rows sorted by the
+// dimensions of their kOrderKeyDims largest |values| (largest first), then by
+// caller id. Near-duplicates (the images of one identity) share their
+// dominant dimensions, so they land in the same blocks and the block maxima
+// stay close to their members' values; the sort costs O(nnz + N log N).
+template <typename Rows>
+std::vector<uint32_t> similarity_order(const Rows& rows) {
+  const int64_t n = rows.size();
+  using Key = std::array<uint32_t, kOrderKeyDims>;
+  std::vector<Key> keys(n);
+  std::vector<std::pair<float, uint32_t>> entries;
+  for (int64_t i = 0; i < n; ++i) {
+    entries.clear();
+    rows.for_each(i, [&](int64_t d, float v) {
+      entries.push_back({std::fabs(v), static_cast<uint32_t>(d)});
+    });
+    const auto largest = [](const std::pair<float, uint32_t>& a, const std::pair<float, uint32_t>& b) {
+      return a.first > b.first || (a.first == b.first && a.second < b.second);
+    };
+    const size_t m = std::min<size_t>(kOrderKeyDims, entries.size());
+    std::partial_sort(entries.begin(), entries.begin() + m, entries.end(), largest);
+    Key key;
+    key.fill(std::numeric_limits<uint32_t>::max());  // empty rows go last
+    for (size_t j = 0; j < m; ++j) key[j] = entries[j].second;
+    keys[i] = key;
+  }
+  std::vector<uint32_t> order(n);
+  for (int64_t i = 0; i < n; ++i) order[i] = static_cast<uint32_t>(i);
+  std::sort(order.begin(), order.end(), [&](uint32_t a, uint32_t b) {
+    return keys[a] < keys[b] || (keys[a] == keys[b] && a < b);
+  });
+  return order;
+}
+
+void check_block_rows(int64_t block_rows) {
+  if (block_rows < kMinBlockRows || block_rows > kBlockRows || (block_rows & (block_rows - 1)) != 0) {
+    throw std::invalid_argument("block_rows must be a power of two in [" +
+                                std::to_string(kMinBlockRows) + ", " + std::to_string(kBlockRows) +
+                                "], got " + std::to_string(block_rows));
+  }
+}
+
+}  // namespace
+
+template <typename Rows>
+SparseIndex SparseIndex::build(const Rows& rows, int64_t dim, const int32_t* labels,
+                               const BuildOptions& options) {
   const auto start = Clock::now();
   const int64_t n = rows.size();
   if (dim < 1 || dim > std::numeric_limits<int32_t>::max()) {
@@ -510,6 +634,27 @@ SparseIndex SparseIndex::build(const Rows& rows, int64_t dim, const int32_t* lab
     throw std::invalid_argument("an index holds fewer than 2^32 rows; split the database into "
                                 "shards (got " + std::to_string(n) + " rows)");
   }
+  check_block_rows(options.block_rows);
+  if (!options.reorder) {
+    SparseIndex index = build_postings(rows, dim, labels, {});
+    index.finish_build(options.block_rows, start);
+    return index;
+  }
+  std::vector<uint32_t> order = similarity_order(rows);
+  const OrderedRows<Rows> ordered{rows, order.data()};  // before `order` moves into the index
+  SparseIndex index = build_postings(ordered, dim, labels, std::move(order));
+  index.finish_build(options.block_rows, start);
+  return index;
+}
+
+// Two passes over the rows: count the postings of every (dimension, block)
+// segment, then place each entry at its segment's cursor. O(rows + nnz +
+// segments), and the rows of a segment come out increasing. `labels` are by
+// caller row id; `order` (empty: identity) maps positions to caller ids.
+template <typename Rows>
+SparseIndex SparseIndex::build_postings(const Rows& rows, int64_t dim, const int32_t* labels,
+                                        std::vector<uint32_t> order) {
+  const int64_t n = rows.size();
   const int64_t blocks = std::max<int64_t>(1, (n + kBlockRows - 1) / kBlockRows);
   const int64_t keys = dim * blocks;  // < 2^31 * 2^16: no overflow
   auto storage = std::make_shared<Storage>();
@@ -536,6 +681,7 @@ SparseIndex SparseIndex::build(const Rows& rows, int64_t dim, const int32_t* lab
     });
   }
   if (labels != nullptr) storage->labels.assign(labels, labels + n);
+  storage->order = std::move(order);
 
   SparseIndex index;
   index.rows_ = n;
@@ -546,37 +692,124 @@ SparseIndex SparseIndex::build(const Rows& rows, int64_t dim, const int32_t* lab
   index.post_rows_ = storage->rows.data();
   index.post_values_ = storage->values.data();
   index.labels_ = labels != nullptr ? storage->labels.data() : nullptr;
+  index.order_ = storage->order.empty() ? nullptr : storage->order.data();
   index.storage_ = std::move(storage);
-  index.build_seconds_ = seconds_since(start);
   return index;
 }
 
-SparseIndex SparseIndex::from_dense(const DenseView& x, float zero_threshold) {
+void SparseIndex::finish_build(int64_t block_rows, Clock::time_point start) {
+  // The storage was made by build_postings and is not shared yet.
+  auto& storage = const_cast<Storage&>(*storage_);
+  compute_blocks(storage, block_rows);
+  finish_derived(storage);
+  build_seconds_ = seconds_since(start);
+}
+
+void SparseIndex::compute_blocks(Storage& storage, int64_t block_rows) {
+  block_rows_ = block_rows;
+  num_blocks_ = (rows_ + block_rows - 1) / block_rows;
+  storage.bm_offsets.assign(static_cast<size_t>(dim_) + 1, 0);
+  storage.bm_block.clear();
+  storage.bm_max.clear();
+  storage.bm_min.clear();
+  storage.bm_start.clear();
+  for (int64_t d = 0; d < dim_; ++d) {
+    const uint64_t* seg = segments_ + d * blocks_;
+    const uint64_t first = seg[0];
+    int64_t current = -1;
+    int64_t count = 0;
+    auto close = [&]() {
+      if (current < 0) return;
+      const int64_t size = std::min(block_rows, rows_ - current * block_rows);
+      // Rows of the block without dimension d hold a 0 there.
+      if (count < size) {
+        storage.bm_max.back() = std::max(storage.bm_max.back(), 0.0f);
+        storage.bm_min.back() = std::min(storage.bm_min.back(), 0.0f);
+      }
+    };
+    for (int64_t c = 0; c < blocks_; ++c) {
+      for (uint64_t p = seg[c]; p < seg[c + 1]; ++p) {
+        const int64_t row = (c << kBlockBits) + post_rows_[p];
+        const int64_t block = row / block_rows;
+        const float v = post_values_[p];
+        if (block != current) {
+          close();
+          current = block;
+          count = 0;
+          storage.bm_block.push_back(static_cast<uint32_t>(block));
+          storage.bm_max.push_back(v);
+          storage.bm_min.push_back(v);
+          storage.bm_start.push_back(static_cast<uint32_t>(p - first));
+        } else {
+          storage.bm_max.back() = std::max(storage.bm_max.back(), v);
+          storage.bm_min.back() = std::min(storage.bm_min.back(), v);
+        }
+        ++count;
+      }
+    }
+    close();
+    storage.bm_offsets[d + 1] = storage.bm_block.size();
+  }
+  bm_entries_ = static_cast<int64_t>(storage.bm_block.size());
+  bm_offsets_ = storage.bm_offsets.data();
+  bm_block_ = storage.bm_block.data();
+  bm_max_ = storage.bm_max.data();
+  bm_min_ = storage.bm_min.data();
+  bm_start_ = storage.bm_start.data();
+}
+
+void SparseIndex::finish_derived(Storage& storage) {
+  storage.dim_absmax.assign(static_cast<size_t>(dim_), 0.0f);
+  for (int64_t d = 0; d < dim_; ++d) {
+    float m = 0.0f;
+    for (uint64_t e = bm_offsets_[d]; e < bm_offsets_[d + 1]; ++e) {
+      m = std::max({m, std::fabs(bm_max_[e]), std::fabs(bm_min_[e])});
+    }
+    storage.dim_absmax[d] = m;
+  }
+  dim_absmax_ = storage.dim_absmax.data();
+  if (order_ != nullptr) {
+    storage.position.assign(static_cast<size_t>(rows_), 0);
+    for (int64_t i = 0; i < rows_; ++i) storage.position[order_[i]] = static_cast<uint32_t>(i);
+    position_ = storage.position.data();
+  }
+}
+
+SparseIndex SparseIndex::from_dense(const DenseView& x, float zero_threshold,
+                                    const BuildOptions& options) {
   if (!(zero_threshold >= 0.0f) || !std::isfinite(zero_threshold)) {
     throw std::invalid_argument("zero_threshold must be finite and >= 0, got " +
                                 std::to_string(zero_threshold));
   }
   check_dense(x, "database");
-  return build(DenseRows{x, zero_threshold}, x.cols, nullptr);
+  return build(DenseRows{x, zero_threshold}, x.cols, nullptr, options);
 }
 
-SparseIndex SparseIndex::from_csr(const CsrView& x, int64_t dim, const int32_t* labels) {
+SparseIndex SparseIndex::from_csr(const CsrView& x, int64_t dim, const int32_t* labels,
+                                  const BuildOptions& options) {
   check_csr(x, dim, "database");
-  return build(CsrRows{x}, dim, labels);
+  return build(CsrRows{x}, dim, labels, options);
 }
 
-SparseIndex SparseIndex::from_bin(const std::string& path, int64_t dim) {
+SparseIndex SparseIndex::from_bin(const std::string& path, int64_t dim,
+                                  const BuildOptions& options) {
   const CsrMatrix m = read_bin(path);
   if (dim <= 0) dim = std::max<int64_t>(m.cols, 1);
   if (m.cols > dim) {
     throw std::invalid_argument(path + " has index " + std::to_string(m.cols - 1) +
                                 ", outside dim " + std::to_string(dim));
   }
-  return build(CsrRows{m.view(0, m.rows())}, dim, m.labels.data());
+  return build(CsrRows{m.view(0, m.rows())}, dim, m.labels.data(), options);
 }
 
 int64_t SparseIndex::memory_bytes() const {
   return 8 * (dim_ * blocks_ + 1) + 6 * nnz_ + (labels_ != nullptr ? 4 * rows_ : 0);
+}
+
+int64_t SparseIndex::block_bytes() const {
+  // Block-max lists (block, max, min, start: 16 bytes an entry), their
+  // per-dimension bounds, the per-dimension |max|, and the order with its inverse.
+  return 16 * bm_entries_ + 8 * (dim_ + 1) + 4 * dim_ + (order_ != nullptr ? 8 * rows_ : 0);
 }
 
 bool SparseIndex::memory_mapped() const { return storage_ != nullptr && storage_->map != nullptr; }
@@ -635,11 +868,91 @@ void SparseIndex::search_impl(const Queries& queries, const SearchParams& params
     check_dense(db, "rerank database");
     check_dense(qd, "rerank queries");
   }
+  if (params.mode == SearchMode::kApprox ? params.max_blocks < 1 : params.max_blocks != 0) {
+    throw std::invalid_argument(
+        params.mode == SearchMode::kApprox
+            ? "approx search needs max_blocks >= 1 (blocks scored per query), got " +
+                  std::to_string(params.max_blocks)
+            : std::string("max_blocks applies to mode approx only"));
+  }
+  const bool pruned = params.mode != SearchMode::kExhaustive;
+  const int64_t max_blocks =
+      params.mode == SearchMode::kApprox ? params.max_blocks : std::numeric_limits<int64_t>::max();
   const float threshold = params.threshold;
   const uint16_t* rows_end = post_rows_ + nnz_;
   const float* values_end = post_values_ + nnz_;
   const int64_t first_capacity = std::min(rerank ? params.rerank_k : k, rows_);
   const int64_t final_capacity = std::min(k, rows_);
+
+  // Block-max pruning over the query's terms (ws.terms), into ws.first.
+  //
+  // A block's bound adds, per query term of weight w, w * (the block's max of
+  // that dimension) for w > 0 and w * (its min) for w < 0, rows lacking the
+  // dimension counting as 0: no row of the block can score above it in exact
+  // arithmetic. The bound is summed in double and raised by the worst rounding
+  // error of the float32 score accumulation, (terms + 2) * 2^-23 * sum |w| *
+  // max |value|, so it also bounds the scores as the exhaustive mode computes
+  // them. Blocks are scored in decreasing bound while the bound reaches the
+  // k-th score (equal may still hold a tie with a lower caller id) and is above
+  // the threshold; each block is scored term by term in the query's order, the
+  // arithmetic of the exhaustive mode, so its scores are bit-identical.
+  auto run_pruned = [&](Workspace& ws, int64_t& candidates, int64_t& blocks, int64_t& scored) {
+    TopK& top = ws.first;
+    ws.bounds.assign(static_cast<size_t>(num_blocks_), 0.0);
+    double* bounds = ws.bounds.data();
+    double magnitude = 0.0;
+    for (const Term& t : ws.terms) {
+      const double w = t.weight;
+      const float* bound = w > 0 ? bm_max_ : bm_min_;
+      for (uint64_t e = bm_offsets_[t.dim]; e < bm_offsets_[t.dim + 1]; ++e) {
+        bounds[bm_block_[e]] += w * bound[e];
+      }
+      magnitude += std::fabs(w) * dim_absmax_[t.dim];
+    }
+    const double slack =
+        static_cast<double>(ws.terms.size() + 2) * std::ldexp(magnitude, -23) + 1e-30;
+    auto& heap = ws.order;
+    heap.clear();
+    for (int64_t b = 0; b < num_blocks_; ++b) {
+      const double hi = bounds[b] + slack;
+      if (hi > threshold) heap.push_back({hi, static_cast<uint32_t>(b)});
+    }
+    // Max-heap on the bound; among equal bounds the lower block first.
+    auto lower = [](const std::pair<double, uint32_t>& a, const std::pair<double, uint32_t>& b) {
+      return a.first < b.first || (a.first == b.first && a.second > b.second);
+    };
+    std::make_heap(heap.begin(), heap.end(), lower);
+    if (ws.block.size() < static_cast<size_t>(block_rows_)) ws.block.resize(block_rows_);
+    float* buf = ws.block.data();
+    blocks = 0;
+    scored = 0;
+    while (!heap.empty() && blocks < max_blocks) {
+      const auto [hi, b] = heap.front();
+      if (top.full() && hi < top.worst()) break;
+      std::pop_heap(heap.begin(), heap.end(), lower);
+      heap.pop_back();
+      const int64_t lo = int64_t{b} * block_rows_;
+      const int64_t size = std::min(block_rows_, rows_ - lo);
+      // Blocks never straddle a 65536-row segment (block_rows divides it).
+      const int64_t local = lo & (kBlockRows - 1);
+      std::fill(buf, buf + size, 0.0f);
+      for (const Term& t : ws.terms) {
+        const uint32_t* first = bm_block_ + bm_offsets_[t.dim];
+        const uint32_t* last = bm_block_ + bm_offsets_[t.dim + 1];
+        const uint32_t* it = std::lower_bound(first, last, b);
+        if (it == last || *it != b) continue;
+        const uint64_t e = static_cast<uint64_t>(it - bm_block_);
+        const uint64_t base = t.segments[0];
+        const uint64_t begin = base + bm_start_[e];
+        const uint64_t end = it + 1 < last ? base + bm_start_[e + 1] : t.segments[blocks_];
+        const float w = t.weight;
+        for (uint64_t p = begin; p < end; ++p) buf[post_rows_[p] - local] += w * post_values_[p];
+        scored += static_cast<int64_t>(end - begin);
+      }
+      candidates += scan_block(buf, size, lo, threshold, top, order_, true);
+      ++blocks;
+    }
+  };
 
   auto run_query = [&](int64_t q, Workspace& ws) {
     const auto start = Clock::now();
@@ -649,16 +962,20 @@ void SparseIndex::search_impl(const Queries& queries, const SearchParams& params
       const uint64_t* segments = segments_ + d * blocks_;
       const auto size = static_cast<int64_t>(segments[blocks_] - segments[0]);
       if (size > 0) {
-        ws.terms.push_back({segments, w});
+        ws.terms.push_back({segments, w, d});
         postings += size;
       }
     });
     int64_t candidates = 0;
     int64_t found = 0;
+    int64_t blocks = num_blocks_;
+    int64_t scored = postings;
     if (rows_ > 0) {
       TopK& top = ws.first;
       top.reset(first_capacity);
-      if (postings * kSparseModeRatio < rows_) {
+      if (pruned) {
+        run_pruned(ws, candidates, blocks, scored);
+      } else if (postings * kSparseModeRatio < rows_) {
         // Few postings: accumulate into the full score vector, remembering the
         // rows touched, and visit only those.
         if (ws.scores.empty()) {
@@ -684,16 +1001,16 @@ void SparseIndex::search_impl(const Queries& queries, const SearchParams& params
         for (const uint32_t r : ws.touched) {
           if (s[r] != 0.0f && s[r] > threshold) {
             ++candidates;
-            top.push({s[r], r});
+            top.push({s[r], order_ != nullptr ? order_[r] : r});
           }
         }
-        // Every other row scores exactly 0; when 0 qualifies, the lowest ids
-        // among them compete too.
+        // Every other row scores exactly 0; when 0 qualifies, the lowest
+        // caller ids among them compete too.
         if (0.0f > threshold) {
           size_t taken = 0;
-          for (int64_t r = 0; r < rows_ && taken < top.capacity(); ++r) {
-            if (s[r] == 0.0f) {
-              top.push({0.0f, static_cast<uint32_t>(r)});
+          for (int64_t c = 0; c < rows_ && taken < top.capacity(); ++c) {
+            if (s[position_ != nullptr ? position_[c] : c] == 0.0f) {
+              top.push({0.0f, static_cast<uint32_t>(c)});
               ++taken;
             }
           }
@@ -722,7 +1039,7 @@ void SparseIndex::search_impl(const Queries& queries, const SearchParams& params
                          values_end);
           }
           if (t < ws.terms.size()) scatter(buf, segment(ws.terms[t]), 0, rows_end, values_end);
-          candidates += scan_block(buf, size, lo, threshold, top);
+          candidates += scan_block(buf, size, lo, threshold, top, order_, order_ != nullptr);
         }
       }
       top.take_sorted(ws.ranked);
@@ -746,6 +1063,8 @@ void SparseIndex::search_impl(const Queries& queries, const SearchParams& params
       out.scores[q * k + i] = -std::numeric_limits<float>::infinity();
     }
     if (out.postings != nullptr) out.postings[q] = postings;
+    if (out.blocks != nullptr) out.blocks[q] = blocks;
+    if (out.scored != nullptr) out.scored[q] = scored;
     if (out.candidates != nullptr) out.candidates[q] = candidates;
     if (out.seconds != nullptr) out.seconds[q] = seconds_since(start);
   };
@@ -789,24 +1108,28 @@ void SparseIndex::save(const std::string& path) const {
     throw FormatError("cannot write " + path + ": " + std::strerror(errno));
   }
   Xxh64 hash;
-  const uint64_t segments_bytes = 8 * (static_cast<uint64_t>(dim_ * blocks_) + 1);
+  auto section = [&](const void* data, uint64_t bytes) {
+    write_all(f, data, bytes, &hash, path);
+    write_padding(f, bytes, &hash, path);
+  };
   const uint64_t nnz = static_cast<uint64_t>(nnz_);
-  write_all(f, segments_, segments_bytes, &hash, path);
-  write_padding(f, segments_bytes, &hash, path);
-  write_all(f, post_rows_, 2 * nnz, &hash, path);
-  write_padding(f, 2 * nnz, &hash, path);
-  write_all(f, post_values_, 4 * nnz, &hash, path);
-  write_padding(f, 4 * nnz, &hash, path);
-  if (labels_ != nullptr) {
-    write_all(f, labels_, 4 * static_cast<uint64_t>(rows_), &hash, path);
-    write_padding(f, 4 * static_cast<uint64_t>(rows_), &hash, path);
-  }
+  const uint64_t rows = rows_, dim = dim_, entries = bm_entries_;
+  section(segments_, 8 * (static_cast<uint64_t>(dim_ * blocks_) + 1));
+  section(post_rows_, 2 * nnz);
+  section(post_values_, 4 * nnz);
+  if (labels_ != nullptr) section(labels_, 4 * rows);
+  if (order_ != nullptr) section(order_, 4 * rows);
+  section(bm_offsets_, 8 * (dim + 1));
+  section(bm_block_, 4 * entries);
+  section(bm_max_, 4 * entries);
+  section(bm_min_, 4 * entries);
+  section(bm_start_, 4 * entries);
 
   const uint32_t version = kIndexFormatVersion;
   const uint32_t header_size = kHeaderSize;
-  const uint64_t rows = rows_, dim = dim_;
-  const uint32_t flags = labels_ != nullptr ? kFlagLabels : 0;
+  const uint32_t flags = (labels_ != nullptr ? kFlagLabels : 0) | (order_ != nullptr ? kFlagOrder : 0);
   const uint32_t block_bits = kBlockBits;
+  const uint32_t block_rows = static_cast<uint32_t>(block_rows_);
   const uint64_t payload_hash = hash.digest();
   std::memcpy(header, kMagic, 8);
   std::memcpy(header + 8, &version, 4);
@@ -817,8 +1140,10 @@ void SparseIndex::save(const std::string& path) const {
   std::memcpy(header + 40, &flags, 4);
   std::memcpy(header + 44, &block_bits, 4);
   std::memcpy(header + 48, &payload_hash, 8);
-  const uint64_t header_hash = xxh64(header, 56);
-  std::memcpy(header + 56, &header_hash, 8);
+  std::memcpy(header + 56, &block_rows, 4);
+  std::memcpy(header + 64, &entries, 8);
+  const uint64_t header_hash = xxh64(header, kHeaderSize - 8);
+  std::memcpy(header + kHeaderSize - 8, &header_hash, 8);
   if (std::fseek(f, 0, SEEK_SET) != 0) {
     throw FormatError("cannot write " + path + ": " + std::strerror(errno));
   }
@@ -854,42 +1179,68 @@ SparseIndex SparseIndex::load(const std::string& path) {
   const auto* base = static_cast<const uint8_t*>(storage->map);
 
   if (std::memcmp(base, kMagic, 8) != 0) throw FormatError(foreign);
-  if (size < kHeaderSize) {
+  if (size < kHeaderSizeV1) {
     throw FormatError(path + " is truncated: " + std::to_string(size) +
                       " bytes, shorter than the 64-byte header");
   }
-  uint32_t version, header_size, flags, block_bits;
-  uint64_t rows, dim, nnz, payload_hash, header_hash;
+  uint32_t version;
   std::memcpy(&version, base + 8, 4);
-  std::memcpy(&header_size, base + 12, 4);
+  // Where the header checksum sits depends on the version (v1: a 64-byte
+  // header, v2: 128 bytes); a flipped version bit fails both.
+  auto header_ok = [&](uint64_t header_size) {
+    uint64_t stored;
+    if (size < header_size) return false;
+    std::memcpy(&stored, base + header_size - 8, 8);
+    return xxh64(base, header_size - 8) == stored;
+  };
+  if (version == kIndexFormatVersion && size < kHeaderSize && !header_ok(kHeaderSizeV1)) {
+    throw FormatError(path + " is truncated: " + std::to_string(size) + " bytes, shorter than the " +
+                      std::to_string(kHeaderSize) + "-byte header");
+  }
+  const bool v1 = header_ok(kHeaderSizeV1);
+  const bool v2 = header_ok(kHeaderSize);
+  if (!v1 && !v2) throw FormatError(path + " is corrupted: header checksum mismatch");
+  if (!(version == 1 && v1) && !(version == kIndexFormatVersion && v2)) {
+    throw FormatError(path + " has index format version " + std::to_string(version) +
+                      "; this build reads versions 1 to " + std::to_string(kIndexFormatVersion));
+  }
+  const uint64_t header_size = version == 1 ? kHeaderSizeV1 : kHeaderSize;
+  uint32_t stored_header_size, flags, block_bits, block_rows = kDefaultBlockRows;
+  uint64_t rows, dim, nnz, payload_hash, entries = 0;
+  std::memcpy(&stored_header_size, base + 12, 4);
   std::memcpy(&rows, base + 16, 8);
   std::memcpy(&dim, base + 24, 8);
   std::memcpy(&nnz, base + 32, 8);
   std::memcpy(&flags, base + 40, 4);
   std::memcpy(&block_bits, base + 44, 4);
   std::memcpy(&payload_hash, base + 48, 8);
-  std::memcpy(&header_hash, base + 56, 8);
-  if (xxh64(base, 56) != header_hash) {
-    throw FormatError(path + " is corrupted: header checksum mismatch");
+  if (version != 1) {
+    std::memcpy(&block_rows, base + 56, 4);
+    std::memcpy(&entries, base + 64, 8);
   }
-  if (version != kIndexFormatVersion) {
-    throw FormatError(path + " has index format version " + std::to_string(version) +
-                      "; this build reads version " + std::to_string(kIndexFormatVersion));
-  }
-  if (header_size != kHeaderSize || (flags & ~kFlagLabels) != 0 || block_bits != kBlockBits ||
+  const uint32_t known_flags = version == 1 ? kFlagLabels : kFlagLabels | kFlagOrder;
+  if (stored_header_size != header_size || (flags & ~known_flags) != 0 || block_bits != kBlockBits ||
       rows >= uint64_t{kMaxRows} ||
       dim < 1 || dim > uint64_t{std::numeric_limits<int32_t>::max()} ||
-      nnz > (uint64_t{1} << 48)) {
+      nnz > (uint64_t{1} << 48) || entries > nnz || block_rows < kMinBlockRows ||
+      block_rows > kBlockRows || (block_rows & (block_rows - 1)) != 0) {
     throw FormatError(path + " is corrupted: implausible header fields");
   }
   const bool has_labels = (flags & kFlagLabels) != 0;
+  const bool has_order = (flags & kFlagOrder) != 0;
   const uint64_t blocks = std::max<uint64_t>(1, (rows + kBlockRows - 1) / kBlockRows);
   const uint64_t keys = dim * blocks;
-  const uint64_t segments_at = kHeaderSize;
+  const uint64_t segments_at = header_size;
   const uint64_t rows_at = segments_at + align_up(8 * (keys + 1));
   const uint64_t values_at = rows_at + align_up(2 * nnz);
   const uint64_t labels_at = values_at + align_up(4 * nnz);
-  const uint64_t expected = labels_at + (has_labels ? align_up(4 * rows) : 0);
+  const uint64_t order_at = labels_at + (has_labels ? align_up(4 * rows) : 0);
+  const uint64_t bm_offsets_at = order_at + (has_order ? align_up(4 * rows) : 0);
+  const uint64_t bm_block_at = bm_offsets_at + (version == 1 ? 0 : align_up(8 * (dim + 1)));
+  const uint64_t bm_max_at = bm_block_at + align_up(4 * entries);
+  const uint64_t bm_min_at = bm_max_at + align_up(4 * entries);
+  const uint64_t bm_start_at = bm_min_at + align_up(4 * entries);
+  const uint64_t expected = version == 1 ? bm_offsets_at : bm_start_at + align_up(4 * entries);
   if (size < expected) {
     throw FormatError(path + " is truncated: " + std::to_string(size) + " bytes, expected " +
                       std::to_string(expected));
@@ -898,7 +1249,7 @@ SparseIndex SparseIndex::load(const std::string& path) {
     throw FormatError(path + " is corrupted: " + std::to_string(size - expected) +
                       " unexpected trailing bytes");
   }
-  if (xxh64(base + kHeaderSize, size - kHeaderSize) != payload_hash) {
+  if (xxh64(base + header_size, size - header_size) != payload_hash) {
     throw FormatError(path + " is corrupted: checksum mismatch");
   }
 
@@ -916,12 +1267,22 @@ SparseIndex SparseIndex::load(const std::string& path) {
     }
     // Rows of the last block end at N.
     const uint64_t block = key % blocks;
-    const uint64_t block_rows = std::min<uint64_t>(kBlockRows, rows - block * kBlockRows);
+    const uint64_t block_rows_here = std::min<uint64_t>(kBlockRows, rows - block * kBlockRows);
     for (uint64_t p = segments[key]; p < segments[key + 1]; ++p) {
-      if (post_rows[p] >= block_rows || (p > segments[key] && post_rows[p] < post_rows[p - 1]) ||
-          !std::isfinite(post_values[p])) {
+      if (post_rows[p] >= block_rows_here ||
+          (p > segments[key] && post_rows[p] < post_rows[p - 1]) || !std::isfinite(post_values[p])) {
         throw FormatError(inconsistent);
       }
+    }
+  }
+  const auto* order = has_order ? reinterpret_cast<const uint32_t*>(base + order_at) : nullptr;
+  if (order != nullptr) {
+    std::vector<uint8_t> seen(rows, 0);
+    for (uint64_t i = 0; i < rows; ++i) {
+      if (order[i] >= rows || seen[order[i]]) {
+        throw FormatError(path + " is corrupted: the row order is not a permutation");
+      }
+      seen[order[i]] = 1;
     }
   }
 
@@ -934,6 +1295,36 @@ SparseIndex SparseIndex::load(const std::string& path) {
   index.post_rows_ = post_rows;
   index.post_values_ = post_values;
   index.labels_ = has_labels ? reinterpret_cast<const int32_t*>(base + labels_at) : nullptr;
+  index.order_ = order;
+  // The block metadata is a function of the postings: version 1 files get
+  // it computed here; version 2 files must match it exactly, which also
+  // proves every block's posting ranges stay inside the block.
+  index.compute_blocks(*storage, block_rows);
+  if (version != 1) {
+    const auto same = [&](const void* computed, uint64_t at, uint64_t bytes) {
+      return bytes == 0 || std::memcmp(computed, base + at, bytes) == 0;
+    };
+    if (static_cast<uint64_t>(index.bm_entries_) != entries ||
+        !same(index.bm_offsets_, bm_offsets_at, 8 * (dim + 1)) ||
+        !same(index.bm_block_, bm_block_at, 4 * entries) ||
+        !same(index.bm_max_, bm_max_at, 4 * entries) ||
+        !same(index.bm_min_, bm_min_at, 4 * entries) ||
+        !same(index.bm_start_, bm_start_at, 4 * entries)) {
+      throw FormatError(path + " is corrupted: block metadata does not match the postings");
+    }
+    // Serve the mapped copy; the computed one was only the check.
+    index.bm_offsets_ = reinterpret_cast<const uint64_t*>(base + bm_offsets_at);
+    index.bm_block_ = reinterpret_cast<const uint32_t*>(base + bm_block_at);
+    index.bm_max_ = reinterpret_cast<const float*>(base + bm_max_at);
+    index.bm_min_ = reinterpret_cast<const float*>(base + bm_min_at);
+    index.bm_start_ = reinterpret_cast<const uint32_t*>(base + bm_start_at);
+    std::vector<uint64_t>().swap(storage->bm_offsets);
+    std::vector<uint32_t>().swap(storage->bm_block);
+    std::vector<float>().swap(storage->bm_max);
+    std::vector<float>().swap(storage->bm_min);
+    std::vector<uint32_t>().swap(storage->bm_start);
+  }
+  index.finish_derived(*storage);
   index.storage_ = std::move(storage);
   index.build_seconds_ = seconds_since(start);
   return index;

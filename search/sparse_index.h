@@ -12,6 +12,7 @@
 #ifndef SPARSE_EMBED_SEARCH_SPARSE_INDEX_H_
 #define SPARSE_EMBED_SEARCH_SPARSE_INDEX_H_
 
+#include <chrono>
 #include <cstdint>
 #include <limits>
 #include <memory>
@@ -28,8 +29,33 @@ inline constexpr float kDefaultZeroThreshold = 0.0f;
 // `threshold` value that keeps every row: all finite scores are above it.
 inline constexpr float kNoThreshold = -std::numeric_limits<float>::infinity();
 
-// Version of the file written by SparseIndex::save.
-inline constexpr uint32_t kIndexFormatVersion = 1;
+// Version of the file written by SparseIndex::save. Version 1 files (no row
+// order, no block metadata) still load: their metadata is recomputed.
+inline constexpr uint32_t kIndexFormatVersion = 2;
+
+// Rows per pruning block (a power of two in [kMinBlockRows, 65536]).
+inline constexpr int64_t kDefaultBlockRows = 128;
+inline constexpr int64_t kMinBlockRows = 8;
+
+// How a query is answered. Exhaustive accumulates every posting of the query's
+// dimensions; pruned visits row blocks in decreasing upper bound and stops when
+// no remaining block can enter the top-k (identical results); approx stops, in
+// addition, after SearchParams::max_blocks blocks.
+enum class SearchMode { kExhaustive, kPruned, kApprox };
+inline constexpr SearchMode kDefaultSearchMode = SearchMode::kExhaustive;
+// "exhaustive" / "pruned" / "approx" <-> SearchMode; parse throws
+// std::invalid_argument naming the valid modes.
+SearchMode parse_search_mode(const std::string& name);
+const char* search_mode_name(SearchMode mode);
+
+// How rows are laid out at build time.
+struct BuildOptions {
+  // Rows per pruning block.
+  int64_t block_rows = kDefaultBlockRows;
+  // Reorders rows so that similar ones share blocks (tighter block bounds);
+  // results always use the caller's row ids.
+  bool reorder = true;
+};
 
 // A file (index or .bin) is missing, truncated, corrupted or of another format.
 class FormatError : public std::runtime_error {
@@ -86,6 +112,9 @@ struct SearchParams {
   DenseView rerank_queries;
   int64_t rerank_k = kDefaultRerankK;
   int num_threads = kDefaultNumThreads;
+  SearchMode mode = kDefaultSearchMode;
+  // kApprox only: blocks scored per query at most (>= 1).
+  int64_t max_blocks = 0;
 };
 
 // Caller-owned output buffers of a batch of Q queries.
@@ -95,18 +124,23 @@ struct SearchOutput {
   int64_t* postings = nullptr;   // [Q] postings touched (the paper's FLOPs); may be null
   int64_t* candidates = nullptr; // [Q] rows with a non-zero score above threshold; may be null
   double* seconds = nullptr;     // [Q] time spent on each query; may be null
+  int64_t* blocks = nullptr;     // [Q] row blocks scored (all of them when exhaustive); may be null
+  int64_t* scored = nullptr;     // [Q] postings actually read; may be null
 };
 
 class SparseIndex {
  public:
   // Keeps entries with |x| > zero_threshold. Throws std::invalid_argument on
   // non-finite values or a negative threshold.
-  static SparseIndex from_dense(const DenseView& x, float zero_threshold = kDefaultZeroThreshold);
+  static SparseIndex from_dense(const DenseView& x, float zero_threshold = kDefaultZeroThreshold,
+                                const BuildOptions& options = {});
   // Builds from CSR rows with indices in [0, dim); `labels` (one per row) may
   // be null. Explicit zeros are dropped.
-  static SparseIndex from_csr(const CsrView& x, int64_t dim, const int32_t* labels = nullptr);
+  static SparseIndex from_csr(const CsrView& x, int64_t dim, const int32_t* labels = nullptr,
+                              const BuildOptions& options = {});
   // Reads a .bin file; dim <= 0 infers it as 1 + the largest index.
-  static SparseIndex from_bin(const std::string& path, int64_t dim = 0);
+  static SparseIndex from_bin(const std::string& path, int64_t dim = 0,
+                              const BuildOptions& options = {});
   // Memory-maps a file written by save() after checking its size, header and
   // checksums. Throws FormatError if it is truncated, corrupted or foreign.
   static SparseIndex load(const std::string& path);
@@ -114,7 +148,8 @@ class SparseIndex {
   // Writes the versioned index file (see sparse_index.cpp for the layout).
   void save(const std::string& path) const;
 
-  // Exact top-k of each query row (ties: lower row id first). Query values
+  // Top-k of each query row (ties: lower row id first), exact unless
+  // params.mode is kApprox. Query values
   // must be finite; CSR query indices must lie in [0, dim()).
   void search(const DenseView& queries, const SearchParams& params, const SearchOutput& out) const;
   void search(const CsrView& queries, const SearchParams& params, const SearchOutput& out) const;
@@ -124,6 +159,14 @@ class SparseIndex {
   int64_t nnz() const { return nnz_; }
   // Postings, segment bounds and labels, in bytes.
   int64_t memory_bytes() const;
+  // Block metadata and the row order, in bytes.
+  int64_t block_bytes() const;
+  int64_t block_rows() const { return block_rows_; }
+  int64_t num_blocks() const { return num_blocks_; }
+  // Entries of the block-max lists (one per dimension present in a block).
+  int64_t block_entries() const { return bm_entries_; }
+  // Internal position -> caller row id, or null when rows keep their order.
+  const uint32_t* row_order() const { return order_; }
   bool has_labels() const { return labels_ != nullptr; }
   const int32_t* labels() const { return labels_; }  // [rows] or null
   bool memory_mapped() const;
@@ -136,7 +179,17 @@ class SparseIndex {
   void search_impl(const Queries& queries, const SearchParams& params,
                    const SearchOutput& out) const;
   template <typename Rows>
-  static SparseIndex build(const Rows& rows, int64_t dim, const int32_t* labels);
+  static SparseIndex build(const Rows& rows, int64_t dim, const int32_t* labels,
+                           const BuildOptions& options);
+  template <typename Rows>
+  static SparseIndex build_postings(const Rows& rows, int64_t dim, const int32_t* labels,
+                                    std::vector<uint32_t> order);
+  // Block metadata and derived arrays of a freshly built index; sets build_seconds_.
+  void finish_build(int64_t block_rows, std::chrono::steady_clock::time_point start);
+  // Fills the block-max lists from the postings (build, and version 1 files).
+  void compute_blocks(Storage& storage, int64_t block_rows);
+  // Fills position_ (caller id -> position) and dim_absmax_ into `storage`.
+  void finish_derived(Storage& storage);
 
   std::shared_ptr<const Storage> storage_;
   // Postings of dimension d in row block b (rows [65536 b, 65536 (b + 1))):
@@ -144,7 +197,23 @@ class SparseIndex {
   const uint64_t* segments_ = nullptr;  // [dim * blocks + 1]
   const uint16_t* post_rows_ = nullptr;  // [nnz] row - 65536 b, increasing within a segment
   const float* post_values_ = nullptr;   // [nnz]
-  const int32_t* labels_ = nullptr;      // [rows] or null
+  const int32_t* labels_ = nullptr;      // [rows] or null, by caller row id
+  // Rows are stored in a build-time order: order_[position] is the caller id.
+  const uint32_t* order_ = nullptr;      // [rows] or null (identity)
+  const uint32_t* position_ = nullptr;   // [rows] inverse of order_, or null
+  // Block-max lists: for dimension d, entries [bm_offsets_[d], bm_offsets_[d+1])
+  // name the blocks (increasing) holding d, the max and min of d over the
+  // block's rows (absent rows count as 0), and where the block's postings start
+  // relative to d's first posting.
+  const uint64_t* bm_offsets_ = nullptr;  // [dim + 1]
+  const uint32_t* bm_block_ = nullptr;    // [E]
+  const float* bm_max_ = nullptr;         // [E]
+  const float* bm_min_ = nullptr;         // [E]
+  const uint32_t* bm_start_ = nullptr;    // [E]
+  const float* dim_absmax_ = nullptr;     // [dim] largest |value| of each dimension
+  int64_t bm_entries_ = 0;
+  int64_t block_rows_ = kDefaultBlockRows;
+  int64_t num_blocks_ = 0;
   int64_t rows_ = 0;
   int64_t dim_ = 0;
   int64_t nnz_ = 0;

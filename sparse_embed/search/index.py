@@ -7,6 +7,7 @@ of its own non-zero dimensions (their count is the paper's FLOPs).
 
     index = SparseIndex.from_dense(gallery, zero_threshold=1e-4)
     ids, scores = index.search(probes, k=10)                      # exact, all cores
+    ids, scores = index.search(probes, k=10, mode="pruned")       # exact, block-max pruning
     ids, scores = index.search(probes, k=10, rerank=(gallery_dense, probes_dense))
     index.save("gallery.idx")
     index = SparseIndex.load("gallery.idx")                        # memory-mapped
@@ -19,10 +20,24 @@ with the query, which score 0; results are sorted by score, ties broken by the
 lower row id; where fewer than k rows qualify the ids are -1 and the scores
 -inf.
 
+Search modes (`SEARCH_MODES`): "exhaustive" accumulates every posting of the
+query's dimensions. At build time rows are reordered so that similar rows
+(sorted by the dimensions of their 3 largest |values|) share blocks of
+`block_rows` rows, and every block keeps, for each dimension present in it,
+the block's max and min value; "pruned" bounds every block from the query's
+non-zeros (max for positive weights, min for negative ones, plus the worst
+float32 rounding error), scores blocks in decreasing bound and stops when none
+can still enter the top-k: the results are identical to "exhaustive" (same
+ids, same float32 scores, ties to the lower caller id). "approx" stops as well
+after `max_blocks` blocks. Ids are always the caller's row ids.
+
 `save` writes a versioned file (magic, version, sizes, XXH64 checksums of the
-header and of the contents; postings take 6 bytes per non-zero); `load`
-memory-maps it after checking all of them, so a truncated, corrupted or
-foreign file raises `DataError` instead of crashing.
+header and of the contents; postings take 6 bytes per non-zero, plus the row
+order and the block metadata); `load` memory-maps it after checking all of
+them, the block metadata against the postings it describes, so a truncated,
+corrupted or foreign file raises `DataError` instead of crashing. Files of
+format version 1 (before the block metadata) still load: their rows keep their
+order and the metadata is computed at load time.
 
 The `.bin` format of the original sparse-embed code (little-endian): int32 N,
 then per row int32 label, int32 nnz, int32 indices[nnz], float32 values[nnz].
@@ -53,9 +68,12 @@ except ImportError as e:  # pragma: no cover - depends on the installation
     ) from e
 
 __all__ = [
+    "DEFAULT_BLOCK_ROWS",
     "DEFAULT_NUM_THREADS",
     "DEFAULT_RERANK_K",
+    "DEFAULT_SEARCH_MODE",
     "DEFAULT_ZERO_THRESHOLD",
+    "SEARCH_MODES",
     "SparseIndex",
     "brute_force_search",
     "hdf5_to_bin",
@@ -67,6 +85,9 @@ __all__ = [
 DEFAULT_RERANK_K: int = _search.DEFAULT_RERANK_K
 DEFAULT_NUM_THREADS: int = _search.DEFAULT_NUM_THREADS
 DEFAULT_ZERO_THRESHOLD: float = _search.DEFAULT_ZERO_THRESHOLD
+DEFAULT_BLOCK_ROWS: int = _search.DEFAULT_BLOCK_ROWS
+DEFAULT_SEARCH_MODE: str = _search.DEFAULT_SEARCH_MODE
+SEARCH_MODES: tuple[str, ...] = tuple(_search.SEARCH_MODES)
 
 # Dense queries x database rows scored at once by the oracle (float64 scores).
 _ORACLE_BATCH_ELEMENTS = 1 << 22
@@ -151,26 +172,35 @@ class SparseIndex:
             "postings": np.zeros(0, np.int64),
             "candidates": np.zeros(0, np.int64),
             "seconds": np.zeros(0, np.float64),
+            "blocks_visited": np.zeros(0, np.int64),
+            "postings_scored": np.zeros(0, np.int64),
+            "mode": DEFAULT_SEARCH_MODE,
             "wall_seconds": 0.0,
         }
 
     @classmethod
-    def from_dense(cls, x: Any, zero_threshold: float = DEFAULT_ZERO_THRESHOLD) -> SparseIndex:
+    def from_dense(cls, x: Any, zero_threshold: float = DEFAULT_ZERO_THRESHOLD,
+                   block_rows: int = DEFAULT_BLOCK_ROWS, reorder: bool = True) -> SparseIndex:
         """Indexes the rows of a dense matrix.
 
         Args:
             x: float32 [N, D] embeddings (other real dtypes are converted).
             zero_threshold: Entries with |x| at or below it are dropped; >= 0.
+            block_rows: Rows per pruning block, a power of two in [8, 65536].
+            reorder: Store similar rows side by side (tighter block bounds);
+                ids stay the caller's either way.
 
         Raises:
-            ValueError: On a bad shape or dtype, non-finite values or a negative threshold.
+            ValueError: On a bad shape or dtype, non-finite values, a negative
+                threshold or a bad block_rows.
         """
         return cls(_search.Index.from_dense(_real_matrix(x, "database", "[N, D]"),
-                                            float(zero_threshold)))
+                                            float(zero_threshold), int(block_rows), bool(reorder)))
 
     @classmethod
     def from_csr(cls, indptr: Any, indices: Any, values: Any, dim: int,
-                 labels: Any | None = None) -> SparseIndex:
+                 labels: Any | None = None, block_rows: int = DEFAULT_BLOCK_ROWS,
+                 reorder: bool = True) -> SparseIndex:
         """Indexes CSR rows (scipy's `m.indptr, m.indices, m.data`).
 
         Args:
@@ -179,9 +209,13 @@ class SparseIndex:
             values: float [nnz]; explicit zeros are dropped.
             dim: The embedding dimension D.
             labels: Optional int32 [N] labels, kept as `labels`.
+            block_rows: Rows per pruning block, a power of two in [8, 65536].
+            reorder: Store similar rows side by side (tighter block bounds);
+                ids stay the caller's either way.
 
         Raises:
-            ValueError: On bad shapes, dtypes, out-of-range indices or non-finite values.
+            ValueError: On bad shapes, dtypes, out-of-range indices, non-finite
+                values or a bad block_rows.
         """
         parts = _csr_arrays((indptr, indices, values), int(dim), "database")
         label_array = None
@@ -191,21 +225,26 @@ class SparseIndex:
                                          and label_array.max() <= _INT32.max):
                 raise ValueError("labels must fit in int32")
             label_array = label_array.astype(np.int32)
-        return cls(_search.Index.from_csr(*parts, int(dim), label_array))
+        return cls(_search.Index.from_csr(*parts, int(dim), label_array, int(block_rows),
+                                          bool(reorder)))
 
     @classmethod
-    def from_bin(cls, path: str | os.PathLike, dim: int | None = None) -> SparseIndex:
+    def from_bin(cls, path: str | os.PathLike, dim: int | None = None,
+                 block_rows: int = DEFAULT_BLOCK_ROWS, reorder: bool = True) -> SparseIndex:
         """Indexes a `.bin` embedding file, keeping its labels as `labels`.
 
         Args:
             path: The `.bin` file.
             dim: The embedding dimension; None infers 1 + the largest index.
+            block_rows: Rows per pruning block, a power of two in [8, 65536].
+            reorder: Store similar rows side by side; ids stay the file's row numbers.
 
         Raises:
             DataError: If the file is missing, truncated or malformed.
         """
         try:
-            return cls(_search.Index.from_bin(os.fspath(path), int(dim or 0)))
+            return cls(_search.Index.from_bin(os.fspath(path), int(dim or 0), int(block_rows),
+                                              bool(reorder)))
         except _search.FormatError as e:
             raise DataError(str(e)) from None
 
@@ -244,8 +283,10 @@ class SparseIndex:
         rerank: tuple[Any, Any] | None = None,
         rerank_k: int = DEFAULT_RERANK_K,
         num_threads: int = DEFAULT_NUM_THREADS,
+        mode: str = DEFAULT_SEARCH_MODE,
+        max_blocks: int | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Exact top-k rows of every query by inner product, on all cores.
+        """Top-k rows of every query by inner product, on all cores; exact unless mode="approx".
 
         Args:
             queries: Dense float32 [Q, D], a scipy.sparse matrix [Q, D], or a CSR
@@ -260,6 +301,10 @@ class SparseIndex:
             rerank_k: Candidates re-ranked per query; >= k.
             num_threads: Worker threads; 0 uses every core the process may
                 run on. Results do not depend on it.
+            mode: "exhaustive", "pruned" (block-max pruning, identical
+                results) or "approx" (pruned, at most `max_blocks` blocks
+                scored per query); see the module docstring.
+            max_blocks: Blocks scored per query in mode "approx", >= 1; None otherwise.
 
         Returns:
             ids int64 [Q, k] and scores float32 [Q, k], best first; -1 and
@@ -267,11 +312,16 @@ class SparseIndex:
 
         Raises:
             ValueError: On bad shapes or dtypes (the message names the expected
-                shape), non-finite values, k < 1 or rerank_k < k.
+                shape), non-finite values, k < 1, rerank_k < k, an unknown mode
+                or a max_blocks that does not fit the mode.
         """
         if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
             raise ValueError(f"k must be an integer >= 1, got {k!r}")
-        options: dict[str, Any] = {"rerank_k": int(rerank_k), "num_threads": int(num_threads)}
+        if mode not in SEARCH_MODES:
+            raise ValueError(f"unknown search mode {mode!r}; valid modes: {', '.join(SEARCH_MODES)}")
+        options: dict[str, Any] = {
+            "rerank_k": int(rerank_k), "num_threads": int(num_threads), "mode": mode,
+            "max_blocks": None if max_blocks is None else int(max_blocks)}
         if rerank is not None:
             if not isinstance(rerank, tuple | list) or len(rerank) != 2:
                 raise ValueError(
@@ -287,20 +337,27 @@ class SparseIndex:
             dense = _real_matrix(queries, "queries", f"[Q, {self.dim}]")
             result = self._index.search_dense(dense, int(k), threshold, **options)
         wall = time.perf_counter() - start
-        ids, scores, postings, candidates, seconds = result
+        ids, scores, postings, candidates, seconds, blocks, scored = result
         self._last = {"queries": len(ids), "postings": postings, "candidates": candidates,
-                      "seconds": seconds, "wall_seconds": wall}
+                      "seconds": seconds, "blocks_visited": blocks, "postings_scored": scored,
+                      "mode": mode, "wall_seconds": wall}
         return ids, scores
 
     @property
     def stats(self) -> dict[str, Any]:
         """The index's size and the statistics of the last `search`.
 
-        Keys: `rows`, `dim`, `nnz`, `bytes`, `bytes_per_nnz`, `build_seconds`
-        (build, or load and verification), then for the last search:
-        `queries`, per-query arrays `postings` (postings touched: the paper's
-        FLOPs), `candidates` (rows with a non-zero score above the threshold)
-        and `seconds`, their means `postings_per_query`,
+        Keys: `rows`, `dim`, `nnz`, `bytes`, `bytes_per_nnz` (postings,
+        segment bounds, labels), `block_bytes` (block metadata and row order),
+        `block_rows`, `blocks`, `block_entries`, `build_seconds` (build, or
+        load and verification), then for the last search: `queries`, `mode`,
+        per-query arrays `postings` (postings of the query's dimensions: the
+        paper's FLOPs, what the exhaustive mode reads), `postings_scored`
+        (postings actually read), `blocks_visited` (row blocks scored; every
+        block in the exhaustive mode), `candidates` (rows with a non-zero
+        score above the threshold; in the pruned modes, among the blocks
+        scored) and `seconds`, their means `postings_per_query`,
+        `postings_scored_per_query`, `blocks_per_query`,
         `candidates_per_query`, `ms_per_query` (per query on one thread), and
         `wall_seconds` (the whole call). Means are NaN before the first search.
         """
@@ -316,9 +373,15 @@ class SparseIndex:
             "nnz": self.nnz,
             "bytes": self.nbytes,
             "bytes_per_nnz": self.nbytes / self.nnz if self.nnz else math.nan,
+            "block_bytes": self._index.block_nbytes,
+            "block_rows": self._index.block_rows,
+            "blocks": self._index.num_blocks,
+            "block_entries": self._index.block_entries,
             "build_seconds": self._index.build_seconds,
             **last,
             "postings_per_query": mean(last["postings"]),
+            "postings_scored_per_query": mean(last["postings_scored"]),
+            "blocks_per_query": mean(last["blocks_visited"]),
             "candidates_per_query": mean(last["candidates"]),
             "ms_per_query": mean(last["seconds"], 1e3),
         }
@@ -350,6 +413,11 @@ class SparseIndex:
     def memory_mapped(self) -> bool:
         """Whether the postings are mapped from a file (`load`) rather than built in memory."""
         return self._index.memory_mapped
+
+    @property
+    def row_order(self) -> np.ndarray | None:
+        """uint32 [N]: the caller row id stored at each position, or None when rows keep their order."""
+        return self._index.row_order
 
     def __repr__(self) -> str:
         return (f"SparseIndex(rows={len(self)}, dim={self.dim}, nnz={self.nnz}, "

@@ -1,0 +1,193 @@
+"""Block-max pruned and approximate search against the exhaustive mode and the NumPy oracle.
+
+Inputs are multiples of 1/8 (as in test_search.py), so every score is exact
+in float32 whatever the summation order: ids must match the oracle exactly,
+ties included, and the pruned mode must equal the exhaustive one bit for bit.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.sparse
+
+from sparse_embed.search.index import SEARCH_MODES, SparseIndex, brute_force_search
+
+
+def exact_matrix(rng: np.random.Generator, rows: int, cols: int, density: float,
+                 negative: bool = False) -> np.ndarray:
+    """Sparse float32 [rows, cols] with values in {1/8, ..., 2} (or +-), exact in float32."""
+    low = -16 if negative else 1
+    values = rng.integers(low, 17, size=(rows, cols)).astype(np.float32) / 8
+    return np.where(rng.random((rows, cols)) < density, values, 0).astype(np.float32)
+
+
+def identity_gallery(rng: np.random.Generator, groups: int, per_group: int, dim: int, nnz: int
+                     ) -> np.ndarray:
+    """Rows in identity groups of near-duplicates, shuffled: a group shares its support and
+    its values up to +-1/8; values are multiples of 1/8."""
+    base = np.zeros((groups, dim), np.float32)
+    for g in range(groups):
+        base[g, rng.choice(dim, nnz, replace=False)] = rng.integers(2, 17, nnz) / 8
+    rows = np.repeat(base, per_group, axis=0)
+    noise = rng.integers(-1, 2, rows.shape) / 8
+    rows = np.where(rows != 0, np.maximum(rows + noise, 1 / 8), 0).astype(np.float32)
+    return rows[rng.permutation(len(rows))]
+
+
+def assert_same(actual: tuple[np.ndarray, np.ndarray], expected: tuple[np.ndarray, np.ndarray]
+                ) -> None:
+    np.testing.assert_array_equal(actual[0], expected[0])
+    np.testing.assert_array_equal(actual[1], expected[1])
+
+
+def check_all_modes(index: SparseIndex, db: np.ndarray, queries, k: int, **kwargs) -> None:
+    """pruned == exhaustive == oracle, and approx with every block == pruned, on 1 and 2 threads."""
+    expected = brute_force_search(db, queries, k, **kwargs)
+    for threads in (1, 2):
+        for mode in ("exhaustive", "pruned"):
+            assert_same(index.search(queries, k, mode=mode, num_threads=threads, **kwargs), expected)
+        assert_same(index.search(queries, k, mode="approx", max_blocks=index.stats["blocks"],
+                                 num_threads=threads, **kwargs), expected)
+
+
+@pytest.mark.parametrize("negative", [False, True])
+@pytest.mark.parametrize("block_rows", [8, 32, 128])
+def test_random_data_all_modes_match_oracle(negative: bool, block_rows: int) -> None:
+    rng = np.random.default_rng(1)
+    db = exact_matrix(rng, 700, 40, 0.15, negative)
+    queries = exact_matrix(rng, 40, 40, 0.2, negative)
+    index = SparseIndex.from_dense(db, block_rows=block_rows)
+    assert index.row_order is not None and sorted(index.row_order) == list(range(700))
+    for threshold in (None, 0.0, -0.5, 1.0):
+        for k in (1, 10):
+            check_all_modes(index, db, queries, k, threshold=threshold)
+
+
+def test_adversarial_inputs() -> None:
+    """Ties, empty rows, duplicate rows, all-zero queries, k > N, threshold above all,
+    one block, a last partial block, and CSR queries with repeated and unsorted dimensions."""
+    rng = np.random.default_rng(2)
+    db = exact_matrix(rng, 77, 12, 0.3, negative=True)
+    db[::6] = 0                     # empty rows
+    db[40:50] = db[3]               # duplicate rows: ties decided by the caller id
+    db[60:64] = np.eye(4, 12) * 2   # ties between one-hot rows
+    queries = exact_matrix(rng, 20, 12, 0.4, negative=True)
+    queries[0] = 0                  # all-zero query
+    queries[1] = db[3]
+    queries[2] = -db[3]
+    top = float((queries @ db.T).max())
+    for block_rows in (8, 128):     # 10 blocks with a partial last one; a single block
+        index = SparseIndex.from_dense(db, block_rows=block_rows)
+        for threshold in (None, 0.0, -1.0, top, top + 1):
+            for k in (1, 3, 77, 100):
+                check_all_modes(index, db, queries, k, threshold=threshold)
+    csr = (np.array([0, 3, 5]), np.array([4, 1, 4, 7, 7]),
+           np.array([1.0, -0.5, 0.25, 2.0, -1.0], np.float32))
+    dense = np.zeros((2, 12), np.float32)
+    np.add.at(dense, (np.repeat([0, 1], [3, 2]), csr[1]), csr[2])
+    index = SparseIndex.from_dense(db, block_rows=8)
+    for mode in SEARCH_MODES[:2]:
+        assert_same(index.search(csr, 5, mode=mode), index.search(csr, 5, mode="exhaustive"))
+        assert_same(index.search(csr, 5, mode=mode), brute_force_search(db, dense, 5))
+
+
+def test_empty_database_and_one_row() -> None:
+    for db in (np.zeros((0, 5), np.float32), np.array([[0, 1, 0, 0, -2]], np.float32)):
+        index = SparseIndex.from_dense(db, block_rows=8)
+        queries = np.array([[0, 1, 0, 0, 1], [0, 0, 0, 0, 0]], np.float32)
+        for mode in SEARCH_MODES[:2]:
+            assert_same(index.search(queries, 3, mode=mode), brute_force_search(db, queries, 3))
+
+
+@pytest.fixture(scope="module")
+def identity_index() -> tuple[np.ndarray, np.ndarray, SparseIndex]:
+    rng = np.random.default_rng(3)
+    db = identity_gallery(rng, groups=300, per_group=10, dim=256, nnz=12)
+    # Probes near gallery identities: a gallery row with its values nudged.
+    probes = np.where(db[:60] != 0, db[:60] + rng.integers(0, 2, db[:60].shape) / 8, 0
+                      ).astype(np.float32)
+    return db, probes, SparseIndex.from_dense(db, block_rows=32)
+
+
+def test_identity_structured_data_prunes_exactly(identity_index) -> None:
+    db, probes, index = identity_index
+    for kwargs in ({}, {"threshold": 2.0}):
+        check_all_modes(index, db, probes, 10, **kwargs)
+    index.search(probes, 10, mode="pruned")
+    stats = index.stats
+    # The reordering puts each identity in one or two blocks: pruning scores a
+    # small fraction of them and of the postings the exhaustive mode reads.
+    assert stats["blocks_per_query"] < 0.25 * stats["blocks"]
+    assert stats["postings_scored_per_query"] < 0.5 * stats["postings_per_query"]
+    assert (stats["blocks_visited"] >= 1).all() and stats["mode"] == "pruned"
+
+
+def test_reordering_tightens_the_bounds(identity_index) -> None:
+    """The same gallery in the caller's (shuffled) order visits more blocks, with the same results."""
+    db, probes, index = identity_index
+    plain = SparseIndex.from_dense(db, block_rows=32, reorder=False)
+    assert plain.row_order is None
+    assert_same(plain.search(probes, 10, mode="pruned"), index.search(probes, 10, mode="pruned"))
+    print(f"blocks visited per query: reordered {index.stats['blocks_per_query']:.1f}, "
+          f"caller order {plain.stats['blocks_per_query']:.1f} of {plain.stats['blocks']}")
+    assert index.stats["blocks_per_query"] < plain.stats["blocks_per_query"]
+
+
+def test_approx_recall_grows_with_the_budget(identity_index) -> None:
+    db, probes, index = identity_index
+    exact_ids, _ = index.search(probes, 10, mode="pruned")
+    recalls = []
+    for budget in (1, 2, 4, index.stats["blocks"]):
+        ids, scores = index.search(probes, 10, mode="approx", max_blocks=budget)
+        assert (index.stats["blocks_visited"] <= budget).all()
+        hits = [len(set(a) & set(b)) for a, b in zip(ids, exact_ids, strict=True)]
+        recalls.append(sum(hits) / exact_ids.size)
+        # Whatever approx returns is scored exactly and sorted.
+        assert (np.diff(scores, axis=1) <= 0).all()
+    print("approx recall@10 for budgets 1, 2, 4, all:", [round(r, 3) for r in recalls])
+    assert recalls[-1] == 1.0
+    assert recalls == sorted(recalls)
+
+
+def test_rerank_semantics_in_every_mode() -> None:
+    rng = np.random.default_rng(4)
+    db = exact_matrix(rng, 300, 16, 0.2, negative=True)
+    queries = exact_matrix(rng, 12, 16, 0.3, negative=True)
+    db_dense = (rng.integers(-8, 9, (300, 6)) / 4).astype(np.float32)
+    q_dense = (rng.integers(-8, 9, (12, 6)) / 4).astype(np.float32)
+    index = SparseIndex.from_dense(db, block_rows=16)
+    for rerank_k in (5, 40):
+        check_all_modes(index, db, queries, 5, rerank=(db_dense, q_dense), rerank_k=rerank_k,
+                        threshold=-0.5)
+
+
+def test_save_load_keeps_the_order_and_results(tmp_path, identity_index) -> None:
+    db, probes, index = identity_index
+    csr = scipy.sparse.csr_matrix(db)
+    labels = np.arange(len(db)) % 7
+    index = SparseIndex.from_csr(csr.indptr, csr.indices, csr.data, db.shape[1], labels=labels,
+                                 block_rows=32)
+    path = tmp_path / "gallery.idx"
+    index.save(path)
+    loaded = SparseIndex.load(path)
+    np.testing.assert_array_equal(loaded.row_order, index.row_order)
+    np.testing.assert_array_equal(loaded.labels, labels)
+    assert loaded.stats["block_entries"] == index.stats["block_entries"]
+    for mode in ("exhaustive", "pruned"):
+        assert_same(loaded.search(probes, 10, mode=mode), index.search(probes, 10, mode=mode))
+    assert_same(loaded.search(probes, 10, mode="pruned"), brute_force_search(db, probes, 10))
+
+
+def test_bad_modes_and_budgets() -> None:
+    index = SparseIndex.from_dense(np.eye(4, dtype=np.float32))
+    queries = np.eye(4, dtype=np.float32)
+    with pytest.raises(ValueError, match="unknown search mode 'fast'; valid modes: exhaustive"):
+        index.search(queries, 1, mode="fast")
+    with pytest.raises(ValueError, match="approx search needs max_blocks >= 1"):
+        index.search(queries, 1, mode="approx")
+    with pytest.raises(ValueError, match="max_blocks applies to mode approx only"):
+        index.search(queries, 1, mode="pruned", max_blocks=3)
+    for block_rows in (7, 4, 1 << 17):
+        with pytest.raises(ValueError, match="block_rows must be a power of two"):
+            SparseIndex.from_dense(queries, block_rows=block_rows)
