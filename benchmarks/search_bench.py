@@ -3,6 +3,7 @@
     python benchmarks/search_bench.py            # 1,000,000 x 1024, ~32 non-zeros/row, top-10
     python benchmarks/search_bench.py --quick    # 100,000 rows, 200 queries: seconds
     python benchmarks/search_bench.py --rows 2000000 --nnz 16 --skew 1.2 --threads 8
+    python benchmarks/search_bench.py --rows 200000 --skew 0 --only-modes   # search modes only
 
 Databases are generated at MegaFace scale: row i is non-zero in dimension d
 with probability p_d, independently (so a dimension's postings are a
@@ -12,6 +13,14 @@ skewed case makes p_d Zipf-like (p_d ~ rank^-s, capped at 1), the
 non-uniformity the FLOPs regularizer penalises: a query then touches
 N * sum_d p_d^2 postings on average instead of N * nnz^2 / D. Queries come
 from the same generator; values are uniform in (0.1, 1] (ReLU embeddings).
+
+The identity-structured case is a face gallery: rows come in identity groups
+of `--group` near-duplicates (one support of `--nnz` dimensions per identity,
+values scaled by U(0.8, 1.2) per image), stored in shuffled order; queries are
+further noisy images of gallery identities. The index's search modes
+(exhaustive, block-max pruned, approx with a block budget) run on it and on
+the uniform case, with blocks visited and postings read per query and
+recall@k of approx against exact.
 
 The methods of a case are timed in interleaved rounds of queries, so on a
 shared machine they see the same background load. Every method's top-k
@@ -96,6 +105,112 @@ def sparse_embeddings(rows: int, rates: np.ndarray, rng: np.random.Generator
     csc = scipy.sparse.csc_matrix((values, np.concatenate(postings), indptr),
                                   shape=(rows, len(rates)))
     return csc.tocsr()
+
+
+def identity_embeddings(rows: int, dim: int, nnz: int, group: int, rng: np.random.Generator
+                        ) -> tuple[scipy.sparse.csr_matrix, np.ndarray]:
+    """float32 CSR [rows, D] in identity groups of `group` near-duplicates, shuffled, and the
+    identity of each row.
+
+    Args:
+        rows: Rows N.
+        dim: Dimensions D.
+        nnz: Non-zeros per identity (duplicate draws merge, so rows hold about this many).
+        group: Images per identity.
+        rng: Random generator.
+    """
+    identities = -(-rows // group)
+    support = rng.integers(0, dim, (identities, nnz))
+    base = (0.1 + 0.9 * rng.random((identities, nnz))).astype(np.float32)
+    identity = rng.permutation(np.arange(rows) // group)
+    values = base[identity] * rng.uniform(0.8, 1.2, (rows, nnz)).astype(np.float32)
+    matrix = scipy.sparse.csr_matrix(
+        (values.ravel(), support[identity].ravel(), np.arange(0, rows * nnz + 1, nnz)),
+        shape=(rows, dim))
+    matrix.sum_duplicates()
+    return matrix, identity
+
+
+def modes_runner(index: SparseIndex, queries: scipy.sparse.csr_matrix, k: int, threads: int,
+                 mode: str, max_blocks: int | None, counters: dict[str, list[float]]) -> Runner:
+    """The index in one search mode; appends each call's blocks / postings read and ids."""
+
+    def run(start: int, stop: int) -> np.ndarray:
+        ids, scores = index.search(queries[start:stop], k, num_threads=threads, mode=mode,
+                                   max_blocks=max_blocks)
+        counters["blocks"].append(float(index.stats["blocks_visited"].sum()))
+        counters["scored"].append(float(index.stats["postings_scored"].sum()))
+        counters["ids"].append(ids)
+        return scores
+
+    return run
+
+
+def mode_rows(name: str, index: SparseIndex, queries: scipy.sparse.csr_matrix, k: int,
+              threads: int, budget: int) -> list[dict[str, float | str]]:
+    """Times exhaustive, pruned and approx on one data set; one result row per mode."""
+    modes = {"exhaustive": None, "pruned": None, f"approx {budget} blocks": budget}
+    counters = {m: {"blocks": [], "scored": [], "ids": []} for m in modes}
+    runners = {m: modes_runner(index, queries, k, threads, m.split()[0], b, counters[m])
+               for m, b in modes.items()}
+    q = queries.shape[0]
+    ms, tops = time_interleaved(runners, q, name)
+    np.testing.assert_array_equal(tops["pruned"], tops["exhaustive"])  # exact means identical
+    exact_ids = np.concatenate(counters["exhaustive"]["ids"][1:])
+    rows = []
+    for m in modes:
+        ids = np.concatenate(counters[m]["ids"][1:])  # [0] is the warm-up
+        recall = np.mean([len(set(a) & set(b)) / k for a, b in zip(ids, exact_ids, strict=True)])
+        rows.append({"data": name, "mode": m, "threads": threads, "ms": ms[m],
+                     "vs_exhaustive": ms["exhaustive"] / ms[m],
+                     "blocks": sum(counters[m]["blocks"][1:]) / q,
+                     "postings": sum(counters[m]["scored"][1:]) / q, "recall": recall})
+    return rows
+
+
+def print_mode_rows(rows: list[dict[str, float | str]], index_stats: dict[str, dict]) -> None:
+    header = (f"{'data':<22}{'mode':<20}{'threads':>8}{'ms/query':>10}{'speed-up':>10}"
+              f"{'blocks/q':>10}{'postings/q':>12}{'recall@k':>10}")
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        print(f"{r['data']:<22}{r['mode']:<20}{r['threads']:>8}{r['ms']:>10.3f}"
+              f"{r['vs_exhaustive']:>9.1f}x{r['blocks']:>10.1f}{r['postings']:>12.0f}"
+              f"{r['recall']:>10.3f}")
+    for name, st in index_stats.items():
+        print(f"{name}: {st['rows']} rows, {st['blocks']} blocks of {st['block_rows']}, "
+              f"{st['bytes_per_nnz']:.2f} + {st['block_bytes'] / st['nnz']:.2f} (block metadata, "
+              f"order) = {(st['bytes'] + st['block_bytes']) / st['nnz']:.2f} bytes per non-zero, "
+              f"built in {st['build_seconds']:.1f} s")
+
+
+def run_modes(args: argparse.Namespace, threads: int, rng: np.random.Generator) -> None:
+    """The search-mode table: identity-structured and uniform data."""
+    rows, stats = [], {}
+    log(f"generating the {args.rows} x {args.dim} identity-structured database ...")
+    database, identity = identity_embeddings(args.rows, args.dim, int(args.nnz), args.group, rng)
+    picks = rng.choice(args.rows, args.queries)
+    queries = database[picks].multiply(rng.uniform(0.8, 1.2, (args.queries, 1))).tocsr()
+    queries.data *= rng.uniform(0.9, 1.1, queries.nnz).astype(np.float32)
+    queries = queries.astype(np.float32)
+    index = SparseIndex.from_csr(database.indptr, database.indices, database.data, args.dim,
+                                 block_rows=args.block_rows)
+    stats["identity"] = index.stats
+    del database, identity
+    rows += mode_rows("identity groups", index, queries, args.k, threads, args.budget)
+    del index
+    log(f"generating the {args.rows} x {args.dim} uniform database ...")
+    rates = dimension_rates(args.dim, args.nnz, 0.0)
+    database = sparse_embeddings(args.rows, rates, rng)
+    queries = sparse_embeddings(args.queries, rates, rng)
+    index = SparseIndex.from_csr(database.indptr, database.indices, database.data, args.dim,
+                                 block_rows=args.block_rows)
+    stats["uniform"] = index.stats
+    del database
+    rows += mode_rows("uniform", index, queries, args.k, threads, args.budget)
+    print_mode_rows(rows, stats)
+    print(json.dumps([{key: round(v, 6) if isinstance(v, float) else v for key, v in r.items()}
+                      for r in rows]))
 
 
 def top_scores(score_rows: list[np.ndarray], k: int) -> np.ndarray:
@@ -191,6 +306,11 @@ def main() -> None:
     parser.add_argument("--dense-dim", type=int, default=512, help="dense baseline dimension")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="100,000 rows and 200 queries")
+    parser.add_argument("--group", type=int, default=10, help="images per identity")
+    parser.add_argument("--block-rows", type=int, default=128, help="rows per pruning block")
+    parser.add_argument("--budget", type=int, default=8, help="blocks per query in approx mode")
+    parser.add_argument("--only-modes", action="store_true",
+                        help="only the search-mode table (identity-structured and uniform)")
     args = parser.parse_args()
     if args.quick:
         args.rows, args.queries = 100_000, 200
@@ -198,6 +318,9 @@ def main() -> None:
     threads = args.threads or cpus
     k, n, q = args.k, args.rows, args.queries
     rng = np.random.default_rng(args.seed)
+    if args.only_modes:
+        run_modes(args, threads, rng)
+        return
 
     # Uniform case: the index (one thread, all threads), scipy.sparse and dense BLAS.
     log(f"generating the {n} x {args.dim} uniform sparse database ...")
@@ -294,6 +417,8 @@ def main() -> None:
           f"sparse at {threads} threads")
     print(json.dumps({key: round(v, 6) if isinstance(v, float) else v
                       for key, v in result.items()}))
+    print()
+    run_modes(args, threads, rng)
 
 
 if __name__ == "__main__":

@@ -445,30 +445,6 @@ void scatter(float* buf, const Segment& a, int64_t from, const uint16_t* rows_en
   for (; i < a.size; ++i) buf[a.rows[i]] += a.weight * a.values[i];
 }
 
-// The same over two segments, interleaved: their scatters are independent,
-// which keeps more of them in flight than one segment's loop does.
-void scatter_pair(float* buf, const Segment& a, const Segment& b, const uint16_t* rows_end,
-                  const float* values_end) {
-  const int64_t both = std::min(a.size, b.size);
-  int64_t i = 0;
-  for (; i + 16 <= both; i += 16) {
-    prefetch(a.rows, i + kPrefetchPostings, rows_end);
-    prefetch(a.values, i + kPrefetchPostings, values_end);
-    prefetch(b.rows, i + kPrefetchPostings, rows_end);
-    prefetch(b.values, i + kPrefetchPostings, values_end);
-    for (int64_t u = i; u < i + 16; ++u) {
-      buf[a.rows[u]] += a.weight * a.values[u];
-      buf[b.rows[u]] += b.weight * b.values[u];
-    }
-  }
-  for (; i < both; ++i) {
-    buf[a.rows[i]] += a.weight * a.values[i];
-    buf[b.rows[i]] += b.weight * b.values[i];
-  }
-  scatter(buf, a, i, rows_end, values_end);
-  scatter(buf, b, i, rows_end, values_end);
-}
-
 // Per-thread scratch memory, reused across the thread's queries.
 struct Workspace {
   std::vector<Term> terms;
@@ -1033,12 +1009,10 @@ void SparseIndex::search_impl(const Queries& queries, const SearchParams& params
             return Segment{post_rows_ + begin, post_values_ + begin,
                            static_cast<int64_t>(t.segments[b + 1] - begin), t.weight};
           };
-          size_t t = 0;
-          for (; t + 2 <= ws.terms.size(); t += 2) {
-            scatter_pair(buf, segment(ws.terms[t]), segment(ws.terms[t + 1]), rows_end,
-                         values_end);
-          }
-          if (t < ws.terms.size()) scatter(buf, segment(ws.terms[t]), 0, rows_end, values_end);
+          // One term after the other, in the query's order: every mode adds a
+          // row's products in that order, so their float32 scores agree bit
+          // for bit (interleaving two terms' scatters would reorder them).
+          for (const Term& t : ws.terms) scatter(buf, segment(t), 0, rows_end, values_end);
           candidates += scan_block(buf, size, lo, threshold, top, order_, order_ != nullptr);
         }
       }
