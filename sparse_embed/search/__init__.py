@@ -1,8 +1,11 @@
 """Exact top-k inner-product search over sparse embeddings.
 
 `index` holds `SparseIndex`, the Python face of the C++ inverted index in
-`search/`, its NumPy oracle and the `.bin` format of the original code; the
-command line is `python -m sparse_embed.search` (`__main__`).
+`search/`, its NumPy oracle and the `.bin` format of the original code;
+`sharded` holds `ShardedIndex` (row-range shards searched in parallel, merged
+exactly); `milvus` (imported by path: it needs the `milvus` extra) writes and
+searches Milvus collections. The command line is `python -m sparse_embed.search`
+(`__main__`).
 """
 
 from sparse_embed.search.index import (
@@ -15,11 +18,13 @@ from sparse_embed.search.index import (
     read_bin,
     write_bin,
 )
+from sparse_embed.search.sharded import ShardedIndex
 
 __all__ = [
     "DEFAULT_NUM_THREADS",
     "DEFAULT_RERANK_K",
     "DEFAULT_ZERO_THRESHOLD",
+    "ShardedIndex",
     "SparseIndex",
     "brute_force_search",
     "hdf5_to_bin",
