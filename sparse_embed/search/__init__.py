@@ -9,9 +9,12 @@ searches Milvus collections. The command line is `python -m sparse_embed.search`
 """
 
 from sparse_embed.search.index import (
+    DEFAULT_BLOCK_ROWS,
     DEFAULT_NUM_THREADS,
     DEFAULT_RERANK_K,
+    DEFAULT_SEARCH_MODE,
     DEFAULT_ZERO_THRESHOLD,
+    SEARCH_MODES,
     SparseIndex,
     brute_force_search,
     hdf5_to_bin,
@@ -21,9 +24,12 @@ from sparse_embed.search.index import (
 from sparse_embed.search.sharded import ShardedIndex
 
 __all__ = [
+    "DEFAULT_BLOCK_ROWS",
     "DEFAULT_NUM_THREADS",
     "DEFAULT_RERANK_K",
+    "DEFAULT_SEARCH_MODE",
     "DEFAULT_ZERO_THRESHOLD",
+    "SEARCH_MODES",
     "ShardedIndex",
     "SparseIndex",
     "brute_force_search",
