@@ -1,4 +1,4 @@
-"""Figures people would rather look at than read: verification ROC curves."""
+"""Figures people would rather look at than read: ROC, CMC, Recall@K, sparsity, the FLOPs study."""
 
 from __future__ import annotations
 
@@ -17,6 +17,25 @@ from sparse_embed.fileio import atomic_path  # noqa: E402
 from sparse_embed.metrics.verification import roc_curve  # noqa: E402
 
 
+def _save(fig: plt.Figure, path: str | os.PathLike) -> None:
+    """Lays the figure out, writes it to `path` as PNG atomically and frees it."""
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+def _rate_axes(ax: plt.Axes, xlabel: str, ylabel: str, title: str) -> None:
+    """A rate (0 to 1) against a log-scale x axis, with grid, legend and title."""
+    ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(0, 1.01)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="lower right")
+    ax.set_title(title)
+
+
 def plot_roc(runs: dict[str, tuple[np.ndarray, np.ndarray]], path: str | os.PathLike,
              title: str = "Verification ROC") -> None:
     """Plots TAR against FAR (log scale) for several runs on the same pairs, atomically to PNG.
@@ -31,17 +50,8 @@ def plot_roc(runs: dict[str, tuple[np.ndarray, np.ndarray]], path: str | os.Path
         far, tar, _ = roc_curve(scores, issame)
         keep = far > 0  # log axis: the (0, 0) corner has no position
         ax.plot(far[keep], tar[keep], label=name, linewidth=1.6)
-    ax.set_xscale("log")
-    ax.set_xlabel("false accept rate")
-    ax.set_ylabel("true accept rate")
-    ax.set_ylim(0, 1.01)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(loc="lower right")
-    ax.set_title(title)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
+    _rate_axes(ax, "false accept rate", "true accept rate", title)
+    _save(fig, path)
 
 
 def plot_recall_at_k(runs: dict[str, dict[int, float]], path: str | os.PathLike,
@@ -67,10 +77,7 @@ def plot_recall_at_k(runs: dict[str, dict[int, float]], path: str | os.PathLike,
     ax.grid(True, axis="y", alpha=0.3)
     ax.legend(loc="lower right")
     ax.set_title(title)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_sparsity(runs: dict[str, tuple[np.ndarray, np.ndarray]], path: str | os.PathLike,
@@ -108,10 +115,7 @@ def plot_sparsity(runs: dict[str, tuple[np.ndarray, np.ndarray]], path: str | os
     dims.grid(True, which="both", alpha=0.3)
     dims.legend(loc="lower left")
     fig.suptitle(title)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_flops_tradeoff(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike,
@@ -153,10 +157,7 @@ def plot_flops_tradeoff(rows: Sequence[Mapping[str, Any]], path: str | os.PathLi
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
     ax.set_title(title)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_dimension_probability(curves: Mapping[str, np.ndarray], path: str | os.PathLike,
@@ -186,10 +187,7 @@ def plot_dimension_probability(curves: Mapping[str, np.ndarray], path: str | os.
     ax.legend(loc="upper right", fontsize=8, title="dotted: nnz / d (evenly spread)",
               title_fontsize=7)
     ax.set_title(title)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_cmc(curves: Mapping[str, Sequence[float]], path: str | os.PathLike,
@@ -207,14 +205,5 @@ def plot_cmc(curves: Mapping[str, Sequence[float]], path: str | os.PathLike,
         rates = np.asarray(rates, np.float64)
         ax.plot(np.arange(1, len(rates) + 1), rates, linewidth=1.6,
                 label=f"{name} (rank-1 {rates[0]:.3f})" if len(rates) else name)
-    ax.set_xscale("log")
-    ax.set_xlabel("rank")
-    ax.set_ylabel("identification rate")
-    ax.set_ylim(0, 1.01)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(loc="lower right")
-    ax.set_title(title)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
+    _rate_axes(ax, "rank", "identification rate", title)
+    _save(fig, path)

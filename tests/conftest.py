@@ -67,10 +67,36 @@ def horovod_available() -> None:
     try:
         import horovod.tensorflow  # noqa: F401
     except ImportError as e:
-        reason = f"Horovod is not installed ({e}); run `make horovod`"
-        if os.environ.get("SPARSE_EMBED_REQUIRE_HOROVOD") or os.environ.get("CI"):
-            pytest.fail(reason)
-        pytest.skip(reason)
+        missing_dependency(f"Horovod is not installed ({e}); run `make horovod`")
+
+
+def missing_dependency(reason: str) -> None:
+    """Fails under `make test` and CI, which install every dependency, and skips elsewhere.
+
+    Args:
+        reason: What is missing and the command that installs it.
+    """
+    if os.environ.get("SPARSE_EMBED_REQUIRE_HOROVOD") or os.environ.get("CI"):
+        pytest.fail(reason)
+    pytest.skip(reason)
+
+
+def scalars(model_dir: Path, tag: str) -> dict[int, float]:
+    """The values a run logged to TensorBoard under `tag`, by step (its `logs/train` events).
+
+    Args:
+        model_dir: The run directory.
+        tag: Summary tag, e.g. `train/lr`.
+    """
+    from sparse_embed.keras import tf
+
+    values = {}
+    for path in sorted((Path(model_dir) / "logs" / "train").glob("events.out.tfevents.*")):
+        for event in tf.compat.v1.train.summary_iterator(str(path)):
+            for value in event.summary.value:
+                if value.tag == tag:
+                    values[event.step] = float(tf.make_ndarray(value.tensor))
+    return dict(sorted(values.items()))
 
 
 def horovodrun(np: int, *args: str, cwd: Path | None = None, timeout: float = 600,

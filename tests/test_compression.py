@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import assert_user_error, run_module
+from conftest import assert_user_error, run_module, scalars
 
 from sparse_embed import compression
 from sparse_embed.compression import prune, quantize
@@ -177,10 +177,7 @@ def test_pruned_run_and_tensorboard_sparsity(runs: dict[str, Path]) -> None:
     x = _images()
     np.testing.assert_allclose(backbone(x, training=False), stripped(x, training=False), atol=1e-6)
     assert config.compression.type == "prune"
-    logs = runs["prune"] / "logs" / "train"
-    values = [float(tf.make_ndarray(v.tensor)) for path in logs.glob("events.out.tfevents.*")
-              for event in tf.compat.v1.train.summary_iterator(str(path))
-              for v in event.summary.value if v.tag == "compress/weight_sparsity"]
+    values = list(scalars(runs["prune"], "compress/weight_sparsity").values())
     assert values and values[-1] == pytest.approx(zeros / total, abs=1e-6)
 
 

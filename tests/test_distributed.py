@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import random
@@ -23,6 +22,7 @@ from conftest import (
     rank_lines,
     run_module,
     run_module_script,
+    scalars,
 )
 
 from sparse_embed.config import load_config
@@ -46,16 +46,6 @@ def _train_cli(model_dir: Path, data: Path, *overrides: str) -> list[str]:
 def _checkpoint_value(model_dir: Path, name: str) -> int:
     reader = tf.train.load_checkpoint(str(model_dir / CHECKPOINT_DIR))
     return int(reader.get_tensor(name))
-
-
-def _scalars(model_dir: Path, tag: str) -> list[float]:
-    values = {}
-    for path in glob.glob(str(model_dir / "logs" / "train" / "events.out.tfevents.*")):
-        for event in tf.compat.v1.train.summary_iterator(path):
-            for value in event.summary.value:
-                if value.tag == tag:
-                    values[event.step] = float(tf.make_ndarray(value.tensor))
-    return [values[k] for k in sorted(values)]
 
 
 @pytest.mark.slow
@@ -95,7 +85,7 @@ def test_two_ranks_train_identical_models_and_the_loss_falls(tiny_data: Path, tm
     assert ranks[0].files == ranks[1].files
     for key in ranks[0].files:
         np.testing.assert_array_equal(ranks[0][key], ranks[1][key], err_msg=key)
-    losses = _scalars(model_dir, "train/head_loss")
+    losses = list(scalars(model_dir, "train/head_loss").values())
     assert len(losses) == 40
     assert np.mean(losses[-10:]) < 0.8 * np.mean(losses[:5]), losses
 
@@ -112,7 +102,7 @@ def test_pruning_on_two_ranks_keeps_the_models_identical(tiny_data: Path, tmp_pa
     assert int(ranks[0]["step"]) == 6
     for key in ranks[0].files:
         np.testing.assert_array_equal(ranks[0][key], ranks[1][key], err_msg=key)
-    sparsity = _scalars(model_dir, "compress/weight_sparsity")
+    sparsity = list(scalars(model_dir, "compress/weight_sparsity").values())
     assert len(sparsity) == 6 and sparsity[0] < 0.5
     assert sparsity[-1] == pytest.approx(0.5, abs=0.01), sparsity
 
@@ -153,7 +143,7 @@ def test_only_rank_0_evaluates_during_training_and_keeps_best(tiny_data: Path, t
     ranks = [np.load(tmp_path / f"rank{r}.npz") for r in range(2)]
     assert [int(r["step"]) for r in ranks] == [4, 4]
     assert ranks[0]["evaluated"].tolist() == [2, 4] and ranks[1]["evaluated"].tolist() == []
-    assert len(_scalars(model_dir, "eval/lfw/accuracy")) == 2
+    assert len(scalars(model_dir, "eval/lfw/accuracy")) == 2
     best = json.loads((model_dir / "best" / "best.json").read_text())
     assert best["step"] in (2, 4) and best["metric"] == "lfw/accuracy"
     # The kept directory is named after the process that wrote it.
@@ -409,7 +399,7 @@ def test_scale_lr_is_the_linear_scaling_rule(tiny_data: Path, tmp_path: Path) ->
                                    "schedule.warmup_steps=2"])
     result = train(config, tiny_data, tmp_path / "run", strategy=FirstOfTwo(), verbose=0)
     assert result.samples == 4 * 8 * 2
-    lr = _scalars(tmp_path / "run", "train/lr")
+    lr = list(scalars(tmp_path / "run", "train/lr").values())
     # The rate of step s (logged after it): linear warm-up (s + 1) / 2 x peak over 2 steps,
     # then cosine decay of the peak 2 x 0.05 over the remaining 2 steps.
     peak = 2 * 0.05

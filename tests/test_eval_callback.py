@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import assert_user_error, run_module
+from conftest import assert_user_error, run_module, scalars
 
 from sparse_embed.config import load_config
 from sparse_embed.data.verification import read_bin, read_pairs, write_bin
@@ -50,18 +50,6 @@ def run(tiny_data: Path, pack: Path, tmp_path_factory: pytest.TempPathFactory) -
     return out
 
 
-def _scalars(model_dir: Path, tag: str) -> dict[int, float]:
-    from sparse_embed.keras import tf
-
-    values = {}
-    for path in glob.glob(str(model_dir / "logs" / "train" / "events.out.tfevents.*")):
-        for event in tf.compat.v1.train.summary_iterator(path):
-            for value in event.summary.value:
-                if value.tag == tag:
-                    values[event.step] = float(tf.make_ndarray(value.tensor))
-    return dict(sorted(values.items()))
-
-
 def _with_flip_sum(config):
     return dataclasses.replace(config, eval=dataclasses.replace(config.eval, flip="sum"))
 
@@ -74,15 +62,15 @@ def test_every_set_is_logged_at_every_evaluation_with_the_evaluate_figures(
     for tag in ("eval/lfw/accuracy", "eval/lfw/auc", "eval/lfw/mean_nnz", "eval/synth/accuracy",
                 "eval/synth/auc", "eval/synth/tar@far=1e-3", "eval/synth/mean_nnz",
                 "eval/synth/flops_per_pair", "eval/synth/threshold", "eval/synth/r_sub"):
-        assert list(_scalars(run, tag)) == STEPS, tag
+        assert list(scalars(run, tag)) == STEPS, tag
     # 24 pairs (12 different) are too few for TAR at FAR=1e-3: that tag is left out, not faked.
-    assert not _scalars(run, "eval/lfw/tar@far=1e-3")
+    assert not scalars(run, "eval/lfw/tar@far=1e-3")
 
     backbone, config = load_backbone(run)  # the latest checkpoint: step 5
     expected, _ = evaluate_bin(backbone, _with_flip_sum(config), read_bin(pack), name=pack.name)
     for key, tag in (("accuracy", "accuracy"), ("auc", "auc"), ("tar@far=0.001", "tar@far=1e-3"),
                      ("mean_nnz", "mean_nnz"), ("flops_per_pair", "flops_per_pair")):
-        assert _scalars(run, f"eval/synth/{tag}")[5] == pytest.approx(expected[key], abs=1e-6), key
+        assert scalars(run, f"eval/synth/{tag}")[5] == pytest.approx(expected[key], abs=1e-6), key
     assert 0 < expected["mean_nnz"] < 64
 
 
@@ -90,14 +78,14 @@ def test_best_is_the_first_step_of_the_highest_accuracy_and_restores(
         run: Path, tiny_data: Path) -> None:
     from sparse_embed.inference import evaluate_verification, load_backbone
 
-    logged = _scalars(run, "eval/lfw/accuracy")
+    logged = scalars(run, "eval/lfw/accuracy")
     steps, values = list(logged), list(logged.values())
     best = read_best(run)
     assert best["metric"] == "lfw/accuracy" and best["mode"] == "max"
     assert best["step"] == steps[int(np.argmax(values))]
     assert best["value"] == pytest.approx(max(values), abs=1e-6)
     assert best["metrics"]["synth"]["tar@far=1e-3"] == pytest.approx(
-        _scalars(run, "eval/synth/tar@far=1e-3")[best["step"]], abs=1e-6)
+        scalars(run, "eval/synth/tar@far=1e-3")[best["step"]], abs=1e-6)
     assert sorted(p.name for p in (run / BEST_DIR).iterdir()) == ["best.json", "checkpoints",
                                                                   "config.yaml"]
     assert len(list(run.glob(f".{BEST_DIR}-*"))) == 1, "older bests are removed"
@@ -121,7 +109,7 @@ def test_resume_keeps_the_best_value(run: Path, tiny_data: Path, pack: Path, tmp
     config = load_config("smoke", [*EVAL, _sets(pack), "train.steps=7"])
     result = train(config, tiny_data, resumed, verbose=0)
     assert (result.resumed_from, result.step) == (5, 7)
-    assert list(_scalars(resumed, "eval/lfw/accuracy")) == [*STEPS, 6, 7]
+    assert list(scalars(resumed, "eval/lfw/accuracy")) == [*STEPS, 6, 7]
     assert read_best(resumed) == unbeatable
 
 

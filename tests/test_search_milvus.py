@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
+from conftest import missing_dependency
 
 from sparse_embed.data.embeddings import Embeddings, write_hdf5
 from sparse_embed.errors import DataError
@@ -18,10 +17,7 @@ def _milvus():
     try:
         from sparse_embed.search import milvus
     except ImportError as e:
-        reason = f"the milvus extra is not installed ({e}); run pip install -e \".[milvus]\""
-        if os.environ.get("SPARSE_EMBED_REQUIRE_HOROVOD") or os.environ.get("CI"):
-            pytest.fail(reason)
-        pytest.skip(reason)
+        missing_dependency(f"the milvus extra is not installed ({e}); run pip install -e \".[milvus]\"")
     return milvus
 
 
