@@ -1,0 +1,584 @@
+"""A search index that takes added and removed rows without a full rebuild.
+
+    index = MutableIndex.from_index(SparseIndex.load("gallery.idx"))   # ids 0 .. N-1
+    new_ids = index.add(new_faces)                    # the next free ids, or add(rows, ids=[...])
+    index.remove([17, 42])
+    ids, scores = index.search(probes, k=10)          # as one index over the live rows
+    index.save("gallery.mut")                         # later: MutableIndex.load("gallery.mut")
+    index.compact()                                   # one base index again
+
+Layout: an immutable base `SparseIndex` (often memory-mapped from disk), a
+small delta `SparseIndex` holding the rows added since the last `compact`,
+and tombstones marking removed base rows. Every segment keeps an id map
+(position -> caller id, increasing, so a segment's ties to the lower position
+are ties to the lower caller id). `add` rebuilds only the delta from its rows;
+removing a delta row rebuilds the delta without it, removing a base row only
+sets its tombstone. Ids are int64 caller ids; an id lives at most once, and a
+removed id may be added again.
+
+Search asks the base for k + (tombstones) results, drops the removed rows,
+asks the delta for k, and merges the two lists by score, ties to the lower
+caller id. The base's first k + T results hold at least k live rows in their
+order, so in the exact modes ("exhaustive", "pruned") the result equals one
+`SparseIndex` built from the live rows in increasing id order, with its row
+positions mapped to the caller ids. In "approx" the block budget applies to
+each segment separately (as with `ShardedIndex`). Many tombstones make every
+search ask the base for more results: `compact` when they grow.
+
+Re-ranking: `rerank=(database_dense, query_dense)` takes the dense database
+indexed by caller id (row i belongs to id i, so it needs max id + 1 rows); the
+global top `rerank_k` by sparse score are re-scored by the C++ dense dot
+product of each segment, as an unsharded re-rank would score them.
+
+`save(directory)` writes each segment as the versioned, checksummed index
+file of `SparseIndex.save` plus its id map (raw little-endian int64), under
+new names, then replaces `manifest.json` (format version, dimension, segment
+files, the id maps' SHA-256, the tombstones, and a SHA-256 of all that)
+atomically, and only then removes the files of the previous state. A reader,
+or a save killed at any point, therefore sees either the old state or the new
+one. A base already in that directory and unchanged since is not rewritten.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import secrets
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import scipy.sparse
+
+from sparse_embed.errors import DataError
+from sparse_embed.fileio import atomic_path
+from sparse_embed.search.index import (
+    DEFAULT_BLOCK_ROWS,
+    DEFAULT_NUM_THREADS,
+    DEFAULT_RERANK_K,
+    DEFAULT_SEARCH_MODE,
+    DEFAULT_ZERO_THRESHOLD,
+    SparseIndex,
+)
+from sparse_embed.search.sharded import _lookup, _merge_top
+
+__all__ = ["MANIFEST_NAME", "MANIFEST_VERSION", "MutableIndex"]
+
+MANIFEST_NAME = "manifest.json"
+MANIFEST_VERSION = 1
+# Result entries (queries x k) asked of the index at once when its rows are read back.
+_EXTRACT_BATCH_ENTRIES = 1 << 22
+_SEGMENTS = ("base", "delta")
+
+
+def _shape(a: Any) -> str:
+    return "[" + ", ".join(str(s) for s in np.shape(a)) + "]"
+
+
+def _fsync(path: Path) -> None:
+    """Flushes a written file to disk, so a rename after it never points at lost data."""
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _empty_csr(dim: int) -> scipy.sparse.csr_matrix:
+    return scipy.sparse.csr_matrix((0, dim), dtype=np.float32)
+
+
+def _rows_csr(rows: Any, dim: int, zero_threshold: float) -> scipy.sparse.csr_matrix:
+    """Canonical float32 CSR [n, dim] (sorted indices, no zeros) of dense or CSR rows.
+
+    Args:
+        rows: Dense [n, dim], a scipy.sparse matrix or an (indptr, indices, values) tuple.
+        dim: The index dimension.
+        zero_threshold: Dense entries with |x| at or below it are dropped.
+
+    Raises:
+        ValueError: On a wrong shape or dtype, out-of-range indices or non-finite values.
+    """
+    if isinstance(rows, tuple):
+        if len(rows) != 3:
+            raise ValueError("rows as CSR must be a tuple (indptr, indices, values)")
+        indptr, indices, values = (np.asarray(p) for p in rows)
+        if indptr.ndim != 1 or len(indptr) < 1 or indptr.dtype.kind not in "iu":
+            raise ValueError(f"rows indptr must be a 1-D integer array [n + 1], got {_shape(indptr)}")
+        if len(indices) and (indices.min() < 0 or indices.max() >= dim):
+            raise ValueError(f"rows indices must lie in [0, {dim}), got [{indices.min()}, {indices.max()}]")
+        m = scipy.sparse.csr_matrix((values, indices, indptr), shape=(len(indptr) - 1, dim))
+    elif hasattr(rows, "tocsr"):
+        m = rows.tocsr()
+        if m.shape[1] != dim:
+            raise ValueError(f"rows must have shape [n, {dim}], got {_shape(m)}")
+    else:
+        a = np.asarray(rows)
+        if a.dtype.kind not in "fiub" or a.ndim != 2 or a.shape[1] != dim:
+            raise ValueError(f"rows must be a real-valued array of shape [n, {dim}], "
+                             f"got {a.dtype} {_shape(a)}")
+        a = a.astype(np.float32)
+        if not np.isfinite(a).all():
+            raise ValueError("rows must be finite")
+        m = scipy.sparse.csr_matrix(np.where(np.abs(a) > zero_threshold, a, 0))
+    m = m.astype(np.float32)
+    if not np.isfinite(m.data).all():
+        raise ValueError("rows must be finite")
+    m.sum_duplicates()
+    m.eliminate_zeros()
+    m.sort_indices()
+    return m
+
+
+def _index_rows(index: SparseIndex) -> scipy.sparse.csr_matrix:
+    """The rows of an index, read back through its own search.
+
+    The query e_d scores every row by exactly its value in dimension d (1 * x
+    is exact in float32); with threshold 0 it returns the rows with x_d > 0,
+    and -e_d those with x_d < 0. The postings of each dimension, counted by a
+    first search, size k. The cost is the index's postings plus one short
+    search per dimension.
+    """
+    dim = index.dim
+    if len(index) == 0:
+        return _empty_csr(dim)
+    dims = np.arange(dim, dtype=np.int64)
+    one_hot = (np.arange(dim + 1, dtype=np.int64), dims.astype(np.int32), np.ones(dim, np.float32))
+    index.search(one_hot, 1, mode="exhaustive")
+    counts = np.asarray(index.stats["postings"], np.int64)
+    rows, cols, vals = [], [], []
+    order = dims[counts > 0][np.argsort(counts[counts > 0], kind="stable")]
+    start = 0
+    while start < len(order):
+        # Dimensions in increasing posting count: a group's k is its last one's count.
+        stop = start + 1
+        while stop < len(order) and counts[order[stop]] * (stop + 1 - start) <= _EXTRACT_BATCH_ENTRIES:
+            stop += 1
+        group = order[start:stop]
+        k = int(counts[group[-1]])
+        for sign in (1.0, -1.0):
+            queries = (np.arange(len(group) + 1, dtype=np.int64), group.astype(np.int32),
+                       np.full(len(group), sign, np.float32))
+            ids, scores = index.search(queries, k, 0.0, mode="exhaustive")
+            hit = ids >= 0
+            rows.append(ids[hit])
+            cols.append(np.broadcast_to(group[:, None], ids.shape)[hit])
+            vals.append(sign * scores[hit])
+        start = stop
+    m = scipy.sparse.csr_matrix(
+        (np.concatenate(vals).astype(np.float32), (np.concatenate(rows), np.concatenate(cols))),
+        shape=(len(index), dim))
+    m.sort_indices()
+    return m
+
+
+def _id_vector(ids: Any, name: str) -> np.ndarray:
+    a = np.asarray(ids)
+    if a.ndim != 1 or (len(a) and a.dtype.kind not in "iu"):
+        raise ValueError(f"{name} must be a 1-D integer array, got {a.dtype} {_shape(a)}")
+    return a.astype(np.int64)
+
+
+def _listed(ids: np.ndarray, limit: int = 10) -> str:
+    shown = ", ".join(str(i) for i in ids[:limit])
+    return shown + (f", ... ({len(ids)} in all)" if len(ids) > limit else "")
+
+
+class MutableIndex:
+    """A base `SparseIndex`, a small delta segment and tombstones, searched as one index.
+
+    Args:
+        dim: The embedding dimension D of an empty index (use `from_index` or
+            `load` to start from existing rows).
+        block_rows: Rows per pruning block of the segments it builds.
+
+    Raises:
+        ValueError: If dim < 1.
+    """
+
+    def __init__(self, dim: int, block_rows: int = DEFAULT_BLOCK_ROWS) -> None:
+        if isinstance(dim, bool) or not isinstance(dim, int | np.integer) or dim < 1:
+            raise ValueError(f"dim must be an integer >= 1, got {dim!r}")
+        self._dim = int(dim)
+        self._block_rows = int(block_rows)
+        self._set_base(self._build(_empty_csr(self._dim)), np.zeros(0, np.int64))
+        self._set_delta(_empty_csr(self._dim), np.zeros(0, np.int64))
+        self._last: dict[str, Any] = {"queries": 0, "postings": np.zeros(0, np.int64),
+                                      "candidates": np.zeros(0, np.int64),
+                                      "seconds": np.zeros(0, np.float64), "wall_seconds": 0.0}
+
+    @classmethod
+    def from_index(cls, index: SparseIndex, ids: Any | None = None) -> MutableIndex:
+        """Starts from an existing index as the base (kept as is, not copied).
+
+        Args:
+            index: The base rows.
+            ids: Caller ids of its rows, int64 [N] strictly increasing; None: 0 .. N-1.
+
+        Raises:
+            ValueError: If the ids are not [N] strictly increasing integers.
+        """
+        self = cls(index.dim, index.stats["block_rows"])
+        base_ids = np.arange(len(index), dtype=np.int64) if ids is None else _id_vector(ids, "ids")
+        if len(base_ids) != len(index):
+            raise ValueError(f"ids must have shape [{len(index)}], got {_shape(base_ids)}")
+        if (np.diff(base_ids) <= 0).any():
+            raise ValueError("ids of a base index must be strictly increasing (its ties go to the "
+                             "lower row, which must be the lower id)")
+        self._set_base(index, base_ids)
+        return self
+
+    # Segments -----------------------------------------------------------------
+
+    def _build(self, rows: scipy.sparse.csr_matrix) -> SparseIndex:
+        return SparseIndex.from_csr(rows.indptr, rows.indices, rows.data, self._dim,
+                                    block_rows=self._block_rows)
+
+    def _set_base(self, index: SparseIndex, ids: np.ndarray, saved: tuple[Path, str] | None = None,
+                  dead: np.ndarray | None = None) -> None:
+        self._base, self._base_ids = index, ids
+        self._dead = np.zeros(len(ids), bool) if dead is None else dead
+        # (directory, file stem) of the base's files when they are on disk unchanged.
+        self._saved_base = saved
+
+    def _set_delta(self, rows: scipy.sparse.csr_matrix, ids: np.ndarray) -> None:
+        order = np.argsort(ids, kind="stable")
+        self._delta_rows, self._delta_ids = rows[order], ids[order]
+        self._delta = self._build(self._delta_rows)
+
+    def _live_in_base(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(found mask, base positions) of `ids` among the live base rows."""
+        pos = np.clip(np.searchsorted(self._base_ids, ids), 0, max(len(self._base_ids) - 1, 0))
+        found = np.zeros(len(ids), bool)
+        if len(self._base_ids):
+            found = (self._base_ids[pos] == ids) & ~self._dead[pos]
+        return found, pos
+
+    def _live_ids(self) -> np.ndarray:
+        return np.union1d(self._base_ids[~self._dead], self._delta_ids)
+
+    # Updates ------------------------------------------------------------------
+
+    def add(self, rows: Any, ids: Any | None = None,
+            zero_threshold: float = DEFAULT_ZERO_THRESHOLD) -> np.ndarray:
+        """Adds rows to the delta segment (rebuilt from its rows: it is small).
+
+        Args:
+            rows: Dense float [n, D], a scipy.sparse matrix [n, D] or a CSR
+                tuple (indptr [n + 1], indices [nnz], values [nnz]).
+            ids: int64 [n] caller ids, none of them live; None: the next free
+                ids, above every id this index has held.
+            zero_threshold: Dense entries with |x| at or below it are dropped.
+
+        Returns:
+            The ids of the added rows, int64 [n].
+
+        Raises:
+            ValueError: On a wrong shape (the message names [n, D]), non-finite
+                values, or ids that repeat or are already live (named).
+        """
+        m = _rows_csr(rows, self._dim, zero_threshold)
+        n = m.shape[0]
+        if ids is None:
+            top = max(self._base_ids.max(initial=-1), self._delta_ids.max(initial=-1))
+            new_ids = np.arange(top + 1, top + 1 + n, dtype=np.int64)
+        else:
+            new_ids = _id_vector(ids, "ids")
+            if len(new_ids) != n:
+                raise ValueError(f"ids must have shape [{n}], one per row, got {_shape(new_ids)}")
+            unique, counts = np.unique(new_ids, return_counts=True)
+            if (counts > 1).any():
+                raise ValueError(f"duplicate ids in add: {_listed(unique[counts > 1])}")
+            existing = np.intersect1d(new_ids, self._live_ids())
+            if len(existing):
+                raise ValueError(f"ids already in the index: {_listed(existing)}; remove them first")
+        self._set_delta(scipy.sparse.vstack([self._delta_rows, m], format="csr"),
+                        np.concatenate([self._delta_ids, new_ids]))
+        return new_ids
+
+    def remove(self, ids: Any) -> None:
+        """Removes rows by caller id: a tombstone in the base, a delta rebuild for added rows.
+
+        Args:
+            ids: int64 [n] live caller ids.
+
+        Raises:
+            ValueError: If an id repeats or is not in the index (named).
+        """
+        gone = _id_vector(ids, "ids")
+        unique, counts = np.unique(gone, return_counts=True)
+        if (counts > 1).any():
+            raise ValueError(f"duplicate ids in remove: {_listed(unique[counts > 1])}")
+        in_delta = np.isin(gone, self._delta_ids)
+        in_base, pos = self._live_in_base(gone)
+        unknown = gone[~in_delta & ~in_base]
+        if len(unknown):
+            raise ValueError(f"ids not in the index: {_listed(np.sort(unknown))}")
+        self._dead = self._dead.copy()
+        self._dead[pos[in_base]] = True
+        if in_delta.any():
+            keep = ~np.isin(self._delta_ids, gone[in_delta])
+            self._set_delta(self._delta_rows[keep], self._delta_ids[keep])
+
+    def compact(self) -> None:
+        """Merges the live base rows and the delta into one new base index (ids kept)."""
+        base_rows = _index_rows(self._base)[~self._dead]
+        ids = np.concatenate([self._base_ids[~self._dead], self._delta_ids])
+        order = np.argsort(ids, kind="stable")
+        rows = scipy.sparse.vstack([base_rows, self._delta_rows], format="csr")[order]
+        self._set_base(self._build(rows), ids[order])
+        self._set_delta(_empty_csr(self._dim), np.zeros(0, np.int64))
+
+    # Search -------------------------------------------------------------------
+
+    def search(
+        self,
+        queries: Any,
+        k: int,
+        threshold: float | None = None,
+        rerank: tuple[Any, Any] | None = None,
+        rerank_k: int = DEFAULT_RERANK_K,
+        num_threads: int = DEFAULT_NUM_THREADS,
+        mode: str = DEFAULT_SEARCH_MODE,
+        max_blocks: int | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k live rows of every query, as `SparseIndex.search` over the live rows.
+
+        Args:
+            queries: Dense float32 [Q, D], a scipy.sparse matrix [Q, D], or a CSR
+                tuple (indptr [Q + 1], indices [nnz], values [nnz]).
+            k: Results per query, >= 1 (may exceed the number of live rows).
+            threshold: Only rows scoring strictly above it qualify; None: every row.
+            rerank: Optional (database_dense float32 [R, Dd] whose row i belongs
+                to caller id i, R > the largest live id; query_dense float32
+                [Q, Dd]): the top `rerank_k` rows by sparse score are re-scored
+                by dense inner product and the top k by dense score returned.
+            rerank_k: Candidates re-ranked per query; >= k.
+            num_threads: Worker threads of each segment's search; 0: every core.
+            mode: "exhaustive", "pruned" or "approx" (per segment), as in `SparseIndex.search`.
+            max_blocks: Blocks scored per query and segment in mode "approx"; None otherwise.
+
+        Returns:
+            ids int64 [Q, k] (caller ids) and scores float32 [Q, k], best first;
+            -1 and -inf where fewer than k rows qualify.
+
+        Raises:
+            ValueError: As `SparseIndex.search`, and on a re-rank database too
+                short for the live ids.
+        """
+        if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
+            raise ValueError(f"k must be an integer >= 1, got {k!r}")
+        capacity = int(k)
+        dense_db = dense_q = None
+        if rerank is not None:
+            if not isinstance(rerank, tuple | list) or len(rerank) != 2:
+                raise ValueError("rerank must be a pair (database_dense [R, Dd], query_dense [Q, Dd])")
+            if rerank_k < k:
+                raise ValueError(f"rerank_k ({rerank_k}) must be >= k ({k})")
+            dense_db = np.ascontiguousarray(rerank[0], np.float32)
+            dense_q = np.ascontiguousarray(rerank[1], np.float32)
+            span = int(self._live_ids().max(initial=-1)) + 1
+            if dense_db.ndim != 2 or len(dense_db) < span:
+                raise ValueError(f"rerank database must have one row per caller id, at least [{span}, Dd], "
+                                 f"got {_shape(dense_db)}")
+            capacity = int(rerank_k)
+        if not (hasattr(queries, "tocsr") or isinstance(queries, tuple)):
+            # Converted once here rather than once per segment.
+            queries = np.ascontiguousarray(queries, np.float32)
+        start = time.perf_counter()
+        ids_parts, score_parts, dense_id_parts, dense_parts, stats = [], [], [], [], []
+        for index, seg_ids, dead in ((self._base, self._base_ids, self._dead),
+                                     (self._delta, self._delta_ids, None)):
+            wanted = capacity + (0 if dead is None else int(dead.sum()))
+            options = {"num_threads": num_threads, "mode": mode, "max_blocks": max_blocks}
+            ids, scores = index.search(queries, wanted, threshold, **options)
+            stats.append(index.stats)
+            ids, scores = self._caller_ids(ids, scores, seg_ids, dead)
+            ids_parts.append(ids)
+            score_parts.append(scores)
+            if dense_db is not None:
+                # Same candidates again, scored by the core's dense dot product;
+                # removed rows may lie past the dense database (clipped: never returned).
+                seg_dense = np.take(dense_db, seg_ids, axis=0, mode="clip")
+                dense_ids, dense_scores = index.search(queries, wanted, threshold,
+                                                       rerank=(seg_dense, dense_q),
+                                                       rerank_k=wanted, **options)
+                dense_ids, dense_scores = self._caller_ids(dense_ids, dense_scores, seg_ids, dead)
+                dense_id_parts.append(dense_ids)
+                dense_parts.append(dense_scores)
+        ids, scores = _merge_top(np.concatenate(ids_parts, axis=1),
+                                 np.concatenate(score_parts, axis=1), capacity)
+        if dense_db is not None:
+            dense = _lookup(np.concatenate(dense_id_parts, axis=1),
+                            np.concatenate(dense_parts, axis=1), ids)
+            ids, scores = _merge_top(ids, dense, int(k))
+        ids, scores = ids[:, :k], scores[:, :k]
+        self._last = {"queries": len(ids),
+                      **{key: np.sum([s[key] for s in stats], axis=0)
+                         for key in ("postings", "candidates", "seconds")},
+                      "wall_seconds": time.perf_counter() - start}
+        return ids, scores
+
+    @staticmethod
+    def _caller_ids(ids: np.ndarray, scores: np.ndarray, seg_ids: np.ndarray,
+                    dead: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """Segment positions -> caller ids; removed rows become padding (-1, -inf)."""
+        valid = ids >= 0
+        safe = np.where(valid, ids, 0)
+        if dead is not None and len(dead):
+            valid &= ~dead[safe]
+        mapped = np.where(valid, seg_ids[safe] if len(seg_ids) else -1, -1)
+        return mapped.astype(np.int64), np.where(valid, scores, np.float32(-np.inf)).astype(np.float32)
+
+    # Persistence --------------------------------------------------------------
+
+    def save(self, directory: str | os.PathLike) -> None:
+        """Writes the index into `directory`; a reader never sees a half-written state.
+
+        Args:
+            directory: Created if missing; files of a previous save there are
+                replaced (only after the new manifest is in place).
+        """
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        token = secrets.token_hex(6)
+        segments = {}
+        for name, index, ids in (("base", self._base, self._base_ids),
+                                 ("delta", self._delta, self._delta_ids)):
+            stem = f"{name}-{token}"
+            reuse = name == "base" and self._saved_base is not None and self._saved_base[0] == out.resolve()
+            if reuse and all((out / f"{self._saved_base[1]}{ext}").is_file() for ext in (".idx", ".ids")):
+                stem = self._saved_base[1]
+            else:
+                index.save(out / f"{stem}.idx")
+                with atomic_path(out / f"{stem}.ids") as tmp:
+                    tmp.write_bytes(ids.astype("<i8").tobytes())
+                for ext in (".idx", ".ids"):
+                    _fsync(out / f"{stem}{ext}")
+            segments[name] = {"index": f"{stem}.idx", "ids": f"{stem}.ids", "rows": len(ids),
+                              "ids_sha256": hashlib.sha256(ids.astype("<i8").tobytes()).hexdigest()}
+        body = {"version": MANIFEST_VERSION, "dim": self._dim, "block_rows": self._block_rows,
+                "segments": segments, "tombstones": self._base_ids[self._dead].tolist()}
+        manifest = dict(body, checksum=_checksum(body))
+        with atomic_path(out / MANIFEST_NAME) as tmp:
+            with open(tmp, "w") as f:
+                json.dump(manifest, f)
+                f.flush()
+                os.fsync(f.fileno())
+        self._saved_base = (out.resolve(), Path(segments["base"]["index"]).stem)
+        referenced = {seg[key] for seg in segments.values() for key in ("index", "ids")}
+        for path in out.iterdir():
+            if path.name.startswith(_SEGMENTS) and path.suffix in (".idx", ".ids") \
+                    and path.name not in referenced:
+                path.unlink(missing_ok=True)
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> MutableIndex:
+        """Opens a directory written by `save` (the base is memory-mapped).
+
+        Args:
+            directory: The index directory.
+
+        Raises:
+            DataError: If the manifest is missing, corrupt or of an unknown
+                version, or a segment file is missing or corrupt.
+        """
+        out = Path(directory)
+        path = out / MANIFEST_NAME
+        if not path.is_file():
+            raise DataError(f"{path} not found: {out} is not a MutableIndex directory "
+                            "(write one with MutableIndex.save)")
+        try:
+            manifest = json.loads(path.read_text())
+            body = {key: value for key, value in manifest.items() if key != "checksum"}
+            version = manifest["version"]
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise DataError(f"{path} is not a MutableIndex manifest (unreadable JSON); "
+                            "restore the directory or rebuild it") from None
+        if version != MANIFEST_VERSION:
+            raise DataError(f"{path} has manifest version {version!r}; this version reads "
+                            f"{MANIFEST_VERSION}: rebuild the index or upgrade sparse_embed")
+        if manifest.get("checksum") != _checksum(body):
+            raise DataError(f"{path} fails its checksum (corrupted); restore the directory or rebuild it")
+        try:
+            self = cls(int(body["dim"]), int(body["block_rows"]))
+            fields = ("index", "ids", "ids_sha256")
+            segments = {name: {key: str(body["segments"][name][key]) for key in fields} for name in _SEGMENTS}
+            tombstones = np.asarray(body["tombstones"], np.int64)
+        except (KeyError, TypeError, ValueError):
+            raise DataError(f"{path} lacks the fields of a version {MANIFEST_VERSION} manifest; "
+                            "restore the directory or rebuild it") from None
+        loaded = {}
+        for name in _SEGMENTS:
+            seg = segments[name]
+            index = SparseIndex.load(out / seg["index"])
+            ids_path = out / seg["ids"]
+            if not ids_path.is_file():
+                raise DataError(f"{ids_path} not found: the {name} segment of {out} is incomplete; "
+                                "restore the directory or rebuild it")
+            raw = ids_path.read_bytes()
+            if hashlib.sha256(raw).hexdigest() != seg["ids_sha256"] or len(raw) != 8 * len(index):
+                raise DataError(f"{ids_path} does not match {path} (corrupted id map); "
+                                "restore the directory or rebuild it")
+            if index.dim != self._dim:
+                raise DataError(f"{out / seg['index']} has dimension {index.dim}, the manifest {self._dim}")
+            loaded[name] = (index, np.frombuffer(raw, "<i8").astype(np.int64))
+        base, base_ids = loaded["base"]
+        self._set_base(base, base_ids, saved=(out.resolve(), Path(segments["base"]["index"]).stem),
+                       dead=np.isin(base_ids, tombstones))
+        delta, delta_ids = loaded["delta"]
+        self._delta, self._delta_ids, self._delta_rows = delta, delta_ids, _index_rows(delta)
+        return self
+
+    # Properties ---------------------------------------------------------------
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        """Segment sizes and the statistics of the last `search`.
+
+        Keys: `rows` (live), `dim`, `base_rows`, `delta_rows`, `tombstones`,
+        `nnz` and `bytes` (both segments, removed base rows included), then
+        for the last search `queries`, per-query `postings`, `candidates` and
+        `seconds` summed over the segments, their means `postings_per_query`,
+        `candidates_per_query`, `ms_per_query`, and `wall_seconds`.
+        """
+        last = self._last
+        n = last["queries"]
+
+        def mean(values: np.ndarray, scale: float = 1.0) -> float:
+            return float(np.mean(values)) * scale if n else math.nan
+
+        return {
+            "rows": len(self),
+            "dim": self._dim,
+            "base_rows": len(self._base),
+            "delta_rows": len(self._delta),
+            "tombstones": int(self._dead.sum()),
+            "nnz": self._base.nnz + self._delta.nnz,
+            "bytes": self._base.nbytes + self._delta.nbytes,
+            **last,
+            "postings_per_query": mean(last["postings"]),
+            "candidates_per_query": mean(last["candidates"]),
+            "ms_per_query": mean(last["seconds"], 1e3),
+        }
+
+    def __len__(self) -> int:
+        return len(self._base_ids) - int(self._dead.sum()) + len(self._delta_ids)
+
+    @property
+    def dim(self) -> int:
+        """The embedding dimension D."""
+        return self._dim
+
+    @property
+    def ids(self) -> np.ndarray:
+        """int64: the live caller ids, increasing."""
+        return self._live_ids()
+
+    def __repr__(self) -> str:
+        return (f"MutableIndex(rows={len(self)}, dim={self._dim}, base_rows={len(self._base)}, "
+                f"delta_rows={len(self._delta)}, tombstones={int(self._dead.sum())})")
+
+
+def _checksum(body: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
