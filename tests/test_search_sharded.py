@@ -178,3 +178,48 @@ def test_cli_shard_and_query(data, tmp_path):
     proc = run_module("sparse_embed.search", "query", f"--index={tmp_path / 'missing.idx'}",
                       f"--queries={probes}")
     assert_user_error(proc, "missing.idx")
+
+
+@pytest.mark.parametrize("mode", ["exhaustive", "pruned"])
+@pytest.mark.parametrize("threshold", [None, 0.3])
+def test_exact_modes_equal_unsharded(data, mode, threshold):
+    whole = SparseIndex.from_dense(data["db"], zero_threshold=0.0, block_rows=8)
+    sharded = ShardedIndex([SparseIndex.from_dense(data["db"][a:b], 0.0, block_rows=8)
+                            for a, b in zip(BOUNDS[:-1], BOUNDS[1:], strict=True)])
+    rerank = (data["db_dense"], data["q_dense"])
+    for kwargs in ({}, {"rerank": rerank, "rerank_k": 20}):
+        want = whole.search(data["queries"], 6, threshold, mode=mode, **kwargs)
+        got = sharded.search(data["queries"], 6, threshold, mode=mode, num_threads=2, **kwargs)
+        np.testing.assert_array_equal(got[0], want[0])
+        np.testing.assert_array_equal(got[1], want[1])
+    sharded.search(data["queries"], 6, threshold, mode=mode)
+    stats = sharded.stats
+    assert stats["mode"] == mode
+    blocks = sum(s.stats["blocks"] for s in sharded.shards)
+    # Every shard's blocks in the exhaustive mode; at most those when pruning.
+    assert (stats["blocks_visited"] <= blocks).all()
+    assert (stats["blocks_visited"] == blocks).all() == (mode == "exhaustive")
+    assert (stats["postings_scored"] <= stats["postings"]).all()
+
+
+def test_approx_is_per_shard(data):
+    shards = [SparseIndex.from_dense(data["db"][a:b], 0.0, block_rows=8) for a, b in ((0, 150), (150, 300))]
+    sharded = ShardedIndex(shards)
+    got = sharded.search(data["queries"], 5, mode="approx", max_blocks=2)
+    # The merge of each shard's own approximate top-5 (ids offset), ties to the lower id.
+    parts = [s.search(data["queries"], 5, mode="approx", max_blocks=2) for s in shards]
+    ids = np.concatenate([parts[0][0], np.where(parts[1][0] < 0, -1, parts[1][0] + 150)], axis=1)
+    scores = np.concatenate([parts[0][1], parts[1][1]], axis=1)
+    order = np.lexsort((np.where(ids < 0, 1 << 40, ids), -scores), axis=1)[:, :5]
+    np.testing.assert_array_equal(got[0], np.take_along_axis(ids, order, axis=1))
+    np.testing.assert_array_equal(got[1], np.take_along_axis(scores, order, axis=1))
+    assert (sharded.stats["blocks_visited"] <= 4).all()
+    # The scores returned are the rows' true scores, and a budget past every block is exact.
+    exact = data["queries"].astype(np.float64) @ data["db"].T.astype(np.float64)
+    valid = got[0] >= 0
+    true_scores = np.take_along_axis(exact, np.maximum(got[0], 0), 1).astype(np.float32)
+    np.testing.assert_array_equal(got[1][valid], true_scores[valid])
+    full = sharded.search(data["queries"], 5, mode="approx", max_blocks=1 << 20)
+    np.testing.assert_array_equal(full[0], brute_force_search(data["db"], data["queries"], 5)[0])
+    with pytest.raises(ValueError, match="unknown search mode 'fast'"):
+        sharded.search(data["queries"], 5, mode="fast")

@@ -11,11 +11,17 @@ search releases the GIL) and the candidates are merged by score, ties to the
 lower global id. Because each shard's top-k is exact under that same order,
 the global top-k is among them, so the merged result equals one `SparseIndex`
 over the concatenated rows, including the rows of score 0 that qualify when
-there is no threshold. Equal to the bit where float32 sums are exact (values
-on a coarse grid, as in the tests); otherwise the C++ core adds a score's
-terms in an order that depends on the size of the index it searches, so a
-shard's score can differ from the unsharded one in the last float32 bit and
-rows that tie to that precision can swap places.
+there is no threshold. The scores are bit-identical to the unsharded ones
+because the C++ core adds a row's terms one after the other in the query's
+order whatever index it searches; where a core built otherwise summed in an
+order that depends on the index, a score could differ in the last float32 bit
+and rows tied to that precision could swap places.
+
+Search modes go to every shard. "exhaustive" and "pruned" are exact per shard,
+so the sharded result stays equal to the unsharded one. "approx" is per shard:
+each shard scores at most `max_blocks` of its own blocks (up to shards x
+max_blocks in all), and the merged list is the best of the shards' approximate
+lists, which is in general not the unsharded approximate result.
 
 Re-ranking follows the unsharded definition: the global top `rerank_k` by
 sparse score are re-scored by the dense vectors and the top k returned. The
@@ -39,7 +45,9 @@ import numpy as np
 from sparse_embed.search.index import (
     DEFAULT_NUM_THREADS,
     DEFAULT_RERANK_K,
+    DEFAULT_SEARCH_MODE,
     DEFAULT_ZERO_THRESHOLD,
+    SEARCH_MODES,
     SparseIndex,
 )
 
@@ -47,6 +55,8 @@ __all__ = ["SHARD_FILE_PATTERN", "ShardedIndex"]
 
 # File name of shard i written by `ShardedIndex.build`.
 SHARD_FILE_PATTERN = "shard-{:05d}.idx"
+# Per-query counters of `SparseIndex.stats` that add up over shards.
+_SUMMED_STATS = ("postings", "postings_scored", "blocks_visited", "candidates")
 
 
 def _available_cores() -> int:
@@ -150,8 +160,8 @@ class ShardedIndex:
                                  f"with sizes {sizes.tolist()}")
         self._offsets = starts
         self._sizes = sizes
-        self._last: dict[str, Any] = {"queries": 0, "postings": np.zeros(0, np.int64),
-                                      "candidates": np.zeros(0, np.int64),
+        self._last: dict[str, Any] = {"queries": 0, "mode": DEFAULT_SEARCH_MODE,
+                                      **{key: np.zeros(0, np.int64) for key in _SUMMED_STATS},
                                       "seconds": np.zeros(0, np.float64), "wall_seconds": 0.0}
 
     @classmethod
@@ -205,8 +215,10 @@ class ShardedIndex:
         rerank: tuple[Any, Any] | None = None,
         rerank_k: int = DEFAULT_RERANK_K,
         num_threads: int = DEFAULT_NUM_THREADS,
+        mode: str = DEFAULT_SEARCH_MODE,
+        max_blocks: int | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Exact top-k over all shards, as `SparseIndex.search` over the concatenated rows.
+        """Top-k over all shards, as `SparseIndex.search` over the concatenated rows.
 
         Args:
             queries: Dense float32 [Q, D], a scipy.sparse matrix [Q, D], or a CSR
@@ -220,16 +232,23 @@ class ShardedIndex:
             rerank_k: Candidates re-ranked per query; >= k.
             num_threads: Worker threads in all; 0 uses every core the process
                 may run on. Shards run concurrently, each on its share.
+            mode: "exhaustive" or "pruned" (exact, equal to the unsharded
+                search) or "approx" (per shard; see the module docstring).
+            max_blocks: Blocks scored per query and shard in mode "approx", >= 1; None otherwise.
 
         Returns:
             ids int64 [Q, k] (global ids) and scores float32 [Q, k], best first;
             -1 and -inf where fewer than k rows qualify.
 
         Raises:
-            ValueError: On bad shapes or dtypes, non-finite values, k < 1 or rerank_k < k.
+            ValueError: On bad shapes or dtypes, non-finite values, k < 1,
+                rerank_k < k, an unknown mode or a max_blocks that does not fit it.
         """
         if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
             raise ValueError(f"k must be an integer >= 1, got {k!r}")
+        if mode not in SEARCH_MODES:
+            raise ValueError(f"unknown search mode {mode!r}; valid modes: {', '.join(SEARCH_MODES)}")
+        options = {"mode": mode, "max_blocks": max_blocks}
         capacity = int(k)
         dense_db = dense_q = None
         if rerank is not None:
@@ -252,17 +271,17 @@ class ShardedIndex:
 
         def run(i: int) -> tuple[np.ndarray, ...]:
             shard, offset = self._shards[i], self._offsets[i]
-            ids, scores = shard.search(queries, capacity, threshold, num_threads=per_shard)
+            ids, scores = shard.search(queries, capacity, threshold, num_threads=per_shard, **options)
             stats = shard.stats
             dense_ids = dense_scores = np.zeros((len(ids), 0), np.int64)
             if dense_db is not None:
                 shard_db = dense_db[offset:offset + self._sizes[i]]
                 dense_ids, dense_scores = shard.search(queries, capacity, threshold,
                                                        rerank=(shard_db, dense_q), rerank_k=capacity,
-                                                       num_threads=per_shard)
+                                                       num_threads=per_shard, **options)
                 dense_ids = np.where(dense_ids < 0, -1, dense_ids + offset)
-            return (np.where(ids < 0, -1, ids + offset), scores, stats["postings"],
-                    stats["candidates"], stats["seconds"], dense_ids, dense_scores)
+            return (np.where(ids < 0, -1, ids + offset), scores, dense_ids, dense_scores,
+                    {key: stats[key] for key in (*_SUMMED_STATS, "seconds")})
 
         start = time.perf_counter()
         with ThreadPoolExecutor(max_workers=workers) as pool:
@@ -270,14 +289,13 @@ class ShardedIndex:
         ids, scores = _merge_top(np.concatenate([p[0] for p in parts], axis=1),
                                  np.concatenate([p[1] for p in parts], axis=1), capacity)
         if dense_db is not None:
-            dense = _lookup(np.concatenate([p[5] for p in parts], axis=1),
-                            np.concatenate([p[6] for p in parts], axis=1), ids)
+            dense = _lookup(np.concatenate([p[2] for p in parts], axis=1),
+                            np.concatenate([p[3] for p in parts], axis=1), ids)
             ids, scores = _merge_top(ids, dense, int(k))
         ids, scores = ids[:, :k], scores[:, :k]
-        self._last = {"queries": len(ids),
-                      "postings": np.sum([p[2] for p in parts], axis=0),
-                      "candidates": np.sum([p[3] for p in parts], axis=0),
-                      "seconds": np.sum([p[4] for p in parts], axis=0),
+        self._last = {"queries": len(ids), "mode": mode,
+                      **{key: np.sum([p[4][key] for p in parts], axis=0)
+                         for key in (*_SUMMED_STATS, "seconds")},
                       "wall_seconds": time.perf_counter() - start}
         return ids, scores
 
@@ -286,9 +304,10 @@ class ShardedIndex:
         """Sizes summed over the shards and the statistics of the last `search`.
 
         Keys as `SparseIndex.stats` (`rows`, `dim`, `nnz`, `bytes`,
-        `bytes_per_nnz`, `build_seconds`, `queries`, per-query `postings`,
-        `candidates` and `seconds` summed over the shards, their means,
-        `wall_seconds`), plus `shards`.
+        `bytes_per_nnz`, `build_seconds`, `queries`, `mode`, per-query
+        `postings`, `postings_scored`, `blocks_visited`, `candidates` and
+        `seconds` summed over the shards, their means, `wall_seconds`), plus
+        `shards`.
         """
         last = self._last
         n = last["queries"]
@@ -308,6 +327,8 @@ class ShardedIndex:
             "build_seconds": sum(s.stats["build_seconds"] for s in self._shards),
             **last,
             "postings_per_query": mean(last["postings"]),
+            "postings_scored_per_query": mean(last["postings_scored"]),
+            "blocks_per_query": mean(last["blocks_visited"]),
             "candidates_per_query": mean(last["candidates"]),
             "ms_per_query": mean(last["seconds"], 1e3),
         }
