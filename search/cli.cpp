@@ -1,14 +1,25 @@
 // Standalone search benchmark on .bin embedding files (the original calling
 // convention of sparse-embed's search binary, plus named options).
 //
-//   search <db.bin> <rerank_topk> <threshold> [queries.bin] [options]
+//   search <db.bin>[,<db2.bin>,...] <rerank_topk> <threshold> [queries.bin] [options]
 //
-// Without a query file the first 10,000 rows of db.bin are the queries and
-// the rest the database (half of the rows when there are fewer than 20,000).
-// Dense re-ranking reads float32 .npy matrices (numpy.save of a C-ordered
-// float32 [rows, Dd] array): --db-dense has one row per row of db.bin, in the
-// same order; --query-dense one per row of queries.bin (not needed without a
-// query file, where the first rows of --db-dense belong to the queries).
+// Several database files, comma-separated, are shards holding consecutive row
+// ranges in the order given (the rows of db2.bin come after those of db.bin):
+// each is indexed and searched on its own and the per-shard top-k lists are
+// merged by score, ties to the lower row, which is exactly the top-k of one
+// index over all the rows. A database file not ending in .bin is an index
+// file written by SparseIndex.save (python -m sparse_embed.search shard); all
+// index files must share one dimension.
+//
+// Without a query file the first 10,000 rows of the database files are the
+// queries and the rest the database (half of the rows when there are fewer
+// than 20,000). Dense re-ranking reads float32 .npy matrices (numpy.save of a
+// C-ordered float32 [rows, Dd] array): --db-dense has one row per database
+// row, all files in order; --query-dense one per row of queries.bin (not
+// needed without a query file, where the first rows of --db-dense belong to
+// the queries). With several shards the global top rerank_topk by sparse
+// score are re-ranked, as with one file: each shard scores its candidates
+// with the dense vectors in a second pass.
 
 #include <algorithm>
 #include <cerrno>
@@ -18,9 +29,11 @@
 #include <cstdlib>
 #include <cstring>
 #include <exception>
+#include <limits>
 #include <memory>
 #include <new>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "sparse_index.h"
@@ -33,15 +46,18 @@ constexpr int64_t kDefaultQueries = 10000;
 constexpr int64_t kDefaultTopK = 10;
 
 const char kUsage[] =
-    "usage: search <db.bin> <rerank_topk> <threshold> [queries.bin] [--topk K] [--threads N]\n"
-    "              [--db-dense DB.npy [--query-dense QUERIES.npy]]\n"
+    "usage: search <db.bin>[,<db2.bin>,...] <rerank_topk> <threshold> [queries.bin] [--topk K]\n"
+    "              [--threads N] [--db-dense DB.npy [--query-dense QUERIES.npy]]\n"
+    "  db.bin,...   database shards in row order: .bin files, or index files (other names)\n"
     "  rerank_topk  sparse candidates re-ranked with the dense vectors (0: no re-ranking)\n"
     "  threshold    only rows scoring above it are candidates ('none': every row)\n"
-    "  queries.bin  query rows; default: the first 10000 rows of db.bin (half when it has\n"
+    "  queries.bin  query rows; default: the first 10000 database rows (half when there are\n"
     "               fewer than 20000 rows), searched against the rest\n"
     "  --topk K     results per query (default 10)\n"
     "  --threads N  worker threads (default 0: every core)\n"
-    "  --db-dense / --query-dense  float32 [rows, Dd] .npy files for re-ranking\n";
+    "  --db-dense / --query-dense  float32 [rows, Dd] .npy files for re-ranking\n"
+    "  --ids IDS.npy / --scores SCORES.npy  write the results: int64 / float32 [queries, K],\n"
+    "               database row ids counted over all files (-1 / -inf where fewer qualify)\n";
 
 class UsageError : public std::runtime_error {
  public:
@@ -49,7 +65,7 @@ class UsageError : public std::runtime_error {
 };
 
 struct Args {
-  std::string db_path;
+  std::vector<std::string> db_paths;
   std::string query_path;
   int64_t rerank_topk = 0;
   float threshold = se::kNoThreshold;
@@ -57,6 +73,8 @@ struct Args {
   int threads = se::kDefaultNumThreads;
   std::string db_dense_path;
   std::string query_dense_path;
+  std::string ids_path;
+  std::string scores_path;
 };
 
 int64_t parse_int(const std::string& text, const char* what, int64_t min) {
@@ -100,6 +118,10 @@ Args parse_args(int argc, char** argv) {
         args.db_dense_path = value;
       } else if (a == "--query-dense") {
         args.query_dense_path = value;
+      } else if (a == "--ids") {
+        args.ids_path = value;
+      } else if (a == "--scores") {
+        args.scores_path = value;
       } else {
         throw UsageError("unknown option " + a);
       }
@@ -111,7 +133,15 @@ Args parse_args(int argc, char** argv) {
     throw UsageError("expected 3 or 4 positional arguments, got " +
                      std::to_string(positional.size()));
   }
-  args.db_path = positional[0];
+  size_t from = 0;
+  while (from <= positional[0].size()) {
+    const size_t comma = std::min(positional[0].find(',', from), positional[0].size());
+    args.db_paths.push_back(positional[0].substr(from, comma - from));
+    if (args.db_paths.back().empty()) {
+      throw UsageError("empty database file name in '" + positional[0] + "'");
+    }
+    from = comma + 1;
+  }
   args.rerank_topk = parse_int(positional[1], "rerank_topk", 0);
   args.threshold = parse_threshold(positional[2]);
   if (positional.size() == 4) args.query_path = positional[3];
@@ -187,6 +217,29 @@ Matrix read_npy(const std::string& path) {
   return m;
 }
 
+// Writes a C-ordered little-endian [rows, cols] .npy file (format version 1)
+// under a temporary name, then renames it into place.
+void write_npy(const std::string& path, const char* descr, const void* data, size_t item_bytes,
+               int64_t rows, int64_t cols) {
+  std::string header = std::string("{'descr': '") + descr + "', 'fortran_order': False, 'shape': (" +
+                       std::to_string(rows) + ", " + std::to_string(cols) + "), }";
+  // Magic (6) + version (2) + length (2) + header padded with spaces to 64 bytes, ending in \n.
+  header.append(63 - (10 + header.size()) % 64, ' ');
+  header += '\n';
+  const std::string tmp = path + ".tmp";
+  std::FILE* f = std::fopen(tmp.c_str(), "wb");
+  if (f == nullptr) throw se::FormatError("cannot write " + path + ": " + std::strerror(errno));
+  const uint16_t len = static_cast<uint16_t>(header.size());
+  const size_t count = static_cast<size_t>(rows * cols);
+  const bool ok = std::fwrite("\x93NUMPY\x01\x00", 1, 8, f) == 8 && std::fwrite(&len, 2, 1, f) == 1 &&
+                  std::fwrite(header.data(), 1, header.size(), f) == header.size() &&
+                  std::fwrite(data, item_bytes, count, f) == count;
+  if (std::fclose(f) != 0 || !ok || std::rename(tmp.c_str(), path.c_str()) != 0) {
+    std::remove(tmp.c_str());
+    throw se::FormatError("cannot write " + path + ": " + std::strerror(errno));
+  }
+}
+
 std::string format_number(double v) {
   char text[32];
   std::snprintf(text, sizeof(text), "%g", v);
@@ -197,36 +250,179 @@ double seconds_since(std::chrono::steady_clock::time_point start) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
 }
 
+bool ends_with(const std::string& text, const std::string& suffix) {
+  return text.size() >= suffix.size() &&
+         text.compare(text.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+
+// One database file: its rows (a .bin file) or its loaded index (an index file).
+struct Shard {
+  std::string path;
+  bool is_bin = true;
+  se::CsrMatrix rows;                    // .bin only
+  std::unique_ptr<se::SparseIndex> index;  // index files: loaded; .bin: built in run()
+  int64_t size = 0;                      // rows in the file
+  int64_t offset = 0;                    // global row of its first row (all files in order)
+  int64_t begin = 0;                     // first row that belongs to the database
+  std::vector<int32_t> labels;           // [size], -1 where unknown
+};
+
+Shard open_shard(const std::string& path) {
+  Shard shard;
+  shard.path = path;
+  shard.is_bin = ends_with(path, ".bin");
+  if (shard.is_bin) {
+    shard.rows = se::read_bin(path);
+    shard.size = shard.rows.rows();
+    shard.labels = shard.rows.labels;
+  } else {
+    shard.index = std::make_unique<se::SparseIndex>(se::SparseIndex::load(path));
+    shard.size = shard.index->rows();
+    shard.labels.assign(shard.size, -1);
+    if (shard.index->has_labels()) {
+      std::copy(shard.index->labels(), shard.index->labels() + shard.size, shard.labels.begin());
+    }
+  }
+  return shard;
+}
+
+// The dimension every file must fit: that of the index files (all equal), else
+// the largest one the .bin files and the queries need.
+int64_t common_dim(const std::vector<Shard>& shards, const se::CsrMatrix& queries) {
+  const Shard* fixed = nullptr;
+  for (const Shard& s : shards) {
+    if (s.is_bin) continue;
+    if (fixed != nullptr && s.index->dim() != fixed->index->dim()) {
+      throw se::FormatError("database files of different dimensions: " + fixed->path + " has " +
+                            std::to_string(fixed->index->dim()) + ", " + s.path + " has " +
+                            std::to_string(s.index->dim()) + "; shards must come from one gallery");
+    }
+    if (fixed == nullptr) fixed = &s;
+  }
+  int64_t dim = std::max<int64_t>(queries.cols, 1);
+  for (const Shard& s : shards) {
+    if (s.is_bin) dim = std::max(dim, s.rows.cols);
+  }
+  if (fixed == nullptr) return dim;
+  const int64_t fixed_dim = fixed->index->dim();
+  for (const Shard& s : shards) {
+    if (s.is_bin && s.rows.cols > fixed_dim) {
+      throw se::FormatError(s.path + " has index " + std::to_string(s.rows.cols - 1) +
+                            ", outside the dimension " + std::to_string(fixed_dim) + " of " +
+                            fixed->path + "; shards must come from one gallery");
+    }
+  }
+  if (queries.cols > fixed_dim) {
+    throw se::FormatError("the queries have index " + std::to_string(queries.cols - 1) +
+                          ", outside the dimension " + std::to_string(fixed_dim) + " of " +
+                          fixed->path);
+  }
+  return fixed_dim;
+}
+
+// Rows [0, count) of the concatenated .bin shards, copied into one matrix.
+se::CsrMatrix leading_rows(const std::vector<Shard>& shards, int64_t count) {
+  se::CsrMatrix out;
+  for (const Shard& s : shards) {
+    out.cols = std::max(out.cols, s.rows.cols);
+    for (int64_t r = 0; r < s.size && out.rows() < count; ++r) {
+      for (int64_t p = s.rows.indptr[r]; p < s.rows.indptr[r + 1]; ++p) {
+        out.indices.push_back(s.rows.indices[p]);
+        out.values.push_back(s.rows.values[p]);
+      }
+      out.indptr.push_back(static_cast<int64_t>(out.indices.size()));
+      out.labels.push_back(s.rows.labels[r]);
+    }
+  }
+  return out;
+}
+
+// Per query, the best `keep` of `lists` (each [Q, width] ids and scores, ids
+// already global) by score, ties to the lower id; -1 / -inf padding.
+void merge_top(const std::vector<std::vector<int64_t>>& ids, const std::vector<std::vector<float>>& scores,
+               int64_t width, int64_t num_queries, int64_t keep, std::vector<int64_t>& out_ids,
+               std::vector<float>& out_scores) {
+  out_ids.assign(num_queries * keep, -1);
+  out_scores.assign(num_queries * keep, -std::numeric_limits<float>::infinity());
+  std::vector<std::pair<float, int64_t>> merged;
+  for (int64_t q = 0; q < num_queries; ++q) {
+    merged.clear();
+    for (size_t s = 0; s < ids.size(); ++s) {
+      for (int64_t i = 0; i < width; ++i) {
+        const int64_t id = ids[s][q * width + i];
+        if (id >= 0) merged.emplace_back(scores[s][q * width + i], id);
+      }
+    }
+    const auto better = [](const std::pair<float, int64_t>& a, const std::pair<float, int64_t>& b) {
+      return a.first > b.first || (a.first == b.first && a.second < b.second);
+    };
+    const int64_t n = std::min<int64_t>(keep, static_cast<int64_t>(merged.size()));
+    std::partial_sort(merged.begin(), merged.begin() + n, merged.end(), better);
+    for (int64_t i = 0; i < n; ++i) {
+      out_ids[q * keep + i] = merged[i].second;
+      out_scores[q * keep + i] = merged[i].first;
+    }
+  }
+}
+
 int run(const Args& args) {
-  se::CsrMatrix db = se::read_bin(args.db_path);
-  se::CsrMatrix separate_queries;
+  std::vector<Shard> shards;
+  for (const std::string& path : args.db_paths) shards.push_back(open_shard(path));
+  int64_t total_rows = 0;
+  for (Shard& s : shards) {
+    s.offset = total_rows;
+    total_rows += s.size;
+  }
   const bool split = args.query_path.empty();
+  std::string db_name = args.db_paths[0];
+  for (size_t i = 1; i < args.db_paths.size(); ++i) db_name += ", " + args.db_paths[i];
+  se::CsrMatrix qm;
   int64_t num_queries;
   if (split) {
-    if (db.rows() < 2) {
-      throw se::FormatError(args.db_path + " has " + std::to_string(db.rows()) +
+    for (const Shard& s : shards) {
+      if (!s.is_bin) {
+        throw UsageError("without a query file the queries are the first database rows, which needs "
+                         ".bin database files; " + s.path + " is an index file");
+      }
+    }
+    if (total_rows < 2) {
+      throw se::FormatError(db_name + " has " + std::to_string(total_rows) +
                             " rows; need at least 2 to split it into queries and database");
     }
-    num_queries = std::min(kDefaultQueries, db.rows() / 2);
+    num_queries = std::min(kDefaultQueries, total_rows / 2);
     if (num_queries < kDefaultQueries) {
-      std::printf("note: %s has only %lld rows; the first %lld are the queries\n",
-                  args.db_path.c_str(), static_cast<long long>(db.rows()),
-                  static_cast<long long>(num_queries));
+      std::printf("note: %s has only %lld rows; the first %lld are the queries\n", db_name.c_str(),
+                  static_cast<long long>(total_rows), static_cast<long long>(num_queries));
     }
+    qm = leading_rows(shards, num_queries);
   } else {
-    separate_queries = se::read_bin(args.query_path);
-    num_queries = separate_queries.rows();
+    qm = se::read_bin(args.query_path);
+    num_queries = qm.rows();
   }
-  const se::CsrMatrix& qm = split ? db : separate_queries;
-  const int64_t db_begin = split ? num_queries : 0;
-  const int64_t db_rows = db.rows() - db_begin;
-  const int64_t dim = std::max<int64_t>({db.cols, qm.cols, 1});
+  const int64_t db_begin = split ? num_queries : 0;  // global row of database id 0
+  const int64_t db_rows = total_rows - db_begin;
+  const int64_t dim = common_dim(shards, qm);
 
-  se::SparseIndex index = se::SparseIndex::from_csr(db.view(db_begin, db.rows()), dim,
-                                                    db.labels.data() + db_begin);
-  const int64_t nnz = index.nnz();
+  int64_t nnz = 0, bytes = 0;
+  double build_seconds = 0;
+  std::vector<int32_t> db_labels(db_rows, -1);
+  for (Shard& s : shards) {
+    s.begin = std::clamp<int64_t>(db_begin - s.offset, 0, s.size);
+    if (s.is_bin) {
+      s.index = std::make_unique<se::SparseIndex>(se::SparseIndex::from_csr(
+          s.rows.view(s.begin, s.size), dim, s.rows.labels.data() + s.begin));
+    }
+    if (s.begin < s.size) {
+      std::copy(s.labels.begin() + s.begin, s.labels.end(),
+                db_labels.begin() + (s.offset + s.begin - db_begin));
+    }
+    nnz += s.index->nnz();
+    bytes += s.index->memory_bytes();
+    build_seconds += s.index->build_seconds();
+  }
   const int64_t q_nnz = qm.indptr[num_queries] - qm.indptr[0];
-  std::printf("database   %s\n", args.db_path.c_str());
+  std::printf("database   %s\n", db_name.c_str());
+  if (shards.size() > 1) std::printf("  shards   %zu\n", shards.size());
   std::printf("  N        %lld\n", static_cast<long long>(db_rows));
   std::printf("  D        %lld\n", static_cast<long long>(dim));
   std::printf("  NNZ      %.3f%% (%.2f per row)\n", 100.0 * nnz / std::max<double>(1, db_rows * dim),
@@ -235,9 +431,8 @@ int run(const Args& args) {
               static_cast<long long>(num_queries), split ? "the first rows of the database file"
                                                          : args.query_path.c_str(),
               static_cast<double>(q_nnz) / std::max<int64_t>(1, num_queries));
-  std::printf("index      built in %.3f s, %.1f MB, %.2f bytes per non-zero\n",
-              index.build_seconds(), index.memory_bytes() / 1e6,
-              static_cast<double>(index.memory_bytes()) / std::max<int64_t>(1, nnz));
+  std::printf("index      built in %.3f s, %.1f MB, %.2f bytes per non-zero\n", build_seconds,
+              bytes / 1e6, static_cast<double>(bytes) / std::max<int64_t>(1, nnz));
 
   se::SearchParams params;
   params.k = args.topk;
@@ -246,11 +441,10 @@ int run(const Args& args) {
   Matrix db_dense, query_dense;
   if (!args.db_dense_path.empty() && args.rerank_topk > 0) {
     db_dense = read_npy(args.db_dense_path);
-    if (db_dense.rows != db.rows()) {
+    if (db_dense.rows != total_rows) {
       throw se::FormatError(args.db_dense_path + " has " + std::to_string(db_dense.rows) +
-                            " rows; " + args.db_path + " has " + std::to_string(db.rows()));
+                            " rows; " + db_name + " has " + std::to_string(total_rows));
     }
-    params.rerank_database = db_dense.view(db_begin, db.rows());
     if (split) {
       params.rerank_queries = db_dense.view(0, num_queries);
     } else {
@@ -263,7 +457,7 @@ int run(const Args& args) {
     }
     params.rerank_k = args.rerank_topk;
   }
-  const bool rerank = params.rerank_database.data != nullptr;
+  const bool rerank = params.rerank_queries.data != nullptr;
   std::printf("search     top-%lld, threshold %s, threads %s, re-rank %s\n",
               static_cast<long long>(args.topk),
               args.threshold == se::kNoThreshold ? "none" : format_number(args.threshold).c_str(),
@@ -272,13 +466,77 @@ int run(const Args& args) {
                         std::to_string(db_dense.cols) + "-d dense vectors").c_str()
                      : args.rerank_topk > 0 ? "off (no --db-dense given)" : "off");
 
-  std::vector<int64_t> ids(num_queries * args.topk), postings(num_queries), candidates(num_queries);
-  std::vector<float> scores(num_queries * args.topk);
+  std::vector<int64_t> ids, postings(num_queries), candidates(num_queries);
+  std::vector<float> scores;
   std::vector<double> seconds(num_queries);
-  se::SearchOutput out{ids.data(), scores.data(), postings.data(), candidates.data(),
-                       seconds.data()};
+  std::vector<int64_t> shard_postings(num_queries), shard_candidates(num_queries);
+  std::vector<double> shard_seconds(num_queries);
+  const auto dense_of = [&](const Shard& s) {
+    return db_dense.view(s.offset + s.begin, s.offset + s.size);
+  };
   const auto start = std::chrono::steady_clock::now();
-  index.search(qm.view(0, num_queries), params, out);
+  if (shards.size() == 1) {
+    // One file: the core's own search, re-rank included.
+    if (rerank) params.rerank_database = dense_of(shards[0]);
+    ids.resize(num_queries * args.topk);
+    scores.resize(num_queries * args.topk);
+    shards[0].index->search(qm.view(0, num_queries), params,
+                            {ids.data(), scores.data(), postings.data(), candidates.data(), seconds.data()});
+  } else {
+    // Each shard's exact top `width` by sparse score, merged: the global top `width`.
+    const int64_t width = rerank ? args.rerank_topk : args.topk;
+    se::SearchParams sparse = params;
+    sparse.k = width;
+    sparse.rerank_queries = {};
+    std::vector<std::vector<int64_t>> shard_ids(shards.size(), std::vector<int64_t>(num_queries * width));
+    std::vector<std::vector<float>> shard_scores(shards.size(), std::vector<float>(num_queries * width));
+    for (size_t i = 0; i < shards.size(); ++i) {
+      const Shard& s = shards[i];
+      s.index->search(qm.view(0, num_queries), sparse,
+                      {shard_ids[i].data(), shard_scores[i].data(), shard_postings.data(),
+                       shard_candidates.data(), shard_seconds.data()});
+      const int64_t to_global = s.offset + s.begin - db_begin;
+      for (int64_t& id : shard_ids[i]) id = id < 0 ? -1 : id + to_global;
+      for (int64_t q = 0; q < num_queries; ++q) {
+        postings[q] += shard_postings[q];
+        candidates[q] += shard_candidates[q];
+        seconds[q] += shard_seconds[q];
+      }
+    }
+    merge_top(shard_ids, shard_scores, width, num_queries, rerank ? width : args.topk, ids, scores);
+    if (rerank) {
+      // Dense scores of the global candidates: the same candidates of every
+      // shard again, scored by the core's dense dot product.
+      std::vector<int64_t> global_ids = ids;
+      std::vector<std::vector<int64_t>> dense_ids(shards.size(), std::vector<int64_t>(num_queries * width));
+      std::vector<std::vector<float>> dense_scores(shards.size(), std::vector<float>(num_queries * width));
+      se::SearchParams second = params;
+      second.k = width;
+      second.rerank_k = width;
+      for (size_t i = 0; i < shards.size(); ++i) {
+        const Shard& s = shards[i];
+        second.rerank_database = dense_of(s);
+        s.index->search(qm.view(0, num_queries), second,
+                        {dense_ids[i].data(), dense_scores[i].data(), nullptr, nullptr,
+                         shard_seconds.data()});
+        const int64_t to_global = s.offset + s.begin - db_begin;
+        for (int64_t q = 0; q < num_queries; ++q) seconds[q] += shard_seconds[q];
+        for (int64_t& id : dense_ids[i]) id = id < 0 ? -1 : id + to_global;
+      }
+      // Keep, per query, only the global candidates with their dense scores.
+      for (int64_t q = 0; q < num_queries; ++q) {
+        std::vector<int64_t> wanted(global_ids.begin() + q * width, global_ids.begin() + (q + 1) * width);
+        std::sort(wanted.begin(), wanted.end());
+        for (size_t i = 0; i < shards.size(); ++i) {
+          for (int64_t j = 0; j < width; ++j) {
+            int64_t& id = dense_ids[i][q * width + j];
+            if (id >= 0 && !std::binary_search(wanted.begin(), wanted.end(), id)) id = -1;
+          }
+        }
+      }
+      merge_top(dense_ids, dense_scores, width, num_queries, args.topk, ids, scores);
+    }
+  }
   const double wall = seconds_since(start);
 
   double total_postings = 0, total_candidates = 0, total_seconds = 0;
@@ -301,7 +559,7 @@ int run(const Args& args) {
     ++labelled;
     for (int64_t i = 0; i < args.topk; ++i) {
       const int64_t id = ids[q * args.topk + i];
-      if (id >= 0 && db.labels[db_begin + id] == label) {
+      if (id >= 0 && db_labels[id] == label) {
         rank1 += i == 0;
         ++in_topk;
         break;
@@ -313,6 +571,14 @@ int run(const Args& args) {
                 static_cast<double>(rank1) / labelled, static_cast<long long>(labelled));
     std::printf("  label in top-%lld        %.4f\n", static_cast<long long>(args.topk),
                 static_cast<double>(in_topk) / labelled);
+  }
+  if (!args.ids_path.empty()) {
+    write_npy(args.ids_path, "<i8", ids.data(), sizeof(int64_t), num_queries, args.topk);
+    std::printf("wrote %s\n", args.ids_path.c_str());
+  }
+  if (!args.scores_path.empty()) {
+    write_npy(args.scores_path, "<f4", scores.data(), sizeof(float), num_queries, args.topk);
+    std::printf("wrote %s\n", args.scores_path.c_str());
   }
   return 0;
 }

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from conftest import ROOT, assert_user_error, run_module
 
-from sparse_embed.search import brute_force_search, read_bin, write_bin
+from sparse_embed.search import SparseIndex, brute_force_search, read_bin, write_bin
 
 SEARCH_SOURCES = ("Makefile", "sparse_index.h", "sparse_index.cpp", "cli.cpp")
 
@@ -213,3 +213,101 @@ def test_hdf5_to_bin_user_errors(tmp_path: Path) -> None:
                       "--threshold", "-1")
     assert_user_error(proc, "--threshold must be >= 0")
     assert not out.exists()
+
+
+def run_search(search_dir: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(search_dir / "search"), *map(str, args)], capture_output=True, text=True,
+                          timeout=120)
+
+
+@pytest.fixture(scope="module")
+def shard_files(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A gallery of 300 rows (duplicates across file boundaries: ties) as one file and as shards."""
+    rng = np.random.default_rng(5)
+    directory = tmp_path_factory.mktemp("shards")
+    db, labels = identities(rng, 300, 40, 25)
+    db[100:110] = db[95]
+    queries, q_labels = identities(rng, 30, 40, 25)
+    queries[0] = 0
+    write_bin(directory / "all.bin", db, labels)
+    write_bin(directory / "q.bin", queries, q_labels)
+    # Row ranges [0, 0) [0, 100) [100, 220) [220, 300); the third as an index file.
+    write_bin(directory / "s0.bin", db[:0], labels[:0])
+    write_bin(directory / "s1.bin", db[:100], labels[:100])
+    SparseIndex.from_dense(db[100:220], 0.0).save(directory / "s2.idx")
+    write_bin(directory / "s3.bin", db[220:], labels[220:])
+    dense = (rng.integers(-8, 9, (300, 8)) / 4).astype(np.float32)
+    q_dense = (rng.integers(-8, 9, (30, 8)) / 4).astype(np.float32)
+    np.save(directory / "db.npy", dense)
+    np.save(directory / "q.npy", q_dense)
+    shards = ",".join(str(directory / f) for f in ("s0.bin", "s1.bin", "s2.idx", "s3.bin"))
+    return {"dir": directory, "db": db, "queries": queries, "dense": dense, "q_dense": q_dense,
+            "shards": shards}
+
+
+@pytest.mark.parametrize("rerank_topk, threshold", [(0, "0.5"), (0, "none"), (25, "none")])
+def test_cli_several_database_files_merge_exactly(search_dir: Path, shard_files: dict, tmp_path: Path,
+                                                  rerank_topk: int, threshold: str) -> None:
+    d = shard_files["dir"]
+    dense_args = ["--db-dense", d / "db.npy", "--query-dense", d / "q.npy"] if rerank_topk else []
+    results = []
+    for db, name in ((d / "all.bin", "one"), (shard_files["shards"], "many")):
+        proc = run_search(search_dir, db, rerank_topk, threshold, d / "q.bin", "--topk", "7",
+                          "--threads", "2", *dense_args, "--ids", tmp_path / f"{name}_ids.npy",
+                          "--scores", tmp_path / f"{name}_scores.npy")
+        assert proc.returncode == 0, proc.stderr
+        assert parse(proc.stdout, "N") == 300 and parse(proc.stdout, "D") == 40
+        results.append((np.load(tmp_path / f"{name}_ids.npy"), np.load(tmp_path / f"{name}_scores.npy"),
+                        proc.stdout))
+    assert parse(results[1][2], "shards") == 4
+    rerank = (shard_files["dense"], shard_files["q_dense"]) if rerank_topk else None
+    want = brute_force_search(shard_files["db"], shard_files["queries"], 7,
+                              None if threshold == "none" else float(threshold), rerank=rerank,
+                              rerank_k=max(rerank_topk, 7))
+    for ids, scores, _ in results:
+        np.testing.assert_array_equal(ids, want[0])
+        np.testing.assert_array_equal(scores, want[1])
+    # Postings touched are a property of the data, not of how it is split.
+    assert parse(results[0][2], "postings/query") == parse(results[1][2], "postings/query")
+
+
+def test_cli_splits_queries_off_several_files(search_dir: Path, shard_files: dict, tmp_path: Path) -> None:
+    d = shard_files["dir"]
+    db = shard_files["db"]
+    # 300 rows: the first 150 are the queries, all of a.bin and the start of b.bin.
+    write_bin(tmp_path / "a.bin", db[:120], np.zeros(120, int))
+    write_bin(tmp_path / "b.bin", db[120:], np.zeros(180, int))
+    proc = run_search(search_dir, f"{tmp_path / 'a.bin'},{tmp_path / 'b.bin'}", 20, "none", "--topk", "4",
+                      "--db-dense", d / "db.npy", "--ids", tmp_path / "ids.npy")
+    assert proc.returncode == 0, proc.stderr
+    assert "only 300 rows; the first 150 are the queries" in proc.stdout
+    want, _ = brute_force_search(db[150:], db[:150], 4, rerank=(shard_files["dense"][150:],
+                                                                shard_files["dense"][:150]), rerank_k=20)
+    np.testing.assert_array_equal(np.load(tmp_path / "ids.npy"), want)
+    proc = run_search(search_dir, f"{tmp_path / 'a.bin'},{d / 's2.idx'}", 0, "0")
+    assert proc.returncode == 2 and "needs .bin database files" in proc.stderr
+
+
+def test_cli_refuses_mismatched_database_files(search_dir: Path, shard_files: dict, tmp_path: Path) -> None:
+    d = shard_files["dir"]
+    SparseIndex.from_dense(np.eye(4, 32, dtype=np.float32)).save(tmp_path / "narrow.idx")
+    for files, message in (
+            ([d / "s2.idx", tmp_path / "narrow.idx"], "database files of different dimensions: "),
+            ([tmp_path / "narrow.idx", d / "s1.bin"], "outside the dimension 32 of"),
+            ([d / "s1.bin", tmp_path / "missing.idx"], "missing.idx")):
+        proc = run_search(search_dir, ",".join(map(str, files)), 0, "0", d / "q.bin")
+        assert proc.returncode == 2
+        assert len(proc.stderr.strip().splitlines()) == 1 and message in proc.stderr, proc.stderr
+    proc = run_search(search_dir, f"{d / 's1.bin'},,{d / 's3.bin'}", 0, "0")
+    assert proc.returncode == 2 and "empty database file name" in proc.stderr
+
+
+def test_make_run_target_takes_several_shards(search_dir: Path, shard_files: dict, tmp_path: Path) -> None:
+    d = shard_files["dir"]
+    shards = f"{d / 's1.bin'},{d / 's3.bin'}"
+    proc = make(search_dir, "runfacescrub", f"FACESCRUB_BIN={shards}", "RERANK_TOPK=0",
+                "SEARCH_ARGS=--threads 1")
+    assert proc.returncode == 0, proc.stderr
+    assert parse(proc.stdout, "shards") == 2 and parse(proc.stdout, "N") == 90
+    proc = make(search_dir, "runfacescrub", f"FACESCRUB_BIN={shards},{tmp_path / 'gone.bin'}")
+    assert proc.returncode != 0 and f"{tmp_path / 'gone.bin'} not found" in proc.stderr
