@@ -171,6 +171,14 @@ def test_cli_shard_and_query(data, tmp_path):
             ids, scores = np.array(doc["ids"]), np.array(doc["scores"], np.float32)
         np.testing.assert_array_equal(ids, want[0])
         np.testing.assert_array_equal(scores, want[1])
+    proc = run_module("sparse_embed.search", "query", "--index=" + ",".join(shards), f"--queries={probes}",
+                      "--k=4", "--mode=pruned", f"--output={tmp_path / 'p.npz'}")
+    assert proc.returncode == 0, proc.stderr
+    assert "(pruned)" in proc.stdout
+    np.testing.assert_array_equal(np.load(tmp_path / "p.npz")["ids"], want[0])
+    proc = run_module("sparse_embed.search", "query", "--index=" + ",".join(shards), f"--queries={probes}",
+                      "--max_blocks=3")
+    assert_user_error(proc, "--max_blocks goes with --mode=approx")
     other = hdf5(tmp_path / "o.hdf5", np.ones((3, 5), np.float32))
     proc = run_module("sparse_embed.search", "query", "--index=" + ",".join(shards),
                       f"--queries={other}", "--k=4")

@@ -2,7 +2,8 @@
 
     python -m sparse_embed.search hdf5-to-bin EMB.hdf5 OUT.bin [--threshold T]
     python -m sparse_embed.search shard --embeddings=EMB.hdf5 --shards=N --output=DIR
-    python -m sparse_embed.search query --index=A.idx,B.idx --queries=Q.hdf5 --k=10 [--output=R.npz|R.json]
+    python -m sparse_embed.search query --index=A.idx,B.idx --queries=Q.hdf5 --k=10 [--output=R.npz|R.json] \
+        [--mode=exhaustive|pruned|approx [--max_blocks=B]]
     python -m sparse_embed.search to-milvus --embeddings=EMB.hdf5 --uri=./milvus.db --collection=NAME \
         [--dense=DENSE.hdf5]
 """
@@ -21,7 +22,13 @@ from sparse_embed.cli import user_errors_exit
 from sparse_embed.errors import ConfigError, DataError
 from sparse_embed.fileio import atomic_path
 from sparse_embed.registry import Registry
-from sparse_embed.search.index import DEFAULT_NUM_THREADS, DEFAULT_ZERO_THRESHOLD, hdf5_to_bin
+from sparse_embed.search.index import (
+    DEFAULT_NUM_THREADS,
+    DEFAULT_SEARCH_MODE,
+    DEFAULT_ZERO_THRESHOLD,
+    SEARCH_MODES,
+    hdf5_to_bin,
+)
 
 # Sub-command name -> handler of its parsed arguments.
 COMMANDS: Registry[Callable[[argparse.Namespace], None]] = Registry("search command")
@@ -77,18 +84,24 @@ def _query(args: argparse.Namespace) -> None:
             raise DataError(f"index file {path} not found; write it with python -m sparse_embed.search shard")
     if args.k < 1:
         raise ConfigError(f"--k must be >= 1, got {args.k}")
+    if (args.mode == "approx") != (args.max_blocks is not None):
+        raise ConfigError("--max_blocks goes with --mode=approx, and --mode=approx needs --max_blocks")
+    if args.max_blocks is not None and args.max_blocks < 1:
+        raise ConfigError(f"--max_blocks must be >= 1, got {args.max_blocks}")
     if args.output and Path(args.output).suffix not in (".npz", ".json"):
         raise ConfigError(f"--output must end in .npz or .json, got {args.output}")
     queries = read_hdf5(args.queries).embedding
     try:
         index = ShardedIndex(paths)
-        ids, scores = index.search(queries, args.k, args.threshold, num_threads=args.num_threads)
+        ids, scores = index.search(queries, args.k, args.threshold, num_threads=args.num_threads,
+                                   mode=args.mode, max_blocks=args.max_blocks)
     except ValueError as e:
         raise DataError(f"{args.queries}: {e}") from None
     stats = index.stats
     print(f"{len(ids)} queries, {len(index.shards)} shards, {len(index)} rows: "
           f"{1e3 * stats['wall_seconds'] / max(len(ids), 1):.3f} ms/query (wall), "
-          f"{stats['postings_per_query']:.0f} postings/query")
+          f"{stats['postings_per_query']:.0f} postings/query, {stats['blocks_per_query']:.1f} blocks/query "
+          f"({args.mode})")
     if args.output:
         with atomic_path(args.output) as tmp:
             if args.output.endswith(".npz"):
@@ -142,6 +155,11 @@ def _add_commands(commands: argparse._SubParsersAction) -> None:
                        help="only rows scoring strictly above it qualify (default: every row)")
     query.add_argument("--num_threads", type=int, default=DEFAULT_NUM_THREADS,
                        help="worker threads in all, 0: every core (default: %(default)s)")
+    query.add_argument("--mode", choices=SEARCH_MODES, default=DEFAULT_SEARCH_MODE,
+                       help="exhaustive or pruned (exact) or approx (per shard, --max_blocks blocks) "
+                            "(default: %(default)s)")
+    query.add_argument("--max_blocks", type=int, default=None,
+                       help="blocks scored per query and shard with --mode=approx")
     query.add_argument("--output", default=None, help="write ids and scores to a .npz or .json file")
 
     milvus = commands.add_parser("to-milvus", help="write an embedding HDF5 file into a Milvus collection")
