@@ -18,8 +18,8 @@ The identity-structured case is a face gallery: rows come in identity groups
 of `--group` near-duplicates (one support of `--nnz` dimensions per identity,
 values scaled by U(0.8, 1.2) per image), stored in shuffled order; queries are
 further noisy images of gallery identities. The index's search modes
-(exhaustive, block-max pruned, approx with a block budget) run on it and on
-the uniform case, with blocks visited and postings read per query and
+(exhaustive, block-max pruned, auto, approx with a block budget) run on it and
+on the uniform case, with blocks visited and postings read per query and
 recall@k of approx against exact.
 
 The methods of a case are timed in interleaved rounds of queries, so on a
@@ -148,14 +148,17 @@ def modes_runner(index: SparseIndex, queries: scipy.sparse.csr_matrix, k: int, t
 
 def mode_rows(name: str, index: SparseIndex, queries: scipy.sparse.csr_matrix, k: int,
               threads: int, budget: int) -> list[dict[str, float | str]]:
-    """Times exhaustive, pruned and approx on one data set; one result row per mode."""
-    modes = {"exhaustive": None, "pruned": None, f"approx {budget} blocks": budget}
+    """Times exhaustive, pruned, auto and approx on one data set; one result row per mode."""
+    modes = {"exhaustive": None, "pruned": None, "auto": None, f"approx {budget} blocks": budget}
     counters = {m: {"blocks": [], "scored": [], "ids": []} for m in modes}
     runners = {m: modes_runner(index, queries, k, threads, m.split()[0], b, counters[m])
                for m, b in modes.items()}
     q = queries.shape[0]
     ms, tops = time_interleaved(runners, q, name)
-    np.testing.assert_array_equal(tops["pruned"], tops["exhaustive"])  # exact means identical
+    for exact in ("pruned", "auto"):  # exact means identical
+        np.testing.assert_array_equal(tops[exact], tops["exhaustive"])
+        np.testing.assert_array_equal(np.concatenate(counters[exact]["ids"]),
+                                      np.concatenate(counters["exhaustive"]["ids"]))
     exact_ids = np.concatenate(counters["exhaustive"]["ids"][1:])
     rows = []
     for m in modes:

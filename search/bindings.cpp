@@ -121,7 +121,8 @@ PYBIND11_MODULE(_search, m) {
   m.attr("DEFAULT_SEARCH_MODE") = se::search_mode_name(se::kDefaultSearchMode);
   m.attr("SEARCH_MODES") = py::make_tuple(se::search_mode_name(se::SearchMode::kExhaustive),
                                           se::search_mode_name(se::SearchMode::kPruned),
-                                          se::search_mode_name(se::SearchMode::kApprox));
+                                          se::search_mode_name(se::SearchMode::kApprox),
+                                          se::search_mode_name(se::SearchMode::kAuto));
   py::register_exception<se::FormatError>(m, "FormatError", PyExc_ValueError);
 
   py::class_<se::SparseIndex>(m, "Index")

@@ -113,6 +113,18 @@ constexpr int64_t kBlockRows = int64_t{1} << kBlockBits;
 // for queries far sparser than the database (measured crossover: about
 // rows / 32 at 100k rows, lower at 1M).
 constexpr int64_t kSparseModeRatio = 64;
+// Pruned search: blocks scored first, before the others are filtered by the
+// k-th score they reach (at least twice the blocks k rows fill).
+constexpr int64_t kSeedBlocks = 8;
+// Mode kAuto accumulates exhaustively when the query's block-max entries
+// exceed its postings / kPruneEntryRatio, or when the blocks left after the
+// seeds hold more than rows / kPruneRowRatio rows: bounding or scoring that
+// much costs more than reading every posting once (a bound costs about a
+// posting, and block scoring has a binary search per term and block).
+// Measured at 1M rows x 1024 dims, 32 nnz, blocks of 128: identity groups
+// of 10 have about 12 postings per entry, uniform rows about 4.
+constexpr int64_t kPruneEntryRatio = 8;
+constexpr int64_t kPruneRowRatio = 8;
 // Row ids are uint32 (result ids, the touched-row list of the sparse mode).
 constexpr int64_t kMaxRows = int64_t{1} << 32;
 // Largest index read_bin accepts: the index allocates O(dim) segment bounds,
@@ -455,8 +467,9 @@ struct Workspace {
   TopK first;
   TopK second;
   std::vector<Candidate> ranked;
-  std::vector<double> bounds;    // pruned mode: upper bound of every row block
-  std::vector<std::pair<double, uint32_t>> order;  // pruned mode: blocks left, as a max-heap
+  std::vector<float> bounds;     // pruned mode: upper bound of every row block
+  std::vector<std::pair<double, uint32_t>> order;  // pruned mode: the seed blocks
+  std::vector<std::pair<double, uint32_t>> rest;   // pruned mode: the other blocks that can enter
 };
 
 void write_all(std::FILE* f, const void* data, size_t len, Xxh64* hash, const std::string& path) {
@@ -482,6 +495,7 @@ constexpr std::pair<SearchMode, const char*> kModeNames[] = {
     {SearchMode::kExhaustive, "exhaustive"},
     {SearchMode::kPruned, "pruned"},
     {SearchMode::kApprox, "approx"},
+    {SearchMode::kAuto, "auto"},
 };
 }  // namespace
 
@@ -551,33 +565,44 @@ struct OrderedRows {
   }
 };
 
-// Dimensions of a row's largest |values| that make up its sort key.
-constexpr int kOrderKeyDims = 3;
+// MinHash values of a row's support that lead its sort key.
+constexpr int kOrderHashes = 3;
 
-// Row order that puts similar rows side by side: rows sorted by the
-// dimensions of their kOrderKeyDims largest |values| (largest first), then by
-// caller id. Near-duplicates (the images of one identity) share their
-// dominant dimensions, so they land in the same blocks and the block maxima
-// stay close to their members' values; the sort costs O(nnz + N log N).
+// Hash function j of a dimension (splitmix64's finaliser over the dimension
+// and the function's number): j < kOrderHashes for the MinHash signature,
+// j = kOrderHashes for the support hash.
+uint32_t dim_hash(int64_t d, int j) {
+  uint64_t x = static_cast<uint64_t>(d) * 0x9E3779B97F4A7C15ULL + static_cast<uint64_t>(j + 1) * kP2;
+  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ULL;
+  x = (x ^ (x >> 27)) * 0x94D049BB133111EBULL;
+  return static_cast<uint32_t>((x ^ (x >> 31)) >> 32);
+}
+
+// Row order that puts similar rows side by side: rows sorted by the MinHash
+// signature of their support (kOrderHashes minima of independent dimension
+// hashes), then by a hash of the whole support, then by caller id. Two rows
+// share a signature entry with probability equal to the Jaccard similarity
+// of their supports, so rows with overlapping supports tend to be close and
+// rows of one support (the images of one identity) are consecutive, whatever
+// their values; the support hash keeps two supports that share a signature
+// from interleaving. Measured on identity groups of 10 near-duplicates at 1M
+// rows (blocks of 128), pruning visits 5 blocks per query in this order and
+// 4,276 when rows are sorted by the dimensions of their 3 largest values,
+// whose order the per-image noise shuffles. The sort costs O(nnz + N log N).
 template <typename Rows>
 std::vector<uint32_t> similarity_order(const Rows& rows) {
   const int64_t n = rows.size();
-  using Key = std::array<uint32_t, kOrderKeyDims>;
+  using Key = std::array<uint32_t, kOrderHashes + 1>;
   std::vector<Key> keys(n);
-  std::vector<std::pair<float, uint32_t>> entries;
   for (int64_t i = 0; i < n; ++i) {
-    entries.clear();
-    rows.for_each(i, [&](int64_t d, float v) {
-      entries.push_back({std::fabs(v), static_cast<uint32_t>(d)});
-    });
-    const auto largest = [](const std::pair<float, uint32_t>& a, const std::pair<float, uint32_t>& b) {
-      return a.first > b.first || (a.first == b.first && a.second < b.second);
-    };
-    const size_t m = std::min<size_t>(kOrderKeyDims, entries.size());
-    std::partial_sort(entries.begin(), entries.begin() + m, entries.end(), largest);
     Key key;
     key.fill(std::numeric_limits<uint32_t>::max());  // empty rows go last
-    for (size_t j = 0; j < m; ++j) key[j] = entries[j].second;
+    uint32_t support = 0;
+    rows.for_each(i, [&](int64_t d, float) {
+      for (int j = 0; j < kOrderHashes; ++j) key[j] = std::min(key[j], dim_hash(d, j));
+      support += dim_hash(d, kOrderHashes);  // order-free: a sum mod 2^32
+    });
+    key[kOrderHashes] = support;
     keys[i] = key;
   }
   std::vector<uint32_t> order(n);
@@ -865,48 +890,46 @@ void SparseIndex::search_impl(const Queries& queries, const SearchParams& params
   // A block's bound adds, per query term of weight w, w * (the block's max of
   // that dimension) for w > 0 and w * (its min) for w < 0, rows lacking the
   // dimension counting as 0: no row of the block can score above it in exact
-  // arithmetic. The bound is summed in double and raised by the worst rounding
-  // error of the float32 score accumulation, (terms + 2) * 2^-23 * sum |w| *
-  // max |value|, so it also bounds the scores as the exhaustive mode computes
-  // them. Blocks are scored in decreasing bound while the bound reaches the
-  // k-th score (equal may still hold a tie with a lower caller id) and is above
-  // the threshold; each block is scored term by term in the query's order, the
-  // arithmetic of the exhaustive mode, so its scores are bit-identical.
+  // arithmetic. The bounds are summed term at a time from the block-max lists
+  // (one float add per list entry, no search) and raised by twice the worst
+  // rounding error of a float32 sum of the query's products, 2 (terms + 2) *
+  // 2^-23 * sum |w| * max |value|: once for the bound's own float sum, once
+  // for the score as the exhaustive mode computes it. Blocks are scored in
+  // decreasing bound (equal bounds: the lower block first) while the bound
+  // reaches the k-th score (equal may still hold a tie with a lower caller id)
+  // and is above the threshold; each block is scored term by term in the
+  // query's order, the arithmetic of the exhaustive mode, so its scores are
+  // bit-identical. The kSeedBlocks highest bounds are found by one scan and
+  // scored first, so the k-th score is high before the other blocks are
+  // filtered against it; only the survivors are sorted. Returns false, with
+  // nothing kept, when mode kAuto finds that more than 1 / kPruneRowRatio
+  // of the rows would still have to be scored: exhaustive accumulation
+  // (identical results) is cheaper then.
   auto run_pruned = [&](Workspace& ws, int64_t& candidates, int64_t& blocks, int64_t& scored) {
     TopK& top = ws.first;
-    ws.bounds.assign(static_cast<size_t>(num_blocks_), 0.0);
-    double* bounds = ws.bounds.data();
+    ws.bounds.assign(static_cast<size_t>(num_blocks_), 0.0f);
+    float* bounds = ws.bounds.data();
     double magnitude = 0.0;
     for (const Term& t : ws.terms) {
-      const double w = t.weight;
+      const float w = t.weight;
       const float* bound = w > 0 ? bm_max_ : bm_min_;
-      for (uint64_t e = bm_offsets_[t.dim]; e < bm_offsets_[t.dim + 1]; ++e) {
-        bounds[bm_block_[e]] += w * bound[e];
-      }
-      magnitude += std::fabs(w) * dim_absmax_[t.dim];
+      const uint64_t end = bm_offsets_[t.dim + 1];
+      for (uint64_t e = bm_offsets_[t.dim]; e < end; ++e) bounds[bm_block_[e]] += w * bound[e];
+      magnitude += std::fabs(static_cast<double>(w)) * dim_absmax_[t.dim];
     }
     const double slack =
-        static_cast<double>(ws.terms.size() + 2) * std::ldexp(magnitude, -23) + 1e-30;
-    auto& heap = ws.order;
-    heap.clear();
-    for (int64_t b = 0; b < num_blocks_; ++b) {
-      const double hi = bounds[b] + slack;
-      if (hi > threshold) heap.push_back({hi, static_cast<uint32_t>(b)});
-    }
-    // Max-heap on the bound; among equal bounds the lower block first.
-    auto lower = [](const std::pair<double, uint32_t>& a, const std::pair<double, uint32_t>& b) {
-      return a.first < b.first || (a.first == b.first && a.second > b.second);
+        2.0 * static_cast<double>(ws.terms.size() + 2) * std::ldexp(magnitude, -23) + 1e-30;
+    using Entry = std::pair<double, uint32_t>;
+    // Higher bound first; among equal bounds the lower block.
+    const auto before = [](const Entry& a, const Entry& b) {
+      return a.first > b.first || (a.first == b.first && a.second < b.second);
     };
-    std::make_heap(heap.begin(), heap.end(), lower);
     if (ws.block.size() < static_cast<size_t>(block_rows_)) ws.block.resize(block_rows_);
     float* buf = ws.block.data();
     blocks = 0;
     scored = 0;
-    while (!heap.empty() && blocks < max_blocks) {
-      const auto [hi, b] = heap.front();
-      if (top.full() && hi < top.worst()) break;
-      std::pop_heap(heap.begin(), heap.end(), lower);
-      heap.pop_back();
+    candidates = 0;
+    auto score_block = [&](uint32_t b) {
       const int64_t lo = int64_t{b} * block_rows_;
       const int64_t size = std::min(block_rows_, rows_ - lo);
       // Blocks never straddle a 65536-row segment (block_rows divides it).
@@ -927,6 +950,129 @@ void SparseIndex::search_impl(const Queries& queries, const SearchParams& params
       }
       candidates += scan_block(buf, size, lo, threshold, top, order_, true);
       ++blocks;
+    };
+    // Scores `list` (sorted by `before`) until no block can enter; false when
+    // the budget ran out or a block could not.
+    auto visit = [&](const std::vector<Entry>& list) {
+      for (const auto& [hi, b] : list) {
+        if (blocks >= max_blocks || (top.full() && hi < top.worst())) return false;
+        score_block(b);
+      }
+      return true;
+    };
+    // Seeds: the highest bounds above the threshold, kept in a heap whose
+    // front is the lowest of them.
+    const int64_t seeds = std::min<int64_t>(
+        max_blocks, std::max<int64_t>(kSeedBlocks, 2 * ((first_capacity + block_rows_ - 1) / block_rows_)));
+    auto& heap = ws.order;
+    heap.clear();
+    for (int64_t b = 0; b < num_blocks_; ++b) {
+      const double hi = bounds[b] + slack;
+      if (!(hi > threshold)) continue;
+      const Entry entry{hi, static_cast<uint32_t>(b)};
+      if (static_cast<int64_t>(heap.size()) < seeds) {
+        heap.push_back(entry);
+        std::push_heap(heap.begin(), heap.end(), before);
+      } else if (before(entry, heap.front())) {
+        std::pop_heap(heap.begin(), heap.end(), before);
+        heap.back() = entry;
+        std::push_heap(heap.begin(), heap.end(), before);
+      }
+    }
+    std::sort_heap(heap.begin(), heap.end(), before);
+    const bool more = static_cast<int64_t>(heap.size()) == seeds;
+    if (!visit(heap) || !more) return true;
+    // The rest: blocks that can still enter, in decreasing bound. A block's
+    // bound is below a seed's or equal with a higher block id, so `before`
+    // keeps the global order.
+    for (const Entry& s : heap) bounds[s.second] = -std::numeric_limits<float>::infinity();
+    const double cut = top.full() ? static_cast<double>(top.worst()) : -std::numeric_limits<double>::infinity();
+    auto& rest = ws.rest;
+    rest.clear();
+    for (int64_t b = 0; b < num_blocks_; ++b) {
+      const double hi = bounds[b] + slack;
+      if (hi > threshold && hi >= cut) rest.push_back({hi, static_cast<uint32_t>(b)});
+    }
+    if (params.mode == SearchMode::kAuto &&
+        static_cast<int64_t>(rest.size()) * block_rows_ * kPruneRowRatio > rows_) {
+      top.reset(first_capacity);
+      return false;
+    }
+    std::sort(rest.begin(), rest.end(), before);
+    visit(rest);
+    return true;
+  };
+
+  // Exhaustive accumulation of every posting of the query's terms, into ws.first.
+  auto run_exhaustive = [&](Workspace& ws, int64_t postings, int64_t& candidates) {
+    TopK& top = ws.first;
+    candidates = 0;
+    if (postings * kSparseModeRatio < rows_) {
+      // Few postings: accumulate into the full score vector, remembering the
+      // rows touched, and visit only those.
+      if (ws.scores.empty()) {
+        ws.scores.assign(rows_, 0.0f);
+        ws.seen.assign(rows_, 0);
+      }
+      float* s = ws.scores.data();
+      uint8_t* seen = ws.seen.data();
+      ws.touched.clear();
+      for (const Term& t : ws.terms) {
+        for (int64_t b = 0; b < blocks_; ++b) {
+          const auto base = static_cast<uint32_t>(b << kBlockBits);
+          for (uint64_t p = t.segments[b]; p < t.segments[b + 1]; ++p) {
+            const uint32_t r = base + post_rows_[p];
+            if (!seen[r]) {
+              seen[r] = 1;
+              ws.touched.push_back(r);
+            }
+            s[r] += t.weight * post_values_[p];
+          }
+        }
+      }
+      for (const uint32_t r : ws.touched) {
+        if (s[r] != 0.0f && s[r] > threshold) {
+          ++candidates;
+          top.push({s[r], order_ != nullptr ? order_[r] : r});
+        }
+      }
+      // Every other row scores exactly 0; when 0 qualifies, the lowest
+      // caller ids among them compete too.
+      if (0.0f > threshold) {
+        size_t taken = 0;
+        for (int64_t c = 0; c < rows_ && taken < top.capacity(); ++c) {
+          if (s[position_ != nullptr ? position_[c] : c] == 0.0f) {
+            top.push({0.0f, static_cast<uint32_t>(c)});
+            ++taken;
+          }
+        }
+      }
+      for (const uint32_t r : ws.touched) {
+        s[r] = 0.0f;
+        seen[r] = 0;
+      }
+      return;
+    }
+    // Many postings: accumulate one cache-resident block of rows at a
+    // time, then scan the block while it is hot.
+    if (ws.block.size() < static_cast<size_t>(std::min(rows_, kBlockRows))) {
+      ws.block.resize(std::min(rows_, kBlockRows));
+    }
+    float* buf = ws.block.data();
+    for (int64_t b = 0; b < blocks_; ++b) {
+      const int64_t lo = b << kBlockBits;
+      const int64_t size = std::min(rows_ - lo, kBlockRows);
+      std::fill(buf, buf + size, 0.0f);
+      auto segment = [&](const Term& t) {
+        const uint64_t begin = t.segments[b];
+        return Segment{post_rows_ + begin, post_values_ + begin,
+                       static_cast<int64_t>(t.segments[b + 1] - begin), t.weight};
+      };
+      // One term after the other, in the query's order: every mode adds a
+      // row's products in that order, so their float32 scores agree bit
+      // for bit (interleaving two terms' scatters would reorder them).
+      for (const Term& t : ws.terms) scatter(buf, segment(t), 0, rows_end, values_end);
+      candidates += scan_block(buf, size, lo, threshold, top, order_, order_ != nullptr);
     }
   };
 
@@ -934,12 +1080,14 @@ void SparseIndex::search_impl(const Queries& queries, const SearchParams& params
     const auto start = Clock::now();
     ws.terms.clear();
     int64_t postings = 0;
+    int64_t entries = 0;
     queries.for_each(q, [&](int64_t d, float w) {
       const uint64_t* segments = segments_ + d * blocks_;
       const auto size = static_cast<int64_t>(segments[blocks_] - segments[0]);
       if (size > 0) {
         ws.terms.push_back({segments, w, d});
         postings += size;
+        entries += static_cast<int64_t>(bm_offsets_[d + 1] - bm_offsets_[d]);
       }
     });
     int64_t candidates = 0;
@@ -949,72 +1097,15 @@ void SparseIndex::search_impl(const Queries& queries, const SearchParams& params
     if (rows_ > 0) {
       TopK& top = ws.first;
       top.reset(first_capacity);
-      if (pruned) {
-        run_pruned(ws, candidates, blocks, scored);
-      } else if (postings * kSparseModeRatio < rows_) {
-        // Few postings: accumulate into the full score vector, remembering the
-        // rows touched, and visit only those.
-        if (ws.scores.empty()) {
-          ws.scores.assign(rows_, 0.0f);
-          ws.seen.assign(rows_, 0);
-        }
-        float* s = ws.scores.data();
-        uint8_t* seen = ws.seen.data();
-        ws.touched.clear();
-        for (const Term& t : ws.terms) {
-          for (int64_t b = 0; b < blocks_; ++b) {
-            const auto base = static_cast<uint32_t>(b << kBlockBits);
-            for (uint64_t p = t.segments[b]; p < t.segments[b + 1]; ++p) {
-              const uint32_t r = base + post_rows_[p];
-              if (!seen[r]) {
-                seen[r] = 1;
-                ws.touched.push_back(r);
-              }
-              s[r] += t.weight * post_values_[p];
-            }
-          }
-        }
-        for (const uint32_t r : ws.touched) {
-          if (s[r] != 0.0f && s[r] > threshold) {
-            ++candidates;
-            top.push({s[r], order_ != nullptr ? order_[r] : r});
-          }
-        }
-        // Every other row scores exactly 0; when 0 qualifies, the lowest
-        // caller ids among them compete too.
-        if (0.0f > threshold) {
-          size_t taken = 0;
-          for (int64_t c = 0; c < rows_ && taken < top.capacity(); ++c) {
-            if (s[position_ != nullptr ? position_[c] : c] == 0.0f) {
-              top.push({0.0f, static_cast<uint32_t>(c)});
-              ++taken;
-            }
-          }
-        }
-        for (const uint32_t r : ws.touched) {
-          s[r] = 0.0f;
-          seen[r] = 0;
-        }
-      } else {
-        // Many postings: accumulate one cache-resident block of rows at a
-        // time, then scan the block while it is hot.
-        if (ws.block.empty()) ws.block.resize(std::min(rows_, kBlockRows));
-        float* buf = ws.block.data();
-        for (int64_t b = 0; b < blocks_; ++b) {
-          const int64_t lo = b << kBlockBits;
-          const int64_t size = std::min(rows_ - lo, kBlockRows);
-          std::fill(buf, buf + size, 0.0f);
-          auto segment = [&](const Term& t) {
-            const uint64_t begin = t.segments[b];
-            return Segment{post_rows_ + begin, post_values_ + begin,
-                           static_cast<int64_t>(t.segments[b + 1] - begin), t.weight};
-          };
-          // One term after the other, in the query's order: every mode adds a
-          // row's products in that order, so their float32 scores agree bit
-          // for bit (interleaving two terms' scatters would reorder them).
-          for (const Term& t : ws.terms) scatter(buf, segment(t), 0, rows_end, values_end);
-          candidates += scan_block(buf, size, lo, threshold, top, order_, order_ != nullptr);
-        }
+      // Bounding costs about one posting per block-max entry: when the
+      // query's lists are nearly as long as its postings (blocks as mixed as
+      // the whole database), mode kAuto accumulates exhaustively.
+      const bool bound = pruned && (params.mode != SearchMode::kAuto ||
+                                    entries * kPruneEntryRatio <= postings);
+      if (!bound || !run_pruned(ws, candidates, blocks, scored)) {
+        blocks = num_blocks_;
+        scored = postings;
+        run_exhaustive(ws, postings, candidates);
       }
       top.take_sorted(ws.ranked);
       if (rerank) {

@@ -1,8 +1,11 @@
-"""Block-max pruned and approximate search against the exhaustive mode and the NumPy oracle.
+"""Block-max pruned, auto and approximate search against the exhaustive mode and the NumPy oracle.
 
 Inputs are multiples of 1/8 (as in test_search.py), so every score is exact
 in float32 whatever the summation order: ids must match the oracle exactly,
-ties included, and the pruned mode must equal the exhaustive one bit for bit.
+ties included, and the pruned and auto modes must equal the exhaustive one bit
+for bit. Approx with a budget of every block runs the pruning code without the
+auto mode's switch to exhaustive accumulation, so it covers pruning on data
+where auto would not prune.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ import pytest
 import scipy.sparse
 
 from sparse_embed.search.index import SEARCH_MODES, SparseIndex, brute_force_search
+
+EXACT_MODES = ("exhaustive", "pruned", "auto")
 
 
 def exact_matrix(rng: np.random.Generator, rows: int, cols: int, density: float,
@@ -42,10 +47,11 @@ def assert_same(actual: tuple[np.ndarray, np.ndarray], expected: tuple[np.ndarra
 
 
 def check_all_modes(index: SparseIndex, db: np.ndarray, queries, k: int, **kwargs) -> None:
-    """pruned == exhaustive == oracle, and approx with every block == pruned, on 1 and 2 threads."""
+    """pruned == auto == exhaustive == oracle, and approx with every block == pruned, on 1 and 2
+    threads."""
     expected = brute_force_search(db, queries, k, **kwargs)
     for threads in (1, 2):
-        for mode in ("exhaustive", "pruned"):
+        for mode in EXACT_MODES:
             assert_same(index.search(queries, k, mode=mode, num_threads=threads, **kwargs), expected)
         assert_same(index.search(queries, k, mode="approx", max_blocks=index.stats["blocks"],
                                  num_threads=threads, **kwargs), expected)
@@ -87,7 +93,7 @@ def test_adversarial_inputs() -> None:
     dense = np.zeros((2, 12), np.float32)
     np.add.at(dense, (np.repeat([0, 1], [3, 2]), csr[1]), csr[2])
     index = SparseIndex.from_dense(db, block_rows=8)
-    for mode in SEARCH_MODES[:2]:
+    for mode in EXACT_MODES:
         assert_same(index.search(csr, 5, mode=mode), index.search(csr, 5, mode="exhaustive"))
         assert_same(index.search(csr, 5, mode=mode), brute_force_search(db, dense, 5))
 
@@ -96,7 +102,7 @@ def test_empty_database_and_one_row() -> None:
     for db in (np.zeros((0, 5), np.float32), np.array([[0, 1, 0, 0, -2]], np.float32)):
         index = SparseIndex.from_dense(db, block_rows=8)
         queries = np.array([[0, 1, 0, 0, 1], [0, 0, 0, 0, 0]], np.float32)
-        for mode in SEARCH_MODES[:2]:
+        for mode in EXACT_MODES:
             assert_same(index.search(queries, 3, mode=mode), brute_force_search(db, queries, 3))
 
 
@@ -174,7 +180,7 @@ def test_save_load_keeps_the_order_and_results(tmp_path, identity_index) -> None
     np.testing.assert_array_equal(loaded.row_order, index.row_order)
     np.testing.assert_array_equal(loaded.labels, labels)
     assert loaded.stats["block_entries"] == index.stats["block_entries"]
-    for mode in ("exhaustive", "pruned"):
+    for mode in EXACT_MODES:
         assert_same(loaded.search(probes, 10, mode=mode), index.search(probes, 10, mode=mode))
     assert_same(loaded.search(probes, 10, mode="pruned"), brute_force_search(db, probes, 10))
 
@@ -182,8 +188,11 @@ def test_save_load_keeps_the_order_and_results(tmp_path, identity_index) -> None
 def test_bad_modes_and_budgets() -> None:
     index = SparseIndex.from_dense(np.eye(4, dtype=np.float32))
     queries = np.eye(4, dtype=np.float32)
+    assert SEARCH_MODES == ("exhaustive", "pruned", "approx", "auto")
     with pytest.raises(ValueError, match="unknown search mode 'fast'; valid modes: exhaustive"):
         index.search(queries, 1, mode="fast")
+    with pytest.raises(ValueError, match="max_blocks applies to mode approx only"):
+        index.search(queries, 1, mode="auto", max_blocks=3)
     with pytest.raises(ValueError, match="approx search needs max_blocks >= 1"):
         index.search(queries, 1, mode="approx")
     with pytest.raises(ValueError, match="max_blocks applies to mode approx only"):
@@ -191,3 +200,75 @@ def test_bad_modes_and_budgets() -> None:
     for block_rows in (7, 4, 1 << 17):
         with pytest.raises(ValueError, match="block_rows must be a power of two"):
             SparseIndex.from_dense(queries, block_rows=block_rows)
+
+
+def test_identity_groups_are_contiguous_in_the_row_order(identity_index) -> None:
+    """The MinHash order keeps the rows of one support side by side: every identity's 10 images
+    take 10 consecutive positions."""
+    db, _, index = identity_index
+    _, support = np.unique(db != 0, axis=0, return_inverse=True)
+    position = np.empty(len(db), np.int64)
+    position[index.row_order] = np.arange(len(db))
+    for group in range(support.max() + 1):
+        at = np.sort(position[support.ravel() == group])
+        assert len(at) == 10 and at[-1] - at[0] == 9, (group, at)
+
+
+def test_row_order_ties_and_empty_rows() -> None:
+    """Rows of one support keep the caller's order among themselves; empty rows go last."""
+    rng = np.random.default_rng(5)
+    db = np.zeros((50, 20), np.float32)
+    db[:, [2, 7, 11]] = rng.integers(1, 9, (50, 3)) / 8
+    db[[4, 9, 30]] = 0
+    order = SparseIndex.from_dense(db, block_rows=8).row_order
+    full = [i for i in range(50) if i not in (4, 9, 30)]
+    np.testing.assert_array_equal(order, full + [4, 9, 30])
+
+
+@pytest.mark.parametrize("block_rows", [8, 16, 64])
+def test_small_blocks_on_identity_data(identity_index, block_rows: int) -> None:
+    db, probes, _ = identity_index
+    index = SparseIndex.from_dense(db, block_rows=block_rows)
+    check_all_modes(index, db, probes[:20], 10)
+    index.search(probes, 10, mode="pruned")
+    # An identity spans at most two blocks of 8 or more rows; the first k-th score
+    # leaves few others.
+    assert index.stats["blocks_per_query"] < 0.05 * index.stats["blocks"]
+
+
+def test_auto_prunes_identity_data_and_accumulates_uniform_data(identity_index) -> None:
+    db, probes, index = identity_index
+    assert_same(index.search(probes, 10, mode="auto"), index.search(probes, 10, mode="pruned"))
+    pruned_blocks = index.search(probes, 10, mode="pruned") and index.stats["blocks_visited"]
+    index.search(probes, 10, mode="auto")
+    np.testing.assert_array_equal(index.stats["blocks_visited"], pruned_blocks)
+    rng = np.random.default_rng(6)
+    uniform = exact_matrix(rng, 4000, 64, 0.1)
+    queries = exact_matrix(rng, 10, 64, 0.1)
+    # Blocks of 8: a dimension's block list is nearly as long as its postings; of 128: every
+    # block holds every dimension and few can be skipped.
+    for block_rows in (8, 128):
+        plain = SparseIndex.from_dense(uniform, block_rows=block_rows)
+        assert_same(plain.search(queries, 10, mode="auto"), brute_force_search(uniform, queries, 10))
+        assert (plain.stats["blocks_visited"] == plain.stats["blocks"]).all()
+        assert (plain.stats["postings_scored"] == plain.stats["postings"]).all()
+
+
+def test_float_scores_identical_across_exact_modes() -> None:
+    """Arbitrary float32 values (rounding in every sum, near-ties between near-duplicates): the
+    pruning bound's slack must keep pruned and auto bit-identical to exhaustive."""
+    rng = np.random.default_rng(7)
+    base = np.where(rng.random((200, 96)) < 0.15, rng.random((200, 96)), 0)
+    db = (np.repeat(base, 6, axis=0) * rng.uniform(0.999, 1.001, (1200, 96))).astype(np.float32)
+    db[rng.random(db.shape) < 0.01] *= -1
+    db = db[rng.permutation(len(db))]
+    queries = (db[:30] * rng.uniform(0.99, 1.01, (30, 96))).astype(np.float32)
+    index = SparseIndex.from_dense(db, block_rows=16)
+    for kwargs in ({}, {"threshold": 1.0}):
+        want = index.search(queries, 10, mode="exhaustive", **kwargs)
+        for mode in ("pruned", "auto"):
+            assert_same(index.search(queries, 10, mode=mode, **kwargs), want)
+        assert_same(index.search(queries, 10, mode="approx", max_blocks=index.stats["blocks"],
+                                 **kwargs), want)
+    index.search(queries, 10, mode="pruned")
+    assert index.stats["blocks_per_query"] < 0.5 * index.stats["blocks"]

@@ -22,14 +22,20 @@ lower row id; where fewer than k rows qualify the ids are -1 and the scores
 
 Search modes (`SEARCH_MODES`): "exhaustive" accumulates every posting of the
 query's dimensions. At build time rows are reordered so that similar rows
-(sorted by the dimensions of their 3 largest |values|) share blocks of
-`block_rows` rows, and every block keeps, for each dimension present in it,
-the block's max and min value; "pruned" bounds every block from the query's
+share blocks of `block_rows` rows (sorted by the MinHash signature of their
+support: rows with one support, like the images of one identity, end up side
+by side), and every block keeps, for each dimension present in it, the
+block's max and min value; "pruned" bounds every block from the query's
 non-zeros (max for positive weights, min for negative ones, plus the worst
-float32 rounding error), scores blocks in decreasing bound and stops when none
-can still enter the top-k: the results are identical to "exhaustive" (same
-ids, same float32 scores, ties to the lower caller id). "approx" stops as well
-after `max_blocks` blocks. Ids are always the caller's row ids.
+float32 rounding error), scores the highest-bound blocks first, then the
+others that can still beat the k-th score, in decreasing bound, and stops when
+none can still enter the top-k: the results are identical to "exhaustive"
+(same ids, same float32 scores, ties to the lower caller id). "approx" stops
+as well after `max_blocks` blocks. "auto" prunes when the query's block lists
+are short next to its postings and few blocks survive the first k-th score,
+and accumulates exhaustively otherwise: identical results, about as fast as
+the faster exact mode on identity-structured and on unstructured galleries.
+Ids are always the caller's row ids.
 
 `save` writes a versioned file (magic, version, sizes, XXH64 checksums of the
 header and of the contents; postings take 6 bytes per non-zero, plus the row
@@ -302,8 +308,10 @@ class SparseIndex:
             num_threads: Worker threads; 0 uses every core the process may
                 run on. Results do not depend on it.
             mode: "exhaustive", "pruned" (block-max pruning, identical
-                results) or "approx" (pruned, at most `max_blocks` blocks
-                scored per query); see the module docstring.
+                results), "approx" (pruned, at most `max_blocks` blocks
+                scored per query) or "auto" (pruned or exhaustive, whichever
+                the query's block lists say is cheaper; identical results);
+                see the module docstring.
             max_blocks: Blocks scored per query in mode "approx", >= 1; None otherwise.
 
         Returns:
@@ -354,7 +362,7 @@ class SparseIndex:
         per-query arrays `postings` (postings of the query's dimensions: the
         paper's FLOPs, what the exhaustive mode reads), `postings_scored`
         (postings actually read), `blocks_visited` (row blocks scored; every
-        block in the exhaustive mode), `candidates` (rows with a non-zero
+        block when accumulated exhaustively), `candidates` (rows with a non-zero
         score above the threshold; in the pruned modes, among the blocks
         scored) and `seconds`, their means `postings_per_query`,
         `postings_scored_per_query`, `blocks_per_query`,
