@@ -113,6 +113,29 @@ def test_add_remove_compact_sequence(queries):
     check(index, live, queries)
 
 
+def test_removed_rows_crowding_the_top(queries):
+    """15 removed copies of the best row: the base is asked again for k + T results."""
+    rng = np.random.default_rng(6)
+    base = grid_rows(rng, 40)
+    base[:20] = 2.0  # every query's best rows, tied
+    index = MutableIndex.from_index(SparseIndex.from_dense(base, 0.0, block_rows=8))
+    added = grid_rows(rng, 3)
+    index.add(added)
+    index.remove(np.arange(3, 18))
+    live = {i: r for i, r in enumerate(base) if not 3 <= i < 18}
+    live.update(zip(range(40, 43), added, strict=True))
+    check(index, live, np.abs(queries))
+    dense_db = rng.integers(-4, 5, size=(43, 6)).astype(np.float32) / 8
+    dense_q = rng.integers(-4, 5, size=(len(queries), 6)).astype(np.float32) / 8
+    ids = np.array(sorted(live))
+    rows = np.stack([live[i] for i in ids])
+    got = index.search(np.abs(queries), 3, rerank=(dense_db, dense_q), rerank_k=6)
+    want_ids, want_scores = brute_force_search(rows, np.abs(queries), 3, rerank=(dense_db[ids], dense_q),
+                                               rerank_k=6)
+    np.testing.assert_array_equal(got[0], ids[want_ids])
+    np.testing.assert_array_equal(got[1], want_scores)
+
+
 def test_rerank_across_segments(queries):
     rng = np.random.default_rng(2)
     base = grid_rows(rng, 40)

@@ -16,14 +16,15 @@ removing a delta row rebuilds the delta without it, removing a base row only
 sets its tombstone. Ids are int64 caller ids; an id lives at most once, and a
 removed id may be added again.
 
-Search asks the base for k + (tombstones) results, drops the removed rows,
-asks the delta for k, and merges the two lists by score, ties to the lower
-caller id. The base's first k + T results hold at least k live rows in their
-order, so in the exact modes ("exhaustive", "pruned") the result equals one
+Search asks the base for k + min(T, k) results (T tombstones), drops the
+removed rows, asks again for k + T only for the queries left with fewer than
+k live rows, asks the delta for k, and merges the lists by score, ties to the
+lower caller id. The base's first k + T results hold at least k live rows in
+their order, so in the exact modes ("exhaustive", "pruned") the result equals one
 `SparseIndex` built from the live rows in increasing id order, with its row
 positions mapped to the caller ids. In "approx" the block budget applies to
-each segment separately (as with `ShardedIndex`). Many tombstones make every
-search ask the base for more results: `compact` when they grow.
+each segment separately (as with `ShardedIndex`). Tombstones among a query's
+best rows make it ask the base twice: `compact` when they grow.
 
 Re-ranking: `rerank=(database_dense, query_dense)` takes the dense database
 indexed by caller id (row i belongs to id i, so it needs max id + 1 rows); the
@@ -386,38 +387,79 @@ class MutableIndex:
             # Converted once here rather than once per segment.
             queries = np.ascontiguousarray(queries, np.float32)
         start = time.perf_counter()
-        ids_parts, score_parts, dense_id_parts, dense_parts, stats = [], [], [], [], []
-        for index, seg_ids, dead in ((self._base, self._base_ids, self._dead),
-                                     (self._delta, self._delta_ids, None)):
-            wanted = capacity + (0 if dead is None else int(dead.sum()))
-            options = {"num_threads": num_threads, "mode": mode, "max_blocks": max_blocks}
-            ids, scores = index.search(queries, wanted, threshold, **options)
-            stats.append(index.stats)
-            ids, scores = self._caller_ids(ids, scores, seg_ids, dead)
-            ids_parts.append(ids)
-            score_parts.append(scores)
-            if dense_db is not None:
-                # Same candidates again, scored by the core's dense dot product;
-                # removed rows may lie past the dense database (clipped: never returned).
-                seg_dense = np.take(dense_db, seg_ids, axis=0, mode="clip")
-                dense_ids, dense_scores = index.search(queries, wanted, threshold,
-                                                       rerank=(seg_dense, dense_q),
-                                                       rerank_k=wanted, **options)
-                dense_ids, dense_scores = self._caller_ids(dense_ids, dense_scores, seg_ids, dead)
-                dense_id_parts.append(dense_ids)
-                dense_parts.append(dense_scores)
-        ids, scores = _merge_top(np.concatenate(ids_parts, axis=1),
-                                 np.concatenate(score_parts, axis=1), capacity)
+        options = {"threshold": threshold, "num_threads": num_threads, "mode": mode, "max_blocks": max_blocks}
+        parts = [self._search_segment(index, seg_ids, dead, queries, capacity, options, dense_db, dense_q)
+                 for index, seg_ids, dead in ((self._base, self._base_ids, self._dead),
+                                              (self._delta, self._delta_ids, None))]
+        ids, scores = _merge_top(np.concatenate([p[0] for p in parts], axis=1),
+                                 np.concatenate([p[1] for p in parts], axis=1), capacity)
         if dense_db is not None:
-            dense = _lookup(np.concatenate(dense_id_parts, axis=1),
-                            np.concatenate(dense_parts, axis=1), ids)
+            dense = _lookup(np.concatenate([p[2] for p in parts], axis=1),
+                            np.concatenate([p[3] for p in parts], axis=1), ids)
             ids, scores = _merge_top(ids, dense, int(k))
         ids, scores = ids[:, :k], scores[:, :k]
         self._last = {"queries": len(ids),
-                      **{key: np.sum([s[key] for s in stats], axis=0)
+                      **{key: np.sum([p[4][key] for p in parts], axis=0)
                          for key in ("postings", "candidates", "seconds")},
                       "wall_seconds": time.perf_counter() - start}
         return ids, scores
+
+    def _search_segment(self, index: SparseIndex, seg_ids: np.ndarray, dead: np.ndarray | None,
+                        queries: Any, capacity: int, options: dict[str, Any],
+                        dense_db: np.ndarray | None, dense_q: np.ndarray | None) -> tuple[Any, ...]:
+        """One segment's live top `capacity` (caller ids), its dense-scored candidates and stats.
+
+        With T tombstones the first pass asks for capacity + min(T, capacity)
+        results: removed rows rarely crowd a query's top. Only the queries
+        left with fewer than `capacity` live rows from a full list are asked
+        again, for capacity + T, which always holds the live top `capacity`.
+
+        Args:
+            index: The segment.
+            seg_ids: Caller id of each of its positions.
+            dead: Tombstones by position, or None (the delta has none).
+            queries: The queries, as given to `search`.
+            capacity: Live results wanted per query.
+            options: threshold, num_threads, mode and max_blocks of `SparseIndex.search`.
+            dense_db: Dense re-rank database by caller id, or None.
+            dense_q: Dense queries, or None.
+
+        Returns:
+            ids [Q, capacity], scores, dense candidate ids [Q, W] and dense
+            scores (empty without dense_db), and the segment's per-query stats.
+        """
+        removed = 0 if dead is None else int(dead.sum())
+        first = capacity + min(removed, capacity)
+        seg_dense = None if dense_db is None else (np.take(dense_db, seg_ids, axis=0, mode="clip"), dense_q)
+
+        def run(batch: Any, width: int, dense: tuple[Any, Any] | None) -> tuple[np.ndarray, ...]:
+            raw_ids, raw_scores = index.search(batch, width, **options)
+            stats = {key: np.asarray(index.stats[key]) for key in ("postings", "candidates", "seconds")}
+            ids, scores = self._caller_ids(raw_ids, raw_scores, seg_ids, dead)
+            dense_ids = dense_scores = np.zeros((len(ids), 0))
+            if dense is not None:
+                # Same candidates again, scored by the core's dense dot product;
+                # removed rows may lie past the dense database (clipped: never returned).
+                dense_ids, dense_scores = index.search(batch, width, rerank=dense, rerank_k=width, **options)
+                dense_ids, dense_scores = self._caller_ids(dense_ids, dense_scores, seg_ids, dead)
+            short = ((ids >= 0).sum(axis=1) < capacity) & (raw_ids[:, -1] >= 0)
+            return (*_first_live(ids, scores, capacity), dense_ids, dense_scores, stats, short)
+
+        ids, scores, dense_ids, dense_scores, stats, short = run(queries, first, seg_dense)
+        if removed > first - capacity and short.any():
+            again = np.flatnonzero(short)
+            more = run(_rows_of_queries(queries, again, self._dim), capacity + removed,
+                       None if seg_dense is None else (seg_dense[0], seg_dense[1][again]))
+            ids[again], scores[again] = more[0], more[1]
+            if seg_dense is not None:
+                width = max(dense_ids.shape[1], more[2].shape[1])
+                dense_ids, dense_scores = _pad(dense_ids, width, -1), _pad(dense_scores, width, -np.inf)
+                dense_ids[again] = _pad(more[2], width, -1)
+                dense_scores[again] = _pad(more[3], width, -np.inf)
+            for key, values in more[4].items():
+                stats[key] = stats[key].copy()
+                stats[key][again] += values
+        return ids, scores, dense_ids, dense_scores, stats
 
     @staticmethod
     def _caller_ids(ids: np.ndarray, scores: np.ndarray, seg_ids: np.ndarray,
@@ -578,6 +620,30 @@ class MutableIndex:
     def __repr__(self) -> str:
         return (f"MutableIndex(rows={len(self)}, dim={self._dim}, base_rows={len(self._base)}, "
                 f"delta_rows={len(self._delta)}, tombstones={int(self._dead.sum())})")
+
+
+def _first_live(ids: np.ndarray, scores: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, the first `width` entries with an id >= 0, in their order; padding after."""
+    order = np.argsort(ids < 0, axis=1, kind="stable")[:, :width]
+    ids, scores = np.take_along_axis(ids, order, axis=1), np.take_along_axis(scores, order, axis=1)
+    return _pad(ids, width, -1), _pad(scores, width, -np.inf)
+
+
+def _pad(a: np.ndarray, width: int, value: float) -> np.ndarray:
+    """`a` [Q, <= width] widened to [Q, width] with `value`."""
+    if a.shape[1] >= width:
+        return a.copy()
+    return np.concatenate([a, np.full((len(a), width - a.shape[1]), value, a.dtype)], axis=1)
+
+
+def _rows_of_queries(queries: Any, rows: np.ndarray, dim: int) -> Any:
+    """The queries at `rows`, for dense, scipy.sparse or (indptr, indices, values) queries."""
+    if isinstance(queries, tuple):
+        indptr, indices, values = queries
+        queries = scipy.sparse.csr_matrix((values, indices, indptr), shape=(len(indptr) - 1, dim))
+    if hasattr(queries, "tocsr"):
+        return queries.tocsr()[rows]
+    return queries[rows]
 
 
 def _checksum(body: dict[str, Any]) -> str:
