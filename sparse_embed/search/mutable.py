@@ -290,7 +290,7 @@ class MutableIndex:
             unique, counts = np.unique(new_ids, return_counts=True)
             if (counts > 1).any():
                 raise ValueError(f"duplicate ids in add: {_listed(unique[counts > 1])}")
-            existing = np.intersect1d(new_ids, self._live_ids())
+            existing = np.sort(new_ids[self._live_in_base(new_ids)[0] | np.isin(new_ids, self._delta_ids)])
             if len(existing):
                 raise ValueError(f"ids already in the index: {_listed(existing)}; remove them first")
         self._set_delta(scipy.sparse.vstack([self._delta_rows, m], format="csr"),
@@ -378,7 +378,8 @@ class MutableIndex:
                 raise ValueError(f"rerank_k ({rerank_k}) must be >= k ({k})")
             dense_db = np.ascontiguousarray(rerank[0], np.float32)
             dense_q = np.ascontiguousarray(rerank[1], np.float32)
-            span = int(self._live_ids().max(initial=-1)) + 1
+            span = 1 + max(int(self._base_ids[~self._dead].max(initial=-1)),
+                           int(self._delta_ids.max(initial=-1)))
             if dense_db.ndim != 2 or len(dense_db) < span:
                 raise ValueError(f"rerank database must have one row per caller id, at least [{span}, Dd], "
                                  f"got {_shape(dense_db)}")
