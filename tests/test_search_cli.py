@@ -1,5 +1,6 @@
 """Search command lines: `python -m sparse_embed.search hdf5-to-bin`, the C++ `search`
-binary (built from a copy of search/ with its Makefile) and the run targets."""
+binary (built from a copy of search/ with its Makefile; one database file or several shards, merged
+exactly) and the run targets."""
 
 from __future__ import annotations
 
