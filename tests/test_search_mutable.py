@@ -16,10 +16,11 @@ import scipy.sparse
 from conftest import ROOT
 
 from sparse_embed.errors import DataError
-from sparse_embed.search import SparseIndex, brute_force_search
+from sparse_embed.search import SEARCH_MODES, SparseIndex, brute_force_search
 from sparse_embed.search.mutable import MANIFEST_NAME, MutableIndex
 
 DIM = 24
+EXACT_MODES = tuple(m for m in SEARCH_MODES if m != "approx")
 
 
 def grid_rows(rng: np.random.Generator, n: int, density: float = 0.3) -> np.ndarray:
@@ -46,7 +47,7 @@ def check(index: MutableIndex, live: dict[int, np.ndarray], queries: np.ndarray)
     rows = np.stack([live[i] for i in ids_sorted]) if live else np.zeros((0, DIM), np.float32)
     for k in (1, 5, len(live) + 3):
         for threshold in (None, 0.25):
-            for mode in ("exhaustive", "pruned"):
+            for mode in EXACT_MODES:
                 got = index.search(queries, k, threshold, mode=mode, num_threads=1)
                 want = rebuilt(live, queries, k, threshold=threshold, mode=mode)
                 np.testing.assert_array_equal(got[0], want[0])
@@ -194,7 +195,7 @@ def test_save_load_round_trip(tmp_path, queries):
     assert base_file in names and len(names) == 5, names
     loaded = MutableIndex.load(tmp_path / "g")
     assert (len(loaded), loaded.stats["tombstones"], loaded.stats["delta_rows"]) == (54, 2, 6)
-    for mode in ("exhaustive", "pruned"):
+    for mode in EXACT_MODES:
         want = index.search(queries, 8, mode=mode)
         got = loaded.search(queries, 8, mode=mode)
         np.testing.assert_array_equal(got[0], want[0])

@@ -156,8 +156,8 @@ def _add_commands(commands: argparse._SubParsersAction) -> None:
     query.add_argument("--num_threads", type=int, default=DEFAULT_NUM_THREADS,
                        help="worker threads in all, 0: every core (default: %(default)s)")
     query.add_argument("--mode", choices=SEARCH_MODES, default=DEFAULT_SEARCH_MODE,
-                       help="exhaustive or pruned (exact) or approx (per shard, --max_blocks blocks) "
-                            "(default: %(default)s)")
+                       help="every mode but approx is exact; approx scores --max_blocks blocks per "
+                            "shard (default: %(default)s)")
     query.add_argument("--max_blocks", type=int, default=None,
                        help="blocks scored per query and shard with --mode=approx")
     query.add_argument("--output", default=None, help="write ids and scores to a .npz or .json file")

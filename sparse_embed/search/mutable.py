@@ -20,7 +20,7 @@ Search asks the base for k + min(T, k) results (T tombstones), drops the
 removed rows, asks again for k + T only for the queries left with fewer than
 k live rows, asks the delta for k, and merges the lists by score, ties to the
 lower caller id. The base's first k + T results hold at least k live rows in
-their order, so in the exact modes ("exhaustive", "pruned") the result equals one
+their order, so in the exact modes (every mode but "approx") the result equals one
 `SparseIndex` built from the live rows in increasing id order, with its row
 positions mapped to the caller ids. In "approx" the block budget applies to
 each segment separately (as with `ShardedIndex`). Tombstones among a query's
@@ -356,7 +356,7 @@ class MutableIndex:
                 by dense inner product and the top k by dense score returned.
             rerank_k: Candidates re-ranked per query; >= k.
             num_threads: Worker threads of each segment's search; 0: every core.
-            mode: "exhaustive", "pruned" or "approx" (per segment), as in `SparseIndex.search`.
+            mode: One of `SEARCH_MODES`, as in `SparseIndex.search`; "approx" per segment.
             max_blocks: Blocks scored per query and segment in mode "approx"; None otherwise.
 
         Returns:

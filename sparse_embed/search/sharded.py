@@ -17,7 +17,7 @@ order whatever index it searches; where a core built otherwise summed in an
 order that depends on the index, a score could differ in the last float32 bit
 and rows tied to that precision could swap places.
 
-Search modes go to every shard. "exhaustive" and "pruned" are exact per shard,
+Search modes go to every shard. Every mode but "approx" is exact per shard,
 so the sharded result stays equal to the unsharded one. "approx" is per shard:
 each shard scores at most `max_blocks` of its own blocks (up to shards x
 max_blocks in all), and the merged list is the best of the shards' approximate
@@ -232,8 +232,8 @@ class ShardedIndex:
             rerank_k: Candidates re-ranked per query; >= k.
             num_threads: Worker threads in all; 0 uses every core the process
                 may run on. Shards run concurrently, each on its share.
-            mode: "exhaustive" or "pruned" (exact, equal to the unsharded
-                search) or "approx" (per shard; see the module docstring).
+            mode: One of `SEARCH_MODES`: the exact ones equal the unsharded
+                search, "approx" is per shard (see the module docstring).
             max_blocks: Blocks scored per query and shard in mode "approx", >= 1; None otherwise.
 
         Returns:
