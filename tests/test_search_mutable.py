@@ -299,3 +299,21 @@ def test_load_refuses_bad_directories(tmp_path):
     delta.unlink()
     with pytest.raises(DataError, match=delta.name):
         MutableIndex.load(tmp_path / "g")
+
+
+def test_stats_add_up_over_the_segments(queries):
+    rng = np.random.default_rng(8)
+    rows = grid_rows(rng, 60)
+    whole = SparseIndex.from_dense(rows, 0.0, block_rows=8)
+    index = MutableIndex.from_index(SparseIndex.from_dense(rows[:45], 0.0, block_rows=8))
+    index.add(rows[45:])
+    for mode in ("exhaustive", "pruned"):
+        whole.search(queries, 5, mode=mode)
+        index.search(queries, 5, mode=mode)
+        stats = index.stats
+        assert (stats["rows"], stats["base_rows"], stats["delta_rows"], stats["mode"]) == (60, 45, 15, mode)
+        assert stats["nnz"] == whole.nnz
+        # Postings of the query's dimensions do not depend on how the rows are split.
+        np.testing.assert_array_equal(stats["postings"], whole.stats["postings"])
+        assert stats["postings_per_query"] == whole.stats["postings_per_query"]
+        assert (stats["postings_scored"] <= stats["postings"]).all()

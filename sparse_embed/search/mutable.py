@@ -73,6 +73,8 @@ MANIFEST_VERSION = 1
 # Result entries (queries x k) asked of the index at once when its rows are read back.
 _EXTRACT_BATCH_ENTRIES = 1 << 22
 _SEGMENTS = ("base", "delta")
+# Per-query statistics of `SparseIndex.stats` summed over the segments.
+_STATS = ("postings", "postings_scored", "blocks_visited", "candidates", "seconds")
 
 
 def _shape(a: Any) -> str:
@@ -132,13 +134,16 @@ def _rows_csr(rows: Any, dim: int, zero_threshold: float) -> scipy.sparse.csr_ma
 
 
 def _index_rows(index: SparseIndex) -> scipy.sparse.csr_matrix:
-    """The rows of an index, read back through its own search.
+    """The rows of an index (by its row ids), read back through its own search.
 
     The query e_d scores every row by exactly its value in dimension d (1 * x
     is exact in float32); with threshold 0 it returns the rows with x_d > 0,
     and -e_d those with x_d < 0. The postings of each dimension, counted by a
     first search, size k. The cost is the index's postings plus one short
     search per dimension.
+
+    Args:
+        index: Any index; its rows come back as float32 CSR [len(index), dim].
     """
     dim = index.dim
     if len(index) == 0:
@@ -204,9 +209,8 @@ class MutableIndex:
         self._block_rows = int(block_rows)
         self._set_base(self._build(_empty_csr(self._dim)), np.zeros(0, np.int64))
         self._set_delta(_empty_csr(self._dim), np.zeros(0, np.int64))
-        self._last: dict[str, Any] = {"queries": 0, "postings": np.zeros(0, np.int64),
-                                      "candidates": np.zeros(0, np.int64),
-                                      "seconds": np.zeros(0, np.float64), "wall_seconds": 0.0}
+        self._last: dict[str, Any] = {"queries": 0, "mode": DEFAULT_SEARCH_MODE,
+                                      **{key: np.zeros(0) for key in _STATS}, "wall_seconds": 0.0}
 
     @classmethod
     def from_index(cls, index: SparseIndex, ids: Any | None = None) -> MutableIndex:
@@ -399,9 +403,9 @@ class MutableIndex:
                             np.concatenate([p[3] for p in parts], axis=1), ids)
             ids, scores = _merge_top(ids, dense, int(k))
         ids, scores = ids[:, :k], scores[:, :k]
-        self._last = {"queries": len(ids),
+        self._last = {"queries": len(ids), "mode": mode,
                       **{key: np.sum([p[4][key] for p in parts], axis=0)
-                         for key in ("postings", "candidates", "seconds")},
+                         for key in _STATS},
                       "wall_seconds": time.perf_counter() - start}
         return ids, scores
 
@@ -435,7 +439,7 @@ class MutableIndex:
 
         def run(batch: Any, width: int, dense: tuple[Any, Any] | None) -> tuple[np.ndarray, ...]:
             raw_ids, raw_scores = index.search(batch, width, **options)
-            stats = {key: np.asarray(index.stats[key]) for key in ("postings", "candidates", "seconds")}
+            stats = {key: np.asarray(index.stats[key]) for key in _STATS}
             ids, scores = self._caller_ids(raw_ids, raw_scores, seg_ids, dead)
             dense_ids = dense_scores = np.zeros((len(ids), 0))
             if dense is not None:
@@ -581,8 +585,10 @@ class MutableIndex:
 
         Keys: `rows` (live), `dim`, `base_rows`, `delta_rows`, `tombstones`,
         `nnz` and `bytes` (both segments, removed base rows included), then
-        for the last search `queries`, per-query `postings`, `candidates` and
-        `seconds` summed over the segments, their means `postings_per_query`,
+        for the last search `queries`, `mode`, per-query `postings`,
+        `postings_scored`, `blocks_visited`, `candidates` and `seconds` summed
+        over the segments (second asks of the base included), their means
+        `postings_per_query`, `postings_scored_per_query`, `blocks_per_query`,
         `candidates_per_query`, `ms_per_query`, and `wall_seconds`.
         """
         last = self._last
@@ -601,6 +607,8 @@ class MutableIndex:
             "bytes": self._base.nbytes + self._delta.nbytes,
             **last,
             "postings_per_query": mean(last["postings"]),
+            "postings_scored_per_query": mean(last["postings_scored"]),
+            "blocks_per_query": mean(last["blocks_visited"]),
             "candidates_per_query": mean(last["candidates"]),
             "ms_per_query": mean(last["seconds"], 1e3),
         }
