@@ -63,8 +63,12 @@ bench-compression: install
 lint: install
 	$(PY) -m ruff check sparse_embed tests benchmarks preprocessing
 
+# A database may be several comma-separated shard files: each is made absolute for search/.
+comma := ,
+abspaths = $(subst $(eval) ,$(comma),$(abspath $(subst $(comma), ,$(1))))
+
 runmegaface runfacescrub: install
-	$(MAKE) -C search $@ MEGAFACE_BIN=$(abspath $(MEGAFACE_BIN)) FACESCRUB_BIN=$(abspath $(FACESCRUB_BIN))
+	$(MAKE) -C search $@ MEGAFACE_BIN=$(call abspaths,$(MEGAFACE_BIN)) FACESCRUB_BIN=$(call abspaths,$(FACESCRUB_BIN))
 
 clean:
 	rm -rf build *.egg-info sparse_embed/*.so

@@ -3,7 +3,8 @@
 `index` holds `SparseIndex`, the Python face of the C++ inverted index in
 `search/`, its NumPy oracle and the `.bin` format of the original code;
 `sharded` holds `ShardedIndex` (row-range shards searched in parallel, merged
-exactly); `milvus` (imported by path: it needs the `milvus` extra) writes and
+exactly); `mutable` holds `MutableIndex` (add / remove / compact over a base
+index, a delta segment and tombstones); `milvus` (imported by path: it needs the `milvus` extra) writes and
 searches Milvus collections. The command line is `python -m sparse_embed.search`
 (`__main__`).
 """
@@ -21,6 +22,7 @@ from sparse_embed.search.index import (
     read_bin,
     write_bin,
 )
+from sparse_embed.search.mutable import MutableIndex
 from sparse_embed.search.sharded import ShardedIndex
 
 __all__ = [
@@ -30,6 +32,7 @@ __all__ = [
     "DEFAULT_SEARCH_MODE",
     "DEFAULT_ZERO_THRESHOLD",
     "SEARCH_MODES",
+    "MutableIndex",
     "ShardedIndex",
     "SparseIndex",
     "brute_force_search",
