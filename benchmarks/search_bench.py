@@ -4,6 +4,7 @@
     python benchmarks/search_bench.py --quick    # 100,000 rows, 200 queries: seconds
     python benchmarks/search_bench.py --rows 2000000 --nnz 16 --skew 1.2 --threads 8
     python benchmarks/search_bench.py --rows 200000 --skew 0 --only-modes   # search modes only
+    python benchmarks/search_bench.py --only-modes --swap 0.1   # identities that differ in support
 
 Databases are generated at MegaFace scale: row i is non-zero in dimension d
 with probability p_d, independently (so a dimension's postings are a
@@ -16,7 +17,8 @@ from the same generator; values are uniform in (0.1, 1] (ReLU embeddings).
 
 The identity-structured case is a face gallery: rows come in identity groups
 of `--group` near-duplicates (one support of `--nnz` dimensions per identity,
-values scaled by U(0.8, 1.2) per image), stored in shuffled order; queries are
+values scaled by U(0.8, 1.2) per image; `--swap` replaces a fraction of each
+image's dimensions by random ones), stored in shuffled order; queries are
 further noisy images of gallery identities. The index's search modes
 (exhaustive, block-max pruned, auto, approx with a block budget) run on it and
 on the uniform case, with blocks visited and postings read per query and
@@ -107,8 +109,8 @@ def sparse_embeddings(rows: int, rates: np.ndarray, rng: np.random.Generator
     return csc.tocsr()
 
 
-def identity_embeddings(rows: int, dim: int, nnz: int, group: int, rng: np.random.Generator
-                        ) -> tuple[scipy.sparse.csr_matrix, np.ndarray]:
+def identity_embeddings(rows: int, dim: int, nnz: int, group: int, rng: np.random.Generator,
+                        swap: float = 0.0) -> tuple[scipy.sparse.csr_matrix, np.ndarray]:
     """float32 CSR [rows, D] in identity groups of `group` near-duplicates, shuffled, and the
     identity of each row.
 
@@ -118,15 +120,19 @@ def identity_embeddings(rows: int, dim: int, nnz: int, group: int, rng: np.rando
         nnz: Non-zeros per identity (duplicate draws merge, so rows hold about this many).
         group: Images per identity.
         rng: Random generator.
+        swap: Probability that an image replaces one of its identity's dimensions by a random
+            one (0: the images of an identity share their support).
     """
     identities = -(-rows // group)
     support = rng.integers(0, dim, (identities, nnz))
     base = (0.1 + 0.9 * rng.random((identities, nnz))).astype(np.float32)
     identity = rng.permutation(np.arange(rows) // group)
     values = base[identity] * rng.uniform(0.8, 1.2, (rows, nnz)).astype(np.float32)
+    dims = support[identity]
+    if swap > 0:
+        dims = np.where(rng.random(dims.shape) < swap, rng.integers(0, dim, dims.shape), dims)
     matrix = scipy.sparse.csr_matrix(
-        (values.ravel(), support[identity].ravel(), np.arange(0, rows * nnz + 1, nnz)),
-        shape=(rows, dim))
+        (values.ravel(), dims.ravel(), np.arange(0, rows * nnz + 1, nnz)), shape=(rows, dim))
     matrix.sum_duplicates()
     return matrix, identity
 
@@ -191,7 +197,8 @@ def run_modes(args: argparse.Namespace, threads: int, rng: np.random.Generator) 
     """The search-mode table: identity-structured and uniform data."""
     rows, stats = [], {}
     log(f"generating the {args.rows} x {args.dim} identity-structured database ...")
-    database, identity = identity_embeddings(args.rows, args.dim, int(args.nnz), args.group, rng)
+    database, identity = identity_embeddings(args.rows, args.dim, int(args.nnz), args.group, rng,
+                                             args.swap)
     picks = rng.choice(args.rows, args.queries)
     queries = database[picks].multiply(rng.uniform(0.8, 1.2, (args.queries, 1))).tocsr()
     queries.data *= rng.uniform(0.9, 1.1, queries.nnz).astype(np.float32)
@@ -310,6 +317,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="100,000 rows and 200 queries")
     parser.add_argument("--group", type=int, default=10, help="images per identity")
+    parser.add_argument("--swap", type=float, default=0.0,
+                        help="identity data: probability that an image swaps a dimension of its "
+                             "identity's support for a random one")
     parser.add_argument("--block-rows", type=int, default=128, help="rows per pruning block")
     parser.add_argument("--budget", type=int, default=8, help="blocks per query in approx mode")
     parser.add_argument("--only-modes", action="store_true",

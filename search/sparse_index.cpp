@@ -962,8 +962,8 @@ void SparseIndex::search_impl(const Queries& queries, const SearchParams& params
     };
     // Seeds: the highest bounds above the threshold, kept in a heap whose
     // front is the lowest of them.
-    const int64_t seeds = std::min<int64_t>(
-        max_blocks, std::max<int64_t>(kSeedBlocks, 2 * ((first_capacity + block_rows_ - 1) / block_rows_)));
+    const int64_t filled = 2 * ((first_capacity + block_rows_ - 1) / block_rows_);
+    const int64_t seeds = std::min<int64_t>(max_blocks, std::max<int64_t>(kSeedBlocks, filled));
     auto& heap = ws.order;
     heap.clear();
     for (int64_t b = 0; b < num_blocks_; ++b) {
@@ -986,7 +986,8 @@ void SparseIndex::search_impl(const Queries& queries, const SearchParams& params
     // bound is below a seed's or equal with a higher block id, so `before`
     // keeps the global order.
     for (const Entry& s : heap) bounds[s.second] = -std::numeric_limits<float>::infinity();
-    const double cut = top.full() ? static_cast<double>(top.worst()) : -std::numeric_limits<double>::infinity();
+    const double cut =
+        top.full() ? static_cast<double>(top.worst()) : -std::numeric_limits<double>::infinity();
     auto& rest = ws.rest;
     rest.clear();
     for (int64_t b = 0; b < num_blocks_; ++b) {
