@@ -28,7 +28,10 @@ The methods of a case are timed in interleaved rounds of queries, so on a
 shared machine they see the same background load. Every method's top-k
 scores are checked against the index's before anything is printed.
 
-Prints one table and one JSON line (numbers for the README; none is
+Last, Milvus Lite (the embedded edition of Milvus, `--milvus-rows`, default
+100,000: its inserts are slow) and the index on the same uniform rows.
+
+Prints the tables and a JSON line each (numbers for the README; none is
 asserted). Progress goes to stderr.
 """
 
@@ -40,6 +43,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import scipy.sparse
@@ -324,6 +328,10 @@ def main() -> None:
     parser.add_argument("--budget", type=int, default=8, help="blocks per query in approx mode")
     parser.add_argument("--only-modes", action="store_true",
                         help="only the search-mode table (identity-structured and uniform)")
+    parser.add_argument("--milvus-rows", type=int, default=100_000,
+                        help="rows of the Milvus Lite comparison (0: skip it; its inserts are slow)")
+    parser.add_argument("--milvus-queries", type=int, default=100,
+                        help="queries of the Milvus Lite comparison")
     args = parser.parse_args()
     if args.quick:
         args.rows, args.queries = 100_000, 200
@@ -432,6 +440,40 @@ def main() -> None:
                       for key, v in result.items()}))
     print()
     run_modes(args, threads, rng)
+    if args.milvus_rows > 0:
+        print()
+        run_milvus(args, rng)
+
+
+def run_milvus(args: argparse.Namespace, rng: np.random.Generator) -> None:
+    """Milvus Lite's sparse inverted index against this index on the same uniform rows.
+
+    Milvus Lite is Milvus's embedded edition, in the process: it is here to show
+    that a gallery moves to a Milvus cluster unchanged, not to race the index.
+    """
+    try:
+        from sparse_embed.search.milvus import benchmark
+    except ImportError as e:
+        print(f"Milvus Lite row skipped: {e} (pip install -e \".[milvus]\")")
+        return
+    import tempfile
+
+    rates = dimension_rates(args.dim, args.nnz, 0.0)
+    log(f"generating the {args.milvus_rows} x {args.dim} database for Milvus Lite ...")
+    database = sparse_embeddings(args.milvus_rows, rates, rng)
+    queries = sparse_embeddings(args.milvus_queries, rates, rng)
+    with tempfile.TemporaryDirectory() as tmp:
+        row = benchmark(database, queries, args.k, uri=str(Path(tmp) / "milvus.db"))
+    header = f"{'method':<28}{'rows':>9}{'queries':>9}{'insert s':>10}{'ms/query':>10}{'vs index':>10}"
+    print(header)
+    print("-" * len(header))
+    print(f"{'sparse index, 1 thread':<28}{row['rows']:>9}{row['queries']:>9}{'':>10}"
+          f"{row['index_ms_per_query']:>10.3f}")
+    print(f"{'Milvus Lite sparse IP index':<28}{row['rows']:>9}{row['queries']:>9}"
+          f"{row['insert_seconds']:>10.1f}{row['ms_per_query']:>10.1f}"
+          f"{row['ms_per_query'] / row['index_ms_per_query']:>9.0f}x")
+    print(f"top-{args.k} scores agree to {row['max_score_difference']:.1e}")
+    print(json.dumps(row))
 
 
 if __name__ == "__main__":
