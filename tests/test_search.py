@@ -294,7 +294,8 @@ def test_stats_count_postings_and_candidates() -> None:
     db = exact_matrix(rng, 400, 30, 0.1, negative=True)
     queries = exact_matrix(rng, 25, 30, 0.2, negative=True)
     index = SparseIndex.from_dense(db)
-    index.search(queries, 5, threshold=-0.5)
+    # Exhaustive: its candidates count covers every row, not only the scored blocks.
+    index.search(queries, 5, threshold=-0.5, mode="exhaustive")
     stats = index.stats
     lengths = (db != 0).sum(axis=0)
     np.testing.assert_array_equal(stats["postings"], (queries != 0) @ lengths)

@@ -34,8 +34,8 @@ none can still enter the top-k: the results are identical to "exhaustive"
 as well after `max_blocks` blocks. "auto" prunes when the query's block lists
 are short next to its postings and few blocks survive the first k-th score,
 and accumulates exhaustively otherwise: identical results, about as fast as
-the faster exact mode on identity-structured and on unstructured galleries.
-Ids are always the caller's row ids.
+the faster exact mode on identity-structured and on unstructured galleries;
+it is the default. Ids are always the caller's row ids.
 
 `save` writes a versioned file (magic, version, sizes, XXH64 checksums of the
 header and of the contents; postings take 6 bytes per non-zero, plus the row
