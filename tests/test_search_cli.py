@@ -1,4 +1,5 @@
-"""Search command lines: `python -m sparse_embed.search hdf5-to-bin`, the C++ `search`
+"""Search command lines: `python -m sparse_embed.search hdf5-to-bin`, the mutable index commands
+(mutable-create / add / remove / compact / info, and query over the directory), the C++ `search`
 binary (built from a copy of search/ with its Makefile; one database file or several shards, merged
 exactly) and the run targets."""
 
@@ -14,7 +15,15 @@ import numpy as np
 import pytest
 from conftest import ROOT, assert_user_error, run_module
 
-from sparse_embed.search import SparseIndex, brute_force_search, read_bin, write_bin
+from sparse_embed.data import embeddings as embedding_files
+from sparse_embed.search import (
+    SEARCH_MODES,
+    MutableIndex,
+    SparseIndex,
+    brute_force_search,
+    read_bin,
+    write_bin,
+)
 
 SEARCH_SOURCES = ("Makefile", "sparse_index.h", "sparse_index.cpp", "cli.cpp")
 
@@ -312,3 +321,170 @@ def test_make_run_target_takes_several_shards(search_dir: Path, shard_files: dic
     assert parse(proc.stdout, "shards") == 2 and parse(proc.stdout, "N") == 90
     proc = make(search_dir, "runfacescrub", f"FACESCRUB_BIN={shards},{tmp_path / 'gone.bin'}")
     assert proc.returncode != 0 and f"{tmp_path / 'gone.bin'} not found" in proc.stderr
+
+
+def gallery_file(path: Path, rows: np.ndarray, labels: np.ndarray | None = None) -> Path:
+    labels = np.arange(len(rows)) if labels is None else labels
+    names = tuple(f"img{i}.jpg" for i in range(len(rows)))
+    embedding_files.write_hdf5(path, embedding_files.Embeddings(rows, labels, names))
+    return path
+
+
+def search_cli(*args: str) -> subprocess.CompletedProcess:
+    return run_module("sparse_embed.search", *args)
+
+
+def query_ids(index: str, queries: Path, out: Path, *extra: str) -> tuple[np.ndarray, np.ndarray]:
+    proc = search_cli("query", f"--index={index}", f"--queries={queries}", "--k=6", f"--output={out}", *extra)
+    assert proc.returncode == 0, proc.stderr
+    result = np.load(out)
+    return result["ids"], result["scores"]
+
+
+def oracle(live: dict[int, np.ndarray], queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Brute force over the live rows in increasing id order, positions mapped to the ids."""
+    ids = np.array(sorted(live), np.int64)
+    positions, scores = brute_force_search(np.stack([live[i] for i in ids]), queries, k)
+    return np.where(positions >= 0, ids[np.maximum(positions, 0)], -1), scores
+
+
+def test_mutable_index_commands_equal_a_rebuilt_index(tmp_path: Path) -> None:
+    """create -> add (next ids, then an ids file) -> remove (--ids and --ids-file) -> query -> compact ->
+    query: every result equals brute force over the live rows and a SparseIndex rebuilt from them."""
+    rng = np.random.default_rng(11)
+    base, _ = identities(rng, 300, 40, 25)
+    more, _ = identities(rng, 40, 40, 25)
+    named, _ = identities(rng, 10, 40, 25)
+    queries, _ = identities(rng, 30, 40, 25)
+    gallery_file(tmp_path / "q.hdf5", queries)
+    directory = tmp_path / "gallery.mut"
+    proc = search_cli("mutable-create", f"--embeddings={gallery_file(tmp_path / 'g.hdf5', base)}",
+                      f"--index={directory}", "--zero_threshold=0", "--block_rows=16")
+    assert proc.returncode == 0, proc.stderr
+    assert "ids 0..299" in proc.stdout
+    assert "300 rows, 40 dims (300 base, 0 delta, 0 tombstones)" in proc.stdout
+    live = dict(enumerate(base))
+
+    proc = search_cli("add", f"--index={directory}",
+                      f"--embeddings={gallery_file(tmp_path / 'm.hdf5', more)}")
+    assert proc.returncode == 0, proc.stderr
+    assert "added 40 rows (ids 300..339)" in proc.stdout
+    live.update(zip(range(300, 340), more, strict=True))
+    named_ids = [5000 + 7 * i for i in range(10)]
+    (tmp_path / "named.txt").write_text("\n".join(map(str, named_ids)) + "\n")
+    proc = search_cli("add", f"--index={directory}",
+                      f"--embeddings={gallery_file(tmp_path / 'n.hdf5', named)}",
+                      f"--ids-file={tmp_path / 'named.txt'}")
+    assert proc.returncode == 0, proc.stderr
+    live.update(zip(named_ids, named, strict=True))
+
+    gone = [0, 17, 18, 150, 301, 5007]
+    (tmp_path / "gone.txt").write_text("150, 301\n5007")
+    proc = search_cli("remove", f"--index={directory}", "--ids=0,17,18",
+                      f"--ids-file={tmp_path / 'gone.txt'}")
+    assert proc.returncode == 0, proc.stderr
+    assert "removed 6 rows" in proc.stdout and "(300 base, 48 delta, 4 tombstones)" in proc.stdout
+    for i in gone:
+        del live[i]
+
+    want = oracle(live, queries, 6)
+    ids, scores = query_ids(str(directory), tmp_path / "q.hdf5", tmp_path / "r0.npz")
+    np.testing.assert_array_equal(ids, want[0])
+    np.testing.assert_array_equal(scores, want[1])
+    # The directory is a MutableIndex for the library too, in the same state.
+    assert sorted(MutableIndex.load(directory).ids.tolist()) == sorted(live)
+
+    proc = search_cli("compact", f"--index={directory}")
+    assert proc.returncode == 0, proc.stderr
+    assert f"{len(live)} rows, 40 dims ({len(live)} base, 0 delta, 0 tombstones)" in proc.stdout
+    ordered = np.array(sorted(live), np.int64)
+    rebuilt = SparseIndex.from_dense(np.stack([live[i] for i in ordered]), zero_threshold=0.0)
+    for mode in (m for m in SEARCH_MODES if m != "approx"):
+        ids, scores = query_ids(str(directory), tmp_path / "q.hdf5", tmp_path / f"{mode}.npz",
+                                f"--mode={mode}")
+        positions, rebuilt_scores = rebuilt.search(queries, 6, mode=mode)
+        np.testing.assert_array_equal(ids, ordered[positions])
+        np.testing.assert_array_equal(scores, rebuilt_scores)
+        np.testing.assert_array_equal(ids, want[0])
+
+    proc = search_cli("info", f"--index={directory}")
+    assert proc.returncode == 0, proc.stderr
+    assert parse(proc.stdout, "rows") == len(live) and parse(proc.stdout, "tombstones") == 0
+    assert parse(proc.stdout, "non-zeros") == sum(int((row != 0).sum()) for row in live.values())
+    assert re.search(rf"ids\s+1\.\.{max(live)}$", proc.stdout, re.MULTILINE), proc.stdout
+
+
+def test_mutable_create_takes_ids_from_labels(tmp_path: Path) -> None:
+    rng = np.random.default_rng(12)
+    rows, _ = identities(rng, 50, 24, 6)
+    labels = rng.permutation(1000)[:50] + 10
+    gallery_file(tmp_path / "q.hdf5", rows[:8])
+    proc = search_cli("mutable-create", f"--embeddings={gallery_file(tmp_path / 'g.hdf5', rows, labels)}",
+                      f"--index={tmp_path / 'm'}", "--ids-from=label")
+    assert proc.returncode == 0, proc.stderr
+    ids, scores = query_ids(str(tmp_path / "m"), tmp_path / "q.hdf5", tmp_path / "r.npz")
+    want = oracle(dict(zip(labels.tolist(), rows, strict=True)), rows[:8], 6)
+    np.testing.assert_array_equal(ids, want[0])
+    np.testing.assert_array_equal(scores, want[1])
+    # Replacing it needs --overwrite.
+    proc = search_cli("mutable-create", f"--embeddings={tmp_path / 'g.hdf5'}", f"--index={tmp_path / 'm'}")
+    assert_user_error(proc, "already holds a mutable index", "--overwrite")
+    proc = search_cli("mutable-create", f"--embeddings={tmp_path / 'g.hdf5'}", f"--index={tmp_path / 'm'}",
+                      "--overwrite")
+    assert proc.returncode == 0, proc.stderr
+    assert MutableIndex.load(tmp_path / "m").ids.tolist() == list(range(50))
+
+
+def test_mutable_index_commands_user_errors(tmp_path: Path) -> None:
+    """Wrong dimension, unknown ids, missing files and directories, a directory that is not a mutable
+    index: one line, exit 2, and the index on disk unchanged."""
+    rng = np.random.default_rng(13)
+    rows, _ = identities(rng, 40, 16, 5)
+    directory = tmp_path / "m"
+    gallery = gallery_file(tmp_path / "g.hdf5", rows, -np.ones(40, np.int64))
+    assert search_cli("mutable-create", f"--embeddings={gallery}", f"--index={directory}").returncode == 0
+    manifest = (directory / "manifest.json").read_text()
+    narrow = gallery_file(tmp_path / "narrow.hdf5", np.ones((3, 12), np.float32))
+    (tmp_path / "two.txt").write_text("1 2")
+    (tmp_path / "bad.txt").write_text("1, two")
+    (tmp_path / "plain").mkdir()
+    cases = [
+        (("add", f"--index={directory}", f"--embeddings={narrow}"),
+         ("narrow.hdf5 has 12 dims, the index 16",)),
+        (("remove", f"--index={directory}", "--ids=3,40,77"),
+         ("ids not in the index: 40, 77", "nothing was removed")),
+        (("remove", f"--index={directory}", "--ids=3,3"), ("duplicate ids in remove: 3",)),
+        (("remove", f"--index={directory}", "--ids=3,x"), ("--ids must hold integer ids", "'x'")),
+        (("remove", f"--index={directory}", "--ids=-1"), ("ids must be >= 0",)),
+        (("remove", f"--index={directory}"), ("remove needs --ids",)),
+        (("remove", f"--index={directory}", f"--ids-file={tmp_path / 'bad.txt'}"), ("bad.txt", "'two'")),
+        (("remove", f"--index={directory}", f"--ids-file={tmp_path / 'none.txt'}"),
+         ("ids file", "none.txt not found")),
+        (("add", f"--index={directory}", f"--embeddings={gallery}", f"--ids-file={tmp_path / 'two.txt'}"),
+         ("holds 2 ids", "40 rows")),
+        (("add", f"--index={directory}", f"--embeddings={gallery}", "--ids-from=label"),
+         ("--ids-from=label needs a 'label' dataset of ids >= 0", "row 0 has -1")),
+        (("add", f"--index={directory}", f"--embeddings={tmp_path / 'missing.hdf5'}"),
+         ("missing.hdf5 not found",)),
+        (("add", f"--index={tmp_path / 'absent'}", f"--embeddings={gallery}"),
+         ("mutable index directory", "absent not found", "mutable-create")),
+        (("compact", f"--index={tmp_path / 'plain'}"), ("plain is not a MutableIndex directory",)),
+        (("info", f"--index={gallery}"), ("g.hdf5 is a file, not a mutable index directory",)),
+        (("mutable-create", f"--embeddings={gallery}", f"--index={tmp_path / 'n'}", "--block_rows=12"),
+         ("--block_rows", "power of two")),
+        (("query", f"--index={directory}", f"--queries={narrow}"), ("narrow.hdf5", "[Q, 16]")),
+        (("query", f"--index={directory},{directory}", f"--queries={gallery}"), ("queried alone",)),
+    ]
+    for args, fragments in cases:
+        assert_user_error(search_cli(*args), *fragments)
+    assert (directory / "manifest.json").read_text() == manifest
+    assert not (tmp_path / "n").exists()
+
+
+def test_query_refuses_shards_of_different_dimensions(tmp_path: Path) -> None:
+    SparseIndex.from_dense(np.eye(4, 8, dtype=np.float32)).save(tmp_path / "a.idx")
+    SparseIndex.from_dense(np.eye(4, 6, dtype=np.float32)).save(tmp_path / "b.idx")
+    gallery_file(tmp_path / "q.hdf5", np.ones((2, 8), np.float32))
+    proc = search_cli("query", f"--index={tmp_path / 'a.idx'},{tmp_path / 'b.idx'}",
+                      f"--queries={tmp_path / 'q.hdf5'}")
+    assert_user_error(proc, "--index: all shards must have the same dimension", "shard 0: 8, shard 1: 6")

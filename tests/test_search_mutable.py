@@ -178,6 +178,11 @@ def test_bad_input():
         index.add(np.full((1, DIM), np.nan, np.float32))
     with pytest.raises(ValueError, match="strictly increasing"):
         MutableIndex.from_index(SparseIndex.from_dense(np.eye(2, DIM, dtype=np.float32)), ids=[3, 1])
+    # -1 pads short result lists, so it cannot be an id.
+    with pytest.raises(ValueError, match="ids must be >= 0, got -2, -1"):
+        index.add(np.ones((3, DIM), np.float32), ids=[-1, 8, -2])
+    with pytest.raises(ValueError, match="ids must be >= 0, got -1"):
+        MutableIndex.from_index(SparseIndex.from_dense(np.eye(2, DIM, dtype=np.float32)), ids=[-1, 1])
     assert len(index) == 3  # failed calls change nothing
 
 

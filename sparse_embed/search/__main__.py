@@ -2,10 +2,26 @@
 
     python -m sparse_embed.search hdf5-to-bin EMB.hdf5 OUT.bin [--threshold T]
     python -m sparse_embed.search shard --embeddings=EMB.hdf5 --shards=N --output=DIR
-    python -m sparse_embed.search query --index=A.idx,B.idx --queries=Q.hdf5 --k=10 [--output=R.npz|R.json] \
-        [--mode=exhaustive|pruned|approx [--max_blocks=B]]
+    python -m sparse_embed.search query --index=A.idx,B.idx | --index=DIR --queries=Q.hdf5 --k=10 \
+        [--output=R.npz|R.json] [--mode=exhaustive|pruned|approx|auto [--max_blocks=B]]
     python -m sparse_embed.search to-milvus --embeddings=EMB.hdf5 --uri=./milvus.db --collection=NAME \
         [--dense=DENSE.hdf5]
+
+A mutable gallery (`MutableIndex`: a directory with `manifest.json`), changed in place; every
+command that changes it saves the directory atomically and prints one summary line (`info` a table):
+
+    python -m sparse_embed.search mutable-create --embeddings=EMB.hdf5 --index=DIR \
+        [--ids-from=next|label] [--overwrite]
+    python -m sparse_embed.search add --index=DIR --embeddings=NEW.hdf5 \
+        [--ids-from=next|label | --ids-file=F]
+    python -m sparse_embed.search remove --index=DIR [--ids=3,17] [--ids-file=F]
+    python -m sparse_embed.search compact --index=DIR
+    python -m sparse_embed.search info --index=DIR
+
+Ids are the caller's int64 ids (>= 0): `next` assigns the ids after every id the index has held
+(0 .. N-1 for a new index: the rows of EMB.hdf5), `label` takes each row's `label`, an ids file
+holds integers separated by commas or white space. `query --index=DIR` searches the live rows and
+returns those ids.
 """
 
 from __future__ import annotations
@@ -13,8 +29,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -23,6 +42,7 @@ from sparse_embed.errors import ConfigError, DataError
 from sparse_embed.fileio import atomic_path
 from sparse_embed.registry import Registry
 from sparse_embed.search.index import (
+    DEFAULT_BLOCK_ROWS,
     DEFAULT_NUM_THREADS,
     DEFAULT_SEARCH_MODE,
     DEFAULT_ZERO_THRESHOLD,
@@ -30,8 +50,99 @@ from sparse_embed.search.index import (
     hdf5_to_bin,
 )
 
+if TYPE_CHECKING:
+    from sparse_embed.data.embeddings import Embeddings
+    from sparse_embed.search.mutable import MutableIndex
+
 # Sub-command name -> handler of its parsed arguments.
 COMMANDS: Registry[Callable[[argparse.Namespace], None]] = Registry("search command")
+# --ids-from value -> the ids of the rows of an embedding file (its path for messages); None: the
+# index assigns the next free ids.
+ID_SOURCES: Registry[Callable[[Embeddings, str], np.ndarray | None]] = Registry("id source")
+_CREATE_COMMAND = "python -m sparse_embed.search mutable-create"
+
+
+@ID_SOURCES.register("next")
+def _next_ids(embeddings: Embeddings, path: str) -> np.ndarray | None:
+    return None
+
+
+@ID_SOURCES.register("label")
+def _label_ids(embeddings: Embeddings, path: str) -> np.ndarray | None:
+    negative = np.flatnonzero(embeddings.label < 0)
+    if len(negative):
+        raise DataError(f"{path}: --ids-from=label needs a 'label' dataset of ids >= 0, row {negative[0]} "
+                        f"has {embeddings.label[negative[0]]}; use --ids-from=next or --ids-file")
+    return embeddings.label
+
+
+def _check_zero_threshold(value: float) -> None:
+    if not value >= 0:
+        raise ConfigError(f"--zero_threshold must be >= 0, got {value}")
+
+
+def _parse_ids(text: str, source: str) -> np.ndarray:
+    """int64 ids from integers separated by commas or white space; `source` names them in errors."""
+    tokens = [t for t in re.split(r"[\s,]+", text) if t]
+    bad = [t for t in tokens if not re.fullmatch(r"[+-]?\d+", t)]
+    if bad:
+        raise DataError(f"{source} must hold integer ids separated by commas or white space, "
+                        f"got {bad[0]!r}")
+    ids = np.array([int(t) for t in tokens], np.int64)
+    if len(ids) and ids.min() < 0:
+        raise DataError(f"{source}: ids must be >= 0, got {ids.min()}")
+    return ids
+
+
+def _read_ids_file(path: str) -> np.ndarray:
+    if not Path(path).is_file():
+        raise DataError(f"ids file {path} not found; give one integer id per line (or comma-separated)")
+    return _parse_ids(Path(path).read_text(), f"ids file {path}")
+
+
+def _open_mutable(path: str) -> MutableIndex:
+    """Loads the mutable index directory `path`, or says in one line why it is not one."""
+    from sparse_embed.search.mutable import MutableIndex
+
+    directory = Path(path)
+    if not directory.exists():
+        raise DataError(f"mutable index directory {path} not found; create it with {_CREATE_COMMAND}")
+    if not directory.is_dir():
+        raise DataError(f"{path} is a file, not a mutable index directory; create one with {_CREATE_COMMAND}")
+    return MutableIndex.load(directory)
+
+
+def _layout(index: MutableIndex) -> str:
+    stats = index.stats
+    return (f"{stats['rows']} rows, {stats['dim']} dims ({stats['base_rows']} base, "
+            f"{stats['delta_rows']} delta, {stats['tombstones']} tombstones)")
+
+
+def _id_span(ids: np.ndarray) -> str:
+    if not len(ids):
+        return "no ids"
+    if len(ids) == ids[-1] - ids[0] + 1 and (np.diff(ids) == 1).all():
+        return f"ids {ids[0]}..{ids[-1]}"
+    return f"{len(ids)} ids in {ids.min()}..{ids.max()}"
+
+
+def _add_rows(index: MutableIndex, embeddings: Embeddings, args: argparse.Namespace) -> np.ndarray:
+    """Adds the rows of --embeddings (read as `embeddings`) with the ids --ids-from or --ids-file choose."""
+    dim = embeddings.embedding.shape[1]
+    if dim != index.dim:
+        raise DataError(f"{args.embeddings} has {dim} dims, the index {index.dim}; "
+                        "add embeddings of the model the index was built from")
+    if args.ids_file is not None:
+        ids = _read_ids_file(args.ids_file)
+        if len(ids) != len(embeddings.embedding):
+            raise DataError(f"ids file {args.ids_file} holds {len(ids)} ids, {args.embeddings} "
+                            f"{len(embeddings.embedding)} rows; give one id per row")
+    else:
+        ids = ID_SOURCES.get(args.ids_from)(embeddings, args.embeddings)
+    try:
+        return index.add(embeddings.embedding, ids, args.zero_threshold)
+    except ValueError as e:
+        raise DataError(f"{args.embeddings}: {e}") from None
 
 
 @COMMANDS.register("hdf5-to-bin")
@@ -78,10 +189,14 @@ def _query(args: argparse.Namespace) -> None:
 
     paths = [p for p in args.index.split(",") if p]
     if not paths:
-        raise ConfigError("--index needs one or more index files, separated by commas")
+        raise ConfigError("--index needs one or more index files, separated by commas, or a mutable "
+                          "index directory")
+    if len(paths) > 1 and any(Path(p).is_dir() for p in paths):
+        raise ConfigError("a mutable index directory is queried alone: --index=DIR, not in a list of shards")
     for path in paths:
-        if not Path(path).is_file():
-            raise DataError(f"index file {path} not found; write it with python -m sparse_embed.search shard")
+        if not Path(path).exists():
+            raise DataError(f"index file {path} not found; write it with python -m sparse_embed.search shard "
+                            f"(or a mutable index directory with mutable-create)")
     if args.k < 1:
         raise ConfigError(f"--k must be >= 1, got {args.k}")
     if (args.mode == "approx") != (args.max_blocks is not None):
@@ -90,15 +205,23 @@ def _query(args: argparse.Namespace) -> None:
         raise ConfigError(f"--max_blocks must be >= 1, got {args.max_blocks}")
     if args.output and Path(args.output).suffix not in (".npz", ".json"):
         raise ConfigError(f"--output must end in .npz or .json, got {args.output}")
+    if Path(paths[0]).is_dir():
+        index = _open_mutable(paths[0])
+        layout = f"mutable index of {_layout(index)}"
+    else:
+        try:
+            index = ShardedIndex(paths)
+        except ValueError as e:
+            raise DataError(f"--index: {e}") from None
+        layout = f"{len(index.shards)} shards, {len(index)} rows"
     queries = read_hdf5(args.queries).embedding
     try:
-        index = ShardedIndex(paths)
         ids, scores = index.search(queries, args.k, args.threshold, num_threads=args.num_threads,
                                    mode=args.mode, max_blocks=args.max_blocks)
     except ValueError as e:
         raise DataError(f"{args.queries}: {e}") from None
     stats = index.stats
-    print(f"{len(ids)} queries, {len(index.shards)} shards, {len(index)} rows: "
+    print(f"{len(ids)} queries, {layout}: "
           f"{1e3 * stats['wall_seconds'] / max(len(ids), 1):.3f} ms/query (wall), "
           f"{stats['postings_per_query']:.0f} postings/query, {stats['blocks_per_query']:.1f} blocks/query "
           f"({args.mode})")
@@ -131,6 +254,95 @@ def _to_milvus(args: argparse.Namespace) -> None:
           f"{summary['nnz']} non-zeros{dense} in {summary['seconds']:.1f} s")
 
 
+@COMMANDS.register("mutable-create")
+def _mutable_create(args: argparse.Namespace) -> None:
+    from sparse_embed.data.embeddings import read_hdf5
+    from sparse_embed.search.mutable import MANIFEST_NAME, MutableIndex
+
+    _check_zero_threshold(args.zero_threshold)
+    out = Path(args.index)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"{out} is a file; --index names the directory of the mutable index")
+    if (out / MANIFEST_NAME).is_file() and not args.overwrite:
+        raise DataError(f"{out} already holds a mutable index; change it with add / remove, or pass "
+                        "--overwrite to replace it")
+    start = time.perf_counter()
+    embeddings = read_hdf5(args.embeddings)
+    try:
+        index = MutableIndex(embeddings.embedding.shape[1], args.block_rows)
+    except ValueError as e:
+        raise ConfigError(f"--block_rows: {e}") from None
+    new_ids = _add_rows(index, embeddings, args)
+    # One base segment from the start: the delta is for the rows added later.
+    index.compact()
+    index.save(out)
+    print(f"created mutable index {out} from {args.embeddings} ({_id_span(np.sort(new_ids))}): "
+          f"{_layout(index)} in {time.perf_counter() - start:.2f} s")
+
+
+@COMMANDS.register("add")
+def _add(args: argparse.Namespace) -> None:
+    from sparse_embed.data.embeddings import read_hdf5
+
+    _check_zero_threshold(args.zero_threshold)
+    index = _open_mutable(args.index)
+    new_ids = _add_rows(index, read_hdf5(args.embeddings), args)
+    index.save(args.index)
+    print(f"added {len(new_ids)} rows ({_id_span(np.sort(new_ids))}) to {args.index}: {_layout(index)}")
+
+
+@COMMANDS.register("remove")
+def _remove(args: argparse.Namespace) -> None:
+    if args.ids is None and args.ids_file is None:
+        raise ConfigError("remove needs --ids=3,17 and/or --ids-file=F")
+    gone = [np.zeros(0, np.int64)]
+    if args.ids is not None:
+        gone.append(_parse_ids(args.ids, "--ids"))
+    if args.ids_file is not None:
+        gone.append(_read_ids_file(args.ids_file))
+    ids = np.concatenate(gone)
+    index = _open_mutable(args.index)
+    try:
+        index.remove(ids)
+    except ValueError as e:
+        raise DataError(f"{args.index}: {e}; nothing was removed") from None
+    index.save(args.index)
+    print(f"removed {len(ids)} rows from {args.index}: {_layout(index)}")
+
+
+@COMMANDS.register("compact")
+def _compact(args: argparse.Namespace) -> None:
+    index = _open_mutable(args.index)
+    before = _layout(index)
+    start = time.perf_counter()
+    index.compact()
+    seconds = time.perf_counter() - start
+    index.save(args.index)
+    print(f"compacted {args.index} in {seconds:.2f} s: {_layout(index)}, was {before}")
+
+
+@COMMANDS.register("info")
+def _info(args: argparse.Namespace) -> None:
+    index = _open_mutable(args.index)
+    stats = index.stats
+    ids = index.ids
+    rows = {
+        "rows": stats["rows"],
+        "dims": stats["dim"],
+        "base rows": stats["base_rows"],
+        "delta rows": stats["delta_rows"],
+        "tombstones": stats["tombstones"],
+        "non-zeros": stats["nnz"],
+        "bytes": stats["bytes"],
+        "bytes per non-zero": f"{stats['bytes'] / max(stats['nnz'], 1):.2f}",
+        "ids": f"{ids[0]}..{ids[-1]}" if len(ids) else "none",
+    }
+    width = max(len(key) for key in rows)
+    print(f"mutable index {args.index}")
+    for key, value in rows.items():
+        print(f"  {key:<{width}}  {value}")
+
+
 def _add_commands(commands: argparse._SubParsersAction) -> None:
     """Declares every registered command's arguments."""
     convert = commands.add_parser(
@@ -148,7 +360,8 @@ def _add_commands(commands: argparse._SubParsersAction) -> None:
                        help="keep entries with |x| above it (default: %(default)s)")
 
     query = commands.add_parser("query", help="exact top-k of HDF5 queries over one or more index shards")
-    query.add_argument("--index", required=True, help="index files, comma-separated, in row order")
+    query.add_argument("--index", required=True, help="index files, comma-separated, in row order, or one "
+                                                      "mutable index directory")
     query.add_argument("--queries", required=True, help="HDF5 file with dataset 'embedding' [Q, D]")
     query.add_argument("--k", type=int, default=10, help="results per query (default: %(default)s)")
     query.add_argument("--threshold", type=float, default=None,
@@ -175,6 +388,41 @@ def _add_commands(commands: argparse._SubParsersAction) -> None:
                         help="keep entries with |x| above it (default: %(default)s)")
     milvus.add_argument("--overwrite", action="store_true",
                         help="replace an existing collection of that name")
+
+    create = commands.add_parser("mutable-create", help="create a mutable index directory from an HDF5 file")
+    _rows_arguments(create, "the rows of the new index")
+    create.add_argument("--block_rows", type=int, default=DEFAULT_BLOCK_ROWS,
+                        help="rows per pruning block, a power of two in [8, 65536] (default: %(default)s)")
+    create.add_argument("--overwrite", action="store_true", help="replace a mutable index already there")
+
+    add = commands.add_parser("add", help="add the rows of an HDF5 file to a mutable index")
+    _rows_arguments(add, "the rows to add")
+
+    remove = commands.add_parser("remove", help="remove rows from a mutable index by id")
+    remove.add_argument("--index", required=True, help="the mutable index directory")
+    remove.add_argument("--ids", default=None, help="ids to remove, comma-separated")
+    remove.add_argument("--ids-file", dest="ids_file", default=None,
+                        help="file of ids to remove, separated by commas or white space")
+
+    for name, text in (("compact", "merge a mutable index's delta and tombstones into one base segment"),
+                       ("info", "print a mutable index's segments and sizes")):
+        command = commands.add_parser(name, help=text)
+        command.add_argument("--index", required=True, help="the mutable index directory")
+
+
+def _rows_arguments(parser: argparse.ArgumentParser, what: str) -> None:
+    """The arguments of the commands that put the rows of an HDF5 file into a mutable index."""
+    parser.add_argument("--index", required=True, help="the mutable index directory")
+    parser.add_argument("--embeddings", required=True,
+                        help=f"HDF5 file whose 'embedding' [N, D] holds {what}")
+    ids = parser.add_mutually_exclusive_group()
+    ids.add_argument("--ids-from", dest="ids_from", choices=ID_SOURCES.names(), default="next",
+                     help="next: the ids after every id the index has held (0 .. N-1 in a new index); "
+                          "label: each row's 'label' (default: %(default)s)")
+    ids.add_argument("--ids-file", dest="ids_file", default=None,
+                     help="file of one id per row, separated by commas or white space")
+    parser.add_argument("--zero_threshold", type=float, default=DEFAULT_ZERO_THRESHOLD,
+                        help="keep entries with |x| above it (default: %(default)s)")
 
 
 @user_errors_exit

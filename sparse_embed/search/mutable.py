@@ -13,8 +13,8 @@ and tombstones marking removed base rows. Every segment keeps an id map
 (position -> caller id, increasing, so a segment's ties to the lower position
 are ties to the lower caller id). `add` rebuilds only the delta from its rows;
 removing a delta row rebuilds the delta without it, removing a base row only
-sets its tombstone. Ids are int64 caller ids; an id lives at most once, and a
-removed id may be added again.
+sets its tombstone. Ids are int64 caller ids >= 0 (-1 pads short result
+lists); an id lives at most once, and a removed id may be added again.
 
 Search asks the base for k + min(T, k) results (T tombstones), drops the
 removed rows, asks again for k + T only for the queries left with fewer than
@@ -182,7 +182,11 @@ def _id_vector(ids: Any, name: str) -> np.ndarray:
     a = np.asarray(ids)
     if a.ndim != 1 or (len(a) and a.dtype.kind not in "iu"):
         raise ValueError(f"{name} must be a 1-D integer array, got {a.dtype} {_shape(a)}")
-    return a.astype(np.int64)
+    a = a.astype(np.int64)
+    if len(a) and a.min() < 0:
+        # -1 is the padding of short result lists.
+        raise ValueError(f"{name} must be >= 0, got {_listed(np.sort(a[a < 0]))}")
+    return a
 
 
 def _listed(ids: np.ndarray, limit: int = 10) -> str:
@@ -271,8 +275,8 @@ class MutableIndex:
         Args:
             rows: Dense float [n, D], a scipy.sparse matrix [n, D] or a CSR
                 tuple (indptr [n + 1], indices [nnz], values [nnz]).
-            ids: int64 [n] caller ids, none of them live; None: the next free
-                ids, above every id this index has held.
+            ids: int64 [n] caller ids >= 0, none of them live; None: the next
+                free ids, above every id this index has held.
             zero_threshold: Dense entries with |x| at or below it are dropped.
 
         Returns:
@@ -280,7 +284,7 @@ class MutableIndex:
 
         Raises:
             ValueError: On a wrong shape (the message names [n, D]), non-finite
-                values, or ids that repeat or are already live (named).
+                values, or ids that are negative, repeat or are already live (named).
         """
         m = _rows_csr(rows, self._dim, zero_threshold)
         n = m.shape[0]
@@ -534,7 +538,8 @@ class MutableIndex:
         path = out / MANIFEST_NAME
         if not path.is_file():
             raise DataError(f"{path} not found: {out} is not a MutableIndex directory "
-                            "(write one with MutableIndex.save)")
+                            "(write one with MutableIndex.save or python -m sparse_embed.search "
+                            "mutable-create)")
         try:
             manifest = json.loads(path.read_text())
             body = {key: value for key, value in manifest.items() if key != "checksum"}
