@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from conftest import missing_dependency
@@ -144,9 +147,44 @@ def test_cli(gallery, tmp_path):
     proc = run_module("sparse_embed.search", "to-milvus", f"--embeddings={tmp_path / 'missing.hdf5'}",
                       f"--uri={uri}", "--collection=other")
     assert_user_error(proc, "missing.hdf5 not found")
+    want = brute_force_search(gallery["db"], gallery["queries"], 10)
+    queries = write(tmp_path / "q.hdf5", gallery["queries"])
+    proc = run_module("sparse_embed.search", "query", f"--uri={uri}", "--collection=cli",
+                      f"--queries={queries}", "--k=10", f"--output={tmp_path / 'r.npz'}")
+    assert proc.returncode == 0, proc.stderr
+    assert f"20 queries, collection cli in {uri}, {N} rows" in proc.stdout
+    np.testing.assert_array_equal(np.load(tmp_path / "r.npz")["ids"], want[0])
+    np.testing.assert_array_equal(np.load(tmp_path / "r.npz")["scores"], want[1])
+    proc = run_module("sparse_embed.search", "query", f"--uri={uri}", "--collection=cli",
+                      f"--queries={write(tmp_path / 'narrow.hdf5', gallery['queries'][:, :32])}")
+    assert_user_error(proc, "narrow.hdf5", "[Q, 64]")
+    proc = run_module("sparse_embed.search", "query", "--uri=http://127.0.0.1:1", "--collection=cli",
+                      f"--queries={queries}")
+    assert_user_error(proc, "cannot reach Milvus at http://127.0.0.1:1")
+    proc = run_module("sparse_embed.search", "query", f"--uri={uri}", "--collection=cli",
+                      f"--queries={queries}", "--mode=pruned")
+    assert_user_error(proc, "drop them with --uri")
     # Opened here only now: a Milvus Lite database is open to one process at a time.
     with gallery["milvus"].MilvusIndex(uri, "cli") as index:
         got = index.search(gallery["queries"], 10)
-    want = brute_force_search(gallery["db"], gallery["queries"], 10)
     np.testing.assert_array_equal(got[0], want[0])
     np.testing.assert_array_equal(got[1], want[1])
+
+
+@pytest.mark.slow
+def test_cli_refuses_a_collection_of_another_schema(tmp_path):
+    _milvus()
+    uri = str(tmp_path / "foreign.db")
+    # Written by a plain client in another process: a Milvus Lite database is open to one process at a time.
+    foreign = ("from pymilvus import DataType, MilvusClient\n"
+               f"client = MilvusClient({uri!r})\n"
+               "schema = MilvusClient.create_schema(auto_id=False)\n"
+               "schema.add_field('pk', DataType.INT64, is_primary=True)\n"
+               "schema.add_field('vector', DataType.FLOAT_VECTOR, dim=4)\n"
+               "client.create_collection('faces', schema=schema)\n")
+    proc = subprocess.run([sys.executable, "-c", foreign], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    queries = write(tmp_path / "q.hdf5", np.ones((2, DIM), np.float32))
+    proc = run_module("sparse_embed.search", "query", f"--uri={uri}", "--collection=faces",
+                      f"--queries={queries}")
+    assert_user_error(proc, "collection 'faces'", "another schema")

@@ -4,6 +4,7 @@
     python -m sparse_embed.search shard --embeddings=EMB.hdf5 --shards=N --output=DIR
     python -m sparse_embed.search query --index=A.idx,B.idx | --index=DIR --queries=Q.hdf5 --k=10 \
         [--output=R.npz|R.json] [--mode=exhaustive|pruned|approx|auto [--max_blocks=B]]
+    python -m sparse_embed.search query --uri=./milvus.db --collection=NAME --queries=Q.hdf5 --k=10
     python -m sparse_embed.search to-milvus --embeddings=EMB.hdf5 --uri=./milvus.db --collection=NAME \
         [--dense=DENSE.hdf5]
 
@@ -187,6 +188,14 @@ def _query(args: argparse.Namespace) -> None:
     from sparse_embed.data.embeddings import read_hdf5
     from sparse_embed.search.sharded import ShardedIndex
 
+    if (args.index is None) == (args.uri is None):
+        raise ConfigError("query needs --index (index files or a mutable index directory) or --uri and "
+                          "--collection (a Milvus collection), not both")
+    if args.uri is not None:
+        _query_milvus(args)
+        return
+    if args.collection is not None:
+        raise ConfigError("--collection goes with --uri (a Milvus collection), not with --index")
     paths = [p for p in args.index.split(",") if p]
     if not paths:
         raise ConfigError("--index needs one or more index files, separated by commas, or a mutable "
@@ -197,14 +206,11 @@ def _query(args: argparse.Namespace) -> None:
         if not Path(path).exists():
             raise DataError(f"index file {path} not found; write it with python -m sparse_embed.search shard "
                             f"(or a mutable index directory with mutable-create)")
-    if args.k < 1:
-        raise ConfigError(f"--k must be >= 1, got {args.k}")
+    _check_query_arguments(args)
     if (args.mode == "approx") != (args.max_blocks is not None):
         raise ConfigError("--max_blocks goes with --mode=approx, and --mode=approx needs --max_blocks")
     if args.max_blocks is not None and args.max_blocks < 1:
         raise ConfigError(f"--max_blocks must be >= 1, got {args.max_blocks}")
-    if args.output and Path(args.output).suffix not in (".npz", ".json"):
-        raise ConfigError(f"--output must end in .npz or .json, got {args.output}")
     if Path(paths[0]).is_dir():
         index = _open_mutable(paths[0])
         layout = f"mutable index of {_layout(index)}"
@@ -225,6 +231,45 @@ def _query(args: argparse.Namespace) -> None:
           f"{1e3 * stats['wall_seconds'] / max(len(ids), 1):.3f} ms/query (wall), "
           f"{stats['postings_per_query']:.0f} postings/query, {stats['blocks_per_query']:.1f} blocks/query "
           f"({args.mode})")
+    _write_results(args, ids, scores)
+
+
+def _check_query_arguments(args: argparse.Namespace) -> None:
+    if args.k < 1:
+        raise ConfigError(f"--k must be >= 1, got {args.k}")
+    if args.output and Path(args.output).suffix not in (".npz", ".json"):
+        raise ConfigError(f"--output must end in .npz or .json, got {args.output}")
+
+
+def _query_milvus(args: argparse.Namespace) -> None:
+    """`query --uri --collection`: the exact top-k of a collection written by to-milvus."""
+    from sparse_embed.data.embeddings import read_hdf5
+
+    if args.collection is None:
+        raise ConfigError("--uri needs --collection, the collection written by to-milvus")
+    if args.mode != DEFAULT_SEARCH_MODE or args.max_blocks is not None:
+        raise ConfigError("--mode and --max_blocks choose how the index searches; Milvus searches its "
+                          "own way: drop them with --uri")
+    _check_query_arguments(args)
+    try:
+        from sparse_embed.search.milvus import MilvusIndex
+    except ImportError as e:
+        raise ConfigError(f"Milvus support is not installed ({e}); "
+                          "run pip install -e \".[milvus]\"") from None
+    queries = read_hdf5(args.queries).embedding
+    with MilvusIndex(args.uri, args.collection) as index:
+        try:
+            ids, scores = index.search(queries, args.k, args.threshold)
+        except ValueError as e:
+            raise DataError(f"{args.queries}: {e}") from None
+        stats = index.stats
+    print(f"{len(ids)} queries, collection {args.collection} in {args.uri}, {stats['rows']} rows: "
+          f"{stats['ms_per_query']:.3f} ms/query (wall), {stats['requests']} search requests")
+    _write_results(args, ids, scores)
+
+
+def _write_results(args: argparse.Namespace, ids: np.ndarray, scores: np.ndarray) -> None:
+    """Writes ids and scores to --output (.npz or .json) when it is given."""
     if args.output:
         with atomic_path(args.output) as tmp:
             if args.output.endswith(".npz"):
@@ -359,9 +404,12 @@ def _add_commands(commands: argparse._SubParsersAction) -> None:
     shard.add_argument("--zero_threshold", type=float, default=DEFAULT_ZERO_THRESHOLD,
                        help="keep entries with |x| above it (default: %(default)s)")
 
-    query = commands.add_parser("query", help="exact top-k of HDF5 queries over one or more index shards")
-    query.add_argument("--index", required=True, help="index files, comma-separated, in row order, or one "
-                                                      "mutable index directory")
+    query = commands.add_parser("query", help="exact top-k of HDF5 queries over index shards, a mutable "
+                                              "index or a Milvus collection")
+    query.add_argument("--index", default=None, help="index files, comma-separated, in row order, or one "
+                                                     "mutable index directory")
+    query.add_argument("--uri", default=None, help="instead of --index: a Milvus server or Milvus Lite file")
+    query.add_argument("--collection", default=None, help="the collection to search with --uri")
     query.add_argument("--queries", required=True, help="HDF5 file with dataset 'embedding' [Q, D]")
     query.add_argument("--k", type=int, default=10, help="results per query (default: %(default)s)")
     query.add_argument("--threshold", type=float, default=None,
