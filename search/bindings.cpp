@@ -53,15 +53,31 @@ se::CsrView csr_view(const Array<int64_t>& indptr, const Array<int32_t>& indices
   return {indptr.data(), indices.data(), values.data(), rows};
 }
 
+// BuildOptions from the Python arguments; an unknown value type is a ValueError.
+se::BuildOptions build_options(int64_t block_rows, bool reorder, const std::string& values,
+                               bool keep_float) {
+  se::BuildOptions options;
+  options.block_rows = block_rows;
+  options.reorder = reorder;
+  try {
+    options.values = se::parse_value_type(values);
+  } catch (const std::invalid_argument& e) {
+    throw py::value_error(e.what());
+  }
+  options.keep_float = keep_float;
+  return options;
+}
+
 // Runs a search over `queries` (a DenseView or CsrView of `num_queries` rows)
-// and returns (ids, scores, postings, candidates, seconds, blocks, scored).
+// and returns (ids, scores, postings, candidates, seconds, blocks, scored,
+// certified).
 template <typename View>
 py::tuple run_search(const se::SparseIndex& index, const View& queries, int64_t num_queries,
                         int64_t k, std::optional<float> threshold,
                         const std::optional<Array<float>>& rerank_database,
                         const std::optional<Array<float>>& rerank_queries, int64_t rerank_k,
                         int num_threads, const std::string& mode,
-                        std::optional<int64_t> max_blocks) {
+                        std::optional<int64_t> max_blocks, int64_t rescore_k) {
   if (k < 1) throw py::value_error("k must be >= 1, got " + std::to_string(k));
   if (rerank_database.has_value() != rerank_queries.has_value()) {
     throw py::value_error("re-ranking needs both the database and the query dense vectors");
@@ -77,6 +93,7 @@ py::tuple run_search(const se::SparseIndex& index, const View& queries, int64_t 
     throw py::value_error(e.what());
   }
   params.max_blocks = max_blocks.value_or(0);
+  params.rescore_k = rescore_k;
   if (rerank_database) {
     params.rerank_database =
         dense_view(*rerank_database, "rerank database", "[N, Dd] with N = " +
@@ -94,6 +111,7 @@ py::tuple run_search(const se::SparseIndex& index, const View& queries, int64_t 
   Array<double> seconds(num_queries);
   Array<int64_t> blocks(num_queries);
   Array<int64_t> scored(num_queries);
+  py::array_t<bool> certified(num_queries);
   se::SearchOutput out;
   out.ids = ids.mutable_data();
   out.scores = scores.mutable_data();
@@ -102,11 +120,13 @@ py::tuple run_search(const se::SparseIndex& index, const View& queries, int64_t 
   out.seconds = seconds.mutable_data();
   out.blocks = blocks.mutable_data();
   out.scored = scored.mutable_data();
+  static_assert(sizeof(bool) == sizeof(uint8_t), "certified flags are written as bytes");
+  out.certified = reinterpret_cast<uint8_t*>(certified.mutable_data());
   {
     py::gil_scoped_release release;
     index.search(queries, params, out);
   }
-  return py::make_tuple(ids, scores, postings, candidates, seconds, blocks, scored);
+  return py::make_tuple(ids, scores, postings, candidates, seconds, blocks, scored, certified);
 }
 
 }  // namespace
@@ -123,23 +143,30 @@ PYBIND11_MODULE(_search, m) {
                                           se::search_mode_name(se::SearchMode::kPruned),
                                           se::search_mode_name(se::SearchMode::kApprox),
                                           se::search_mode_name(se::SearchMode::kAuto));
+  m.attr("DEFAULT_VALUE_TYPE") = se::value_type_name(se::kDefaultValueType);
+  m.attr("VALUE_TYPES") = py::make_tuple(se::value_type_name(se::ValueType::kFloat32),
+                                         se::value_type_name(se::ValueType::kInt8));
   py::register_exception<se::FormatError>(m, "FormatError", PyExc_ValueError);
 
   py::class_<se::SparseIndex>(m, "Index")
       .def_static(
           "from_dense",
-          [](const Array<float>& x, float zero_threshold, int64_t block_rows, bool reorder) {
+          [](const Array<float>& x, float zero_threshold, int64_t block_rows, bool reorder,
+             const std::string& value_type, bool keep_float) {
             const se::DenseView view = dense_view(x, "database", "[N, D]");
+            const se::BuildOptions options = build_options(block_rows, reorder, value_type, keep_float);
             py::gil_scoped_release release;
-            return se::SparseIndex::from_dense(view, zero_threshold, {block_rows, reorder});
+            return se::SparseIndex::from_dense(view, zero_threshold, options);
           },
           py::arg("x"), py::arg("zero_threshold") = se::kDefaultZeroThreshold,
-          py::arg("block_rows") = se::kDefaultBlockRows, py::arg("reorder") = true)
+          py::arg("block_rows") = se::kDefaultBlockRows, py::arg("reorder") = true,
+          py::arg("value_type") = se::value_type_name(se::kDefaultValueType),
+          py::arg("keep_float") = false)
       .def_static(
           "from_csr",
           [](const Array<int64_t>& indptr, const Array<int32_t>& indices, const Array<float>& values,
              int64_t dim, const std::optional<Array<int32_t>>& labels, int64_t block_rows,
-             bool reorder) {
+             bool reorder, const std::string& value_type, bool keep_float) {
             const se::CsrView view = csr_view(indptr, indices, values, "database");
             const int32_t* label_data = nullptr;
             if (labels) {
@@ -149,20 +176,25 @@ PYBIND11_MODULE(_search, m) {
               }
               label_data = labels->data();
             }
+            const se::BuildOptions options = build_options(block_rows, reorder, value_type, keep_float);
             py::gil_scoped_release release;
-            return se::SparseIndex::from_csr(view, dim, label_data, {block_rows, reorder});
+            return se::SparseIndex::from_csr(view, dim, label_data, options);
           },
           py::arg("indptr"), py::arg("indices"), py::arg("values"), py::arg("dim"),
           py::arg("labels") = py::none(), py::arg("block_rows") = se::kDefaultBlockRows,
-          py::arg("reorder") = true)
+          py::arg("reorder") = true, py::arg("value_type") = se::value_type_name(se::kDefaultValueType),
+          py::arg("keep_float") = false)
       .def_static(
           "from_bin",
-          [](const std::string& path, int64_t dim, int64_t block_rows, bool reorder) {
+          [](const std::string& path, int64_t dim, int64_t block_rows, bool reorder,
+             const std::string& value_type, bool keep_float) {
+            const se::BuildOptions options = build_options(block_rows, reorder, value_type, keep_float);
             py::gil_scoped_release release;
-            return se::SparseIndex::from_bin(path, dim, {block_rows, reorder});
+            return se::SparseIndex::from_bin(path, dim, options);
           },
           py::arg("path"), py::arg("dim") = 0, py::arg("block_rows") = se::kDefaultBlockRows,
-          py::arg("reorder") = true)
+          py::arg("reorder") = true, py::arg("value_type") = se::value_type_name(se::kDefaultValueType),
+          py::arg("keep_float") = false)
       .def_static(
           "load",
           [](const std::string& path) {
@@ -182,34 +214,52 @@ PYBIND11_MODULE(_search, m) {
           [](const se::SparseIndex& index, const Array<float>& queries, int64_t k,
              std::optional<float> threshold, const std::optional<Array<float>>& rerank_database,
              const std::optional<Array<float>>& rerank_queries, int64_t rerank_k, int num_threads,
-             const std::string& mode, std::optional<int64_t> max_blocks) {
+             const std::string& mode, std::optional<int64_t> max_blocks, int64_t rescore_k) {
             const se::DenseView view = dense_view(
                 queries, "queries", "[Q, " + std::to_string(index.dim()) + "]", -1, index.dim());
             return run_search(index, view, view.rows, k, threshold, rerank_database,
-                              rerank_queries, rerank_k, num_threads, mode, max_blocks);
+                              rerank_queries, rerank_k, num_threads, mode, max_blocks, rescore_k);
           },
           py::arg("queries"), py::arg("k"), py::arg("threshold") = py::none(),
           py::arg("rerank_database") = py::none(), py::arg("rerank_queries") = py::none(),
           py::arg("rerank_k") = se::kDefaultRerankK, py::arg("num_threads") = se::kDefaultNumThreads,
           py::arg("mode") = se::search_mode_name(se::kDefaultSearchMode),
-          py::arg("max_blocks") = py::none())
+          py::arg("max_blocks") = py::none(), py::arg("rescore_k") = 0)
       .def(
           "search_csr",
           [](const se::SparseIndex& index, const Array<int64_t>& indptr, const Array<int32_t>& indices,
              const Array<float>& values, int64_t k, std::optional<float> threshold,
              const std::optional<Array<float>>& rerank_database,
              const std::optional<Array<float>>& rerank_queries, int64_t rerank_k, int num_threads,
-             const std::string& mode, std::optional<int64_t> max_blocks) {
+             const std::string& mode, std::optional<int64_t> max_blocks, int64_t rescore_k) {
             const se::CsrView view = csr_view(indptr, indices, values, "queries");
             return run_search(index, view, view.rows, k, threshold, rerank_database,
-                              rerank_queries, rerank_k, num_threads, mode, max_blocks);
+                              rerank_queries, rerank_k, num_threads, mode, max_blocks, rescore_k);
           },
           py::arg("indptr"), py::arg("indices"), py::arg("values"), py::arg("k"),
           py::arg("threshold") = py::none(), py::arg("rerank_database") = py::none(),
           py::arg("rerank_queries") = py::none(), py::arg("rerank_k") = se::kDefaultRerankK,
           py::arg("num_threads") = se::kDefaultNumThreads,
           py::arg("mode") = se::search_mode_name(se::kDefaultSearchMode),
-          py::arg("max_blocks") = py::none())
+          py::arg("max_blocks") = py::none(), py::arg("rescore_k") = 0)
+      .def(
+          "to_csr",
+          [](const se::SparseIndex& index) {
+            se::CsrMatrix m;
+            {
+              py::gil_scoped_release release;
+              m = index.to_csr();
+            }
+            auto array = [](const auto& v) {
+              using T = typename std::decay_t<decltype(v)>::value_type;
+              return Array<T>(static_cast<py::ssize_t>(v.size()), v.data());
+            };
+            return py::make_tuple(array(m.indptr), array(m.indices), array(m.values));
+          })
+      .def_property_readonly("value_type",
+                             [](const se::SparseIndex& index) { return se::value_type_name(index.value_type()); })
+      .def_property_readonly("keeps_float", &se::SparseIndex::has_forward_store)
+      .def_property_readonly("rescore_nbytes", &se::SparseIndex::rescore_bytes)
       .def_property_readonly("rows", &se::SparseIndex::rows)
       .def_property_readonly("block_rows", &se::SparseIndex::block_rows)
       .def_property_readonly("num_blocks", &se::SparseIndex::num_blocks)

@@ -1,6 +1,6 @@
 // Inverted index over sparse embeddings: build, search, save / load.
 //
-// Index file layout (version 2, little-endian), every section starting at a
+// Index file layout (version 3, little-endian), every section starting at a
 // multiple of 64 bytes and zero-padded up to the next one:
 //
 //   header, 128 bytes:
@@ -10,31 +10,43 @@
 //    16  uint64   rows N
 //    24  uint64   dims D
 //    32  uint64   non-zeros NNZ
-//    40  uint32   flags (bit 0: labels present, bit 1: row order present)
+//    40  uint32   flags (bit 0: labels present, bit 1: row order present,
+//                 bit 2: forward store present, int8 only)
 //    44  uint32   log2 of the rows per segment block (16)
 //    48  uint64   XXH64 of every byte after the header
 //    56  uint32   rows per pruning block R (a power of two)
 //    64  uint64   block-max entries E
+//    72  uint32   values: 0 float32, 1 int8 (codes with a per-dimension scale)
 //   120  uint64   XXH64 of header bytes [0, 120); the other bytes are zero
 //   uint64  segments[D * B + 1]  B = max(1, ceil(N / 65536)) row blocks; the postings
 //                                of dimension d in block b are
 //                                [segments[d * B + b], segments[d * B + b + 1])
 //   uint16  rows[NNZ]    position - 65536 * b, non-decreasing within a segment
-//   float32 values[NNZ]
+//   float32 values[NNZ]  (int8: uint8 codes[NNZ], read as int8 in a signed dimension)
 //   int32   labels[N]    only when flag bit 0 is set, by caller row id
 //   uint32  order[N]     only when flag bit 1 is set: the caller id at each position
 //   uint64  bm_offsets[D + 1]   the block-max entries of dimension d are
 //                               [bm_offsets[d], bm_offsets[d + 1])
 //   uint32  bm_block[E]  pruning block (positions [R b, R (b + 1))), increasing per dimension
 //   float32 bm_max[E], bm_min[E]   the dimension's max / min over the block's rows (0 for
-//                                  rows without it)
-//   uint32  bm_start[E]  the block's first posting, relative to the dimension's first
+//                                  rows without it); int8: uint8 codes
+//   uint32  bm_start[E]  the block's first posting, relative to the dimension's first;
+//                        int8: uint16, relative to the dimension's first in the segment
+//   int8 only:
+//   float32 scales[D]    value = code * scale
+//   uint8   signed[D]    1: int8 codes, 0: uint8 codes
+//   uint64  fwd_offsets[N + 1]   only when flag bit 2 is set: the float32 entries of
+//   uint32  fwd_dims[NNZ]        the row at position i are [fwd_offsets[i],
+//   float32 fwd_values[NNZ]      fwd_offsets[i + 1]), dimensions increasing
 //
 // The postings of a dimension are contiguous (its segments follow each other),
 // sorted by position. A posting costs 6 bytes (uint16 position within its
-// block + float32 value); the rest is 8 * D * B + 4 * N (labels) + 4 * N
-// (order) + 8 * (D + 1) + 16 * E bytes. Version 1 files (64-byte header, the
-// hash at 56, no order and no block metadata) still load.
+// block + float32 value), 3 with int8 values; the rest is 8 * D * B + 4 * N
+// (labels) + 4 * N (order) + 8 * (D + 1) + 16 * E bytes (8 * E and 5 * D with
+// int8 values, and 8 * (N + 1) + 8 * NNZ for the forward store). A float32
+// index is laid out as in version 2, whose files (header byte 72 zero) still
+// load, as do version 1 files (64-byte header, the hash at 56, no order and no
+// block metadata).
 
 #include "sparse_index.h"
 
@@ -137,6 +149,10 @@ constexpr uint64_t kHeaderSizeV1 = 64;
 constexpr uint64_t kAlign = 64;
 constexpr uint32_t kFlagLabels = 1;
 constexpr uint32_t kFlagOrder = 2;
+constexpr uint32_t kFlagForward = 4;
+// Header field at byte 72 (version 3): how posting values are stored.
+constexpr uint32_t kStoredFloat32 = 0;
+constexpr uint32_t kStoredInt8 = 1;
 
 uint64_t align_up(uint64_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
 
@@ -418,16 +434,23 @@ float dot(const float* a, const float* b, int64_t n) {
 }
 
 // A query dimension: its weight and the [blocks + 1] bounds of its segments.
+// On an int8 index `table` holds weight * (the dequantized value of code c)
+// for the 256 codes: a posting then costs a lookup instead of a multiply, and
+// adds exactly the product a float32 index of the dequantized values adds.
 struct Term {
   const uint64_t* segments;
   float weight;
   int64_t dim;
+  const float* table = nullptr;
 };
 
-// The postings of one query dimension in one row block.
+// The postings of one query dimension in one row block: float32 values, or
+// codes and their term's table.
 struct Segment {
   const uint16_t* rows;
   const float* values;
+  const uint8_t* codes;
+  const float* table;
   int64_t size;
   float weight;
 };
@@ -457,9 +480,25 @@ void scatter(float* buf, const Segment& a, int64_t from, const uint16_t* rows_en
   for (; i < a.size; ++i) buf[a.rows[i]] += a.weight * a.values[i];
 }
 
+// The same over codes: buf[row] += table[code].
+void scatter_codes(float* buf, const Segment& a, const uint16_t* rows_end,
+                   const uint8_t* codes_end) {
+  int64_t i = 0;
+  for (; i + 16 <= a.size; i += 16) {
+    prefetch(a.rows, i + kPrefetchPostings, rows_end);
+    prefetch(a.codes, i + kPrefetchPostings, codes_end);
+    for (int64_t u = i; u < i + 16; ++u) buf[a.rows[u]] += a.table[a.codes[u]];
+  }
+  for (; i < a.size; ++i) buf[a.rows[i]] += a.table[a.codes[i]];
+}
+
+// Codes per dimension: the size of a term's product table.
+constexpr int64_t kCodes = 256;
+
 // Per-thread scratch memory, reused across the thread's queries.
 struct Workspace {
   std::vector<Term> terms;
+  std::vector<float> tables;     // int8 index: kCodes products per term
   std::vector<float> block;      // dense mode: one block of scores
   std::vector<float> scores;     // sparse mode: every row, zero between queries
   std::vector<uint8_t> seen;     // sparse mode: row touched by the current query
@@ -515,6 +554,29 @@ const char* search_mode_name(SearchMode mode) {
   return "unknown";
 }
 
+namespace {
+constexpr std::pair<ValueType, const char*> kValueTypeNames[] = {
+    {ValueType::kFloat32, "float32"},
+    {ValueType::kInt8, "int8"},
+};
+}  // namespace
+
+ValueType parse_value_type(const std::string& name) {
+  std::string valid;
+  for (const auto& [type, type_name] : kValueTypeNames) {
+    if (name == type_name) return type;
+    valid += (valid.empty() ? "" : ", ") + std::string(type_name);
+  }
+  throw std::invalid_argument("unknown value type '" + name + "'; valid types: " + valid);
+}
+
+const char* value_type_name(ValueType type) {
+  for (const auto& [t, name] : kValueTypeNames) {
+    if (t == type) return name;
+  }
+  return "unknown";
+}
+
 // ---------------------------------------------------------------------------
 // Storage: owned vectors (built in memory) or a read-only file mapping.
 
@@ -531,6 +593,15 @@ struct SparseIndex::Storage {
   std::vector<float> bm_min;
   std::vector<uint32_t> bm_start;
   std::vector<float> dim_absmax;
+  std::vector<uint8_t> codes;
+  std::vector<float> scales;
+  std::vector<uint8_t> is_signed;
+  std::vector<uint8_t> bm_max_code;
+  std::vector<uint8_t> bm_min_code;
+  std::vector<uint16_t> bm_start16;
+  std::vector<uint64_t> fwd_offsets;
+  std::vector<uint32_t> fwd_dims;
+  std::vector<float> fwd_values;
   void* map = nullptr;
   size_t map_size = 0;
 
@@ -636,15 +707,19 @@ SparseIndex SparseIndex::build(const Rows& rows, int64_t dim, const int32_t* lab
                                 "shards (got " + std::to_string(n) + " rows)");
   }
   check_block_rows(options.block_rows);
+  if (options.keep_float && options.values != ValueType::kInt8) {
+    throw std::invalid_argument("keep_float applies to int8 values only (a float32 index holds "
+                                "the float values already)");
+  }
   if (!options.reorder) {
     SparseIndex index = build_postings(rows, dim, labels, {});
-    index.finish_build(options.block_rows, start);
+    index.finish_build(options, start);
     return index;
   }
   std::vector<uint32_t> order = similarity_order(rows);
   const OrderedRows<Rows> ordered{rows, order.data()};  // before `order` moves into the index
   SparseIndex index = build_postings(ordered, dim, labels, std::move(order));
-  index.finish_build(options.block_rows, start);
+  index.finish_build(options, start);
   return index;
 }
 
@@ -698,25 +773,107 @@ SparseIndex SparseIndex::build_postings(const Rows& rows, int64_t dim, const int
   return index;
 }
 
-void SparseIndex::finish_build(int64_t block_rows, Clock::time_point start) {
+void SparseIndex::finish_build(const BuildOptions& options, Clock::time_point start) {
   // The storage was made by build_postings and is not shared yet.
   auto& storage = const_cast<Storage&>(*storage_);
-  compute_blocks(storage, block_rows);
+  if (options.values == ValueType::kInt8) quantize(storage, options.keep_float);
+  compute_blocks(storage, options.block_rows);
   finish_derived(storage);
   build_seconds_ = seconds_since(start);
+}
+
+// Codes round to the nearest level; a value too small for the smallest level
+// of its sign takes it anyway, so support, postings and candidate counts stay
+// those of the float index (the per-value error is below scale / 2, and below
+// scale for those smallest values).
+void SparseIndex::quantize(Storage& storage, bool keep_float) {
+  const uint64_t nnz = static_cast<uint64_t>(nnz_);
+  if (keep_float) {
+    // Rows by position, dimensions increasing: a counting sort of the postings.
+    storage.fwd_offsets.assign(static_cast<size_t>(rows_) + 1, 0);
+    uint64_t* offsets = storage.fwd_offsets.data();
+    for (int64_t d = 0; d < dim_; ++d) {
+      const uint64_t* seg = segments_ + d * blocks_;
+      for (int64_t c = 0; c < blocks_; ++c) {
+        for (uint64_t p = seg[c]; p < seg[c + 1]; ++p) ++offsets[(c << kBlockBits) + post_rows_[p] + 1];
+      }
+    }
+    for (int64_t i = 0; i < rows_; ++i) offsets[i + 1] += offsets[i];
+    std::vector<uint64_t> cursor(offsets, offsets + rows_);
+    storage.fwd_dims.resize(nnz);
+    storage.fwd_values.resize(nnz);
+    for (int64_t d = 0; d < dim_; ++d) {
+      const uint64_t* seg = segments_ + d * blocks_;
+      for (int64_t c = 0; c < blocks_; ++c) {
+        for (uint64_t p = seg[c]; p < seg[c + 1]; ++p) {
+          const uint64_t at = cursor[(c << kBlockBits) + post_rows_[p]]++;
+          storage.fwd_dims[at] = static_cast<uint32_t>(d);
+          storage.fwd_values[at] = post_values_[p];
+        }
+      }
+    }
+    fwd_offsets_ = storage.fwd_offsets.data();
+    fwd_dims_ = storage.fwd_dims.data();
+    fwd_values_ = storage.fwd_values.data();
+  }
+  storage.scales.assign(static_cast<size_t>(dim_), 0.0f);
+  storage.is_signed.assign(static_cast<size_t>(dim_), 0);
+  storage.codes.resize(nnz);
+  for (int64_t d = 0; d < dim_; ++d) {
+    const uint64_t begin = segments_[d * blocks_], end = segments_[(d + 1) * blocks_];
+    float lo = 0.0f, hi = 0.0f;
+    for (uint64_t p = begin; p < end; ++p) {
+      lo = std::min(lo, post_values_[p]);
+      hi = std::max(hi, post_values_[p]);
+    }
+    const bool is_signed = lo < 0.0f;
+    const float levels = is_signed ? 127.0f : 255.0f;
+    float scale = std::max(hi, -lo) / levels;
+    // Values within 255 of the smallest float: keep a scale codes can reach.
+    if (!(scale > 0.0f)) scale = std::numeric_limits<float>::denorm_min();
+    storage.scales[d] = scale;
+    storage.is_signed[d] = is_signed;
+    for (uint64_t p = begin; p < end; ++p) {
+      const float v = post_values_[p];
+      float level = std::min(levels, std::max(-levels, std::nearbyint(v / scale)));
+      if (level == 0.0f) level = v > 0.0f ? 1.0f : -1.0f;
+      // Conversion to uint8 is modulo 256: a negative level gets its int8 bits.
+      storage.codes[p] = static_cast<uint8_t>(static_cast<int>(level));
+    }
+  }
+  std::vector<float>().swap(storage.values);
+  post_values_ = nullptr;
+  post_codes_ = storage.codes.data();
+  dim_scale_ = storage.scales.data();
+  dim_signed_ = storage.is_signed.data();
+  values_ = ValueType::kInt8;
+}
+
+uint64_t SparseIndex::entry_start(int64_t d, uint64_t e) const {
+  const uint64_t* seg = segments_ + d * blocks_;
+  if (values_ == ValueType::kFloat32) return seg[0] + bm_start_[e];
+  return seg[(int64_t{bm_block_[e]} * block_rows_) >> kBlockBits] + bm_start16_[e];
 }
 
 void SparseIndex::compute_blocks(Storage& storage, int64_t block_rows) {
   block_rows_ = block_rows;
   num_blocks_ = (rows_ + block_rows - 1) / block_rows;
+  const bool quantized = values_ == ValueType::kInt8;
   storage.bm_offsets.assign(static_cast<size_t>(dim_) + 1, 0);
   storage.bm_block.clear();
-  storage.bm_max.clear();
-  storage.bm_min.clear();
-  storage.bm_start.clear();
+  // Max and min of a block as levels: the float values, or the codes as
+  // signed or unsigned integers (exact in float, ordered like the values).
+  std::vector<float> hi, lo;
+  std::vector<uint32_t> start;
   for (int64_t d = 0; d < dim_; ++d) {
     const uint64_t* seg = segments_ + d * blocks_;
     const uint64_t first = seg[0];
+    const bool is_signed = quantized && dim_signed_[d];
+    auto level = [&](uint64_t p) {
+      if (!quantized) return post_values_[p];
+      return is_signed ? static_cast<float>(static_cast<int8_t>(post_codes_[p]))
+                       : static_cast<float>(post_codes_[p]);
+    };
     int64_t current = -1;
     int64_t count = 0;
     auto close = [&]() {
@@ -724,26 +881,27 @@ void SparseIndex::compute_blocks(Storage& storage, int64_t block_rows) {
       const int64_t size = std::min(block_rows, rows_ - current * block_rows);
       // Rows of the block without dimension d hold a 0 there.
       if (count < size) {
-        storage.bm_max.back() = std::max(storage.bm_max.back(), 0.0f);
-        storage.bm_min.back() = std::min(storage.bm_min.back(), 0.0f);
+        hi.back() = std::max(hi.back(), 0.0f);
+        lo.back() = std::min(lo.back(), 0.0f);
       }
     };
     for (int64_t c = 0; c < blocks_; ++c) {
       for (uint64_t p = seg[c]; p < seg[c + 1]; ++p) {
         const int64_t row = (c << kBlockBits) + post_rows_[p];
         const int64_t block = row / block_rows;
-        const float v = post_values_[p];
+        const float v = level(p);
         if (block != current) {
           close();
           current = block;
           count = 0;
           storage.bm_block.push_back(static_cast<uint32_t>(block));
-          storage.bm_max.push_back(v);
-          storage.bm_min.push_back(v);
-          storage.bm_start.push_back(static_cast<uint32_t>(p - first));
+          hi.push_back(v);
+          lo.push_back(v);
+          // Relative to the dimension (float32) or to its segment (int8).
+          start.push_back(static_cast<uint32_t>(p - (quantized ? seg[c] : first)));
         } else {
-          storage.bm_max.back() = std::max(storage.bm_max.back(), v);
-          storage.bm_min.back() = std::min(storage.bm_min.back(), v);
+          hi.back() = std::max(hi.back(), v);
+          lo.back() = std::min(lo.back(), v);
         }
         ++count;
       }
@@ -754,9 +912,27 @@ void SparseIndex::compute_blocks(Storage& storage, int64_t block_rows) {
   bm_entries_ = static_cast<int64_t>(storage.bm_block.size());
   bm_offsets_ = storage.bm_offsets.data();
   bm_block_ = storage.bm_block.data();
-  bm_max_ = storage.bm_max.data();
-  bm_min_ = storage.bm_min.data();
-  bm_start_ = storage.bm_start.data();
+  if (quantized) {
+    const auto code = [](float level) { return static_cast<uint8_t>(static_cast<int>(level)); };
+    storage.bm_max_code.resize(hi.size());
+    storage.bm_min_code.resize(lo.size());
+    storage.bm_start16.resize(start.size());
+    std::transform(hi.begin(), hi.end(), storage.bm_max_code.begin(), code);
+    std::transform(lo.begin(), lo.end(), storage.bm_min_code.begin(), code);
+    // A block's postings in its segment start below 65536 - block_rows.
+    std::transform(start.begin(), start.end(), storage.bm_start16.begin(),
+                   [](uint32_t x) { return static_cast<uint16_t>(x); });
+    bm_max_code_ = storage.bm_max_code.data();
+    bm_min_code_ = storage.bm_min_code.data();
+    bm_start16_ = storage.bm_start16.data();
+  } else {
+    storage.bm_max = std::move(hi);
+    storage.bm_min = std::move(lo);
+    storage.bm_start = std::move(start);
+    bm_max_ = storage.bm_max.data();
+    bm_min_ = storage.bm_min.data();
+    bm_start_ = storage.bm_start.data();
+  }
 }
 
 void SparseIndex::finish_derived(Storage& storage) {
@@ -764,7 +940,7 @@ void SparseIndex::finish_derived(Storage& storage) {
   for (int64_t d = 0; d < dim_; ++d) {
     float m = 0.0f;
     for (uint64_t e = bm_offsets_[d]; e < bm_offsets_[d + 1]; ++e) {
-      m = std::max({m, std::fabs(bm_max_[e]), std::fabs(bm_min_[e])});
+      m = std::max({m, std::fabs(entry_max(d, e)), std::fabs(entry_min(d, e))});
     }
     storage.dim_absmax[d] = m;
   }
@@ -804,13 +980,63 @@ SparseIndex SparseIndex::from_bin(const std::string& path, int64_t dim,
 }
 
 int64_t SparseIndex::memory_bytes() const {
-  return 8 * (dim_ * blocks_ + 1) + 6 * nnz_ + (labels_ != nullptr ? 4 * rows_ : 0);
+  const bool quantized = values_ == ValueType::kInt8;
+  return 8 * (dim_ * blocks_ + 1) + (quantized ? 3 * nnz_ + 5 * dim_ : 6 * nnz_) +
+         (labels_ != nullptr ? 4 * rows_ : 0);
+}
+
+int64_t SparseIndex::rescore_bytes() const {
+  return fwd_offsets_ != nullptr ? 8 * (rows_ + 1) + 8 * nnz_ : 0;
 }
 
 int64_t SparseIndex::block_bytes() const {
-  // Block-max lists (block, max, min, start: 16 bytes an entry), their
-  // per-dimension bounds, the per-dimension |max|, and the order with its inverse.
-  return 16 * bm_entries_ + 8 * (dim_ + 1) + 4 * dim_ + (order_ != nullptr ? 8 * rows_ : 0);
+  // Block-max lists (block, max, min, start: 16 bytes an entry, 8 with int8
+  // values), their per-dimension bounds, the per-dimension |max|, and the
+  // order with its inverse.
+  const int64_t entry = values_ == ValueType::kInt8 ? 8 : 16;
+  return entry * bm_entries_ + 8 * (dim_ + 1) + 4 * dim_ + (order_ != nullptr ? 8 * rows_ : 0);
+}
+
+CsrMatrix SparseIndex::to_csr() const {
+  CsrMatrix m;
+  m.cols = dim_;
+  m.indptr.assign(static_cast<size_t>(rows_) + 1, 0);
+  auto caller = [&](int64_t position) { return order_ != nullptr ? order_[position] : position; };
+  m.indices.resize(nnz_);
+  m.values.resize(nnz_);
+  if (fwd_offsets_ != nullptr) {
+    for (int64_t i = 0; i < rows_; ++i) {
+      m.indptr[caller(i) + 1] = static_cast<int64_t>(fwd_offsets_[i + 1] - fwd_offsets_[i]);
+    }
+    for (int64_t i = 0; i < rows_; ++i) m.indptr[i + 1] += m.indptr[i];
+    for (int64_t i = 0; i < rows_; ++i) {
+      const int64_t at = m.indptr[caller(i)];
+      for (uint64_t p = fwd_offsets_[i]; p < fwd_offsets_[i + 1]; ++p) {
+        m.indices[at + (p - fwd_offsets_[i])] = static_cast<int32_t>(fwd_dims_[p]);
+        m.values[at + (p - fwd_offsets_[i])] = fwd_values_[p];
+      }
+    }
+    return m;
+  }
+  // A counting sort of the postings by caller row; dimensions come in
+  // increasing order, so each row's indices do too.
+  auto each_posting = [&](auto&& f) {
+    for (int64_t d = 0; d < dim_; ++d) {
+      const uint64_t* seg = segments_ + d * blocks_;
+      for (int64_t c = 0; c < blocks_; ++c) {
+        for (uint64_t p = seg[c]; p < seg[c + 1]; ++p) f(d, caller((c << kBlockBits) + post_rows_[p]), p);
+      }
+    }
+  };
+  each_posting([&](int64_t, int64_t row, uint64_t) { ++m.indptr[row + 1]; });
+  for (int64_t i = 0; i < rows_; ++i) m.indptr[i + 1] += m.indptr[i];
+  std::vector<int64_t> cursor(m.indptr.begin(), m.indptr.end() - 1);
+  each_posting([&](int64_t d, int64_t row, uint64_t p) {
+    const int64_t at = cursor[row]++;
+    m.indices[at] = static_cast<int32_t>(d);
+    m.values[at] = values_ == ValueType::kFloat32 ? post_values_[p] : dequantize(d, post_codes_[p]);
+  });
+  return m;
 }
 
 bool SparseIndex::memory_mapped() const { return storage_ != nullptr && storage_->map != nullptr; }
@@ -869,6 +1095,18 @@ void SparseIndex::search_impl(const Queries& queries, const SearchParams& params
     check_dense(db, "rerank database");
     check_dense(qd, "rerank queries");
   }
+  const bool rescore = params.rescore_k != 0;
+  if (rescore) {
+    if (params.rescore_k < k) {
+      throw std::invalid_argument("rescore_k (" + std::to_string(params.rescore_k) +
+                                  ") must be >= k (" + std::to_string(k) + ")");
+    }
+    if (fwd_offsets_ == nullptr) {
+      throw std::invalid_argument("rescore_k needs an int8 index built with keep_float (the float "
+                                  "rows it re-scores from)");
+    }
+    if (rerank) throw std::invalid_argument("rescore_k and the dense re-rank are exclusive");
+  }
   if (params.mode == SearchMode::kApprox ? params.max_blocks < 1 : params.max_blocks != 0) {
     throw std::invalid_argument(
         params.mode == SearchMode::kApprox
@@ -880,9 +1118,12 @@ void SparseIndex::search_impl(const Queries& queries, const SearchParams& params
   const int64_t max_blocks =
       params.mode == SearchMode::kApprox ? params.max_blocks : std::numeric_limits<int64_t>::max();
   const float threshold = params.threshold;
+  const bool quantized = values_ == ValueType::kInt8;
   const uint16_t* rows_end = post_rows_ + nnz_;
   const float* values_end = post_values_ + nnz_;
-  const int64_t first_capacity = std::min(rerank ? params.rerank_k : k, rows_);
+  const uint8_t* codes_end = post_codes_ + nnz_;
+  const int64_t first_capacity =
+      std::min(rerank ? params.rerank_k : rescore ? params.rescore_k : k, rows_);
   const int64_t final_capacity = std::min(k, rows_);
 
   // Block-max pruning over the query's terms (ws.terms), into ws.first.
@@ -912,9 +1153,15 @@ void SparseIndex::search_impl(const Queries& queries, const SearchParams& params
     double magnitude = 0.0;
     for (const Term& t : ws.terms) {
       const float w = t.weight;
-      const float* bound = w > 0 ? bm_max_ : bm_min_;
       const uint64_t end = bm_offsets_[t.dim + 1];
-      for (uint64_t e = bm_offsets_[t.dim]; e < end; ++e) bounds[bm_block_[e]] += w * bound[e];
+      if (quantized) {
+        // The table's product of the extreme code is the float index's bound.
+        const uint8_t* bound = w > 0 ? bm_max_code_ : bm_min_code_;
+        for (uint64_t e = bm_offsets_[t.dim]; e < end; ++e) bounds[bm_block_[e]] += t.table[bound[e]];
+      } else {
+        const float* bound = w > 0 ? bm_max_ : bm_min_;
+        for (uint64_t e = bm_offsets_[t.dim]; e < end; ++e) bounds[bm_block_[e]] += w * bound[e];
+      }
       magnitude += std::fabs(static_cast<double>(w)) * dim_absmax_[t.dim];
     }
     const double slack =
@@ -941,11 +1188,14 @@ void SparseIndex::search_impl(const Queries& queries, const SearchParams& params
         const uint32_t* it = std::lower_bound(first, last, b);
         if (it == last || *it != b) continue;
         const uint64_t e = static_cast<uint64_t>(it - bm_block_);
-        const uint64_t base = t.segments[0];
-        const uint64_t begin = base + bm_start_[e];
-        const uint64_t end = it + 1 < last ? base + bm_start_[e + 1] : t.segments[blocks_];
+        const uint64_t begin = entry_start(t.dim, e);
+        const uint64_t end = it + 1 < last ? entry_start(t.dim, e + 1) : t.segments[blocks_];
         const float w = t.weight;
-        for (uint64_t p = begin; p < end; ++p) buf[post_rows_[p] - local] += w * post_values_[p];
+        if (quantized) {
+          for (uint64_t p = begin; p < end; ++p) buf[post_rows_[p] - local] += t.table[post_codes_[p]];
+        } else {
+          for (uint64_t p = begin; p < end; ++p) buf[post_rows_[p] - local] += w * post_values_[p];
+        }
         scored += static_cast<int64_t>(end - begin);
       }
       candidates += scan_block(buf, size, lo, threshold, top, order_, true);
@@ -1027,7 +1277,7 @@ void SparseIndex::search_impl(const Queries& queries, const SearchParams& params
               seen[r] = 1;
               ws.touched.push_back(r);
             }
-            s[r] += t.weight * post_values_[p];
+            s[r] += quantized ? t.table[post_codes_[p]] : t.weight * post_values_[p];
           }
         }
       }
@@ -1066,15 +1316,67 @@ void SparseIndex::search_impl(const Queries& queries, const SearchParams& params
       std::fill(buf, buf + size, 0.0f);
       auto segment = [&](const Term& t) {
         const uint64_t begin = t.segments[b];
-        return Segment{post_rows_ + begin, post_values_ + begin,
+        return Segment{post_rows_ + begin, quantized ? nullptr : post_values_ + begin,
+                       quantized ? post_codes_ + begin : nullptr, t.table,
                        static_cast<int64_t>(t.segments[b + 1] - begin), t.weight};
       };
       // One term after the other, in the query's order: every mode adds a
       // row's products in that order, so their float32 scores agree bit
       // for bit (interleaving two terms' scatters would reorder them).
-      for (const Term& t : ws.terms) scatter(buf, segment(t), 0, rows_end, values_end);
+      for (const Term& t : ws.terms) {
+        if (quantized) {
+          scatter_codes(buf, segment(t), rows_end, codes_end);
+        } else {
+          scatter(buf, segment(t), 0, rows_end, values_end);
+        }
+      }
       candidates += scan_block(buf, size, lo, threshold, top, order_, order_ != nullptr);
     }
+  };
+
+  // Re-scores ws.ranked (the top rescore_k by quantized score, best first)
+  // from the forward store and leaves the top k by exact score in it. Each
+  // score adds the products w * x of the row's dimensions in the query's term
+  // order, from 0, as every mode of a float32 index does: the same float32
+  // result bit for bit. Returns whether the top-k is provably exact
+  // (`exact_mode`: every row left out scored at most the last quantized score
+  // kept, or at most the threshold when fewer qualified): a row's exact score
+  // differs from its quantized one by less than E = sum |w| * scale over the
+  // query's terms (a code is off by at most half a level, or a level for the
+  // smallest codes) plus float32 rounding, so a k-th exact score above the
+  // best a left-out row could reach proves it.
+  auto rescore_ranked = [&](Workspace& ws, bool exact_mode) -> uint8_t {
+    TopK& top = ws.second;
+    top.reset(final_capacity);
+    for (const Candidate& c : ws.ranked) {
+      const int64_t i = position_ != nullptr ? position_[c.row] : c.row;
+      const uint32_t* dims = fwd_dims_ + fwd_offsets_[i];
+      const uint32_t* dims_end = fwd_dims_ + fwd_offsets_[i + 1];
+      float score = 0.0f;
+      for (const Term& t : ws.terms) {
+        const uint32_t* it = std::lower_bound(dims, dims_end, static_cast<uint32_t>(t.dim));
+        if (it != dims_end && *it == t.dim) score += t.weight * fwd_values_[it - fwd_dims_];
+      }
+      if (score > threshold) top.push({score, c.row});
+    }
+    const bool kept_all = static_cast<int64_t>(ws.ranked.size()) == first_capacity;
+    const double left_out = kept_all ? static_cast<double>(ws.ranked.back().score) : threshold;
+    top.take_sorted(ws.ranked);
+    if (!exact_mode) return 0;
+    // Every row was re-scored.
+    if (kept_all ? first_capacity == rows_ : threshold == kNoThreshold) return 1;
+    double error = 0.0;
+    double magnitude = 0.0;
+    for (const Term& t : ws.terms) {
+      const double w = std::fabs(static_cast<double>(t.weight));
+      error += w * dim_scale_[t.dim];
+      magnitude += w * (static_cast<double>(dim_absmax_[t.dim]) + dim_scale_[t.dim]);
+    }
+    const double reach =
+        left_out + error + 2.0 * static_cast<double>(ws.terms.size() + 2) * std::ldexp(magnitude, -23);
+    return static_cast<int64_t>(ws.ranked.size()) == final_capacity
+               ? static_cast<double>(ws.ranked.back().score) > reach
+               : static_cast<double>(threshold) >= reach;
   };
 
   auto run_query = [&](int64_t q, Workspace& ws) {
@@ -1091,6 +1393,18 @@ void SparseIndex::search_impl(const Queries& queries, const SearchParams& params
         entries += static_cast<int64_t>(bm_offsets_[d + 1] - bm_offsets_[d]);
       }
     });
+    if (quantized) {
+      ws.tables.resize(ws.terms.size() * kCodes);
+      float* table = ws.tables.data();
+      for (Term& t : ws.terms) {
+        for (int64_t c = 0; c < kCodes; ++c) {
+          table[c] = t.weight * dequantize(t.dim, static_cast<uint8_t>(c));
+        }
+        t.table = table;
+        table += kCodes;
+      }
+    }
+    uint8_t certified = 0;
     int64_t candidates = 0;
     int64_t found = 0;
     int64_t blocks = num_blocks_;
@@ -1109,6 +1423,7 @@ void SparseIndex::search_impl(const Queries& queries, const SearchParams& params
         run_exhaustive(ws, postings, candidates);
       }
       top.take_sorted(ws.ranked);
+      if (rescore) certified = rescore_ranked(ws, params.mode != SearchMode::kApprox);
       if (rerank) {
         const DenseView& db = params.rerank_database;
         const float* qv = params.rerank_queries.data + q * db.cols;
@@ -1132,6 +1447,7 @@ void SparseIndex::search_impl(const Queries& queries, const SearchParams& params
     if (out.blocks != nullptr) out.blocks[q] = blocks;
     if (out.scored != nullptr) out.scored[q] = scored;
     if (out.candidates != nullptr) out.candidates[q] = candidates;
+    if (out.certified != nullptr) out.certified[q] = certified;
     if (out.seconds != nullptr) out.seconds[q] = seconds_since(start);
   };
 
@@ -1180,20 +1496,40 @@ void SparseIndex::save(const std::string& path) const {
   };
   const uint64_t nnz = static_cast<uint64_t>(nnz_);
   const uint64_t rows = rows_, dim = dim_, entries = bm_entries_;
+  const bool quantized = values_ == ValueType::kInt8;
   section(segments_, 8 * (static_cast<uint64_t>(dim_ * blocks_) + 1));
   section(post_rows_, 2 * nnz);
-  section(post_values_, 4 * nnz);
+  if (quantized) {
+    section(post_codes_, nnz);
+  } else {
+    section(post_values_, 4 * nnz);
+  }
   if (labels_ != nullptr) section(labels_, 4 * rows);
   if (order_ != nullptr) section(order_, 4 * rows);
   section(bm_offsets_, 8 * (dim + 1));
   section(bm_block_, 4 * entries);
-  section(bm_max_, 4 * entries);
-  section(bm_min_, 4 * entries);
-  section(bm_start_, 4 * entries);
+  if (quantized) {
+    section(bm_max_code_, entries);
+    section(bm_min_code_, entries);
+    section(bm_start16_, 2 * entries);
+    section(dim_scale_, 4 * dim);
+    section(dim_signed_, dim);
+    if (fwd_offsets_ != nullptr) {
+      section(fwd_offsets_, 8 * (rows + 1));
+      section(fwd_dims_, 4 * nnz);
+      section(fwd_values_, 4 * nnz);
+    }
+  } else {
+    section(bm_max_, 4 * entries);
+    section(bm_min_, 4 * entries);
+    section(bm_start_, 4 * entries);
+  }
 
   const uint32_t version = kIndexFormatVersion;
   const uint32_t header_size = kHeaderSize;
-  const uint32_t flags = (labels_ != nullptr ? kFlagLabels : 0) | (order_ != nullptr ? kFlagOrder : 0);
+  const uint32_t flags = (labels_ != nullptr ? kFlagLabels : 0) | (order_ != nullptr ? kFlagOrder : 0) |
+                         (fwd_offsets_ != nullptr ? kFlagForward : 0);
+  const uint32_t stored = quantized ? kStoredInt8 : kStoredFloat32;
   const uint32_t block_bits = kBlockBits;
   const uint32_t block_rows = static_cast<uint32_t>(block_rows_);
   const uint64_t payload_hash = hash.digest();
@@ -1208,6 +1544,7 @@ void SparseIndex::save(const std::string& path) const {
   std::memcpy(header + 48, &payload_hash, 8);
   std::memcpy(header + 56, &block_rows, 4);
   std::memcpy(header + 64, &entries, 8);
+  std::memcpy(header + 72, &stored, 4);
   const uint64_t header_hash = xxh64(header, kHeaderSize - 8);
   std::memcpy(header + kHeaderSize - 8, &header_hash, 8);
   if (std::fseek(f, 0, SEEK_SET) != 0) {
@@ -1252,26 +1589,28 @@ SparseIndex SparseIndex::load(const std::string& path) {
   uint32_t version;
   std::memcpy(&version, base + 8, 4);
   // Where the header checksum sits depends on the version (v1: a 64-byte
-  // header, v2: 128 bytes); a flipped version bit fails both.
+  // header, v2 and v3: 128 bytes); a flipped version bit fails both.
   auto header_ok = [&](uint64_t header_size) {
     uint64_t stored;
     if (size < header_size) return false;
     std::memcpy(&stored, base + header_size - 8, 8);
     return xxh64(base, header_size - 8) == stored;
   };
-  if (version == kIndexFormatVersion && size < kHeaderSize && !header_ok(kHeaderSizeV1)) {
+  if (version > 1 && version <= kIndexFormatVersion && size < kHeaderSize &&
+      !header_ok(kHeaderSizeV1)) {
     throw FormatError(path + " is truncated: " + std::to_string(size) + " bytes, shorter than the " +
                       std::to_string(kHeaderSize) + "-byte header");
   }
   const bool v1 = header_ok(kHeaderSizeV1);
   const bool v2 = header_ok(kHeaderSize);
   if (!v1 && !v2) throw FormatError(path + " is corrupted: header checksum mismatch");
-  if (!(version == 1 && v1) && !(version == kIndexFormatVersion && v2)) {
+  if (!(version == 1 && v1) && !(version > 1 && version <= kIndexFormatVersion && v2)) {
     throw FormatError(path + " has index format version " + std::to_string(version) +
                       "; this build reads versions 1 to " + std::to_string(kIndexFormatVersion));
   }
   const uint64_t header_size = version == 1 ? kHeaderSizeV1 : kHeaderSize;
   uint32_t stored_header_size, flags, block_bits, block_rows = kDefaultBlockRows;
+  uint32_t stored = kStoredFloat32;
   uint64_t rows, dim, nnz, payload_hash, entries = 0;
   std::memcpy(&stored_header_size, base + 12, 4);
   std::memcpy(&rows, base + 16, 8);
@@ -1284,8 +1623,13 @@ SparseIndex SparseIndex::load(const std::string& path) {
     std::memcpy(&block_rows, base + 56, 4);
     std::memcpy(&entries, base + 64, 8);
   }
-  const uint32_t known_flags = version == 1 ? kFlagLabels : kFlagLabels | kFlagOrder;
+  if (version >= 3) std::memcpy(&stored, base + 72, 4);
+  const bool quantized = stored == kStoredInt8;
+  const uint32_t known_flags = version == 1   ? kFlagLabels
+                               : quantized    ? kFlagLabels | kFlagOrder | kFlagForward
+                                              : kFlagLabels | kFlagOrder;
   if (stored_header_size != header_size || (flags & ~known_flags) != 0 || block_bits != kBlockBits ||
+      stored > kStoredInt8 ||
       rows >= uint64_t{kMaxRows} ||
       dim < 1 || dim > uint64_t{std::numeric_limits<int32_t>::max()} ||
       nnz > (uint64_t{1} << 48) || entries > nnz || block_rows < kMinBlockRows ||
@@ -1294,19 +1638,29 @@ SparseIndex SparseIndex::load(const std::string& path) {
   }
   const bool has_labels = (flags & kFlagLabels) != 0;
   const bool has_order = (flags & kFlagOrder) != 0;
+  const bool has_forward = (flags & kFlagForward) != 0;
+  // int8: one byte per value and per block max / min, two per block start.
+  const uint64_t value_bytes = quantized ? 1 : 4;
+  const uint64_t start_bytes = quantized ? 2 : 4;
   const uint64_t blocks = std::max<uint64_t>(1, (rows + kBlockRows - 1) / kBlockRows);
   const uint64_t keys = dim * blocks;
   const uint64_t segments_at = header_size;
   const uint64_t rows_at = segments_at + align_up(8 * (keys + 1));
   const uint64_t values_at = rows_at + align_up(2 * nnz);
-  const uint64_t labels_at = values_at + align_up(4 * nnz);
+  const uint64_t labels_at = values_at + align_up(value_bytes * nnz);
   const uint64_t order_at = labels_at + (has_labels ? align_up(4 * rows) : 0);
   const uint64_t bm_offsets_at = order_at + (has_order ? align_up(4 * rows) : 0);
   const uint64_t bm_block_at = bm_offsets_at + (version == 1 ? 0 : align_up(8 * (dim + 1)));
   const uint64_t bm_max_at = bm_block_at + align_up(4 * entries);
-  const uint64_t bm_min_at = bm_max_at + align_up(4 * entries);
-  const uint64_t bm_start_at = bm_min_at + align_up(4 * entries);
-  const uint64_t expected = version == 1 ? bm_offsets_at : bm_start_at + align_up(4 * entries);
+  const uint64_t bm_min_at = bm_max_at + align_up(value_bytes * entries);
+  const uint64_t bm_start_at = bm_min_at + align_up(value_bytes * entries);
+  const uint64_t scales_at = bm_start_at + align_up(start_bytes * entries);
+  const uint64_t signed_at = scales_at + (quantized ? align_up(4 * dim) : 0);
+  const uint64_t fwd_offsets_at = signed_at + (quantized ? align_up(dim) : 0);
+  const uint64_t fwd_dims_at = fwd_offsets_at + (has_forward ? align_up(8 * (rows + 1)) : 0);
+  const uint64_t fwd_values_at = fwd_dims_at + (has_forward ? align_up(4 * nnz) : 0);
+  const uint64_t expected =
+      version == 1 ? bm_offsets_at : fwd_values_at + (has_forward ? align_up(4 * nnz) : 0);
   if (size < expected) {
     throw FormatError(path + " is truncated: " + std::to_string(size) + " bytes, expected " +
                       std::to_string(expected));
@@ -1324,7 +1678,7 @@ SparseIndex SparseIndex::load(const std::string& path) {
   // bounds.
   const auto* segments = reinterpret_cast<const uint64_t*>(base + segments_at);
   const auto* post_rows = reinterpret_cast<const uint16_t*>(base + rows_at);
-  const auto* post_values = reinterpret_cast<const float*>(base + values_at);
+  const auto* post_values = quantized ? nullptr : reinterpret_cast<const float*>(base + values_at);
   const std::string inconsistent = path + " is corrupted: inconsistent postings";
   if (segments[0] != 0 || segments[keys] != nnz) throw FormatError(inconsistent);
   for (uint64_t key = 0; key < keys; ++key) {
@@ -1336,7 +1690,8 @@ SparseIndex SparseIndex::load(const std::string& path) {
     const uint64_t block_rows_here = std::min<uint64_t>(kBlockRows, rows - block * kBlockRows);
     for (uint64_t p = segments[key]; p < segments[key + 1]; ++p) {
       if (post_rows[p] >= block_rows_here ||
-          (p > segments[key] && post_rows[p] < post_rows[p - 1]) || !std::isfinite(post_values[p])) {
+          (p > segments[key] && post_rows[p] < post_rows[p - 1]) ||
+          (!quantized && !std::isfinite(post_values[p]))) {
         throw FormatError(inconsistent);
       }
     }
@@ -1360,6 +1715,45 @@ SparseIndex SparseIndex::load(const std::string& path) {
   index.segments_ = segments;
   index.post_rows_ = post_rows;
   index.post_values_ = post_values;
+  if (quantized) {
+    index.values_ = ValueType::kInt8;
+    index.post_codes_ = base + values_at;
+    const auto* scales = reinterpret_cast<const float*>(base + scales_at);
+    const uint8_t* is_signed = base + signed_at;
+    for (uint64_t d = 0; d < dim; ++d) {
+      if (!(scales[d] > 0.0f) || !std::isfinite(scales[d] * 255.0f) || is_signed[d] > 1) {
+        throw FormatError(path + " is corrupted: invalid value scales");
+      }
+    }
+    // A code 0 (or -128 for int8) is never written: every non-zero is a level.
+    for (uint64_t d = 0; d < dim; ++d) {
+      for (uint64_t p = segments[d * blocks]; p < segments[(d + 1) * blocks]; ++p) {
+        if (index.post_codes_[p] == 0 || (is_signed[d] && index.post_codes_[p] == 0x80)) {
+          throw FormatError(inconsistent);
+        }
+      }
+    }
+    index.dim_scale_ = scales;
+    index.dim_signed_ = is_signed;
+  }
+  if (has_forward) {
+    const auto* offsets = reinterpret_cast<const uint64_t*>(base + fwd_offsets_at);
+    const auto* dims = reinterpret_cast<const uint32_t*>(base + fwd_dims_at);
+    const auto* values = reinterpret_cast<const float*>(base + fwd_values_at);
+    const std::string bad_forward = path + " is corrupted: inconsistent forward store";
+    if (offsets[0] != 0 || offsets[rows] != nnz) throw FormatError(bad_forward);
+    for (uint64_t i = 0; i < rows; ++i) {
+      if (offsets[i + 1] < offsets[i] || offsets[i + 1] > nnz) throw FormatError(bad_forward);
+      for (uint64_t p = offsets[i]; p < offsets[i + 1]; ++p) {
+        if (dims[p] >= dim || (p > offsets[i] && dims[p] <= dims[p - 1]) || !std::isfinite(values[p])) {
+          throw FormatError(bad_forward);
+        }
+      }
+    }
+    index.fwd_offsets_ = offsets;
+    index.fwd_dims_ = dims;
+    index.fwd_values_ = values;
+  }
   index.labels_ = has_labels ? reinterpret_cast<const int32_t*>(base + labels_at) : nullptr;
   index.order_ = order;
   // The block metadata is a function of the postings: version 1 files get
@@ -1370,25 +1764,38 @@ SparseIndex SparseIndex::load(const std::string& path) {
     const auto same = [&](const void* computed, uint64_t at, uint64_t bytes) {
       return bytes == 0 || std::memcmp(computed, base + at, bytes) == 0;
     };
+    const void* computed_max = quantized ? static_cast<const void*>(index.bm_max_code_) : index.bm_max_;
+    const void* computed_min = quantized ? static_cast<const void*>(index.bm_min_code_) : index.bm_min_;
+    const void* computed_start =
+        quantized ? static_cast<const void*>(index.bm_start16_) : index.bm_start_;
     if (static_cast<uint64_t>(index.bm_entries_) != entries ||
         !same(index.bm_offsets_, bm_offsets_at, 8 * (dim + 1)) ||
         !same(index.bm_block_, bm_block_at, 4 * entries) ||
-        !same(index.bm_max_, bm_max_at, 4 * entries) ||
-        !same(index.bm_min_, bm_min_at, 4 * entries) ||
-        !same(index.bm_start_, bm_start_at, 4 * entries)) {
+        !same(computed_max, bm_max_at, value_bytes * entries) ||
+        !same(computed_min, bm_min_at, value_bytes * entries) ||
+        !same(computed_start, bm_start_at, start_bytes * entries)) {
       throw FormatError(path + " is corrupted: block metadata does not match the postings");
     }
     // Serve the mapped copy; the computed one was only the check.
     index.bm_offsets_ = reinterpret_cast<const uint64_t*>(base + bm_offsets_at);
     index.bm_block_ = reinterpret_cast<const uint32_t*>(base + bm_block_at);
-    index.bm_max_ = reinterpret_cast<const float*>(base + bm_max_at);
-    index.bm_min_ = reinterpret_cast<const float*>(base + bm_min_at);
-    index.bm_start_ = reinterpret_cast<const uint32_t*>(base + bm_start_at);
+    if (quantized) {
+      index.bm_max_code_ = base + bm_max_at;
+      index.bm_min_code_ = base + bm_min_at;
+      index.bm_start16_ = reinterpret_cast<const uint16_t*>(base + bm_start_at);
+    } else {
+      index.bm_max_ = reinterpret_cast<const float*>(base + bm_max_at);
+      index.bm_min_ = reinterpret_cast<const float*>(base + bm_min_at);
+      index.bm_start_ = reinterpret_cast<const uint32_t*>(base + bm_start_at);
+    }
     std::vector<uint64_t>().swap(storage->bm_offsets);
     std::vector<uint32_t>().swap(storage->bm_block);
     std::vector<float>().swap(storage->bm_max);
     std::vector<float>().swap(storage->bm_min);
     std::vector<uint32_t>().swap(storage->bm_start);
+    std::vector<uint8_t>().swap(storage->bm_max_code);
+    std::vector<uint8_t>().swap(storage->bm_min_code);
+    std::vector<uint16_t>().swap(storage->bm_start16);
   }
   index.finish_derived(*storage);
   index.storage_ = std::move(storage);

@@ -31,7 +31,9 @@ inline constexpr float kNoThreshold = -std::numeric_limits<float>::infinity();
 
 // Version of the file written by SparseIndex::save. Version 1 files (no row
 // order, no block metadata) still load: their metadata is recomputed.
-inline constexpr uint32_t kIndexFormatVersion = 2;
+// Version 2 files load too (version 3 adds quantized values and the forward
+// store; a float32 index is laid out as in version 2).
+inline constexpr uint32_t kIndexFormatVersion = 3;
 
 // Rows per pruning block (a power of two in [kMinBlockRows, 65536]).
 inline constexpr int64_t kDefaultBlockRows = 128;
@@ -56,6 +58,20 @@ inline constexpr SearchMode kDefaultSearchMode = SearchMode::kAuto;
 SearchMode parse_search_mode(const std::string& name);
 const char* search_mode_name(SearchMode mode);
 
+// How posting values are stored. kFloat32: the values as given (6 bytes a
+// posting). kInt8: one byte per posting and a float32 scale per dimension,
+// as uint8 codes (scale = max / 255) for a dimension whose values are all
+// non-negative (ReLU embeddings) and as int8 codes (scale = max |x| / 127)
+// otherwise; a posting then costs 3 bytes. Every non-zero stays a posting (a
+// value that would round to 0 keeps the smallest code of its sign), and the
+// search ranks the dequantized values code * scale exactly.
+enum class ValueType { kFloat32, kInt8 };
+inline constexpr ValueType kDefaultValueType = ValueType::kFloat32;
+// "float32" / "int8" <-> ValueType; parse throws std::invalid_argument naming
+// the valid types.
+ValueType parse_value_type(const std::string& name);
+const char* value_type_name(ValueType type);
+
 // How rows are laid out at build time.
 struct BuildOptions {
   // Rows per pruning block.
@@ -63,6 +79,10 @@ struct BuildOptions {
   // Reorders rows so that similar ones share blocks (tighter block bounds);
   // results always use the caller's row ids.
   bool reorder = true;
+  ValueType values = kDefaultValueType;
+  // kInt8 only: also keep every row's float32 values in a forward store (read
+  // only for the rows SearchParams::rescore_k re-scores, and by to_csr).
+  bool keep_float = false;
 };
 
 // A file (index or .bin) is missing, truncated, corrupted or of another format.
@@ -123,6 +143,11 @@ struct SearchParams {
   SearchMode mode = kDefaultSearchMode;
   // kApprox only: blocks scored per query at most (>= 1).
   int64_t max_blocks = 0;
+  // 0: off. Otherwise (>= k, an int8 index with its forward store, no dense
+  // re-rank): the top rescore_k rows by quantized score are re-scored
+  // exactly from their float32 values (the float index's arithmetic, so the
+  // scores are bit-identical to it) and the top k by exact score returned.
+  int64_t rescore_k = 0;
 };
 
 // Caller-owned output buffers of a batch of Q queries.
@@ -135,6 +160,10 @@ struct SearchOutput {
   int64_t* blocks = nullptr;     // [Q] row blocks scored (all of them when accumulated
                                  // exhaustively); may be null
   int64_t* scored = nullptr;     // [Q] postings actually read; may be null
+  // [Q] with rescore_k, in an exact mode: 1 when the quantization error bound
+  // proves the re-scored top-k is the exact top-k of the float rows, else 0;
+  // may be null.
+  uint8_t* certified = nullptr;
 };
 
 class SparseIndex {
@@ -157,6 +186,11 @@ class SparseIndex {
   // Writes the versioned index file (see sparse_index.cpp for the layout).
   void save(const std::string& path) const;
 
+  // The rows in caller-id order, indices increasing within a row: the float32
+  // values as given for a float32 index or an int8 one with its forward store,
+  // the dequantized values otherwise. cols is dim().
+  CsrMatrix to_csr() const;
+
   // Top-k of each query row (ties: lower row id first), exact unless
   // params.mode is kApprox. Query values
   // must be finite; CSR query indices must lie in [0, dim()).
@@ -166,8 +200,13 @@ class SparseIndex {
   int64_t rows() const { return rows_; }
   int64_t dim() const { return dim_; }
   int64_t nnz() const { return nnz_; }
-  // Postings, segment bounds and labels, in bytes.
+  ValueType value_type() const { return values_; }
+  bool has_forward_store() const { return fwd_offsets_ != nullptr; }
+  // Postings, segment bounds, labels and (int8) the per-dimension scales, in
+  // bytes: what a query reads besides the block metadata.
   int64_t memory_bytes() const;
+  // The forward store (0 without one): read only for re-scored rows.
+  int64_t rescore_bytes() const;
   // Block metadata and the row order, in bytes.
   int64_t block_bytes() const;
   int64_t block_rows() const { return block_rows_; }
@@ -193,10 +232,27 @@ class SparseIndex {
   template <typename Rows>
   static SparseIndex build_postings(const Rows& rows, int64_t dim, const int32_t* labels,
                                     std::vector<uint32_t> order);
-  // Block metadata and derived arrays of a freshly built index; sets build_seconds_.
-  void finish_build(int64_t block_rows, std::chrono::steady_clock::time_point start);
+  // Quantization, block metadata and derived arrays of a freshly built index;
+  // sets build_seconds_.
+  void finish_build(const BuildOptions& options, std::chrono::steady_clock::time_point start);
   // Fills the block-max lists from the postings (build, and version 1 files).
   void compute_blocks(Storage& storage, int64_t block_rows);
+  // Replaces the float32 values of a freshly built index by int8 codes
+  // (keeping them as the forward store when keep_float).
+  void quantize(Storage& storage, bool keep_float);
+  // Dequantized value of code c in dimension d (kInt8).
+  float dequantize(int64_t d, uint8_t c) const {
+    return (dim_signed_[d] ? static_cast<float>(static_cast<int8_t>(c)) : static_cast<float>(c)) *
+           dim_scale_[d];
+  }
+  // Block-max entry e of dimension d: its max / min value and its first posting.
+  float entry_max(int64_t d, uint64_t e) const {
+    return values_ == ValueType::kFloat32 ? bm_max_[e] : dequantize(d, bm_max_code_[e]);
+  }
+  float entry_min(int64_t d, uint64_t e) const {
+    return values_ == ValueType::kFloat32 ? bm_min_[e] : dequantize(d, bm_min_code_[e]);
+  }
+  uint64_t entry_start(int64_t d, uint64_t e) const;
   // Fills position_ (caller id -> position) and dim_absmax_ into `storage`.
   void finish_derived(Storage& storage);
 
@@ -205,7 +261,17 @@ class SparseIndex {
   // [segments_[d * blocks_ + b], segments_[d * blocks_ + b + 1]).
   const uint64_t* segments_ = nullptr;  // [dim * blocks + 1]
   const uint16_t* post_rows_ = nullptr;  // [nnz] row - 65536 b, increasing within a segment
-  const float* post_values_ = nullptr;   // [nnz]
+  const float* post_values_ = nullptr;   // [nnz], kFloat32
+  const uint8_t* post_codes_ = nullptr;  // [nnz], kInt8: int8 or uint8 by dimension
+  const float* dim_scale_ = nullptr;     // [dim], kInt8
+  const uint8_t* dim_signed_ = nullptr;  // [dim], kInt8: 1 for int8 codes, 0 for uint8
+  // Forward store (kInt8 with keep_float): the float32 entries of the row at
+  // position i are [fwd_offsets_[i], fwd_offsets_[i + 1]) of fwd_dims_ /
+  // fwd_values_, dimensions increasing.
+  const uint64_t* fwd_offsets_ = nullptr;  // [rows + 1] or null
+  const uint32_t* fwd_dims_ = nullptr;     // [nnz]
+  const float* fwd_values_ = nullptr;      // [nnz]
+  ValueType values_ = ValueType::kFloat32;
   const int32_t* labels_ = nullptr;      // [rows] or null, by caller row id
   // Rows are stored in a build-time order: order_[position] is the caller id.
   const uint32_t* order_ = nullptr;      // [rows] or null (identity)
@@ -213,12 +279,18 @@ class SparseIndex {
   // Block-max lists: for dimension d, entries [bm_offsets_[d], bm_offsets_[d+1])
   // name the blocks (increasing) holding d, the max and min of d over the
   // block's rows (absent rows count as 0), and where the block's postings start
-  // relative to d's first posting.
+  // relative to d's first posting. An int8 index keeps the max and min as
+  // codes (exact: the dequantized values are code * scale) and the start
+  // relative to the first posting of d in the block's 65536-row segment
+  // (below 65536): 8 bytes an entry instead of 16.
   const uint64_t* bm_offsets_ = nullptr;  // [dim + 1]
   const uint32_t* bm_block_ = nullptr;    // [E]
-  const float* bm_max_ = nullptr;         // [E]
-  const float* bm_min_ = nullptr;         // [E]
-  const uint32_t* bm_start_ = nullptr;    // [E]
+  const float* bm_max_ = nullptr;         // [E], kFloat32
+  const float* bm_min_ = nullptr;         // [E], kFloat32
+  const uint32_t* bm_start_ = nullptr;    // [E], kFloat32
+  const uint8_t* bm_max_code_ = nullptr;  // [E], kInt8
+  const uint8_t* bm_min_code_ = nullptr;  // [E], kInt8
+  const uint16_t* bm_start16_ = nullptr;  // [E], kInt8
   const float* dim_absmax_ = nullptr;     // [dim] largest |value| of each dimension
   int64_t bm_entries_ = 0;
   int64_t block_rows_ = kDefaultBlockRows;

@@ -43,7 +43,27 @@ order and the block metadata); `load` memory-maps it after checking all of
 them, the block metadata against the postings it describes, so a truncated,
 corrupted or foreign file raises `DataError` instead of crashing. Files of
 format version 1 (before the block metadata) still load: their rows keep their
-order and the metadata is computed at load time.
+order and the metadata is computed at load time; so do version 2 files (a
+float32 index is laid out as in version 2).
+
+Value types (`VALUE_TYPES`, the `value_type` of the constructors): "float32"
+stores each posting's value as given (6 bytes a posting). "int8" stores one
+byte per posting with a float32 scale per dimension: uint8 codes with scale =
+max x_d / 255 for a dimension whose values are all non-negative (ReLU
+embeddings, the common case), int8 codes with scale = max |x_d| / 127
+otherwise; a posting costs 3 bytes and the block metadata 8 bytes an entry
+instead of 16. Every non-zero stays a posting (a value that would round to 0
+keeps the smallest code of its sign), so supports, postings and candidate
+counts are those of the float index, and every exact mode returns exactly the
+top-k of the *dequantized* scores (code * scale), with the float32 scores a
+float32 index of the dequantized rows returns (`to_csr` gives those rows).
+With `keep_float=True` an int8 index also keeps the float32 rows in a forward
+store (a separate file section, read only for the rows re-scored):
+`search(..., rescore_k=R)` takes the top R rows by quantized score, re-scores
+them exactly in float32 (bit-identical to what a float32 index returns for
+those rows) and returns the top k by exact score; `stats["certified"]` says
+per query whether the quantization error bound proves that top-k is the exact
+one. `nbytes` counts what every query reads, `rescore_nbytes` the forward store.
 
 The `.bin` format of the original sparse-embed code (little-endian): int32 N,
 then per row int32 label, int32 nnz, int32 indices[nnz], float32 values[nnz].
@@ -78,8 +98,10 @@ __all__ = [
     "DEFAULT_NUM_THREADS",
     "DEFAULT_RERANK_K",
     "DEFAULT_SEARCH_MODE",
+    "DEFAULT_VALUE_TYPE",
     "DEFAULT_ZERO_THRESHOLD",
     "SEARCH_MODES",
+    "VALUE_TYPES",
     "SparseIndex",
     "brute_force_search",
     "hdf5_to_bin",
@@ -94,6 +116,8 @@ DEFAULT_ZERO_THRESHOLD: float = _search.DEFAULT_ZERO_THRESHOLD
 DEFAULT_BLOCK_ROWS: int = _search.DEFAULT_BLOCK_ROWS
 DEFAULT_SEARCH_MODE: str = _search.DEFAULT_SEARCH_MODE
 SEARCH_MODES: tuple[str, ...] = tuple(_search.SEARCH_MODES)
+DEFAULT_VALUE_TYPE: str = _search.DEFAULT_VALUE_TYPE
+VALUE_TYPES: tuple[str, ...] = tuple(_search.VALUE_TYPES)
 
 # Dense queries x database rows scored at once by the oracle (float64 scores).
 _ORACLE_BATCH_ELEMENTS = 1 << 22
@@ -160,6 +184,22 @@ def _is_csr(x: Any) -> bool:
     return hasattr(x, "tocsr") or isinstance(x, tuple)
 
 
+def _value_options(value_type: str, keep_float: bool) -> tuple[str, bool]:
+    """Checked (value_type, keep_float) build arguments.
+
+    Args:
+        value_type: One of `VALUE_TYPES`.
+        keep_float: Keep the float32 rows for re-scoring; int8 only.
+    """
+    if value_type not in VALUE_TYPES:
+        raise ValueError(
+            f"unknown value_type {value_type!r}; valid value types: {', '.join(VALUE_TYPES)}")
+    if keep_float and value_type != "int8":
+        raise ValueError("keep_float applies to value_type='int8' only (a float32 index holds the "
+                         "float values already)")
+    return value_type, bool(keep_float)
+
+
 class SparseIndex:
     """Inverted index over sparse embeddings: exact top-k inner-product search.
 
@@ -180,13 +220,16 @@ class SparseIndex:
             "seconds": np.zeros(0, np.float64),
             "blocks_visited": np.zeros(0, np.int64),
             "postings_scored": np.zeros(0, np.int64),
+            "certified": np.zeros(0, bool),
             "mode": DEFAULT_SEARCH_MODE,
+            "rescore_k": None,
             "wall_seconds": 0.0,
         }
 
     @classmethod
     def from_dense(cls, x: Any, zero_threshold: float = DEFAULT_ZERO_THRESHOLD,
-                   block_rows: int = DEFAULT_BLOCK_ROWS, reorder: bool = True) -> SparseIndex:
+                   block_rows: int = DEFAULT_BLOCK_ROWS, reorder: bool = True,
+                   value_type: str = DEFAULT_VALUE_TYPE, keep_float: bool = False) -> SparseIndex:
         """Indexes the rows of a dense matrix.
 
         Args:
@@ -195,18 +238,26 @@ class SparseIndex:
             block_rows: Rows per pruning block, a power of two in [8, 65536].
             reorder: Store similar rows side by side (tighter block bounds);
                 ids stay the caller's either way.
+            value_type: How posting values are stored: "float32" or "int8"
+                (see the module docstring).
+            keep_float: With "int8", also keep the float32 rows (for
+                `search(rescore_k=...)` and an exact `to_csr`).
 
         Raises:
             ValueError: On a bad shape or dtype, non-finite values, a negative
-                threshold or a bad block_rows.
+                threshold, a bad block_rows, an unknown value_type or
+                keep_float without int8.
         """
+        options = _value_options(value_type, keep_float)
         return cls(_search.Index.from_dense(_real_matrix(x, "database", "[N, D]"),
-                                            float(zero_threshold), int(block_rows), bool(reorder)))
+                                            float(zero_threshold), int(block_rows), bool(reorder),
+                                            *options))
 
     @classmethod
     def from_csr(cls, indptr: Any, indices: Any, values: Any, dim: int,
                  labels: Any | None = None, block_rows: int = DEFAULT_BLOCK_ROWS,
-                 reorder: bool = True) -> SparseIndex:
+                 reorder: bool = True, value_type: str = DEFAULT_VALUE_TYPE,
+                 keep_float: bool = False) -> SparseIndex:
         """Indexes CSR rows (scipy's `m.indptr, m.indices, m.data`).
 
         Args:
@@ -218,11 +269,17 @@ class SparseIndex:
             block_rows: Rows per pruning block, a power of two in [8, 65536].
             reorder: Store similar rows side by side (tighter block bounds);
                 ids stay the caller's either way.
+            value_type: How posting values are stored: "float32" or "int8"
+                (see the module docstring).
+            keep_float: With "int8", also keep the float32 rows (for
+                `search(rescore_k=...)` and an exact `to_csr`).
 
         Raises:
             ValueError: On bad shapes, dtypes, out-of-range indices, non-finite
-                values or a bad block_rows.
+                values, a bad block_rows, an unknown value_type or keep_float
+                without int8.
         """
+        options = _value_options(value_type, keep_float)
         parts = _csr_arrays((indptr, indices, values), int(dim), "database")
         label_array = None
         if labels is not None:
@@ -232,11 +289,12 @@ class SparseIndex:
                 raise ValueError("labels must fit in int32")
             label_array = label_array.astype(np.int32)
         return cls(_search.Index.from_csr(*parts, int(dim), label_array, int(block_rows),
-                                          bool(reorder)))
+                                          bool(reorder), *options))
 
     @classmethod
     def from_bin(cls, path: str | os.PathLike, dim: int | None = None,
-                 block_rows: int = DEFAULT_BLOCK_ROWS, reorder: bool = True) -> SparseIndex:
+                 block_rows: int = DEFAULT_BLOCK_ROWS, reorder: bool = True,
+                 value_type: str = DEFAULT_VALUE_TYPE, keep_float: bool = False) -> SparseIndex:
         """Indexes a `.bin` embedding file, keeping its labels as `labels`.
 
         Args:
@@ -244,13 +302,19 @@ class SparseIndex:
             dim: The embedding dimension; None infers 1 + the largest index.
             block_rows: Rows per pruning block, a power of two in [8, 65536].
             reorder: Store similar rows side by side; ids stay the file's row numbers.
+            value_type: How posting values are stored: "float32" or "int8"
+                (see the module docstring).
+            keep_float: With "int8", also keep the float32 rows (for
+                `search(rescore_k=...)` and an exact `to_csr`).
 
         Raises:
             DataError: If the file is missing, truncated or malformed.
+            ValueError: On an unknown value_type or keep_float without int8.
         """
+        options = _value_options(value_type, keep_float)
         try:
             return cls(_search.Index.from_bin(os.fspath(path), int(dim or 0), int(block_rows),
-                                              bool(reorder)))
+                                              bool(reorder), *options))
         except _search.FormatError as e:
             raise DataError(str(e)) from None
 
@@ -291,6 +355,7 @@ class SparseIndex:
         num_threads: int = DEFAULT_NUM_THREADS,
         mode: str = DEFAULT_SEARCH_MODE,
         max_blocks: int | None = None,
+        rescore_k: int | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Top-k rows of every query by inner product, on all cores; exact unless mode="approx".
 
@@ -313,6 +378,11 @@ class SparseIndex:
                 the query's block lists say is cheaper; identical results);
                 see the module docstring.
             max_blocks: Blocks scored per query in mode "approx", >= 1; None otherwise.
+            rescore_k: On an int8 index built with keep_float: the top
+                `rescore_k` rows by quantized score (>= k) are re-scored
+                exactly from their float32 values and the top k by exact
+                score (above `threshold`) returned; None: quantized scores.
+                Not combined with `rerank`.
 
         Returns:
             ids int64 [Q, k] and scores float32 [Q, k], best first; -1 and
@@ -320,16 +390,27 @@ class SparseIndex:
 
         Raises:
             ValueError: On bad shapes or dtypes (the message names the expected
-                shape), non-finite values, k < 1, rerank_k < k, an unknown mode
-                or a max_blocks that does not fit the mode.
+                shape), non-finite values, k < 1, rerank_k < k, an unknown mode,
+                a max_blocks that does not fit the mode, rescore_k < k, or
+                rescore_k on an index without float rows or with `rerank`.
         """
         if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
             raise ValueError(f"k must be an integer >= 1, got {k!r}")
         if mode not in SEARCH_MODES:
             raise ValueError(f"unknown search mode {mode!r}; valid modes: {', '.join(SEARCH_MODES)}")
+        if rescore_k is not None:
+            if isinstance(rescore_k, bool) or not isinstance(rescore_k, int | np.integer) \
+                    or rescore_k < k:
+                raise ValueError(f"rescore_k must be an integer >= k ({k}), got {rescore_k!r}")
+            if not self.keeps_float:
+                raise ValueError("rescore_k needs an int8 index built with keep_float=True (the "
+                                 "float rows it re-scores from)")
+            if rerank is not None:
+                raise ValueError("rescore_k and rerank are exclusive; pass one of them")
         options: dict[str, Any] = {
             "rerank_k": int(rerank_k), "num_threads": int(num_threads), "mode": mode,
-            "max_blocks": None if max_blocks is None else int(max_blocks)}
+            "max_blocks": None if max_blocks is None else int(max_blocks),
+            "rescore_k": 0 if rescore_k is None else int(rescore_k)}
         if rerank is not None:
             if not isinstance(rerank, tuple | list) or len(rerank) != 2:
                 raise ValueError(
@@ -345,29 +426,48 @@ class SparseIndex:
             dense = _real_matrix(queries, "queries", f"[Q, {self.dim}]")
             result = self._index.search_dense(dense, int(k), threshold, **options)
         wall = time.perf_counter() - start
-        ids, scores, postings, candidates, seconds, blocks, scored = result
+        ids, scores, postings, candidates, seconds, blocks, scored, certified = result
         self._last = {"queries": len(ids), "postings": postings, "candidates": candidates,
                       "seconds": seconds, "blocks_visited": blocks, "postings_scored": scored,
-                      "mode": mode, "wall_seconds": wall}
+                      "certified": certified, "mode": mode, "rescore_k": rescore_k,
+                      "wall_seconds": wall}
         return ids, scores
+
+    def to_csr(self) -> Any:
+        """The indexed rows as a scipy.sparse.csr_matrix float32 [N, D] in caller-id order.
+
+        Indices are sorted within each row. The values are the float32 values
+        as indexed for a float32 index or an int8 one built with keep_float,
+        and the dequantized values (code * scale, what the search ranks)
+        otherwise.
+        """
+        import scipy.sparse
+
+        indptr, indices, values = self._index.to_csr()
+        return scipy.sparse.csr_matrix((values, indices, indptr), shape=(len(self), self.dim))
 
     @property
     def stats(self) -> dict[str, Any]:
         """The index's size and the statistics of the last `search`.
 
-        Keys: `rows`, `dim`, `nnz`, `bytes`, `bytes_per_nnz` (postings,
-        segment bounds, labels), `block_bytes` (block metadata and row order),
-        `block_rows`, `blocks`, `block_entries`, `build_seconds` (build, or
-        load and verification), then for the last search: `queries`, `mode`,
+        Keys: `rows`, `dim`, `nnz`, `value_type`, `bytes`, `bytes_per_nnz`
+        (postings, segment bounds, labels, int8 scales), `block_bytes` (block
+        metadata and row order), `rescore_bytes` (the forward store of an
+        int8 index built with keep_float, else 0), `block_rows`, `blocks`,
+        `block_entries`, `build_seconds` (build, or load and verification),
+        then for the last search: `queries`, `mode`, `rescore_k`,
         per-query arrays `postings` (postings of the query's dimensions: the
         paper's FLOPs, what the exhaustive mode reads), `postings_scored`
         (postings actually read), `blocks_visited` (row blocks scored; every
         block when accumulated exhaustively), `candidates` (rows with a non-zero
         score above the threshold; in the pruned modes, among the blocks
-        scored) and `seconds`, their means `postings_per_query`,
-        `postings_scored_per_query`, `blocks_per_query`,
-        `candidates_per_query`, `ms_per_query` (per query on one thread), and
-        `wall_seconds` (the whole call). Means are NaN before the first search.
+        scored), `certified` (bool: with rescore_k in an exact mode, whether
+        the quantization error bound proves the re-scored top-k is the exact
+        top-k of the float rows) and `seconds`, their means
+        `postings_per_query`, `postings_scored_per_query`, `blocks_per_query`,
+        `candidates_per_query`, `certified_fraction`, `ms_per_query` (per
+        query on one thread), and `wall_seconds` (the whole call). Means are
+        NaN before the first search.
         """
         last = self._last
         n = last["queries"]
@@ -379,9 +479,11 @@ class SparseIndex:
             "rows": len(self),
             "dim": self.dim,
             "nnz": self.nnz,
+            "value_type": self.value_type,
             "bytes": self.nbytes,
             "bytes_per_nnz": self.nbytes / self.nnz if self.nnz else math.nan,
             "block_bytes": self._index.block_nbytes,
+            "rescore_bytes": self.rescore_nbytes,
             "block_rows": self._index.block_rows,
             "blocks": self._index.num_blocks,
             "block_entries": self._index.block_entries,
@@ -391,6 +493,7 @@ class SparseIndex:
             "postings_scored_per_query": mean(last["postings_scored"]),
             "blocks_per_query": mean(last["blocks_visited"]),
             "candidates_per_query": mean(last["candidates"]),
+            "certified_fraction": mean(last["certified"]),
             "ms_per_query": mean(last["seconds"], 1e3),
         }
 
@@ -409,8 +512,24 @@ class SparseIndex:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of postings (6 per non-zero), segment bounds and labels."""
+        """Bytes every query may read: postings (6 per non-zero, 3 with int8 values), segment
+        bounds, labels and the int8 scales; the block metadata is `stats["block_bytes"]`."""
         return self._index.nbytes
+
+    @property
+    def rescore_nbytes(self) -> int:
+        """Bytes of the forward store (float rows read only when re-scoring), 0 without one."""
+        return self._index.rescore_nbytes
+
+    @property
+    def value_type(self) -> str:
+        """How posting values are stored: "float32" or "int8"."""
+        return self._index.value_type
+
+    @property
+    def keeps_float(self) -> bool:
+        """Whether an int8 index keeps its float32 rows (`search(rescore_k=...)` works)."""
+        return self._index.keeps_float
 
     @property
     def labels(self) -> np.ndarray | None:
@@ -429,7 +548,7 @@ class SparseIndex:
 
     def __repr__(self) -> str:
         return (f"SparseIndex(rows={len(self)}, dim={self.dim}, nnz={self.nnz}, "
-                f"memory_mapped={self.memory_mapped})")
+                f"value_type={self.value_type!r}, memory_mapped={self.memory_mapped})")
 
 
 def _dense64(x: Any, dim: int | None, name: str) -> np.ndarray:
