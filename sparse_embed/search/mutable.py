@@ -70,8 +70,6 @@ __all__ = ["MANIFEST_NAME", "MANIFEST_VERSION", "MutableIndex"]
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 1
-# Result entries (queries x k) asked of the index at once when its rows are read back.
-_EXTRACT_BATCH_ENTRIES = 1 << 22
 _SEGMENTS = ("base", "delta")
 # Per-query statistics of `SparseIndex.stats` summed over the segments.
 _STATS = ("postings", "postings_scored", "blocks_visited", "candidates", "seconds")
@@ -129,51 +127,6 @@ def _rows_csr(rows: Any, dim: int, zero_threshold: float) -> scipy.sparse.csr_ma
         raise ValueError("rows must be finite")
     m.sum_duplicates()
     m.eliminate_zeros()
-    m.sort_indices()
-    return m
-
-
-def _index_rows(index: SparseIndex) -> scipy.sparse.csr_matrix:
-    """The rows of an index (by its row ids), read back through its own search.
-
-    The query e_d scores every row by exactly its value in dimension d (1 * x
-    is exact in float32); with threshold 0 it returns the rows with x_d > 0,
-    and -e_d those with x_d < 0. The postings of each dimension, counted by a
-    first search, size k. The cost is the index's postings plus one short
-    search per dimension.
-
-    Args:
-        index: Any index; its rows come back as float32 CSR [len(index), dim].
-    """
-    dim = index.dim
-    if len(index) == 0:
-        return _empty_csr(dim)
-    dims = np.arange(dim, dtype=np.int64)
-    one_hot = (np.arange(dim + 1, dtype=np.int64), dims.astype(np.int32), np.ones(dim, np.float32))
-    index.search(one_hot, 1, mode="exhaustive")
-    counts = np.asarray(index.stats["postings"], np.int64)
-    rows, cols, vals = [], [], []
-    order = dims[counts > 0][np.argsort(counts[counts > 0], kind="stable")]
-    start = 0
-    while start < len(order):
-        # Dimensions in increasing posting count: a group's k is its last one's count.
-        stop = start + 1
-        while stop < len(order) and counts[order[stop]] * (stop + 1 - start) <= _EXTRACT_BATCH_ENTRIES:
-            stop += 1
-        group = order[start:stop]
-        k = int(counts[group[-1]])
-        for sign in (1.0, -1.0):
-            queries = (np.arange(len(group) + 1, dtype=np.int64), group.astype(np.int32),
-                       np.full(len(group), sign, np.float32))
-            ids, scores = index.search(queries, k, 0.0, mode="exhaustive")
-            hit = ids >= 0
-            rows.append(ids[hit])
-            cols.append(np.broadcast_to(group[:, None], ids.shape)[hit])
-            vals.append(sign * scores[hit])
-        start = stop
-    m = scipy.sparse.csr_matrix(
-        (np.concatenate(vals).astype(np.float32), (np.concatenate(rows), np.concatenate(cols))),
-        shape=(len(index), dim))
     m.sort_indices()
     return m
 
@@ -331,7 +284,7 @@ class MutableIndex:
 
     def compact(self) -> None:
         """Merges the live base rows and the delta into one new base index (ids kept)."""
-        base_rows = _index_rows(self._base)[~self._dead]
+        base_rows = self._base.to_csr()[~self._dead]
         ids = np.concatenate([self._base_ids[~self._dead], self._delta_ids])
         order = np.argsort(ids, kind="stable")
         rows = scipy.sparse.vstack([base_rows, self._delta_rows], format="csr")[order]
@@ -579,7 +532,7 @@ class MutableIndex:
         self._set_base(base, base_ids, saved=(out.resolve(), Path(segments["base"]["index"]).stem),
                        dead=np.isin(base_ids, tombstones))
         delta, delta_ids = loaded["delta"]
-        self._delta, self._delta_ids, self._delta_rows = delta, delta_ids, _index_rows(delta)
+        self._delta, self._delta_ids, self._delta_rows = delta, delta_ids, delta.to_csr()
         return self
 
     # Properties ---------------------------------------------------------------
