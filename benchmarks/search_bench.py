@@ -142,12 +142,14 @@ def identity_embeddings(rows: int, dim: int, nnz: int, group: int, rng: np.rando
 
 
 def modes_runner(index: SparseIndex, queries: scipy.sparse.csr_matrix, k: int, threads: int,
-                 mode: str, max_blocks: int | None, counters: dict[str, list[float]]) -> Runner:
-    """The index in one search mode; appends each call's blocks / postings read and ids."""
+                 mode: str, max_blocks: int | None, counters: dict[str, list[float]],
+                 rescore_k: int | None = None) -> Runner:
+    """The index in one search mode (re-scoring the top rescore_k when set); appends each call's
+    blocks / postings read and ids."""
 
     def run(start: int, stop: int) -> np.ndarray:
         ids, scores = index.search(queries[start:stop], k, num_threads=threads, mode=mode,
-                                   max_blocks=max_blocks)
+                                   max_blocks=max_blocks, rescore_k=rescore_k)
         counters["blocks"].append(float(index.stats["blocks_visited"].sum()))
         counters["scored"].append(float(index.stats["postings_scored"].sum()))
         counters["ids"].append(ids)
@@ -157,18 +159,34 @@ def modes_runner(index: SparseIndex, queries: scipy.sparse.csr_matrix, k: int, t
 
 
 def mode_rows(name: str, index: SparseIndex, queries: scipy.sparse.csr_matrix, k: int,
-              threads: int, budget: int) -> list[dict[str, float | str]]:
-    """Times exhaustive, pruned, auto and approx on one data set; one result row per mode."""
+              threads: int, budget: int, int8: SparseIndex | None = None
+              ) -> list[dict[str, float | str]]:
+    """Times exhaustive, pruned, auto and approx on one data set; one result row per mode.
+
+    With `int8` (the same rows as an int8 index with its float rows kept) it times the int8
+    index too, exhaustive and auto on the quantized scores, and auto re-scoring the top 2 k
+    and 10 k in float; their recall is against the exact float top-k.
+    """
     modes = {"exhaustive": None, "pruned": None, "auto": None, f"approx {budget} blocks": budget}
     counters = {m: {"blocks": [], "scored": [], "ids": []} for m in modes}
     runners = {m: modes_runner(index, queries, k, threads, m.split()[0], b, counters[m])
                for m, b in modes.items()}
+    if int8 is not None:
+        int8_modes = {"int8 exhaustive": None, "int8 auto": None}
+        int8_modes.update({f"int8 auto rescore {r}": r for r in (2 * k, 10 * k)})
+        for m, rescore in int8_modes.items():
+            modes[m] = None
+            counters[m] = {"blocks": [], "scored": [], "ids": []}
+            runners[m] = modes_runner(int8, queries, k, threads, m.split()[1], None, counters[m],
+                                      rescore)
     q = queries.shape[0]
     ms, tops = time_interleaved(runners, q, name)
     for exact in ("pruned", "auto"):  # exact means identical
         np.testing.assert_array_equal(tops[exact], tops["exhaustive"])
         np.testing.assert_array_equal(np.concatenate(counters[exact]["ids"]),
                                       np.concatenate(counters["exhaustive"]["ids"]))
+    if int8 is not None:  # exact on the dequantized rows
+        np.testing.assert_array_equal(tops["int8 auto"], tops["int8 exhaustive"])
     exact_ids = np.concatenate(counters["exhaustive"]["ids"][1:])
     rows = []
     for m in modes:
@@ -182,19 +200,21 @@ def mode_rows(name: str, index: SparseIndex, queries: scipy.sparse.csr_matrix, k
 
 
 def print_mode_rows(rows: list[dict[str, float | str]], index_stats: dict[str, dict]) -> None:
-    header = (f"{'data':<22}{'mode':<20}{'threads':>8}{'ms/query':>10}{'speed-up':>10}"
+    header = (f"{'data':<22}{'mode':<24}{'threads':>8}{'ms/query':>10}{'speed-up':>10}"
               f"{'blocks/q':>10}{'postings/q':>12}{'recall@k':>10}")
     print(header)
     print("-" * len(header))
     for r in rows:
-        print(f"{r['data']:<22}{r['mode']:<20}{r['threads']:>8}{r['ms']:>10.3f}"
+        print(f"{r['data']:<22}{r['mode']:<24}{r['threads']:>8}{r['ms']:>10.3f}"
               f"{r['vs_exhaustive']:>9.1f}x{r['blocks']:>10.1f}{r['postings']:>12.0f}"
               f"{r['recall']:>10.3f}")
     for name, st in index_stats.items():
         print(f"{name}: {st['rows']} rows, {st['blocks']} blocks of {st['block_rows']}, "
               f"{st['bytes_per_nnz']:.2f} + {st['block_bytes'] / st['nnz']:.2f} (block metadata, "
               f"order) = {(st['bytes'] + st['block_bytes']) / st['nnz']:.2f} bytes per non-zero, "
-              f"built in {st['build_seconds']:.1f} s")
+              + (f"forward store {st['rescore_bytes'] / st['nnz']:.2f} more, "
+                 if st["rescore_bytes"] else "")
+              + f"built in {st['build_seconds']:.1f} s")
 
 
 def run_modes(args: argparse.Namespace, threads: int, rng: np.random.Generator) -> None:
@@ -210,9 +230,12 @@ def run_modes(args: argparse.Namespace, threads: int, rng: np.random.Generator) 
     index = SparseIndex.from_csr(database.indptr, database.indices, database.data, args.dim,
                                  block_rows=args.block_rows)
     stats["identity"] = index.stats
+    int8 = SparseIndex.from_csr(database.indptr, database.indices, database.data, args.dim,
+                                block_rows=args.block_rows, value_type="int8", keep_float=True)
+    stats["identity int8"] = int8.stats
     del database, identity
-    rows += mode_rows("identity groups", index, queries, args.k, threads, args.budget)
-    del index
+    rows += mode_rows("identity groups", index, queries, args.k, threads, args.budget, int8)
+    del index, int8
     log(f"generating the {args.rows} x {args.dim} uniform database ...")
     rates = dimension_rates(args.dim, args.nnz, 0.0)
     database = sparse_embeddings(args.rows, rates, rng)
@@ -220,8 +243,11 @@ def run_modes(args: argparse.Namespace, threads: int, rng: np.random.Generator) 
     index = SparseIndex.from_csr(database.indptr, database.indices, database.data, args.dim,
                                  block_rows=args.block_rows)
     stats["uniform"] = index.stats
+    int8 = SparseIndex.from_csr(database.indptr, database.indices, database.data, args.dim,
+                                block_rows=args.block_rows, value_type="int8", keep_float=True)
+    stats["uniform int8"] = int8.stats
     del database
-    rows += mode_rows("uniform", index, queries, args.k, threads, args.budget)
+    rows += mode_rows("uniform", index, queries, args.k, threads, args.budget, int8)
     print_mode_rows(rows, stats)
     print(json.dumps([{key: round(v, 6) if isinstance(v, float) else v for key, v in r.items()}
                       for r in rows]))

@@ -495,10 +495,33 @@ void scatter_codes(float* buf, const Segment& a, const uint16_t* rows_end,
 // Codes per dimension: the size of a term's product table.
 constexpr int64_t kCodes = 256;
 
+// The integer level of every code, read as uint8 ([0]) and as int8 ([1]).
+struct CodeLevels {
+  float level[2][kCodes];
+  CodeLevels() {
+    for (int c = 0; c < kCodes; ++c) {
+      level[0][c] = static_cast<float>(c);
+      level[1][c] = static_cast<float>(static_cast<int8_t>(c));
+    }
+  }
+};
+const CodeLevels kCodeLevels;
+
+// table[c] = weight * (level[c] * scale): the product of the weight and the
+// dequantized value, rounded as SparseIndex::dequantize rounds it. A branch-
+// free loop, vectorised (measured on identity groups at 200k rows, mode auto,
+// 2 threads: 0.042 ms/query building the tables code by code, 0.026 so).
+SPARSE_EMBED_MULTIVERSION
+void fill_table(float* table, const float* level, float scale, float weight) {
+  for (int64_t c = 0; c < kCodes; ++c) table[c] = weight * (level[c] * scale);
+}
+
 // Per-thread scratch memory, reused across the thread's queries.
 struct Workspace {
   std::vector<Term> terms;
   std::vector<float> tables;     // int8 index: kCodes products per term
+  std::vector<float> row;        // re-scoring: one float row over every dimension
+  std::vector<uint32_t> positions;  // re-scoring: the candidates' positions
   std::vector<float> block;      // dense mode: one block of scores
   std::vector<float> scores;     // sparse mode: every row, zero between queries
   std::vector<uint8_t> seen;     // sparse mode: row touched by the current query
@@ -1348,15 +1371,32 @@ void SparseIndex::search_impl(const Queries& queries, const SearchParams& params
   auto rescore_ranked = [&](Workspace& ws, bool exact_mode) -> uint8_t {
     TopK& top = ws.second;
     top.reset(final_capacity);
-    for (const Candidate& c : ws.ranked) {
-      const int64_t i = position_ != nullptr ? position_[c.row] : c.row;
-      const uint32_t* dims = fwd_dims_ + fwd_offsets_[i];
-      const uint32_t* dims_end = fwd_dims_ + fwd_offsets_[i + 1];
+    // The row spread over a dense vector (zero elsewhere): a term the row
+    // lacks adds w * 0, which leaves any float32 sum unchanged (the sums
+    // never hold -0: they start at +0 and x + -x is +0).
+    if (ws.row.empty()) ws.row.assign(static_cast<size_t>(dim_), 0.0f);
+    float* row = ws.row.data();
+    // The candidates' rows are scattered over the store: their positions,
+    // offsets and entries are fetched in three rounds of independent loads
+    // rather than one dependent chain per row.
+    ws.positions.resize(ws.ranked.size());
+    for (size_t j = 0; j < ws.ranked.size(); ++j) {
+      const uint32_t id = ws.ranked[j].row;
+      ws.positions[j] = position_ != nullptr ? position_[id] : id;
+      __builtin_prefetch(fwd_offsets_ + ws.positions[j]);
+    }
+    for (const uint32_t i : ws.positions) {
+      __builtin_prefetch(fwd_dims_ + fwd_offsets_[i]);
+      __builtin_prefetch(fwd_values_ + fwd_offsets_[i]);
+    }
+    for (size_t j = 0; j < ws.ranked.size(); ++j) {
+      const Candidate& c = ws.ranked[j];
+      const uint32_t i = ws.positions[j];
+      const uint64_t begin = fwd_offsets_[i], end = fwd_offsets_[i + 1];
+      for (uint64_t p = begin; p < end; ++p) row[fwd_dims_[p]] = fwd_values_[p];
       float score = 0.0f;
-      for (const Term& t : ws.terms) {
-        const uint32_t* it = std::lower_bound(dims, dims_end, static_cast<uint32_t>(t.dim));
-        if (it != dims_end && *it == t.dim) score += t.weight * fwd_values_[it - fwd_dims_];
-      }
+      for (const Term& t : ws.terms) score += t.weight * row[t.dim];
+      for (uint64_t p = begin; p < end; ++p) row[fwd_dims_[p]] = 0.0f;
       if (score > threshold) top.push({score, c.row});
     }
     const bool kept_all = static_cast<int64_t>(ws.ranked.size()) == first_capacity;
@@ -1397,9 +1437,7 @@ void SparseIndex::search_impl(const Queries& queries, const SearchParams& params
       ws.tables.resize(ws.terms.size() * kCodes);
       float* table = ws.tables.data();
       for (Term& t : ws.terms) {
-        for (int64_t c = 0; c < kCodes; ++c) {
-          table[c] = t.weight * dequantize(t.dim, static_cast<uint8_t>(c));
-        }
+        fill_table(table, kCodeLevels.level[dim_signed_[t.dim]], dim_scale_[t.dim], t.weight);
         t.table = table;
         table += kCodes;
       }
