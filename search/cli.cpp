@@ -19,7 +19,10 @@
 // needed without a query file, where the first rows of --db-dense belong to
 // the queries). With several shards the global top rerank_topk by sparse
 // score are re-ranked, as with one file: each shard scores its candidates
-// with the dense vectors in a second pass.
+// with the dense vectors in a second pass. --values int8 builds the .bin
+// shards with int8 postings; --rescore-k R (int8 only) re-scores each shard's
+// top R by quantized score exactly in float (the .bin shards keep their float
+// rows for it; index files need them saved) before the shards are merged.
 
 #include <algorithm>
 #include <cerrno>
@@ -48,6 +51,7 @@ constexpr int64_t kDefaultTopK = 10;
 const char kUsage[] =
     "usage: search <db.bin>[,<db2.bin>,...] <rerank_topk> <threshold> [queries.bin] [--topk K]\n"
     "              [--threads N] [--db-dense DB.npy [--query-dense QUERIES.npy]]\n"
+    "              [--values float32|int8] [--rescore-k R]\n"
     "  db.bin,...   database shards in row order: .bin files, or index files (other names)\n"
     "  rerank_topk  sparse candidates re-ranked with the dense vectors (0: no re-ranking)\n"
     "  threshold    only rows scoring above it are candidates ('none': every row)\n"
@@ -56,6 +60,9 @@ const char kUsage[] =
     "  --topk K     results per query (default 10)\n"
     "  --threads N  worker threads (default 0: every core)\n"
     "  --db-dense / --query-dense  float32 [rows, Dd] .npy files for re-ranking\n"
+    "  --values T   posting values of the indexes built from .bin files (default float32)\n"
+    "  --rescore-k R  int8: re-score the top R (>= K) by quantized score in float; not with\n"
+    "               re-ranking\n"
     "  --ids IDS.npy / --scores SCORES.npy  write the results: int64 / float32 [queries, K],\n"
     "               database row ids counted over all files (-1 / -inf where fewer qualify)\n";
 
@@ -75,6 +82,8 @@ struct Args {
   std::string query_dense_path;
   std::string ids_path;
   std::string scores_path;
+  se::ValueType values = se::kDefaultValueType;
+  int64_t rescore_k = 0;
 };
 
 int64_t parse_int(const std::string& text, const char* what, int64_t min) {
@@ -122,6 +131,14 @@ Args parse_args(int argc, char** argv) {
         args.ids_path = value;
       } else if (a == "--scores") {
         args.scores_path = value;
+      } else if (a == "--values") {
+        try {
+          args.values = se::parse_value_type(value);
+        } catch (const std::invalid_argument& e) {
+          throw UsageError(std::string("--values: ") + e.what());
+        }
+      } else if (a == "--rescore-k") {
+        args.rescore_k = parse_int(value, "--rescore-k", 1);
       } else {
         throw UsageError("unknown option " + a);
       }
@@ -150,6 +167,13 @@ Args parse_args(int argc, char** argv) {
   }
   if (!args.db_dense_path.empty() && !args.query_path.empty() && args.query_dense_path.empty()) {
     throw UsageError("with a query file, --db-dense needs --query-dense");
+  }
+  if (args.rescore_k > 0 && args.rescore_k < args.topk) {
+    throw UsageError("--rescore-k (" + std::to_string(args.rescore_k) + ") must be >= --topk (" +
+                     std::to_string(args.topk) + ")");
+  }
+  if (args.rescore_k > 0 && !args.db_dense_path.empty() && args.rerank_topk > 0) {
+    throw UsageError("--rescore-k and re-ranking (rerank_topk with --db-dense) are exclusive");
   }
   if (!args.db_dense_path.empty() && args.rerank_topk > 0 && args.rerank_topk < args.topk) {
     throw UsageError("rerank_topk (" + std::to_string(args.rerank_topk) +
@@ -406,11 +430,17 @@ int run(const Args& args) {
   int64_t nnz = 0, bytes = 0;
   double build_seconds = 0;
   std::vector<int32_t> db_labels(db_rows, -1);
+  se::BuildOptions options;
+  options.values = args.values;
+  options.keep_float = args.rescore_k > 0 && args.values == se::ValueType::kInt8;
   for (Shard& s : shards) {
     s.begin = std::clamp<int64_t>(db_begin - s.offset, 0, s.size);
     if (s.is_bin) {
+      if (args.rescore_k > 0 && args.values != se::ValueType::kInt8) {
+        throw UsageError("--rescore-k re-scores int8 postings; add --values int8");
+      }
       s.index = std::make_unique<se::SparseIndex>(se::SparseIndex::from_csr(
-          s.rows.view(s.begin, s.size), dim, s.rows.labels.data() + s.begin));
+          s.rows.view(s.begin, s.size), dim, s.rows.labels.data() + s.begin, options));
     }
     if (s.begin < s.size) {
       std::copy(s.labels.begin() + s.begin, s.labels.end(),
@@ -431,13 +461,15 @@ int run(const Args& args) {
               static_cast<long long>(num_queries), split ? "the first rows of the database file"
                                                          : args.query_path.c_str(),
               static_cast<double>(q_nnz) / std::max<int64_t>(1, num_queries));
-  std::printf("index      built in %.3f s, %.1f MB, %.2f bytes per non-zero\n", build_seconds,
-              bytes / 1e6, static_cast<double>(bytes) / std::max<int64_t>(1, nnz));
+  std::printf("index      built in %.3f s, %.1f MB, %.2f bytes per non-zero (%s values)\n",
+              build_seconds, bytes / 1e6, static_cast<double>(bytes) / std::max<int64_t>(1, nnz),
+              se::value_type_name(shards[0].index->value_type()));
 
   se::SearchParams params;
   params.k = args.topk;
   params.threshold = args.threshold;
   params.num_threads = args.threads;
+  params.rescore_k = args.rescore_k;
   Matrix db_dense, query_dense;
   if (!args.db_dense_path.empty() && args.rerank_topk > 0) {
     db_dense = read_npy(args.db_dense_path);
@@ -458,6 +490,10 @@ int run(const Args& args) {
     params.rerank_k = args.rerank_topk;
   }
   const bool rerank = params.rerank_queries.data != nullptr;
+  if (args.rescore_k > 0) {
+    std::printf("rescore    top %lld by quantized score, in float\n",
+                static_cast<long long>(args.rescore_k));
+  }
   std::printf("search     top-%lld, threshold %s, threads %s, re-rank %s\n",
               static_cast<long long>(args.topk),
               args.threshold == se::kNoThreshold ? "none" : format_number(args.threshold).c_str(),

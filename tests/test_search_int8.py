@@ -14,6 +14,7 @@ really moves them.
 from __future__ import annotations
 
 import struct
+import subprocess
 
 import numpy as np
 import pytest
@@ -21,7 +22,7 @@ import scipy.sparse
 from index_files import header_hash
 
 from sparse_embed.errors import DataError
-from sparse_embed.search.index import VALUE_TYPES, SparseIndex, brute_force_search
+from sparse_embed.search.index import VALUE_TYPES, SparseIndex, brute_force_search, write_bin
 
 EXACT_MODES = ("exhaustive", "pruned", "auto")
 
@@ -278,3 +279,32 @@ def test_bad_arguments(data):
     dense = np.zeros((m.shape[0], 2), np.float32)
     with pytest.raises(ValueError, match="rescore_k and rerank are exclusive"):
         kept.search(queries, 10, rescore_k=20, rerank=(dense, np.zeros((queries.shape[0], 2))))
+
+
+def test_search_binary_int8_and_rescore(tmp_path):
+    """search/search --values int8 [--rescore-k R] returns the ids of the Python int8 index on
+    the same rows (queries: the first rows of the file); bad combinations exit 2."""
+    from test_search_cli import copy_search_dir, make
+
+    directory = copy_search_dir(tmp_path / "search")
+    assert make(directory, "search").returncode == 0
+    m = random_rows(np.random.default_rng(3), 600, 32, 0.2, 8)
+    write_bin(tmp_path / "db.bin", m.toarray(), np.arange(600) % 60)
+    queries, database = m[:300], m[300:]
+    for extra, kwargs in ((["--values", "int8"], {}),
+                          (["--values", "int8", "--rescore-k", "40"], {"rescore_k": 40})):
+        proc = subprocess.run([str(directory / "search"), str(tmp_path / "db.bin"), "0", "none",
+                               "--ids", str(tmp_path / "ids.npy"), *extra],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        assert "(int8 values)" in proc.stdout
+        index = SparseIndex.from_csr(database.indptr, database.indices, database.data, 32,
+                                     value_type="int8", keep_float="rescore_k" in kwargs)
+        np.testing.assert_array_equal(np.load(tmp_path / "ids.npy"),
+                                      index.search(queries, 10, **kwargs)[0])
+    for extra, message in ((["--rescore-k", "40"], "add --values int8"),
+                           (["--values", "int4"], "unknown value type 'int4'"),
+                           (["--values", "int8", "--rescore-k", "5"], "must be >= --topk (10)")):
+        proc = subprocess.run([str(directory / "search"), str(tmp_path / "db.bin"), "0", "none",
+                               *extra], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and message in proc.stderr.splitlines()[-1], proc.stderr
