@@ -77,7 +77,7 @@ py::tuple run_search(const se::SparseIndex& index, const View& queries, int64_t 
                         const std::optional<Array<float>>& rerank_database,
                         const std::optional<Array<float>>& rerank_queries, int64_t rerank_k,
                         int num_threads, const std::string& mode,
-                        std::optional<int64_t> max_blocks, int64_t rescore_k) {
+                        std::optional<int64_t> max_blocks, int64_t rescore_k, bool rescore_exact) {
   if (k < 1) throw py::value_error("k must be >= 1, got " + std::to_string(k));
   if (rerank_database.has_value() != rerank_queries.has_value()) {
     throw py::value_error("re-ranking needs both the database and the query dense vectors");
@@ -94,6 +94,7 @@ py::tuple run_search(const se::SparseIndex& index, const View& queries, int64_t 
   }
   params.max_blocks = max_blocks.value_or(0);
   params.rescore_k = rescore_k;
+  params.rescore_exact = rescore_exact;
   if (rerank_database) {
     params.rerank_database =
         dense_view(*rerank_database, "rerank database", "[N, Dd] with N = " +
@@ -214,34 +215,40 @@ PYBIND11_MODULE(_search, m) {
           [](const se::SparseIndex& index, const Array<float>& queries, int64_t k,
              std::optional<float> threshold, const std::optional<Array<float>>& rerank_database,
              const std::optional<Array<float>>& rerank_queries, int64_t rerank_k, int num_threads,
-             const std::string& mode, std::optional<int64_t> max_blocks, int64_t rescore_k) {
+             const std::string& mode, std::optional<int64_t> max_blocks, int64_t rescore_k,
+             bool rescore_exact) {
             const se::DenseView view = dense_view(
                 queries, "queries", "[Q, " + std::to_string(index.dim()) + "]", -1, index.dim());
             return run_search(index, view, view.rows, k, threshold, rerank_database,
-                              rerank_queries, rerank_k, num_threads, mode, max_blocks, rescore_k);
+                              rerank_queries, rerank_k, num_threads, mode, max_blocks, rescore_k,
+                              rescore_exact);
           },
           py::arg("queries"), py::arg("k"), py::arg("threshold") = py::none(),
           py::arg("rerank_database") = py::none(), py::arg("rerank_queries") = py::none(),
           py::arg("rerank_k") = se::kDefaultRerankK, py::arg("num_threads") = se::kDefaultNumThreads,
           py::arg("mode") = se::search_mode_name(se::kDefaultSearchMode),
-          py::arg("max_blocks") = py::none(), py::arg("rescore_k") = 0)
+          py::arg("max_blocks") = py::none(), py::arg("rescore_k") = 0,
+          py::arg("rescore_exact") = false)
       .def(
           "search_csr",
           [](const se::SparseIndex& index, const Array<int64_t>& indptr, const Array<int32_t>& indices,
              const Array<float>& values, int64_t k, std::optional<float> threshold,
              const std::optional<Array<float>>& rerank_database,
              const std::optional<Array<float>>& rerank_queries, int64_t rerank_k, int num_threads,
-             const std::string& mode, std::optional<int64_t> max_blocks, int64_t rescore_k) {
+             const std::string& mode, std::optional<int64_t> max_blocks, int64_t rescore_k,
+             bool rescore_exact) {
             const se::CsrView view = csr_view(indptr, indices, values, "queries");
             return run_search(index, view, view.rows, k, threshold, rerank_database,
-                              rerank_queries, rerank_k, num_threads, mode, max_blocks, rescore_k);
+                              rerank_queries, rerank_k, num_threads, mode, max_blocks, rescore_k,
+                              rescore_exact);
           },
           py::arg("indptr"), py::arg("indices"), py::arg("values"), py::arg("k"),
           py::arg("threshold") = py::none(), py::arg("rerank_database") = py::none(),
           py::arg("rerank_queries") = py::none(), py::arg("rerank_k") = se::kDefaultRerankK,
           py::arg("num_threads") = se::kDefaultNumThreads,
           py::arg("mode") = se::search_mode_name(se::kDefaultSearchMode),
-          py::arg("max_blocks") = py::none(), py::arg("rescore_k") = 0)
+          py::arg("max_blocks") = py::none(), py::arg("rescore_k") = 0,
+          py::arg("rescore_exact") = false)
       .def(
           "to_csr",
           [](const se::SparseIndex& index) {

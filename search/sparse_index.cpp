@@ -419,6 +419,58 @@ int64_t scan_block(const float* s, int64_t n, int64_t base, float threshold, Top
   return candidates;
 }
 
+// Exact re-scoring of an int8 index: a row can still be in the exact top-k
+// while its quantized score reaches the k-th quantized score less `widen`
+// and the threshold less `lower` (see SparseIndex::search_impl). Such rows
+// are collected in `rows` (caller ids and quantized scores), best or not.
+struct Pool {
+  std::vector<Candidate> rows;
+  double widen = 0.0;
+  double lower = 0.0;
+  // What a quantized score must reach to join, rounded down to float32 (a
+  // larger pool is only slower, never wrong).
+  float cut(const TopK& top, float threshold) const {
+    double c = static_cast<double>(threshold) - lower;
+    if (top.full()) c = std::max(c, static_cast<double>(top.worst()) - widen);
+    const float f = static_cast<float>(c);
+    return static_cast<double>(f) <= c ? f : std::nextafter(f, -std::numeric_limits<float>::infinity());
+  }
+};
+
+// scan_block, and rows reaching pool.cut() join the pool.
+SPARSE_EMBED_MULTIVERSION
+int64_t scan_block_pool(const float* s, int64_t n, int64_t base, float threshold, TopK& top,
+                        const uint32_t* order, bool any_order, Pool& pool) {
+  constexpr int64_t kChunk = 32;
+  auto id = [&](int64_t i) {
+    return order != nullptr ? order[base + i] : static_cast<uint32_t>(base + i);
+  };
+  int64_t candidates = 0;
+  float cut = top.cut(threshold, any_order);
+  float joins = pool.cut(top, threshold);
+  for (int64_t i = 0; i < n; i += kChunk) {
+    const int64_t end = std::min(n, i + kChunk);
+    int any = 0;
+    int count = 0;
+    for (int64_t j = i; j < end; ++j) {
+      any |= s[j] >= joins;
+      count += (s[j] != 0.0f) & (s[j] > threshold);
+    }
+    candidates += count;
+    if (!any) continue;
+    for (int64_t j = i; j < end; ++j) {
+      if (s[j] < joins) continue;
+      pool.rows.push_back({s[j], id(j)});
+      if (s[j] > cut) {
+        top.push({s[j], id(j)});
+        cut = top.cut(threshold, any_order);
+        joins = pool.cut(top, threshold);
+      }
+    }
+  }
+  return candidates;
+}
+
 // Inner product with eight independent lanes: vectorisable without
 // -ffast-math, and the summation order (hence the result) is fixed.
 SPARSE_EMBED_MULTIVERSION
@@ -522,6 +574,7 @@ struct Workspace {
   std::vector<float> tables;     // int8 index: kCodes products per term
   std::vector<float> row;        // re-scoring: one float row over every dimension
   std::vector<uint32_t> positions;  // re-scoring: the candidates' positions
+  Pool pool;                     // exact re-scoring: rows that may be in the exact top-k
   std::vector<float> block;      // dense mode: one block of scores
   std::vector<float> scores;     // sparse mode: every row, zero between queries
   std::vector<uint8_t> seen;     // sparse mode: row touched by the current query
@@ -1130,6 +1183,16 @@ void SparseIndex::search_impl(const Queries& queries, const SearchParams& params
     }
     if (rerank) throw std::invalid_argument("rescore_k and the dense re-rank are exclusive");
   }
+  const bool exact_rescore = params.rescore_exact;
+  if (exact_rescore) {
+    if (fwd_offsets_ == nullptr) {
+      throw std::invalid_argument("exact re-scoring needs an int8 index built with keep_float (the "
+                                  "float rows it re-scores from)");
+    }
+    if (rerank || rescore) {
+      throw std::invalid_argument("exact re-scoring excludes rescore_k and the dense re-rank");
+    }
+  }
   if (params.mode == SearchMode::kApprox ? params.max_blocks < 1 : params.max_blocks != 0) {
     throw std::invalid_argument(
         params.mode == SearchMode::kApprox
@@ -1147,6 +1210,12 @@ void SparseIndex::search_impl(const Queries& queries, const SearchParams& params
   const uint8_t* codes_end = post_codes_ + nnz_;
   const int64_t first_capacity =
       std::min(rerank ? params.rerank_k : rescore ? params.rescore_k : k, rows_);
+  // Exact re-scoring: rows of the pool (scan_block_pool) rather than the heap.
+  auto scan = [&](const float* buf, int64_t size, int64_t lo, TopK& top, bool any_order,
+                  Workspace& ws) {
+    return exact_rescore ? scan_block_pool(buf, size, lo, threshold, top, order_, any_order, ws.pool)
+                         : scan_block(buf, size, lo, threshold, top, order_, any_order);
+  };
   const int64_t final_capacity = std::min(k, rows_);
 
   // Block-max pruning over the query's terms (ws.terms), into ws.first.
@@ -1221,14 +1290,14 @@ void SparseIndex::search_impl(const Queries& queries, const SearchParams& params
         }
         scored += static_cast<int64_t>(end - begin);
       }
-      candidates += scan_block(buf, size, lo, threshold, top, order_, true);
+      candidates += scan(buf, size, lo, top, true, ws);
       ++blocks;
     };
     // Scores `list` (sorted by `before`) until no block can enter; false when
     // the budget ran out or a block could not.
     auto visit = [&](const std::vector<Entry>& list) {
       for (const auto& [hi, b] : list) {
-        if (blocks >= max_blocks || (top.full() && hi < top.worst())) return false;
+        if (blocks >= max_blocks || (top.full() && hi + ws.pool.widen < top.worst())) return false;
         score_block(b);
       }
       return true;
@@ -1241,7 +1310,7 @@ void SparseIndex::search_impl(const Queries& queries, const SearchParams& params
     heap.clear();
     for (int64_t b = 0; b < num_blocks_; ++b) {
       const double hi = bounds[b] + slack;
-      if (!(hi > threshold)) continue;
+      if (!(hi + ws.pool.lower > threshold)) continue;
       const Entry entry{hi, static_cast<uint32_t>(b)};
       if (static_cast<int64_t>(heap.size()) < seeds) {
         heap.push_back(entry);
@@ -1265,11 +1334,14 @@ void SparseIndex::search_impl(const Queries& queries, const SearchParams& params
     rest.clear();
     for (int64_t b = 0; b < num_blocks_; ++b) {
       const double hi = bounds[b] + slack;
-      if (hi > threshold && hi >= cut) rest.push_back({hi, static_cast<uint32_t>(b)});
+      if (hi + ws.pool.lower > threshold && hi + ws.pool.widen >= cut) {
+        rest.push_back({hi, static_cast<uint32_t>(b)});
+      }
     }
     if (params.mode == SearchMode::kAuto &&
         static_cast<int64_t>(rest.size()) * block_rows_ * kPruneRowRatio > rows_) {
       top.reset(first_capacity);
+      ws.pool.rows.clear();
       return false;
     }
     std::sort(rest.begin(), rest.end(), before);
@@ -1310,14 +1382,24 @@ void SparseIndex::search_impl(const Queries& queries, const SearchParams& params
           top.push({s[r], order_ != nullptr ? order_[r] : r});
         }
       }
+      if (exact_rescore) {
+        // Touched rows may score 0 by cancellation, and not exactly in float.
+        const float joins = ws.pool.cut(top, threshold);
+        for (const uint32_t r : ws.touched) {
+          if (s[r] >= joins) ws.pool.rows.push_back({s[r], order_ != nullptr ? order_[r] : r});
+        }
+      }
       // Every other row scores exactly 0; when 0 qualifies, the lowest
       // caller ids among them compete too.
       if (0.0f > threshold) {
         size_t taken = 0;
         for (int64_t c = 0; c < rows_ && taken < top.capacity(); ++c) {
-          if (s[position_ != nullptr ? position_[c] : c] == 0.0f) {
+          const int64_t r = position_ != nullptr ? position_[c] : c;
+          if (s[r] == 0.0f) {
             top.push({0.0f, static_cast<uint32_t>(c)});
             ++taken;
+            // An untouched row scores 0 in float too.
+            if (exact_rescore && !seen[r]) ws.pool.rows.push_back({0.0f, static_cast<uint32_t>(c)});
           }
         }
       }
@@ -1353,22 +1435,30 @@ void SparseIndex::search_impl(const Queries& queries, const SearchParams& params
           scatter(buf, segment(t), 0, rows_end, values_end);
         }
       }
-      candidates += scan_block(buf, size, lo, threshold, top, order_, order_ != nullptr);
+      candidates += scan(buf, size, lo, top, order_ != nullptr, ws);
     }
   };
 
-  // Re-scores ws.ranked (the top rescore_k by quantized score, best first)
-  // from the forward store and leaves the top k by exact score in it. Each
-  // score adds the products w * x of the row's dimensions in the query's term
-  // order, from 0, as every mode of a float32 index does: the same float32
-  // result bit for bit. Returns whether the top-k is provably exact
-  // (`exact_mode`: every row left out scored at most the last quantized score
-  // kept, or at most the threshold when fewer qualified): a row's exact score
-  // differs from its quantized one by less than E = sum |w| * scale over the
+  // |exact - quantized score| of any row is below E = sum |w| * scale over the
   // query's terms (a code is off by at most half a level, or a level for the
-  // smallest codes) plus float32 rounding, so a k-th exact score above the
-  // best a left-out row could reach proves it.
-  auto rescore_ranked = [&](Workspace& ws, bool exact_mode) -> uint8_t {
+  // smallest codes) plus the float32 rounding of both sums, 2 (terms + 2) *
+  // 2^-23 * sum |w| * (max |value| + scale).
+  auto quantization_error = [&](const Workspace& ws) {
+    double error = 0.0;
+    double magnitude = 0.0;
+    for (const Term& t : ws.terms) {
+      const double w = std::fabs(static_cast<double>(t.weight));
+      error += w * dim_scale_[t.dim];
+      magnitude += w * (static_cast<double>(dim_absmax_[t.dim]) + dim_scale_[t.dim]);
+    }
+    return error + 2.0 * static_cast<double>(ws.terms.size() + 2) * std::ldexp(magnitude, -23);
+  };
+
+  // Re-scores the rows of ws.ranked from the forward store and leaves the top
+  // k by exact score (above the threshold) in it. Each score adds the
+  // products w * x of the row's dimensions in the query's term order, from 0,
+  // as every mode of a float32 index does: the same float32 result bit for bit.
+  auto rescore_rows = [&](Workspace& ws) {
     TopK& top = ws.second;
     top.reset(final_capacity);
     // The row spread over a dense vector (zero elsewhere): a term the row
@@ -1399,24 +1489,41 @@ void SparseIndex::search_impl(const Queries& queries, const SearchParams& params
       for (uint64_t p = begin; p < end; ++p) row[fwd_dims_[p]] = 0.0f;
       if (score > threshold) top.push({score, c.row});
     }
+    top.take_sorted(ws.ranked);
+  };
+
+  // rescore_k: re-scores ws.ranked (the top rescore_k by quantized score,
+  // best first). Returns whether the top-k is provably exact (`exact_mode`:
+  // every row left out scored at most the last quantized score kept, or at
+  // most the threshold when fewer qualified, so its exact score is below that
+  // plus the quantization error, and a k-th exact score above it proves it).
+  auto rescore_ranked = [&](Workspace& ws, bool exact_mode) -> uint8_t {
     const bool kept_all = static_cast<int64_t>(ws.ranked.size()) == first_capacity;
     const double left_out = kept_all ? static_cast<double>(ws.ranked.back().score) : threshold;
-    top.take_sorted(ws.ranked);
+    rescore_rows(ws);
     if (!exact_mode) return 0;
     // Every row was re-scored.
     if (kept_all ? first_capacity == rows_ : threshold == kNoThreshold) return 1;
-    double error = 0.0;
-    double magnitude = 0.0;
-    for (const Term& t : ws.terms) {
-      const double w = std::fabs(static_cast<double>(t.weight));
-      error += w * dim_scale_[t.dim];
-      magnitude += w * (static_cast<double>(dim_absmax_[t.dim]) + dim_scale_[t.dim]);
-    }
-    const double reach =
-        left_out + error + 2.0 * static_cast<double>(ws.terms.size() + 2) * std::ldexp(magnitude, -23);
+    const double reach = left_out + quantization_error(ws);
     return static_cast<int64_t>(ws.ranked.size()) == final_capacity
                ? static_cast<double>(ws.ranked.back().score) > reach
                : static_cast<double>(threshold) >= reach;
+  };
+
+  // rescore_exact: the pool rows that still reach the final cut, re-scored.
+  // A row left out scored below the k-th quantized score Q less 2E (or the
+  // threshold less E): its exact score is below Q - E, itself at most the
+  // k-th exact score among the k rows that scored Q or more (or below the
+  // threshold), so it cannot enter the exact top-k.
+  auto rescore_pool = [&](Workspace& ws) {
+    const bool full = static_cast<int64_t>(ws.ranked.size()) == first_capacity;
+    double cut = static_cast<double>(threshold) - ws.pool.lower;
+    if (full) cut = std::max(cut, static_cast<double>(ws.ranked.back().score) - ws.pool.widen);
+    ws.ranked.clear();
+    for (const Candidate& c : ws.pool.rows) {
+      if (static_cast<double>(c.score) >= cut) ws.ranked.push_back(c);
+    }
+    rescore_rows(ws);
   };
 
   auto run_query = [&](int64_t q, Workspace& ws) {
@@ -1443,6 +1550,12 @@ void SparseIndex::search_impl(const Queries& queries, const SearchParams& params
       }
     }
     uint8_t certified = 0;
+    ws.pool.rows.clear();
+    if (exact_rescore) {
+      const double error = quantization_error(ws);
+      ws.pool.widen = 2.0 * error;
+      ws.pool.lower = error;
+    }
     int64_t candidates = 0;
     int64_t found = 0;
     int64_t blocks = num_blocks_;
@@ -1462,6 +1575,10 @@ void SparseIndex::search_impl(const Queries& queries, const SearchParams& params
       }
       top.take_sorted(ws.ranked);
       if (rescore) certified = rescore_ranked(ws, params.mode != SearchMode::kApprox);
+      if (exact_rescore) {
+        rescore_pool(ws);
+        certified = params.mode != SearchMode::kApprox;
+      }
       if (rerank) {
         const DenseView& db = params.rerank_database;
         const float* qv = params.rerank_queries.data + q * db.cols;

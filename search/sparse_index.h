@@ -148,6 +148,13 @@ struct SearchParams {
   // exactly from their float32 values (the float index's arithmetic, so the
   // scores are bit-identical to it) and the top k by exact score returned.
   int64_t rescore_k = 0;
+  // Exact float32 top-k from an int8 index with its forward store (not with
+  // rescore_k or the dense re-rank): every row whose quantized score is
+  // within twice the quantization error bound of the k-th quantized score is
+  // re-scored from its float32 values, so the results (ids, scores, ties)
+  // are those of the float32 index in every exact mode, and the pruned
+  // modes still skip the blocks whose bound falls short by that margin.
+  bool rescore_exact = false;
 };
 
 // Caller-owned output buffers of a batch of Q queries.
@@ -161,8 +168,8 @@ struct SearchOutput {
                                  // exhaustively); may be null
   int64_t* scored = nullptr;     // [Q] postings actually read; may be null
   // [Q] with rescore_k, in an exact mode: 1 when the quantization error bound
-  // proves the re-scored top-k is the exact top-k of the float rows, else 0;
-  // may be null.
+  // proves the re-scored top-k is the exact top-k of the float rows, else 0
+  // (always 1 with rescore_exact in an exact mode); may be null.
   uint8_t* certified = nullptr;
 };
 

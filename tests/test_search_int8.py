@@ -158,6 +158,49 @@ def test_rescore_returns_the_exact_top_among_the_quantized_candidates(data, name
     assert not index.stats["certified"].any()
 
 
+@pytest.mark.parametrize("name", ["relu", "signed", "identity"])
+def test_rescore_exact_returns_the_float_index_results(data, name):
+    """rescore_exact: ids, float32 scores and ties of the float32 index of the same rows, in every
+    exact mode, with and without threshold, on dense and CSR queries, k beyond the rows too."""
+    m, queries = data[name]
+    index = build(m, value_type="int8", keep_float=True)
+    exact = build(m)
+    for mode in EXACT_MODES:
+        for threshold in (None, 0.5, 1e6):
+            expected = exact.search(queries, 10, threshold=threshold, mode=mode)
+            assert_same(index.search(queries, 10, threshold=threshold, mode=mode,
+                                     rescore_exact=True, num_threads=2), expected)
+            assert index.stats["certified"].all() and index.stats["rescore_exact"]
+        assert_same(index.search(queries.toarray(), 10, mode=mode, rescore_exact=True),
+                    exact.search(queries.toarray(), 10, mode=mode))
+    few = queries[:3]
+    assert_same(index.search(few, m.shape[0] + 5, rescore_exact=True),
+                exact.search(few, m.shape[0] + 5))
+    index.search(queries, 10, mode="approx", max_blocks=2, rescore_exact=True)
+    assert not index.stats["certified"].any()
+
+
+def test_rescore_exact_on_sparse_queries_and_zero_scores():
+    """Queries with fewer postings than rows / 64 take the touched-rows path; rows scoring 0
+    (untouched, or touched and cancelled out) compete by caller id as in the float index. The
+    CSR queries repeat a dimension, and one is all zeros."""
+    rng = np.random.default_rng(4)
+    dense = np.zeros((4000, 16), np.float32)
+    rare = rng.choice(4000, 12, replace=False)
+    dense[rare, 0] = rng.uniform(-1, 1, 12)
+    dense[rare, 1] = -dense[rare, 0] * rng.choice([1.0, 1.001], 12)  # near cancellation
+    dense[:, 2:] = (rng.random((4000, 14)) < 0.3) * rng.uniform(0.1, 1, (4000, 14))
+    m = scipy.sparse.csr_matrix(dense)
+    index = build(m, value_type="int8", keep_float=True)
+    exact = build(m)
+    queries = (np.array([0, 2, 3, 5, 5]), np.array([0, 1, 0, 0, 0], np.int32),
+               np.float32([0.7, 0.7, -1.5, 1.0, 0.5]))
+    for mode in EXACT_MODES:
+        for threshold in (None, -0.1, 0.0):
+            assert_same(index.search(queries, 20, threshold=threshold, mode=mode, rescore_exact=True),
+                        exact.search(queries, 20, threshold=threshold, mode=mode))
+
+
 def test_dense_rerank_on_int8(data):
     """The dense re-rank of an int8 index re-ranks the dequantized top rerank_k."""
     m, queries = data["signed"]
@@ -279,6 +322,10 @@ def test_bad_arguments(data):
     dense = np.zeros((m.shape[0], 2), np.float32)
     with pytest.raises(ValueError, match="rescore_k and rerank are exclusive"):
         kept.search(queries, 10, rescore_k=20, rerank=(dense, np.zeros((queries.shape[0], 2))))
+    with pytest.raises(ValueError, match="rescore_exact needs an int8 index built with keep_float"):
+        build(m, value_type="int8").search(queries, 10, rescore_exact=True)
+    with pytest.raises(ValueError, match="rescore_exact excludes rescore_k and rerank"):
+        kept.search(queries, 10, rescore_k=20, rescore_exact=True)
 
 
 def test_search_binary_int8_and_rescore(tmp_path):

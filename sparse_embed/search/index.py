@@ -223,6 +223,7 @@ class SparseIndex:
             "certified": np.zeros(0, bool),
             "mode": DEFAULT_SEARCH_MODE,
             "rescore_k": None,
+            "rescore_exact": False,
             "wall_seconds": 0.0,
         }
 
@@ -356,6 +357,7 @@ class SparseIndex:
         mode: str = DEFAULT_SEARCH_MODE,
         max_blocks: int | None = None,
         rescore_k: int | None = None,
+        rescore_exact: bool = False,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Top-k rows of every query by inner product, on all cores; exact unless mode="approx".
 
@@ -383,6 +385,12 @@ class SparseIndex:
                 exactly from their float32 values and the top k by exact
                 score (above `threshold`) returned; None: quantized scores.
                 Not combined with `rerank`.
+            rescore_exact: On an int8 index built with keep_float: return
+                the float32 index's results (ids, scores, ties) in every
+                exact mode, re-scoring every row whose quantized score is
+                within twice the quantization error bound of the k-th (the
+                pruned modes skip the blocks that fall short by that margin).
+                Not combined with `rescore_k` or `rerank`.
 
         Returns:
             ids int64 [Q, k] and scores float32 [Q, k], best first; -1 and
@@ -392,7 +400,8 @@ class SparseIndex:
             ValueError: On bad shapes or dtypes (the message names the expected
                 shape), non-finite values, k < 1, rerank_k < k, an unknown mode,
                 a max_blocks that does not fit the mode, rescore_k < k, or
-                rescore_k on an index without float rows or with `rerank`.
+                rescore_k / rescore_exact on an index without float rows, with
+                `rerank` or with each other.
         """
         if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
             raise ValueError(f"k must be an integer >= 1, got {k!r}")
@@ -407,10 +416,17 @@ class SparseIndex:
                                  "float rows it re-scores from)")
             if rerank is not None:
                 raise ValueError("rescore_k and rerank are exclusive; pass one of them")
+        if rescore_exact:
+            if not self.keeps_float:
+                raise ValueError("rescore_exact needs an int8 index built with keep_float=True (the "
+                                 "float rows it re-scores from)")
+            if rerank is not None or rescore_k is not None:
+                raise ValueError("rescore_exact excludes rescore_k and rerank; pass one of them")
         options: dict[str, Any] = {
             "rerank_k": int(rerank_k), "num_threads": int(num_threads), "mode": mode,
             "max_blocks": None if max_blocks is None else int(max_blocks),
-            "rescore_k": 0 if rescore_k is None else int(rescore_k)}
+            "rescore_k": 0 if rescore_k is None else int(rescore_k),
+            "rescore_exact": bool(rescore_exact)}
         if rerank is not None:
             if not isinstance(rerank, tuple | list) or len(rerank) != 2:
                 raise ValueError(
@@ -430,6 +446,7 @@ class SparseIndex:
         self._last = {"queries": len(ids), "postings": postings, "candidates": candidates,
                       "seconds": seconds, "blocks_visited": blocks, "postings_scored": scored,
                       "certified": certified, "mode": mode, "rescore_k": rescore_k,
+                      "rescore_exact": bool(rescore_exact),
                       "wall_seconds": wall}
         return ids, scores
 
