@@ -143,13 +143,14 @@ def identity_embeddings(rows: int, dim: int, nnz: int, group: int, rng: np.rando
 
 def modes_runner(index: SparseIndex, queries: scipy.sparse.csr_matrix, k: int, threads: int,
                  mode: str, max_blocks: int | None, counters: dict[str, list[float]],
-                 rescore_k: int | None = None) -> Runner:
-    """The index in one search mode (re-scoring the top rescore_k when set); appends each call's
-    blocks / postings read and ids."""
+                 rescore_k: int | None = None, rescore_exact: bool = False) -> Runner:
+    """The index in one search mode (re-scoring the top rescore_k, or exactly, when set); appends
+    each call's blocks / postings read and ids."""
 
     def run(start: int, stop: int) -> np.ndarray:
         ids, scores = index.search(queries[start:stop], k, num_threads=threads, mode=mode,
-                                   max_blocks=max_blocks, rescore_k=rescore_k)
+                                   max_blocks=max_blocks, rescore_k=rescore_k,
+                                   rescore_exact=rescore_exact)
         counters["blocks"].append(float(index.stats["blocks_visited"].sum()))
         counters["scored"].append(float(index.stats["postings_scored"].sum()))
         counters["ids"].append(ids)
@@ -164,8 +165,9 @@ def mode_rows(name: str, index: SparseIndex, queries: scipy.sparse.csr_matrix, k
     """Times exhaustive, pruned, auto and approx on one data set; one result row per mode.
 
     With `int8` (the same rows as an int8 index with its float rows kept) it times the int8
-    index too, exhaustive and auto on the quantized scores, and auto re-scoring the top 2 k
-    and 10 k in float; their recall is against the exact float top-k.
+    index too, exhaustive and auto on the quantized scores, auto re-scoring the top 2 k and
+    10 k in float, and auto with exact re-scoring (the float index's results, asserted); their
+    recall is against the exact float top-k.
     """
     modes = {"exhaustive": None, "pruned": None, "auto": None, f"approx {budget} blocks": budget}
     counters = {m: {"blocks": [], "scored": [], "ids": []} for m in modes}
@@ -179,14 +181,22 @@ def mode_rows(name: str, index: SparseIndex, queries: scipy.sparse.csr_matrix, k
             counters[m] = {"blocks": [], "scored": [], "ids": []}
             runners[m] = modes_runner(int8, queries, k, threads, m.split()[1], None, counters[m],
                                       rescore)
+        modes["int8 auto rescore exact"] = None
+        counters["int8 auto rescore exact"] = {"blocks": [], "scored": [], "ids": []}
+        runners["int8 auto rescore exact"] = modes_runner(
+            int8, queries, k, threads, "auto", None, counters["int8 auto rescore exact"],
+            rescore_exact=True)
     q = queries.shape[0]
     ms, tops = time_interleaved(runners, q, name)
     for exact in ("pruned", "auto"):  # exact means identical
         np.testing.assert_array_equal(tops[exact], tops["exhaustive"])
         np.testing.assert_array_equal(np.concatenate(counters[exact]["ids"]),
                                       np.concatenate(counters["exhaustive"]["ids"]))
-    if int8 is not None:  # exact on the dequantized rows
+    if int8 is not None:  # exact on the dequantized rows; exact re-scoring: the float results
         np.testing.assert_array_equal(tops["int8 auto"], tops["int8 exhaustive"])
+        np.testing.assert_array_equal(tops["int8 auto rescore exact"], tops["exhaustive"])
+        np.testing.assert_array_equal(np.concatenate(counters["int8 auto rescore exact"]["ids"]),
+                                      np.concatenate(counters["exhaustive"]["ids"]))
     exact_ids = np.concatenate(counters["exhaustive"]["ids"][1:])
     rows = []
     for m in modes:
@@ -200,12 +210,12 @@ def mode_rows(name: str, index: SparseIndex, queries: scipy.sparse.csr_matrix, k
 
 
 def print_mode_rows(rows: list[dict[str, float | str]], index_stats: dict[str, dict]) -> None:
-    header = (f"{'data':<22}{'mode':<24}{'threads':>8}{'ms/query':>10}{'speed-up':>10}"
+    header = (f"{'data':<22}{'mode':<26}{'threads':>8}{'ms/query':>10}{'speed-up':>10}"
               f"{'blocks/q':>10}{'postings/q':>12}{'recall@k':>10}")
     print(header)
     print("-" * len(header))
     for r in rows:
-        print(f"{r['data']:<22}{r['mode']:<24}{r['threads']:>8}{r['ms']:>10.3f}"
+        print(f"{r['data']:<22}{r['mode']:<26}{r['threads']:>8}{r['ms']:>10.3f}"
               f"{r['vs_exhaustive']:>9.1f}x{r['blocks']:>10.1f}{r['postings']:>12.0f}"
               f"{r['recall']:>10.3f}")
     for name, st in index_stats.items():

@@ -22,7 +22,8 @@
 // with the dense vectors in a second pass. --values int8 builds the .bin
 // shards with int8 postings; --rescore-k R (int8 only) re-scores each shard's
 // top R by quantized score exactly in float (the .bin shards keep their float
-// rows for it; index files need them saved) before the shards are merged.
+// rows for it; index files need them saved) before the shards are merged, and
+// --rescore-k exact returns the float index's results (SearchParams::rescore_exact).
 
 #include <algorithm>
 #include <cerrno>
@@ -51,7 +52,7 @@ constexpr int64_t kDefaultTopK = 10;
 const char kUsage[] =
     "usage: search <db.bin>[,<db2.bin>,...] <rerank_topk> <threshold> [queries.bin] [--topk K]\n"
     "              [--threads N] [--db-dense DB.npy [--query-dense QUERIES.npy]]\n"
-    "              [--values float32|int8] [--rescore-k R]\n"
+    "              [--values float32|int8] [--rescore-k R|exact]\n"
     "  db.bin,...   database shards in row order: .bin files, or index files (other names)\n"
     "  rerank_topk  sparse candidates re-ranked with the dense vectors (0: no re-ranking)\n"
     "  threshold    only rows scoring above it are candidates ('none': every row)\n"
@@ -61,8 +62,8 @@ const char kUsage[] =
     "  --threads N  worker threads (default 0: every core)\n"
     "  --db-dense / --query-dense  float32 [rows, Dd] .npy files for re-ranking\n"
     "  --values T   posting values of the indexes built from .bin files (default float32)\n"
-    "  --rescore-k R  int8: re-score the top R (>= K) by quantized score in float; not with\n"
-    "               re-ranking\n"
+    "  --rescore-k R  int8: re-score the top R (>= K) by quantized score in float ('exact':\n"
+    "               every row that may be in the float top-K); not with re-ranking\n"
     "  --ids IDS.npy / --scores SCORES.npy  write the results: int64 / float32 [queries, K],\n"
     "               database row ids counted over all files (-1 / -inf where fewer qualify)\n";
 
@@ -84,6 +85,7 @@ struct Args {
   std::string scores_path;
   se::ValueType values = se::kDefaultValueType;
   int64_t rescore_k = 0;
+  bool rescore_exact = false;
 };
 
 int64_t parse_int(const std::string& text, const char* what, int64_t min) {
@@ -138,7 +140,8 @@ Args parse_args(int argc, char** argv) {
           throw UsageError(std::string("--values: ") + e.what());
         }
       } else if (a == "--rescore-k") {
-        args.rescore_k = parse_int(value, "--rescore-k", 1);
+        args.rescore_exact = value == "exact";
+        if (!args.rescore_exact) args.rescore_k = parse_int(value, "--rescore-k R (or 'exact')", 1);
       } else {
         throw UsageError("unknown option " + a);
       }
@@ -172,7 +175,8 @@ Args parse_args(int argc, char** argv) {
     throw UsageError("--rescore-k (" + std::to_string(args.rescore_k) + ") must be >= --topk (" +
                      std::to_string(args.topk) + ")");
   }
-  if (args.rescore_k > 0 && !args.db_dense_path.empty() && args.rerank_topk > 0) {
+  if ((args.rescore_k > 0 || args.rescore_exact) && !args.db_dense_path.empty() &&
+      args.rerank_topk > 0) {
     throw UsageError("--rescore-k and re-ranking (rerank_topk with --db-dense) are exclusive");
   }
   if (!args.db_dense_path.empty() && args.rerank_topk > 0 && args.rerank_topk < args.topk) {
@@ -432,11 +436,12 @@ int run(const Args& args) {
   std::vector<int32_t> db_labels(db_rows, -1);
   se::BuildOptions options;
   options.values = args.values;
-  options.keep_float = args.rescore_k > 0 && args.values == se::ValueType::kInt8;
+  const bool rescore = args.rescore_k > 0 || args.rescore_exact;
+  options.keep_float = rescore && args.values == se::ValueType::kInt8;
   for (Shard& s : shards) {
     s.begin = std::clamp<int64_t>(db_begin - s.offset, 0, s.size);
     if (s.is_bin) {
-      if (args.rescore_k > 0 && args.values != se::ValueType::kInt8) {
+      if (rescore && args.values != se::ValueType::kInt8) {
         throw UsageError("--rescore-k re-scores int8 postings; add --values int8");
       }
       s.index = std::make_unique<se::SparseIndex>(se::SparseIndex::from_csr(
@@ -470,6 +475,7 @@ int run(const Args& args) {
   params.threshold = args.threshold;
   params.num_threads = args.threads;
   params.rescore_k = args.rescore_k;
+  params.rescore_exact = args.rescore_exact;
   Matrix db_dense, query_dense;
   if (!args.db_dense_path.empty() && args.rerank_topk > 0) {
     db_dense = read_npy(args.db_dense_path);
@@ -493,6 +499,8 @@ int run(const Args& args) {
   if (args.rescore_k > 0) {
     std::printf("rescore    top %lld by quantized score, in float\n",
                 static_cast<long long>(args.rescore_k));
+  } else if (args.rescore_exact) {
+    std::printf("rescore    exact (every row that may be in the float top-k)\n");
   }
   std::printf("search     top-%lld, threshold %s, threads %s, re-rank %s\n",
               static_cast<long long>(args.topk),

@@ -329,7 +329,7 @@ def test_bad_arguments(data):
 
 
 def test_search_binary_int8_and_rescore(tmp_path):
-    """search/search --values int8 [--rescore-k R] returns the ids of the Python int8 index on
+    """search/search --values int8 [--rescore-k R|exact] returns the ids of the Python int8 index on
     the same rows (queries: the first rows of the file); bad combinations exit 2."""
     from test_search_cli import copy_search_dir, make
 
@@ -339,14 +339,15 @@ def test_search_binary_int8_and_rescore(tmp_path):
     write_bin(tmp_path / "db.bin", m.toarray(), np.arange(600) % 60)
     queries, database = m[:300], m[300:]
     for extra, kwargs in ((["--values", "int8"], {}),
-                          (["--values", "int8", "--rescore-k", "40"], {"rescore_k": 40})):
+                          (["--values", "int8", "--rescore-k", "40"], {"rescore_k": 40}),
+                          (["--values", "int8", "--rescore-k", "exact"], {"rescore_exact": True})):
         proc = subprocess.run([str(directory / "search"), str(tmp_path / "db.bin"), "0", "none",
                                "--ids", str(tmp_path / "ids.npy"), *extra],
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, proc.stderr
         assert "(int8 values)" in proc.stdout
         index = SparseIndex.from_csr(database.indptr, database.indices, database.data, 32,
-                                     value_type="int8", keep_float="rescore_k" in kwargs)
+                                     value_type="int8", keep_float=bool(kwargs))
         np.testing.assert_array_equal(np.load(tmp_path / "ids.npy"),
                                       index.search(queries, 10, **kwargs)[0])
     for extra, message in ((["--rescore-k", "40"], "add --values int8"),
