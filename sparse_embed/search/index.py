@@ -38,9 +38,9 @@ the faster exact mode on identity-structured and on unstructured galleries;
 it is the default. Ids are always the caller's row ids.
 
 `save` writes a versioned file (magic, version, sizes, XXH64 checksums of the
-header and of the contents; postings take 6 bytes per non-zero, plus the row
-order and the block metadata); `load` memory-maps it after checking all of
-them, the block metadata against the postings it describes, so a truncated,
+header and of the contents; postings take 6 bytes per non-zero, 3 with int8
+values, plus the row order and the block metadata); `load` memory-maps it
+after checking all of them, the block metadata against the postings it describes, so a truncated,
 corrupted or foreign file raises `DataError` instead of crashing. Files of
 format version 1 (before the block metadata) still load: their rows keep their
 order and the metadata is computed at load time; so do version 2 files (a
@@ -63,7 +63,11 @@ store (a separate file section, read only for the rows re-scored):
 them exactly in float32 (bit-identical to what a float32 index returns for
 those rows) and returns the top k by exact score; `stats["certified"]` says
 per query whether the quantization error bound proves that top-k is the exact
-one. `nbytes` counts what every query reads, `rescore_nbytes` the forward store.
+one. `search(..., rescore_exact=True)` re-scores every row whose quantized
+score is within twice that bound of the k-th quantized score instead, so the
+results are the float32 index's (ids, scores, ties) in every exact mode, and
+the pruned modes still skip the blocks that fall short by that margin.
+`nbytes` counts what every query reads, `rescore_nbytes` the forward store.
 
 The `.bin` format of the original sparse-embed code (little-endian): int32 N,
 then per row int32 label, int32 nnz, int32 indices[nnz], float32 values[nnz].
@@ -529,8 +533,11 @@ class SparseIndex:
 
     @property
     def nbytes(self) -> int:
-        """Bytes every query may read: postings (6 per non-zero, 3 with int8 values), segment
-        bounds, labels and the int8 scales; the block metadata is `stats["block_bytes"]`."""
+        """Bytes every query may read besides the block metadata (`stats["block_bytes"]`).
+
+        Postings (6 per non-zero, 3 with int8 values), segment bounds, labels and
+        the int8 scales; the forward store is `rescore_nbytes`.
+        """
         return self._index.nbytes
 
     @property
