@@ -414,6 +414,32 @@ def test_mutable_index_commands_equal_a_rebuilt_index(tmp_path: Path) -> None:
     assert re.search(rf"ids\s+1\.\.{max(live)}$", proc.stdout, re.MULTILINE), proc.stdout
 
 
+def test_int8_mutable_index_rescores_to_the_float32_result(tmp_path: Path) -> None:
+    rng = np.random.default_rng(13)
+    base, _ = identities(rng, 120, 32, 12)
+    more, _ = identities(rng, 20, 32, 12)
+    queries, _ = identities(rng, 15, 32, 12)
+    gallery_file(tmp_path / "q.hdf5", queries)
+    directory = tmp_path / "int8.mut"
+    proc = search_cli("mutable-create", f"--embeddings={gallery_file(tmp_path / 'g.hdf5', base)}",
+                      f"--index={directory}", "--value_type=int8", "--keep_float")
+    assert proc.returncode == 0, proc.stderr
+    proc = search_cli("add", f"--index={directory}",
+                      f"--embeddings={gallery_file(tmp_path / 'm.hdf5', more)}")
+    assert proc.returncode == 0, proc.stderr
+    live = dict(enumerate(np.concatenate([base, more])))
+    ids, scores = query_ids(str(directory), tmp_path / "q.hdf5", tmp_path / "r.npz", "--rescore_k=exact")
+    want = oracle(live, queries, 6)
+    np.testing.assert_array_equal(ids, want[0])
+    np.testing.assert_array_equal(scores, want[1])
+    proc = search_cli("info", f"--index={directory}")
+    assert proc.returncode == 0, proc.stderr
+    assert re.search(r"value type\s+int8 \+ float32 rows$", proc.stdout, re.MULTILINE), proc.stdout
+    assert_user_error(search_cli("mutable-create", f"--embeddings={tmp_path / 'g.hdf5'}",
+                                 f"--index={tmp_path / 'x.mut'}", "--keep_float"),
+                      "--keep_float goes with --value_type=int8")
+
+
 def test_mutable_create_takes_ids_from_labels(tmp_path: Path) -> None:
     rng = np.random.default_rng(12)
     rows, _ = identities(rng, 50, 24, 6)

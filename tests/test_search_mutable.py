@@ -322,3 +322,46 @@ def test_stats_add_up_over_the_segments(queries):
         np.testing.assert_array_equal(stats["postings"], whole.stats["postings"])
         assert stats["postings_per_query"] == whole.stats["postings_per_query"]
         assert (stats["postings_scored"] <= stats["postings"]).all()
+
+
+def test_int8_segments_rescore_to_the_float32_result(tmp_path):
+    rng = np.random.default_rng(41)
+
+    def rows(n: int) -> np.ndarray:  # random floats off any grid: quantization moves them
+        x = rng.uniform(0.01, 1.0, (n, DIM)).astype(np.float32)
+        x[rng.random((n, DIM)) > 0.3] = 0
+        return x
+
+    base, added, probes = rows(120), rows(30), rows(12)
+    index = MutableIndex.from_index(SparseIndex.from_dense(base, 0.0, block_rows=8, value_type="int8",
+                                                           keep_float=True))
+    live = dict(enumerate(base))
+    live.update(zip(index.add(added).tolist(), added, strict=True))
+    index.remove([3, 50, 121])
+    for i in (3, 50, 121):
+        del live[i]
+
+    def assert_float32_result(ix: MutableIndex) -> None:
+        for mode in EXACT_MODES:
+            want = rebuilt(live, probes, 7, mode=mode)
+            got = ix.search(probes, 7, mode=mode, rescore_exact=True)
+            np.testing.assert_array_equal(got[0], want[0])
+            np.testing.assert_array_equal(got[1], want[1])
+
+    assert_float32_result(index)
+    index.save(tmp_path / "g")
+    loaded = MutableIndex.load(tmp_path / "g")
+    assert_float32_result(loaded)
+    loaded.compact()
+    assert loaded.stats["delta_rows"] == 0
+    assert (loaded.stats["value_type"], loaded.stats["keep_float"]) == ("int8", True)
+    assert_float32_result(loaded)
+    # rescore_k: the returned rows carry their exact float32 scores.
+    ids, scores = loaded.search(probes, 5, rescore_k=10)
+    rows_by_id = np.zeros((max(live) + 1, DIM), np.float32)
+    for i, x in live.items():
+        rows_by_id[i] = x
+    exact = probes.astype(np.float64) @ rows_by_id.T.astype(np.float64)
+    np.testing.assert_allclose(scores, np.take_along_axis(exact, ids, axis=1), rtol=1e-5)
+    with pytest.raises(ValueError, match="keep_float"):
+        MutableIndex(DIM, keep_float=True)

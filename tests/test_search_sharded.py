@@ -232,3 +232,58 @@ def test_approx_is_per_shard(data):
     np.testing.assert_array_equal(full[0], brute_force_search(data["db"], data["queries"], 5)[0])
     with pytest.raises(ValueError, match="unknown search mode 'fast'"):
         sharded.search(data["queries"], 5, mode="fast")
+
+
+def random_float_rows(rng: np.random.Generator, n: int, dim: int = DIM) -> np.ndarray:
+    """Non-negative random floats (not on a grid), so int8 quantization moves every value."""
+    x = rng.uniform(0.01, 1.0, (n, dim)).astype(np.float32)
+    x[rng.random((n, dim)) > 0.2] = 0
+    return x
+
+
+@pytest.mark.parametrize("mode", ["exhaustive", "pruned", "auto"])
+def test_int8_shards_rescore_to_the_float32_unsharded_result(mode):
+    rng = np.random.default_rng(31)
+    db, queries = random_float_rows(rng, 300), random_float_rows(rng, 20)
+    whole = SparseIndex.from_dense(db, 0.0, block_rows=8)
+    sharded = ShardedIndex([SparseIndex.from_dense(db[a:b], 0.0, block_rows=8, value_type="int8",
+                                                   keep_float=True)
+                            for a, b in zip(BOUNDS[:-1], BOUNDS[1:], strict=True)])
+    for threshold in (None, 2.0):
+        want = whole.search(queries, 6, threshold, mode=mode)
+        got = sharded.search(queries, 6, threshold, mode=mode, rescore_exact=True, num_threads=2)
+        np.testing.assert_array_equal(got[0], want[0])
+        np.testing.assert_array_equal(got[1], want[1])
+    # rescore_k: every shard's re-scored rows carry their exact float32 scores.
+    ids, scores = sharded.search(queries, 6, mode=mode, rescore_k=12)
+    exact = queries.astype(np.float64) @ db.T.astype(np.float64)
+    np.testing.assert_allclose(scores, np.take_along_axis(exact, ids, axis=1), rtol=1e-5)
+    with pytest.raises(ValueError, match="keep_float"):
+        ShardedIndex([SparseIndex.from_dense(db)]).search(queries, 3, rescore_exact=True)
+
+
+def test_cli_int8_shards_and_rescore(tmp_path):
+    rng = np.random.default_rng(32)
+    db, queries = random_float_rows(rng, 200), random_float_rows(rng, 15)
+    gallery, probes = tmp_path / "g.hdf5", tmp_path / "q.hdf5"
+    for path, x in ((gallery, db), (probes, queries)):
+        write_hdf5(path, Embeddings(x, np.arange(len(x)), tuple(f"f{i}.jpg" for i in range(len(x)))))
+    proc = run_module("sparse_embed.search", "shard", f"--embeddings={gallery}", "--shards=2",
+                      f"--output={tmp_path / 'idx'}", "--value_type=int8", "--keep_float")
+    assert proc.returncode == 0, proc.stderr
+    shards = ",".join(sorted(str(p) for p in (tmp_path / "idx").iterdir()))
+    proc = run_module("sparse_embed.search", "query", f"--index={shards}", f"--queries={probes}", "--k=5",
+                      "--rescore_k=exact", f"--output={tmp_path / 'r.npz'}")
+    assert proc.returncode == 0, proc.stderr
+    want = SparseIndex.from_dense(db).search(queries, 5)
+    got = np.load(tmp_path / "r.npz")
+    np.testing.assert_array_equal(got["ids"], want[0])
+    np.testing.assert_array_equal(got["scores"], want[1])
+    for args, message in (
+            (["shard", f"--embeddings={gallery}", "--shards=2", f"--output={tmp_path / 'x'}", "--keep_float"],
+             "--keep_float goes with --value_type=int8"),
+            (["query", f"--index={shards}", f"--queries={probes}", "--rescore_k=lots"],
+             "--rescore_k must be a number of rows or 'exact'"),
+            (["query", f"--index={shards}", f"--queries={probes}", "--k=5", "--rescore_k=2"],
+             "--rescore_k: rescore_k must be an integer >= k")):
+        assert_user_error(run_module("sparse_embed.search", *args), message)

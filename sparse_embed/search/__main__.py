@@ -1,9 +1,11 @@
 """Command-line tools around the search index.
 
     python -m sparse_embed.search hdf5-to-bin EMB.hdf5 OUT.bin [--threshold T]
-    python -m sparse_embed.search shard --embeddings=EMB.hdf5 --shards=N --output=DIR
+    python -m sparse_embed.search shard --embeddings=EMB.hdf5 --shards=N --output=DIR \
+        [--value_type=int8 [--keep_float]]
     python -m sparse_embed.search query --index=A.idx,B.idx | --index=DIR --queries=Q.hdf5 --k=10 \
-        [--output=R.npz|R.json] [--mode=exhaustive|pruned|approx|auto [--max_blocks=B]]
+        [--output=R.npz|R.json] [--mode=exhaustive|pruned|approx|auto [--max_blocks=B]] \
+        [--rescore_k=R|exact]
     python -m sparse_embed.search query --uri=./milvus.db --collection=NAME --queries=Q.hdf5 --k=10
     python -m sparse_embed.search to-milvus --embeddings=EMB.hdf5 --uri=./milvus.db --collection=NAME \
         [--dense=DENSE.hdf5]
@@ -12,7 +14,7 @@ A mutable gallery (`MutableIndex`: a directory with `manifest.json`), changed in
 command that changes it saves the directory atomically and prints one summary line (`info` a table):
 
     python -m sparse_embed.search mutable-create --embeddings=EMB.hdf5 --index=DIR \
-        [--ids-from=next|label] [--overwrite]
+        [--ids-from=next|label] [--overwrite] [--value_type=int8 [--keep_float]]
     python -m sparse_embed.search add --index=DIR --embeddings=NEW.hdf5 \
         [--ids-from=next|label | --ids-file=F]
     python -m sparse_embed.search remove --index=DIR [--ids=3,17] [--ids-file=F]
@@ -23,6 +25,10 @@ Ids are the caller's int64 ids (>= 0): `next` assigns the ids after every id the
 (0 .. N-1 for a new index: the rows of EMB.hdf5), `label` takes each row's `label`, an ids file
 holds integers separated by commas or white space. `query --index=DIR` searches the live rows and
 returns those ids.
+
+`--value_type=int8` stores one-byte posting values (3 bytes a posting instead of 6) and
+`--keep_float` the float32 rows beside them; `query --rescore_k=R` then re-scores the top R rows
+by quantized score in float32, `--rescore_k=exact` returns the float32 index's results.
 """
 
 from __future__ import annotations
@@ -46,8 +52,10 @@ from sparse_embed.search.index import (
     DEFAULT_BLOCK_ROWS,
     DEFAULT_NUM_THREADS,
     DEFAULT_SEARCH_MODE,
+    DEFAULT_VALUE_TYPE,
     DEFAULT_ZERO_THRESHOLD,
     SEARCH_MODES,
+    VALUE_TYPES,
     hdf5_to_bin,
 )
 
@@ -178,7 +186,9 @@ def _shard(args: argparse.Namespace) -> None:
                             "python -m sparse_embed.embed")
         embedding = f["embedding"]
         shard_rows = max(1, math.ceil(embedding.shape[0] / args.shards))
-        index = ShardedIndex.build(embedding, shard_rows, args.output, args.zero_threshold)
+        _check_value_arguments(args)
+        index = ShardedIndex.build(embedding, shard_rows, args.output, args.zero_threshold,
+                                   args.value_type, args.keep_float)
     print(f"wrote {len(index.shards)} shards to {args.output}: {len(index)} rows, {index.dim} dims, "
           f"{index.stats['nnz']} non-zeros")
 
@@ -221,10 +231,13 @@ def _query(args: argparse.Namespace) -> None:
             raise DataError(f"--index: {e}") from None
         layout = f"{len(index.shards)} shards, {len(index)} rows"
     queries = read_hdf5(args.queries).embedding
+    rescore = _rescore_options(args.rescore_k)
     try:
         ids, scores = index.search(queries, args.k, args.threshold, num_threads=args.num_threads,
-                                   mode=args.mode, max_blocks=args.max_blocks)
+                                   mode=args.mode, max_blocks=args.max_blocks, **rescore)
     except ValueError as e:
+        if rescore and "rescore" in str(e):
+            raise ConfigError(f"--rescore_k: {e}") from None
         raise DataError(f"{args.queries}: {e}") from None
     stats = index.stats
     print(f"{len(ids)} queries, {layout}: "
@@ -232,6 +245,22 @@ def _query(args: argparse.Namespace) -> None:
           f"{stats['postings_per_query']:.0f} postings/query, {stats['blocks_per_query']:.1f} blocks/query "
           f"({args.mode})")
     _write_results(args, ids, scores)
+
+
+def _check_value_arguments(args: argparse.Namespace) -> None:
+    if args.keep_float and args.value_type != "int8":
+        raise ConfigError("--keep_float goes with --value_type=int8 (a float32 index holds its float rows)")
+
+
+def _rescore_options(value: str | None) -> dict[str, int | bool]:
+    """The search keywords of --rescore_k: none, rescore_k=R or rescore_exact=True."""
+    if value is None:
+        return {}
+    if value == "exact":
+        return {"rescore_exact": True}
+    if not re.fullmatch(r"[0-9]+", value):
+        raise ConfigError(f"--rescore_k must be a number of rows or 'exact', got {value!r}")
+    return {"rescore_k": int(value)}
 
 
 def _check_query_arguments(args: argparse.Namespace) -> None:
@@ -247,9 +276,9 @@ def _query_milvus(args: argparse.Namespace) -> None:
 
     if args.collection is None:
         raise ConfigError("--uri needs --collection, the collection written by to-milvus")
-    if args.mode != DEFAULT_SEARCH_MODE or args.max_blocks is not None:
-        raise ConfigError("--mode and --max_blocks choose how the index searches; Milvus searches its "
-                          "own way: drop them with --uri")
+    if args.mode != DEFAULT_SEARCH_MODE or args.max_blocks is not None or args.rescore_k is not None:
+        raise ConfigError("--mode, --max_blocks and --rescore_k choose how the index searches; Milvus "
+                          "searches its own way: drop them with --uri")
     _check_query_arguments(args)
     try:
         from sparse_embed.search.milvus import MilvusIndex
@@ -313,8 +342,10 @@ def _mutable_create(args: argparse.Namespace) -> None:
                         "--overwrite to replace it")
     start = time.perf_counter()
     embeddings = read_hdf5(args.embeddings)
+    _check_value_arguments(args)
     try:
-        index = MutableIndex(embeddings.embedding.shape[1], args.block_rows)
+        index = MutableIndex(embeddings.embedding.shape[1], args.block_rows, args.value_type,
+                             args.keep_float)
     except ValueError as e:
         raise ConfigError(f"--block_rows: {e}") from None
     new_ids = _add_rows(index, embeddings, args)
@@ -380,6 +411,7 @@ def _info(args: argparse.Namespace) -> None:
         "non-zeros": stats["nnz"],
         "bytes": stats["bytes"],
         "bytes per non-zero": f"{stats['bytes'] / max(stats['nnz'], 1):.2f}",
+        "value type": stats["value_type"] + (" + float32 rows" if stats["keep_float"] else ""),
         "ids": f"{ids[0]}..{ids[-1]}" if len(ids) else "none",
     }
     width = max(len(key) for key in rows)
@@ -403,6 +435,7 @@ def _add_commands(commands: argparse._SubParsersAction) -> None:
     shard.add_argument("--output", required=True, help="directory for shard-00000.idx, ...")
     shard.add_argument("--zero_threshold", type=float, default=DEFAULT_ZERO_THRESHOLD,
                        help="keep entries with |x| above it (default: %(default)s)")
+    _value_arguments(shard)
 
     query = commands.add_parser("query", help="exact top-k of HDF5 queries over index shards, a mutable "
                                               "index or a Milvus collection")
@@ -421,6 +454,9 @@ def _add_commands(commands: argparse._SubParsersAction) -> None:
                             "shard (default: %(default)s)")
     query.add_argument("--max_blocks", type=int, default=None,
                        help="blocks scored per query and shard with --mode=approx")
+    query.add_argument("--rescore_k", default=None,
+                       help="int8 index with float rows: re-score the top R rows by quantized score in "
+                            "float32, or 'exact' for the float32 index's results")
     query.add_argument("--output", default=None, help="write ids and scores to a .npz or .json file")
 
     milvus = commands.add_parser("to-milvus", help="write an embedding HDF5 file into a Milvus collection")
@@ -442,6 +478,7 @@ def _add_commands(commands: argparse._SubParsersAction) -> None:
     create.add_argument("--block_rows", type=int, default=DEFAULT_BLOCK_ROWS,
                         help="rows per pruning block, a power of two in [8, 65536] (default: %(default)s)")
     create.add_argument("--overwrite", action="store_true", help="replace a mutable index already there")
+    _value_arguments(create)
 
     add = commands.add_parser("add", help="add the rows of an HDF5 file to a mutable index")
     _rows_arguments(add, "the rows to add")
@@ -456,6 +493,14 @@ def _add_commands(commands: argparse._SubParsersAction) -> None:
                        ("info", "print a mutable index's segments and sizes")):
         command = commands.add_parser(name, help=text)
         command.add_argument("--index", required=True, help="the mutable index directory")
+
+
+def _value_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--value_type", choices=VALUE_TYPES, default=DEFAULT_VALUE_TYPE,
+                        help="posting values: float32, or int8 with a scale per dimension "
+                             "(default: %(default)s)")
+    parser.add_argument("--keep_float", action="store_true",
+                        help="with --value_type=int8, keep the float32 rows too (for query --rescore_k)")
 
 
 def _rows_arguments(parser: argparse.ArgumentParser, what: str) -> None:

@@ -31,6 +31,12 @@ indexed by caller id (row i belongs to id i, so it needs max id + 1 rows); the
 global top `rerank_k` by sparse score are re-scored by the C++ dense dot
 product of each segment, as an unsharded re-rank would score them.
 
+Value types: the segments it builds (the delta, and the base at `compact`)
+take the base's `value_type` and `keep_float` (`from_index`, `load`) or the
+constructor's. On int8 segments with float rows, `rescore_exact=True` returns
+the float32 result over the live rows (each segment's is exact, as above);
+`rescore_k=R` re-scores each segment's own top R by quantized score.
+
 `save(directory)` writes each segment as the versioned, checksummed index
 file of `SparseIndex.save` plus its id map (raw little-endian int64), under
 new names, then replaces `manifest.json` (format version, dimension, segment
@@ -61,8 +67,10 @@ from sparse_embed.search.index import (
     DEFAULT_NUM_THREADS,
     DEFAULT_RERANK_K,
     DEFAULT_SEARCH_MODE,
+    DEFAULT_VALUE_TYPE,
     DEFAULT_ZERO_THRESHOLD,
     SparseIndex,
+    _value_options,
 )
 from sparse_embed.search.sharded import _lookup, _merge_top
 
@@ -154,16 +162,20 @@ class MutableIndex:
         dim: The embedding dimension D of an empty index (use `from_index` or
             `load` to start from existing rows).
         block_rows: Rows per pruning block of the segments it builds.
+        value_type: How the segments it builds store posting values ("float32" or "int8").
+        keep_float: With "int8", the segments also keep their float32 rows for re-scoring.
 
     Raises:
-        ValueError: If dim < 1.
+        ValueError: If dim < 1, on an unknown value_type or keep_float without int8.
     """
 
-    def __init__(self, dim: int, block_rows: int = DEFAULT_BLOCK_ROWS) -> None:
+    def __init__(self, dim: int, block_rows: int = DEFAULT_BLOCK_ROWS,
+                 value_type: str = DEFAULT_VALUE_TYPE, keep_float: bool = False) -> None:
         if isinstance(dim, bool) or not isinstance(dim, int | np.integer) or dim < 1:
             raise ValueError(f"dim must be an integer >= 1, got {dim!r}")
         self._dim = int(dim)
         self._block_rows = int(block_rows)
+        self._value_type, self._keep_float = _value_options(value_type, keep_float)
         self._set_base(self._build(_empty_csr(self._dim)), np.zeros(0, np.int64))
         self._set_delta(_empty_csr(self._dim), np.zeros(0, np.int64))
         self._last: dict[str, Any] = {"queries": 0, "mode": DEFAULT_SEARCH_MODE,
@@ -180,7 +192,7 @@ class MutableIndex:
         Raises:
             ValueError: If the ids are not [N] strictly increasing integers.
         """
-        self = cls(index.dim, index.stats["block_rows"])
+        self = cls(index.dim, index.stats["block_rows"], index.value_type, index.keeps_float)
         base_ids = np.arange(len(index), dtype=np.int64) if ids is None else _id_vector(ids, "ids")
         if len(base_ids) != len(index):
             raise ValueError(f"ids must have shape [{len(index)}], got {_shape(base_ids)}")
@@ -194,7 +206,8 @@ class MutableIndex:
 
     def _build(self, rows: scipy.sparse.csr_matrix) -> SparseIndex:
         return SparseIndex.from_csr(rows.indptr, rows.indices, rows.data, self._dim,
-                                    block_rows=self._block_rows)
+                                    block_rows=self._block_rows, value_type=self._value_type,
+                                    keep_float=self._keep_float)
 
     def _set_base(self, index: SparseIndex, ids: np.ndarray, saved: tuple[Path, str] | None = None,
                   dead: np.ndarray | None = None) -> None:
@@ -303,6 +316,8 @@ class MutableIndex:
         num_threads: int = DEFAULT_NUM_THREADS,
         mode: str = DEFAULT_SEARCH_MODE,
         max_blocks: int | None = None,
+        rescore_k: int | None = None,
+        rescore_exact: bool = False,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Top-k live rows of every query, as `SparseIndex.search` over the live rows.
 
@@ -319,6 +334,10 @@ class MutableIndex:
             num_threads: Worker threads of each segment's search; 0: every core.
             mode: One of `SEARCH_MODES`, as in `SparseIndex.search`; "approx" per segment.
             max_blocks: Blocks scored per query and segment in mode "approx"; None otherwise.
+            rescore_k: Int8 segments with float rows: each re-scores its own top
+                `rescore_k` (at least the rows it is asked for) by quantized score.
+            rescore_exact: Int8 segments with float rows: the float32 result
+                over the live rows.
 
         Returns:
             ids int64 [Q, k] (caller ids) and scores float32 [Q, k], best first;
@@ -349,7 +368,8 @@ class MutableIndex:
             # Converted once here rather than once per segment.
             queries = np.ascontiguousarray(queries, np.float32)
         start = time.perf_counter()
-        options = {"threshold": threshold, "num_threads": num_threads, "mode": mode, "max_blocks": max_blocks}
+        options = {"threshold": threshold, "num_threads": num_threads, "mode": mode, "max_blocks": max_blocks,
+                   "rescore_k": rescore_k, "rescore_exact": rescore_exact}
         parts = [self._search_segment(index, seg_ids, dead, queries, capacity, options, dense_db, dense_q)
                  for index, seg_ids, dead in ((self._base, self._base_ids, self._dead),
                                               (self._delta, self._delta_ids, None))]
@@ -382,7 +402,8 @@ class MutableIndex:
             dead: Tombstones by position, or None (the delta has none).
             queries: The queries, as given to `search`.
             capacity: Live results wanted per query.
-            options: threshold, num_threads, mode and max_blocks of `SparseIndex.search`.
+            options: threshold, num_threads, mode, max_blocks, rescore_k and
+                rescore_exact of `SparseIndex.search`.
             dense_db: Dense re-rank database by caller id, or None.
             dense_q: Dense queries, or None.
 
@@ -395,14 +416,17 @@ class MutableIndex:
         seg_dense = None if dense_db is None else (np.take(dense_db, seg_ids, axis=0, mode="clip"), dense_q)
 
         def run(batch: Any, width: int, dense: tuple[Any, Any] | None) -> tuple[np.ndarray, ...]:
-            raw_ids, raw_scores = index.search(batch, width, **options)
+            # Tombstones widen the list asked for; re-scoring covers it all.
+            opts = dict(options, rescore_k=None if options["rescore_k"] is None
+                        else max(int(options["rescore_k"]), width))
+            raw_ids, raw_scores = index.search(batch, width, **opts)
             stats = {key: np.asarray(index.stats[key]) for key in _STATS}
             ids, scores = self._caller_ids(raw_ids, raw_scores, seg_ids, dead)
             dense_ids = dense_scores = np.zeros((len(ids), 0))
             if dense is not None:
                 # Same candidates again, scored by the core's dense dot product;
                 # removed rows may lie past the dense database (clipped: never returned).
-                dense_ids, dense_scores = index.search(batch, width, rerank=dense, rerank_k=width, **options)
+                dense_ids, dense_scores = index.search(batch, width, rerank=dense, rerank_k=width, **opts)
                 dense_ids, dense_scores = self._caller_ids(dense_ids, dense_scores, seg_ids, dead)
             short = ((ids >= 0).sum(axis=1) < capacity) & (raw_ids[:, -1] >= 0)
             return (*_first_live(ids, scores, capacity), dense_ids, dense_scores, stats, short)
@@ -529,6 +553,7 @@ class MutableIndex:
                 raise DataError(f"{out / seg['index']} has dimension {index.dim}, the manifest {self._dim}")
             loaded[name] = (index, np.frombuffer(raw, "<i8").astype(np.int64))
         base, base_ids = loaded["base"]
+        self._value_type, self._keep_float = base.value_type, base.keeps_float
         self._set_base(base, base_ids, saved=(out.resolve(), Path(segments["base"]["index"]).stem),
                        dead=np.isin(base_ids, tombstones))
         delta, delta_ids = loaded["delta"]
@@ -542,7 +567,8 @@ class MutableIndex:
         """Segment sizes and the statistics of the last `search`.
 
         Keys: `rows` (live), `dim`, `base_rows`, `delta_rows`, `tombstones`,
-        `nnz` and `bytes` (both segments, removed base rows included), then
+        `nnz` and `bytes` (both segments, removed base rows included),
+        `value_type` and `keep_float` (of the segments it builds), then
         for the last search `queries`, `mode`, per-query `postings`,
         `postings_scored`, `blocks_visited`, `candidates` and `seconds` summed
         over the segments (second asks of the base included), their means
@@ -563,6 +589,8 @@ class MutableIndex:
             "tombstones": int(self._dead.sum()),
             "nnz": self._base.nnz + self._delta.nnz,
             "bytes": self._base.nbytes + self._delta.nbytes,
+            "value_type": self._value_type,
+            "keep_float": self._keep_float,
             **last,
             "postings_per_query": mean(last["postings"]),
             "postings_scored_per_query": mean(last["postings_scored"]),

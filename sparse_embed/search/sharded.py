@@ -28,6 +28,11 @@ sparse score are re-scored by the dense vectors and the top k returned. The
 dense scores come from the same C++ dot product as an unsharded re-rank (a
 second pass on each shard with its slice of the dense database, which costs a
 second sparse pass), so for the same candidates they are bit-identical.
+
+Shards built with `value_type="int8"` and `keep_float=True` re-score too:
+`rescore_exact=True` gives every shard's exact float32 top-k, so the merged
+list is the float32 unsharded result; `rescore_k=R` re-scores each shard's
+own top R by quantized score (up to shards x R rows in all).
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ from sparse_embed.search.index import (
     DEFAULT_NUM_THREADS,
     DEFAULT_RERANK_K,
     DEFAULT_SEARCH_MODE,
+    DEFAULT_VALUE_TYPE,
     DEFAULT_ZERO_THRESHOLD,
     SEARCH_MODES,
     SparseIndex,
@@ -166,7 +172,8 @@ class ShardedIndex:
 
     @classmethod
     def build(cls, rows: Any, shard_rows: int, directory: str | os.PathLike,
-              zero_threshold: float = DEFAULT_ZERO_THRESHOLD) -> ShardedIndex:
+              zero_threshold: float = DEFAULT_ZERO_THRESHOLD, value_type: str = DEFAULT_VALUE_TYPE,
+              keep_float: bool = False) -> ShardedIndex:
         """Splits rows into shards of `shard_rows` rows, saves each, returns the loaded set.
 
         Each file is written to a temporary name and renamed, so a killed
@@ -179,9 +186,12 @@ class ShardedIndex:
             shard_rows: Rows per shard, >= 1; the last shard holds the rest.
             directory: Where `shard-00000.idx`, `shard-00001.idx`, ... go.
             zero_threshold: Dense entries with |x| at or below it are dropped.
+            value_type: How each shard stores its posting values ("float32" or "int8").
+            keep_float: With "int8", each shard also keeps its float32 rows for re-scoring.
 
         Raises:
-            ValueError: On a bad shape, dtype or shard size.
+            ValueError: On a bad shape, dtype or shard size, an unknown
+                value_type or keep_float without int8.
         """
         if isinstance(shard_rows, bool) or not isinstance(shard_rows, int | np.integer) or shard_rows < 1:
             raise ValueError(f"shard_rows must be an integer >= 1, got {shard_rows!r}")
@@ -197,11 +207,12 @@ class ShardedIndex:
             stop = min(start + int(shard_rows), n)
             if csr is not None:
                 part = csr[start:stop]
-                shard = SparseIndex.from_csr(part.indptr, part.indices, part.data, dim)
+                shard = SparseIndex.from_csr(part.indptr, part.indices, part.data, dim,
+                                             value_type=value_type, keep_float=keep_float)
             else:
                 shard = SparseIndex.from_dense(
                     _dense_matrix(rows[start:stop], "rows", "[N, D]").reshape(stop - start, dim),
-                    zero_threshold)
+                    zero_threshold, value_type=value_type, keep_float=keep_float)
             path = out / SHARD_FILE_PATTERN.format(i)
             shard.save(path)
             paths.append(path)
@@ -217,6 +228,8 @@ class ShardedIndex:
         num_threads: int = DEFAULT_NUM_THREADS,
         mode: str = DEFAULT_SEARCH_MODE,
         max_blocks: int | None = None,
+        rescore_k: int | None = None,
+        rescore_exact: bool = False,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Top-k over all shards, as `SparseIndex.search` over the concatenated rows.
 
@@ -235,6 +248,10 @@ class ShardedIndex:
             mode: One of `SEARCH_MODES`: the exact ones equal the unsharded
                 search, "approx" is per shard (see the module docstring).
             max_blocks: Blocks scored per query and shard in mode "approx", >= 1; None otherwise.
+            rescore_k: Int8 shards with float rows: each shard re-scores its own
+                top `rescore_k` by quantized score (see `SparseIndex.search`).
+            rescore_exact: Int8 shards with float rows: the float32 result of
+                every shard, hence of the unsharded float32 index.
 
         Returns:
             ids int64 [Q, k] (global ids) and scores float32 [Q, k], best first;
@@ -242,13 +259,15 @@ class ShardedIndex:
 
         Raises:
             ValueError: On bad shapes or dtypes, non-finite values, k < 1,
-                rerank_k < k, an unknown mode or a max_blocks that does not fit it.
+                rerank_k < k, an unknown mode, a max_blocks that does not fit it,
+                or re-scoring options a shard cannot take (as `SparseIndex.search`).
         """
         if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
             raise ValueError(f"k must be an integer >= 1, got {k!r}")
         if mode not in SEARCH_MODES:
             raise ValueError(f"unknown search mode {mode!r}; valid modes: {', '.join(SEARCH_MODES)}")
-        options = {"mode": mode, "max_blocks": max_blocks}
+        options = {"mode": mode, "max_blocks": max_blocks, "rescore_k": rescore_k,
+                   "rescore_exact": rescore_exact}
         capacity = int(k)
         dense_db = dense_q = None
         if rerank is not None:
