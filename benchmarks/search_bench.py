@@ -56,6 +56,8 @@ from sparse_embed.search import SparseIndex
 # temporaries).
 _DENSE_SCORES = 1 << 27
 _SCIPY_SCORES = 1 << 25
+# Largest database the batched-query table also multiplies as a dense float32 matrix.
+_DENSE_BATCH_BYTES = 5 << 30
 # Timing rounds per case, of at least _ROUND_QUERIES queries each (so per-call
 # overheads stay small next to the work).
 _ROUNDS = 10
@@ -263,6 +265,98 @@ def run_modes(args: argparse.Namespace, threads: int, rng: np.random.Generator) 
                       for r in rows]))
 
 
+def batched_runner(index: SparseIndex, queries: scipy.sparse.csr_matrix, k: int, threads: int,
+                   mode: str, batch: int, by_support: bool, ids: list[np.ndarray]) -> Runner:
+    """The index answering groups of `batch` queries together; appends each call's ids."""
+
+    def run(start: int, stop: int) -> np.ndarray:
+        found, scores = index.search(queries[start:stop], k, num_threads=threads, mode=mode,
+                                     batch=batch, group_by_support=by_support)
+        ids.append(found)
+        return scores
+
+    return run
+
+
+def batch_rows(name: str, index: SparseIndex, queries: scipy.sparse.csr_matrix, k: int,
+               threads: int, mode: str, batches: list[int],
+               baselines: dict[str, Runner] | None = None) -> list[dict[str, float | str]]:
+    """Times one query at a time against groups of each size in `batches` (in the given order
+    and grouped by support) on `threads` threads, and the baselines; one result row each."""
+    variants = {"one at a time": (1, False)}
+    for b in batches:
+        variants[f"batch {b}, given order"] = (b, False)
+        variants[f"batch {b}, by support"] = (b, True)
+    ids: dict[str, list[np.ndarray]] = {v: [] for v in variants}
+    runners = {v: batched_runner(index, queries, k, threads, mode, b, s, ids[v])
+               for v, (b, s) in variants.items()}
+    runners.update(baselines or {})
+    ms, tops = time_interleaved(runners, queries.shape[0], f"{name}, {threads} threads")
+    for v in variants:  # batched results are identical; the baselines agree to rounding
+        np.testing.assert_array_equal(tops[v], tops["one at a time"])
+        np.testing.assert_array_equal(np.concatenate(ids[v]), np.concatenate(ids["one at a time"]))
+    for v in baselines or {}:
+        np.testing.assert_allclose(tops[v], tops["one at a time"], rtol=1e-5, atol=1e-6)
+    base = ms["one at a time"]
+    return [{"data": name, "method": v, "threads": threads if v in variants else 1, "ms": ms[v],
+             "vs_one_at_a_time": base / ms[v]} for v in runners]
+
+
+def run_batched(args: argparse.Namespace, threads: int, rng: np.random.Generator) -> None:
+    """The batched-query table: groups of queries accumulated together against one query at a
+    time, on 1 and `threads` threads, on identity-structured probes (grouped by identity and in
+    random order) and on uniform data, with scipy CSR and NumPy dense products on the identity
+    data."""
+    batches = [int(b) for b in args.batches.split(",")]
+    thread_counts = sorted({1, threads})
+    rows = []
+    log(f"generating the {args.rows} x {args.dim} identity-structured database ...")
+    database, identity = identity_embeddings(args.rows, args.dim, int(args.nnz), args.group, rng,
+                                             args.swap)
+    # Probes: every image of randomly chosen identities, noisier, one identity after the other.
+    members = np.argsort(identity, kind="stable")
+    starts = np.searchsorted(identity[members], np.arange(identity.max() + 2))
+    chosen = rng.permutation(identity.max() + 1)[:-(-args.queries // args.group)]
+    picks = np.concatenate([members[starts[c]:starts[c + 1]] for c in chosen])[:args.queries]
+    grouped = database[picks].multiply(rng.uniform(0.8, 1.2, (len(picks), 1))).tocsr()
+    grouped.data *= rng.uniform(0.9, 1.1, grouped.nnz).astype(np.float32)
+    grouped = grouped.astype(np.float32)
+    shuffled = grouped[rng.permutation(len(picks))]
+    index = SparseIndex.from_csr(database.indptr, database.indices, database.data, args.dim,
+                                 block_rows=args.block_rows)
+    n, q = args.rows, len(picks)
+    baselines = {"scipy.sparse CSR matmul": scipy_runner(shuffled, database.T.tocsr(), args.k,
+                                                         max(1, _SCIPY_SCORES // n))}
+    if n * args.dim * 4 <= _DENSE_BATCH_BYTES:
+        baselines["NumPy dense matmul"] = dense_runner(shuffled.toarray(), database.toarray(),
+                                                       args.k, max(1, _DENSE_SCORES // n))
+    del database, identity
+    for t in thread_counts:
+        rows += batch_rows("identity, by identity", index, grouped, args.k, t, "exhaustive", batches)
+        rows += batch_rows("identity, random order", index, shuffled, args.k, t, "exhaustive",
+                           batches, baselines if t == thread_counts[0] else None)
+    del index, baselines
+    log(f"generating the {args.rows} x {args.dim} uniform database ...")
+    rates = dimension_rates(args.dim, args.nnz, 0.0)
+    database = sparse_embeddings(args.rows, rates, rng)
+    queries = sparse_embeddings(q, rates, rng)
+    index = SparseIndex.from_csr(database.indptr, database.indices, database.data, args.dim,
+                                 block_rows=args.block_rows)
+    del database
+    for t in thread_counts:
+        rows += batch_rows("uniform", index, queries, args.k, t, "auto", batches)
+    header = f"{'data':<24}{'method':<26}{'threads':>8}{'ms/query':>10}{'vs one at a time':>18}"
+    print(f"batched queries: {n} rows, {q} queries, top-{args.k}; mode exhaustive on the identity "
+          f"data, auto (which falls back to exhaustive) on the uniform data")
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        print(f"{r['data']:<24}{r['method']:<26}{r['threads']:>8}{r['ms']:>10.3f}"
+              f"{r['vs_one_at_a_time']:>17.2f}x")
+    print(json.dumps([{key: round(v, 6) if isinstance(v, float) else v for key, v in r.items()}
+                      for r in rows]))
+
+
 def top_scores(score_rows: list[np.ndarray], k: int) -> np.ndarray:
     """Sorted top-k of each score vector; a sparse product's missing rows score 0."""
     top = np.zeros((len(score_rows), k), np.float32)
@@ -364,6 +458,10 @@ def main() -> None:
     parser.add_argument("--budget", type=int, default=8, help="blocks per query in approx mode")
     parser.add_argument("--only-modes", action="store_true",
                         help="only the search-mode table (identity-structured and uniform)")
+    parser.add_argument("--only-batched", action="store_true",
+                        help="only the batched-query table (identity-structured and uniform data)")
+    parser.add_argument("--batches", default="8",
+                        help="comma-separated query group sizes of the batched-query table")
     parser.add_argument("--milvus-rows", type=int, default=100_000,
                         help="rows of the Milvus Lite comparison (0: skip it; its inserts are slow)")
     parser.add_argument("--milvus-queries", type=int, default=100,
@@ -377,6 +475,9 @@ def main() -> None:
     rng = np.random.default_rng(args.seed)
     if args.only_modes:
         run_modes(args, threads, rng)
+        return
+    if args.only_batched:
+        run_batched(args, threads, rng)
         return
 
     # Uniform case: the index (one thread, all threads), scipy.sparse and dense BLAS.
@@ -476,6 +577,8 @@ def main() -> None:
                       for key, v in result.items()}))
     print()
     run_modes(args, threads, rng)
+    print()
+    run_batched(args, threads, rng)
     if args.milvus_rows > 0:
         print()
         run_milvus(args, rng)

@@ -77,7 +77,8 @@ py::tuple run_search(const se::SparseIndex& index, const View& queries, int64_t 
                         const std::optional<Array<float>>& rerank_database,
                         const std::optional<Array<float>>& rerank_queries, int64_t rerank_k,
                         int num_threads, const std::string& mode,
-                        std::optional<int64_t> max_blocks, int64_t rescore_k, bool rescore_exact) {
+                        std::optional<int64_t> max_blocks, int64_t rescore_k, bool rescore_exact,
+                        int64_t batch, bool group_by_support) {
   if (k < 1) throw py::value_error("k must be >= 1, got " + std::to_string(k));
   if (rerank_database.has_value() != rerank_queries.has_value()) {
     throw py::value_error("re-ranking needs both the database and the query dense vectors");
@@ -95,6 +96,8 @@ py::tuple run_search(const se::SparseIndex& index, const View& queries, int64_t 
   params.max_blocks = max_blocks.value_or(0);
   params.rescore_k = rescore_k;
   params.rescore_exact = rescore_exact;
+  params.batch = batch;
+  params.group_by_support = group_by_support;
   if (rerank_database) {
     params.rerank_database =
         dense_view(*rerank_database, "rerank database", "[N, Dd] with N = " +
@@ -139,6 +142,8 @@ PYBIND11_MODULE(_search, m) {
   m.attr("DEFAULT_ZERO_THRESHOLD") = se::kDefaultZeroThreshold;
   m.attr("INDEX_FORMAT_VERSION") = se::kIndexFormatVersion;
   m.attr("DEFAULT_BLOCK_ROWS") = se::kDefaultBlockRows;
+  m.attr("DEFAULT_BATCH") = se::kDefaultBatch;
+  m.attr("MAX_BATCH") = se::kMaxBatch;
   m.attr("DEFAULT_SEARCH_MODE") = se::search_mode_name(se::kDefaultSearchMode);
   m.attr("SEARCH_MODES") = py::make_tuple(se::search_mode_name(se::SearchMode::kExhaustive),
                                           se::search_mode_name(se::SearchMode::kPruned),
@@ -216,19 +221,20 @@ PYBIND11_MODULE(_search, m) {
              std::optional<float> threshold, const std::optional<Array<float>>& rerank_database,
              const std::optional<Array<float>>& rerank_queries, int64_t rerank_k, int num_threads,
              const std::string& mode, std::optional<int64_t> max_blocks, int64_t rescore_k,
-             bool rescore_exact) {
+             bool rescore_exact, int64_t batch, bool group_by_support) {
             const se::DenseView view = dense_view(
                 queries, "queries", "[Q, " + std::to_string(index.dim()) + "]", -1, index.dim());
             return run_search(index, view, view.rows, k, threshold, rerank_database,
                               rerank_queries, rerank_k, num_threads, mode, max_blocks, rescore_k,
-                              rescore_exact);
+                              rescore_exact, batch, group_by_support);
           },
           py::arg("queries"), py::arg("k"), py::arg("threshold") = py::none(),
           py::arg("rerank_database") = py::none(), py::arg("rerank_queries") = py::none(),
           py::arg("rerank_k") = se::kDefaultRerankK, py::arg("num_threads") = se::kDefaultNumThreads,
           py::arg("mode") = se::search_mode_name(se::kDefaultSearchMode),
           py::arg("max_blocks") = py::none(), py::arg("rescore_k") = 0,
-          py::arg("rescore_exact") = false)
+          py::arg("rescore_exact") = false, py::arg("batch") = se::kDefaultBatch,
+          py::arg("group_by_support") = true)
       .def(
           "search_csr",
           [](const se::SparseIndex& index, const Array<int64_t>& indptr, const Array<int32_t>& indices,
@@ -236,11 +242,11 @@ PYBIND11_MODULE(_search, m) {
              const std::optional<Array<float>>& rerank_database,
              const std::optional<Array<float>>& rerank_queries, int64_t rerank_k, int num_threads,
              const std::string& mode, std::optional<int64_t> max_blocks, int64_t rescore_k,
-             bool rescore_exact) {
+             bool rescore_exact, int64_t batch, bool group_by_support) {
             const se::CsrView view = csr_view(indptr, indices, values, "queries");
             return run_search(index, view, view.rows, k, threshold, rerank_database,
                               rerank_queries, rerank_k, num_threads, mode, max_blocks, rescore_k,
-                              rescore_exact);
+                              rescore_exact, batch, group_by_support);
           },
           py::arg("indptr"), py::arg("indices"), py::arg("values"), py::arg("k"),
           py::arg("threshold") = py::none(), py::arg("rerank_database") = py::none(),
@@ -248,7 +254,8 @@ PYBIND11_MODULE(_search, m) {
           py::arg("num_threads") = se::kDefaultNumThreads,
           py::arg("mode") = se::search_mode_name(se::kDefaultSearchMode),
           py::arg("max_blocks") = py::none(), py::arg("rescore_k") = 0,
-          py::arg("rescore_exact") = false)
+          py::arg("rescore_exact") = false, py::arg("batch") = se::kDefaultBatch,
+          py::arg("group_by_support") = true)
       .def(
           "to_csr",
           [](const se::SparseIndex& index) {

@@ -53,6 +53,14 @@ inline constexpr int64_t kMinBlockRows = 8;
 // the blocks they score.
 enum class SearchMode { kExhaustive, kPruned, kApprox, kAuto };
 inline constexpr SearchMode kDefaultSearchMode = SearchMode::kAuto;
+// Queries accumulated together (SearchParams::batch), at most kMaxBatch.
+// One at a time is the default: groups of 4 to 16 measured 0.8x to 1.0x its
+// speed at 200k rows (1 and 2 threads, identity-structured and uniform rows),
+// the index being small enough for the last-level cache, so reading a
+// posting once per group saves little next to the scatter it still does per
+// query (benchmarks/search_bench.py --only-batched).
+inline constexpr int64_t kDefaultBatch = 1;
+inline constexpr int64_t kMaxBatch = 256;
 // "exhaustive" / "pruned" / "approx" / "auto" <-> SearchMode; parse throws
 // std::invalid_argument naming the valid modes.
 SearchMode parse_search_mode(const std::string& name);
@@ -155,6 +163,19 @@ struct SearchParams {
   // are those of the float32 index in every exact mode, and the pruned
   // modes still skip the blocks whose bound falls short by that margin.
   bool rescore_exact = false;
+  // Queries per group in [1, kMaxBatch]: a thread accumulates the queries of
+  // its group that are answered exhaustively (mode kExhaustive, and kAuto's
+  // exhaustive fall-back) together, reading each posting of their dimensions
+  // once per group. Results are bit-identical to batch 1, with rescore_k,
+  // rescore_exact and the dense re-rank too: each query of a group keeps its
+  // own top-k (and exact re-scoring pool), re-scored or re-ranked after the
+  // group's accumulation. The pruned modes and queries with few postings are
+  // answered one at a time regardless.
+  int64_t batch = kDefaultBatch;
+  // With batch > 1, groups are formed from the queries sorted by the MinHash
+  // signature of their support (the build's row order), so queries that share
+  // dimensions share a group; false keeps the caller's order.
+  bool group_by_support = true;
 };
 
 // Caller-owned output buffers of a batch of Q queries.
@@ -163,7 +184,8 @@ struct SearchOutput {
   float* scores = nullptr;       // [Q, k]; -inf where fewer than k rows qualify
   int64_t* postings = nullptr;   // [Q] postings touched (the paper's FLOPs); may be null
   int64_t* candidates = nullptr; // [Q] rows with a non-zero score above threshold; may be null
-  double* seconds = nullptr;     // [Q] time spent on each query; may be null
+  double* seconds = nullptr;     // [Q] time spent on each query (a group's shared
+                                 // accumulation split evenly); may be null
   int64_t* blocks = nullptr;     // [Q] row blocks scored (all of them when accumulated
                                  // exhaustively); may be null
   int64_t* scored = nullptr;     // [Q] postings actually read; may be null

@@ -37,6 +37,18 @@ and accumulates exhaustively otherwise: identical results, about as fast as
 the faster exact mode on identity-structured and on unstructured galleries;
 it is the default. Ids are always the caller's row ids.
 
+`batch=G` answers the queries that are accumulated exhaustively (mode
+"exhaustive", and the exhaustive fall-back of "auto"; the pruned modes score
+blocks per query) in groups of G: each span of rows reads the postings of the
+group's dimensions once and adds each into the scores of every query of the
+group holding that dimension; `group_by_support` forms the groups from the
+queries sorted by the MinHash signature of their support. Results are
+identical to batch=1, with `rescore_k`, `rescore_exact` and `rerank` too (each
+query keeps its own top-k and exact re-scoring rows, re-scored or re-ranked
+after the group's accumulation). On a machine whose last-level cache holds the index it
+measured slower than one query at a time (see benchmarks/search_bench.py
+--only-batched), so the default is 1.
+
 `save` writes a versioned file (magic, version, sizes, XXH64 checksums of the
 header and of the contents; postings take 6 bytes per non-zero, 3 with int8
 values, plus the row order and the block metadata); `load` memory-maps it
@@ -98,12 +110,14 @@ except ImportError as e:  # pragma: no cover - depends on the installation
     ) from e
 
 __all__ = [
+    "DEFAULT_BATCH",
     "DEFAULT_BLOCK_ROWS",
     "DEFAULT_NUM_THREADS",
     "DEFAULT_RERANK_K",
     "DEFAULT_SEARCH_MODE",
     "DEFAULT_VALUE_TYPE",
     "DEFAULT_ZERO_THRESHOLD",
+    "MAX_BATCH",
     "SEARCH_MODES",
     "VALUE_TYPES",
     "SparseIndex",
@@ -119,6 +133,8 @@ DEFAULT_NUM_THREADS: int = _search.DEFAULT_NUM_THREADS
 DEFAULT_ZERO_THRESHOLD: float = _search.DEFAULT_ZERO_THRESHOLD
 DEFAULT_BLOCK_ROWS: int = _search.DEFAULT_BLOCK_ROWS
 DEFAULT_SEARCH_MODE: str = _search.DEFAULT_SEARCH_MODE
+DEFAULT_BATCH: int = _search.DEFAULT_BATCH
+MAX_BATCH: int = _search.MAX_BATCH
 SEARCH_MODES: tuple[str, ...] = tuple(_search.SEARCH_MODES)
 DEFAULT_VALUE_TYPE: str = _search.DEFAULT_VALUE_TYPE
 VALUE_TYPES: tuple[str, ...] = tuple(_search.VALUE_TYPES)
@@ -362,6 +378,8 @@ class SparseIndex:
         max_blocks: int | None = None,
         rescore_k: int | None = None,
         rescore_exact: bool = False,
+        batch: int = DEFAULT_BATCH,
+        group_by_support: bool = True,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Top-k rows of every query by inner product, on all cores; exact unless mode="approx".
 
@@ -395,6 +413,18 @@ class SparseIndex:
                 within twice the quantization error bound of the k-th (the
                 pruned modes skip the blocks that fall short by that margin).
                 Not combined with `rescore_k` or `rerank`.
+            batch: Queries per group, in [1, MAX_BATCH]: a thread accumulates
+                the queries of its group that are answered exhaustively (mode
+                "exhaustive", and the exhaustive fall-back of "auto") together,
+                reading each posting of their dimensions once per group.
+                Results are identical to batch=1, with `rescore_k`,
+                `rescore_exact` and `rerank` too (each query of a group keeps
+                its own top-k and exact re-scoring rows, re-scored or
+                re-ranked after the group's accumulation).
+            group_by_support: With batch > 1, form groups from the queries
+                sorted by the MinHash signature of their support (as the build
+                orders rows), so queries that share dimensions share a group;
+                False keeps the given order. Results do not depend on it.
 
         Returns:
             ids int64 [Q, k] and scores float32 [Q, k], best first; -1 and
@@ -403,9 +433,9 @@ class SparseIndex:
         Raises:
             ValueError: On bad shapes or dtypes (the message names the expected
                 shape), non-finite values, k < 1, rerank_k < k, an unknown mode,
-                a max_blocks that does not fit the mode, rescore_k < k, or
+                a max_blocks that does not fit the mode, rescore_k < k,
                 rescore_k / rescore_exact on an index without float rows, with
-                `rerank` or with each other.
+                `rerank` or with each other, or a batch outside [1, MAX_BATCH].
         """
         if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
             raise ValueError(f"k must be an integer >= 1, got {k!r}")
@@ -426,11 +456,15 @@ class SparseIndex:
                                  "float rows it re-scores from)")
             if rerank is not None or rescore_k is not None:
                 raise ValueError("rescore_exact excludes rescore_k and rerank; pass one of them")
+        if isinstance(batch, bool) or not isinstance(batch, int | np.integer) or not 1 <= batch <= MAX_BATCH:
+            raise ValueError(f"batch must be an integer in [1, {MAX_BATCH}] (queries accumulated "
+                             f"together; 1: one at a time), got {batch!r}")
         options: dict[str, Any] = {
             "rerank_k": int(rerank_k), "num_threads": int(num_threads), "mode": mode,
             "max_blocks": None if max_blocks is None else int(max_blocks),
             "rescore_k": 0 if rescore_k is None else int(rescore_k),
-            "rescore_exact": bool(rescore_exact)}
+            "rescore_exact": bool(rescore_exact), "batch": int(batch),
+            "group_by_support": bool(group_by_support)}
         if rerank is not None:
             if not isinstance(rerank, tuple | list) or len(rerank) != 2:
                 raise ValueError(
