@@ -10,12 +10,14 @@ searches Milvus collections. The command line is `python -m sparse_embed.search`
 """
 
 from sparse_embed.search.index import (
+    DEFAULT_BATCH,
     DEFAULT_BLOCK_ROWS,
     DEFAULT_NUM_THREADS,
     DEFAULT_RERANK_K,
     DEFAULT_SEARCH_MODE,
     DEFAULT_VALUE_TYPE,
     DEFAULT_ZERO_THRESHOLD,
+    MAX_BATCH,
     SEARCH_MODES,
     VALUE_TYPES,
     SparseIndex,
@@ -28,12 +30,14 @@ from sparse_embed.search.mutable import MutableIndex
 from sparse_embed.search.sharded import ShardedIndex
 
 __all__ = [
+    "DEFAULT_BATCH",
     "DEFAULT_BLOCK_ROWS",
     "DEFAULT_NUM_THREADS",
     "DEFAULT_RERANK_K",
     "DEFAULT_SEARCH_MODE",
     "DEFAULT_VALUE_TYPE",
     "DEFAULT_ZERO_THRESHOLD",
+    "MAX_BATCH",
     "SEARCH_MODES",
     "VALUE_TYPES",
     "MutableIndex",
