@@ -254,6 +254,21 @@ def test_auto_prunes_identity_data_and_accumulates_uniform_data(identity_index) 
         assert (plain.stats["postings_scored"] == plain.stats["postings"]).all()
 
 
+def test_auto_accumulates_when_the_seeds_are_a_large_part_of_the_rows(identity_index) -> None:
+    """3,000 rows in blocks of 128 (24 blocks): the 8 seed blocks alone are a third of the rows,
+    so auto accumulates exhaustively even where pruning would skip blocks; in blocks of 32 (94
+    blocks, seeds a twelfth) it prunes."""
+    db, probes, index = identity_index
+    coarse = SparseIndex.from_dense(db, block_rows=128)
+    assert_same(coarse.search(probes, 10, mode="auto"), coarse.search(probes, 10, mode="exhaustive"))
+    coarse.search(probes, 10, mode="auto")
+    assert (coarse.stats["blocks_visited"] == coarse.stats["blocks"]).all()
+    coarse.search(probes, 10, mode="pruned")
+    assert coarse.stats["blocks_per_query"] < coarse.stats["blocks"] / 2
+    index.search(probes, 10, mode="auto")
+    assert index.stats["blocks_per_query"] < index.stats["blocks"] / 2
+
+
 def test_float_scores_identical_across_exact_modes() -> None:
     """Arbitrary float32 values (rounding in every sum, near-ties between near-duplicates): the
     pruning bound's slack must keep pruned and auto bit-identical to exhaustive."""
