@@ -322,3 +322,11 @@ def test_row_order_keeps_identities_with_differing_supports_together() -> None:
     check_all_modes(index, db, probes, 10)
     index.search(probes, 10, mode="pruned")
     assert index.stats["blocks_per_query"] < 0.02 * index.stats["blocks"]
+    # Auto sees block lists far shorter than rows in random order would give, and prunes too;
+    # on uniform rows, whose lists are as long as random ones, it accumulates exhaustively.
+    index.search(probes, 10, mode="auto")
+    assert index.stats["blocks_per_query"] < 0.02 * index.stats["blocks"]
+    scattered = np.where(rng.random(db.shape) < 32 / 1024, db.max(), 0).astype(np.float32)
+    uniform = SparseIndex.from_dense(scattered, block_rows=16)
+    uniform.search(probes, 10, mode="auto")
+    assert (uniform.stats["blocks_visited"] == uniform.stats["blocks"]).all()
