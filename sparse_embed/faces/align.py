@@ -6,6 +6,9 @@ in image order: the eye on the image's left first) that insightface's
 (96x112, width x height) warp faces onto. The ArcFace template is the SphereFace
 one shifted 8 px right, which is why the two crops share their vertical layout.
 Published LFW numbers of ArcFace-family models are measured on the 112x112 crop.
+
+`as_rgb_uint8` brings a decoded image (grey, RGB or RGBA) to the [H, W, 3] uint8 form that
+face alignment and the detector work on.
 """
 
 from __future__ import annotations
@@ -149,3 +152,24 @@ def transform_points(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
     """
     points = np.asarray(points, dtype=np.float64)
     return points @ matrix[:, :2].T + matrix[:, 2]
+
+
+def as_rgb_uint8(image: np.ndarray) -> np.ndarray:
+    """The [H, W, 3] uint8 RGB view of a decoded image (grey is repeated, alpha dropped).
+
+    Args:
+        image: [H, W], [H, W, 1], [H, W, 3] or [H, W, 4] uint8 array.
+
+    Raises:
+        ConfigError: If the array is not a uint8 image of one of those shapes.
+    """
+    image = np.asarray(image)
+    if image.dtype != np.uint8:
+        raise ConfigError(f"need a uint8 image, got dtype {image.dtype}")
+    if image.ndim == 2:
+        image = image[:, :, None]
+    if image.ndim != 3 or image.shape[2] not in (1, 3, 4):
+        raise ConfigError(f"need an [H, W, 1|3|4] image, got shape {image.shape}")
+    if image.shape[2] == 1:
+        image = np.repeat(image, 3, axis=2)
+    return np.ascontiguousarray(image[:, :, :3])

@@ -30,7 +30,7 @@ import cv2
 import numpy as np
 
 from sparse_embed.errors import ConfigError, DataError
-from sparse_embed.faces.align import align, template
+from sparse_embed.faces.align import align, as_rgb_uint8, template
 from sparse_embed.faces.landmarks import FaceAnnotation, read_landmarks
 from sparse_embed.fileio import atomic_path
 from sparse_embed.registry import Registry
@@ -54,27 +54,6 @@ FROM_EYES_NOSE = "eyes_nose"  # the dataset's eyes and nose (no mouth corners), 
 NO_FACE = "no_face"
 FALLBACK = "fallback"
 ALIGNED_OUTCOMES = (FROM_LANDMARKS, FROM_DETECTION, FROM_EYES_NOSE)
-
-
-def as_rgb_uint8(image: np.ndarray) -> np.ndarray:
-    """The [H, W, 3] uint8 RGB view of a decoded image (grey is repeated, alpha dropped).
-
-    Args:
-        image: [H, W], [H, W, 1], [H, W, 3] or [H, W, 4] uint8 array.
-
-    Raises:
-        ConfigError: If the array is not a uint8 image of one of those shapes.
-    """
-    image = np.asarray(image)
-    if image.dtype != np.uint8:
-        raise ConfigError(f"need a uint8 image, got dtype {image.dtype}")
-    if image.ndim == 2:
-        image = image[:, :, None]
-    if image.ndim != 3 or image.shape[2] not in (1, 3, 4):
-        raise ConfigError(f"need an [H, W, 1|3|4] image, got shape {image.shape}")
-    if image.shape[2] == 1:
-        image = np.repeat(image, 3, axis=2)
-    return np.ascontiguousarray(image[:, :, :3])
 
 
 # --- policies and fallbacks --------------------------------------------------------------------

@@ -17,8 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from sparse_embed.errors import ConfigError
-from sparse_embed.faces.align import LANDMARK_NAMES
-from sparse_embed.faces.aligner import as_rgb_uint8
+from sparse_embed.faces.align import LANDMARK_NAMES, as_rgb_uint8
 from sparse_embed.keras import tf
 
 # isort: split
