@@ -13,7 +13,7 @@ from conftest import ROOT, assert_user_error, run_module, run_module_script
 from PIL import Image
 
 from sparse_embed.data import megaface
-from sparse_embed.data.megaface import query_database_split, rank1
+from sparse_embed.metrics.megaface import Split, query_database_split, rank1, split_bins
 
 SCRIPT = str(ROOT / "preprocessing" / "prepare_megaface.py")
 
@@ -202,7 +202,7 @@ def test_megaface_protocol_against_its_definition() -> None:
     assert len(every.queries) == sum(c >= 2 for c in counts.values())
 
 
-def _brute_rank1(split: megaface.Split, emb: np.ndarray, labels: np.ndarray) -> float:
+def _brute_rank1(split: Split, emb: np.ndarray, labels: np.ndarray) -> float:
     """Rank of a match: 1 + the database rows of other identities scoring strictly higher."""
     hits = trials = 0
     for q, gallery in zip(split.queries, split.gallery, strict=True):
@@ -233,7 +233,7 @@ def test_rank1_and_bins_against_brute_force(protocol: str, tmp_path: Path) -> No
     value = rank1(split, emb, labels)
     assert value == pytest.approx(_brute_rank1(split, emb, labels))
     assert 0.0 < value < 1.0
-    summary = megaface.split_bins(split, emb, labels, tmp_path, zero_threshold=0.0)
+    summary = split_bins(split, emb, labels, tmp_path, zero_threshold=0.0)
     for part, rows in (("queries", split.queries), ("database", split.database)):
         matrix, bin_labels = read_bin(summary[part])
         np.testing.assert_allclose(matrix.toarray(), emb[rows], atol=1e-7)
@@ -283,7 +283,7 @@ def test_manifest_to_hdf5_to_bins(tmp_path: Path) -> None:
         emb = read_hdf5(hdf5[image_set])
         assert emb.filename == tuple(r.path for r in rows)
         assert emb.label.tolist() == [r.label for r in rows]
-    proc = run_module("sparse_embed.data.megaface", "split-bins", "--protocol=facescrub",
+    proc = run_module("sparse_embed.metrics.megaface", "split-bins", "--protocol=facescrub",
                       f"--megaface={hdf5['megaface']}", f"--facescrub={hdf5['facescrub']}",
                       f"--output={tmp_path / 'bins'}")
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -7,7 +7,7 @@
     python -m sparse_embed.evaluate identification --embeddings_dir=DIR \
         --sparse_suffix=sparse_RUN.hdf5 --dense_suffix=dense_RUN.hdf5
 
-Trials are those of the `facescrub` protocol of `sparse_embed.data.megaface.query_database_split`:
+Trials are those of the `facescrub` protocol of `sparse_embed.metrics.megaface.query_database_split`:
 every probe image of an identity with two or more images is a query in turn, each other image
 of its identity is the genuine match, alone among the distractors, so an identity of n images
 gives n (n - 1) trials (identities with one image are skipped and counted). The rank of a trial
@@ -58,9 +58,10 @@ import numpy as np
 
 from sparse_embed.cli import format_results, user_errors_exit
 from sparse_embed.data.embeddings import Embeddings, read_hdf5
-from sparse_embed.data.megaface import SIZES, query_database_split
+from sparse_embed.data.megaface import SIZES
 from sparse_embed.errors import ConfigError, DataError
 from sparse_embed.fileio import atomic_path
+from sparse_embed.metrics.megaface import query_database_split
 from sparse_embed.search import DEFAULT_ZERO_THRESHOLD, SparseIndex
 
 DEFAULT_RANKS = (1, 10, 50, 100)
