@@ -16,6 +16,7 @@ import numpy as np
 from tqdm import tqdm
 
 from sparse_embed import compression
+from sparse_embed.checkpoints import CHECKPOINT_DIR, checkpoint_for
 from sparse_embed.config import Config, config_from_model_dir
 from sparse_embed.data.embeddings import Embeddings
 from sparse_embed.data.pipeline import bytes_dataset, files_dataset, missing_paths
@@ -56,9 +57,6 @@ def load_backbone(model_dir: str | os.PathLike, untrained: bool = False) -> tupl
         ConfigError: If `model_dir` has no config.yaml.
         DataError: If it has no checkpoint.
     """
-    # Imported here: the trainer's evaluation callback imports this module.
-    from sparse_embed.training.trainer import CHECKPOINT_DIR, checkpoint_for
-
     config = config_from_model_dir(model_dir)
     keras.utils.set_random_seed(config.train.seed)
     backbone = build_backbone(config)
@@ -85,9 +83,6 @@ def save_backbone(backbone: keras.Model, model_dir: str | os.PathLike, step: int
     Returns:
         The checkpoint's path prefix.
     """
-    # Imported here, as in `load_backbone`.
-    from sparse_embed.training.trainer import CHECKPOINT_DIR, checkpoint_for
-
     manager = tf.train.CheckpointManager(checkpoint_for(backbone),
                                          str(Path(model_dir) / CHECKPOINT_DIR), max_to_keep=1)
     return Path(manager.save(checkpoint_number=step))

@@ -10,6 +10,7 @@ import pytest
 from conftest import assert_user_error, run_module, scalars
 
 from sparse_embed import compression
+from sparse_embed.checkpoints import CHECKPOINT_DIR, checkpoint_for
 from sparse_embed.compression import prune, quantize
 from sparse_embed.config import load_config
 from sparse_embed.errors import ConfigError, DataError
@@ -17,7 +18,7 @@ from sparse_embed.inference import load_backbone
 from sparse_embed.keras import keras, tf
 from sparse_embed.models import build_model
 from sparse_embed.models.embedding import SoftThreshold
-from sparse_embed.training.trainer import CHECKPOINT_DIR, build_networks, checkpoint_for, train
+from sparse_embed.training.trainer import build_networks, train
 
 SMOKE = ["data.augment=false", "train.batch_size=8", "train.log_every=5", "train.checkpoint_every=5"]
 # Pruning from step 0 to 50% at step 6, masks recomputed every 2 steps.

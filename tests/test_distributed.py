@@ -25,11 +25,12 @@ from conftest import (
     scalars,
 )
 
+from sparse_embed.checkpoints import CHECKPOINT_DIR
 from sparse_embed.config import load_config
 from sparse_embed.errors import ConfigError
 from sparse_embed.keras import tf
 from sparse_embed.training.distributed import SingleProcess, resolve_backend
-from sparse_embed.training.trainer import CHECKPOINT_DIR, train, worker_batch_size
+from sparse_embed.training.trainer import train, worker_batch_size
 
 CHECKS = str(ROOT / "tests" / "distributed_checks.py")
 TINY = ["train.batch_size=8", "train.log_every=1", "train.checkpoint_every=2"]

@@ -11,10 +11,11 @@ import tensorflow as tf
 import yaml
 from conftest import assert_user_error, run_module
 
+from sparse_embed.checkpoints import CHECKPOINT_DIR, checkpoint_for
 from sparse_embed.config import load_config
 from sparse_embed.errors import TrainingError
 from sparse_embed.training.schedules import LearningRateSchedule
-from sparse_embed.training.trainer import CHECKPOINT_DIR, build_networks, checkpoint_for, train
+from sparse_embed.training.trainer import build_networks, train
 
 SMOKE = ["data.augment=true", "train.batch_size=8", "train.log_every=5"]
 

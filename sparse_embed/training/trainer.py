@@ -20,6 +20,7 @@ import numpy as np
 from absl import logging
 
 from sparse_embed import compression
+from sparse_embed.checkpoints import CHECKPOINT_DIR, checkpoint_for, saved_shards, variable_key, worker_dir
 from sparse_embed.config import (
     Config,
     OptimizerConfig,
@@ -51,8 +52,6 @@ from sparse_embed.training.callbacks import (
 )
 from sparse_embed.training.distributed import Strategy, get_strategy, scratch_checkpoint_dir
 from sparse_embed.training.schedules import LearningRateSchedule
-
-CHECKPOINT_DIR = "checkpoints"
 
 OPTIMIZERS: Registry = Registry("optimizer")
 
@@ -287,21 +286,6 @@ def build_networks(config: Config, num_classes: int,
     return backbone, head
 
 
-def checkpoint_for(backbone: keras.Model, head: keras.layers.Layer | None = None,
-                   optimizer: keras.optimizers.Optimizer | None = None,
-                   samples: tf.Variable | None = None) -> tf.train.Checkpoint:
-    """Returns the checkpoint object layout shared by training and embedding.
-
-    Args:
-        backbone: The embedding network.
-        head: The training head, omitted when only embedding.
-        optimizer: The optimizer (its `iterations` is the global step), omitted when only embedding.
-        samples: The count of training examples consumed, omitted when only embedding.
-    """
-    parts = {"backbone": backbone, "head": head, "optimizer": optimizer, "samples": samples}
-    return tf.train.Checkpoint(**{k: v for k, v in parts.items() if v is not None})
-
-
 def check_sampler(config: Config) -> None:
     """Checks that a pair loss gets batches with at least two images of each class.
 
@@ -390,23 +374,8 @@ def _checkpoint_dir(model_dir: Path, strategy: Strategy, per_worker: bool) -> Pa
     """
     root = model_dir / CHECKPOINT_DIR
     if per_worker and not strategy.is_chief:
-        return root / f"worker-{strategy.worker_index}-of-{strategy.num_workers}"
+        return worker_dir(root, strategy.worker_index, strategy.num_workers)
     return root
-
-
-_SHARDS_KEY = "head/shards/.ATTRIBUTES/VARIABLE_VALUE"
-_VALUE = "/.ATTRIBUTES/VARIABLE_VALUE"
-
-
-def _saved_shards(model_dir: Path) -> int | None:
-    """The number of blocks the latest checkpoint's sharded head was split into (None: not sharded)."""
-    latest = tf.train.latest_checkpoint(str(model_dir / CHECKPOINT_DIR))
-    if latest is None:
-        return None
-    reader = tf.train.load_checkpoint(latest)
-    if _SHARDS_KEY not in reader.get_variable_to_shape_map():
-        return None
-    return int(reader.get_tensor(_SHARDS_KEY))
 
 
 def _reshard_restore(model: EmbeddingTrainer, optimizer: keras.optimizers.Optimizer,
@@ -425,7 +394,7 @@ def _reshard_restore(model: EmbeddingTrainer, optimizer: keras.optimizers.Optimi
     """
     head = model.head
     root = model_dir / CHECKPOINT_DIR
-    dirs = [root] + [root / f"worker-{r}-of-{old_shards}" for r in range(1, old_shards)]
+    dirs = [root] + [worker_dir(root, r, old_shards) for r in range(1, old_shards)]
     saved = []
     for directory in dirs:
         state = tf.train.get_checkpoint_state(str(directory))
@@ -453,15 +422,15 @@ def _reshard_restore(model: EmbeddingTrainer, optimizer: keras.optimizers.Optimi
                 parts.append(reader.get_tensor(key)[lo - old_start:hi - old_start])
         return np.concatenate(parts)
 
-    head.kernel.assign(my_rows(f"head/kernel{_VALUE}"))
+    head.kernel.assign(my_rows(variable_key("head/kernel")))
     slots = {v.name for v in optimizer.variables} - {v.name for v in _replicated(
         optimizer.variables, [head.kernel])}
     chief = readers[0]
-    optimizer.iterations.assign(chief.get_tensor(f"optimizer/_iterations{_VALUE}"))
+    optimizer.iterations.assign(chief.get_tensor(variable_key("optimizer/_iterations")))
     # The optimizer checkpoints its slots by position, the same for every
     # worker count; position 0 is the step counter.
     for i, variable in enumerate(optimizer.variables[1:], start=1):
-        key = f"optimizer/_variables/{i}{_VALUE}"
+        key = variable_key(f"optimizer/_variables/{i}")
         variable.assign(my_rows(key) if variable.name in slots else chief.get_tensor(key))
     return step
 
@@ -601,7 +570,7 @@ def _init_classes(init_dir: Path) -> str:
     """The number of classes of the init run's head, read from its checkpoint's shapes (or '?')."""
     latest = tf.train.latest_checkpoint(str(init_dir / CHECKPOINT_DIR))
     shapes = tf.train.load_checkpoint(latest).get_variable_to_shape_map()
-    kernel = shapes.get(f"head/kernel{_VALUE}")
+    kernel = shapes.get(variable_key("head/kernel"))
     return str(kernel[-1]) if kernel else "?"
 
 
@@ -701,9 +670,9 @@ def train(config: Config, data_dir: str | os.PathLike, model_dir: str | os.PathL
         checkpoint, str(_checkpoint_dir(model_dir, strategy, per_worker)),
         max_to_keep=config.train.keep_checkpoints,
     )
-    saved_shards = _saved_shards(model_dir) if model.sharded_variables else None
-    if saved_shards is not None and saved_shards != strategy.num_workers:
-        _reshard_restore(model, optimizer, model_dir, saved_shards)
+    old_shards = saved_shards(model_dir) if model.sharded_variables else None
+    if old_shards is not None and old_shards != strategy.num_workers:
+        _reshard_restore(model, optimizer, model_dir, old_shards)
     else:
         _restore(checkpoint, manager, config, model_dir, strategy, per_worker)
     strategy.broadcast_variables(
