@@ -40,7 +40,7 @@ def measure(head_kind: str, sample_rate: float, classes: int, dim: int, batch: i
 
     from sparse_embed.heads import ArcFaceHead, ShardedMarginHead
     from sparse_embed.keras import keras, tf
-    from sparse_embed.training.distributed import SingleProcess
+    from sparse_embed.strategy import SingleProcess
 
     arcface = ArcFaceHead(classes, scale=64.0, margin=0.5)
     head = arcface if head_kind == "arcface" else ShardedMarginHead(

@@ -19,7 +19,8 @@ from sparse_embed.config import load_config
 from sparse_embed.heads.margin import ArcFaceHead
 from sparse_embed.keras import keras, tf
 from sparse_embed.sparsity import flops_regularizer, l1_regularizer
-from sparse_embed.training.distributed import HorovodStrategy, MirroredStrategy, SingleProcess
+from sparse_embed.strategy import SingleProcess
+from sparse_embed.training.distributed import HorovodStrategy, MirroredStrategy
 from sparse_embed.training.trainer import EmbeddingTrainer, train
 
 CLASSES, DIM, PER_RANK, LR = 5, 16, 4, 0.5

@@ -29,7 +29,8 @@ from sparse_embed.checkpoints import CHECKPOINT_DIR
 from sparse_embed.config import load_config
 from sparse_embed.errors import ConfigError
 from sparse_embed.keras import tf
-from sparse_embed.training.distributed import SingleProcess, resolve_backend
+from sparse_embed.strategy import SingleProcess
+from sparse_embed.training.distributed import resolve_backend
 from sparse_embed.training.trainer import train, worker_batch_size
 
 CHECKS = str(ROOT / "tests" / "distributed_checks.py")

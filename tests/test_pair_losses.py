@@ -16,7 +16,7 @@ from sparse_embed.heads import HEADS, build_head
 from sparse_embed.heads.pair import PAIR_HEADS, PairLossHead
 from sparse_embed.heads.proxy import PROXY_HEADS, ProxyHead
 from sparse_embed.keras import keras
-from sparse_embed.training.distributed import SingleProcess
+from sparse_embed.strategy import SingleProcess
 from sparse_embed.training.trainer import OPTIMIZERS, apply_gradients, check_sampler, train
 
 # One case per loss and variant: (id, head config overrides).

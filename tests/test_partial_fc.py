@@ -13,7 +13,7 @@ from sparse_embed.heads import ArcFaceHead, ShardedMarginHead, build_head
 from sparse_embed.heads.margin import CosFaceHead
 from sparse_embed.heads.partial_fc import shard_range
 from sparse_embed.keras import tf
-from sparse_embed.training.distributed import SingleProcess
+from sparse_embed.strategy import SingleProcess
 
 C, D, B = 10, 6, 12
 

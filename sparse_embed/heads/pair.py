@@ -31,7 +31,7 @@ from typing import Any
 
 from sparse_embed.config import HeadConfig
 from sparse_embed.keras import keras, tf
-from sparse_embed.training.distributed import SingleProcess, Strategy
+from sparse_embed.strategy import SingleProcess, Strategy
 
 DISTANCES = ("cosine", "squared_euclidean")
 MININGS = ("semi_hard", "batch_hard", "all")

@@ -14,7 +14,7 @@ holds only its contiguous block of about C/N centres. Each step:
    all-reduced, so every worker holds the exact cross-entropy of the global
    batch (up to the sampled-out negatives).
 
-Gradient convention (see training/distributed.py): each collective's backward
+Gradient convention (see sparse_embed/strategy.py): each collective's backward
 pass is its adjoint, so a worker's raw gradient is that of the sum of all
 workers' (identical) losses; the trainer averages replicated gradients and
 divides the gradients of `sharded_variables` by N. With `sample_rate=1` this is

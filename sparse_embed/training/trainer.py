@@ -41,6 +41,7 @@ from sparse_embed.keras import keras, silence_warnings, tf
 from sparse_embed.models import build_model
 from sparse_embed.registry import Registry
 from sparse_embed.sparsity import REGULARIZERS, sparsity_stats, sparsity_weight
+from sparse_embed.strategy import Strategy
 from sparse_embed.training.callbacks import (
     CheckpointEvery,
     ProgressLog,
@@ -50,7 +51,7 @@ from sparse_embed.training.callbacks import (
     VerificationEval,
     read_eval_sets,
 )
-from sparse_embed.training.distributed import Strategy, get_strategy, scratch_checkpoint_dir
+from sparse_embed.training.distributed import get_strategy, scratch_checkpoint_dir
 from sparse_embed.training.schedules import LearningRateSchedule
 
 OPTIMIZERS: Registry = Registry("optimizer")
