@@ -25,7 +25,7 @@ from sparse_embed.heads.margin import ArcFaceHead, ClassifierHead, MarginHead, S
 from sparse_embed.heads.partial_fc import ShardedMarginHead
 from sparse_embed.keras import keras
 from sparse_embed.registry import Registry
-from sparse_embed.training.distributed import SingleProcess
+from sparse_embed.strategy import SingleProcess
 
 HeadBuilder = Callable[[int, int, HeadConfig], keras.layers.Layer]
 
