@@ -35,12 +35,12 @@ test-fast: install horovod
 	SPARSE_EMBED_REQUIRE_HOROVOD=1 $(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 demo: install
-	$(PY) -m sparse_embed.demo --out=runs/demo
+	$(PY) -m sparse_embed.demo --output=runs/demo
 
 # The paper's FLOPs-versus-accuracy study on the demo's data (generated if missing; about 30 minutes
 # on 2 cores, resumable); its two plots are the README's docs/figures.
 study: install
-	$(PY) -m sparse_embed.study flops_tradeoff --out=runs/study --data_dir=runs/demo/data
+	$(PY) -m sparse_embed.study flops_tradeoff --output=runs/study --data_dir=runs/demo/data
 	mkdir -p docs/figures
 	cp runs/study/flops_tradeoff.png runs/study/dimension_probability.png docs/figures/
 

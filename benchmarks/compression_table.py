@@ -1,7 +1,7 @@
 """The compression results table: each demo model against its QAT, pruned, 2:4 and PQAT versions.
 
     make demo                                     (trains runs/demo/dense and runs/demo/sparse)
-    python benchmarks/compression_table.py --demo_dir=runs/demo [--steps=300] [--json=table.json]
+    python benchmarks/compression_table.py --demo_dir=runs/demo [--steps=300] [--output=table.json]
 
 For each trained demo run (`--runs`, default `dense,sparse`), fine-tunes from
 its weights (`train.init_from`, `--steps` steps at `--lr`, cosine decay; PQAT at
@@ -36,6 +36,7 @@ import argparse
 import gzip
 import json
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,6 +47,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from tflite_latency import time_invoke  # noqa: E402
+
+from sparse_embed.cli import deprecated_alias, make_parser  # noqa: E402
 
 REPRESENTATIVE = 200
 HELD_OUT = 200
@@ -197,24 +200,34 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    """Fine-tunes every recipe of every run, exports, prints the table."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of `python benchmarks/compression_table.py`."""
+    parser = make_parser(__doc__, "python benchmarks/compression_table.py")
     parser.add_argument("--demo_dir", default="runs/demo",
                         help="What `make demo` wrote (data/, dense/, sparse/).")
     parser.add_argument("--runs", default="dense,sparse", help="Demo runs to compress.")
     parser.add_argument("--recipes", default=",".join(r.name for r in RECIPES), help="Rows to make.")
     parser.add_argument("--steps", type=int, default=300, help="Fine-tuning steps of each recipe.")
     parser.add_argument("--lr", type=float, default=0.01, help="Peak learning rate of the fine-tuning.")
-    parser.add_argument("--json", default=None, help="Also write the rows to this JSON file.")
-    args = parser.parse_args()
+    parser.add_argument("--output", dest="json", default=None, help="Also write the rows to this JSON file.")
+    deprecated_alias(parser, "--json", "--output")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Fine-tunes every recipe of every run, exports, prints the table.
+
+    Args:
+        argv: Arguments after the script name; None reads sys.argv.
+    """
+    args = build_parser().parse_args(argv)
     demo = Path(args.demo_dir)
     data = demo / "data"
     wanted = [r for r in args.recipes.split(",") if r]
     known = {r.name: r for r in RECIPES}
     unknown = sorted(set(wanted) - set(known))
     if unknown or args.steps < 1:
-        parser.error(f"unknown recipe(s) {unknown}; known: {', '.join(known)}"
+        build_parser().error(f"unknown recipe(s) {unknown}; known: {', '.join(known)}"
                      if unknown else "--steps must be >= 1")
     bases = [demo / name for name in args.runs.split(",") if name]
     missing = [str(b) for b in bases if not (b / "config.yaml").is_file()] + (

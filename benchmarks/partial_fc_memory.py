@@ -1,6 +1,6 @@
 """Peak memory of a training step for a huge class count: ArcFace against Partial FC sample rates.
 
-    python benchmarks/partial_fc_memory.py [--classes=400000] [--dim=128] [--batch=128] [--steps=5]
+    python benchmarks/partial_fc_memory.py [--classes=400000] [--dim=128] [--batch_size=128] [--steps=5]
 
 Each row runs in a fresh process: a one-layer backbone on random 112-d inputs,
 the head, SGD with momentum, `--steps` training steps inside `tf.function`;
@@ -19,10 +19,13 @@ import json
 import resource
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from sparse_embed.cli import deprecated_alias, make_parser  # noqa: E402
 
 
 def _rss_mib() -> float:
@@ -70,14 +73,25 @@ def measure(head_kind: str, sample_rate: float, classes: int, dim: int, batch: i
             "last_loss": losses[-1]}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of `python benchmarks/partial_fc_memory.py`."""
+    parser = make_parser(__doc__, "python benchmarks/partial_fc_memory.py")
     parser.add_argument("--classes", type=int, default=400_000)
     parser.add_argument("--dim", type=int, default=128)
-    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--batch_size", dest="batch", type=int, default=128)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--child", nargs=2, metavar=("HEAD", "RATE"), help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    deprecated_alias(parser, "--batch", "--batch_size")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Runs the benchmark and prints its table.
+
+    Args:
+        argv: Arguments after the script name; None reads sys.argv.
+    """
+    args = build_parser().parse_args(argv)
     if args.child:
         row = measure(args.child[0], float(args.child[1]), args.classes, args.dim, args.batch,
                       args.steps)
@@ -90,7 +104,7 @@ def main() -> None:
         print(f"{head} sample_rate={rate} ...", file=sys.stderr, flush=True)
         proc = subprocess.run(
             [sys.executable, __file__, f"--classes={args.classes}", f"--dim={args.dim}",
-             f"--batch={args.batch}", f"--steps={args.steps}", "--child", head, str(rate)],
+             f"--batch_size={args.batch}", f"--steps={args.steps}", "--child", head, str(rate)],
             capture_output=True, text=True)
         if proc.returncode != 0:
             raise SystemExit(proc.stderr[-2000:])

@@ -1,6 +1,6 @@
 """Training input pipeline against a raw JPEG decode of the same records; one table.
 
-    python benchmarks/pipeline_bench.py [--images=5120] [--batch=128] [--stages] [--json]
+    python benchmarks/pipeline_bench.py [--num_images=5120] [--batch_size=128] [--stages] [--json]
 
 Generates synthetic 112x112 faces (the training size) as TFRecord shards, then
 measures images/s over the same records of
@@ -35,12 +35,14 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from sparse_embed.cli import deprecated_alias, make_parser  # noqa: E402
 
 IMAGE_SIZE = 112
 TARGET = 0.70
@@ -279,20 +281,36 @@ def _short(setup: str) -> str:
     return setup.rsplit("=", 1)[-1].rstrip(")")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--images", type=int, default=5120,
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of `python benchmarks/pipeline_bench.py`."""
+    parser = make_parser(__doc__, "python benchmarks/pipeline_bench.py")
+    parser.add_argument("--num_images", dest="images", type=int, default=5120,
                         help="Images timed per setup (after one warm-up batch).")
-    parser.add_argument("--batch", type=int, default=128, help="Batch size of the tf.data setups.")
+    parser.add_argument("--batch_size", dest="batch", type=int, default=128,
+                        help="Batch size of the tf.data setups.")
     parser.add_argument("--identities", type=int, default=96, help="Synthetic training identities.")
-    parser.add_argument("--per_identity", type=int, default=16, help="Images per identity.")
+    parser.add_argument("--images_per_identity", dest="per_identity", type=int, default=16,
+                        help="Images per identity.")
     parser.add_argument("--shards", type=int, default=4, help="TFRecord shards.")
-    parser.add_argument("--processes", type=int, default=os.cpu_count() or 1,
+    parser.add_argument("--workers", dest="processes", type=int, default=os.cpu_count() or 1,
                         help="cv2 pool processes (default: one per core).")
     parser.add_argument("--stages", action=argparse.BooleanOptionalAction, default=None,
                         help="Time the pipeline's map stage by stage (default: when below target).")
     parser.add_argument("--json", action="store_true", help="Also print one JSON line per row.")
-    args = parser.parse_args()
+    deprecated_alias(parser, "--images", "--num_images")
+    deprecated_alias(parser, "--batch", "--batch_size")
+    deprecated_alias(parser, "--per_identity", "--images_per_identity")
+    deprecated_alias(parser, "--processes", "--workers")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Runs the benchmark and prints its table.
+
+    Args:
+        argv: Arguments after the script name; None reads sys.argv.
+    """
+    args = build_parser().parse_args(argv)
 
     cores = os.cpu_count() or 1
     work = Path(tempfile.mkdtemp(prefix="pipeline_bench_"))

@@ -2,9 +2,9 @@
 
     python benchmarks/search_bench.py            # 1,000,000 x 1024, ~32 non-zeros/row, top-10
     python benchmarks/search_bench.py --quick    # 100,000 rows, 200 queries: seconds
-    python benchmarks/search_bench.py --rows 2000000 --nnz 16 --skew 1.2 --threads 8
-    python benchmarks/search_bench.py --rows 200000 --skew 0 --only-modes   # search modes only
-    python benchmarks/search_bench.py --only-modes --swap 0.1   # identities that differ in support
+    python benchmarks/search_bench.py --rows 2000000 --nnz 16 --skew 1.2 --num_threads 8
+    python benchmarks/search_bench.py --rows 200000 --skew 0 --only_modes   # search modes only
+    python benchmarks/search_bench.py --only_modes --swap 0.1   # identities that differ in support
 
 Databases are generated at MegaFace scale: row i is non-zero in dimension d
 with probability p_d, independently (so a dimension's postings are a
@@ -16,7 +16,7 @@ N * sum_d p_d^2 postings on average instead of N * nnz^2 / D. Queries come
 from the same generator; values are uniform in (0.1, 1] (ReLU embeddings).
 
 The identity-structured case is a face gallery: rows come in identity groups
-of `--group` near-duplicates (one support of `--nnz` dimensions per identity,
+of `--images_per_identity` near-duplicates (one support of `--nnz` dimensions per identity,
 values scaled by U(0.8, 1.2) per image; `--swap` replaces a fraction of each
 image's dimensions by random ones), stored in shuffled order; queries are
 further noisy images of gallery identities. The index's search modes
@@ -28,7 +28,7 @@ The methods of a case are timed in interleaved rounds of queries, so on a
 shared machine they see the same background load. Every method's top-k
 scores are checked against the index's before anything is printed.
 
-Last, Milvus Lite (the embedded edition of Milvus, `--milvus-rows`, default
+Last, Milvus Lite (the embedded edition of Milvus, `--milvus_rows`, default
 100,000: its inserts are slow) and the index on the same uniform rows.
 
 Prints the tables and a JSON line each (numbers for the README; none is
@@ -42,13 +42,14 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 import scipy.sparse
 from tqdm import tqdm
 
+from sparse_embed.cli import deprecated_alias, make_parser
 from sparse_embed.search import SparseIndex
 
 # Scores a baseline holds at once (queries x rows), to bound its memory: dense
@@ -437,36 +438,59 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of `python benchmarks/search_bench.py`."""
+    parser = make_parser(__doc__, "python benchmarks/search_bench.py")
     parser.add_argument("--rows", type=int, default=1_000_000, help="database rows N")
     parser.add_argument("--dim", type=int, default=1024, help="sparse dimensions D")
     parser.add_argument("--nnz", type=float, default=32, help="mean non-zeros per row")
-    parser.add_argument("--queries", type=int, default=1000, help="queries timed")
+    parser.add_argument("--num_queries", dest="queries", type=int, default=1000, help="queries timed")
     parser.add_argument("--k", type=int, default=10, help="results per query")
-    parser.add_argument("--threads", type=int, default=0, help="engine threads (0: every core)")
+    parser.add_argument("--num_threads", dest="threads", type=int, default=0,
+                        help="engine threads (0: every core)")
     parser.add_argument("--skew", type=float, default=1.0,
                         help="Zipf exponent of the skewed case (0: skip it)")
-    parser.add_argument("--dense-dim", type=int, default=512, help="dense baseline dimension")
+    parser.add_argument("--dense_dim", type=int, default=512, help="dense baseline dimension")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="100,000 rows and 200 queries")
-    parser.add_argument("--group", type=int, default=10, help="images per identity")
+    parser.add_argument("--images_per_identity", dest="group", type=int, default=10,
+                        help="images per identity")
     parser.add_argument("--swap", type=float, default=0.0,
                         help="identity data: probability that an image swaps a dimension of its "
                              "identity's support for a random one")
-    parser.add_argument("--block-rows", type=int, default=128, help="rows per pruning block")
-    parser.add_argument("--budget", type=int, default=8, help="blocks per query in approx mode")
-    parser.add_argument("--only-modes", action="store_true",
+    parser.add_argument("--block_rows", type=int, default=128, help="rows per pruning block")
+    parser.add_argument("--max_blocks", dest="budget", type=int, default=8,
+                        help="blocks per query in approx mode")
+    parser.add_argument("--only_modes", action="store_true",
                         help="only the search-mode table (identity-structured and uniform)")
-    parser.add_argument("--only-batched", action="store_true",
+    parser.add_argument("--only_batched", action="store_true",
                         help="only the batched-query table (identity-structured and uniform data)")
     parser.add_argument("--batches", default="8",
                         help="comma-separated query group sizes of the batched-query table")
-    parser.add_argument("--milvus-rows", type=int, default=100_000,
+    parser.add_argument("--milvus_rows", type=int, default=100_000,
                         help="rows of the Milvus Lite comparison (0: skip it; its inserts are slow)")
-    parser.add_argument("--milvus-queries", type=int, default=100,
+    parser.add_argument("--milvus_queries", type=int, default=100,
                         help="queries of the Milvus Lite comparison")
-    args = parser.parse_args()
+    deprecated_alias(parser, "--queries", "--num_queries")
+    deprecated_alias(parser, "--threads", "--num_threads")
+    deprecated_alias(parser, "--dense-dim", "--dense_dim")
+    deprecated_alias(parser, "--group", "--images_per_identity")
+    deprecated_alias(parser, "--block-rows", "--block_rows")
+    deprecated_alias(parser, "--budget", "--max_blocks")
+    deprecated_alias(parser, "--only-modes", "--only_modes")
+    deprecated_alias(parser, "--only-batched", "--only_batched")
+    deprecated_alias(parser, "--milvus-rows", "--milvus_rows")
+    deprecated_alias(parser, "--milvus-queries", "--milvus_queries")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Runs the benchmark and prints its table.
+
+    Args:
+        argv: Arguments after the script name; None reads sys.argv.
+    """
+    args = build_parser().parse_args(argv)
     if args.quick:
         args.rows, args.queries = 100_000, 200
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

@@ -1,7 +1,7 @@
 """TFLite latency: ms per inference (batch 1, XNNPACK) of the edge models in each quantization mode.
 
     python benchmarks/tflite_latency.py [--models=mobilefacenet,sphereface20,iresnet50]
-        [--modes=fp32,fp16,dynamic,int8] [--repeats=50] [--threads=N] [--json=latency.json] [--tiny]
+        [--modes=fp32,fp16,dynamic,int8] [--repeats=50] [--num_threads=N] [--output=latency.json] [--tiny]
 
 Each model is built untrained with `sparse_embed.models.build_model` at its
 published input size (MobileFaceNet 112x112, SphereFace-20 112x96, IResNet-50
@@ -32,6 +32,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +40,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from sparse_embed.cli import deprecated_alias, make_parser  # noqa: E402
 from sparse_embed.config import ModelConfig  # noqa: E402
 
 # name -> (published configuration, tiny variant)
@@ -152,24 +154,35 @@ def goals(rows: list[dict], tiny: bool) -> tuple[list[str], dict]:
     return lines, figures
 
 
-def main() -> None:
-    """Parses the flags, measures every model and mode, prints the table."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of `python benchmarks/tflite_latency.py`."""
+    parser = make_parser(__doc__, "python benchmarks/tflite_latency.py")
     parser.add_argument("--models", default=",".join(MODELS), help=f"Subset of {','.join(MODELS)}.")
     parser.add_argument("--modes", default=",".join(MODES), help=f"Subset of {','.join(MODES)}.")
     parser.add_argument("--repeats", type=int, default=50, help="Timed invocations per figure.")
     parser.add_argument("--warmup", type=int, default=5, help="Untimed invocations first.")
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+    parser.add_argument("--num_threads", dest="threads", type=int, default=os.cpu_count() or 1,
                         help="Threads of the multi-thread column (default: every core).")
     parser.add_argument("--tiny", action="store_true", help="Tiny variants (tests).")
-    parser.add_argument("--json", default=None, help="Also write the rows to this JSON file.")
-    args = parser.parse_args()
+    parser.add_argument("--output", dest="json", default=None, help="Also write the rows to this JSON file.")
+    deprecated_alias(parser, "--threads", "--num_threads")
+    deprecated_alias(parser, "--json", "--output")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Parses the flags, measures every model and mode, prints the table.
+
+    Args:
+        argv: Arguments after the script name; None reads sys.argv.
+    """
+    args = build_parser().parse_args(argv)
     models = [m for m in args.models.split(",") if m]
     modes = [m for m in args.modes.split(",") if m]
     unknown = sorted(set(models) - set(MODELS)) + sorted(set(modes) - set(MODES))
     if unknown or args.repeats < 1 or args.threads < 1:
-        parser.error(f"unknown model or mode {unknown}, or --repeats / --threads below 1"
-                     if unknown else "--repeats and --threads must be >= 1")
+        build_parser().error(f"unknown model or mode {unknown}, or --repeats / --num_threads below 1"
+                     if unknown else "--repeats and --num_threads must be >= 1")
     rows = []
     for name in models:
         rows += measure(name, MODELS[name][1 if args.tiny else 0], modes, args.threads, args.repeats,

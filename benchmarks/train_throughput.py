@@ -28,7 +28,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
+
+from sparse_embed.cli import make_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -89,13 +92,23 @@ def train_rate(data: Path, model_dir: Path, config_name: str, overrides: list[st
     return float(match.group(1))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of `python benchmarks/train_throughput.py`."""
+    parser = make_parser(__doc__, "python benchmarks/train_throughput.py")
     parser.add_argument("--steps", type=int, default=12, help="Training steps per measurement.")
     parser.add_argument("--models", default="mobilefacenet,demo",
                         help=f"Comma-separated, from {', '.join(MODELS)}.")
     parser.add_argument("--json", action="store_true", help="Also print one JSON line per row.")
-    args = parser.parse_args()
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Runs the benchmark and prints its table.
+
+    Args:
+        argv: Arguments after the script name; None reads sys.argv.
+    """
+    args = build_parser().parse_args(argv)
 
     from sparse_embed.keras import tf
 

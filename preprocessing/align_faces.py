@@ -4,7 +4,7 @@
 
 Every image under --input becomes `--output/<same relative path>.jpg`, the
 face warped by a five-point similarity transform onto the ArcFace 112x112
-template (--size=96x112: the SphereFace / MLPerf one). The five points are
+template (--crop=96x112: the SphereFace / MLPerf one). The five points are
 the dataset's (--landmarks: an LFW landmark file, a VGGFace2 loose_landmark
 CSV, a MegaFace image folder of <image>.json files) or MTCNN's; --policy picks
 the face when MTCNN finds several. Images without a face are listed, not
@@ -15,10 +15,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from collections.abc import Sequence
 
-from sparse_embed.cli import user_errors_exit
+from sparse_embed.cli import deprecated_alias, make_parser, user_errors_exit
 from sparse_embed.data import format_summary
 from sparse_embed.errors import ConfigError
 from sparse_embed.faces.align import TEMPLATES
@@ -26,13 +25,9 @@ from sparse_embed.faces.aligner import FALLBACKS, POLICIES, align_tree
 from sparse_embed.faces.landmarks import LANDMARK_FORMATS
 
 
-def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    """Parses the command line.
-
-    Args:
-        argv: Arguments without the program name.
-    """
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of `python preprocessing/align_faces.py`."""
+    parser = make_parser(__doc__, "python preprocessing/align_faces.py")
     # Checked in main, not by argparse, so a missing one is a one-line error like any other.
     parser.add_argument("--input", default=None, help="Top of the image tree (required).")
     parser.add_argument("--output", default=None, help="Top of the aligned tree, created (required).")
@@ -40,8 +35,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                         help="Dataset landmark file (or MegaFace folder) used instead of detection.")
     parser.add_argument("--landmarks_format", default=None, choices=LANDMARK_FORMATS.names(),
                         help="Format of --landmarks; detected from the file when not given.")
-    parser.add_argument("--size", default="112x112", choices=TEMPLATES.names(),
+    parser.add_argument("--crop", default="112x112", choices=TEMPLATES.names(),
                         help="Crop template, width x height.")
+    deprecated_alias(parser, "--size", "--crop")
     parser.add_argument("--policy", default="center", choices=POLICIES.names(),
                         help="Which face to keep when there are several.")
     parser.add_argument("--fallback", default=None, choices=FALLBACKS.names(),
@@ -50,7 +46,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                         help="Smallest face searched for, in pixels.")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                         help="Processes, each with its own detector.")
-    return parser.parse_args(argv)
+    return parser
 
 
 @user_errors_exit
@@ -60,11 +56,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     Args:
         argv: Arguments without the program name; None reads sys.argv.
     """
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
     for flag, what in (("input", "the image tree"), ("output", "where the crops go")):
         if getattr(args, flag) is None:
             raise ConfigError(f"--{flag} is required: {what}")
-    summary = align_tree(args.input, args.output, crop=args.size, policy=args.policy,
+    summary = align_tree(args.input, args.output, crop=args.crop, policy=args.policy,
                          landmarks=args.landmarks, landmarks_format=args.landmarks_format,
                          fallback=args.fallback, workers=args.workers, min_face_size=args.min_face_size)
     rows = [(key, summary[key]) for key in ("input", "output", "crop", "policy", "images", "aligned")]

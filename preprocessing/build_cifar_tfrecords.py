@@ -1,6 +1,6 @@
 """Converts the CIFAR-100 Python pickles into TFRecords (train and test splits) and a label map.
 
-    python preprocessing/build_cifar_tfrecords.py --root=cifar-100-python --output=data/cifar100 \
+    python preprocessing/build_cifar_tfrecords.py --root=cifar-100-python --output=data/cifar100 \\
         --labels=fine --shards=8 --workers=2
 
 Reads `train`, `test` and `meta` of the unpacked "python version" archive
@@ -11,26 +11,21 @@ without running any code in them (see sparse_embed/data/cifar.py) and writes
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Sequence
 
-from sparse_embed.cli import user_errors_exit
+from sparse_embed.cli import make_parser, user_errors_exit
 from sparse_embed.data import add_writer_flags, format_summary
 
 
-def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    """Parses the command line.
-
-    Args:
-        argv: Arguments without the program name.
-    """
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of `python preprocessing/build_cifar_tfrecords.py`."""
+    parser = make_parser(__doc__, "python preprocessing/build_cifar_tfrecords.py")
     parser.add_argument("--root", required=True, help="The unpacked cifar-100-python folder.")
     parser.add_argument("--output", required=True, help="Output directory (tfrecords/ inside).")
     parser.add_argument("--labels", choices=("fine", "coarse"), default="fine",
                         help="100 fine classes or 20 coarse superclasses.")
     add_writer_flags(parser, "Shards per split.")
-    return parser.parse_args(argv)
+    return parser
 
 
 @user_errors_exit
@@ -40,7 +35,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     Args:
         argv: Arguments without the program name; None reads sys.argv.
     """
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
     from sparse_embed.data.cifar import write_cifar_tfrecords
 
     summaries = write_cifar_tfrecords(args.root, args.output, labels=args.labels,

@@ -1,6 +1,6 @@
 """Converts a metric-learning retrieval benchmark (CUB, Cars196, SOP, In-shop) into TFRecords per split.
 
-    python preprocessing/build_retrieval_tfrecords.py --dataset=cub --root=CUB_200_2011 \
+    python preprocessing/build_retrieval_tfrecords.py --dataset=cub --root=CUB_200_2011 \\
         --output=data/cub --shards=8 --workers=2
 
 Reads the dataset's published list files and writes its standard open-set
@@ -11,27 +11,22 @@ splits (see sparse_embed/data/retrieval.py): the training split to
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Sequence
 
-from sparse_embed.cli import user_errors_exit
+from sparse_embed.cli import make_parser, user_errors_exit
 from sparse_embed.data import add_writer_flags, format_summary
 
 
-def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    """Parses the command line.
-
-    Args:
-        argv: Arguments without the program name.
-    """
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of `python preprocessing/build_retrieval_tfrecords.py`."""
     from sparse_embed.data.retrieval import DATASETS
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = make_parser(__doc__, "python preprocessing/build_retrieval_tfrecords.py")
     parser.add_argument("--dataset", required=True, choices=DATASETS.names())
     parser.add_argument("--root", required=True, help="The dataset's top folder.")
     parser.add_argument("--output", required=True, help="Output directory.")
     add_writer_flags(parser, "Shards per split.")
-    return parser.parse_args(argv)
+    return parser
 
 
 @user_errors_exit
@@ -41,7 +36,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     Args:
         argv: Arguments without the program name; None reads sys.argv.
     """
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
     from sparse_embed.data.retrieval import split_dir, write_retrieval_tfrecords
 
     summaries = write_retrieval_tfrecords(args.dataset, args.root, args.output,

@@ -1,8 +1,8 @@
 """Converts a folder-per-class image tree or a RecordIO pack into sharded TFRecords and a label map.
 
-    python preprocessing/build_tfrecords.py --input=data/synth/train --output=data/synth/tfrecords \
+    python preprocessing/build_tfrecords.py --input=data/synth/train --output=data/synth/tfrecords \\
         --name=train --shards=8 --workers=4
-    python preprocessing/build_tfrecords.py --recordio=$MS1M_DIR/train.rec \
+    python preprocessing/build_tfrecords.py --recordio=$MS1M_DIR/train.rec \\
         --output=$MS1M_DIR/tfrecords --shards=1000 --workers=16
 
 Writes `<output>/<name>-0000i-of-0000N` (schema: sparse_embed/data/tfrecord.py)
@@ -19,21 +19,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from collections.abc import Sequence
 
-from sparse_embed.cli import user_errors_exit
+from sparse_embed.cli import make_parser, user_errors_exit
 from sparse_embed.data import add_writer_flags, format_summary, image_folder
 from sparse_embed.data.recordio import open_recordio
 
 
-def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    """Parses the command line.
-
-    Args:
-        argv: Arguments without the program name.
-    """
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of `python preprocessing/build_tfrecords.py`."""
+    parser = make_parser(__doc__, "python preprocessing/build_tfrecords.py")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--input", help="Directory with one sub-folder per class.")
     source.add_argument(
@@ -42,7 +37,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--output", required=True, help="Directory for the shards and labels.txt.")
     parser.add_argument("--name", default="train", help="Shard name prefix.")
     add_writer_flags(parser)
-    return parser.parse_args(argv)
+    return parser
 
 
 @user_errors_exit
@@ -52,7 +47,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     Args:
         argv: Arguments without the program name; None reads sys.argv.
     """
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
     # Check the input before TensorFlow is imported: a bad path fails fast and plainly.
     if args.recordio is not None:
         pack = open_recordio(args.recordio)

@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from sparse_embed.cli import user_errors_exit
+from sparse_embed.cli import make_parser, user_errors_exit
 from sparse_embed.data import format_summary
 from sparse_embed.data.recordio import extract_images, open_recordio
 
@@ -26,13 +25,9 @@ RECORDS = "train.rec"
 IMAGES = "images"
 
 
-def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    """Parses the command line.
-
-    Args:
-        argv: Arguments without the program name.
-    """
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of `python preprocessing/msceleb_to_jpeg.py`."""
+    parser = make_parser(__doc__, "python preprocessing/msceleb_to_jpeg.py")
     parser.add_argument("dataset_dir", help=f"Directory holding {RECORDS} and train.idx.")
     parser.add_argument(
         "--workers",
@@ -40,7 +35,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         default=os.cpu_count() or 1,
         help="Processes reading and writing images.",
     )
-    return parser.parse_args(argv)
+    return parser
 
 
 @user_errors_exit
@@ -50,7 +45,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     Args:
         argv: Arguments without the program name; None reads sys.argv.
     """
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
     dataset_dir = Path(args.dataset_dir)
     pack = open_recordio(dataset_dir / RECORDS)
     summary = extract_images(pack, dataset_dir / IMAGES, num_workers=args.workers)

@@ -1,7 +1,7 @@
 """Aligns the MegaFace distractors and FaceScrub probes of the devkit lists and writes their manifests.
 
-    python preprocessing/prepare_megaface.py --megaface_root=megaface/FlickrFinal2 \
-        --facescrub_root=facescrub --devkit=devkit/templatelists --size=1000000 --set=1 \
+    python preprocessing/prepare_megaface.py --megaface_root=megaface/FlickrFinal2 \\
+        --facescrub_root=facescrub --devkit=devkit/templatelists --list_size=1000000 --list_set=1 \\
         --noises=megaface_testpack --output=data/megaface --workers=8
 
 Reads `megaface_features_list.json_<size>_<set>` and `facescrub_features_list.json` from the
@@ -16,33 +16,30 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from collections.abc import Sequence
 
-from sparse_embed.cli import user_errors_exit
+from sparse_embed.cli import deprecated_alias, make_parser, user_errors_exit
 from sparse_embed.data import format_summary
 
 
-def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    """Parses the command line.
-
-    Args:
-        argv: Arguments without the program name.
-    """
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of `python preprocessing/prepare_megaface.py`."""
     from sparse_embed.data.megaface import SIZES
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = make_parser(__doc__, "python preprocessing/prepare_megaface.py")
     parser.add_argument("--megaface_root", help="MegaFace's FlickrFinal2 folder (the list's paths' root).")
     parser.add_argument("--facescrub_root", help="The FaceScrub image folder (the list's paths' root).")
     parser.add_argument("--devkit", required=True, help="The MegaFace devkit or its templatelists folder.")
-    parser.add_argument("--size", type=int, default=1000000, choices=SIZES, help="Distractor list size.")
-    parser.add_argument("--set", type=int, default=1, dest="set_index", help="Distractor list set.")
+    parser.add_argument("--list_size", type=int, default=1000000, choices=SIZES, help="Distractor list size.")
+    deprecated_alias(parser, "--size", "--list_size")
+    parser.add_argument("--list_set", type=int, default=1, help="Distractor list set.")
+    deprecated_alias(parser, "--set", "--list_set")
     parser.add_argument("--noises", help="Folder with megaface_noises.txt and facescrub_noises.txt.")
     parser.add_argument("--crop", default="112x112", help="Aligned crop: 112x112 or 96x112.")
     parser.add_argument("--output", required=True, help="Output folder.")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                         help="Processes aligning images.")
-    return parser.parse_args(argv)
+    return parser
 
 
 @user_errors_exit
@@ -52,11 +49,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     Args:
         argv: Arguments without the program name; None reads sys.argv.
     """
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
     from sparse_embed.data.megaface import prepare
 
     summaries = prepare(args.output, args.devkit, args.megaface_root, args.facescrub_root,
-                        size=args.size, set_index=args.set_index, noises=args.noises,
+                        size=args.list_size, set_index=args.list_set, noises=args.noises,
                         crop=args.crop, num_workers=max(1, args.workers))
     rows: list[tuple[str, object]] = []
     for image_set, summary in summaries.items():

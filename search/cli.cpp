@@ -14,16 +14,21 @@
 // Without a query file the first 10,000 rows of the database files are the
 // queries and the rest the database (half of the rows when there are fewer
 // than 20,000). Dense re-ranking reads float32 .npy matrices (numpy.save of a
-// C-ordered float32 [rows, Dd] array): --db-dense has one row per database
-// row, all files in order; --query-dense one per row of queries.bin (not
-// needed without a query file, where the first rows of --db-dense belong to
+// C-ordered float32 [rows, Dd] array): --db_dense has one row per database
+// row, all files in order; --query_dense one per row of queries.bin (not
+// needed without a query file, where the first rows of --db_dense belong to
 // the queries). With several shards the global top rerank_topk by sparse
 // score are re-ranked, as with one file: each shard scores its candidates
-// with the dense vectors in a second pass. --values int8 builds the .bin
-// shards with int8 postings; --rescore-k R (int8 only) re-scores each shard's
+// with the dense vectors in a second pass. --value_type int8 builds the .bin
+// shards with int8 postings; --rescore_k R (int8 only) re-scores each shard's
 // top R by quantized score exactly in float (the .bin shards keep their float
 // rows for it; index files need them saved) before the shards are merged, and
-// --rescore-k exact returns the float index's results (SearchParams::rescore_exact).
+// --rescore_k exact returns the float index's results (SearchParams::rescore_exact).
+//
+// Options are spelled as in the Python command lines (--k, --num_threads,
+// --value_type, --rescore_k, ...), as `--name value` or `--name=value`; the
+// old spellings (--topk, --threads, --db-dense, ...) still work for one
+// release with a one-line deprecation note on stderr.
 
 #include <algorithm>
 #include <cerrno>
@@ -50,22 +55,49 @@ constexpr int64_t kDefaultQueries = 10000;
 constexpr int64_t kDefaultTopK = 10;
 
 const char kUsage[] =
-    "usage: search <db.bin>[,<db2.bin>,...] <rerank_topk> <threshold> [queries.bin] [--topk K]\n"
-    "              [--threads N] [--db-dense DB.npy [--query-dense QUERIES.npy]]\n"
-    "              [--values float32|int8] [--rescore-k R|exact]\n"
+    "usage: search <db.bin>[,<db2.bin>,...] <rerank_topk> <threshold> [queries.bin] [--k K]\n"
+    "              [--num_threads N] [--db_dense DB.npy [--query_dense QUERIES.npy]]\n"
+    "              [--value_type float32|int8] [--rescore_k R|exact]\n"
+    "              [--output_ids IDS.npy] [--output_scores SCORES.npy]\n"
     "  db.bin,...   database shards in row order: .bin files, or index files (other names)\n"
     "  rerank_topk  sparse candidates re-ranked with the dense vectors (0: no re-ranking)\n"
     "  threshold    only rows scoring above it are candidates ('none': every row)\n"
     "  queries.bin  query rows; default: the first 10000 database rows (half when there are\n"
     "               fewer than 20000 rows), searched against the rest\n"
-    "  --topk K     results per query (default 10)\n"
-    "  --threads N  worker threads (default 0: every core)\n"
-    "  --db-dense / --query-dense  float32 [rows, Dd] .npy files for re-ranking\n"
-    "  --values T   posting values of the indexes built from .bin files (default float32)\n"
-    "  --rescore-k R  int8: re-score the top R (>= K) by quantized score in float ('exact':\n"
+    "  --k K        results per query (default 10)\n"
+    "  --num_threads N  worker threads (default 0: every core)\n"
+    "  --db_dense / --query_dense  float32 [rows, Dd] .npy files for re-ranking\n"
+    "  --value_type T  posting values of the indexes built from .bin files (default float32)\n"
+    "  --rescore_k R  int8: re-score the top R (>= K) by quantized score in float ('exact':\n"
     "               every row that may be in the float top-K); not with re-ranking\n"
-    "  --ids IDS.npy / --scores SCORES.npy  write the results: int64 / float32 [queries, K],\n"
-    "               database row ids counted over all files (-1 / -inf where fewer qualify)\n";
+    "  --output_ids IDS.npy / --output_scores SCORES.npy  write the results: int64 / float32\n"
+    "               [queries, K], database row ids counted over all files (-1 / -inf where\n"
+    "               fewer qualify)\n"
+    "  Options take `--name value` or `--name=value`.\n";
+
+// Old option spellings, kept for one release: each use prints one deprecation line.
+const std::pair<const char*, const char*> kDeprecatedOptions[] = {
+    {"--topk", "--k"},
+    {"--threads", "--num_threads"},
+    {"--db-dense", "--db_dense"},
+    {"--query-dense", "--query_dense"},
+    {"--values", "--value_type"},
+    {"--rescore-k", "--rescore_k"},
+    {"--ids", "--output_ids"},
+    {"--scores", "--output_scores"},
+};
+
+// The current spelling of option `name`, noting an old one on stderr.
+std::string current_option(const std::string& name) {
+  for (const auto& [old_name, new_name] : kDeprecatedOptions) {
+    if (name == old_name) {
+      std::fprintf(stderr, "search: warning: %s is deprecated and goes in the next release; use %s\n",
+                   old_name, new_name);
+      return new_name;
+    }
+  }
+  return name;
+}
 
 class UsageError : public std::runtime_error {
  public:
@@ -119,31 +151,38 @@ Args parse_args(int argc, char** argv) {
       std::exit(0);
     }
     if (a.rfind("--", 0) == 0) {
-      if (i + 1 >= argc) throw UsageError(a + " needs a value");
-      const std::string value = argv[++i];
-      if (a == "--topk") {
-        args.topk = parse_int(value, "--topk", 1);
-      } else if (a == "--threads") {
-        args.threads = static_cast<int>(parse_int(value, "--threads", 0));
-      } else if (a == "--db-dense") {
+      const size_t equals = a.find('=');
+      const std::string name = current_option(a.substr(0, equals));
+      std::string value;
+      if (equals != std::string::npos) {
+        value = a.substr(equals + 1);
+      } else {
+        if (i + 1 >= argc) throw UsageError(name + " needs a value");
+        value = argv[++i];
+      }
+      if (name == "--k") {
+        args.topk = parse_int(value, "--k", 1);
+      } else if (name == "--num_threads") {
+        args.threads = static_cast<int>(parse_int(value, "--num_threads", 0));
+      } else if (name == "--db_dense") {
         args.db_dense_path = value;
-      } else if (a == "--query-dense") {
+      } else if (name == "--query_dense") {
         args.query_dense_path = value;
-      } else if (a == "--ids") {
+      } else if (name == "--output_ids") {
         args.ids_path = value;
-      } else if (a == "--scores") {
+      } else if (name == "--output_scores") {
         args.scores_path = value;
-      } else if (a == "--values") {
+      } else if (name == "--value_type") {
         try {
           args.values = se::parse_value_type(value);
         } catch (const std::invalid_argument& e) {
-          throw UsageError(std::string("--values: ") + e.what());
+          throw UsageError(std::string("--value_type: ") + e.what());
         }
-      } else if (a == "--rescore-k") {
+      } else if (name == "--rescore_k") {
         args.rescore_exact = value == "exact";
-        if (!args.rescore_exact) args.rescore_k = parse_int(value, "--rescore-k R (or 'exact')", 1);
+        if (!args.rescore_exact) args.rescore_k = parse_int(value, "--rescore_k R (or 'exact')", 1);
       } else {
-        throw UsageError("unknown option " + a);
+        throw UsageError("unknown option " + name);
       }
     } else {
       positional.push_back(a);
@@ -166,22 +205,22 @@ Args parse_args(int argc, char** argv) {
   args.threshold = parse_threshold(positional[2]);
   if (positional.size() == 4) args.query_path = positional[3];
   if (!args.query_dense_path.empty() && args.db_dense_path.empty()) {
-    throw UsageError("--query-dense needs --db-dense");
+    throw UsageError("--query_dense needs --db_dense");
   }
   if (!args.db_dense_path.empty() && !args.query_path.empty() && args.query_dense_path.empty()) {
-    throw UsageError("with a query file, --db-dense needs --query-dense");
+    throw UsageError("with a query file, --db_dense needs --query_dense");
   }
   if (args.rescore_k > 0 && args.rescore_k < args.topk) {
-    throw UsageError("--rescore-k (" + std::to_string(args.rescore_k) + ") must be >= --topk (" +
+    throw UsageError("--rescore_k (" + std::to_string(args.rescore_k) + ") must be >= --k (" +
                      std::to_string(args.topk) + ")");
   }
   if ((args.rescore_k > 0 || args.rescore_exact) && !args.db_dense_path.empty() &&
       args.rerank_topk > 0) {
-    throw UsageError("--rescore-k and re-ranking (rerank_topk with --db-dense) are exclusive");
+    throw UsageError("--rescore_k and re-ranking (rerank_topk with --db_dense) are exclusive");
   }
   if (!args.db_dense_path.empty() && args.rerank_topk > 0 && args.rerank_topk < args.topk) {
     throw UsageError("rerank_topk (" + std::to_string(args.rerank_topk) +
-                     ") must be >= --topk (" + std::to_string(args.topk) + ")");
+                     ") must be >= --k (" + std::to_string(args.topk) + ")");
   }
   return args;
 }
@@ -442,7 +481,7 @@ int run(const Args& args) {
     s.begin = std::clamp<int64_t>(db_begin - s.offset, 0, s.size);
     if (s.is_bin) {
       if (rescore && args.values != se::ValueType::kInt8) {
-        throw UsageError("--rescore-k re-scores int8 postings; add --values int8");
+        throw UsageError("--rescore_k re-scores int8 postings; add --value_type int8");
       }
       s.index = std::make_unique<se::SparseIndex>(se::SparseIndex::from_csr(
           s.rows.view(s.begin, s.size), dim, s.rows.labels.data() + s.begin, options));
@@ -508,7 +547,7 @@ int run(const Args& args) {
               args.threads > 0 ? std::to_string(args.threads).c_str() : "all",
               rerank ? ("top " + std::to_string(args.rerank_topk) + " with " +
                         std::to_string(db_dense.cols) + "-d dense vectors").c_str()
-                     : args.rerank_topk > 0 ? "off (no --db-dense given)" : "off");
+                     : args.rerank_topk > 0 ? "off (no --db_dense given)" : "off");
 
   std::vector<int64_t> ids, postings(num_queries), candidates(num_queries);
   std::vector<float> scores;

@@ -1,30 +1,24 @@
 """The end-to-end demo: synthetic identities -> TFRecords -> dense vs sparse training -> table.
 
-    python -m sparse_embed.demo --out=runs/demo        (what `make demo` runs)
+    python -m sparse_embed.demo --output=runs/demo        (what `make demo` runs)
 
 Trains two models that differ only in the sparsity setting (packaged configs
 `synthetic/dense` and `synthetic/sparse_flops`), evaluates them and an
 untrained network on the held-out identities' pairs, prints one table,
-writes it to `<out>/results.json` and their ROC curves to `<out>/roc.png`.
+writes it to `<output>/results.json` and their ROC curves to `<output>/roc.png`.
 Each stage is skipped when its output is already there, and training resumes
 from its checkpoints, so an interrupted demo continues where it stopped.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
-from absl import app, flags
-
-from sparse_embed.cli import user_errors_exit
-
-_OUT = flags.DEFINE_string("out", "runs/demo", "Output directory (data, runs, results.json).")
-_IDENTITIES = flags.DEFINE_integer("identities", 500, "Training identities to generate.")
-_IMAGES = flags.DEFINE_integer("images", 20, "Images per identity.")
-_TEST_IDENTITIES = flags.DEFINE_integer("test_identities", 100, "Held-out identities for the pairs.")
-_SET = flags.DEFINE_multi_string("set", [], "Config override for both runs, key.path=value.")
+from sparse_embed.cli import deprecated_alias, make_parser, program, user_errors_exit
 
 RUNS = {"dense": "synthetic/dense", "sparse": "synthetic/sparse_flops"}
 RESULT_KEYS = ("accuracy", "accuracy_std", "auc", "embedding_size", "mean_nnz",
@@ -59,10 +53,32 @@ def prepare_data(out: Path, identities: int, images: int, test_identities: int) 
     return data
 
 
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of `python -m sparse_embed.demo`."""
+    parser = make_parser(__doc__, program(__name__))
+    parser.add_argument("--output", default="runs/demo",
+                        help="Output directory: data, runs, results.json (default: %(default)s).")
+    deprecated_alias(parser, "--out", "--output")
+    parser.add_argument("--identities", type=int, default=500,
+                        help="Training identities to generate (default: %(default)s).")
+    parser.add_argument("--images_per_identity", type=int, default=20,
+                        help="Images per identity (default: %(default)s).")
+    deprecated_alias(parser, "--images", "--images_per_identity")
+    parser.add_argument("--test_identities", type=int, default=100,
+                        help="Held-out identities for the pairs (default: %(default)s).")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="Config override for both runs, key.path=value (repeatable).")
+    return parser
+
+
 @user_errors_exit
-def main(argv: list[str]) -> None:
-    """Runs every stage and prints the results table."""
-    del argv
+def main(argv: Sequence[str] | None = None) -> None:
+    """Runs every stage and prints the results table.
+
+    Args:
+        argv: Arguments after the program name; None reads sys.argv.
+    """
+    args = build_parser().parse_args(argv)
     from sparse_embed.cli import format_results
     from sparse_embed.config import load_config
     from sparse_embed.data.verification import read_pairs
@@ -71,15 +87,15 @@ def main(argv: list[str]) -> None:
     from sparse_embed.plots import plot_roc
     from sparse_embed.training.trainer import train
 
-    out = Path(_OUT.value)
+    out = Path(args.output)
     timings = {}
     start = time.perf_counter()
-    data = prepare_data(out, _IDENTITIES.value, _IMAGES.value, _TEST_IDENTITIES.value)
+    data = prepare_data(out, args.identities, args.images_per_identity, args.test_identities)
     timings["data"] = time.perf_counter() - start
 
     results, scores = {}, {}
     for name, config_name in RUNS.items():
-        config = load_config(config_name, _SET.value)
+        config = load_config(config_name, args.set)
         pairs = read_pairs(data / config.data.pairs, data / config.data.pairs_images)
         print(f"\n== training {name} ({config_name}) ==")
         start = time.perf_counter()
@@ -101,5 +117,10 @@ def main(argv: list[str]) -> None:
     print(f"wrote {out / 'results.json'} and {out / 'roc.png'}")
 
 
+def run() -> None:
+    """Console-script entry point."""
+    main()
+
+
 if __name__ == "__main__":
-    app.run(main)
+    run()

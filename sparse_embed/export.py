@@ -1,11 +1,11 @@
 """Export a trained model for deployment (TFLite, SavedModel, ONNX), gated by parity with Keras.
 
-    python -m sparse_embed.export --model_dir=runs/sparse_mfn --data_dir=data/synth \
+    python -m sparse_embed.export --model_dir=runs/sparse_mfn --data_dir=data/synth \\
         --format=tflite --quantize=fp32,int8_full
-    python -m sparse_embed.export --model_dir=runs/sparse_mfn --data_dir=data/synth \
-        --format=tflite --quantize=int8 --representative='data/calib/*.tfrecord' \
+    python -m sparse_embed.export --model_dir=runs/sparse_mfn --data_dir=data/synth \\
+        --format=tflite --quantize=int8 --representative='data/calib/*.tfrecord' \\
         --representative_count=500 --flip_concat
-    python -m sparse_embed.export --model_dir=runs/sparse_mfn --format=onnx \
+    python -m sparse_embed.export --model_dir=runs/sparse_mfn --format=onnx \\
         --pairs=data/lfw/pairs.txt --pairs_images=data/lfw/images
 
 Each (format, quantize) goes to its own folder, `<output>/<format>_<quantize>`
@@ -31,100 +31,110 @@ command exits with status 1 and a one-line reason.
 
 from __future__ import annotations
 
+import argparse
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from absl import app, flags
 
-from sparse_embed.cli import user_errors_exit
+from sparse_embed.cli import comma_list, make_parser, program, user_errors_exit
 from sparse_embed.errors import ConfigError
 
-_MODEL_DIR = flags.DEFINE_string("model_dir", None, "Directory written by sparse_embed.train.")
-_FORMAT = flags.DEFINE_string("format", "tflite", "saved_model | tflite | onnx.")
-_QUANTIZE = flags.DEFINE_list("quantize", ["fp32"],
-                              "fp32 | fp16 | dynamic | int8 | int8_full, or several, comma-separated "
-                              "(tflite; saved_model and onnx are fp32).")
-_REPRESENTATIVE = flags.DEFINE_string(
-    "representative", None,
-    "Calibration images of int8 / int8_full: TFRecord glob, image folder or .npy float32 "
-    "[N, H, W, 3] in [-1, 1]; default: the run's TFRecords under --data_dir.")
-_REPRESENTATIVE_COUNT = flags.DEFINE_integer("representative_count", 200,
-                                             "Images of the representative set.")
-_DATA_DIR = flags.DEFINE_string("data_dir", None,
-                                "The run's data dir: its TFRecords (representative set, held-out "
-                                "images) and data.pairs.")
-_PAIRS = flags.DEFINE_string("pairs", None, "Verification pairs of the parity gate.")
-_PAIRS_IMAGES = flags.DEFINE_string("pairs_images", None, "Image root --pairs refers to.")
-_HELD_OUT = flags.DEFINE_integer("held_out", 200,
-                                 "TFRecords after the representative set that the parity gate embeds.")
-_FLIP_CONCAT = flags.DEFINE_bool("flip_concat", False,
-                                 "Bake the MLPerf flip-concat into the graph: [B, 2d] output.")
-_OUTPUT = flags.DEFINE_string("output", None, "Parent of the export folders; default <model_dir>/export.")
-_MIN_COSINE = flags.DEFINE_float("min_cosine", None,
-                                 "Lowest mean cosine to the Keras model; default 0.999 for fp32 / "
-                                 "fp16, 0.98 for dynamic / int8 / int8_full.")
-_MAX_ACCURACY_DROP = flags.DEFINE_float("max_accuracy_drop", 0.5,
-                                        "Largest verification accuracy drop, in percentage points.")
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of `python -m sparse_embed.export`."""
+    parser = make_parser(__doc__, program(__name__))
+    parser.add_argument("--model_dir", required=True, help="Directory written by sparse_embed.train.")
+    parser.add_argument("--format", default="tflite",
+                        help="saved_model | tflite | onnx (default: %(default)s).")
+    parser.add_argument("--quantize", type=comma_list, default=["fp32"],
+                        help="fp32 | fp16 | dynamic | int8 | int8_full, or several, comma-separated "
+                             "(tflite; saved_model and onnx are fp32; default: fp32).")
+    parser.add_argument("--representative",
+                        help="Calibration images of int8 / int8_full: TFRecord glob, image folder or "
+                             ".npy float32 [N, H, W, 3] in [-1, 1]; default: the run's TFRecords under "
+                             "--data_dir.")
+    parser.add_argument("--representative_count", type=int, default=200,
+                        help="Images of the representative set (default: %(default)s).")
+    parser.add_argument("--data_dir",
+                        help="The run's data dir: its TFRecords (representative set, held-out images) and "
+                             "data.pairs.")
+    parser.add_argument("--pairs", help="Verification pairs of the parity gate.")
+    parser.add_argument("--pairs_images", help="Image root --pairs refers to.")
+    parser.add_argument("--held_out", type=int, default=200,
+                        help="TFRecords after the representative set that the parity gate embeds "
+                             "(default: %(default)s).")
+    parser.add_argument("--flip_concat", action="store_true",
+                        help="Bake the MLPerf flip-concat into the graph: [B, 2d] output.")
+    parser.add_argument("--output", help="Parent of the export folders; default <model_dir>/export.")
+    parser.add_argument("--min_cosine", type=float,
+                        help="Lowest mean cosine to the Keras model; default 0.999 for fp32 / fp16, 0.98 "
+                             "for dynamic / int8 / int8_full.")
+    parser.add_argument("--max_accuracy_drop", type=float, default=0.5,
+                        help="Largest verification accuracy drop, in percentage points "
+                             "(default: %(default)s).")
+    return parser
 
 
 @user_errors_exit
-def main(argv: list[str]) -> None:
-    """Checks the inputs, exports each mode, prints the summary and the gate's verdict."""
-    if len(argv) > 1:
-        raise ConfigError(f"unexpected arguments: {' '.join(argv[1:])}")
-    if not _MODEL_DIR.value:
-        raise ConfigError("--model_dir is required")
-    if _REPRESENTATIVE_COUNT.value < 1 or _HELD_OUT.value < 0:
+def main(argv: Sequence[str] | None = None) -> None:
+    """Checks the inputs, exports each mode, prints the summary and the gate's verdict.
+
+    Args:
+        argv: Arguments after the program name; None reads sys.argv.
+    """
+    args = build_parser().parse_args(argv)
+    if args.representative_count < 1 or args.held_out < 0:
         raise ConfigError("--representative_count must be >= 1 and --held_out >= 0")
-    if _PAIRS.value and not _PAIRS_IMAGES.value:
+    if args.pairs and not args.pairs_images:
         raise ConfigError("--pairs needs --pairs_images (the image root it refers to)")
     from sparse_embed.config import config_from_model_dir
     from sparse_embed.data.checks import train_inputs
     from sparse_embed.data.verification import read_pairs
 
-    config = config_from_model_dir(_MODEL_DIR.value)
-    records = train_inputs(config, _DATA_DIR.value)[0] if _DATA_DIR.value else None
+    config = config_from_model_dir(args.model_dir)
+    records = train_inputs(config, args.data_dir)[0] if args.data_dir else None
     pairs = None
-    if _PAIRS.value:
-        pairs = read_pairs(_PAIRS.value, _PAIRS_IMAGES.value)
-    elif _DATA_DIR.value and (Path(_DATA_DIR.value) / config.data.pairs).is_file():
-        pairs = read_pairs(Path(_DATA_DIR.value) / config.data.pairs,
-                           Path(_DATA_DIR.value) / config.data.pairs_images)
+    if args.pairs:
+        pairs = read_pairs(args.pairs, args.pairs_images)
+    elif args.data_dir and (Path(args.data_dir) / config.data.pairs).is_file():
+        pairs = read_pairs(Path(args.data_dir) / config.data.pairs,
+                           Path(args.data_dir) / config.data.pairs_images)
     if records is None and pairs is None:
         raise ConfigError("the parity gate needs images: pass --data_dir (the run's data) or --pairs")
     # TensorFlow is imported only once the inputs are known to be usable.
     from sparse_embed.compression import tflite
     from sparse_embed.inference import load_backbone
 
-    for quantize in _QUANTIZE.value:
-        tflite.check_format(_FORMAT.value, quantize)
-    if _REPRESENTATIVE.value and not any(tflite.QUANTIZATIONS.get(q).representative
-                                         for q in _QUANTIZE.value):
+    for quantize in args.quantize:
+        tflite.check_format(args.format, quantize)
+    if args.representative and not any(tflite.QUANTIZATIONS.get(q).representative
+                                       for q in args.quantize):
         raise ConfigError("--representative calibrates --quantize=int8 / int8_full only")
     representative = None
-    source = _REPRESENTATIVE.value or records
-    needs = any(tflite.QUANTIZATIONS.get(q).representative for q in _QUANTIZE.value)
+    source = args.representative or records
+    needs = any(tflite.QUANTIZATIONS.get(q).representative for q in args.quantize)
     # A quantization-aware run needs none (its fake-quant ranges are the scales) but
     # still gets one where there is data: it calibrates any tensor without a range.
     if needs and source:
-        print(f"representative set: {_REPRESENTATIVE_COUNT.value} images of {source}", flush=True)
-        representative = tflite.load_images(source, _REPRESENTATIVE_COUNT.value,
+        print(f"representative set: {args.representative_count} images of {source}", flush=True)
+        representative = tflite.load_images(source, args.representative_count,
                                             config.model.input_shape)
-    backbone, config = load_backbone(_MODEL_DIR.value)
+    backbone, config = load_backbone(args.model_dir)
     # Held-out images come after the representative ones when both are the run's records.
     start = len(representative) if representative is not None and source == records else 0
     held_out = np.zeros((0, *config.model.input_shape, 3), np.float32)
-    if records and _HELD_OUT.value:
-        held_out = tflite.load_images(records, _HELD_OUT.value, config.model.input_shape, start)
+    if records and args.held_out:
+        held_out = tflite.load_images(records, args.held_out, config.model.input_shape, start)
     data = tflite.ParityData(held_out, pairs)
-    output = Path(_OUTPUT.value or Path(_MODEL_DIR.value) / "export")
-    provenance = {"model_dir": str(_MODEL_DIR.value), "representative": source if needs else None,
-                  "held_out_from": records, "pairs": _PAIRS.value or (
-                      str(Path(_DATA_DIR.value) / config.data.pairs) if pairs is not None else None)}
-    results = tflite.export(backbone, config, _FORMAT.value, _QUANTIZE.value, output, data,
-                            representative, _FLIP_CONCAT.value, _MIN_COSINE.value,
-                            _MAX_ACCURACY_DROP.value, provenance,
+    output = Path(args.output or Path(args.model_dir) / "export")
+    provenance = {"model_dir": str(args.model_dir), "representative": source if needs else None,
+                  "held_out_from": records, "pairs": args.pairs or (
+                      str(Path(args.data_dir) / config.data.pairs) if pairs is not None else None)}
+    results = tflite.export(backbone, config, args.format, args.quantize, output, data,
+                            representative, args.flip_concat, args.min_cosine,
+                            args.max_accuracy_drop, provenance,
                             progress=lambda line: print(line, flush=True))
     print(tflite.format_summary(results))
     for result in results:
@@ -140,7 +150,7 @@ def main(argv: list[str]) -> None:
 
 def run() -> None:
     """Console-script entry point."""
-    app.run(main)
+    main()
 
 
 if __name__ == "__main__":

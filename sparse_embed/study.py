@@ -1,8 +1,8 @@
 """Studies that train a grid of models and compare them: the paper's FLOPs-versus-accuracy trade-off.
 
-    python -m sparse_embed.study flops_tradeoff --out=runs/study       (what `make study` runs)
+    python -m sparse_embed.study flops_tradeoff --output=runs/study       (what `make study` runs)
     # a quicker, coarser grid with fewer distractors
-    python -m sparse_embed.study flops_tradeoff --out=runs/study_quick --steps=200 \\
+    python -m sparse_embed.study flops_tradeoff --output=runs/study_quick --steps=200 \\
         --weights_flops=15,50 --weights_l1=0.1,0.6 --distractor_identities=200
 
 `flops_tradeoff` is the central experiment of Paria et al. (ICLR 2020) on the
@@ -15,10 +15,10 @@ from training and probes), and is measured for mean nnz, analytic FLOPs per
 pair and R_sub (`sparse_embed.sparsity`), postings touched per query and
 search ms/query (`SparseIndex` on the distractor search), and identification
 Recall@1 without and with re-ranking by the dense baseline's embeddings of the
-same images (the original protocol: sparse candidates above `--threshold`,
+same images (the original protocol: sparse candidates above `--score_threshold`,
 the best `--rerank_topk` re-scored densely).
 
-Each model is a run directory under `--out`; one whose `study.json` matches
+Each model is a run directory under `--output`; one whose `study.json` matches
 the current settings is skipped, an unfinished one resumes from its
 checkpoints. The study ends with a table, `<out>/flops_tradeoff.json` and two
 PNGs: Recall@1 against FLOPs per pair, and the sorted per-dimension non-zero
@@ -39,15 +39,13 @@ from typing import Any
 
 import numpy as np
 
-from sparse_embed.cli import user_errors_exit
+from sparse_embed.cli import add_command, deprecated_alias, make_parser, program, user_errors_exit
 from sparse_embed.errors import ConfigError, DataError
 from sparse_embed.fileio import atomic_path
 from sparse_embed.registry import Registry
 
 # Study name -> its command line (`python -m sparse_embed.study NAME [flags]`): a function that
-# declares the study's flags on a parser, and one that runs it from the parsed flags. Each study
-# parses its own flags (argparse): absl's are process-global, and the study's `--out` would
-# collide with the demo's wherever both modules are imported.
+# declares the study's flags on its sub-command's parser, and one that runs it from the parsed flags.
 
 
 @dataclass(frozen=True)
@@ -347,7 +345,7 @@ def _check_run(run_dir: Path, config: Any) -> None:
     changed = _changed_key(config_from_model_dir(run_dir), config)
     if changed is not None:
         raise ConfigError(f"{run_dir} was trained with another config ({changed}); pass another "
-                          f"--out or remove {run_dir}")
+                          f"--output or remove {run_dir}")
 
 
 def _finished(run_dir: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
@@ -512,8 +510,9 @@ def _weights(values: Sequence[str], flag: str) -> list[float]:
 
 
 def _flops_tradeoff_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", default="runs/study",
+    parser.add_argument("--output", default="runs/study",
                         help="Output directory: one run dir per model, JSON, PNGs.")
+    deprecated_alias(parser, "--out", "--output")
     parser.add_argument("--data_dir", default="runs/demo/data",
                         help="Synthetic data set with TFRecords (the demo's); generated there at the "
                              "demo's size if missing.")
@@ -526,8 +525,9 @@ def _flops_tradeoff_flags(parser: argparse.ArgumentParser) -> None:
                         help="Synthetic identities of the distractor set (after the training and test ones).")
     parser.add_argument("--distractor_images", type=int, default=StudySettings.distractor_images,
                         help="Images per distractor identity.")
-    parser.add_argument("--threshold", type=float, default=StudySettings.threshold,
+    parser.add_argument("--score_threshold", type=float, default=StudySettings.threshold,
                         help="Sparse candidates must score above it (the original --threshold).")
+    deprecated_alias(parser, "--threshold", "--score_threshold")
     parser.add_argument("--rerank_topk", type=int, default=StudySettings.rerank_topk,
                         help="Sparse candidates re-scored with the dense embeddings.")
     parser.add_argument("--set", action="append", default=[],
@@ -535,14 +535,23 @@ def _flops_tradeoff_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_flops_tradeoff(args: argparse.Namespace) -> None:
-    settings = StudySettings(args.distractor_identities, args.distractor_images, args.threshold,
+    settings = StudySettings(args.distractor_identities, args.distractor_images, args.score_threshold,
                              args.rerank_topk)
-    flops_tradeoff(args.data_dir, args.out, _weights(args.weights_flops.split(","), "weights_flops"),
+    flops_tradeoff(args.data_dir, args.output, _weights(args.weights_flops.split(","), "weights_flops"),
                    _weights(args.weights_l1.split(","), "weights_l1"), args.steps, settings, args.set,
                    verbose=1 if sys.stdout.isatty() else 2)
 
 
 STUDIES.register("flops_tradeoff")(StudyCommand(_flops_tradeoff_flags, _run_flops_tradeoff))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of `python -m sparse_embed.study`: one sub-command per registered study."""
+    parser = make_parser(__doc__, program(__name__))
+    studies = parser.add_subparsers(dest="study", required=True, title="studies")
+    for name in STUDIES.names():
+        STUDIES.get(name).add_flags(add_command(studies, name, None, prog=f"{parser.prog} {name}"))
+    return parser
 
 
 @user_errors_exit
@@ -552,15 +561,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     Args:
         argv: Arguments after the program name; None reads sys.argv.
     """
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if not argv or argv[0].startswith("-"):
-        raise ConfigError(f"name one study: python -m sparse_embed.study NAME [flags]; valid: "
-                          f"{', '.join(STUDIES.names())}")
-    study = STUDIES.get(argv[0])
-    parser = argparse.ArgumentParser(prog=f"python -m sparse_embed.study {argv[0]}")
-    study.add_flags(parser)
-    study.run(parser.parse_args(argv[1:]))
+    args = build_parser().parse_args(argv)
+    STUDIES.get(args.study).run(args)
+
+
+def run() -> None:
+    """Console-script entry point."""
+    main()
 
 
 if __name__ == "__main__":
-    main()
+    run()

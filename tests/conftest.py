@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -54,6 +55,41 @@ def assert_user_error(proc: subprocess.CompletedProcess, *fragments: str) -> Non
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert "Traceback" not in proc.stderr
     assert len(lines) == 1, proc.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def call_main(main: Callable[[list[str]], object], *args: object) -> int:
+    """Runs an entry point's `main(argv)` in this process; returns its exit status.
+
+    Args:
+        main: The entry point's `main`.
+        *args: Its arguments (converted with `str`).
+    """
+    try:
+        main([str(a) for a in args])
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    return 0
+
+
+def assert_main_user_error(capsys: pytest.CaptureFixture[str], main: Callable[[list[str]], object],
+                           args: Sequence[object], *fragments: str) -> None:
+    """`main(args)` in this process is a user error: exit status 2, one line on stderr naming it.
+
+    Args:
+        capsys: pytest's output capture.
+        main: The entry point's `main`.
+        args: Its arguments.
+        *fragments: Text the line must contain.
+    """
+    capsys.readouterr()
+    code = call_main(main, *args)
+    err = capsys.readouterr().err
+    assert code == 2, (code, err[-2000:])
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert "Traceback" not in err
+    assert len(lines) == 1, err
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
 

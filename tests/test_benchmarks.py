@@ -26,8 +26,8 @@ def test_train_throughput_benchmark_prints_its_table() -> None:
 @pytest.mark.slow
 def test_pipeline_benchmark_prints_its_table() -> None:
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "pipeline_bench.py"),
-                           "--images=64", "--batch=16", "--identities=4", "--per_identity=4",
-                           "--shards=2", "--processes=2", "--stages", "--json"],
+                           "--num_images=64", "--batch_size=16", "--identities=4",
+                           "--images_per_identity=4", "--shards=2", "--workers=2", "--stages", "--json"],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]

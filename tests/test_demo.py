@@ -14,7 +14,7 @@ from sparse_embed.demo import RESULT_KEYS
 @pytest.mark.slow
 def test_demo_small(tmp_path: Path) -> None:
     out = tmp_path / "demo"
-    args = ("sparse_embed.demo", f"--out={out}", "--identities=12", "--images=6",
+    args = ("sparse_embed.demo", f"--output={out}", "--identities=12", "--images_per_identity=6",
             "--test_identities=6", "--set", "train.steps=6", "--set", "train.batch_size=16",
             "--set", "eval.batch_size=32")
     proc = run_module(*args)

@@ -164,7 +164,7 @@ def test_the_device_process_cannot_import_tensorflow(edge: dict) -> None:
 
 def test_float_model_matches_keras_without_tensorflow(edge: dict, tmp_path: Path) -> None:
     output = tmp_path / "results.json"
-    proc = _edge_run(edge, *_dataset(edge), "--aligned", "--threads=1", f"--output={output}")
+    proc = _edge_run(edge, *_dataset(edge), "--aligned", "--num_threads=1", f"--output={output}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     for phase in ("pre-process", "inference", "post-process", "ms per inference"):
         assert any(line.startswith(phase) for line in proc.stdout.splitlines()), proc.stdout
@@ -187,8 +187,8 @@ def test_float_model_matches_keras_without_tensorflow(edge: dict, tmp_path: Path
 def test_integer_only_model_quantizes_its_input_and_dequantizes_its_output(edge: dict,
                                                                           tmp_path: Path) -> None:
     output = tmp_path / "results.json"
-    proc = _edge_run(edge, *_dataset(edge, "int8.tflite"), "--aligned", "--first=6", "--threshold=0.5",
-                     f"--output={output}")
+    proc = _edge_run(edge, *_dataset(edge, "int8.tflite"), "--aligned", "--first=6",
+                     "--verification_threshold=0.5", f"--output={output}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(output.read_text())
     assert result["input_dtype"] == "int8" and result["pairs"] == 6
@@ -198,7 +198,7 @@ def test_integer_only_model_quantizes_its_input_and_dequantizes_its_output(edge:
     np.testing.assert_allclose(result["scores"], reference, atol=0.05)
     scores = np.array(result["scores"])
     assert result["accuracy"] == pytest.approx(np.mean((scores > 0.5) == issame[:6]))
-    assert result["accuracy_protocol"] == "given threshold (--threshold)"
+    assert result["accuracy_protocol"] == "given threshold (--verification_threshold)"
 
 
 def test_integer_io_uses_the_zero_points_of_input_and_output(edge: dict, tmp_path: Path) -> None:
@@ -326,8 +326,8 @@ def test_align_detects_skips_faceless_images_and_matches_the_library(edge: dict,
     (tmp_path / "pairs.txt").write_text("1 1\nastro 1 2\nastro 1 cup 1\n")
     output = tmp_path / "results.json"
     proc = _edge_run(edge, f"--model={edge['root'] / 'model.tflite'}", f"--pairs={tmp_path / 'pairs.txt'}",
-                     f"--images={tmp_path / 'images'}", f"--align={mtcnn_dir}", "--threshold=0.5",
-                     f"--output={output}")
+                     f"--images={tmp_path / 'images'}", f"--align={mtcnn_dir}",
+                     "--verification_threshold=0.5", f"--output={output}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "1 image without a face MTCNN finds" in proc.stdout
     result = json.loads(output.read_text())

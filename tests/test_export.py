@@ -392,7 +392,7 @@ def test_latency_benchmark_runs_tiny(tmp_path: Path, monkeypatch: pytest.MonkeyP
     spec.loader.exec_module(benchmark)
     out = tmp_path / "latency.json"
     monkeypatch.setattr(sys, "argv", ["tflite_latency.py", "--tiny", "--models=sphereface20", "--modes=fp32",
-                                      "--repeats=2", f"--json={out}"])
+                                      "--repeats=2", f"--output={out}"])
     benchmark.main()
     stdout = capsys.readouterr().out
     result = json.loads(out.read_text())

@@ -361,7 +361,7 @@ def test_cli_mirrors_the_tree_and_counts_unreadable(tmp_path: Path, astronaut: n
     _save(tmp_path / "raw" / "b" / "c" / "astro.png", astronaut)
     (tmp_path / "raw" / "b" / "text.jpg").write_text("this is not an image\n")
     proc = run_module_script(ALIGN, f"--input={tmp_path / 'raw'}", f"--output={tmp_path / 'aligned'}",
-                             "--workers=2", "--size=96x112")
+                             "--workers=2", "--crop=96x112")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     rows = dict(re.findall(r"^(\S.*?)\s{2,}(\S.*)$", proc.stdout, re.M))

@@ -121,8 +121,8 @@ def test_prepare_cli_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "out"
     proc = run_module_script(SCRIPT, f"--megaface_root={paths['megaface']}",
                              f"--facescrub_root={paths['facescrub']}", f"--devkit={paths['devkit']}",
-                             "--size=10", "--set=1", f"--noises={paths['noises']}", f"--output={out}",
-                             "--workers=2")
+                             "--list_size=10", "--list_set=1", f"--noises={paths['noises']}",
+                             f"--output={out}", "--workers=2")
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [re.match(r"^(.*?\S)\s{2,}(\S.*)$", line) for line in proc.stdout.splitlines()[2:]]
     summary = {row[1].strip(): row[2] for row in rows}
@@ -149,7 +149,7 @@ def test_prepare_cli_end_to_end(tmp_path: Path) -> None:
 
 def test_bad_inputs_are_one_line_errors(tmp_path: Path) -> None:
     paths = _dataset(tmp_path)
-    base = [f"--megaface_root={paths['megaface']}", f"--output={tmp_path / 'o'}", "--size=10"]
+    base = [f"--megaface_root={paths['megaface']}", f"--output={tmp_path / 'o'}", "--list_size=10"]
     assert_user_error(run_module_script(SCRIPT, *base, f"--devkit={tmp_path / 'none'}"),
                       "megaface_features_list.json_10_1 not found")
     listing = paths["devkit"] / "templatelists" / "megaface_features_list.json_10_1"

@@ -247,7 +247,7 @@ def _identification(files: Path, *args: str):
 
 def test_embeddings_dir_convention_writes_json_and_plot(files: Path, sets: dict[str, Embeddings]) -> None:
     proc = _identification(files, f"--embeddings_dir={files}", "--sparse_suffix=sparse.hdf5",
-                           "--dense_suffix=dense.hdf5", "--threshold=6", "--rerank_topk=10",
+                           "--dense_suffix=dense.hdf5", "--score_threshold=6", "--rerank_topk=10",
                            "--ranks=1,2,5,10", "--distractor_counts=40,600", "--seed=3", "--num_threads=2")
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
@@ -272,7 +272,7 @@ def test_embeddings_dir_convention_writes_json_and_plot(files: Path, sets: dict[
         files, f"--probes={files / 'facescrub_sparse.hdf5'}",
         f"--distractors={files / 'megaface_sparse.hdf5'}",
         f"--dense_probes={files / 'facescrub_dense.hdf5'}",
-        f"--dense_distractors={files / 'megaface_dense.hdf5'}", "--threshold=6", "--rerank_topk=10",
+        f"--dense_distractors={files / 'megaface_dense.hdf5'}", "--score_threshold=6", "--rerank_topk=10",
         "--ranks=1,2,5,10", "--distractor_counts=40,600", "--seed=3", f"--output={files / 'x.json'}")
     assert explicit.returncode == 0, explicit.stderr[-3000:]
     assert json.loads((files / "x.json").read_text())["cmc"] == result["cmc"]
@@ -281,7 +281,8 @@ def test_embeddings_dir_convention_writes_json_and_plot(files: Path, sets: dict[
 
 def test_threshold_without_candidates_is_reported_not_fatal(files: Path) -> None:
     proc = _identification(files, f"--embeddings_dir={files}", "--sparse_suffix=sparse.hdf5",
-                           "--threshold=1e6", "--distractor_counts=600", f"--output={files / 'none.json'}")
+                           "--score_threshold=1e6", "--distractor_counts=600",
+                           f"--output={files / 'none.json'}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "note: threshold 1e+06 retrieves no genuine match" in proc.stdout
     assert json.loads((files / "none.json").read_text())["rows"][0]["recall@1"] == 0
@@ -315,7 +316,7 @@ def test_bad_inputs_exit_2_with_one_line(files: Path, sets: dict[str, Embeddings
         ((probes, distractors, "--ranks=1,x"), ("--ranks must be a comma-separated list",)),
         ((probes, distractors, "--distractor_counts=10,601"),
          ("--distractor_counts must be integers in [1, 600]",)),
-        ((probes, distractors, "--threshold=high"), ("--threshold must be a number or none",)),
+        ((probes, distractors, "--score_threshold=high"), ("--score_threshold must be a number or none",)),
         ((f"--embeddings_dir={files}",), ("needs --sparse_suffix",)),
         ((f"--embeddings_dir={files}", "--sparse_suffix=sparse.hdf5", probes), ("not both",)),
     ]

@@ -551,7 +551,7 @@ def test_cli_prints_params_and_macs() -> None:
 
 @pytest.mark.slow
 def test_cli_all_prints_every_full_size_model() -> None:
-    proc = run_module("sparse_embed.models", "--all", "--json", "--runs=1")
+    proc = run_module("sparse_embed.models", "--all", "--json", "--repeats=1")
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in proc.stdout.splitlines()]
     assert [row["model"] for row in rows] == FULL

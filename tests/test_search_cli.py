@@ -74,7 +74,7 @@ def test_cli_splits_one_file_into_queries_and_database(search_dir: Path, tmp_pat
     emb, labels = identities(rng, 400, 48, 30)
     write_bin(tmp_path / "db.bin", emb, labels)
     proc = subprocess.run([str(search_dir / "search"), str(tmp_path / "db.bin"), "0", "0",
-                           "--threads", "2", "--topk", "5"],
+                           "--num_threads", "2", "--k", "5"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
@@ -103,9 +103,9 @@ def test_cli_query_file_and_dense_rerank(search_dir: Path, tmp_path: Path) -> No
     np.save(tmp_path / "db.npy", db_dense)
     np.save(tmp_path / "q.npy", q_dense)
     proc = subprocess.run([str(search_dir / "search"), str(tmp_path / "db.bin"), "20", "none",
-                           str(tmp_path / "q.bin"), "--topk", "3",
-                           "--db-dense", str(tmp_path / "db.npy"),
-                           "--query-dense", str(tmp_path / "q.npy")],
+                           str(tmp_path / "q.bin"), "--k", "3",
+                           "--db_dense", str(tmp_path / "db.npy"),
+                           "--query_dense", str(tmp_path / "q.npy")],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "re-rank top 20 with 8-d dense vectors" in proc.stdout
@@ -121,8 +121,8 @@ def test_cli_query_file_and_dense_rerank(search_dir: Path, tmp_path: Path) -> No
     (["x.bin", "ten", "0"], "rerank_topk must be an integer"),
     (["x.bin", "10", "abc"], "threshold must be a number"),
     (["x.bin", "10", "0", "--bogus", "1"], "unknown option --bogus"),
-    (["x.bin", "10", "0", "--threads"], "--threads needs a value"),
-    (["x.bin", "2", "0", "--topk", "5", "--db-dense", "d.npy"], "must be >= --topk"),
+    (["x.bin", "10", "0", "--num_threads"], "--num_threads needs a value"),
+    (["x.bin", "2", "0", "--k", "5", "--db_dense", "d.npy"], "must be >= --k"),
 ])
 def test_cli_bad_arguments(search_dir: Path, args: list[str], message: str) -> None:
     proc = subprocess.run([str(search_dir / "search"), *args], capture_output=True, text=True,
@@ -130,6 +130,26 @@ def test_cli_bad_arguments(search_dir: Path, args: list[str], message: str) -> N
     assert proc.returncode == 2
     assert proc.stderr.startswith("usage: search <db.bin>")
     assert message in proc.stderr
+
+
+def test_cli_old_option_spellings(search_dir: Path, tmp_path: Path) -> None:
+    """--name=value works, and the old spellings (--topk, --threads, --ids, ...) still do, each with one
+    deprecation line, for the same results."""
+    rng = np.random.default_rng(2)
+    emb, labels = identities(rng, 200, 32, 20)
+    write_bin(tmp_path / "db.bin", emb, labels)
+    new = subprocess.run([str(search_dir / "search"), str(tmp_path / "db.bin"), "0", "0", "--k=4",
+                          "--num_threads=1", f"--output_ids={tmp_path / 'new.npy'}"],
+                         capture_output=True, text=True, timeout=120)
+    old = subprocess.run([str(search_dir / "search"), str(tmp_path / "db.bin"), "0", "0", "--topk", "4",
+                          "--threads", "1", "--ids", str(tmp_path / "old.npy")],
+                         capture_output=True, text=True, timeout=120)
+    assert new.returncode == 0 and old.returncode == 0, (new.stderr, old.stderr)
+    assert new.stderr == ""
+    assert old.stderr.splitlines() == [
+        f"search: warning: {o} is deprecated and goes in the next release; use {n}"
+        for o, n in (("--topk", "--k"), ("--threads", "--num_threads"), ("--ids", "--output_ids"))]
+    np.testing.assert_array_equal(np.load(tmp_path / "new.npy"), np.load(tmp_path / "old.npy"))
 
 
 def test_cli_bad_files(search_dir: Path, tmp_path: Path) -> None:
@@ -178,7 +198,7 @@ def test_make_runfacescrub_runs_the_binary(search_dir: Path, tmp_path: Path) -> 
     emb, labels = identities(rng, 60, 16, 5)
     write_bin(tmp_path / "facescrub.bin", emb, labels)
     proc = make(search_dir, "runfacescrub", f"FACESCRUB_BIN={tmp_path / 'facescrub.bin'}",
-                "RERANK_TOPK=0", "SEARCH_ARGS=--threads 1")
+                "RERANK_TOPK=0", "SEARCH_ARGS=--num_threads 1")
     assert proc.returncode == 0, proc.stderr
     assert "postings/query" in proc.stdout and "rank-1 label agreement" in proc.stdout
 
@@ -197,7 +217,7 @@ def test_hdf5_to_bin(tmp_path: Path) -> None:
     write_hdf5(tmp_path / "emb.hdf5", embedding=emb, label=labels,
                filename=np.array([b"a"] * 70))
     proc = run_module("sparse_embed.search", "hdf5-to-bin", str(tmp_path / "emb.hdf5"),
-                      str(tmp_path / "emb.bin"), "--threshold", "0.25")
+                      str(tmp_path / "emb.bin"), "--zero_threshold", "0.25")
     assert proc.returncode == 0, proc.stderr
     kept = np.where(np.abs(emb) > 0.25, emb, 0)
     assert f"{(kept != 0).sum() / 70:.2f} non-zeros per row" in proc.stdout
@@ -220,8 +240,8 @@ def test_hdf5_to_bin_user_errors(tmp_path: Path) -> None:
     assert_user_error(proc, "not a readable HDF5 file")
     write_hdf5(tmp_path / "ok.hdf5", embedding=np.ones((3, 4), np.float32), label=np.arange(3))
     proc = run_module("sparse_embed.search", "hdf5-to-bin", str(tmp_path / "ok.hdf5"), str(out),
-                      "--threshold", "-1")
-    assert_user_error(proc, "--threshold must be >= 0")
+                      "--zero_threshold", "-1")
+    assert_user_error(proc, "--zero_threshold must be >= 0")
     assert not out.exists()
 
 
@@ -259,12 +279,12 @@ def shard_files(tmp_path_factory: pytest.TempPathFactory) -> dict:
 def test_cli_several_database_files_merge_exactly(search_dir: Path, shard_files: dict, tmp_path: Path,
                                                   rerank_topk: int, threshold: str) -> None:
     d = shard_files["dir"]
-    dense_args = ["--db-dense", d / "db.npy", "--query-dense", d / "q.npy"] if rerank_topk else []
+    dense_args = ["--db_dense", d / "db.npy", "--query_dense", d / "q.npy"] if rerank_topk else []
     results = []
     for db, name in ((d / "all.bin", "one"), (shard_files["shards"], "many")):
-        proc = run_search(search_dir, db, rerank_topk, threshold, d / "q.bin", "--topk", "7",
-                          "--threads", "2", *dense_args, "--ids", tmp_path / f"{name}_ids.npy",
-                          "--scores", tmp_path / f"{name}_scores.npy")
+        proc = run_search(search_dir, db, rerank_topk, threshold, d / "q.bin", "--k", "7",
+                          "--num_threads", "2", *dense_args, "--output_ids", tmp_path / f"{name}_ids.npy",
+                          "--output_scores", tmp_path / f"{name}_scores.npy")
         assert proc.returncode == 0, proc.stderr
         assert parse(proc.stdout, "N") == 300 and parse(proc.stdout, "D") == 40
         results.append((np.load(tmp_path / f"{name}_ids.npy"), np.load(tmp_path / f"{name}_scores.npy"),
@@ -287,8 +307,8 @@ def test_cli_splits_queries_off_several_files(search_dir: Path, shard_files: dic
     # 300 rows: the first 150 are the queries, all of a.bin and the start of b.bin.
     write_bin(tmp_path / "a.bin", db[:120], np.zeros(120, int))
     write_bin(tmp_path / "b.bin", db[120:], np.zeros(180, int))
-    proc = run_search(search_dir, f"{tmp_path / 'a.bin'},{tmp_path / 'b.bin'}", 20, "none", "--topk", "4",
-                      "--db-dense", d / "db.npy", "--ids", tmp_path / "ids.npy")
+    proc = run_search(search_dir, f"{tmp_path / 'a.bin'},{tmp_path / 'b.bin'}", 20, "none", "--k", "4",
+                      "--db_dense", d / "db.npy", "--output_ids", tmp_path / "ids.npy")
     assert proc.returncode == 0, proc.stderr
     assert "only 300 rows; the first 150 are the queries" in proc.stdout
     want, _ = brute_force_search(db[150:], db[:150], 4, rerank=(shard_files["dense"][150:],
@@ -316,7 +336,7 @@ def test_make_run_target_takes_several_shards(search_dir: Path, shard_files: dic
     d = shard_files["dir"]
     shards = f"{d / 's1.bin'},{d / 's3.bin'}"
     proc = make(search_dir, "runfacescrub", f"FACESCRUB_BIN={shards}", "RERANK_TOPK=0",
-                "SEARCH_ARGS=--threads 1")
+                "SEARCH_ARGS=--num_threads 1")
     assert proc.returncode == 0, proc.stderr
     assert parse(proc.stdout, "shards") == 2 and parse(proc.stdout, "N") == 90
     proc = make(search_dir, "runfacescrub", f"FACESCRUB_BIN={shards},{tmp_path / 'gone.bin'}")
@@ -349,7 +369,7 @@ def oracle(live: dict[int, np.ndarray], queries: np.ndarray, k: int) -> tuple[np
 
 
 def test_mutable_index_commands_equal_a_rebuilt_index(tmp_path: Path) -> None:
-    """create -> add (next ids, then an ids file) -> remove (--ids and --ids-file) -> query -> compact ->
+    """create -> add (next ids, then an ids file) -> remove (--ids and --ids_file) -> query -> compact ->
     query: every result equals brute force over the live rows and a SparseIndex rebuilt from them."""
     rng = np.random.default_rng(11)
     base, _ = identities(rng, 300, 40, 25)
@@ -374,14 +394,14 @@ def test_mutable_index_commands_equal_a_rebuilt_index(tmp_path: Path) -> None:
     (tmp_path / "named.txt").write_text("\n".join(map(str, named_ids)) + "\n")
     proc = search_cli("add", f"--index={directory}",
                       f"--embeddings={gallery_file(tmp_path / 'n.hdf5', named)}",
-                      f"--ids-file={tmp_path / 'named.txt'}")
+                      f"--ids_file={tmp_path / 'named.txt'}")
     assert proc.returncode == 0, proc.stderr
     live.update(zip(named_ids, named, strict=True))
 
     gone = [0, 17, 18, 150, 301, 5007]
     (tmp_path / "gone.txt").write_text("150, 301\n5007")
     proc = search_cli("remove", f"--index={directory}", "--ids=0,17,18",
-                      f"--ids-file={tmp_path / 'gone.txt'}")
+                      f"--ids_file={tmp_path / 'gone.txt'}")
     assert proc.returncode == 0, proc.stderr
     assert "removed 6 rows" in proc.stdout and "(300 base, 48 delta, 4 tombstones)" in proc.stdout
     for i in gone:
@@ -446,7 +466,7 @@ def test_mutable_create_takes_ids_from_labels(tmp_path: Path) -> None:
     labels = rng.permutation(1000)[:50] + 10
     gallery_file(tmp_path / "q.hdf5", rows[:8])
     proc = search_cli("mutable-create", f"--embeddings={gallery_file(tmp_path / 'g.hdf5', rows, labels)}",
-                      f"--index={tmp_path / 'm'}", "--ids-from=label")
+                      f"--index={tmp_path / 'm'}", "--ids_from=label")
     assert proc.returncode == 0, proc.stderr
     ids, scores = query_ids(str(tmp_path / "m"), tmp_path / "q.hdf5", tmp_path / "r.npz")
     want = oracle(dict(zip(labels.tolist(), rows, strict=True)), rows[:8], 6)
@@ -483,13 +503,13 @@ def test_mutable_index_commands_user_errors(tmp_path: Path) -> None:
         (("remove", f"--index={directory}", "--ids=3,x"), ("--ids must hold integer ids", "'x'")),
         (("remove", f"--index={directory}", "--ids=-1"), ("ids must be >= 0",)),
         (("remove", f"--index={directory}"), ("remove needs --ids",)),
-        (("remove", f"--index={directory}", f"--ids-file={tmp_path / 'bad.txt'}"), ("bad.txt", "'two'")),
-        (("remove", f"--index={directory}", f"--ids-file={tmp_path / 'none.txt'}"),
+        (("remove", f"--index={directory}", f"--ids_file={tmp_path / 'bad.txt'}"), ("bad.txt", "'two'")),
+        (("remove", f"--index={directory}", f"--ids_file={tmp_path / 'none.txt'}"),
          ("ids file", "none.txt not found")),
-        (("add", f"--index={directory}", f"--embeddings={gallery}", f"--ids-file={tmp_path / 'two.txt'}"),
+        (("add", f"--index={directory}", f"--embeddings={gallery}", f"--ids_file={tmp_path / 'two.txt'}"),
          ("holds 2 ids", "40 rows")),
-        (("add", f"--index={directory}", f"--embeddings={gallery}", "--ids-from=label"),
-         ("--ids-from=label needs a 'label' dataset of ids >= 0", "row 0 has -1")),
+        (("add", f"--index={directory}", f"--embeddings={gallery}", "--ids_from=label"),
+         ("--ids_from=label needs a 'label' dataset of ids >= 0", "row 0 has -1")),
         (("add", f"--index={directory}", f"--embeddings={tmp_path / 'missing.hdf5'}"),
          ("missing.hdf5 not found",)),
         (("add", f"--index={tmp_path / 'absent'}", f"--embeddings={gallery}"),

@@ -329,7 +329,7 @@ def test_bad_arguments(data):
 
 
 def test_search_binary_int8_and_rescore(tmp_path):
-    """search/search --values int8 [--rescore-k R|exact] returns the ids of the Python int8 index on
+    """search/search --value_type int8 [--rescore_k R|exact] returns the ids of the Python int8 index on
     the same rows (queries: the first rows of the file); bad combinations exit 2."""
     from test_search_cli import copy_search_dir, make
 
@@ -338,11 +338,11 @@ def test_search_binary_int8_and_rescore(tmp_path):
     m = random_rows(np.random.default_rng(3), 600, 32, 0.2, 8)
     write_bin(tmp_path / "db.bin", m.toarray(), np.arange(600) % 60)
     queries, database = m[:300], m[300:]
-    for extra, kwargs in ((["--values", "int8"], {}),
-                          (["--values", "int8", "--rescore-k", "40"], {"rescore_k": 40}),
-                          (["--values", "int8", "--rescore-k", "exact"], {"rescore_exact": True})):
+    for extra, kwargs in ((["--value_type", "int8"], {}),
+                          (["--value_type", "int8", "--rescore_k", "40"], {"rescore_k": 40}),
+                          (["--value_type", "int8", "--rescore_k", "exact"], {"rescore_exact": True})):
         proc = subprocess.run([str(directory / "search"), str(tmp_path / "db.bin"), "0", "none",
-                               "--ids", str(tmp_path / "ids.npy"), *extra],
+                               "--output_ids", str(tmp_path / "ids.npy"), *extra],
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, proc.stderr
         assert "(int8 values)" in proc.stdout
@@ -350,9 +350,9 @@ def test_search_binary_int8_and_rescore(tmp_path):
                                      value_type="int8", keep_float=bool(kwargs))
         np.testing.assert_array_equal(np.load(tmp_path / "ids.npy"),
                                       index.search(queries, 10, **kwargs)[0])
-    for extra, message in ((["--rescore-k", "40"], "add --values int8"),
-                           (["--values", "int4"], "unknown value type 'int4'"),
-                           (["--values", "int8", "--rescore-k", "5"], "must be >= --topk (10)")):
+    for extra, message in ((["--rescore_k", "40"], "add --value_type int8"),
+                           (["--value_type", "int4"], "unknown value type 'int4'"),
+                           (["--value_type", "int8", "--rescore_k", "5"], "must be >= --k (10)")):
         proc = subprocess.run([str(directory / "search"), str(tmp_path / "db.bin"), "0", "none",
                                *extra], capture_output=True, text=True, timeout=120)
         assert proc.returncode == 2 and message in proc.stderr.splitlines()[-1], proc.stderr

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import assert_user_error, run_module
+from conftest import assert_main_user_error, assert_user_error, run_module
 
 from sparse_embed.errors import ConfigError
 from sparse_embed.study import (
@@ -21,6 +21,7 @@ from sparse_embed.study import (
     StudySettings,
     flops_tradeoff,
     grid,
+    main,
     matched_pair,
 )
 
@@ -131,9 +132,9 @@ def test_matched_pair_by_nnz_ratio() -> None:
     assert matched_pair(rows[:3]) is None
 
 
-def test_cli_bad_input_is_one_line() -> None:
-    assert_user_error(run_module("sparse_embed.study", "flops_trade"), "unknown study",
-                      "flops_tradeoff")
-    assert_user_error(run_module("sparse_embed.study"), "name one study")
-    assert_user_error(run_module("sparse_embed.study", "flops_tradeoff", "--weights_l1=a,1"),
-                      "--weights_l1", "numbers")
+def test_cli_bad_input_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    assert_main_user_error(capsys, main, ["flops_trade"], "invalid choice: 'flops_trade'", "flops_tradeoff")
+    assert_main_user_error(capsys, main, [], "required: study")
+    assert_main_user_error(capsys, main, ["flops_tradeoff", "--weights_l1=a,1"], "--weights_l1", "numbers")
+    # The same, as a real process.
+    assert_user_error(run_module("sparse_embed.study", "flops_trade"), "invalid choice")

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT, assert_user_error, run_module
+from conftest import ROOT, assert_main_user_error, run_module
 from PIL import Image
 
+from sparse_embed.data import synthetic
 from sparse_embed.data.synthetic import (
     OCCLUDERS,
     generate,
@@ -170,9 +171,9 @@ def _run_cli(*args: str):
 def test_cli_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "synth"
     proc = _run_cli(
-        f"--out={out}",
+        f"--output={out}",
         "--identities=2",
-        "--images=2",
+        "--images_per_identity=2",
         "--test_identities=2",
         "--image_size=32",
         "--workers=1",
@@ -189,21 +190,26 @@ def test_cli_end_to_end(tmp_path: Path) -> None:
     "args, fragment",
     [
         (["--test_identities=1"], "--test_identities must be at least 2"),
-        (["--images=1"], "--images must be at least 2"),
+        (["--images_per_identity=1"], "--images_per_identity must be at least 2"),
     ],
 )
-def test_cli_bad_arguments_exit_2(tmp_path: Path, args: list[str], fragment: str) -> None:
+def test_cli_bad_arguments_exit_2(tmp_path: Path, args: list[str], fragment: str,
+                                  capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "synth"
-    proc = _run_cli(f"--out={out}", "--identities=2", "--image_size=32", *args)
-    assert_user_error(proc, fragment)
+    assert_main_user_error(capsys, synthetic.main,
+                           [f"--output={out}", "--identities=2", "--image_size=32", *args], fragment)
     assert list(tmp_path.iterdir()) == []
 
 
-def test_cli_occupied_output_exit_2(tmp_path: Path) -> None:
+def test_cli_occupied_output_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "notes.txt").write_text("x")
-    proc = _run_cli(f"--out={tmp_path}", "--identities=2", "--images=2", "--test_identities=2")
-    assert_user_error(proc, "synthetic.json")
+    assert_main_user_error(capsys, synthetic.main, [f"--output={tmp_path}", "--identities=2",
+                                                    "--images_per_identity=2", "--test_identities=2"],
+                           "synthetic.json")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+    # The old spellings still work, each with a deprecation line, for one release.
+    proc = _run_cli(f"--out={tmp_path}", "--identities=2", "--images=2", "--test_identities=2")
+    assert proc.returncode == 2 and "--out is deprecated" in proc.stderr and "synthetic.json" in proc.stderr
 
 
 def test_generator_does_not_import_tensorflow() -> None:

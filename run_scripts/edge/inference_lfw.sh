@@ -4,7 +4,7 @@
 # Prints accuracy and the pre-process / inference / post-process seconds, ms per inference.
 # Raw LFW images are detected and aligned with MTCNN's three .tflite networks, written beforehand
 # (where TensorFlow is installed) by
-#   python -m sparse_embed.faces.mtcnn_tflite --output_dir=models/mtcnn
+#   python -m sparse_embed.faces.mtcnn_tflite --output=models/mtcnn
 # and copied to the device with the model; the device needs numpy, opencv-python and ai-edge-litert.
 # Environment (defaults in brackets):
 #   MODEL [models/model.tflite]   the embedding model (sparse_embed.export --format=tflite)
@@ -29,4 +29,4 @@ if [ "$ALIGNED" = 1 ]; then source_flag=--aligned; else source_flag=--align=$MTC
 first_flag=()
 if [ "$FIRST" != 0 ]; then first_flag=(--first="$FIRST"); fi
 exec "$PYTHON" -m sparse_embed.edge.lfw --model="$MODEL" --pairs="$PAIRS" --images="$LFW_DIR" \
-  "$source_flag" "${first_flag[@]}" --threads="$THREADS" "$@"
+  "$source_flag" "${first_flag[@]}" --num_threads="$THREADS" "$@"

@@ -2,7 +2,7 @@
 # A MegaFace-style identification set from the synthetic generator, embedded by a dense and a sparse run.
 #   run_scripts/get_embeddings/synthetic_megaface.sh
 #   python -m sparse_embed.evaluate identification --embeddings_dir=data/megaface_synth/embeddings \
-#       --sparse_suffix=sparse.hdf5 --dense_suffix=dense.hdf5 --threshold=0.25 --rerank_topk=1000
+#       --sparse_suffix=sparse.hdf5 --dense_suffix=dense.hdf5 --score_threshold=0.25 --rerank_topk=1000
 # CPU is enough: on 2 cores the default 100k distractors take 2 min to render (15 min on a busy
 # machine) and about 2 min per run to embed. Both sets are new identities (seeds other than the demo's training
 # seed 0): DISTRACTORS images of DISTRACTORS / 2 identities (two each, the generator's minimum)
@@ -28,13 +28,13 @@ here=$(dirname "$0")
 
 if [ ! -d "$ROOT/distractors/train" ]; then
   # The generator wants a held-out part (at least 2 identities); it is not used.
-  "$PYTHON" -m sparse_embed.data.synthetic --out="$ROOT/distractors" --seed=2 \
-    --identities=$((DISTRACTORS / 2)) --images=2 --test_identities=2 --image_size="$IMAGE_SIZE" \
+  "$PYTHON" -m sparse_embed.data.synthetic --output="$ROOT/distractors" --seed=2 \
+    --identities=$((DISTRACTORS / 2)) --images_per_identity=2 --test_identities=2 --image_size="$IMAGE_SIZE" \
     --workers="$WORKERS" --pairs_folds=1 --pairs_per_fold=1
 fi
 if [ ! -d "$ROOT/probes/test" ]; then
-  "$PYTHON" -m sparse_embed.data.synthetic --out="$ROOT/probes" --seed=1 \
-    --identities=2 --images="$PROBE_IMAGES" --test_identities="$PROBES" --image_size="$IMAGE_SIZE" \
+  "$PYTHON" -m sparse_embed.data.synthetic --output="$ROOT/probes" --seed=1 \
+    --identities=2 --images_per_identity="$PROBE_IMAGES" --test_identities="$PROBES" --image_size="$IMAGE_SIZE" \
     --workers="$WORKERS" --pairs_folds=1 --pairs_per_fold=1
 fi
 export MEGAFACE_IMAGES=$ROOT/distractors/train FACESCRUB_IMAGES=$ROOT/probes/test

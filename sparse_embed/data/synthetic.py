@@ -1,6 +1,6 @@
 """Procedural face-like identities: a face-recognition data set that needs no download.
 
-    python -m sparse_embed.data.synthetic --out=data/synth --identities=1000 --images=20 \\
+    python -m sparse_embed.data.synthetic --output=data/synth --identities=1000 --images_per_identity=20 \\
         --test_identities=100 --workers=2
 
 An identity is a fixed set of geometry and texture parameters (face shape and
@@ -33,7 +33,6 @@ import math
 import multiprocessing
 import os
 import shutil
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -43,7 +42,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
-from sparse_embed.cli import user_errors_exit
+from sparse_embed.cli import deprecated_alias, make_parser, program, user_errors_exit
 from sparse_embed.data import format_summary
 from sparse_embed.data.verification import DifferentPair, SamePair, write_pairs
 from sparse_embed.errors import ConfigError, DataError
@@ -893,13 +892,13 @@ def _check_output(out: Path) -> bool:
     if not out.exists():
         return False
     if not out.is_dir():
-        raise DataError(f"--out {out} exists and is not a directory; choose another --out")
+        raise DataError(f"--output {out} exists and is not a directory; choose another --output")
     if not any(out.iterdir()):
         return False
     if not (out / "synthetic.json").is_file():
         raise DataError(
-            f"--out {out} is a non-empty directory without synthetic.json; refusing to replace "
-            f"it: choose an empty or new --out"
+            f"--output {out} is a non-empty directory without synthetic.json; refusing to replace "
+            f"it: choose an empty or new --output"
         )
     return True
 
@@ -941,7 +940,7 @@ def generate(
     """
     for name, value, low in (
         ("identities", num_identities, 1),
-        ("images", images_per_identity, 2),
+        ("images_per_identity", images_per_identity, 2),
         ("test_identities", num_test_identities, 2),
         ("image_size", image_size, 32),
         ("workers", workers, 1),
@@ -1007,14 +1006,14 @@ def generate(
     }
 
 
-def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m sparse_embed.data.synthetic",
-        description="Generate procedural face-like identities (train/, test/, pairs.txt).",
-    )
-    parser.add_argument("--out", required=True, help="Output directory.")
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of `python -m sparse_embed.data.synthetic`."""
+    parser = make_parser(__doc__, program(__name__))
+    parser.add_argument("--output", required=True, help="Output directory.")
+    deprecated_alias(parser, "--out", "--output")
     parser.add_argument("--identities", type=int, default=1000, help="Training identities.")
-    parser.add_argument("--images", type=int, default=20, help="Images per identity.")
+    parser.add_argument("--images_per_identity", type=int, default=20, help="Images per identity.")
+    deprecated_alias(parser, "--images", "--images_per_identity")
     parser.add_argument("--test_identities", type=int, default=100, help="Held-out identities.")
     parser.add_argument("--seed", type=int, default=0, help="Seed; same seed, same bytes.")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="Processes.")
@@ -1026,7 +1025,7 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
         default=300,
         help="Same (and different) pairs per fold; reduced if the test set is small.",
     )
-    return parser.parse_args(argv)
+    return parser
 
 
 @user_errors_exit
@@ -1036,11 +1035,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     Args:
         argv: Arguments without the program name; None reads sys.argv.
     """
-    args = _parse_args(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
     summary = generate(
-        args.out,
+        args.output,
         args.identities,
-        args.images,
+        args.images_per_identity,
         args.test_identities,
         seed=args.seed,
         image_size=args.image_size,
@@ -1051,5 +1050,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(format_summary("synthetic identities", list(summary.items())))
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """Console-script entry point."""
     main()
+
+
+if __name__ == "__main__":
+    run()

@@ -19,7 +19,7 @@ are a pickled `(bins, issame_list)`: a list of 2N encoded images (pair i is
 images 2i and 2i+1) and N bools. `read_bin` loads them without running code
 (pickle can), `write_bin` / `build-bin` writes the same layout:
 
-    python -m sparse_embed.data.verification build-bin --pairs=pairs.txt \
+    python -m sparse_embed.data.verification build-bin --pairs=pairs.txt \\
         --images=ALIGNED --output=my.bin
 """
 
@@ -29,7 +29,6 @@ import argparse
 import io
 import os
 import pickle
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -372,6 +371,20 @@ def build_bin(pairs_path: str | os.PathLike, image_root: str | os.PathLike,
     return len(pairs)
 
 
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of `python -m sparse_embed.data.verification`: verification-set tools."""
+    from sparse_embed.cli import add_command, examples, make_parser, program
+
+    parser = make_parser(f"Verification-set tools.\n\n{examples(__doc__)}", program(__name__))
+    commands = parser.add_subparsers(dest="command", required=True, title="sub-commands")
+    build = add_command(commands, "build-bin", "Pairs file + aligned images -> InsightFace .bin.",
+                        prog=f"{parser.prog} build-bin")
+    build.add_argument("--pairs", required=True, help="LFW-format pairs file.")
+    build.add_argument("--images", required=True, help="Aligned images, one folder per identity.")
+    build.add_argument("--output", required=True, help="The .bin to write.")
+    return parser
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """`python -m sparse_embed.data.verification build-bin ...`.
 
@@ -380,22 +393,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     """
     from sparse_embed.cli import user_errors_exit
 
-    parser = argparse.ArgumentParser(prog="python -m sparse_embed.data.verification",
-                                     description="Verification-set tools.")
-    commands = parser.add_subparsers(dest="command", required=True)
-    build = commands.add_parser("build-bin", help="Pairs file + aligned images -> InsightFace .bin.")
-    build.add_argument("--pairs", required=True, help="LFW-format pairs file.")
-    build.add_argument("--images", required=True, help="Aligned images, one folder per identity.")
-    build.add_argument("--output", required=True, help="The .bin to write.")
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-
     @user_errors_exit
-    def run() -> None:
+    def run(args: argparse.Namespace) -> None:
         count = build_bin(args.pairs, args.images, args.output)
         print(f"wrote {args.output}: {count} pairs, {2 * count} images")
 
-    run()
+    run(build_parser().parse_args(argv))
+
+
+def run() -> None:
+    """Console-script entry point."""
+    main()
 
 
 if __name__ == "__main__":
-    main()
+    run()

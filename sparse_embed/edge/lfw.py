@@ -1,7 +1,7 @@
 """LFW verification on the device, the MLPerf edge face protocol, with the TFLite interpreter only.
 
     python -m sparse_embed.edge.lfw --model=mobilefacenet.tflite --pairs=lfw/pairs.txt \\
-        --images=lfw/images --align=models/mtcnn --first=600 --threads=2
+        --images=lfw/images --align=models/mtcnn --first=600 --num_threads=2
     python -m sparse_embed.edge.lfw --model=model.tflite --pairs=pairs.txt --images=ALIGNED --aligned
 
 For each pair the model runs four times, on image A, A mirrored, B and B
@@ -11,7 +11,7 @@ a 512-d model) and the pair's score is the cosine of the two concatenations
 cross-validation (`sparse_embed.metrics.verification`): on the pairs file's
 folds when the evaluated pairs span two or more (LFW View 2's 10 x 600), else
 on 10 contiguous folds of them (the first 600 pairs, the MLPerf setting, are
-fold 0 of `pairs.txt`); or `--threshold` fixes it.
+fold 0 of `pairs.txt`); or `--verification_threshold` fixes it.
 
 Pre-processing decodes every image once and, with `--align=DIR`, finds the
 face with MTCNN (`DIR/{pnet,rnet,onet}.tflite`, written by
@@ -52,7 +52,6 @@ import argparse
 import json
 import math
 import os
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -60,7 +59,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sparse_embed.cli import user_errors_exit
+from sparse_embed.cli import deprecated_alias, make_parser, program, user_errors_exit
 from sparse_embed.data import format_summary
 from sparse_embed.data.verification import Pairs, read_pairs
 from sparse_embed.edge.model import EmbeddingModel
@@ -79,32 +78,26 @@ PROGRESS_STEPS = 10
 SHOWN_EXAMPLES = 3
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse whose usage errors are one-line user errors (exit 2), like every entry point's."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise ConfigError(f"{message} (see --help)")
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The command-line flags of `python -m sparse_embed.edge.lfw`."""
-    parser = _Parser(prog="python -m sparse_embed.edge.lfw",
-                     description="LFW pairs verification with a TFLite model (MLPerf edge protocol).")
+    parser = make_parser(__doc__, program(__name__))
     parser.add_argument("--model", required=True, help="The .tflite embedding model.")
     parser.add_argument("--pairs", required=True, help="LFW-format pairs file (pairs.txt).")
     parser.add_argument("--images", required=True, help="Image root: one folder per identity.")
     parser.add_argument("--first", type=int, default=None,
                         help="Evaluate only the first N pairs of the file (MLPerf: 600). Default: all.")
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+    parser.add_argument("--num_threads", type=int, default=os.cpu_count() or 1,
                         help="CPU threads of the interpreters. Default: all cores.")
+    deprecated_alias(parser, "--threads", "--num_threads")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--align", metavar="MTCNN_DIR",
                         help="Detect and align faces with MTCNN's pnet/rnet/onet.tflite in this directory "
-                             "(python -m sparse_embed.faces.mtcnn_tflite --output_dir=MTCNN_DIR).")
+                             "(python -m sparse_embed.faces.mtcnn_tflite --output=MTCNN_DIR).")
     source.add_argument("--aligned", action="store_true",
                         help="The images are aligned face crops already (resized to the model's input).")
-    parser.add_argument("--threshold", type=float, default=None,
+    parser.add_argument("--verification_threshold", type=float, default=None,
                         help="Fixed cosine threshold (same pair when score > T). Default: 10-fold.")
+    deprecated_alias(parser, "--threshold", "--verification_threshold")
     parser.add_argument("--output", default=None,
                         help="Also write the results, with every pair's score, to this JSON file.")
     return parser
@@ -238,7 +231,7 @@ def accuracy(scores: np.ndarray, issame: np.ndarray, folds: np.ndarray,
     """
     if threshold is not None:
         return {"accuracy": float(np.mean((scores > threshold) == issame)), "threshold": threshold,
-                "accuracy_protocol": "given threshold (--threshold)"}
+                "accuracy_protocol": "given threshold (--verification_threshold)"}
     file_folds = folds if np.unique(folds).size >= 2 else None
     metrics = verification_metrics(scores, issame, folds=file_folds, nfolds=min(FOLDS, len(scores)))
     return {key: metrics[key] for key in ("accuracy", "accuracy_std", "threshold", "accuracy_protocol",
@@ -365,19 +358,25 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if args.first is not None and args.first < 1:
         raise ConfigError(f"--first must be at least 1, got {args.first}")
-    if args.threads < 1:
-        raise ConfigError(f"--threads must be at least 1, got {args.threads}")
-    if args.threshold is not None and not math.isfinite(args.threshold):
-        raise ConfigError(f"--threshold must be a finite number, got {args.threshold}")
-    model = EmbeddingModel(args.model, num_threads=args.threads)
-    detector = TFLiteMTCNN(args.align, num_threads=args.threads) if args.align else None
+    if args.num_threads < 1:
+        raise ConfigError(f"--num_threads must be at least 1, got {args.num_threads}")
+    if args.verification_threshold is not None and not math.isfinite(args.verification_threshold):
+        raise ConfigError(f"--verification_threshold must be a finite number, got "
+                          f"{args.verification_threshold}")
+    model = EmbeddingModel(args.model, num_threads=args.num_threads)
+    detector = TFLiteMTCNN(args.align, num_threads=args.num_threads) if args.align else None
     pairs = _select(read_pairs(args.pairs, args.images), args.first)
-    result = evaluate(model, pairs, detector, args.threshold)
-    print(format_report(result, args.threads))
+    result = evaluate(model, pairs, detector, args.verification_threshold)
+    print(format_report(result, args.num_threads))
     if args.output:
         with atomic_path(args.output) as tmp:
             tmp.write_text(json.dumps(result, indent=2))
 
 
+def run() -> None:
+    """Console-script entry point."""
+    main()
+
+
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run()

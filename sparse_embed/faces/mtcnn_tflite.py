@@ -1,6 +1,6 @@
 """Export MTCNN's P-, R- and O-Net (the `mtcnn` package's weights) to TFLite, for detection on the device.
 
-    python -m sparse_embed.faces.mtcnn_tflite --output_dir=models/mtcnn
+    python -m sparse_embed.faces.mtcnn_tflite --output=models/mtcnn
 
 writes `pnet.tflite`, `rnet.tflite` and `onet.tflite` (float32, about 2 MB
 together), which `sparse_embed.edge.mtcnn.TFLiteMTCNN` runs with the LiteRT
@@ -18,17 +18,16 @@ P-Net's height and width: the detector resizes its input per pyramid scale.
 
 from __future__ import annotations
 
+import argparse
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
-from absl import app, flags
 from absl import logging as absl_logging
 
-from sparse_embed.cli import user_errors_exit
+from sparse_embed.cli import deprecated_alias, make_parser, program, user_errors_exit
 from sparse_embed.errors import ConfigError
 from sparse_embed.fileio import atomic_path
-
-_OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Directory for pnet.tflite, rnet.tflite, onet.tflite.")
 
 
 def export_mtcnn(output_dir: str | os.PathLike) -> dict[str, Path]:
@@ -45,7 +44,7 @@ def export_mtcnn(output_dir: str | os.PathLike) -> dict[str, Path]:
         ConfigError: If `output_dir` exists and is not a directory.
     """
     if Path(output_dir).exists() and not Path(output_dir).is_dir():
-        raise ConfigError(f"--output_dir {output_dir} is a file; pass a directory for the .tflite files")
+        raise ConfigError(f"--output {output_dir} is a file; pass a directory for the .tflite files")
     from sparse_embed.faces.detect import NETWORK_INPUT_SIDES, mtcnn_networks
     from sparse_embed.keras import tf
 
@@ -69,15 +68,31 @@ def export_mtcnn(output_dir: str | os.PathLike) -> dict[str, Path]:
     return written
 
 
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of `python -m sparse_embed.faces.mtcnn_tflite`."""
+    parser = make_parser(__doc__, program(__name__))
+    parser.add_argument("--output", required=True,
+                        help="Directory for pnet.tflite, rnet.tflite, onet.tflite.")
+    deprecated_alias(parser, "--output_dir", "--output")
+    return parser
+
+
 @user_errors_exit
-def main(argv: list[str]) -> None:
-    """Exports the networks and prints one line per file."""
-    del argv
-    if not _OUTPUT_DIR.value:
-        raise ConfigError("--output_dir is required (the directory for pnet/rnet/onet.tflite)")
-    for name, path in export_mtcnn(_OUTPUT_DIR.value).items():
+def main(argv: Sequence[str] | None = None) -> None:
+    """Exports the networks and prints one line per file.
+
+    Args:
+        argv: Arguments after the program name; None reads sys.argv.
+    """
+    args = build_parser().parse_args(argv)
+    for name, path in export_mtcnn(args.output).items():
         print(f"{name}: {path} ({path.stat().st_size / 1024:.0f} KiB)")
 
 
+def run() -> None:
+    """Console-script entry point."""
+    main()
+
+
 if __name__ == "__main__":
-    app.run(main)
+    run()

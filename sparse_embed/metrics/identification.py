@@ -1,10 +1,10 @@
 """Identification with distractors (MegaFace challenge 1): CMC and Recall@K, sparse, dense, re-ranked.
 
-    python -m sparse_embed.evaluate identification --probes=facescrub_RUN.hdf5 \
-        --distractors=megaface_RUN.hdf5 --dense_probes=facescrub_DENSE.hdf5 \
-        --dense_distractors=megaface_DENSE.hdf5 --threshold=0.25 --rerank_topk=1000
+    python -m sparse_embed.evaluate identification --probes=facescrub_RUN.hdf5 \\
+        --distractors=megaface_RUN.hdf5 --dense_probes=facescrub_DENSE.hdf5 \\
+        --dense_distractors=megaface_DENSE.hdf5 --score_threshold=0.25 --rerank_topk=1000
     # the original's file convention: DIR/{facescrub,megaface}_<suffix>
-    python -m sparse_embed.evaluate identification --embeddings_dir=DIR \
+    python -m sparse_embed.evaluate identification --embeddings_dir=DIR \\
         --sparse_suffix=sparse_RUN.hdf5 --dense_suffix=dense_RUN.hdf5
 
 Trials are those of the `facescrub` protocol of `sparse_embed.metrics.megaface.query_database_split`:
@@ -56,7 +56,7 @@ from typing import Any
 
 import numpy as np
 
-from sparse_embed.cli import format_results, user_errors_exit
+from sparse_embed.cli import deprecated_alias, examples, format_results, make_parser, user_errors_exit
 from sparse_embed.data.embeddings import Embeddings, read_hdf5
 from sparse_embed.data.megaface import SIZES
 from sparse_embed.errors import ConfigError, DataError
@@ -524,9 +524,9 @@ def _threshold(text: str) -> float | None:
     try:
         value = float(text)
     except ValueError:
-        raise ConfigError(f"--threshold must be a number or none, got {text!r}") from None
+        raise ConfigError(f"--score_threshold must be a number or none, got {text!r}") from None
     if not math.isfinite(value):
-        raise ConfigError(f"--threshold must be a finite number or none, got {text!r}")
+        raise ConfigError(f"--score_threshold must be a finite number or none, got {text!r}")
     return value
 
 
@@ -562,16 +562,16 @@ def resolve_files(args: argparse.Namespace) -> dict[str, str]:
     return {role: str(path) for role, path in files.items()}
 
 
-def main(argv: Sequence[str]) -> None:
-    """`python -m sparse_embed.evaluate identification ...`: prints the table, writes JSON and the CMC plot.
+DESCRIPTION = ("MegaFace-style identification with distractors: Recall@K and CMC of sparse search, dense "
+               "search and sparse search re-ranked with dense embeddings.")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Declares the options of `evaluate identification` on `parser`.
 
     Args:
-        argv: Arguments after the sub-command.
+        parser: The sub-command's parser.
     """
-    parser = argparse.ArgumentParser(
-        prog="python -m sparse_embed.evaluate identification",
-        description="MegaFace-style identification with distractors: Recall@K and CMC of sparse "
-                    "search, dense search and sparse search re-ranked with dense embeddings.")
     parser.add_argument("--probes", help="HDF5 embeddings of the probes (FaceScrub); labels are identities.")
     parser.add_argument("--distractors", help="HDF5 embeddings of the distractors (MegaFace).")
     parser.add_argument("--dense_probes", help="Dense HDF5 embeddings of the same probe images.")
@@ -579,9 +579,10 @@ def main(argv: Sequence[str]) -> None:
     parser.add_argument("--embeddings_dir", help="Folder of facescrub_<suffix> and megaface_<suffix> files.")
     parser.add_argument("--sparse_suffix", help="Suffix of the sparse files, e.g. sparse_RUN.hdf5.")
     parser.add_argument("--dense_suffix", help="Suffix of the dense files, e.g. dense_RUN.hdf5.")
-    parser.add_argument("--threshold", default=str(DEFAULT_THRESHOLD),
+    parser.add_argument("--score_threshold", default=str(DEFAULT_THRESHOLD),
                         help="Sparse scores must exceed it to be candidates; none: every row "
                              "(default: %(default)s).")
+    deprecated_alias(parser, "--threshold", "--score_threshold")
     parser.add_argument("--rerank_topk", type=int, default=DEFAULT_RERANK_TOPK,
                         help="Candidates re-scored with the dense embeddings (default: %(default)s).")
     parser.add_argument("--ranks", default=",".join(map(str, DEFAULT_RANKS)),
@@ -595,32 +596,52 @@ def main(argv: Sequence[str]) -> None:
     parser.add_argument("--num_threads", type=int, default=0, help="Search threads; 0: every core.")
     parser.add_argument("--output", help="JSON results; default: <probes>.identification.json beside it.")
     parser.add_argument("--plot", help="CMC curve PNG; default: the JSON's name with .cmc.png.")
-    args = parser.parse_args(list(argv))
 
-    @user_errors_exit
-    def run() -> None:
-        threshold = _threshold(args.threshold)
-        ranks = _int_list(args.ranks, "--ranks")
-        counts = None if args.distractor_counts is None else _int_list(args.distractor_counts,
-                                                                       "--distractor_counts")
-        files = resolve_files(args)
-        embeddings = {role: read_hdf5(path) for role, path in files.items()}
-        check_inputs(**embeddings, names=files)
-        result = evaluate_identification(
-            embeddings["probes"], embeddings["distractors"], dense_probes=embeddings.get("dense_probes"),
-            dense_distractors=embeddings.get("dense_distractors"), threshold=threshold,
-            rerank_topk=args.rerank_topk, ranks=ranks, distractor_counts=counts,
-            zero_threshold=args.zero_threshold, num_threads=args.num_threads, seed=args.seed,
-            progress=lambda line: print(line, flush=True))
-        result["files"] = files
-        print(format_table(result), end="")
-        output = Path(args.output or Path(files["probes"]).with_suffix(".identification.json"))
-        with atomic_path(output) as tmp:
-            tmp.write_text(json.dumps(result, indent=2) + "\n")
-        from sparse_embed.plots import plot_cmc
 
-        plot = Path(args.plot or output.with_suffix(".cmc.png"))
-        plot_cmc(result["cmc"], plot, title=f"CMC, {result['cmc_distractors']} distractors")
-        print(f"wrote {output} and {plot}")
+def run_command(args: argparse.Namespace) -> None:
+    """Runs `evaluate identification`: prints the table, writes JSON and the CMC plot.
 
-    run()
+    Args:
+        args: The options `add_arguments` declares, parsed.
+    """
+    threshold = _threshold(args.score_threshold)
+    ranks = _int_list(args.ranks, "--ranks")
+    counts = None if args.distractor_counts is None else _int_list(args.distractor_counts,
+                                                                   "--distractor_counts")
+    files = resolve_files(args)
+    embeddings = {role: read_hdf5(path) for role, path in files.items()}
+    check_inputs(**embeddings, names=files)
+    result = evaluate_identification(
+        embeddings["probes"], embeddings["distractors"], dense_probes=embeddings.get("dense_probes"),
+        dense_distractors=embeddings.get("dense_distractors"), threshold=threshold,
+        rerank_topk=args.rerank_topk, ranks=ranks, distractor_counts=counts,
+        zero_threshold=args.zero_threshold, num_threads=args.num_threads, seed=args.seed,
+        progress=lambda line: print(line, flush=True))
+    result["files"] = files
+    print(format_table(result), end="")
+    output = Path(args.output or Path(files["probes"]).with_suffix(".identification.json"))
+    with atomic_path(output) as tmp:
+        tmp.write_text(json.dumps(result, indent=2) + "\n")
+    from sparse_embed.plots import plot_cmc
+
+    plot = Path(args.plot or output.with_suffix(".cmc.png"))
+    plot_cmc(result["cmc"], plot, title=f"CMC, {result['cmc_distractors']} distractors")
+    print(f"wrote {output} and {plot}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of `python -m sparse_embed.evaluate identification`."""
+    parser = make_parser(f"{DESCRIPTION}\n\n{examples(__doc__)}",
+                         "python -m sparse_embed.evaluate identification")
+    add_arguments(parser)
+    return parser
+
+
+@user_errors_exit
+def main(argv: Sequence[str] | None = None) -> None:
+    """`python -m sparse_embed.evaluate identification ...`.
+
+    Args:
+        argv: Arguments after the sub-command; None reads sys.argv.
+    """
+    run_command(build_parser().parse_args(argv))

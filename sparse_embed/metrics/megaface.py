@@ -1,6 +1,6 @@
 """MegaFace challenge 1 protocols: queries and database, rank-1, the search binary's `.bin` files.
 
-    python -m sparse_embed.metrics.megaface split-bins --protocol=facescrub \
+    python -m sparse_embed.metrics.megaface split-bins --protocol=facescrub \\
         --megaface=megaface_RUN.hdf5 --facescrub=facescrub_RUN.hdf5 --output=data/megaface
 
 The HDF5 files are the embedded manifests of `sparse_embed.data.megaface` (written by
@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -38,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sparse_embed.cli import user_errors_exit
+from sparse_embed.cli import add_command, deprecated_alias, examples, make_parser, program, user_errors_exit
 from sparse_embed.data import format_summary
 from sparse_embed.errors import ConfigError, DataError
 from sparse_embed.fileio import atomic_path
@@ -248,10 +247,10 @@ def _read_embeddings(paths: dict[str, str | None]) -> tuple[np.ndarray, np.ndarr
 
 def build_parser() -> argparse.ArgumentParser:
     """The parser of `python -m sparse_embed.metrics.megaface`."""
-    parser = argparse.ArgumentParser(prog="python -m sparse_embed.metrics.megaface",
-                                     description="MegaFace / FaceScrub protocol tools.")
-    commands = parser.add_subparsers(dest="command", required=True)
-    bins = commands.add_parser("split-bins", help="Embeddings -> a protocol's query and database .bin.")
+    parser = make_parser(f"MegaFace / FaceScrub protocol tools.\n\n{examples(__doc__)}", program(__name__))
+    commands = parser.add_subparsers(dest="command", required=True, title="sub-commands")
+    bins = add_command(commands, "split-bins", "Embeddings -> a protocol's query and database .bin.",
+                       prog=f"{parser.prog} split-bins")
     bins.add_argument("--protocol", required=True, choices=PROTOCOLS.names())
     bins.add_argument("--megaface", required=True, help="HDF5 embeddings of the MegaFace manifest.")
     bins.add_argument("--facescrub", help="HDF5 embeddings of the FaceScrub manifest (facescrub).")
@@ -259,33 +258,37 @@ def build_parser() -> argparse.ArgumentParser:
     bins.add_argument("--num_queries", type=int, default=DEFAULT_NUM_QUERIES,
                       help="Queries drawn by the megaface protocol.")
     bins.add_argument("--seed", type=int, default=0, help="Seed of the megaface protocol's draw.")
-    bins.add_argument("--threshold", type=float, default=None,
+    bins.add_argument("--zero_threshold", type=float, default=None,
                       help="Leave out entries with |x| at or below it (default: the search default).")
-    bins.add_argument("--dense", action="store_true", help="Also write float32 .npy for re-ranking.")
+    deprecated_alias(bins, "--threshold", "--zero_threshold")
+    bins.add_argument("--write_dense", action="store_true",
+                      help="Also write float32 .npy for re-ranking.")
+    deprecated_alias(bins, "--dense", "--write_dense")
     return parser
 
 
+@user_errors_exit
 def main(argv: Sequence[str] | None = None) -> None:
     """`python -m sparse_embed.metrics.megaface split-bins ...`.
 
     Args:
         argv: Arguments without the program name; None reads sys.argv.
     """
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    if args.protocol == "facescrub" and not args.facescrub:
+        raise ConfigError("--protocol=facescrub needs --facescrub (the probes' HDF5 file)")
+    embedding, labels, sets = _read_embeddings(
+        {"megaface": args.megaface, "facescrub": args.facescrub})
+    split = query_database_split(labels, sets, args.protocol, args.num_queries, args.seed)
+    summary = split_bins(split, embedding, labels, args.output, args.zero_threshold, args.write_dense)
+    summary["rank-1"] = f"{rank1(split, embedding, labels):.4f}"
+    print(format_summary(f"{args.protocol} protocol", list(summary.items())))
 
-    @user_errors_exit
-    def run() -> None:
-        if args.protocol == "facescrub" and not args.facescrub:
-            raise ConfigError("--protocol=facescrub needs --facescrub (the probes' HDF5 file)")
-        embedding, labels, sets = _read_embeddings(
-            {"megaface": args.megaface, "facescrub": args.facescrub})
-        split = query_database_split(labels, sets, args.protocol, args.num_queries, args.seed)
-        summary = split_bins(split, embedding, labels, args.output, args.threshold, args.dense)
-        summary["rank-1"] = f"{rank1(split, embedding, labels):.4f}"
-        print(format_summary(f"{args.protocol} protocol", list(summary.items())))
 
-    run()
+def run() -> None:
+    """Console-script entry point."""
+    main()
 
 
 if __name__ == "__main__":
-    main()
+    run()

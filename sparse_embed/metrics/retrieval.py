@@ -27,7 +27,7 @@ blocks; `search="auto"` picks by the fraction of zero entries, and the result
 says which it used. The query itself is removed by its row id, not by its
 position: with duplicates or ties it need not rank first.
 
-    python -m sparse_embed.evaluate retrieval --embeddings=dense.hdf5,sparse.hdf5 \
+    python -m sparse_embed.evaluate retrieval --embeddings=dense.hdf5,sparse.hdf5 \\
         --output=retrieval.json --plot=recall.png
 
 This module imports NumPy, h5py and the search extension only (matplotlib for
@@ -45,7 +45,7 @@ from typing import Any
 
 import numpy as np
 
-from sparse_embed.cli import format_results, user_errors_exit
+from sparse_embed.cli import examples, format_results, make_parser, user_errors_exit
 from sparse_embed.errors import ConfigError, DataError
 from sparse_embed.metrics.sparsity import DEFAULT_ZERO_THRESHOLD, run_names, split_paths
 from sparse_embed.registry import Registry
@@ -241,16 +241,16 @@ def _parse_ks(value: str) -> tuple[int, ...]:
             f"--ks must be comma-separated integers >= 1 (e.g. 1,2,4,8), got {value!r}") from None
 
 
-def main(argv: Sequence[str]) -> None:
-    """`python -m sparse_embed.evaluate retrieval --embeddings=X.hdf5[,Y.hdf5] ...`.
+DESCRIPTION = ("Open-set retrieval (each embedding queries the rest of its file): Recall@K, "
+               "MAP@R, R-precision, Precision@1, with search time.")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Declares the options of `evaluate retrieval` on `parser`.
 
     Args:
-        argv: Arguments after the sub-command.
+        parser: The sub-command's parser.
     """
-    parser = argparse.ArgumentParser(
-        prog="python -m sparse_embed.evaluate retrieval",
-        description="Open-set retrieval (each embedding queries the rest of its file): Recall@K, "
-                    "MAP@R, R-precision, Precision@1, with search time.")
     parser.add_argument("--embeddings", required=True,
                         help="HDF5 file(s) written by sparse_embed.embed, comma-separated to compare runs.")
     parser.add_argument("--ks", default=",".join(map(str, DEFAULT_KS)),
@@ -264,36 +264,56 @@ def main(argv: Sequence[str]) -> None:
                         help="Threads of the sparse search; 0: every core (default).")
     parser.add_argument("--output", help="JSON file of the metrics, one entry per file.")
     parser.add_argument("--plot", help="Recall@K bar chart PNG; default: beside --output (.recall.png).")
-    args = parser.parse_args(argv)
 
-    @user_errors_exit
-    def run() -> None:
-        from sparse_embed.data.embeddings import read_hdf5
-        from sparse_embed.fileio import atomic_path
 
-        ks = _parse_ks(args.ks)
-        if args.search != "auto" and args.search not in SEARCHES:
-            raise ConfigError(f"--search must be one of auto, {', '.join(SEARCHES.names())}; "
-                              f"got {args.search!r}")
-        paths = split_paths(args.embeddings)
-        files = {name: (path, read_hdf5(path)) for name, path in zip(run_names(paths), paths, strict=True)}
-        results = {}
-        for name, (path, data) in files.items():
-            try:
-                results[name] = retrieval_metrics(data.embedding, data.label, ks, args.search,
-                                                  args.zero_threshold, args.num_threads)
-            except DataError as e:
-                raise DataError(f"{path}: {e}") from None
-        print(format_results(results), end="")
-        if args.output:
-            records = {name: {"file": files[name][0], "zero_threshold": args.zero_threshold, **r}
-                       for name, r in results.items()}
-            with atomic_path(args.output) as tmp:
-                tmp.write_text(json.dumps(records, indent=2) + "\n")
-        plot = args.plot or (Path(args.output).with_suffix(".recall.png") if args.output else None)
-        if plot:
-            from sparse_embed.plots import plot_recall_at_k
+def run_command(args: argparse.Namespace) -> None:
+    """Runs `evaluate retrieval`: prints the table, writes JSON and the plot.
 
-            plot_recall_at_k({name: {k: r[f"recall@{k}"] for k in ks} for name, r in results.items()}, plot)
+    Args:
+        args: The options `add_arguments` declares, parsed.
+    """
+    from sparse_embed.data.embeddings import read_hdf5
+    from sparse_embed.fileio import atomic_path
 
-    run()
+    ks = _parse_ks(args.ks)
+    if args.search != "auto" and args.search not in SEARCHES:
+        raise ConfigError(f"--search must be one of auto, {', '.join(SEARCHES.names())}; "
+                          f"got {args.search!r}")
+    paths = split_paths(args.embeddings)
+    files = {name: (path, read_hdf5(path)) for name, path in zip(run_names(paths), paths, strict=True)}
+    results = {}
+    for name, (path, data) in files.items():
+        try:
+            results[name] = retrieval_metrics(data.embedding, data.label, ks, args.search,
+                                              args.zero_threshold, args.num_threads)
+        except DataError as e:
+            raise DataError(f"{path}: {e}") from None
+    print(format_results(results), end="")
+    if args.output:
+        records = {name: {"file": files[name][0], "zero_threshold": args.zero_threshold, **r}
+                   for name, r in results.items()}
+        with atomic_path(args.output) as tmp:
+            tmp.write_text(json.dumps(records, indent=2) + "\n")
+    plot = args.plot or (Path(args.output).with_suffix(".recall.png") if args.output else None)
+    if plot:
+        from sparse_embed.plots import plot_recall_at_k
+
+        plot_recall_at_k({name: {k: r[f"recall@{k}"] for k in ks} for name, r in results.items()}, plot)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of `python -m sparse_embed.evaluate retrieval`."""
+    parser = make_parser(f"{DESCRIPTION}\n\n{examples(__doc__)}",
+                         "python -m sparse_embed.evaluate retrieval")
+    add_arguments(parser)
+    return parser
+
+
+@user_errors_exit
+def main(argv: Sequence[str] | None = None) -> None:
+    """`python -m sparse_embed.evaluate retrieval ...`.
+
+    Args:
+        argv: Arguments after the sub-command; None reads sys.argv.
+    """
+    run_command(build_parser().parse_args(argv))

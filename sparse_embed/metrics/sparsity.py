@@ -13,7 +13,7 @@ Paria et al., "Minimizing FLOPs to Learn Efficient Sparse Representations"
 - `zero_embeddings`: fraction of embeddings with no non-zero at all (they
   match nothing in an inverted index).
 
-    python -m sparse_embed.evaluate sparsity --embeddings=dense.hdf5,sparse.hdf5 \
+    python -m sparse_embed.evaluate sparsity --embeddings=dense.hdf5,sparse.hdf5 \\
         --output=sparsity.json --plot=sparsity.png
 
 The statistics have one definition (`stats_from_fractions`), shared with the
@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from sparse_embed.cli import format_results, user_errors_exit
+from sparse_embed.cli import examples, format_results, make_parser, user_errors_exit
 from sparse_embed.config import SparsityConfig
 from sparse_embed.errors import ConfigError, DataError
 
@@ -200,50 +200,70 @@ def split_paths(value: str) -> list[str]:
     return paths
 
 
-def main(argv: Sequence[str]) -> None:
-    """`python -m sparse_embed.evaluate sparsity --embeddings=X.hdf5[,Y.hdf5] ...`.
+DESCRIPTION = ("Sparsity of embedding files: mean nnz, FLOPs per pair, R_sub, all-zero "
+               "embeddings; histogram of nnz per embedding and p_j per dimension.")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Declares the options of `evaluate sparsity` on `parser`.
 
     Args:
-        argv: Arguments after the sub-command.
+        parser: The sub-command's parser.
     """
-    parser = argparse.ArgumentParser(
-        prog="python -m sparse_embed.evaluate sparsity",
-        description="Sparsity of embedding files: mean nnz, FLOPs per pair, R_sub, all-zero "
-                    "embeddings; histogram of nnz per embedding and p_j per dimension.")
     parser.add_argument("--embeddings", required=True,
                         help="HDF5 file(s) written by sparse_embed.embed, comma-separated to compare runs.")
     parser.add_argument("--zero_threshold", type=float, default=DEFAULT_ZERO_THRESHOLD,
                         help="|e| at or below it counts as zero (default: %(default)s, as in training).")
     parser.add_argument("--output", help="JSON file of the statistics, one entry per file.")
     parser.add_argument("--plot", help="PNG of the two panels; default: beside --output (.sparsity.png).")
-    args = parser.parse_args(argv)
 
-    @user_errors_exit
-    def run() -> None:
-        from sparse_embed.data.embeddings import read_hdf5
-        from sparse_embed.fileio import atomic_path
 
-        paths = split_paths(args.embeddings)
-        profiles = {}
-        for name, path in zip(run_names(paths), paths, strict=True):
-            embedding = read_hdf5(path).embedding
-            try:
-                profiles[name] = sparsity_profile(embedding, args.zero_threshold)
-            except DataError as e:
-                raise DataError(f"{path}: {e}") from None
-        stats = {name: profile.stats() for name, profile in profiles.items()}
-        print(format_results(stats), end="")
-        print(f"zero_threshold: {args.zero_threshold:g}")
-        if args.output:
-            records = {name: {"file": path, "zero_threshold": args.zero_threshold, **s}
-                       for (name, s), path in zip(stats.items(), paths, strict=True)}
-            with atomic_path(args.output) as tmp:
-                tmp.write_text(json.dumps(records, indent=2) + "\n")
-        plot = args.plot or (Path(args.output).with_suffix(".sparsity.png") if args.output else None)
-        if plot:
-            from sparse_embed.plots import plot_sparsity
+def run_command(args: argparse.Namespace) -> None:
+    """Runs `evaluate sparsity`: prints the table, writes JSON and the plot.
 
-            plot_sparsity({name: (p.nnz_per_embedding, p.nonzero_fraction) for name, p in profiles.items()},
-                          plot)
+    Args:
+        args: The options `add_arguments` declares, parsed.
+    """
+    from sparse_embed.data.embeddings import read_hdf5
+    from sparse_embed.fileio import atomic_path
 
-    run()
+    paths = split_paths(args.embeddings)
+    profiles = {}
+    for name, path in zip(run_names(paths), paths, strict=True):
+        embedding = read_hdf5(path).embedding
+        try:
+            profiles[name] = sparsity_profile(embedding, args.zero_threshold)
+        except DataError as e:
+            raise DataError(f"{path}: {e}") from None
+    stats = {name: profile.stats() for name, profile in profiles.items()}
+    print(format_results(stats), end="")
+    print(f"zero_threshold: {args.zero_threshold:g}")
+    if args.output:
+        records = {name: {"file": path, "zero_threshold": args.zero_threshold, **s}
+                   for (name, s), path in zip(stats.items(), paths, strict=True)}
+        with atomic_path(args.output) as tmp:
+            tmp.write_text(json.dumps(records, indent=2) + "\n")
+    plot = args.plot or (Path(args.output).with_suffix(".sparsity.png") if args.output else None)
+    if plot:
+        from sparse_embed.plots import plot_sparsity
+
+        plot_sparsity({name: (p.nnz_per_embedding, p.nonzero_fraction) for name, p in profiles.items()},
+                      plot)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of `python -m sparse_embed.evaluate sparsity`."""
+    parser = make_parser(f"{DESCRIPTION}\n\n{examples(__doc__)}",
+                         "python -m sparse_embed.evaluate sparsity")
+    add_arguments(parser)
+    return parser
+
+
+@user_errors_exit
+def main(argv: Sequence[str] | None = None) -> None:
+    """`python -m sparse_embed.evaluate sparsity ...`.
+
+    Args:
+        argv: Arguments after the sub-command; None reads sys.argv.
+    """
+    run_command(build_parser().parse_args(argv))

@@ -6,44 +6,58 @@
 
 Unset flags keep the builder's defaults (a tiny variant's small input, say).
 `--all` prints one row per full-size model (tiny variants skipped), adding
-its one-thread CPU latency per image at batch 1: the median of `--runs`
+its one-thread CPU latency per image at batch 1: the median of `--repeats`
 inferences after two warm-up runs, with TensorFlow's intra- and inter-op
 thread pools set to one thread.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+from collections.abc import Sequence
 
-from absl import app, flags
-
-from sparse_embed.cli import user_errors_exit
+from sparse_embed.cli import deprecated_alias, make_parser, program, user_errors_exit
+from sparse_embed.errors import ConfigError
 from sparse_embed.keras import keras, tf
 from sparse_embed.models import MODELS
 from sparse_embed.models.embedding import ACTIVATIONS
 from sparse_embed.models.profile import count_macs, count_params, format_count, measure_latency
 
-_EMBEDDING_SIZE = flags.DEFINE_integer("embedding_size", None, "Embedding dimension d.")
-_FINAL_ACTIVATION = flags.DEFINE_string("final_activation", None,
-                                        f"Final activation: {' | '.join(ACTIVATIONS.names())}.")
-_INPUT_SIZE = flags.DEFINE_integer("input_size", None, "Input height (and width, unless --input_width).")
-_INPUT_WIDTH = flags.DEFINE_integer("input_width", None, "Input width; 0 means square.")
-_WIDTH = flags.DEFINE_float("width", None, "Channel width multiplier.")
-_SE = flags.DEFINE_boolean("se", None, "Squeeze-and-excitation blocks (backbones that have them).")
-_JSON = flags.DEFINE_boolean("json", False, "Print JSON (one object per model) instead of a table.")
-_ALL = flags.DEFINE_boolean("all", False, "Every full-size registered model, with its CPU latency.")
-_RUNS = flags.DEFINE_integer("runs", 10, "With --all: timed inferences per model (the median is shown).",
-                             lower_bound=1)
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of `python -m sparse_embed.models`."""
+    parser = make_parser(__doc__, program("sparse_embed.models"))
+    parser.add_argument("model", nargs="?", help="A registered model name (none with --all).")
+    parser.add_argument("--embedding_size", type=int, help="Embedding dimension d.")
+    parser.add_argument("--final_activation", help=f"Final activation: {' | '.join(ACTIVATIONS.names())}.")
+    parser.add_argument("--input_size", type=int, help="Input height (and width, unless --input_width).")
+    parser.add_argument("--input_width", type=int, help="Input width; 0 means square.")
+    parser.add_argument("--width", type=float, help="Channel width multiplier.")
+    parser.add_argument("--se", action="store_true", default=None,
+                        help="Squeeze-and-excitation blocks (backbones that have them).")
+    parser.add_argument("--no_se", dest="se", action="store_false",
+                        help="No squeeze-and-excitation blocks.")
+    deprecated_alias(parser, "--nose", "--no_se")
+    parser.add_argument("--json", action="store_true",
+                        help="Print JSON (one object per model) instead of a table.")
+    parser.add_argument("--all", action="store_true",
+                        help="Every full-size registered model, with its CPU latency.")
+    parser.add_argument("--repeats", type=int, default=10,
+                        help="With --all: timed inferences per model, the median is shown "
+                             "(default: %(default)s).")
+    deprecated_alias(parser, "--runs", "--repeats")
+    return parser
 
 
-def _overrides() -> dict:
+def _overrides(args: argparse.Namespace) -> dict:
     overrides = {
-        "embedding_size": _EMBEDDING_SIZE.value,
-        "final_activation": _FINAL_ACTIVATION.value,
-        "input_size": _INPUT_SIZE.value,
-        "input_width": _INPUT_WIDTH.value,
-        "width": _WIDTH.value,
-        "se": _SE.value,
+        "embedding_size": args.embedding_size,
+        "final_activation": args.final_activation,
+        "input_size": args.input_size,
+        "input_width": args.input_width,
+        "width": args.width,
+        "se": args.se,
     }
     return {k: v for k, v in overrides.items() if v is not None}
 
@@ -67,18 +81,18 @@ def _print_one(row: dict) -> None:
     print(f"{'MACs':<16}{row['macs']:>14,}  ({format_count(row['macs'])})")
 
 
-def _print_all(runs: int, as_json: bool) -> None:
+def _print_all(args: argparse.Namespace) -> None:
     # Must precede TensorFlow's first op, which creates the thread pools.
     tf.config.threading.set_intra_op_parallelism_threads(1)
     tf.config.threading.set_inter_op_parallelism_threads(1)
     names = [name for name in MODELS.names() if not name.endswith("_tiny")]
-    if not as_json:
+    if not args.json:
         print(f"{'model':<16}{'input':>9}{'d':>6}{'params':>14}{'MACs':>17}{'ms/image':>10}")
     for name in names:
-        model = MODELS.get(name)(**_overrides())
+        model = MODELS.get(name)(**_overrides(args))
         row = _row(name, model)
-        row["latency_ms"] = round(1e3 * measure_latency(model, runs=runs), 2)
-        if as_json:
+        row["latency_ms"] = round(1e3 * measure_latency(model, runs=args.repeats), 2)
+        if args.json:
             print(json.dumps(row), flush=True)
         else:
             shape = f"{row['input_size']}x{row['input_width']}"
@@ -89,24 +103,34 @@ def _print_all(runs: int, as_json: bool) -> None:
 
 
 @user_errors_exit
-def main(argv: list[str]) -> None:
-    """Builds the named model (or every full-size one) and prints its size and cost."""
-    if _ALL.value:
-        if len(argv) != 1:
-            raise app.UsageError(f"--all takes no model name, got {' '.join(argv[1:])}")
-        _print_all(_RUNS.value, _JSON.value)
+def main(argv: Sequence[str] | None = None) -> None:
+    """Builds the named model (or every full-size one) and prints its size and cost.
+
+    Args:
+        argv: Arguments after the program name; None reads sys.argv.
+    """
+    args = build_parser().parse_args(argv)
+    if args.all:
+        if args.model:
+            raise ConfigError(f"--all takes no model name, got {args.model}")
+        if args.repeats < 1:
+            raise ConfigError(f"--repeats must be >= 1, got {args.repeats}")
+        _print_all(args)
         return
-    if len(argv) != 2:
-        raise app.UsageError(f"expected one model name ({', '.join(MODELS.names())}) or --all, "
-                             f"got {len(argv) - 1} arguments")
-    name = argv[1]
-    model = MODELS.get(name)(**_overrides())
-    row = _row(name, model)
-    if _JSON.value:
+    if not args.model:
+        raise ConfigError(f"expected one model name ({', '.join(MODELS.names())}) or --all")
+    model = MODELS.get(args.model)(**_overrides(args))
+    row = _row(args.model, model)
+    if args.json:
         print(json.dumps(row))
         return
     _print_one(row)
 
 
+def run() -> None:
+    """Console-script entry point."""
+    main()
+
+
 if __name__ == "__main__":
-    app.run(main)
+    run()

@@ -1,23 +1,23 @@
 """Command-line tools around the search index.
 
-    python -m sparse_embed.search hdf5-to-bin EMB.hdf5 OUT.bin [--threshold T]
-    python -m sparse_embed.search shard --embeddings=EMB.hdf5 --shards=N --output=DIR \
+    python -m sparse_embed.search hdf5-to-bin EMB.hdf5 OUT.bin [--zero_threshold T]
+    python -m sparse_embed.search shard --embeddings=EMB.hdf5 --shards=N --output=DIR \\
         [--value_type=int8 [--keep_float]]
-    python -m sparse_embed.search query --index=A.idx,B.idx | --index=DIR --queries=Q.hdf5 --k=10 \
-        [--output=R.npz|R.json] [--mode=exhaustive|pruned|approx|auto [--max_blocks=B]] \
+    python -m sparse_embed.search query --index=A.idx,B.idx | --index=DIR --queries=Q.hdf5 --k=10 \\
+        [--output=R.npz|R.json] [--mode=exhaustive|pruned|approx|auto [--max_blocks=B]] \\
         [--rescore_k=R|exact]
     python -m sparse_embed.search query --uri=./milvus.db --collection=NAME --queries=Q.hdf5 --k=10
-    python -m sparse_embed.search to-milvus --embeddings=EMB.hdf5 --uri=./milvus.db --collection=NAME \
+    python -m sparse_embed.search to-milvus --embeddings=EMB.hdf5 --uri=./milvus.db --collection=NAME \\
         [--dense=DENSE.hdf5]
 
 A mutable gallery (`MutableIndex`: a directory with `manifest.json`), changed in place; every
 command that changes it saves the directory atomically and prints one summary line (`info` a table):
 
-    python -m sparse_embed.search mutable-create --embeddings=EMB.hdf5 --index=DIR \
-        [--ids-from=next|label] [--overwrite] [--value_type=int8 [--keep_float]]
-    python -m sparse_embed.search add --index=DIR --embeddings=NEW.hdf5 \
-        [--ids-from=next|label | --ids-file=F]
-    python -m sparse_embed.search remove --index=DIR [--ids=3,17] [--ids-file=F]
+    python -m sparse_embed.search mutable-create --embeddings=EMB.hdf5 --index=DIR \\
+        [--ids_from=next|label] [--overwrite] [--value_type=int8 [--keep_float]]
+    python -m sparse_embed.search add --index=DIR --embeddings=NEW.hdf5 \\
+        [--ids_from=next|label | --ids_file=F]
+    python -m sparse_embed.search remove --index=DIR [--ids=3,17] [--ids_file=F]
     python -m sparse_embed.search compact --index=DIR
     python -m sparse_embed.search info --index=DIR
 
@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from sparse_embed.cli import user_errors_exit
+from sparse_embed.cli import deprecated_alias, make_parser, program, user_errors_exit
 from sparse_embed.errors import ConfigError, DataError
 from sparse_embed.fileio import atomic_path
 from sparse_embed.registry import Registry
@@ -65,7 +65,7 @@ if TYPE_CHECKING:
 
 # Sub-command name -> handler of its parsed arguments.
 COMMANDS: Registry[Callable[[argparse.Namespace], None]] = Registry("search command")
-# --ids-from value -> the ids of the rows of an embedding file (its path for messages); None: the
+# --ids_from value -> the ids of the rows of an embedding file (its path for messages); None: the
 # index assigns the next free ids.
 ID_SOURCES: Registry[Callable[[Embeddings, str], np.ndarray | None]] = Registry("id source")
 _CREATE_COMMAND = "python -m sparse_embed.search mutable-create"
@@ -80,8 +80,8 @@ def _next_ids(embeddings: Embeddings, path: str) -> np.ndarray | None:
 def _label_ids(embeddings: Embeddings, path: str) -> np.ndarray | None:
     negative = np.flatnonzero(embeddings.label < 0)
     if len(negative):
-        raise DataError(f"{path}: --ids-from=label needs a 'label' dataset of ids >= 0, row {negative[0]} "
-                        f"has {embeddings.label[negative[0]]}; use --ids-from=next or --ids-file")
+        raise DataError(f"{path}: --ids_from=label needs a 'label' dataset of ids >= 0, row {negative[0]} "
+                        f"has {embeddings.label[negative[0]]}; use --ids_from=next or --ids_file")
     return embeddings.label
 
 
@@ -136,7 +136,7 @@ def _id_span(ids: np.ndarray) -> str:
 
 
 def _add_rows(index: MutableIndex, embeddings: Embeddings, args: argparse.Namespace) -> np.ndarray:
-    """Adds the rows of --embeddings (read as `embeddings`) with the ids --ids-from or --ids-file choose."""
+    """Adds the rows of --embeddings (read as `embeddings`) with the ids --ids_from or --ids_file choose."""
     dim = embeddings.embedding.shape[1]
     if dim != index.dim:
         raise DataError(f"{args.embeddings} has {dim} dims, the index {index.dim}; "
@@ -156,7 +156,7 @@ def _add_rows(index: MutableIndex, embeddings: Embeddings, args: argparse.Namesp
 
 @COMMANDS.register("hdf5-to-bin")
 def _hdf5_to_bin(args: argparse.Namespace) -> None:
-    rows, dims, nnz = hdf5_to_bin(args.hdf5, args.output, args.threshold)
+    rows, dims, nnz = hdf5_to_bin(args.hdf5, args.output, args.zero_threshold)
     per_row = nnz / rows if rows else 0.0
     print(f"wrote {args.output}: {rows} rows, {dims} dims, {per_row:.2f} non-zeros per row "
           f"({100 * per_row / dims:.2f}%)")
@@ -233,7 +233,7 @@ def _query(args: argparse.Namespace) -> None:
     queries = read_hdf5(args.queries).embedding
     rescore = _rescore_options(args.rescore_k)
     try:
-        ids, scores = index.search(queries, args.k, args.threshold, num_threads=args.num_threads,
+        ids, scores = index.search(queries, args.k, args.score_threshold, num_threads=args.num_threads,
                                    mode=args.mode, max_blocks=args.max_blocks, **rescore)
     except ValueError as e:
         if rescore and "rescore" in str(e):
@@ -288,7 +288,7 @@ def _query_milvus(args: argparse.Namespace) -> None:
     queries = read_hdf5(args.queries).embedding
     with MilvusIndex(args.uri, args.collection) as index:
         try:
-            ids, scores = index.search(queries, args.k, args.threshold)
+            ids, scores = index.search(queries, args.k, args.score_threshold)
         except ValueError as e:
             raise DataError(f"{args.queries}: {e}") from None
         stats = index.stats
@@ -370,7 +370,7 @@ def _add(args: argparse.Namespace) -> None:
 @COMMANDS.register("remove")
 def _remove(args: argparse.Namespace) -> None:
     if args.ids is None and args.ids_file is None:
-        raise ConfigError("remove needs --ids=3,17 and/or --ids-file=F")
+        raise ConfigError("remove needs --ids=3,17 and/or --ids_file=F")
     gone = [np.zeros(0, np.int64)]
     if args.ids is not None:
         gone.append(_parse_ids(args.ids, "--ids"))
@@ -426,8 +426,9 @@ def _add_commands(commands: argparse._SubParsersAction) -> None:
         "hdf5-to-bin", help="convert an embedding HDF5 file to the .bin format of search/search")
     convert.add_argument("hdf5", help="HDF5 file with datasets 'embedding' [N, D] and 'label' [N]")
     convert.add_argument("output", help=".bin file to write")
-    convert.add_argument("--threshold", type=float, default=DEFAULT_ZERO_THRESHOLD,
+    convert.add_argument("--zero_threshold", type=float, default=DEFAULT_ZERO_THRESHOLD,
                          help="keep entries with |x| above it (default: %(default)s)")
+    deprecated_alias(convert, "--threshold", "--zero_threshold")
 
     shard = commands.add_parser("shard", help="split an embedding HDF5 file into index shards by row range")
     shard.add_argument("--embeddings", required=True, help="HDF5 file with dataset 'embedding' [N, D]")
@@ -445,8 +446,9 @@ def _add_commands(commands: argparse._SubParsersAction) -> None:
     query.add_argument("--collection", default=None, help="the collection to search with --uri")
     query.add_argument("--queries", required=True, help="HDF5 file with dataset 'embedding' [Q, D]")
     query.add_argument("--k", type=int, default=10, help="results per query (default: %(default)s)")
-    query.add_argument("--threshold", type=float, default=None,
+    query.add_argument("--score_threshold", type=float, default=None,
                        help="only rows scoring strictly above it qualify (default: every row)")
+    deprecated_alias(query, "--threshold", "--score_threshold")
     query.add_argument("--num_threads", type=int, default=DEFAULT_NUM_THREADS,
                        help="worker threads in all, 0: every core (default: %(default)s)")
     query.add_argument("--mode", choices=SEARCH_MODES, default=DEFAULT_SEARCH_MODE,
@@ -486,8 +488,9 @@ def _add_commands(commands: argparse._SubParsersAction) -> None:
     remove = commands.add_parser("remove", help="remove rows from a mutable index by id")
     remove.add_argument("--index", required=True, help="the mutable index directory")
     remove.add_argument("--ids", default=None, help="ids to remove, comma-separated")
-    remove.add_argument("--ids-file", dest="ids_file", default=None,
+    remove.add_argument("--ids_file", default=None,
                         help="file of ids to remove, separated by commas or white space")
+    deprecated_alias(remove, "--ids-file", "--ids_file")
 
     for name, text in (("compact", "merge a mutable index's delta and tombstones into one base segment"),
                        ("info", "print a mutable index's segments and sizes")):
@@ -509,13 +512,23 @@ def _rows_arguments(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument("--embeddings", required=True,
                         help=f"HDF5 file whose 'embedding' [N, D] holds {what}")
     ids = parser.add_mutually_exclusive_group()
-    ids.add_argument("--ids-from", dest="ids_from", choices=ID_SOURCES.names(), default="next",
+    ids.add_argument("--ids_from", choices=ID_SOURCES.names(), default="next",
                      help="next: the ids after every id the index has held (0 .. N-1 in a new index); "
                           "label: each row's 'label' (default: %(default)s)")
-    ids.add_argument("--ids-file", dest="ids_file", default=None,
+    ids.add_argument("--ids_file", default=None,
                      help="file of one id per row, separated by commas or white space")
+    deprecated_alias(parser, "--ids-from", "--ids_from")
+    deprecated_alias(parser, "--ids-file", "--ids_file")
     parser.add_argument("--zero_threshold", type=float, default=DEFAULT_ZERO_THRESHOLD,
                         help="keep entries with |x| above it (default: %(default)s)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of `python -m sparse_embed.search`: one sub-command per tool."""
+    parser = make_parser(__doc__, program("sparse_embed.search"))
+    commands = parser.add_subparsers(dest="command", required=True, title="sub-commands")
+    _add_commands(commands)
+    return parser
 
 
 @user_errors_exit
@@ -525,11 +538,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     Args:
         argv: Arguments after the program name; None reads sys.argv.
     """
-    parser = argparse.ArgumentParser(prog="python -m sparse_embed.search",
-                                     description="Tools for the sparse search index.")
-    commands = parser.add_subparsers(dest="command", required=True)
-    _add_commands(commands)
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     COMMANDS.get(args.command)(args)
 
 

@@ -836,7 +836,7 @@ def hdf5_to_bin(hdf5_path: str | os.PathLike, bin_path: str | os.PathLike,
     import h5py
 
     if not threshold >= 0:
-        raise ConfigError(f"--threshold must be >= 0, got {threshold}")
+        raise ConfigError(f"--zero_threshold must be >= 0, got {threshold}")
     if not Path(hdf5_path).is_file():
         raise DataError(f"embedding file {hdf5_path} not found")
     try:
