@@ -22,6 +22,7 @@ import yaml
 
 from sparse_embed.errors import ConfigError
 from sparse_embed.fileio import atomic_path
+from sparse_embed.heads.params import HEADS, LEGACY_FIELDS, LEGACY_FLAT
 from sparse_embed.registry import Registry
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -93,12 +94,10 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class HeadConfig:
-    """Classification head / loss.
+    """Classification head / loss: what every head shares, and the head's own `params`.
 
     Attributes:
         name: A name in `sparse_embed.heads.HEADS`.
-        scale: Logit scale s of the normalised heads.
-        margin: Additive angular margin m (ArcFace).
         sharded: Partial FC: split the class centres over the workers (each
             holds about C/N of them); only for the normalised margin heads.
         sample_rate: With `sharded`, the fraction of each worker's negative
@@ -106,59 +105,46 @@ class HeadConfig:
         loss: Loss of the margin heads' logits: `softmax_ce` | `focal`.
         focal_gamma: Focusing parameter gamma of the focal loss.
         sub_centers: Sub-centres per class (sub-center ArcFace); 1 is plain.
-        m1: Multiplicative angular margin of `combined`: s(cos(m1 theta + m2) - m3).
-        m2: Additive angular margin of `combined`.
-        m3: Additive cosine margin of `combined`.
-        lambda_base: SphereFace annealing: lambda = max(lambda_min,
-            lambda_base * (1 + lambda_gamma * step) ** -lambda_power).
-        lambda_gamma: See `lambda_base`.
-        lambda_power: See `lambda_base`.
-        lambda_min: See `lambda_base`.
-        mining: Triplet mining: `semi_hard` | `batch_hard` | `all`.
-        distance: Distance of the pair losses: `cosine` | `squared_euclidean`.
-        pos_margin: Contrastive loss: positive pairs closer than this cost nothing.
-        neg_margin: Contrastive loss: negative pairs farther than this cost nothing.
-        ms_alpha: Multi-Similarity alpha (positive weight).
-        ms_beta: Multi-Similarity beta (negative weight).
-        ms_base: Multi-Similarity lambda (similarity offset).
-        ms_epsilon: Multi-Similarity mining margin.
-        proxy_alpha: Proxy-Anchor scale alpha.
-        proxy_delta: Proxy-Anchor margin delta.
-        proxy_lr_multiplier: Learning-rate multiplier of the proxies.
         gather_batch: Pair losses: all-gather embeddings and labels over the
             workers first (more pairs per step, one all-gather more).
+        params: The head's own parameters: an instance of the class `HEADS`
+            registers under `name` (heads/params.py), whose fields and
+            defaults are the head layer's keyword arguments. In YAML a
+            mapping, e.g. `params: {scale: 64.0, margin: 0.5}`; omitted
+            parameters take the head's defaults.
 
-    `margin` is each head's own margin: ArcFace's angle, CosFace's cosine
-    margin, SphereFace's integer multiplier, the triplet margin.
+    A shared field applies to some heads only (`HeadParams.shared` says
+    which); set away from its default on another head it is an error.
     """
 
     name: str = "arcface"
-    scale: float = 64.0
-    margin: float = 0.5
     sharded: bool = False
     sample_rate: float = 1.0
     loss: str = "softmax_ce"
     focal_gamma: float = 2.0
     sub_centers: int = 1
-    m1: float = 1.0
-    m2: float = 0.5
-    m3: float = 0.0
-    lambda_base: float = 1000.0
-    lambda_gamma: float = 0.12
-    lambda_power: float = 1.0
-    lambda_min: float = 5.0
-    mining: str = "semi_hard"
-    distance: str = "cosine"
-    pos_margin: float = 0.0
-    neg_margin: float = 0.5
-    ms_alpha: float = 2.0
-    ms_beta: float = 50.0
-    ms_base: float = 0.5
-    ms_epsilon: float = 0.1
-    proxy_alpha: float = 32.0
-    proxy_delta: float = 0.1
-    proxy_lr_multiplier: float = 100.0
     gather_batch: bool = False
+    params: Any = None
+
+    def __post_init__(self) -> None:
+        params_class = HEADS.get(self.name)
+        if self.params is None:
+            object.__setattr__(self, "params", params_class())
+        elif type(self.params) is not params_class:
+            raise ConfigError(f"head.params of head {self.name!r} must be {params_class.__name__}, "
+                              f"got {type(self.params).__name__}")
+        defaults = HeadConfig.__dataclass_fields__
+        for name in _HEAD_SHARED:
+            value = getattr(self, name)
+            if name not in params_class.shared and value != defaults[name].default:
+                applies = ", ".join(f"head.{n}" for n in params_class.shared) or "none"
+                raise ConfigError(f"head.{name}={value!r} does not apply to head {self.name!r}; "
+                                  f"leave it at {defaults[name].default!r} (the shared keys "
+                                  f"{self.name} takes: {applies})")
+
+
+# The shared `head` fields whose use depends on the head (`HeadParams.shared`).
+_HEAD_SHARED = ("sharded", "sample_rate", "loss", "focal_gamma", "sub_centers", "gather_batch")
 
 
 @dataclass(frozen=True)
@@ -400,6 +386,24 @@ class CompressionConfig:
     end_step: int = 0
     frequency: int = 10
 
+    def __post_init__(self) -> None:
+        applies = _COMPRESSION_FIELDS.get(self.type, ())
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name != "type" and f.name not in applies and value != f.default:
+                raise ConfigError(f"compression.{f.name}={value!r} does not apply to compression.type="
+                                  f"{self.type}; leave it at {f.default!r} (compression.type={self.type} "
+                                  f"takes: {', '.join(applies) or 'nothing'})")
+
+
+# The compression fields each `compression.type` reads: a field set on another type is an error.
+_COMPRESSION_FIELDS: dict[str, tuple[str, ...]] = {
+    "none": (),
+    "qat": ("bits", "activation_bits"),
+    "prune": ("target_sparsity", "schedule", "m_by_n", "begin_step", "end_step", "frequency"),
+    "prune_qat": ("bits", "activation_bits"),
+}
+
 
 @dataclass(frozen=True)
 class Config:
@@ -430,8 +434,6 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "eval.flip": ("none", "sum", "concat"),
     "distributed.backend": ("auto", "none", "horovod", "mirrored", "multi_worker"),
     "head.loss": ("softmax_ce", "focal"),
-    "head.mining": ("semi_hard", "batch_hard", "all"),
-    "head.distance": ("cosine", "squared_euclidean"),
     "compression.type": ("none", "qat", "prune", "prune_qat"),
     "compression.schedule": ("polynomial", "constant"),
 }
@@ -453,24 +455,11 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "model.embedding_size": _AT_LEAST_1,
     "model.input_size": _AT_LEAST_1,
     "model.width": _POSITIVE,
-    "head.scale": _POSITIVE,
-    "head.margin": _NON_NEGATIVE,
     "head.sample_rate": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "model.input_width": _NON_NEGATIVE,
     "model.dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "head.focal_gamma": _NON_NEGATIVE,
     "head.sub_centers": _AT_LEAST_1,
-    "head.m1": _POSITIVE,
-    "head.lambda_base": _NON_NEGATIVE,
-    "head.lambda_gamma": _NON_NEGATIVE,
-    "head.lambda_power": _NON_NEGATIVE,
-    "head.lambda_min": _NON_NEGATIVE,
-    "head.ms_alpha": _POSITIVE,
-    "head.ms_beta": _POSITIVE,
-    "head.ms_epsilon": _NON_NEGATIVE,
-    "head.proxy_alpha": _POSITIVE,
-    "head.proxy_delta": _NON_NEGATIVE,
-    "head.proxy_lr_multiplier": _POSITIVE,
     "sparsity.weight": _NON_NEGATIVE,
     "sparsity.warmup_steps": _NON_NEGATIVE,
     "sparsity.zero_threshold": _NON_NEGATIVE,
@@ -499,10 +488,23 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
 }
 
 
-def _check_range(path: str, value: Any) -> Any:
-    check = _RANGES.get(path)
-    if check is not None and not check[0](value):
-        raise ConfigError(f"config key {path!r} must be {check[1]}; got {value!r}")
+@dataclass(frozen=True)
+class _Rules:
+    """The value checks of one field: a (predicate, "must be ..." text) and/or valid strings."""
+
+    check: tuple[Callable[[Any], bool], str] | None = None
+    choices: tuple[str, ...] | None = None
+
+
+def _rules(cls: type, key: str, path: str) -> _Rules:
+    """A field's checks: its own metadata (head parameters), else `_RANGES` / `_CHOICES`."""
+    metadata = cls.__dataclass_fields__[key].metadata
+    return _Rules(metadata.get("check", _RANGES.get(path)), metadata.get("choices", _CHOICES.get(path)))
+
+
+def _check_range(path: str, value: Any, rules: _Rules) -> Any:
+    if rules.check is not None and not rules.check[0](value):
+        raise ConfigError(f"config key {path!r} must be {rules.check[1]}; got {value!r}")
     return value
 
 
@@ -533,8 +535,8 @@ def _unknown_key(path: str) -> ConfigError:
     return ConfigError(f"unknown config key {path!r}")
 
 
-def _coerce(path: str, value: Any, typ: Any) -> Any:
-    """Checks `value` against the field type `typ`, converting where lossless."""
+def _coerce(path: str, value: Any, typ: Any, rules: _Rules) -> Any:
+    """Checks `value` against the field type `typ` and its `rules`, converting where lossless."""
     origin = typing.get_origin(typ)
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
@@ -544,7 +546,7 @@ def _coerce(path: str, value: Any, typ: Any) -> Any:
             key = _SCALAR_FORMS.get(path)
             return tuple(_build(item, {key: v} if key and isinstance(v, str) else v, path + ".")
                          for v in value)
-        return tuple(_coerce(path, v, item) for v in value)
+        return tuple(_coerce(path, v, item, rules) for v in value)
     if origin in (typing.Union, types.UnionType):
         raise ConfigError(f"config key {path!r} has an unsupported type {typ}")
     if typ is bool:
@@ -552,10 +554,10 @@ def _coerce(path: str, value: Any, typ: Any) -> Any:
             return value
     elif typ is int:
         if isinstance(value, int) and not isinstance(value, bool):
-            return _check_range(path, value)
+            return _check_range(path, value, rules)
     elif typ is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return _check_range(path, float(value))
+            return _check_range(path, float(value), rules)
         # YAML 1.1 reads `1e-3` (no dot, no sign in the exponent) as a string.
         if isinstance(value, str):
             try:
@@ -563,13 +565,12 @@ def _coerce(path: str, value: Any, typ: Any) -> Any:
             except ValueError:
                 pass
             else:
-                return _check_range(path, number)
+                return _check_range(path, number, rules)
     elif typ is str:
         if isinstance(value, str):
-            choices = _CHOICES.get(path)
-            if choices and value not in choices:
+            if rules.choices and value not in rules.choices:
                 raise ConfigError(
-                    f"config key {path!r} must be one of {', '.join(choices)}; got {value!r}"
+                    f"config key {path!r} must be one of {', '.join(rules.choices)}; got {value!r}"
                 )
             return value
     raise ConfigError(f"config key {path!r} expects {typ.__name__}, got {value!r}")
@@ -578,6 +579,8 @@ def _coerce(path: str, value: Any, typ: Any) -> Any:
 def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
     if not isinstance(values, dict):
         raise ConfigError(f"config section {prefix.rstrip('.') or '<root>'!r} must be a mapping")
+    if cls is HeadConfig:
+        return _build_head(values, prefix)
     fields = _field_types(cls)
     kwargs = {}
     for key, value in values.items():
@@ -588,8 +591,85 @@ def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
         if dataclasses.is_dataclass(typ):
             kwargs[key] = _build(typ, value or {}, path + ".")
         else:
-            kwargs[key] = _coerce(path, value, typ)
+            kwargs[key] = _coerce(path, value, typ, _rules(cls, key, path))
     return cls(**kwargs)
+
+
+def _build_head(values: dict[str, Any], prefix: str) -> HeadConfig:
+    """Builds the head section: the shared fields, then `params` by the schema `name` selects."""
+    name = values.get("name", HeadConfig.name)
+    if not isinstance(name, str):
+        raise ConfigError(f"config key '{prefix}name' expects str, got {name!r}")
+    params_class = HEADS.get(name)
+    params_keys = [f.name for f in dataclasses.fields(params_class)]
+    shared = {k: v for k, v in values.items() if k != "params"}
+    for key in shared:
+        if key not in _field_types(HeadConfig) and (key in params_keys or key in LEGACY_FLAT):
+            raise ConfigError(f"config key '{prefix}{key}' is not a shared head field; the "
+                              f"parameters of head {name!r} go under {prefix}params: "
+                              f"{', '.join(params_keys) or 'none'}")
+    head = _build_plain(HeadConfig, shared, prefix)
+    params = values.get("params") or {}
+    if not isinstance(params, dict):
+        raise ConfigError(f"config section '{prefix}params' must be a mapping, got {params!r}")
+    for key in params:
+        if key not in params_keys:
+            close = difflib.get_close_matches(key, params_keys, n=1, cutoff=0.6)
+            hint = f"; did you mean {prefix}params.{close[0]}?" if close else ""
+            raise ConfigError(f"unknown config key '{prefix}params.{key}': head {name!r} takes "
+                              f"{', '.join(params_keys) or 'no parameters'}{hint}")
+    return dataclasses.replace(head, params=_build_plain(params_class, params, f"{prefix}params."))
+
+
+def _build_plain(cls: type, values: dict[str, Any], prefix: str) -> Any:
+    """Builds a section whose fields are all scalars or lists (no nested sections)."""
+    fields = _field_types(cls)
+    kwargs = {}
+    for key, value in values.items():
+        path = f"{prefix}{key}"
+        if key not in fields:
+            raise _unknown_key(path)
+        kwargs[key] = _coerce(path, value, fields[key], _rules(cls, key, path))
+    return cls(**kwargs)
+
+
+def upgrade_legacy_head(tree: dict[str, Any]) -> dict[str, Any]:
+    """Maps a config tree written before `head.params` onto today's layout.
+
+    Run directories trained before per-head parameters recorded every
+    parameter as a flat field of `head` (`head.margin`, `head.ms_alpha`,
+    ...). Their values move to `head.params` under the head's own names
+    (`heads.params.LEGACY_FIELDS`); the fields the head did not read, and
+    shared fields that did not apply to it, are dropped, as training ignored
+    them. A tree already in today's layout is returned unchanged.
+
+    Args:
+        tree: The config as plain nested dicts (parsed YAML).
+
+    Returns:
+        The tree with a `head.params` section.
+    """
+    head = tree.get("head")
+    if not isinstance(head, dict) or "params" in head or not LEGACY_FLAT & set(head):
+        return tree
+    name = head.get("name", HeadConfig.name)
+    params_class = HEADS.get(name)
+    mapping = LEGACY_FIELDS[name]
+    params: dict[str, Any] = {}
+    for old, new in mapping.items():
+        if old in head:
+            value = head[old]
+            # The old flat `margin` was a float; SphereFace's multiplier is an integer.
+            if _field_types(params_class)[new] is int and isinstance(value, float) \
+                    and value.is_integer():
+                value = int(value)
+            params[new] = value
+    defaults = HeadConfig.__dataclass_fields__
+    upgraded = {k: v for k, v in head.items()
+                if k not in LEGACY_FLAT and (k not in _HEAD_SHARED or k in params_class.shared
+                                             or v == defaults[k].default)}
+    upgraded["params"] = params
+    return {**tree, "head": upgraded}
 
 
 def _set_dotted(tree: dict[str, Any], path: str, value: Any) -> None:
@@ -624,12 +704,25 @@ def find_config(name_or_path: str) -> Path:
     )
 
 
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config {path} is not valid YAML: {e}".replace("\n", " ")) from e
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config {path} must be a mapping of sections, got {type(tree).__name__}")
+    return tree
+
+
 def load_config(name_or_path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Builds a `Config` from a YAML file and dotted overrides.
 
     Args:
         name_or_path: Packaged config name or YAML path; None starts from the defaults.
         overrides: `key.path=value` strings; values are parsed as YAML scalars/lists.
+            `head.name=NAME` naming another head than the file's drops the
+            file's `head.params` (they are the other head's), so the new head
+            starts from its defaults and the other overrides.
 
     Returns:
         The validated, frozen config.
@@ -637,18 +730,20 @@ def load_config(name_or_path: str | None = None, overrides: list[str] | tuple[st
     Raises:
         ConfigError: On a missing file, bad YAML, unknown key or wrong value type.
     """
-    tree: dict[str, Any] = {}
-    if name_or_path is not None:
-        path = find_config(name_or_path)
-        try:
-            tree = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config {path} is not valid YAML: {e}".replace("\n", " ")) from e
+    tree = _read_yaml(find_config(name_or_path)) if name_or_path is not None else {}
+    parsed = []
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} must look like key.path=value")
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw))
+        parsed.append((key.strip(), yaml.safe_load(raw)))
+    # A new head comes first and starts from its own defaults: the file's
+    # `head.params` belong to the head the file names.
+    for key, value in sorted(parsed, key=lambda kv: kv[0] != "head.name"):
+        if key == "head.name" and isinstance(tree.get("head"), dict) \
+                and value != tree["head"].get("name", HeadConfig.name):
+            tree["head"].pop("params", None)
+        _set_dotted(tree, key, value)
     return _build(Config, tree)
 
 
@@ -679,13 +774,31 @@ def save_config(config: Config, path: str | Path) -> None:
 def config_from_model_dir(model_dir: str | Path) -> Config:
     """Loads the resolved config a training run wrote into its model directory.
 
+    A config.yaml written before per-head parameters (flat `head` fields) is
+    mapped onto `head.params` (`upgrade_legacy_head`), so old runs resume,
+    embed, evaluate and export as they trained.
+
     Args:
         model_dir: A training output directory.
 
     Raises:
-        ConfigError: If the directory holds no config.yaml.
+        ConfigError: If the directory holds no config.yaml, or it is not valid.
     """
     path = Path(model_dir) / "config.yaml"
     if not path.is_file():
         raise ConfigError(f"{path} not found: is {model_dir} a model_dir written by sparse_embed.train?")
-    return load_config(str(path))
+    return _build(Config, upgrade_legacy_head(_read_yaml(path)))
+
+
+def head_config(name: str = "arcface", params: dict[str, Any] | None = None, **shared: Any) -> HeadConfig:
+    """Builds a head section as a YAML `head:` mapping would, with the same checks.
+
+    Args:
+        name: A name in `sparse_embed.heads.HEADS`.
+        params: The head's own parameters (`head.params`); omitted ones take its defaults.
+        **shared: Shared `HeadConfig` fields (`sharded`, `loss`, `sub_centers`, ...).
+
+    Raises:
+        ConfigError: On an unknown head, parameter or field, or a bad value.
+    """
+    return _build_head({"name": name, **shared, "params": params or {}}, "head.")

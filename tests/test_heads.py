@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -10,15 +11,19 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from sparse_embed.config import HeadConfig
+from sparse_embed.config import HeadConfig, head_config
 from sparse_embed.errors import ConfigError
-from sparse_embed.heads import HEADS, ArcFaceHead, ClassifierHead, SoftmaxHead, build_head
+from sparse_embed.heads import HEADS, build_head
 from sparse_embed.heads.margin import (
+    ArcFaceHead,
+    ClassifierHead,
     CombinedMarginHead,
     CosFaceHead,
+    SoftmaxHead,
     SphereFaceHead,
     focal_loss,
 )
+from sparse_embed.heads.params import ArcFace, SphereFace
 from sparse_embed.keras import keras
 
 C, D = 4, 4
@@ -49,12 +54,16 @@ def _arcface(num_classes: int = C, scale: float = 4.0, margin: float = 0.5,
 # --- every registered head ---------------------------------------------------------
 
 # Arguments a head needs beyond the shared test config (SphereFace's margin is an integer).
-_OVERRIDES: dict[str, dict] = {"sphereface": {"margin": 4.0}}
+_OVERRIDES: dict[str, dict] = {"sphereface": {"margin": 4}}
 
 
 def _config(name: str, **kwargs) -> HeadConfig:
-    return HeadConfig(**{"name": name, "scale": 16.0, "margin": 0.3, **_OVERRIDES.get(name, {}),
-                         **kwargs})
+    """Scale 16 and margin 0.3, or the parameters in `kwargs`, for the heads that take them;
+    the other `kwargs` are shared head fields."""
+    takes = {f.name for f in dataclasses.fields(HEADS.get(name))}
+    params = {"scale": 16.0, "margin": 0.3, **_OVERRIDES.get(name, {}), **kwargs}
+    shared = {k: params.pop(k) for k in list(params) if k in HeadConfig.__dataclass_fields__}
+    return head_config(name, {k: v for k, v in params.items() if k in takes}, **shared)
 
 
 # Heads with class weights and full [B, C] logits; pair and proxy losses have neither.
@@ -186,7 +195,10 @@ def test_build_head_errors() -> None:
         build_head(10, 8, HeadConfig(name="arcfcae"))
     with pytest.raises(ConfigError,
                        match=r"head 'arcface': margin must be in \[0, pi/2\), got 2.0"):
-        build_head(10, 8, HeadConfig(name="arcface", margin=2.0))
+        build_head(10, 8, HeadConfig(name="arcface", params=ArcFace(margin=2.0)))
+    # From a config, the same value is one line before TensorFlow builds anything.
+    with pytest.raises(ConfigError, match=r"'head.params.margin' must be in \[0, pi/2\); got 2.0"):
+        head_config("arcface", {"margin": 2.0})
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -662,13 +674,13 @@ def test_sphereface_rejects_bad_margins(margin: float, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         SphereFaceHead(C, margin=margin)
     with pytest.raises(ConfigError, match="head 'sphereface': " + message):
-        build_head(C, D, HeadConfig(name="sphereface", margin=margin))
+        build_head(C, D, HeadConfig(name="sphereface", params=SphereFace(margin=margin)))
     assert SphereFaceHead(C, margin=4.0).margin == 4
 
 
 def test_sphereface_cannot_be_sharded() -> None:
-    with pytest.raises(ConfigError, match="head.sharded .* not available for sphereface"):
-        build_head(C, D, HeadConfig(name="sphereface", margin=4.0, sharded=True))
+    with pytest.raises(ConfigError, match="head.sharded=True does not apply to head 'sphereface'"):
+        head_config("sphereface", sharded=True)
 
 
 # --- focal loss --------------------------------------------------------------------
@@ -764,5 +776,5 @@ def test_sub_centers_perfect_batch() -> None:
 
 
 def test_softmax_rejects_sub_centers() -> None:
-    with pytest.raises(ConfigError, match="sub_centers needs a normalised head"):
-        build_head(C, D, HeadConfig(name="softmax", sub_centers=2))
+    with pytest.raises(ConfigError, match="head.sub_centers=2 does not apply to head 'softmax'"):
+        head_config("softmax", sub_centers=2)

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from sparse_embed.config import HeadConfig, OptimizerConfig, load_config
+from sparse_embed.config import HeadConfig, OptimizerConfig, head_config, load_config
 from sparse_embed.errors import ConfigError
 from sparse_embed.heads import HEADS, build_head
-from sparse_embed.heads.pair import PAIR_HEADS, PairLossHead
-from sparse_embed.heads.proxy import PROXY_HEADS, ProxyHead
+from sparse_embed.heads.pair import PairLossHead
+from sparse_embed.heads.proxy import ProxyHead
 from sparse_embed.keras import keras
 from sparse_embed.strategy import SingleProcess
 from sparse_embed.training.trainer import OPTIMIZERS, apply_gradients, check_sampler, train
@@ -31,12 +31,22 @@ CASES: dict[str, dict] = {
     "contrastive": {"name": "contrastive", "pos_margin": 0.1, "neg_margin": 0.6},
     "contrastive-sq": {"name": "contrastive", "pos_margin": 0.2, "neg_margin": 1.2,
                        "distance": "squared_euclidean"},
-    "multi_similarity": {"name": "multi_similarity", "ms_alpha": 2.0, "ms_beta": 10.0,
-                         "ms_base": 0.5, "ms_epsilon": 0.1},
+    "multi_similarity": {"name": "multi_similarity", "alpha": 2.0, "beta": 10.0,
+                         "base": 0.5, "epsilon": 0.1},
     "proxy_nca": {"name": "proxy_nca", "scale": 3.0},
-    "proxy_anchor": {"name": "proxy_anchor", "proxy_alpha": 8.0, "proxy_delta": 0.1},
+    "proxy_anchor": {"name": "proxy_anchor", "alpha": 8.0, "delta": 0.1},
 }
 C, D = 4, 6
+PAIR_HEADS = [name for name in HEADS.names() if HEADS.get(name).pairs]
+PROXY_HEADS = [name for name in HEADS.names() if HEADS.get(name).builder.startswith("proxy.")]
+
+
+def _case_config(case: str, **kwargs) -> HeadConfig:
+    """A case's head config: its head's name and its parameters, updated by `kwargs`
+    (parameters, or shared head fields such as `gather_batch`)."""
+    params = {**{k: v for k, v in CASES[case].items() if k != "name"}, **kwargs}
+    shared = {k: params.pop(k) for k in list(params) if k in HeadConfig.__dataclass_fields__}
+    return head_config(CASES[case]["name"], params, **shared)
 
 
 @pytest.fixture(params=["eager", "function"])
@@ -46,7 +56,7 @@ def run(request: pytest.FixtureRequest) -> Callable[[Callable], Callable]:
 
 
 def _head(case: str, num_classes: int = C, dim: int = D, **kwargs) -> keras.layers.Layer:
-    head = build_head(num_classes, dim, HeadConfig(**{**CASES[case], **kwargs}))
+    head = build_head(num_classes, dim, _case_config(case, **kwargs))
     head.build((None, dim))
     return head
 
@@ -160,18 +170,18 @@ def _np_proxy_anchor(e: np.ndarray, y: np.ndarray, proxies: np.ndarray, alpha: f
 
 
 def _np_loss(case: str, head: keras.layers.Layer, e: np.ndarray, y: np.ndarray) -> float:
-    config = HeadConfig(**CASES[case])
+    config = _case_config(case)
+    p = config.params
     if config.name == "triplet":
-        return _np_triplet(e, y, config.margin, config.mining, config.distance)
+        return _np_triplet(e, y, p.margin, p.mining, p.distance)
     if config.name == "contrastive":
-        return _np_contrastive(e, y, config.pos_margin, config.neg_margin, config.distance)
+        return _np_contrastive(e, y, p.pos_margin, p.neg_margin, p.distance)
     if config.name == "multi_similarity":
-        return _np_multi_similarity(e, y, config.ms_alpha, config.ms_beta, config.ms_base,
-                                    config.ms_epsilon)
+        return _np_multi_similarity(e, y, p.alpha, p.beta, p.base, p.epsilon)
     proxies = head.proxies.numpy()
     if config.name == "proxy_nca":
-        return _np_proxy_nca(e, y, proxies, config.scale)
-    return _np_proxy_anchor(e, y, proxies, config.proxy_alpha, config.proxy_delta)
+        return _np_proxy_nca(e, y, proxies, p.scale)
+    return _np_proxy_anchor(e, y, proxies, p.alpha, p.delta)
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -267,13 +277,13 @@ def test_pair_losses_perfect_and_worst_batches(case: str, run: Callable) -> None
     embeddings, labels = _perfect_batch(k=3)
     assert _loss(head, embeddings, labels, run) == pytest.approx(0.0, abs=1e-6)
     same = np.ones_like(embeddings)
-    config = HeadConfig(**CASES[case])
+    config = _case_config(case)
     if config.name == "triplet":
-        expected = config.margin
+        expected = config.params.margin
     elif config.name == "contrastive":
-        expected = config.neg_margin
+        expected = config.params.neg_margin
     else:
-        a, b, lam, k, n = config.ms_alpha, config.ms_beta, config.ms_base, 3, len(labels)
+        a, b, lam, k, n = config.params.alpha, config.params.beta, config.params.base, 3, len(labels)
         expected = (np.log1p((k - 1) * np.exp(-a * (1 - lam))) / a
                     + np.log1p((n - k) * np.exp(b * (1 - lam))) / b)
     assert _loss(head, same, labels, run) == pytest.approx(expected, rel=1e-5)
@@ -403,8 +413,8 @@ def test_gather_batch_computes_the_loss_of_the_global_batch() -> None:
 
 @pytest.mark.parametrize("name", sorted(set(PAIR_HEADS) | set(PROXY_HEADS)))
 def test_sharded_is_a_one_line_config_error(name: str) -> None:
-    with pytest.raises(ConfigError, match=f"head '{name}': head.sharded needs") as error:
-        build_head(8, D, HeadConfig(name=name, sharded=True))
+    with pytest.raises(ConfigError, match=f"head.sharded=True does not apply to head '{name}'") as error:
+        head_config(name, sharded=True)
     assert "\n" not in str(error.value)
 
 
@@ -417,15 +427,19 @@ def test_config_round_trip(case: str) -> None:
     assert isinstance(head, PairLossHead | ProxyHead) and not hasattr(head, "logits")
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"name": "triplet", "margin": -1.0}, "margin must be a finite number >= 0"),
-    ({"name": "contrastive", "neg_margin": float("nan")}, "neg_margin must be a finite number"),
-    ({"name": "multi_similarity", "ms_beta": 0.0}, "beta must be a finite number > 0"),
-    ({"name": "proxy_anchor", "proxy_lr_multiplier": 0.0}, "lr_multiplier must be a finite number > 0"),
+@pytest.mark.parametrize("name, params, message, rule", [
+    ("triplet", {"margin": -1.0}, "margin must be a finite number >= 0", ">= 0"),
+    ("contrastive", {"neg_margin": float("nan")}, "neg_margin must be a finite number", ">= 0"),
+    ("multi_similarity", {"beta": 0.0}, "beta must be a finite number > 0", "> 0"),
+    ("proxy_anchor", {"lr_multiplier": 0.0}, "lr_multiplier must be a finite number > 0", "> 0"),
 ])
-def test_bad_arguments_are_config_errors(kwargs: dict, message: str) -> None:
+def test_bad_arguments_are_config_errors(name: str, params: dict, message: str, rule: str) -> None:
+    """A config rejects the value before TensorFlow builds anything; the layer rejects it too."""
+    (key,) = params
+    with pytest.raises(ConfigError, match=f"'head.params.{key}' must be {rule}"):
+        head_config(name, params)
     with pytest.raises(ConfigError, match=message):
-        build_head(8, D, HeadConfig(**kwargs))
+        build_head(8, D, HeadConfig(name=name, params=HEADS.get(name)(**params)))
 
 
 def test_pair_losses_need_the_pk_sampler() -> None:
@@ -470,7 +484,7 @@ def test_proxy_head_trains_with_its_multiplier_and_resumes(tiny_data: Path, tmp_
     """Proxy-Anchor under Adam with the shuffle sampler: the proxies are in the checkpoint and a
     resume continues from them."""
     overrides = ["train.batch_size=8", "head.name=proxy_anchor", "optimizer.name=adam",
-                 "schedule.base_lr=0.001", "head.proxy_lr_multiplier=10", "sparsity.type=none"]
+                 "schedule.base_lr=0.001", "head.params.lr_multiplier=10", "sparsity.type=none"]
     first = train(load_config("smoke", overrides + ["train.steps=3"]), tiny_data, tmp_path / "pa",
                   verbose=0)
     assert first.step == 3 and np.isfinite(first.metrics["loss"])

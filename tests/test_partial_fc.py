@@ -7,11 +7,11 @@ import dataclasses
 import numpy as np
 import pytest
 
-from sparse_embed.config import HeadConfig
+from sparse_embed.config import HeadConfig, head_config
 from sparse_embed.errors import ConfigError
-from sparse_embed.heads import ArcFaceHead, ShardedMarginHead, build_head
-from sparse_embed.heads.margin import CosFaceHead
-from sparse_embed.heads.partial_fc import shard_range
+from sparse_embed.heads import build_head
+from sparse_embed.heads.margin import ArcFaceHead, CosFaceHead
+from sparse_embed.heads.partial_fc import ShardedMarginHead, shard_range
 from sparse_embed.keras import tf
 from sparse_embed.strategy import SingleProcess
 
@@ -34,20 +34,20 @@ def test_shard_ranges_tile_the_classes(classes: int, workers: int) -> None:
     assert max(sizes) - min(sizes) <= 1
 
 
-@pytest.mark.parametrize("overrides", [
-    {"name": "arcface"},
-    {"name": "cosface", "margin": 0.35},
-    {"name": "combined", "m1": 1.2, "m2": 0.3, "m3": 0.2},
-    {"name": "arcface", "loss": "focal", "focal_gamma": 2.0},
-    {"name": "cosface", "margin": 0.35, "sub_centers": 3},
-    {"name": "combined", "m1": 1.0, "m2": 0.5, "m3": 0.1, "sub_centers": 2, "loss": "focal"},
+@pytest.mark.parametrize("name, params, shared", [
+    ("arcface", {"margin": 0.4}, {}),
+    ("cosface", {"margin": 0.35}, {}),
+    ("combined", {"m1": 1.2, "m2": 0.3, "m3": 0.2}, {}),
+    ("arcface", {"margin": 0.4}, {"loss": "focal", "focal_gamma": 2.0}),
+    ("cosface", {"margin": 0.35}, {"sub_centers": 3}),
+    ("combined", {"m1": 1.0, "m2": 0.5, "m3": 0.1}, {"sub_centers": 2, "loss": "focal"}),
 ], ids=["arcface", "cosface", "combined", "arcface-focal", "cosface-subcenters",
         "combined-subcenters-focal"])
-def test_one_worker_equals_the_unsharded_head(overrides: dict) -> None:
+def test_one_worker_equals_the_unsharded_head(name: str, params: dict, shared: dict) -> None:
     """N = 1, every class: the unsharded head's loss, accuracy and gradients, for each
     normalised margin, the focal loss and sub-centres (class c's K rows are its K columns)."""
     embeddings, labels, _ = _batch()
-    config = HeadConfig(**{"scale": 16.0, "margin": 0.4, "sharded": True, **overrides})
+    config = head_config(name, {"scale": 16.0, **params}, sharded=True, **shared)
     sharded = build_head(C, D, config)
     assert isinstance(sharded, ShardedMarginHead) and sharded.num_local == C
     sharded.build((None, D))
@@ -118,10 +118,12 @@ def test_sampling_keeps_every_positive_and_samples_negatives() -> None:
 
 
 def test_sharded_head_config_errors() -> None:
-    with pytest.raises(ConfigError, match="sharded needs a normalised margin head"):
-        build_head(C, D, HeadConfig(name="softmax", sharded=True))
-    with pytest.raises(ConfigError, match="head 'sphereface': head.sharded .* not available for "
-                                          "sphereface, whose logits are scaled by each feature's norm"):
-        build_head(C, D, HeadConfig(name="sphereface", margin=4.0, sharded=True))
+    with pytest.raises(ConfigError, match="head.sharded=True does not apply to head 'softmax'"):
+        head_config("softmax", sharded=True)
+    with pytest.raises(ConfigError, match="head.sharded=True does not apply to head 'sphereface'; "
+                                          "leave it at False"):
+        head_config("sphereface", sharded=True)
+    with pytest.raises(ConfigError, match=r"'head.sample_rate' must be in \(0, 1\]"):
+        head_config(sharded=True, sample_rate=0.0)
     with pytest.raises(ConfigError, match=r"sample_rate must be in \(0, 1\]"):
         build_head(C, D, HeadConfig(sharded=True, sample_rate=0.0))

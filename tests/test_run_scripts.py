@@ -126,7 +126,8 @@ def test_cifar_recipes_launch_one_process_with_their_config(tiny_data: Path, tmp
     assert call[-len(CIFAR_TINY):] == CIFAR_TINY, call
     config = load_config(flags["--config"], [a for a in call[5:] if a != "--set"])
     assert (config.sparsity.type, config.model.final_activation) == CIFAR[script]
-    assert (config.head.name, config.head.mining, config.data.sampler) == ("triplet", "semi_hard", "p_k")
+    assert (config.head.name, config.head.params.mining, config.data.sampler) == \
+        ("triplet", "semi_hard", "p_k")
 
 
 def test_cifar_recipe_under_two_horovod_processes(tiny_data: Path, tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import yaml
-from conftest import assert_user_error, run_module
+from conftest import assert_user_error, op_determinism, run_module
 
 from sparse_embed.checkpoints import CHECKPOINT_DIR, checkpoint_for
 from sparse_embed.config import load_config
@@ -37,24 +37,24 @@ def _scalars(logdir: Path) -> dict[str, list[int]]:
 
 
 def test_twenty_steps_then_exact_resume(tiny_data: Path, tmp_path: Path) -> None:
-    tf.config.experimental.enable_op_determinism()
     config20 = load_config("smoke", SMOKE + ["train.steps=20"])
-    straight = train(config20, tiny_data, tmp_path / "straight", verbose=0)
-    assert (straight.step, straight.resumed_from) == (20, 0)
-    assert np.isfinite(straight.metrics["loss"])
+    with op_determinism():
+        straight = train(config20, tiny_data, tmp_path / "straight", verbose=0)
+        assert (straight.step, straight.resumed_from) == (20, 0)
+        assert np.isfinite(straight.metrics["loss"])
 
-    # An interrupted run: stop at step 10, then the same command with the full length.
-    first = train(load_config("smoke", SMOKE + ["train.steps=10"]), tiny_data,
-                  tmp_path / "resumed", verbose=0)
-    assert first.step == 10
-    second = train(config20, tiny_data, tmp_path / "resumed", verbose=0)
-    assert (second.step, second.resumed_from) == (20, 10)
+        # An interrupted run: stop at step 10, then the same command with the full length.
+        first = train(load_config("smoke", SMOKE + ["train.steps=10"]), tiny_data,
+                      tmp_path / "resumed", verbose=0)
+        assert first.step == 10
+        second = train(config20, tiny_data, tmp_path / "resumed", verbose=0)
+        assert (second.step, second.resumed_from) == (20, 10)
     # Nothing left to do: a third run returns at once.
     assert train(config20, tiny_data, tmp_path / "resumed", verbose=0).resumed_from == 20
 
     straight_weights = _weights(tmp_path / "straight", config20)
     for a, b in zip(straight_weights, _weights(tmp_path / "resumed", config20), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+        np.testing.assert_array_equal(a, b)
 
     saved = yaml.safe_load((tmp_path / "resumed" / "config.yaml").read_text())
     assert saved["train"]["steps"] == 20 and saved["model"]["name"] == "mobilefacenet_tiny"
@@ -197,7 +197,7 @@ def test_pair_loss_trains_on_pk_batches_and_needs_them(tiny_data: Path, tmp_path
 def test_other_backbone_and_margin_head_train_from_the_cli(tiny_data: Path, tmp_path: Path) -> None:
     proc = run_module("sparse_embed.train", "--config=smoke", f"--data_dir={tiny_data}",
                       f"--model_dir={tmp_path / 'r'}", "--set=model.name=iresnet_tiny",
-                      "--set=head.name=cosface", "--set=head.margin=0.35", "--set=train.steps=2")
+                      "--set=head.name=cosface", "--set=head.params.margin=0.35", "--set=train.steps=2")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "step 2" in proc.stdout
     bad = tmp_path / "bad"
@@ -208,3 +208,25 @@ def test_other_backbone_and_margin_head_train_from_the_cli(tiny_data: Path, tmp_
                                  f"--model_dir={bad}", "--set=model.name=resnet9000"),
                       "unknown model 'resnet9000'", "iresnet50")
     assert not bad.exists()
+
+
+def test_a_run_dir_with_an_old_flat_config_resumes_and_loads(tiny_data: Path, tmp_path: Path) -> None:
+    """A run trained before head.params (its config.yaml in the old flat layout, as the old code
+    wrote it) resumes under today's config of the same run, and its backbone loads for embed,
+    evaluate and export."""
+    from sparse_embed.inference import load_backbone
+
+    overrides = ["train.batch_size=8", "sparsity.type=none"]
+    run = tmp_path / "run"
+    train(load_config("smoke", overrides + ["train.steps=2"]), tiny_data, run, verbose=0)
+    old = yaml.safe_load((Path(__file__).parent / "data" / "legacy_configs" / "smoke.yaml").read_text())
+    old["train"].update(batch_size=8, steps=2)
+    old["sparsity"]["type"] = "none"
+    assert old["head"]["margin"] == 0.3 and "params" not in old["head"]
+    (run / "config.yaml").write_text(yaml.safe_dump(old, sort_keys=False))
+
+    resumed = train(load_config("smoke", overrides + ["train.steps=3"]), tiny_data, run, verbose=0)
+    assert (resumed.step, resumed.resumed_from) == (3, 2)
+    (run / "config.yaml").write_text(yaml.safe_dump(old, sort_keys=False))
+    backbone, config = load_backbone(run)
+    assert config.head.params.margin == 0.3 and backbone.output_shape == (None, 64)

@@ -1,10 +1,16 @@
 """Classification heads / losses, one registry selected by `head.name`.
 
-Every entry of `HEADS` is a builder
+`HEADS` (heads/params.py) maps every head's name to its parameter class: the
+schema and defaults of `head.params`, the builder that makes the layer, and
+which shared `head` fields apply. Reading it needs no TensorFlow, so a config
+is validated before TensorFlow starts; the family modules (margin.py,
+pair.py, proxy.py, partial_fc.py) are imported when a head is built.
+
+Every builder has the signature
 
     builder(num_classes: int, embedding_size: int, config: HeadConfig) -> keras.layers.Layer
 
-returning an unbuilt head layer with the contract of `margin.ClassifierHead`:
+and returns an unbuilt head layer with the contract of `margin.ClassifierHead`:
 ``head(embeddings, labels, training=None)`` -> scalar float32 mean loss over
 the batch (embeddings float32 [B, D] as the backbone produces them, not
 normalised; labels int32/int64 [B]), ``head.logits(embeddings)`` -> float32
@@ -15,28 +21,28 @@ the trainer calls. `build_head` wraps a margin head in `ShardedMarginHead`
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+import importlib
+from typing import TYPE_CHECKING, Any
 
-from sparse_embed.config import HeadConfig
 from sparse_embed.errors import ConfigError
-from sparse_embed.heads import margin, pair, proxy
-from sparse_embed.heads.margin import ArcFaceHead, ClassifierHead, MarginHead, SoftmaxHead
-from sparse_embed.heads.partial_fc import ShardedMarginHead
-from sparse_embed.keras import keras
-from sparse_embed.registry import Registry
-from sparse_embed.strategy import SingleProcess
+from sparse_embed.heads.params import HEADS, HeadParams
 
-HeadBuilder = Callable[[int, int, HeadConfig], keras.layers.Layer]
+if TYPE_CHECKING:
+    from sparse_embed.config import HeadConfig
+    from sparse_embed.keras import keras
 
-HEADS: Registry[HeadBuilder] = Registry("head")
-HEADS.register("softmax")(margin.softmax_head)
-HEADS.register("arcface")(margin.arcface_head)
-HEADS.register("cosface")(margin.cosface_head)
-HEADS.register("sphereface")(margin.sphereface_head)
-HEADS.register("combined")(margin.combined_head)
-for _name, _builder in {**pair.PAIR_HEADS, **proxy.PROXY_HEADS}.items():
-    HEADS.register(_name)(_builder)
+
+def head_builder(name: str) -> Any:
+    """Returns the builder function of a registered head, importing its family module.
+
+    Args:
+        name: A name in `HEADS`.
+
+    Raises:
+        ConfigError: If the name is unknown.
+    """
+    module, _, function = HEADS.get(name).builder.rpartition(".")
+    return getattr(importlib.import_module(f"sparse_embed.heads.{module}"), function)
 
 
 def build_head(num_classes: int, embedding_size: int, config: HeadConfig,
@@ -59,11 +65,15 @@ def build_head(num_classes: int, embedding_size: int, config: HeadConfig,
             sharded head is asked of a head without class-centre margins or
             with fewer classes than workers.
     """
-    builder = HEADS.get(config.name)
+    builder = head_builder(config.name)
     try:
         head = builder(num_classes, embedding_size, config)
         if not config.sharded:
             return head
+        from sparse_embed.heads.margin import MarginHead
+        from sparse_embed.heads.partial_fc import ShardedMarginHead
+        from sparse_embed.strategy import SingleProcess
+
         if not isinstance(head, MarginHead):
             raise ValueError("head.sharded needs a normalised margin head (e.g. arcface)")
         return ShardedMarginHead(head, strategy or SingleProcess(), sample_rate=config.sample_rate,
@@ -72,13 +82,4 @@ def build_head(num_classes: int, embedding_size: int, config: HeadConfig,
         raise ConfigError(f"head {config.name!r}: {e}") from e
 
 
-__all__ = [
-    "HEADS",
-    "ArcFaceHead",
-    "ClassifierHead",
-    "HeadBuilder",
-    "MarginHead",
-    "ShardedMarginHead",
-    "SoftmaxHead",
-    "build_head",
-]
+__all__ = ["HEADS", "HeadParams", "build_head", "head_builder"]

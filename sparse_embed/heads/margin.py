@@ -27,12 +27,16 @@ before the margin and the softmax.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from sparse_embed.config import HeadConfig
+from sparse_embed.heads.params import ArcFace, Combined, CosFace, SphereFace
 from sparse_embed.keras import keras, tf
+
+if TYPE_CHECKING:
+    from sparse_embed.config import HeadConfig
 
 # InsightFace initialises the class centres of its normalised heads with
 # N(0, 0.01^2). The logits only see W's direction; its norm sets the effective
@@ -449,7 +453,7 @@ class ArcFaceHead(MarginHead):
             and `focal_gamma` (see `ClassifierHead`) and base `keras.layers.Layer` arguments.
     """
 
-    def __init__(self, num_classes: int, scale: float = 64.0, margin: float = 0.5,
+    def __init__(self, num_classes: int, scale: float = ArcFace.scale, margin: float = ArcFace.margin,
                  embedding_size: int | None = None,
                  kernel_initializer: str | dict | keras.initializers.Initializer | None = None,
                  **kwargs) -> None:
@@ -490,7 +494,7 @@ class CosFaceHead(MarginHead):
             (see `ClassifierHead`) and base `keras.layers.Layer` arguments.
     """
 
-    def __init__(self, num_classes: int, scale: float = 64.0, margin: float = 0.35,
+    def __init__(self, num_classes: int, scale: float = CosFace.scale, margin: float = CosFace.margin,
                  embedding_size: int | None = None,
                  kernel_initializer: str | dict | keras.initializers.Initializer | None = None,
                  **kwargs) -> None:
@@ -542,8 +546,8 @@ class CombinedMarginHead(MarginHead):
             (see `ClassifierHead`) and base `keras.layers.Layer` arguments.
     """
 
-    def __init__(self, num_classes: int, scale: float = 64.0, m1: float = 1.0, m2: float = 0.5,
-                 m3: float = 0.0, embedding_size: int | None = None,
+    def __init__(self, num_classes: int, scale: float = Combined.scale, m1: float = Combined.m1,
+                 m2: float = Combined.m2, m3: float = Combined.m3, embedding_size: int | None = None,
                  kernel_initializer: str | dict | keras.initializers.Initializer | None = None,
                  **kwargs) -> None:
         super().__init__(num_classes, scale=scale, embedding_size=embedding_size,
@@ -611,8 +615,11 @@ class SphereFaceHead(CosineHead):
             (see `ClassifierHead`) and base `keras.layers.Layer` arguments.
     """
 
-    def __init__(self, num_classes: int, margin: int = 4, lambda_base: float = 1000.0,
-                 lambda_gamma: float = 0.12, lambda_power: float = 1.0, lambda_min: float = 5.0,
+    def __init__(self, num_classes: int, margin: int = SphereFace.margin,
+                 lambda_base: float = SphereFace.lambda_base,
+                 lambda_gamma: float = SphereFace.lambda_gamma,
+                 lambda_power: float = SphereFace.lambda_power,
+                 lambda_min: float = SphereFace.lambda_min,
                  embedding_size: int | None = None,
                  kernel_initializer: str | dict | keras.initializers.Initializer | None = None,
                  **kwargs) -> None:
@@ -708,89 +715,65 @@ def _loss_arguments(config: HeadConfig) -> dict[str, Any]:
 
 
 def softmax_head(num_classes: int, embedding_size: int, config: HeadConfig) -> SoftmaxHead:
-    """Builds the `softmax` head with `config.loss`; scale and margins do not apply to it.
+    """Builds the `softmax` head with `config.loss`; it has no parameters of its own.
 
     Args:
         num_classes: Number of training identities.
         embedding_size: Embedding dimension D.
         config: The run's head section.
-
-    Raises:
-        ValueError: With sub-centres, which need normalised class centres.
     """
-    if config.sub_centers != 1:
-        raise ValueError(
-            f"sub_centers needs a normalised head (arcface, cosface, combined, sphereface), not "
-            f"softmax; got head.sub_centers={config.sub_centers!r}, use 1"
-        )
     return SoftmaxHead(num_classes, embedding_size=embedding_size, name="softmax_head",
                        **_loss_arguments(config))
 
 
 def arcface_head(num_classes: int, embedding_size: int, config: HeadConfig) -> ArcFaceHead:
-    """Builds the `arcface` head with `config.scale`, `margin`, `sub_centers` and `loss`.
+    """Builds the `arcface` head from `config.params` (`ArcFace`), `sub_centers` and `loss`.
 
     Args:
         num_classes: Number of training identities.
         embedding_size: Embedding dimension D.
         config: The run's head section.
     """
-    return ArcFaceHead(num_classes, scale=config.scale, margin=config.margin,
-                       sub_centers=config.sub_centers, embedding_size=embedding_size,
-                       name="arcface_head", **_loss_arguments(config))
+    return ArcFaceHead(num_classes, **dataclasses.asdict(config.params), sub_centers=config.sub_centers,
+                       embedding_size=embedding_size, name="arcface_head", **_loss_arguments(config))
 
 
 def cosface_head(num_classes: int, embedding_size: int, config: HeadConfig) -> CosFaceHead:
-    """Builds the `cosface` head with `config.scale`, `margin` (the cosine margin), `sub_centers`, `loss`.
+    """Builds the `cosface` head from `config.params` (`CosFace`), `sub_centers` and `loss`.
 
     Args:
         num_classes: Number of training identities.
         embedding_size: Embedding dimension D.
         config: The run's head section.
     """
-    return CosFaceHead(num_classes, scale=config.scale, margin=config.margin,
-                       sub_centers=config.sub_centers, embedding_size=embedding_size,
-                       name="cosface_head", **_loss_arguments(config))
+    return CosFaceHead(num_classes, **dataclasses.asdict(config.params), sub_centers=config.sub_centers,
+                       embedding_size=embedding_size, name="cosface_head", **_loss_arguments(config))
 
 
 def combined_head(num_classes: int, embedding_size: int, config: HeadConfig) -> CombinedMarginHead:
-    """Builds the `combined` head with `config.scale`, `m1`, `m2`, `m3`, `sub_centers`, `loss`.
-
-    `config.margin` does not apply: the margins are m1, m2 and m3.
+    """Builds the `combined` head from `config.params` (`Combined`), `sub_centers` and `loss`.
 
     Args:
         num_classes: Number of training identities.
         embedding_size: Embedding dimension D.
         config: The run's head section.
     """
-    return CombinedMarginHead(num_classes, scale=config.scale, m1=config.m1, m2=config.m2,
-                              m3=config.m3, sub_centers=config.sub_centers,
-                              embedding_size=embedding_size, name="combined_head",
-                              **_loss_arguments(config))
+    return CombinedMarginHead(num_classes, **dataclasses.asdict(config.params),
+                              sub_centers=config.sub_centers, embedding_size=embedding_size,
+                              name="combined_head", **_loss_arguments(config))
 
 
 def sphereface_head(num_classes: int, embedding_size: int, config: HeadConfig) -> SphereFaceHead:
-    """Builds the `sphereface` head: `config.margin` (integer m), `lambda_*`, `sub_centers`, `loss`.
+    """Builds the `sphereface` head from `config.params` (`SphereFace`), `sub_centers` and `loss`.
 
-    `config.scale` does not apply: the logits are scaled by the feature norm.
+    The logits are scaled by the feature norm, so there is no scale, and no
+    Partial FC (`head.sharded` does not apply to it: the config rejects it).
 
     Args:
         num_classes: Number of training identities.
         embedding_size: Embedding dimension D.
         config: The run's head section.
-
-    Raises:
-        ValueError: With `config.sharded`: Partial FC needs a fixed scale.
     """
-    if config.sharded:
-        raise ValueError(
-            "head.sharded (Partial FC) is not available for sphereface, whose logits are scaled "
-            "by each feature's norm instead of a fixed scale; use head.sharded=false, or a "
-            "normalised margin head (arcface, cosface, combined with m1 > 1 for a "
-            "multiplicative margin)"
-        )
-    return SphereFaceHead(num_classes, margin=config.margin, lambda_base=config.lambda_base,
-                          lambda_gamma=config.lambda_gamma, lambda_power=config.lambda_power,
-                          lambda_min=config.lambda_min, sub_centers=config.sub_centers,
-                          embedding_size=embedding_size,
+    return SphereFaceHead(num_classes, **dataclasses.asdict(config.params),
+                          sub_centers=config.sub_centers, embedding_size=embedding_size,
                           name="sphereface_head", **_loss_arguments(config))

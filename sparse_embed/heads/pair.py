@@ -10,7 +10,7 @@ Every loss is computed on the L2-normalised embeddings, in float32 whatever the
 dtype policy (Multi-Similarity's exp(beta (S - lambda)) overflows float16).
 The pairs come from the batch, so each class of a batch needs at least two
 images: these heads need the `p_k` sampler with `data.samples_per_class >= 2`,
-which the trainer checks before it builds anything (`PAIR_HEADS` names them).
+which the trainer checks before it builds anything (their `HeadParams.pairs`).
 
 Under Horovod or tf.distribute each worker's loss sees its local batch. With
 `gather_batch`, the embeddings and labels of all N workers are all-gathered
@@ -25,16 +25,17 @@ concatenated batch.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from sparse_embed.config import HeadConfig
+from sparse_embed.heads.params import DISTANCES, MININGS, Contrastive, MultiSimilarity, Triplet
 from sparse_embed.keras import keras, tf
 from sparse_embed.strategy import SingleProcess, Strategy
 
-DISTANCES = ("cosine", "squared_euclidean")
-MININGS = ("semi_hard", "batch_hard", "all")
+if TYPE_CHECKING:
+    from sparse_embed.config import HeadConfig
 
 # Stands in for a masked-out distance in a minimum (distances on the unit sphere are <= 4)
 # and for a masked-out exponent in a log-sum-exp; finite, so no inf - inf reaches a gradient.
@@ -213,7 +214,8 @@ class TripletHead(_DistanceLoss):
         **kwargs: Base `keras.layers.Layer` arguments.
     """
 
-    def __init__(self, margin: float = 0.2, mining: str = "semi_hard", distance: str = "cosine",
+    def __init__(self, margin: float = Triplet.margin, mining: str = Triplet.mining,
+                 distance: str = Triplet.distance,
                  gather_batch: bool = False, strategy: Strategy | None = None, **kwargs) -> None:
         super().__init__(distance=distance, gather_batch=gather_batch, strategy=strategy, **kwargs)
         self.margin = check_number("margin", margin)
@@ -279,7 +281,8 @@ class ContrastiveHead(_DistanceLoss):
         **kwargs: Base `keras.layers.Layer` arguments.
     """
 
-    def __init__(self, pos_margin: float = 0.0, neg_margin: float = 0.5, distance: str = "cosine",
+    def __init__(self, pos_margin: float = Contrastive.pos_margin,
+                 neg_margin: float = Contrastive.neg_margin, distance: str = Contrastive.distance,
                  gather_batch: bool = False, strategy: Strategy | None = None, **kwargs) -> None:
         super().__init__(distance=distance, gather_batch=gather_batch, strategy=strategy, **kwargs)
         self.pos_margin = check_number("pos_margin", pos_margin)
@@ -311,7 +314,7 @@ class MultiSimilarityHead(PairLossHead):
     L_i = 1/alpha log(1 + sum_{kept P} e^{-alpha (S_ip - lambda)})
         + 1/beta log(1 + sum_{kept N} e^{beta (S_in - lambda)}).
     An anchor left with no positive or no negative contributes 0, and the loss
-    is sum_i L_i / B. `head.distance` does not apply: the loss is defined on
+    is sum_i L_i / B. A `distance` parameter does not apply: the loss is defined on
     cosine similarities.
 
     Args:
@@ -324,8 +327,9 @@ class MultiSimilarityHead(PairLossHead):
         **kwargs: Base `keras.layers.Layer` arguments.
     """
 
-    def __init__(self, alpha: float = 2.0, beta: float = 50.0, base: float = 0.5,
-                 epsilon: float = 0.1, gather_batch: bool = False,
+    def __init__(self, alpha: float = MultiSimilarity.alpha, beta: float = MultiSimilarity.beta,
+                 base: float = MultiSimilarity.base, epsilon: float = MultiSimilarity.epsilon,
+                 gather_batch: bool = False,
                  strategy: Strategy | None = None, **kwargs) -> None:
         super().__init__(gather_batch=gather_batch, strategy=strategy, **kwargs)
         self.alpha = check_number("alpha", alpha, strict=True)
@@ -354,48 +358,37 @@ class MultiSimilarityHead(PairLossHead):
 
 
 def triplet_head(num_classes: int, embedding_size: int, config: HeadConfig) -> TripletHead:
-    """Builds the `triplet` head: `config.margin`, `config.mining`, `config.distance`.
+    """Builds the `triplet` head from `config.params` (`Triplet`) and `gather_batch`.
 
     Args:
         num_classes: Number of training identities (unused: no class weights).
         embedding_size: Embedding dimension D (unused).
         config: The run's head section.
     """
-    return TripletHead(margin=config.margin, mining=config.mining, distance=config.distance,
-                       gather_batch=config.gather_batch, name="triplet_head")
+    return TripletHead(**dataclasses.asdict(config.params), gather_batch=config.gather_batch,
+                       name="triplet_head")
 
 
 def contrastive_head(num_classes: int, embedding_size: int, config: HeadConfig) -> ContrastiveHead:
-    """Builds the `contrastive` head: `config.pos_margin`, `config.neg_margin`, `config.distance`.
+    """Builds the `contrastive` head from `config.params` (`Contrastive`) and `gather_batch`.
 
     Args:
         num_classes: Number of training identities (unused: no class weights).
         embedding_size: Embedding dimension D (unused).
         config: The run's head section.
     """
-    return ContrastiveHead(pos_margin=config.pos_margin, neg_margin=config.neg_margin,
-                           distance=config.distance, gather_batch=config.gather_batch,
+    return ContrastiveHead(**dataclasses.asdict(config.params), gather_batch=config.gather_batch,
                            name="contrastive_head")
 
 
 def multi_similarity_head(num_classes: int, embedding_size: int,
                           config: HeadConfig) -> MultiSimilarityHead:
-    """Builds the `multi_similarity` head: `config.ms_alpha`, `ms_beta`, `ms_base`, `ms_epsilon`.
+    """Builds the `multi_similarity` head from `config.params` (`MultiSimilarity`) and `gather_batch`.
 
     Args:
         num_classes: Number of training identities (unused: no class weights).
         embedding_size: Embedding dimension D (unused).
         config: The run's head section.
     """
-    return MultiSimilarityHead(alpha=config.ms_alpha, beta=config.ms_beta, base=config.ms_base,
-                               epsilon=config.ms_epsilon, gather_batch=config.gather_batch,
+    return MultiSimilarityHead(**dataclasses.asdict(config.params), gather_batch=config.gather_batch,
                                name="multi_similarity_head")
-
-
-# The pair losses by registered name: what `heads/__init__.py` registers, and what the
-# trainer checks against the sampler (they need K >= 2 images of every class of a batch).
-PAIR_HEADS = {
-    "contrastive": contrastive_head,
-    "multi_similarity": multi_similarity_head,
-    "triplet": triplet_head,
-}

@@ -18,12 +18,16 @@ the same for Adam and AdamW (see `training/trainer.py`).
 
 from __future__ import annotations
 
+import dataclasses
 import numbers
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from sparse_embed.config import HeadConfig
 from sparse_embed.heads.pair import check_number, log1p_sum_exp
+from sparse_embed.heads.params import ProxyAnchor, ProxyNCA
 from sparse_embed.keras import keras, tf
+
+if TYPE_CHECKING:
+    from sparse_embed.config import HeadConfig
 
 
 def _check_num_classes(num_classes: Any) -> int:
@@ -173,8 +177,8 @@ class ProxyNCAHead(ProxyHead):
         **kwargs: Base `keras.layers.Layer` arguments.
     """
 
-    def __init__(self, num_classes: int, scale: float = 9.0, embedding_size: int | None = None,
-                 lr_multiplier: float = 1.0,
+    def __init__(self, num_classes: int, scale: float = ProxyNCA.scale, embedding_size: int | None = None,
+                 lr_multiplier: float = ProxyNCA.lr_multiplier,
                  proxy_initializer: str | dict | keras.initializers.Initializer | None = None,
                  **kwargs) -> None:
         super().__init__(num_classes, embedding_size=embedding_size, lr_multiplier=lr_multiplier,
@@ -211,8 +215,8 @@ class ProxyAnchorHead(ProxyHead):
         **kwargs: Base `keras.layers.Layer` arguments.
     """
 
-    def __init__(self, num_classes: int, alpha: float = 32.0, delta: float = 0.1,
-                 embedding_size: int | None = None, lr_multiplier: float = 1.0,
+    def __init__(self, num_classes: int, alpha: float = ProxyAnchor.alpha, delta: float = ProxyAnchor.delta,
+                 embedding_size: int | None = None, lr_multiplier: float = ProxyAnchor.lr_multiplier,
                  proxy_initializer: str | dict | keras.initializers.Initializer | None = None,
                  **kwargs) -> None:
         super().__init__(num_classes, embedding_size=embedding_size, lr_multiplier=lr_multiplier,
@@ -236,31 +240,24 @@ class ProxyAnchorHead(ProxyHead):
 
 
 def proxy_nca_head(num_classes: int, embedding_size: int, config: HeadConfig) -> ProxyNCAHead:
-    """Builds the `proxy_nca` head: `config.scale` and `config.proxy_lr_multiplier`.
+    """Builds the `proxy_nca` head from `config.params` (`ProxyNCA`).
 
     Args:
         num_classes: Number of training classes.
         embedding_size: Embedding dimension D.
         config: The run's head section.
     """
-    return ProxyNCAHead(num_classes, scale=config.scale, embedding_size=embedding_size,
-                        lr_multiplier=config.proxy_lr_multiplier, name="proxy_nca_head")
+    return ProxyNCAHead(num_classes, **dataclasses.asdict(config.params), embedding_size=embedding_size,
+                        name="proxy_nca_head")
 
 
 def proxy_anchor_head(num_classes: int, embedding_size: int, config: HeadConfig) -> ProxyAnchorHead:
-    """Builds the `proxy_anchor` head: `config.proxy_alpha`, `proxy_delta`, `proxy_lr_multiplier`.
+    """Builds the `proxy_anchor` head from `config.params` (`ProxyAnchor`).
 
     Args:
         num_classes: Number of training classes.
         embedding_size: Embedding dimension D.
         config: The run's head section.
     """
-    return ProxyAnchorHead(num_classes, alpha=config.proxy_alpha, delta=config.proxy_delta,
-                           embedding_size=embedding_size, lr_multiplier=config.proxy_lr_multiplier,
-                           name="proxy_anchor_head")
-
-
-PROXY_HEADS = {
-    "proxy_anchor": proxy_anchor_head,
-    "proxy_nca": proxy_nca_head,
-}
+    return ProxyAnchorHead(num_classes, **dataclasses.asdict(config.params),
+                           embedding_size=embedding_size, name="proxy_anchor_head")

@@ -34,8 +34,8 @@ from sparse_embed.data.checks import damaged_tfrecords, train_inputs
 from sparse_embed.data.pipeline import training_stream
 from sparse_embed.data.tfrecord import read_label_map
 from sparse_embed.errors import ConfigError, DataError, SparseEmbedError
-from sparse_embed.heads import build_head
-from sparse_embed.heads.pair import PAIR_HEADS, PairLossHead
+from sparse_embed.heads import HEADS, build_head
+from sparse_embed.heads.pair import PairLossHead
 from sparse_embed.heads.partial_fc import shard_range
 from sparse_embed.keras import keras, silence_warnings, tf
 from sparse_embed.models import build_model
@@ -297,7 +297,7 @@ def check_sampler(config: Config) -> None:
         ConfigError: If a pair loss would train without the P x K sampler or with K < 2.
     """
     data = config.data
-    if config.head.name in PAIR_HEADS and (data.sampler != "p_k" or data.samples_per_class < 2):
+    if HEADS.get(config.head.name).pairs and (data.sampler != "p_k" or data.samples_per_class < 2):
         raise ConfigError(
             f"head.name={config.head.name} is a pair loss and needs at least two images of every "
             f"class in a batch (got data.sampler={data.sampler}, data.samples_per_class="
