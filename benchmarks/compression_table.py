@@ -150,21 +150,21 @@ def kernel_zeros(model) -> float:
 
 def export_row(model_dir: Path, recipe: Recipe, data: Path, out: Path) -> dict:
     """Exports one run through the parity gate and measures the file."""
-    from sparse_embed.compression import for_export, tflite
+    from sparse_embed.compression import exporter, for_export, images, parity
     from sparse_embed.data.checks import train_inputs
     from sparse_embed.data.verification import read_pairs
     from sparse_embed.inference import load_backbone
 
     backbone, config = load_backbone(model_dir)
     records = train_inputs(config, data)[0]
-    representative = tflite.load_images(records, REPRESENTATIVE, config.model.input_shape)
-    held_out = tflite.load_images(records, HELD_OUT, config.model.input_shape, REPRESENTATIVE)
+    representative = images.load_images(records, REPRESENTATIVE, config.model.input_shape)
+    held_out = images.load_images(records, HELD_OUT, config.model.input_shape, REPRESENTATIVE)
     pairs = read_pairs(data / config.data.pairs, data / config.data.pairs_images)
     # A fine-tuned run's directory is named after its recipe already.
     folder = out / "export" / (model_dir.name if recipe.compression else f"{model_dir.name}_{recipe.name}")
-    (result,) = tflite.export(backbone, config, "tflite", [recipe.quantize], folder,
-                              tflite.ParityData(held_out, pairs), representative,
-                              progress=lambda line: print(f"  {line}", flush=True))
+    (result,) = exporter.export(backbone, config, "tflite", [recipe.quantize], folder,
+                                parity.ParityData(held_out, pairs), representative,
+                                progress=lambda line: print(f"  {line}", flush=True))
     content = result.model_path.read_bytes()
     figures = result.record["parity"]
     image = held_out[:1]

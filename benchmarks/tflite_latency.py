@@ -10,12 +10,12 @@ int8 modes rewrite each PReLU by its slopes, one LEAKY_RELU when a layer's
 slopes are all equal, as they are at initialisation, and LEAKY_RELU, SUB,
 MUL and ADD when they differ per channel, as after training; so the PReLU
 slopes are drawn per channel in [0.05, 0.6] first), converted by
-`sparse_embed.compression.tflite.convert` (int8 calibrated on random images in
-[-1, 1]) and timed in the `ai_edge_litert` interpreter, the runtime of the edge
-devices, with its default XNNPACK delegate on 1 thread and on --threads
-(default: every core). Figures are the median of --repeats invocations after
-warm-up invocations. The last column is the 1-thread time relative to fp32 of
-the same model.
+`sparse_embed.compression.converter.convert` (int8 calibrated on random images
+in [-1, 1]) and timed on `sparse_embed.edge.runtime` (the `ai_edge_litert`
+interpreter, the runtime of the edge devices), with its default XNNPACK
+delegate on 1 thread and on --num_threads (default: every core). Figures are
+the median of --repeats invocations after warm-up invocations. The last
+column is the 1-thread time relative to fp32 of the same model.
 
 Below the table: the MLPerf edge face protocol estimate for SphereFace-20, 600
 LFW pairs x 4 inferences (each image and its mirror image) = 2400 inferences
@@ -74,9 +74,9 @@ def time_invoke(content: bytes, image: np.ndarray, num_threads: int, repeats: in
         repeats: Timed invocations.
         warmup: Untimed invocations first (XNNPACK packs weights at the first).
     """
-    from sparse_embed.compression.tflite import TFLiteModel
+    from sparse_embed.edge.runtime import TFLiteModel
 
-    model = TFLiteModel(content, num_threads=num_threads)
+    model = TFLiteModel.from_content(content, num_threads=num_threads)
     model(image)
     for _ in range(warmup):
         model.interpreter.invoke()
@@ -91,7 +91,7 @@ def time_invoke(content: bytes, image: np.ndarray, num_threads: int, repeats: in
 def measure(name: str, config: ModelConfig, modes: list[str], threads: int, repeats: int,
             warmup: int) -> list[dict]:
     """One row per mode: size, ms on 1 thread and on `threads`, ratio of the 1-thread ms to fp32."""
-    from sparse_embed.compression.tflite import convert
+    from sparse_embed.compression.converter import convert
     from sparse_embed.keras import keras
     from sparse_embed.models import build_model
 

@@ -104,39 +104,39 @@ def main(argv: Sequence[str] | None = None) -> None:
     if records is None and pairs is None:
         raise ConfigError("the parity gate needs images: pass --data_dir (the run's data) or --pairs")
     # TensorFlow is imported only once the inputs are known to be usable.
-    from sparse_embed.compression import tflite
+    from sparse_embed.compression import converter, exporter, formats, images, parity
     from sparse_embed.inference import load_backbone
 
     for quantize in args.quantize:
-        tflite.check_format(args.format, quantize)
-    if args.representative and not any(tflite.QUANTIZATIONS.get(q).representative
+        formats.check_format(args.format, quantize)
+    if args.representative and not any(converter.QUANTIZATIONS.get(q).representative
                                        for q in args.quantize):
         raise ConfigError("--representative calibrates --quantize=int8 / int8_full only")
     representative = None
     source = args.representative or records
-    needs = any(tflite.QUANTIZATIONS.get(q).representative for q in args.quantize)
+    needs = any(converter.QUANTIZATIONS.get(q).representative for q in args.quantize)
     # A quantization-aware run needs none (its fake-quant ranges are the scales) but
     # still gets one where there is data: it calibrates any tensor without a range.
     if needs and source:
         print(f"representative set: {args.representative_count} images of {source}", flush=True)
-        representative = tflite.load_images(source, args.representative_count,
+        representative = images.load_images(source, args.representative_count,
                                             config.model.input_shape)
     backbone, config = load_backbone(args.model_dir)
     # Held-out images come after the representative ones when both are the run's records.
     start = len(representative) if representative is not None and source == records else 0
     held_out = np.zeros((0, *config.model.input_shape, 3), np.float32)
     if records and args.held_out:
-        held_out = tflite.load_images(records, args.held_out, config.model.input_shape, start)
-    data = tflite.ParityData(held_out, pairs)
+        held_out = images.load_images(records, args.held_out, config.model.input_shape, start)
+    data = parity.ParityData(held_out, pairs)
     output = Path(args.output or Path(args.model_dir) / "export")
     provenance = {"model_dir": str(args.model_dir), "representative": source if needs else None,
                   "held_out_from": records, "pairs": args.pairs or (
                       str(Path(args.data_dir) / config.data.pairs) if pairs is not None else None)}
-    results = tflite.export(backbone, config, args.format, args.quantize, output, data,
-                            representative, args.flip_concat, args.min_cosine,
-                            args.max_accuracy_drop, provenance,
-                            progress=lambda line: print(line, flush=True))
-    print(tflite.format_summary(results))
+    results = exporter.export(backbone, config, args.format, args.quantize, output, data,
+                              representative, args.flip_concat, args.min_cosine,
+                              args.max_accuracy_drop, provenance,
+                              progress=lambda line: print(line, flush=True))
+    print(exporter.format_summary(results))
     for result in results:
         print(f"  {result.model_path}")
     failed = [r for r in results if not r.passed]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -162,6 +163,61 @@ def test_the_device_process_cannot_import_tensorflow(edge: dict) -> None:
         assert proc.returncode == 1 and "not installed on the device" in proc.stderr, package
 
 
+def test_no_edge_module_imports_tensorflow() -> None:
+    # Every module of the package, not only those the script reaches: a plain interpreter where
+    # TensorFlow is installed, so an import that would succeed shows too.
+    code = """
+import importlib, pkgutil, sys
+import sparse_embed.edge as edge
+for module in pkgutil.iter_modules(edge.__path__):
+    importlib.import_module(f"sparse_embed.edge.{module.name}")
+print(sorted({name.split(".")[0] for name in sys.modules} & {"tensorflow", "tf_keras", "keras"}))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == "[]", proc.stdout
+
+
+def _imports_of(module: str, root: Path) -> list[str]:
+    """The Python files under `root` that import `module` (any form of the statement)."""
+    pattern = re.compile(rf"^\s*(?:from|import)\s+{re.escape(module)}\b", re.MULTILINE)
+    return sorted(str(path.relative_to(ROOT)) for path in root.rglob("*.py")
+                  if pattern.search(path.read_text()))
+
+
+def test_litert_is_imported_in_one_module() -> None:
+    # One TFLite runtime: the export's parity gate, the benchmarks and the edge script all run
+    # `.tflite` files through sparse_embed.edge.runtime, never an interpreter of their own
+    # (tests check the files with their own interpreter, independently).
+    importers = [path for folder in ("sparse_embed", "benchmarks", "preprocessing")
+                 for path in _imports_of("ai_edge_litert", ROOT / folder)]
+    assert importers == ["sparse_embed/edge/runtime.py"]
+    tf_interpreters = [path for folder in ("sparse_embed", "benchmarks", "preprocessing")
+                       for path in (ROOT / folder).rglob("*.py") if "lite.Interpreter" in path.read_text()]
+    assert tf_interpreters == []
+
+
+def test_a_file_that_is_not_a_tflite_model_is_one_data_error(tmp_path: Path) -> None:
+    from sparse_embed.edge.model import EmbeddingModel
+    from sparse_embed.edge.runtime import TFLiteModel, load_interpreter
+    from sparse_embed.errors import DataError
+
+    fake = tmp_path / "model.tflite"
+    for load in (TFLiteModel.from_path, EmbeddingModel, load_interpreter):
+        fake.write_bytes(b"\x00" * 64)
+        with pytest.raises(DataError, match="is not a TFLite model") as error:
+            load(fake)
+        assert "\n" not in str(error.value)
+        # The right identifier on a truncated file: the interpreter refuses it.
+        fake.write_bytes(b"\x1c\x00\x00\x00TFL3" + b"\x00" * 8)
+        with pytest.raises(DataError, match="the TFLite interpreter cannot load it") as error:
+            load(fake)
+        assert "\n" not in str(error.value)
+        with pytest.raises(DataError, match="not found"):
+            load(tmp_path / "missing.tflite")
+
+
 def test_float_model_matches_keras_without_tensorflow(edge: dict, tmp_path: Path) -> None:
     output = tmp_path / "results.json"
     proc = _edge_run(edge, *_dataset(edge), "--aligned", "--num_threads=1", f"--output={output}")
@@ -204,6 +260,7 @@ def test_integer_only_model_quantizes_its_input_and_dequantizes_its_output(edge:
 def test_integer_io_uses_the_zero_points_of_input_and_output(edge: dict, tmp_path: Path) -> None:
     """A model whose input ([0, 1]) and output ([2, 4]) ranges put both zero points near -128."""
     from sparse_embed.edge.model import EmbeddingModel
+    from sparse_embed.edge.runtime import TFLiteModel
 
     keras = tf.keras
     inputs = keras.Input((SIZE, SIZE, 3))
@@ -227,6 +284,9 @@ def test_integer_io_uses_the_zero_points_of_input_and_output(edge: dict, tmp_pat
     assert edge_model.integer_io
     out = np.stack([edge_model.run(edge_model.prepare(image)) for image in images])
     np.testing.assert_allclose(out, model(x).numpy(), rtol=0.02)
+    # The parity gate's batches run on the same runtime: the same int8 codes, the same output.
+    batch = TFLiteModel.from_path(tmp_path / "dense.tflite", num_threads=1)(x)
+    np.testing.assert_allclose(batch, out, rtol=1e-6, atol=1e-6)
 
 
 def test_no_decodable_pair_is_one_line(edge: dict, tmp_path: Path) -> None:

@@ -50,7 +50,7 @@ def tflite_exports(run_dir: Path, tiny_data: Path) -> tuple[subprocess.Completed
 @pytest.fixture(scope="module")
 def held_out(run_dir: Path, tiny_data: Path) -> tuple[np.ndarray, np.ndarray]:
     """(the held-out images the export did not calibrate on, their Keras embeddings)."""
-    from sparse_embed.compression.tflite import load_images
+    from sparse_embed.compression.images import load_images
     from sparse_embed.inference import load_backbone
 
     backbone, config = load_backbone(run_dir)
@@ -170,7 +170,8 @@ def test_failing_gate_keeps_the_onnx_model_as_failed(run_dir: Path, tiny_data: P
 
 @pytest.mark.slow
 def test_saved_model_with_flip_concat(run_dir: Path, held_out: tuple, tmp_path: Path) -> None:
-    from sparse_embed.compression.tflite import ParityData, export
+    from sparse_embed.compression.exporter import export
+    from sparse_embed.compression.parity import ParityData
     from sparse_embed.inference import load_backbone
     from sparse_embed.keras import tf
 
@@ -226,8 +227,9 @@ def test_prelu_forms_closed_forms() -> None:
 @pytest.mark.slow
 def test_prelu_rewrite_is_exact_and_int8_has_no_prelu(held_out: tuple, run_dir: Path, tiny_data: Path,
                                                       tmp_path: Path) -> None:
+    from sparse_embed.compression.converter import convert
+    from sparse_embed.compression.images import load_images
     from sparse_embed.compression.rewrite import IntegerPReLU, rewrite_prelu
-    from sparse_embed.compression.tflite import convert, load_images
     from sparse_embed.inference import load_backbone
     from sparse_embed.keras import keras
 
@@ -259,7 +261,8 @@ def test_prelu_rewrite_is_exact_and_int8_has_no_prelu(held_out: tuple, run_dir: 
 
 
 def test_unquantizable_op_is_named_and_leaves_no_file(held_out: tuple, tmp_path: Path) -> None:
-    from sparse_embed.compression.tflite import ParityData, export
+    from sparse_embed.compression.exporter import export
+    from sparse_embed.compression.parity import ParityData
     from sparse_embed.errors import ConfigError
     from sparse_embed.keras import keras
     from sparse_embed.models.embedding import SoftThreshold
@@ -280,7 +283,8 @@ def test_unquantizable_op_is_named_and_leaves_no_file(held_out: tuple, tmp_path:
 @pytest.mark.slow
 def test_quantization_aware_run_exports_integer_only(run_dir: Path, tiny_data: Path, held_out: tuple,
                                                      tmp_path: Path) -> None:
-    from sparse_embed.compression.tflite import ParityData, export
+    from sparse_embed.compression.exporter import export
+    from sparse_embed.compression.parity import ParityData
     from sparse_embed.inference import load_backbone
 
     qat_dir = tmp_path / "qat"
@@ -316,7 +320,7 @@ def test_quantization_aware_run_exports_integer_only(run_dir: Path, tiny_data: P
 
 
 def test_gate_failure_closed_forms() -> None:
-    from sparse_embed.compression.tflite import gate_failure
+    from sparse_embed.compression.parity import gate_failure
 
     def figures(cosine: float, keras_acc: float | None, exported_acc: float | None) -> dict:
         return {"mean_cosine": cosine, "keras": {"accuracy": keras_acc},
@@ -330,29 +334,21 @@ def test_gate_failure_closed_forms() -> None:
     assert gate_failure(figures(1.0, None, None), 0.999, 0.5) == ""
 
 
-def test_not_a_model_file(tmp_path: Path) -> None:
-    from sparse_embed.compression.tflite import TFLiteModel
+def test_not_an_onnx_file(tmp_path: Path) -> None:
+    # A `.tflite` file that is not one: tests/test_edge.py (the TFLite runtime is sparse_embed.edge's).
+    from sparse_embed.compression.onnx import ONNXModel
     from sparse_embed.errors import DataError
 
-    fake = tmp_path / "model.tflite"
-    fake.write_bytes(b"\x00" * 64)
-    with pytest.raises(DataError, match="is not a TFLite model"):
-        TFLiteModel.from_path(fake)
-    # The right identifier on a truncated file: the interpreter refuses it.
+    fake = tmp_path / "model.onnx"
     fake.write_bytes(b"\x1c\x00\x00\x00TFL3" + b"\x00" * 8)
-    with pytest.raises(DataError, match="does not load as a TFLite model"):
-        TFLiteModel.from_path(fake)
-    with pytest.raises(DataError, match="not found"):
-        TFLiteModel.from_path(tmp_path / "missing.tflite")
-    from sparse_embed.compression.onnx import ONNXModel
-
-    fake.rename(tmp_path / "model.onnx")
     with pytest.raises(DataError, match="is not an ONNX model"):
-        ONNXModel(tmp_path / "model.onnx")
+        ONNXModel(fake)
+    with pytest.raises(DataError, match="not found"):
+        ONNXModel(tmp_path / "missing.onnx")
 
 
 def test_format_takes_only_its_modes() -> None:
-    from sparse_embed.compression.tflite import check_format
+    from sparse_embed.compression.formats import check_format
     from sparse_embed.errors import ConfigError
 
     assert check_format("tflite", "int8_full").filename == "model.tflite"

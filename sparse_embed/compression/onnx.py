@@ -1,7 +1,7 @@
 """ONNX export through tf2onnx, and the onnxruntime session the parity gate runs.
 
 The only module that imports `tf2onnx` and `onnxruntime`. tf2onnx 1.17
-converts the serving function of `tflite.serving_function` (a `tf.function`
+converts the serving function of `serving.serving_function` (a `tf.function`
 over a tf_keras model) with TensorFlow 2.21 at opset 17; the ONNX graph keeps
 the names `images` (float32 [N, H, W, 3], NHWC like the Keras model) and
 `embedding`, and a dynamic batch dimension.
@@ -34,7 +34,7 @@ def write(serve: tf.types.experimental.GenericFunction, path: str | os.PathLike)
     """Converts a serving function to an ONNX file.
 
     Args:
-        serve: A `tf.function` with an input signature (see `tflite.serving_function`).
+        serve: A `tf.function` with an input signature (see `serving.serving_function`).
         path: The `.onnx` file to write.
 
     Returns:

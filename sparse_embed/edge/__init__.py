@@ -4,8 +4,12 @@ Everything here imports only NumPy, OpenCV, `ai_edge_litert` and the
 project's TensorFlow-free modules, so it runs on a device where TensorFlow
 is not installed:
 
-- `model`: loading a `.tflite` file (`load_interpreter`) and the face
-  embedding model (`EmbeddingModel`: float or integer-only I/O);
+- `runtime`: the TFLite runtime, the package's one `ai_edge_litert` import:
+  loading and checking a `.tflite` file (`load_interpreter`), a model with
+  float or integer-only I/O (`TFLiteModel`, which the export's parity gate
+  runs too), the ops that stay float (`float_ops_of`);
+- `model`: the face embedding model (`EmbeddingModel`: one face crop in,
+  one embedding out);
 - `mtcnn`: MTCNN face detection through the three networks exported by
   `python -m sparse_embed.faces.mtcnn_tflite` (`TFLiteMTCNN`);
 - `preprocess`: decoding, five-point alignment to the model's input size;

@@ -32,7 +32,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from sparse_embed.edge.model import load_interpreter, quiet_runtime
+from sparse_embed.edge.runtime import load_interpreter, quiet_runtime
 from sparse_embed.errors import DataError
 
 NETWORKS = ("pnet", "rnet", "onet")
