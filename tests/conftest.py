@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# TensorFlow turns oneDNN on by default only on CPUs with AVX512_VNNI, AVX512_BF16
+# or AMX, and oneDNN picks its kernels by instruction set: the suite pins the
+# same (Eigen) kernels on every x86 CPU, for itself and the processes it starts,
+# so a result never depends on which CPU ran it. TF_ENABLE_ONEDNN_OPTS=1 overrides.
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 
 @pytest.fixture(scope="session")
@@ -24,6 +31,40 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     build_tfrecords(data / "train", data / "tfrecords", name="train", num_shards=2,
                     num_workers=1, seed=0)
     return data
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The smoke config (MobileFaceNet-tiny, PReLU, relu embedding) trained 6 steps on
+    `tiny_data`, once per session: the run that tests which only read a trained run share.
+    Tests write their outputs elsewhere (a `tmp_path`), or under `export/` of the run."""
+    from sparse_embed.config import load_config
+    from sparse_embed.training.trainer import train
+
+    out = tmp_path_factory.mktemp("smoke_run") / "run"
+    train(load_config("smoke", ["train.steps=6"]), tiny_data, out, verbose=0)
+    return out
+
+
+@contextlib.contextmanager
+def op_determinism() -> Iterator[None]:
+    """TensorFlow's op determinism inside the block, restored after it.
+
+    Exact-resume tests train a straight run and an interrupted, resumed run in
+    this process and compare them bit for bit: with op determinism (and the
+    same kernels on every CPU, see TF_ENABLE_ONEDNN_OPTS above) the two execute
+    the same ops on the same values in the same order, so any difference is the
+    resume's. Restoring the setting keeps the other tests independent of order.
+    """
+    from tensorflow.python.framework import config as tf_config
+
+    was = tf_config.is_op_determinism_enabled()
+    tf_config.enable_op_determinism()
+    try:
+        yield
+    finally:
+        if not was:
+            tf_config.disable_op_determinism()
 
 
 def run_module(*args: str, cwd: Path | None = None, pythonpath: tuple[Path, ...] = (),
