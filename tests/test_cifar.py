@@ -14,6 +14,8 @@ from sparse_embed.data.pipeline import eval_dataset
 from sparse_embed.data.tfrecord import read_label_map
 from sparse_embed.errors import DataError
 
+pytestmark = pytest.mark.unit
+
 SCRIPT = str(ROOT / "preprocessing" / "build_cifar_tfrecords.py")
 
 FINE = [f"fine_{i}".encode() for i in range(100)]
@@ -55,6 +57,7 @@ def test_split_reads_the_planes_in_the_published_order(tmp_path: Path) -> None:
     assert read_split(tmp_path / "cifar-100-python", "test", "coarse").labels.max() < 20
 
 
+@pytest.mark.integration
 def test_cli_writes_tfrecords_of_both_splits(tmp_path: Path) -> None:
     root = tmp_path / "cifar-100-python"
     images = _write_archive(root, {"train": 12, "test": 6})
@@ -90,6 +93,7 @@ def test_pickles_that_would_run_code_are_refused(tmp_path: Path) -> None:
     assert not marker.exists()
 
 
+@pytest.mark.integration
 def test_bad_archives_are_one_line_errors(tmp_path: Path) -> None:
     script = SCRIPT
     assert_user_error(run_module_script(script, f"--root={tmp_path / 'none'}",

@@ -20,6 +20,8 @@ from sparse_embed.config import (
 from sparse_embed.errors import ConfigError
 from sparse_embed.heads import HEADS
 
+pytestmark = pytest.mark.unit
+
 ROOT = Path(__file__).resolve().parents[1]
 
 PACKAGED = sorted(str(p.relative_to(CONFIG_DIR).with_suffix("")) for p in CONFIG_DIR.rglob("*.yaml"))
@@ -75,6 +77,7 @@ def test_model_dir_without_config(tmp_path) -> None:
         config_from_model_dir(tmp_path)
 
 
+@pytest.mark.integration
 def test_package_and_config_import_without_tensorflow() -> None:
     import subprocess
     import sys
@@ -98,6 +101,7 @@ def test_out_of_range_values_are_config_errors(override: str, message: str) -> N
     assert message in str(error.value)
 
 
+@pytest.mark.integration
 def test_out_of_range_value_on_the_command_line_is_one_line(tmp_path: Path) -> None:
     proc = run_module("sparse_embed.train", "--config=smoke", f"--data_dir={tmp_path}",
                       f"--model_dir={tmp_path / 'run'}", "--set", "train.batch_size=-4")
@@ -170,6 +174,7 @@ def test_bad_head_params_are_one_line(overrides: list[str], message: str) -> Non
     assert message in str(error.value) and "\n" not in str(error.value)
 
 
+@pytest.mark.integration
 def test_head_params_on_the_command_line_is_one_line(tmp_path: Path) -> None:
     proc = run_module("sparse_embed.train", "--config=smoke", f"--data_dir={tmp_path}",
                       f"--model_dir={tmp_path / 'run'}", "--set", "head.params.alpha=7")

@@ -33,6 +33,8 @@ from sparse_embed.strategy import SingleProcess
 from sparse_embed.training.distributed import resolve_backend
 from sparse_embed.training.trainer import train, worker_batch_size
 
+pytestmark = pytest.mark.multiprocess
+
 CHECKS = str(ROOT / "tests" / "distributed_checks.py")
 TINY = ["train.batch_size=8", "train.log_every=1", "train.checkpoint_every=2"]
 
@@ -215,6 +217,7 @@ def test_kill_9_of_every_rank_then_rerun_finishes(tiny_data: Path, tmp_path: Pat
     assert _checkpoint_value(run, "optimizer/_iterations/.ATTRIBUTES/VARIABLE_VALUE") == 60
 
 
+@pytest.mark.integration
 def test_backend_horovod_without_horovod_is_one_line(tiny_data: Path, tmp_path: Path) -> None:
     # A `horovod` package that fails to import stands in for a missing install.
     fake = tmp_path / "fake"
@@ -227,6 +230,7 @@ def test_backend_horovod_without_horovod_is_one_line(tiny_data: Path, tmp_path: 
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.unit
 def test_auto_backend_follows_the_launcher(monkeypatch: pytest.MonkeyPatch) -> None:
     auto = load_config(None).distributed
     for name in ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "TF_CONFIG"):
@@ -240,6 +244,7 @@ def test_auto_backend_follows_the_launcher(monkeypatch: pytest.MonkeyPatch) -> N
     assert resolve_backend(load_config(None, ["distributed.backend=none"]).distributed) == "none"
 
 
+@pytest.mark.unit
 def test_batch_split_over_workers() -> None:
     config = load_config(None, ["train.batch_size=12"])
     assert worker_batch_size(config, 4) == 3
@@ -389,6 +394,7 @@ def test_multi_worker_mirrored_with_two_local_processes(tiny_data: Path, tmp_pat
     assert "step 8 (resumed from 6), 64 examples, 1 worker(s)" in proc.stdout
 
 
+@pytest.mark.integration
 def test_scale_lr_is_the_linear_scaling_rule(tiny_data: Path, tmp_path: Path) -> None:
     """With scale_lr, each of N workers takes train.batch_size examples and the peak rate is N x base_lr."""
 

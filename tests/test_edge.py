@@ -27,6 +27,8 @@ from sparse_embed.keras import tf
 from sparse_embed.metrics.verification import verification_metrics
 from sparse_embed.models import build_model
 
+pytestmark = pytest.mark.integration
+
 SIZE = 32
 EMBEDDING = 16
 IDENTITIES = 4
@@ -186,6 +188,7 @@ def _imports_of(module: str, root: Path) -> list[str]:
                   if pattern.search(path.read_text()))
 
 
+@pytest.mark.unit
 def test_litert_is_imported_in_one_module() -> None:
     # One TFLite runtime: the export's parity gate, the benchmarks and the edge script all run
     # `.tflite` files through sparse_embed.edge.runtime, never an interpreter of their own
@@ -198,6 +201,7 @@ def test_litert_is_imported_in_one_module() -> None:
     assert tf_interpreters == []
 
 
+@pytest.mark.unit
 def test_a_file_that_is_not_a_tflite_model_is_one_data_error(tmp_path: Path) -> None:
     from sparse_embed.edge.model import EmbeddingModel
     from sparse_embed.edge.runtime import TFLiteModel, load_interpreter
@@ -310,6 +314,7 @@ def test_bad_model_and_flags_are_one_line(edge: dict) -> None:
     assert_user_error(_edge_run(edge, *_dataset(edge)), "one of the arguments --align --aligned is required")
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("width, height", [(112, 112), (96, 112), (SIZE, SIZE)])
 def test_alignment_puts_the_landmarks_on_the_template_of_the_input_size(width: int, height: int) -> None:
     from sparse_embed.edge.preprocess import align_face, crop_points

@@ -18,6 +18,8 @@ from sparse_embed.data.verification import read_bin, read_pairs, write_bin
 from sparse_embed.training.callbacks import BEST_DIR, BEST_JSON, read_best
 from sparse_embed.training.trainer import train
 
+pytestmark = pytest.mark.integration
+
 EVAL = ["train.steps=5", "eval.every_steps=2", "eval.keep_best=lfw/accuracy"]
 # Evaluations every 2 steps and at the end of a 5-step run.
 STEPS = [2, 4, 5]

@@ -21,6 +21,8 @@ from conftest import ROOT, assert_user_error, run_module
 from sparse_embed.config import load_config, save_config
 from sparse_embed.training.trainer import train
 
+pytestmark = pytest.mark.integration
+
 MODES = ("fp32", "fp16", "dynamic", "int8", "int8_full")
 # The tiny protocol has 24 pairs: one pair that flips is 4.2 points of accuracy, so the
 # default 0.5-point gate would judge noise; the accuracy gate is tested on closed forms below.
@@ -189,6 +191,7 @@ def test_saved_model_with_flip_concat(run_dir: Path, held_out: tuple, tmp_path: 
                                atol=1e-4)
 
 
+@pytest.mark.unit
 def test_prelu_forms_closed_forms() -> None:
     from sparse_embed.compression.rewrite import prelu_form
     from sparse_embed.keras import tf
@@ -319,6 +322,7 @@ def test_quantization_aware_run_exports_integer_only(run_dir: Path, tiny_data: P
     assert cosine.mean() > 0.99, cosine.mean()
 
 
+@pytest.mark.unit
 def test_gate_failure_closed_forms() -> None:
     from sparse_embed.compression.parity import gate_failure
 
@@ -334,6 +338,7 @@ def test_gate_failure_closed_forms() -> None:
     assert gate_failure(figures(1.0, None, None), 0.999, 0.5) == ""
 
 
+@pytest.mark.unit
 def test_not_an_onnx_file(tmp_path: Path) -> None:
     # A `.tflite` file that is not one: tests/test_edge.py (the TFLite runtime is sparse_embed.edge's).
     from sparse_embed.compression.onnx import ONNXModel
@@ -347,6 +352,7 @@ def test_not_an_onnx_file(tmp_path: Path) -> None:
         ONNXModel(tmp_path / "missing.onnx")
 
 
+@pytest.mark.unit
 def test_format_takes_only_its_modes() -> None:
     from sparse_embed.compression.formats import check_format
     from sparse_embed.errors import ConfigError

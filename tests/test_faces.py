@@ -38,6 +38,8 @@ from sparse_embed.faces.landmarks import (
     read_megaface_json,
 )
 
+pytestmark = pytest.mark.unit
+
 ALIGN = str(ROOT / "preprocessing" / "align_faces.py")
 CROPS = ("112x112", "96x112")
 
@@ -159,6 +161,7 @@ def test_aligned_crop_puts_the_landmarks_on_the_template(
     assert np.abs(found[:2] - target[:2]).max() < 4
 
 
+@pytest.mark.integration
 def test_project_model_and_mtcnn_share_one_keras_in_one_process(
     detector: FaceDetector, astronaut: np.ndarray
 ) -> None:
@@ -207,6 +210,7 @@ def test_blank_image_is_no_face_unless_a_fallback_is_asked(detector: FaceDetecto
     assert fallback.outcome == FALLBACK and fallback.crops[0].shape == (112, 96, 3)
 
 
+@pytest.mark.integration
 def test_tree_counts_several_faces_no_face_and_fallback(tmp_path: Path, astronaut: np.ndarray) -> None:
     two, _ = _two_faces(astronaut)
     _save(tmp_path / "in" / "group" / "two.png", two)
@@ -356,6 +360,7 @@ def test_bad_landmark_files_are_one_line_data_errors(tmp_path: Path) -> None:
 # --- CLI and module boundary --------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_cli_mirrors_the_tree_and_counts_unreadable(tmp_path: Path, astronaut: np.ndarray) -> None:
     _save(tmp_path / "raw" / "a" / "astro.jpg", astronaut)
     _save(tmp_path / "raw" / "b" / "c" / "astro.png", astronaut)
@@ -372,6 +377,7 @@ def test_cli_mirrors_the_tree_and_counts_unreadable(tmp_path: Path, astronaut: n
     assert _load(tmp_path / "aligned" / "a" / "astro.jpg").shape == (112, 96, 3)
 
 
+@pytest.mark.integration
 def test_cli_bad_input_is_one_line_exit_2(tmp_path: Path) -> None:
     assert_user_error(run_module_script(ALIGN, f"--output={tmp_path / 'o'}"), "--input is required")
     absent = run_module_script(ALIGN, f"--input={tmp_path / 'absent'}", f"--output={tmp_path / 'o'}")

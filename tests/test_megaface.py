@@ -15,6 +15,8 @@ from PIL import Image
 from sparse_embed.data import megaface
 from sparse_embed.metrics.megaface import Split, query_database_split, rank1, split_bins
 
+pytestmark = pytest.mark.unit
+
 SCRIPT = str(ROOT / "preprocessing" / "prepare_megaface.py")
 
 # MegaFace distractors: `<prefix>/<user>@N00/<photo>_<face>.jpg` under FlickrFinal2.
@@ -115,6 +117,7 @@ def test_prepare_in_process_aligns_boxed_images_on_eyes_and_nose(tmp_path: Path)
     assert not (out / "facescrub.tsv").exists()
 
 
+@pytest.mark.integration
 def test_prepare_cli_end_to_end(tmp_path: Path) -> None:
     paths = _dataset(tmp_path)
     (paths["megaface"] / MEGAFACE_LARGE).write_text("not a JPEG")
@@ -147,6 +150,7 @@ def test_prepare_cli_end_to_end(tmp_path: Path) -> None:
     assert [r.label for r in manifest] == [0, 0, 0, 1] and all(Path(r.path).is_file() for r in manifest)
 
 
+@pytest.mark.integration
 def test_bad_inputs_are_one_line_errors(tmp_path: Path) -> None:
     paths = _dataset(tmp_path)
     base = [f"--megaface_root={paths['megaface']}", f"--output={tmp_path / 'o'}", "--list_size=10"]
@@ -252,6 +256,7 @@ def test_split_rejects_rows_without_queries() -> None:
         query_database_split([0], ["megaface"], "lfw")
 
 
+@pytest.mark.integration
 def test_manifest_to_hdf5_to_bins(tmp_path: Path) -> None:
     """embed --manifest, then split-bins, on a model trained for two steps."""
     from sparse_embed.config import load_config

@@ -30,6 +30,8 @@ from sparse_embed.metrics.identification import (
 )
 from sparse_embed.search import brute_force_search
 
+pytestmark = pytest.mark.unit
+
 DIM, DENSE_DIM = 48, 12
 RANKS = (1, 2, 5, 10)
 
@@ -245,6 +247,7 @@ def _identification(files: Path, *args: str):
                       pythonpath=(files / "no_tensorflow",))
 
 
+@pytest.mark.integration
 def test_embeddings_dir_convention_writes_json_and_plot(files: Path, sets: dict[str, Embeddings]) -> None:
     proc = _identification(files, f"--embeddings_dir={files}", "--sparse_suffix=sparse.hdf5",
                            "--dense_suffix=dense.hdf5", "--score_threshold=6", "--rerank_topk=10",
@@ -279,6 +282,7 @@ def test_embeddings_dir_convention_writes_json_and_plot(files: Path, sets: dict[
     assert (files / "x.cmc.png").is_file()
 
 
+@pytest.mark.integration
 def test_threshold_without_candidates_is_reported_not_fatal(files: Path) -> None:
     proc = _identification(files, f"--embeddings_dir={files}", "--sparse_suffix=sparse.hdf5",
                            "--score_threshold=1e6", "--distractor_counts=600",
@@ -288,6 +292,7 @@ def test_threshold_without_candidates_is_reported_not_fatal(files: Path) -> None
     assert json.loads((files / "none.json").read_text())["rows"][0]["recall@1"] == 0
 
 
+@pytest.mark.integration
 def test_bad_inputs_exit_2_with_one_line(files: Path, sets: dict[str, Embeddings]) -> None:
     p = sets["probes"]
     write_hdf5(files / "short.hdf5", Embeddings(p.embedding[:, :10], p.label, p.filename))

@@ -16,6 +16,8 @@ from sparse_embed.data.embeddings import Embeddings, write_hdf5
 from sparse_embed.errors import ConfigError, DataError
 from sparse_embed.metrics.retrieval import AUTO_SPARSE_ZERO_FRACTION, retrieval_metrics
 
+pytestmark = pytest.mark.unit
+
 PATHS = ["dense", "sparse"]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -183,6 +185,7 @@ def _write(path: Path, x: np.ndarray, labels: np.ndarray) -> Path:
     return path
 
 
+@pytest.mark.integration
 def test_cli_compares_runs_in_one_table_json_and_chart(tmp_path: Path) -> None:
     x, labels = _random_case(0)
     first = _write(tmp_path / "sparse_run.hdf5", x, labels)
@@ -206,6 +209,7 @@ def test_cli_compares_runs_in_one_table_json_and_chart(tmp_path: Path) -> None:
     assert sorted(p.name for p in output.parent.iterdir()) == ["retrieval.json", "retrieval.recall.png"]
 
 
+@pytest.mark.integration
 def test_cli_does_not_import_tensorflow(tmp_path: Path) -> None:
     path = _write(tmp_path / "e.hdf5", _windows([0, 1, 2, 3]), np.array([0, 0, 1, 1]))
     code = ("import sys; from sparse_embed.metrics.retrieval import main; "
@@ -236,6 +240,7 @@ def _bad_files(tmp_path: Path) -> dict[str, tuple[list[str], tuple[str, ...]]]:
     }
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("case", ["missing", "shape", "labels", "single", "search", "ks"])
 def test_cli_bad_input_is_one_line(tmp_path: Path, case: str) -> None:
     args, fragments = _bad_files(tmp_path)[case]

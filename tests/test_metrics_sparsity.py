@@ -18,6 +18,8 @@ from sparse_embed.metrics.sparsity import (
     sparsity_stats_np,
 )
 
+pytestmark = pytest.mark.unit
+
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # Rows 0..3 hold 1, 2, 3, 0 non-zeros (the 0.5 entries sit exactly at the threshold: zero).
 STAIRCASE = np.array([[0.9, 0.5, 0.0, 0.0],
@@ -100,6 +102,7 @@ def _write(path: Path, x: np.ndarray) -> Path:
     return path
 
 
+@pytest.mark.integration
 def test_cli_writes_table_json_and_two_panel_png(tmp_path: Path) -> None:
     stairs = _write(tmp_path / "stairs.hdf5", STAIRCASE)
     dense = _write(tmp_path / "dense.hdf5", np.ones((3, 4), np.float32))
@@ -119,6 +122,7 @@ def test_cli_writes_table_json_and_two_panel_png(tmp_path: Path) -> None:
     assert not output.with_suffix(".sparsity.png").exists()
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("case", ["missing", "shape", "threshold"])
 def test_cli_bad_input_is_one_line(tmp_path: Path, case: str) -> None:
     flat = tmp_path / "flat.hdf5"

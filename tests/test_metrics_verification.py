@@ -13,6 +13,8 @@ import pytest
 from sparse_embed.errors import DataError
 from sparse_embed.metrics.verification import PROTOCOLS, roc_curve, verification_metrics
 
+pytestmark = pytest.mark.unit
+
 # Fold 0 and fold 1 of the hand-computed example (see test_hand_computed_example).
 HAND_SCORES = np.array([0.1, 0.3, 0.5, 0.7, 0.3, 0.5, 0.7, 0.8])
 HAND_ISSAME = np.array([False, True, True, False, False, False, True, True])
@@ -287,6 +289,7 @@ def test_tar_at_far_needs_enough_negatives() -> None:
         assert (1e-3 in tar) == supported and 0.5 in tar
 
 
+@pytest.mark.integration
 def test_does_not_import_tensorflow() -> None:
     code = "import sys, sparse_embed.metrics.verification; sys.exit('tensorflow' in sys.modules)"
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))

@@ -19,6 +19,8 @@ from sparse_embed.keras import keras
 from sparse_embed.strategy import SingleProcess
 from sparse_embed.training.trainer import OPTIMIZERS, apply_gradients, check_sampler, train
 
+pytestmark = pytest.mark.unit
+
 # One case per loss and variant: (id, head config overrides).
 CASES: dict[str, dict] = {
     "triplet-semi_hard": {"name": "triplet", "mining": "semi_hard", "margin": 0.3},
@@ -480,6 +482,7 @@ def test_lr_multiplier_steps_like_a_multiplied_learning_rate(name: str) -> None:
     assert not np.allclose(first_step, base_step)
 
 
+@pytest.mark.integration
 def test_proxy_head_trains_with_its_multiplier_and_resumes(tiny_data: Path, tmp_path: Path) -> None:
     """Proxy-Anchor under Adam with the shuffle sampler: the proxies are in the checkpoint and a
     resume continues from them."""

@@ -15,6 +15,8 @@ from sparse_embed.heads.partial_fc import ShardedMarginHead, shard_range
 from sparse_embed.keras import tf
 from sparse_embed.strategy import SingleProcess
 
+pytestmark = pytest.mark.unit
+
 C, D, B = 10, 6, 12
 
 

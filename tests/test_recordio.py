@@ -25,6 +25,8 @@ from sparse_embed.data.tfrecord import (
 )
 from sparse_embed.errors import DataError
 
+pytestmark = pytest.mark.unit
+
 MAGIC = struct.pack("<I", 0xCED7230A)
 EXTRACT = str(ROOT / "preprocessing" / "msceleb_to_jpeg.py")
 BUILD = str(ROOT / "preprocessing" / "build_tfrecords.py")
@@ -257,6 +259,7 @@ def test_plain_pack_labels_are_sorted_numerically(
         assert names[e["image/class/label"]] == str(PLAIN_LABELS[key])
 
 
+@pytest.mark.integration
 def test_build_tfrecords_cli_skips_bad_records(
     bad_pack: tuple[Path, dict[int, bytes], dict[str, int]], tmp_path: Path
 ) -> None:
@@ -278,6 +281,7 @@ def test_build_tfrecords_cli_skips_bad_records(
 # --- extraction -------------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_msceleb_to_jpeg_tree_and_bytes(face_pack: tuple[Path, dict[int, bytes]]) -> None:
     directory, images = face_pack
     proc = run_module_script(EXTRACT, str(directory), "--workers=2")
@@ -288,6 +292,7 @@ def test_msceleb_to_jpeg_tree_and_bytes(face_pack: tuple[Path, dict[int, bytes]]
     assert "identities" in proc.stdout and "3 classes, 32x32" in proc.stdout
 
 
+@pytest.mark.integration
 def test_msceleb_to_jpeg_skips_bad_records(
     bad_pack: tuple[Path, dict[int, bytes], dict[str, int]],
 ) -> None:
@@ -302,6 +307,7 @@ def test_msceleb_to_jpeg_skips_bad_records(
     assert not list((directory / "images").rglob(".*")), "no temporary files left"
 
 
+@pytest.mark.integration
 def test_cli_user_errors_are_one_line(tmp_path: Path) -> None:
     assert_user_error(run_module_script(EXTRACT, str(tmp_path / "missing")), "train.rec", "not found")
     fake = tmp_path / "fake"

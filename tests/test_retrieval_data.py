@@ -14,6 +14,8 @@ from sparse_embed.data.pipeline import eval_dataset
 from sparse_embed.data.retrieval import DATASETS, split_dir
 from sparse_embed.data.tfrecord import read_label_map
 
+pytestmark = pytest.mark.unit
+
 SCRIPT = str(ROOT / "preprocessing" / "build_retrieval_tfrecords.py")
 
 
@@ -93,6 +95,7 @@ def test_every_registered_dataset_has_a_fixture() -> None:
     assert sorted(WRITERS) == DATASETS.names()
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("dataset", sorted(WRITERS))
 def test_open_set_splits_to_tfrecords(dataset: str, tmp_path: Path) -> None:
     root = tmp_path / dataset
@@ -116,6 +119,7 @@ def test_open_set_splits_to_tfrecords(dataset: str, tmp_path: Path) -> None:
     assert (out / "tfrecords" / "train-00000-of-00001").is_file()
 
 
+@pytest.mark.integration
 def test_missing_list_file_and_missing_images(tmp_path: Path) -> None:
     assert_user_error(run_module_script(SCRIPT, "--dataset=cub", f"--root={tmp_path / 'none'}",
                                         f"--output={tmp_path / 'o'}"), "images.txt not found")

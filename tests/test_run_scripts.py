@@ -12,6 +12,8 @@ import pytest
 import yaml
 from conftest import ROOT, horovod_available
 
+pytestmark = pytest.mark.integration
+
 SCRIPTS = ROOT / "run_scripts"
 TINY = ["--set", "model.name=mobilefacenet_tiny", "--set", "model.input_size=32",
         "--set", "model.embedding_size=64", "--set", "train.steps=2", "--set", "train.batch_size=8",
@@ -26,6 +28,7 @@ def _run(script: Path, env: dict[str, str], *args: str) -> subprocess.CompletedP
                           timeout=600)
 
 
+@pytest.mark.unit
 def test_every_recipe_says_what_it_runs() -> None:
     for script in sorted(SCRIPTS.rglob("*.sh")):
         lines = script.read_text().splitlines()
@@ -130,6 +133,7 @@ def test_cifar_recipes_launch_one_process_with_their_config(tiny_data: Path, tmp
         ("triplet", "semi_hard", "p_k")
 
 
+@pytest.mark.multiprocess
 def test_cifar_recipe_under_two_horovod_processes(tiny_data: Path, tmp_path: Path) -> None:
     horovod_available()
     proc = _run(SCRIPTS / "cifar" / "train_sparse_flops.sh", {

@@ -22,6 +22,8 @@ from sparse_embed.search import (
     write_bin,
 )
 
+pytestmark = pytest.mark.unit
+
 
 def exact_matrix(rng: np.random.Generator, rows: int, cols: int, density: float,
                  negative: bool = False) -> np.ndarray:

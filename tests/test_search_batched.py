@@ -18,6 +18,8 @@ import scipy.sparse
 
 from sparse_embed.search.index import MAX_BATCH, SparseIndex, brute_force_search
 
+pytestmark = pytest.mark.unit
+
 BATCHES = (1, 2, 7)
 
 

@@ -25,6 +25,8 @@ from sparse_embed.search import (
     write_bin,
 )
 
+pytestmark = pytest.mark.integration
+
 SEARCH_SOURCES = ("Makefile", "sparse_index.h", "sparse_index.cpp", "cli.cpp")
 
 

@@ -17,6 +17,8 @@ from index_files import HEADER_SIZE_V1, SEGMENT_ROWS, header_hash, write_v1, xxh
 from sparse_embed.errors import DataError
 from sparse_embed.search import SEARCH_MODES, SparseIndex, brute_force_search
 
+pytestmark = pytest.mark.unit
+
 EXACT_MODES = tuple(mode for mode in SEARCH_MODES if mode != "approx")
 _PRIME32 = 2654435761
 
@@ -202,6 +204,7 @@ def write_queries(path: Path, queries: np.ndarray) -> None:
         f.create_dataset("embedding", data=queries)
 
 
+@pytest.mark.integration
 def test_cli_queries_a_version_1_file_and_refuses_a_corrupted_one(tmp_path: Path) -> None:
     rng = np.random.default_rng(7)
     x = sparse_rows(rng, 300, 24, 0.2)

@@ -24,6 +24,8 @@ from index_files import header_hash
 from sparse_embed.errors import DataError
 from sparse_embed.search.index import VALUE_TYPES, SparseIndex, brute_force_search, write_bin
 
+pytestmark = pytest.mark.unit
+
 EXACT_MODES = ("exhaustive", "pruned", "auto")
 
 
@@ -328,6 +330,7 @@ def test_bad_arguments(data):
         kept.search(queries, 10, rescore_k=20, rescore_exact=True)
 
 
+@pytest.mark.integration
 def test_search_binary_int8_and_rescore(tmp_path):
     """search/search --value_type int8 [--rescore_k R|exact] returns the ids of the Python int8 index on
     the same rows (queries: the first rows of the file); bad combinations exit 2."""

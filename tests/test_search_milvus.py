@@ -14,6 +14,8 @@ from sparse_embed.errors import DataError
 from sparse_embed.search import SparseIndex, brute_force_search
 from tests.conftest import assert_user_error, run_module
 
+pytestmark = pytest.mark.integration
+
 
 def _milvus():
     """The milvus module; skips outside CI (fails in CI and `make test`) when the extra is missing."""

@@ -19,6 +19,8 @@ from sparse_embed.errors import DataError
 from sparse_embed.search import SEARCH_MODES, SparseIndex, brute_force_search
 from sparse_embed.search.mutable import MANIFEST_NAME, MutableIndex
 
+pytestmark = pytest.mark.unit
+
 DIM = 24
 EXACT_MODES = tuple(m for m in SEARCH_MODES if m != "approx")
 

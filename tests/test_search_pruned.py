@@ -16,6 +16,8 @@ import scipy.sparse
 
 from sparse_embed.search.index import SEARCH_MODES, SparseIndex, brute_force_search
 
+pytestmark = pytest.mark.unit
+
 EXACT_MODES = ("exhaustive", "pruned", "auto")
 
 

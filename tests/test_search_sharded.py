@@ -13,6 +13,8 @@ from sparse_embed.search import SEARCH_MODES, SparseIndex, brute_force_search
 from sparse_embed.search.sharded import ShardedIndex
 from tests.conftest import assert_user_error, run_module
 
+pytestmark = pytest.mark.unit
+
 DIM = 48
 
 
@@ -262,6 +264,7 @@ def test_int8_shards_rescore_to_the_float32_unsharded_result(mode):
         ShardedIndex([SparseIndex.from_dense(db)]).search(queries, 3, rescore_exact=True)
 
 
+@pytest.mark.integration
 def test_cli_int8_shards_and_rescore(tmp_path):
     rng = np.random.default_rng(32)
     db, queries = random_float_rows(rng, 200), random_float_rows(rng, 15)

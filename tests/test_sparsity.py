@@ -22,6 +22,8 @@ from sparse_embed.sparsity import (
     sparsity_weight,
 )
 
+pytestmark = pytest.mark.unit
+
 D = 8
 
 

@@ -25,6 +25,8 @@ from sparse_embed.study import (
     matched_pair,
 )
 
+pytestmark = pytest.mark.unit
+
 # Smoke-sized models: 32x32 input, batch 16, a few steps (the embedding sizes stay the packaged ones).
 TINY = ("model.input_size=32", "train.batch_size=16", "schedule.warmup_steps=1",
         "data.shuffle_buffer=64", "eval.batch_size=64")
@@ -132,6 +134,7 @@ def test_matched_pair_by_nnz_ratio() -> None:
     assert matched_pair(rows[:3]) is None
 
 
+@pytest.mark.integration
 def test_cli_bad_input_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
     assert_main_user_error(capsys, main, ["flops_trade"], "invalid choice: 'flops_trade'", "flops_tradeoff")
     assert_main_user_error(capsys, main, [], "required: study")

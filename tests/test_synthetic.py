@@ -27,6 +27,8 @@ from sparse_embed.data.synthetic import (
 from sparse_embed.data.verification import read_pairs
 from sparse_embed.errors import ConfigError, DataError
 
+pytestmark = pytest.mark.unit
+
 
 def _tree(root: Path) -> dict[str, bytes]:
     return {
@@ -168,6 +170,7 @@ def _run_cli(*args: str):
     return run_module("sparse_embed.data.synthetic", *args)
 
 
+@pytest.mark.integration
 def test_cli_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "synth"
     proc = _run_cli(
@@ -201,6 +204,7 @@ def test_cli_bad_arguments_exit_2(tmp_path: Path, args: list[str], fragment: str
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.integration
 def test_cli_occupied_output_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "notes.txt").write_text("x")
     assert_main_user_error(capsys, synthetic.main, [f"--output={tmp_path}", "--identities=2",
@@ -212,6 +216,7 @@ def test_cli_occupied_output_exit_2(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert proc.returncode == 2 and "--out is deprecated" in proc.stderr and "synthetic.json" in proc.stderr
 
 
+@pytest.mark.integration
 def test_generator_does_not_import_tensorflow() -> None:
     """The generator runs (and its workers start) without paying for a TensorFlow import."""
     code = "import sys, sparse_embed.data.synthetic; print('tensorflow' in sys.modules)"

@@ -23,6 +23,8 @@ from sparse_embed.data.tfrecord import (
 )
 from sparse_embed.errors import DataError
 
+pytestmark = pytest.mark.unit
+
 
 def _image(seed: int, size: tuple[int, int], mode: str = "RGB") -> Image.Image:
     """A smooth colour ramp (JPEG re-encoding keeps it close) unique to the seed."""
@@ -168,6 +170,7 @@ def _build_cli(*args: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.integration
 def test_cli_end_to_end(folder: Path, tmp_path: Path) -> None:
     out = tmp_path / "records"
     proc = _build_cli(
@@ -183,6 +186,7 @@ def test_cli_end_to_end(folder: Path, tmp_path: Path) -> None:
     assert len(_read(str(out / "val-*"))) == 10
 
 
+@pytest.mark.integration
 def test_cli_missing_input_exits_2_and_writes_nothing(tmp_path: Path) -> None:
     out = tmp_path / "records"
     proc = _build_cli(f"--input={tmp_path / 'nope'}", f"--output={out}")

@@ -17,6 +17,8 @@ from sparse_embed.errors import TrainingError
 from sparse_embed.training.schedules import LearningRateSchedule
 from sparse_embed.training.trainer import build_networks, train
 
+pytestmark = pytest.mark.integration
+
 SMOKE = ["data.augment=true", "train.batch_size=8", "train.log_every=5"]
 
 
@@ -69,6 +71,7 @@ def test_non_finite_loss_stops_with_the_step(tiny_data: Path, tmp_path: Path) ->
         train(config, tiny_data, tmp_path / "nan", verbose=0)
 
 
+@pytest.mark.unit
 def test_lr_schedules_follow_their_formulas() -> None:
     cfg = load_config(None, ["schedule.name=piecewise", "schedule.base_lr=0.1",
                              "schedule.boundaries=[10, 20]", "schedule.warmup_steps=4"]).schedule

@@ -15,6 +15,8 @@ from sparse_embed.config import load_config
 from sparse_embed.data.verification import read_bin, read_pairs
 from sparse_embed.errors import DataError
 
+pytestmark = pytest.mark.unit
+
 
 def _insightface_pack(path: Path, images: list[bytes], issame: list[bool]) -> None:
     """Writes a pack the way insightface's lfw2pack does: pickle.dump((bins, issame_list))."""
@@ -67,6 +69,7 @@ def test_read_bin_rejects_other_files(tmp_path: Path, content: bytes, message: s
         read_bin(tmp_path / "x.bin")
 
 
+@pytest.mark.integration
 def test_build_bin_is_readable_by_insightface_and_evaluates_like_the_pairs(
         tiny_data: Path, tmp_path: Path) -> None:
     from sparse_embed.training.trainer import train

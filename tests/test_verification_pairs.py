@@ -10,6 +10,8 @@ import pytest
 from sparse_embed.data.verification import read_pairs, unique_images, write_pairs
 from sparse_embed.errors import DataError
 
+pytestmark = pytest.mark.unit
+
 
 def _touch(root: Path, *relative: str) -> None:
     for rel in relative:
