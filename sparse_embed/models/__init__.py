@@ -20,18 +20,18 @@ size, embedding size); tiny variants (name ending in `_tiny`) default to
 small inputs and build in well under a second, for tests.
 
 Families: mobilefacenet.py, iresnet.py (iresnet18/34/50/100, faceresnet),
-mobilenet_v2.py, sphereface.py (sphereface20), nin.py (CIFAR).
+mobilenet_v2.py, sphereface.py (sphereface20), nin.py (CIFAR); each registers
+its builders in `MODELS` (registry.py) when this package imports it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from sparse_embed.config import ModelConfig
 from sparse_embed.keras import keras
-from sparse_embed.registry import Registry
 
-MODELS: Registry[Callable[..., keras.Model]] = Registry("model")
+# Each family module registers its entries in MODELS on import.
+from sparse_embed.models import iresnet, mobilefacenet, mobilenet_v2, nin, sphereface  # noqa: F401
+from sparse_embed.models.registry import MODELS
 
 
 def build_model(config: ModelConfig) -> keras.Model:
@@ -52,5 +52,4 @@ def build_model(config: ModelConfig) -> keras.Model:
                    dropout=config.dropout, se=config.se)
 
 
-# Imported after MODELS exists: each family module registers its entries on import.
-from sparse_embed.models import iresnet, mobilefacenet, mobilenet_v2, nin, sphereface  # noqa: E402, F401
+__all__ = ["MODELS", "build_model"]

@@ -42,9 +42,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from sparse_embed.keras import keras, tf
-from sparse_embed.models import MODELS
 from sparse_embed.models.common import check_common, check_input_shape, check_no_se, prelu, scale_channels
 from sparse_embed.models.embedding import batch_norm, embedding_block
+from sparse_embed.models.registry import MODELS
 
 ACTIVATIONS = ("prelu", "relu")
 

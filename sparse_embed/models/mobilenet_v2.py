@@ -35,10 +35,10 @@ of the OpenVINO training extensions.
 from __future__ import annotations
 
 from sparse_embed.keras import keras, tf
-from sparse_embed.models import MODELS
 from sparse_embed.models.common import check_common, check_input_shape, check_width, scale_channels
 from sparse_embed.models.embedding import batch_norm, embedding_block
 from sparse_embed.models.mobilefacenet import Bottleneck, StageTable
+from sparse_embed.models.registry import MODELS
 
 SE_RATIO = 8
 

@@ -32,9 +32,9 @@ from dataclasses import dataclass
 
 from sparse_embed.errors import ConfigError
 from sparse_embed.keras import keras, tf
-from sparse_embed.models import MODELS
 from sparse_embed.models.common import check_common, check_no_se, prelu, scale_channels
 from sparse_embed.models.embedding import embedding_block
+from sparse_embed.models.registry import MODELS
 
 RESIDUAL_STDDEV = 0.01
 
