@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import assert_user_error, run_module, scalars
+from conftest import assert_user_error, op_determinism, run_module, scalars
 
 from sparse_embed import compression
 from sparse_embed.checkpoints import CHECKPOINT_DIR, checkpoint_for
@@ -19,6 +19,8 @@ from sparse_embed.keras import keras, tf
 from sparse_embed.models import build_model
 from sparse_embed.models.embedding import SoftThreshold
 from sparse_embed.training.trainer import build_networks, train
+
+pytestmark = pytest.mark.unit
 
 SMOKE = ["data.augment=false", "train.batch_size=8", "train.log_every=5", "train.checkpoint_every=5"]
 # Pruning from step 0 to 50% at step 6, masks recomputed every 2 steps.
@@ -38,12 +40,16 @@ def _kernels(model: keras.Model) -> dict[str, np.ndarray]:
 
 @pytest.fixture(scope="module")
 def runs(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A dense run, a pruned run started from it, PQAT from the pruned run, QAT from the dense run."""
+    """A dense run, a pruned run started from it, PQAT from the pruned run, QAT from the dense run.
+
+    The pruned run is the straight run that test_pruning_resumes_exactly compares its resumed
+    run with bit for bit: both train under op determinism."""
     root = tmp_path_factory.mktemp("compression_runs")
     dirs = {name: root / name for name in ("dense", "prune", "pqat", "qat")}
     train(load_config("smoke", SMOKE + ["train.steps=10"]), tiny_data, dirs["dense"], verbose=0)
-    train(load_config("smoke", SMOKE + PRUNE + ["train.steps=10", f"train.init_from={dirs['dense']}"]),
-          tiny_data, dirs["prune"], verbose=0)
+    with op_determinism():
+        train(load_config("smoke", SMOKE + PRUNE + ["train.steps=10", f"train.init_from={dirs['dense']}"]),
+              tiny_data, dirs["prune"], verbose=0)
     train(load_config("smoke", SMOKE + ["compression.type=prune_qat", "train.steps=3",
                                         f"train.init_from={dirs['prune']}"]),
           tiny_data, dirs["pqat"], verbose=0)
@@ -106,6 +112,7 @@ def test_soft_threshold_keeps_its_zeros_under_qat() -> None:
     assert 0 < np.mean(e == 0) < 1
 
 
+@pytest.mark.integration
 def test_n_bit_qat_builds_and_trains_a_step() -> None:
     config = load_config("smoke", ["compression.type=qat", "compression.bits=4",
                                    "compression.activation_bits=6"])
@@ -184,12 +191,12 @@ def test_pruned_run_and_tensorboard_sparsity(runs: dict[str, Path]) -> None:
 
 @pytest.mark.slow
 def test_pruning_resumes_exactly(tiny_data: Path, runs: dict[str, Path], tmp_path: Path) -> None:
-    tf.config.experimental.enable_op_determinism()
     init = [f"train.init_from={runs['dense']}"]
-    first = train(load_config("smoke", SMOKE + PRUNE + init + ["train.steps=5"]), tiny_data,
-                  tmp_path / "resumed", verbose=0)
-    second = train(load_config("smoke", SMOKE + PRUNE + init + ["train.steps=10"]), tiny_data,
-                   tmp_path / "resumed", verbose=0)
+    with op_determinism():
+        first = train(load_config("smoke", SMOKE + PRUNE + init + ["train.steps=5"]), tiny_data,
+                      tmp_path / "resumed", verbose=0)
+        second = train(load_config("smoke", SMOKE + PRUNE + init + ["train.steps=10"]), tiny_data,
+                       tmp_path / "resumed", verbose=0)
     assert (first.step, second.resumed_from, second.step) == (5, 5, 10)
     straight, _ = load_backbone(runs["prune"])
     resumed, _ = load_backbone(tmp_path / "resumed")
@@ -197,8 +204,7 @@ def test_pruning_resumes_exactly(tiny_data: Path, runs: dict[str, Path], tmp_pat
         assert int(a.pruning_step.numpy()) == int(b.pruning_step.numpy()) == 10
         for (wa, ma, _), (wb, mb, _) in zip(a.pruning_vars, b.pruning_vars, strict=True):
             np.testing.assert_array_equal(ma.numpy(), mb.numpy())
-            np.testing.assert_allclose(wa.numpy() * ma.numpy(), wb.numpy() * mb.numpy(),
-                                       rtol=1e-4, atol=1e-5)
+            np.testing.assert_array_equal(wa.numpy() * ma.numpy(), wb.numpy() * mb.numpy())
 
 
 @pytest.mark.slow
