@@ -6,15 +6,19 @@
         --pairs_images=data/lfw --output=pairs.hdf5 --flip=concat
     python -m sparse_embed.embed --model_dir=runs/sparse_mfn --manifest=data/megaface/megaface.tsv \\
         --output=megaface_sparse_mfn.hdf5
+    # the verification pairs of the run's own data (data.pairs under the data_dir it was trained on)
+    python -m sparse_embed.embed --model_dir=runs/sparse_mfn --output=pairs.hdf5
 """
 
 from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
+from pathlib import Path
 
 from sparse_embed.cli import make_parser, program, user_errors_exit
 from sparse_embed.errors import ConfigError, DataError
+from sparse_embed.fileio import native_stderr_to_file
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,7 +29,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--images", help="Image folder tree, one subfolder per identity.")
     parser.add_argument("--tfrecords", help="Glob of TFRecord shards.")
     parser.add_argument("--pairs", help="Verification pairs file (LFW format).")
-    parser.add_argument("--pairs_images", help="Image root of --pairs.")
+    parser.add_argument("--pairs_images",
+                        help="Image root of --pairs; default: data.pairs_images under --data_dir.")
+    parser.add_argument("--data_dir",
+                        help="The run's data directory, for its data.pairs / data.pairs_images when no "
+                             "other input is given; default: the one the run was trained on "
+                             "(<model_dir>/run.json).")
     parser.add_argument("--manifest", help="Image manifest TSV (preprocessing/prepare_megaface.py); "
                                            "labels are its identity labels.")
     parser.add_argument("--flip", choices=["none", "sum", "concat"],
@@ -43,20 +52,29 @@ def main(argv: Sequence[str] | None = None) -> None:
     """
     args = build_parser().parse_args(argv)
     sources = [s for s in (args.images, args.tfrecords, args.pairs, args.manifest) if s]
-    if len(sources) != 1:
-        raise ConfigError("need exactly one of --images, --tfrecords, --pairs, --manifest")
+    if len(sources) > 1:
+        raise ConfigError("pass one of --images, --tfrecords, --pairs, --manifest")
     from sparse_embed.config import config_from_model_dir
     from sparse_embed.data import verification
     from sparse_embed.data.megaface import read_manifest
+    from sparse_embed.run_record import default_data_dir
 
-    config_from_model_dir(args.model_dir)
+    config = config_from_model_dir(args.model_dir)
     manifest = read_manifest(args.manifest) if args.manifest else None
-    pair_paths = None
-    if args.pairs:
-        if not args.pairs_images:
+    pairs, pairs_images = args.pairs, args.pairs_images
+    if not sources or (pairs and not pairs_images):
+        # The run's own verification pairs, or the images of --pairs, under its data directory.
+        data_dir = default_data_dir(args.model_dir, args.data_dir, required=True)
+        if data_dir is None and not sources:
+            raise ConfigError("need one of --images, --tfrecords, --pairs, --manifest (or --data_dir for "
+                              "the run's own pairs: this run directory records none)")
+        if data_dir is None:
             raise ConfigError("--pairs needs --pairs_images (the image root it refers to)")
-        pair_paths, _, _ = verification.unique_images(
-            verification.read_pairs(args.pairs, args.pairs_images))
+        pairs = pairs or Path(data_dir) / config.data.pairs
+        pairs_images = pairs_images or Path(data_dir) / config.data.pairs_images
+    pair_paths = None
+    if pairs:
+        pair_paths, _, _ = verification.unique_images(verification.read_pairs(pairs, pairs_images))
     # TensorFlow is imported only once the inputs are known to be usable.
     from sparse_embed.data import format_summary, pipeline, tfrecord
     from sparse_embed.data.embeddings import write_hdf5
@@ -75,7 +93,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         dataset, total = pipeline.files_dataset(paths, labels, batch, size), len(paths)
     else:
         dataset, total = pipeline.files_dataset(list(pair_paths), None, batch, size), len(pair_paths)
-    embeddings = embed_dataset(backbone, dataset, args.flip or config.eval.flip, total=total)
+    # libjpeg reports a corrupt JPEG on the process's stderr itself ("Improper call to JPEG
+    # library in state 201"); such a file is skipped and listed in the summary instead.
+    with native_stderr_to_file(replay_on_error=False, keep_python=True):
+        embeddings = embed_dataset(backbone, dataset, args.flip or config.eval.flip, total=total)
     unreadable = []
     if args.images or manifest is not None:
         unreadable = pipeline.missing_paths(paths, embeddings.filename)

@@ -3,6 +3,8 @@
     python -m sparse_embed.evaluate --model_dir=runs/sparse_mfn \\
         --pairs=data/lfw/pairs.txt --pairs_images=data/lfw/images
     python -m sparse_embed.evaluate --model_dir=runs/sparse_mfn --bin=data/faces_emore/lfw.bin
+    # the pairs of the run's own data (data.pairs under the data_dir it was trained on)
+    python -m sparse_embed.evaluate --model_dir=runs/sparse_mfn
     # LFW View 1: threshold chosen on pairsDevTrain, accuracy measured on pairsDevTest.
     python -m sparse_embed.evaluate --model_dir=runs/sparse_mfn \\
         --pairs=data/lfw/pairsDevTest.txt --threshold_pairs=data/lfw/pairsDevTrain.txt \\
@@ -50,7 +52,8 @@ def _verification_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pairs", help="Pairs file; default: the run's data_dir/data.pairs.")
     parser.add_argument("--pairs_images", help="Image root the pairs refer to.")
     parser.add_argument("--bin", help="InsightFace verification pack (lfw.bin, cfp_fp.bin, ...).")
-    parser.add_argument("--data_dir", help="Resolve data.pairs / data.pairs_images here.")
+    parser.add_argument("--data_dir", help="Resolve data.pairs / data.pairs_images here; default: the data "
+                                           "directory the run was trained on (<model_dir>/run.json).")
     parser.add_argument("--output", help="JSON results file; default: <model_dir>/eval.json.")
     parser.add_argument(
         "--threshold_pairs",
@@ -97,7 +100,8 @@ def _verification(args: argparse.Namespace) -> None:
         raise ConfigError("--model_dir is required")
     from sparse_embed.config import config_from_model_dir
     from sparse_embed.data.verification import read_bin, read_pairs
-    from sparse_embed.fileio import atomic_path
+    from sparse_embed.fileio import atomic_path, native_stderr_to_file
+    from sparse_embed.run_record import default_data_dir
 
     config = config_from_model_dir(args.model_dir)
     if args.bin and (args.pairs or args.data_dir):
@@ -107,13 +111,15 @@ def _verification(args: argparse.Namespace) -> None:
     if args.bin:
         pack = read_bin(args.bin, nfolds=config.eval.nfolds)
     else:
+        data_dir = None if args.pairs else default_data_dir(args.model_dir, args.data_dir, required=True)
         if args.pairs:
             pairs_path = args.pairs
-        elif args.data_dir:
-            pairs_path = Path(args.data_dir) / config.data.pairs
-            images = Path(args.data_dir) / config.data.pairs_images
+        elif data_dir:
+            pairs_path = Path(data_dir) / config.data.pairs
+            images = Path(data_dir) / config.data.pairs_images
         else:
-            raise ConfigError("pass --bin, --pairs and --pairs_images, or --data_dir")
+            raise ConfigError("pass --bin, --pairs and --pairs_images, or --data_dir (this run directory "
+                              "records none)")
         if not images:
             raise ConfigError("--pairs needs --pairs_images (the image root it refers to)")
         pairs = read_pairs(pairs_path, images)
@@ -127,13 +133,15 @@ def _verification(args: argparse.Namespace) -> None:
     backbone, config = load_backbone(args.model_dir, untrained=args.untrained)
     from sparse_embed.plots import plot_roc
 
-    if pack is not None:
-        results, scores = evaluate_bin(backbone, config, pack, name=Path(args.bin).name,
-                                       threshold_pairs=threshold_pairs)
-        issame = pack.issame
-    else:
-        results, scores = evaluate_verification(backbone, config, pairs, threshold_pairs)
-        issame = pairs.issame
+    # libjpeg's own report of a corrupt JPEG stays off the terminal: the error names the file.
+    with native_stderr_to_file(replay_on_error=False, keep_python=True):
+        if pack is not None:
+            results, scores = evaluate_bin(backbone, config, pack, name=Path(args.bin).name,
+                                           threshold_pairs=threshold_pairs)
+            issame = pack.issame
+        else:
+            results, scores = evaluate_verification(backbone, config, pairs, threshold_pairs)
+            issame = pairs.issame
     name = Path(args.model_dir).name
     print(format_results({name: results}))
     output = Path(args.output or Path(args.model_dir) / "eval.json")

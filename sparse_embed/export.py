@@ -1,7 +1,6 @@
 """Export a trained model for deployment (TFLite, SavedModel, ONNX), gated by parity with Keras.
 
-    python -m sparse_embed.export --model_dir=runs/sparse_mfn --data_dir=data/synth \\
-        --format=tflite --quantize=fp32,int8_full
+    python -m sparse_embed.export --model_dir=runs/sparse_mfn --format=tflite --quantize=fp32,int8_full
     python -m sparse_embed.export --model_dir=runs/sparse_mfn --data_dir=data/synth \\
         --format=tflite --quantize=int8 --representative='data/calib/*.tfrecord' \\
         --representative_count=500 --flip_concat
@@ -19,7 +18,8 @@ zero_point) and outputs the embedding, not L2-normalised (with --flip_concat
 
 The representative set (int8, int8_full) is the first --representative_count
 images of --representative (TFRecord glob, image folder or .npy array) or of
-the run's TFRecords under --data_dir. The parity gate embeds the next
+the run's TFRecords under --data_dir (default: the data directory the run
+was trained on, recorded in its run.json). The parity gate embeds the next
 --held_out TFRecords (held out from the representative set) and the
 verification pairs (--pairs, or the run's data.pairs under --data_dir when it
 exists) with the exported and the Keras model. A model below --min_cosine
@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Images of the representative set (default: %(default)s).")
     parser.add_argument("--data_dir",
                         help="The run's data dir: its TFRecords (representative set, held-out images) and "
-                             "data.pairs.")
+                             "data.pairs; default: the one the run was trained on (<model_dir>/run.json).")
     parser.add_argument("--pairs", help="Verification pairs of the parity gate.")
     parser.add_argument("--pairs_images", help="Image root --pairs refers to.")
     parser.add_argument("--held_out", type=int, default=200,
@@ -92,15 +92,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     from sparse_embed.config import config_from_model_dir
     from sparse_embed.data.checks import train_inputs
     from sparse_embed.data.verification import read_pairs
+    from sparse_embed.run_record import default_data_dir
 
     config = config_from_model_dir(args.model_dir)
-    records = train_inputs(config, args.data_dir)[0] if args.data_dir else None
+    # Without --pairs the run's data is the only source of images for the gate.
+    data_dir = default_data_dir(args.model_dir, args.data_dir, required=not args.pairs)
+    records = train_inputs(config, data_dir)[0] if data_dir else None
     pairs = None
     if args.pairs:
         pairs = read_pairs(args.pairs, args.pairs_images)
-    elif args.data_dir and (Path(args.data_dir) / config.data.pairs).is_file():
-        pairs = read_pairs(Path(args.data_dir) / config.data.pairs,
-                           Path(args.data_dir) / config.data.pairs_images)
+    elif data_dir and (Path(data_dir) / config.data.pairs).is_file():
+        pairs = read_pairs(Path(data_dir) / config.data.pairs, Path(data_dir) / config.data.pairs_images)
     if records is None and pairs is None:
         raise ConfigError("the parity gate needs images: pass --data_dir (the run's data) or --pairs")
     # TensorFlow is imported only once the inputs are known to be usable.
@@ -131,7 +133,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     output = Path(args.output or Path(args.model_dir) / "export")
     provenance = {"model_dir": str(args.model_dir), "representative": source if needs else None,
                   "held_out_from": records, "pairs": args.pairs or (
-                      str(Path(args.data_dir) / config.data.pairs) if pairs is not None else None)}
+                      str(Path(data_dir) / config.data.pairs) if pairs is not None else None)}
     results = exporter.export(backbone, config, args.format, args.quantize, output, data,
                               representative, args.flip_concat, args.min_cosine,
                               args.max_accuracy_drop, provenance,

@@ -38,30 +38,46 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def native_stderr_to_file(replay_on_error: bool = True) -> Iterator[None]:
+def native_stderr_to_file(replay_on_error: bool = True, keep_python: bool = False) -> Iterator[None]:
     """Points file descriptor 2 at a temporary file for the block.
 
     What native code prints there (TensorFlow's start-up lines, the TFLite
-    converter's progress, LiteRT's "Created TensorFlow Lite XNNPACK delegate")
-    would bury the one line a user error prints. Only the standard library is
-    used: the TensorFlow import and the edge runtime both need it.
+    converter's progress, LiteRT's "Created TensorFlow Lite XNNPACK delegate",
+    libjpeg's "Improper call to JPEG library" for a corrupt JPEG that is
+    skipped and reported anyway) would bury the one line a user error prints.
+    Only the standard library is used: the TensorFlow import and the edge
+    runtime both need it.
 
     Args:
         replay_on_error: If the block raises, write what was captured to
             stderr first, so the failure shows its native cause.
+        keep_python: Keep Python's own stderr (progress bars, warnings) on the
+            terminal: `sys.stderr` writes to a copy of the original descriptor
+            for the block, and only native code's writes to descriptor 2 are captured.
     """
     sys.stderr.flush()
     saved = os.dup(2)
+    python_stderr = sys.stderr
+    try:
+        swap = keep_python and python_stderr.fileno() == 2
+    except (AttributeError, OSError, ValueError):  # a stream with no descriptor (a test's capture)
+        swap = False
     with tempfile.TemporaryFile() as log:
         os.dup2(log.fileno(), 2)
+        if swap:
+            sys.stderr = open(os.dup(saved), "w", buffering=1, encoding=python_stderr.encoding,
+                              errors="backslashreplace")
         try:
             yield
         except BaseException:
             if replay_on_error:
                 os.dup2(saved, 2)
                 log.seek(0)
-                sys.stderr.write(log.read().decode(errors="replace"))
+                python_stderr.write(log.read().decode(errors="replace"))
             raise
         finally:
+            if swap:
+                sys.stderr.close()
+                sys.stderr = python_stderr
             os.dup2(saved, 2)
             os.close(saved)

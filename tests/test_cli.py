@@ -219,3 +219,18 @@ def test_console_script_runs() -> None:
     proc = subprocess.run([script, "--help"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("usage: sparse-embed-search")
+
+
+def test_native_stderr_is_kept_off_python_stderr_is_not(capfd: pytest.CaptureFixture[str]) -> None:
+    """Native code's writes to descriptor 2 (libjpeg's "Improper call to JPEG library") are captured;
+    Python's own stderr (progress bars, warnings) still reaches it."""
+    import os
+
+    from sparse_embed.fileio import native_stderr_to_file
+
+    with native_stderr_to_file(replay_on_error=False, keep_python=True):
+        os.write(2, b"Improper call to JPEG library in state 201\n")
+        print("progress", file=sys.stderr)
+    print("after", file=sys.stderr)
+    err = capfd.readouterr().err
+    assert "JPEG" not in err and "progress" in err and "after" in err

@@ -117,6 +117,8 @@ def test_unreadable_images_are_skipped_and_reported(tiny_data: Path, model_dir: 
     proc = run_module("sparse_embed.embed", f"--model_dir={model_dir}", f"--images={images}",
                       f"--output={out}")
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # libjpeg's own report of the truncated JPEG ("Improper call to JPEG library") stays off the terminal.
+    assert "JPEG" not in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr
     for bad in (first, second):
         assert f"skipped {bad}" in proc.stdout, proc.stdout
@@ -133,9 +135,31 @@ def test_unreadable_images_are_skipped_and_reported(tiny_data: Path, model_dir: 
     from sparse_embed.data.verification import read_pairs, unique_images
 
     pairs_image = Path(unique_images(read_pairs(data / "pairs.txt", data / "test"))[0][0])
-    pairs_image.write_text("not an image\n")
+    pairs_image.write_bytes(pairs_image.read_bytes()[:200])  # truncated: libjpeg complains itself
     proc = run_module("sparse_embed.evaluate", f"--model_dir={model_dir}", f"--data_dir={data}")
     assert_user_error(proc, "do not decode", str(pairs_image))
+
+def test_run_dir_records_its_data_dir(tiny_data: Path, model_dir: Path, tmp_path: Path,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """The trainer records the data directory in run.json; evaluate and embed take the run's own
+    pairs from it without --data_dir (in this process: main(argv))."""
+    from sparse_embed import embed, evaluate
+    from sparse_embed.data.embeddings import read_hdf5
+    from sparse_embed.data.verification import read_pairs, unique_images
+    from sparse_embed.run_record import recorded_data_dir
+
+    assert recorded_data_dir(model_dir) == tiny_data.resolve()
+    evaluate.main([f"--model_dir={model_dir}", f"--output={tmp_path / 'eval.json'}"])
+    evaluate.main([f"--model_dir={model_dir}", f"--data_dir={tiny_data}",
+                   f"--output={tmp_path / 'flag.json'}"])
+    results = json.loads((tmp_path / "eval.json").read_text())
+    flag = json.loads((tmp_path / "flag.json").read_text())
+    assert (results["accuracy"], results["auc"]) == (flag["accuracy"], flag["auc"])
+    embed.main([f"--model_dir={model_dir}", f"--output={tmp_path / 'pairs.hdf5'}"])
+    paths = unique_images(read_pairs(tiny_data / "pairs.txt", tiny_data / "test"))[0]
+    assert len(read_hdf5(tmp_path / "pairs.hdf5").embedding) == len(paths)
+    capsys.readouterr()
+
 
 
 def _view1_files(pairs_txt: Path, out: Path) -> tuple[Path, Path]:

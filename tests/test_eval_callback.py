@@ -89,7 +89,7 @@ def test_best_is_the_first_step_of_the_highest_accuracy_and_restores(
     assert best["metrics"]["synth"]["tar@far=1e-3"] == pytest.approx(
         scalars(run, "eval/synth/tar@far=1e-3")[best["step"]], abs=1e-6)
     assert sorted(p.name for p in (run / BEST_DIR).iterdir()) == ["best.json", "checkpoints",
-                                                                  "config.yaml"]
+                                                                  "config.yaml", "run.json"]
     assert len(list(run.glob(f".{BEST_DIR}-*"))) == 1, "older bests are removed"
 
     # best/ is a model dir: its weights, evaluated again, give the accuracy that was logged.

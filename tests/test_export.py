@@ -150,7 +150,8 @@ def test_failing_gate_keeps_the_onnx_model_as_failed(run_dir: Path, tiny_data: P
                                                      held_out: tuple, tmp_path: Path) -> None:
     import onnxruntime
 
-    proc = run_module("sparse_embed.export", f"--model_dir={run_dir}", f"--data_dir={tiny_data}",
+    # No --data_dir: the run's own (run.json) gives the held-out images and the pairs.
+    proc = run_module("sparse_embed.export", f"--model_dir={run_dir}",
                       "--format=onnx", f"--held_out={HELD_OUT}", "--min_cosine=1.01",
                       f"--output={tmp_path}")
     assert proc.returncode == 1, proc.stderr[-3000:]

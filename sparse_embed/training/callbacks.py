@@ -29,6 +29,7 @@ from sparse_embed.inference import (
     save_backbone,
 )
 from sparse_embed.keras import keras, tf
+from sparse_embed.run_record import RUN_FILE
 
 
 class _StepCallback(keras.callbacks.Callback):
@@ -426,6 +427,8 @@ class VerificationEval(_StepCallback):
             tmp.mkdir()
             save_backbone(self._twin, tmp, step)
             save_config(self._best_config, tmp / "config.yaml")
+            if (self.model_dir / RUN_FILE).is_file():  # the data directory, for embed / evaluate / export
+                shutil.copy(self.model_dir / RUN_FILE, tmp / RUN_FILE)
             (tmp / BEST_JSON).write_text(json.dumps({
                 "step": step, "metric": self.config.eval.keep_best, "value": value,
                 "mode": self._mode, "metrics": results}, indent=2))

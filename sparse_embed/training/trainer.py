@@ -40,6 +40,7 @@ from sparse_embed.heads.partial_fc import shard_range
 from sparse_embed.keras import keras, silence_warnings, tf
 from sparse_embed.models import build_model
 from sparse_embed.registry import Registry
+from sparse_embed.run_record import write_run_record
 from sparse_embed.sparsity import REGULARIZERS, sparsity_stats, sparsity_weight
 from sparse_embed.strategy import Strategy
 from sparse_embed.training.callbacks import (
@@ -599,7 +600,8 @@ def train(config: Config, data_dir: str | os.PathLike, model_dir: str | os.PathL
     optimizer slots, global step, examples consumed). Each worker reads its own
     share of the TFRecords, skipping its share of the examples already
     consumed, so a resume continues at the right place even when the number of
-    workers changed. Only the chief writes config.yaml, checkpoints and
+    workers changed. Only the chief writes config.yaml (and run.json, the data
+    directory: `sparse_embed.run_record`), checkpoints and
     summaries, and only the chief evaluates `eval.sets` during training
     (`VerificationEval`, with `eval.every_steps`): the other workers wait for
     it in the next step's all-reduce.
@@ -698,6 +700,8 @@ def train(config: Config, data_dir: str | os.PathLike, model_dir: str | os.PathL
     if strategy.is_chief:
         model_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, model_dir / "config.yaml")
+        # The data directory, so embed / evaluate / export need no --data_dir.
+        write_run_record(model_dir, data_dir)
 
     # --- train ---
     throughput = Throughput()
