@@ -13,10 +13,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import assert_user_error, run_module
+from conftest import assert_main_user_error, run_module
 
 from sparse_embed.data.embeddings import Embeddings, read_hdf5, write_hdf5
 from sparse_embed.errors import ConfigError, DataError
+from sparse_embed.evaluate import main as evaluate_main
 from sparse_embed.metrics.identification import (
     DENSE,
     MISS,
@@ -293,7 +294,8 @@ def test_threshold_without_candidates_is_reported_not_fatal(files: Path) -> None
 
 
 @pytest.mark.integration
-def test_bad_inputs_exit_2_with_one_line(files: Path, sets: dict[str, Embeddings]) -> None:
+def test_bad_inputs_exit_2_with_one_line(files: Path, sets: dict[str, Embeddings],
+                                         capsys: pytest.CaptureFixture[str]) -> None:
     p = sets["probes"]
     write_hdf5(files / "short.hdf5", Embeddings(p.embedding[:, :10], p.label, p.filename))
     write_hdf5(files / "reordered.hdf5", Embeddings(sets["dense_probes"].embedding[::-1], p.label[::-1],
@@ -325,6 +327,7 @@ def test_bad_inputs_exit_2_with_one_line(files: Path, sets: dict[str, Embeddings
         ((f"--embeddings_dir={files}",), ("needs --sparse_suffix",)),
         ((f"--embeddings_dir={files}", "--sparse_suffix=sparse.hdf5", probes), ("not both",)),
     ]
+    # In this process (main(argv)); the commands above run as processes that cannot import TensorFlow.
     for args, fragments in cases:
-        assert_user_error(_identification(files, *args), *fragments)
+        assert_main_user_error(capsys, evaluate_main, ["identification", *args], *fragments)
     assert read_hdf5(files / "singles.hdf5").embedding.shape == (4, DIM)

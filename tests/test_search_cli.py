@@ -13,7 +13,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from conftest import ROOT, assert_user_error, run_module
+from conftest import ROOT, assert_main_user_error, assert_user_error, run_module
 
 from sparse_embed.data import embeddings as embedding_files
 from sparse_embed.search import (
@@ -24,6 +24,7 @@ from sparse_embed.search import (
     read_bin,
     write_bin,
 )
+from sparse_embed.search.__main__ import main as search_main
 
 pytestmark = pytest.mark.integration
 
@@ -228,22 +229,26 @@ def test_hdf5_to_bin(tmp_path: Path) -> None:
     np.testing.assert_array_equal(read_labels, labels)
 
 
-def test_hdf5_to_bin_user_errors(tmp_path: Path) -> None:
+def test_hdf5_to_bin_user_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "out.bin"
-    proc = run_module("sparse_embed.search", "hdf5-to-bin", str(tmp_path / "missing.hdf5"),
-                      str(out))
-    assert_user_error(proc, "not found", "missing.hdf5")
+    assert_main_user_error(capsys, search_main, ["hdf5-to-bin", tmp_path / "missing.hdf5", out],
+                           "not found", "missing.hdf5")
     write_hdf5(tmp_path / "no_label.hdf5", embedding=np.ones((3, 4), np.float32))
-    proc = run_module("sparse_embed.search", "hdf5-to-bin", str(tmp_path / "no_label.hdf5"),
-                      str(out))
-    assert_user_error(proc, "no 'label' dataset")
+    assert_main_user_error(capsys, search_main, ["hdf5-to-bin", tmp_path / "no_label.hdf5", out],
+                           "no 'label' dataset")
     (tmp_path / "text.hdf5").write_text("not hdf5")
-    proc = run_module("sparse_embed.search", "hdf5-to-bin", str(tmp_path / "text.hdf5"), str(out))
-    assert_user_error(proc, "not a readable HDF5 file")
+    assert_main_user_error(capsys, search_main, ["hdf5-to-bin", tmp_path / "text.hdf5", out],
+                           "not a readable HDF5 file")
     write_hdf5(tmp_path / "ok.hdf5", embedding=np.ones((3, 4), np.float32), label=np.arange(3))
+    assert_main_user_error(capsys, search_main, ["hdf5-to-bin", tmp_path / "ok.hdf5", out,
+                                                 "--zero_threshold", "-1"], "--zero_threshold must be >= 0")
+    # The old spelling of the zero threshold still works, with one deprecation line first.
     proc = run_module("sparse_embed.search", "hdf5-to-bin", str(tmp_path / "ok.hdf5"), str(out),
-                      "--zero_threshold", "-1")
-    assert_user_error(proc, "--zero_threshold must be >= 0")
+                      "--threshold", "-1")
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines()[0].endswith("--threshold is deprecated and goes in the next release; "
+                                                "use --zero_threshold")
+    assert "--zero_threshold must be >= 0" in proc.stderr.splitlines()[1]
     assert not out.exists()
 
 
@@ -483,9 +488,9 @@ def test_mutable_create_takes_ids_from_labels(tmp_path: Path) -> None:
     assert MutableIndex.load(tmp_path / "m").ids.tolist() == list(range(50))
 
 
-def test_mutable_index_commands_user_errors(tmp_path: Path) -> None:
+def test_mutable_index_commands_user_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Wrong dimension, unknown ids, missing files and directories, a directory that is not a mutable
-    index: one line, exit 2, and the index on disk unchanged."""
+    index: one line, exit 2, and the index on disk unchanged (in this process: main(argv))."""
     rng = np.random.default_rng(13)
     rows, _ = identities(rng, 40, 16, 5)
     directory = tmp_path / "m"
@@ -524,7 +529,7 @@ def test_mutable_index_commands_user_errors(tmp_path: Path) -> None:
         (("query", f"--index={directory},{directory}", f"--queries={gallery}"), ("queried alone",)),
     ]
     for args, fragments in cases:
-        assert_user_error(search_cli(*args), *fragments)
+        assert_main_user_error(capsys, search_main, args, *fragments)
     assert (directory / "manifest.json").read_text() == manifest
     assert not (tmp_path / "n").exists()
 
