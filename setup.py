@@ -6,7 +6,13 @@ from setuptools import setup
 ext_modules = [
     Pybind11Extension(
         "sparse_embed._search",
-        ["search/sparse_index.cpp", "search/bindings.cpp"],
+        [
+            "search/sparse_index.cpp",
+            "search/format.cpp",
+            "search/build.cpp",
+            "search/query_engine.cpp",
+            "search/bindings.cpp",
+        ],
         include_dirs=["search"],
         cxx_std=17,
         extra_compile_args=["-O3", "-pthread"],

@@ -6,8 +6,10 @@
 // dimension, the contiguous list of (row id, value) postings of the database
 // rows that are non-zero there, and answers query batches on all cores.
 //
-// The core knows nothing of Python; search/bindings.cpp adapts it and
-// search/cli.cpp drives it from the command line.
+// This is the core's one public header. It knows nothing of Python;
+// search/bindings.cpp adapts it and search/cli.cpp drives it from the command
+// line. The core's sources and its private header are listed in
+// search/index_internal.h.
 
 #ifndef SPARSE_EMBED_SEARCH_SPARSE_INDEX_H_
 #define SPARSE_EMBED_SEARCH_SPARSE_INDEX_H_
@@ -21,6 +23,11 @@
 #include <vector>
 
 namespace sparse_embed {
+
+namespace internal {
+class IndexLoader;
+class QueryEngine;
+}  // namespace internal
 
 // Defaults shared by every interface (the Python binding and the CLI).
 inline constexpr int64_t kDefaultRerankK = 1000;  // candidates re-ranked with dense vectors
@@ -212,7 +219,7 @@ class SparseIndex {
   // checksums. Throws FormatError if it is truncated, corrupted or foreign.
   static SparseIndex load(const std::string& path);
 
-  // Writes the versioned index file (see sparse_index.cpp for the layout).
+  // Writes the versioned index file (see format.cpp for the layout).
   void save(const std::string& path) const;
 
   // The rows in caller-id order, indices increasing within a row: the float32
@@ -252,9 +259,10 @@ class SparseIndex {
 
  private:
   struct Storage;
-  template <typename Queries>
-  void search_impl(const Queries& queries, const SearchParams& params,
-                   const SearchOutput& out) const;
+  // The loader (format.cpp) points an index into a file mapping; the search
+  // proper (query_engine.cpp) reads its postings and block metadata.
+  friend class internal::IndexLoader;
+  friend class internal::QueryEngine;
   template <typename Rows>
   static SparseIndex build(const Rows& rows, int64_t dim, const int32_t* labels,
                            const BuildOptions& options);
@@ -269,19 +277,21 @@ class SparseIndex {
   // Replaces the float32 values of a freshly built index by int8 codes
   // (keeping them as the forward store when keep_float).
   void quantize(Storage& storage, bool keep_float);
+  // Copies the float32 postings into the forward store (quantize, keep_float).
+  void keep_forward_store(Storage& storage);
   // Dequantized value of code c in dimension d (kInt8).
   float dequantize(int64_t d, uint8_t c) const {
     return (dim_signed_[d] ? static_cast<float>(static_cast<int8_t>(c)) : static_cast<float>(c)) *
            dim_scale_[d];
   }
-  // Block-max entry e of dimension d: its max / min value and its first posting.
+  // Block-max entry e of dimension d: its max / min value (its first posting:
+  // QueryEngine::entry_start).
   float entry_max(int64_t d, uint64_t e) const {
     return values_ == ValueType::kFloat32 ? bm_max_[e] : dequantize(d, bm_max_code_[e]);
   }
   float entry_min(int64_t d, uint64_t e) const {
     return values_ == ValueType::kFloat32 ? bm_min_[e] : dequantize(d, bm_min_code_[e]);
   }
-  uint64_t entry_start(int64_t d, uint64_t e) const;
   // Fills position_ (caller id -> position) and dim_absmax_ into `storage`.
   void finish_derived(Storage& storage);
 
