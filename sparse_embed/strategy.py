@@ -6,9 +6,9 @@ talk only to a `Strategy`: which worker this is, how to average gradients, how
 to make every worker start from the same weights, and a few collectives.
 `SingleProcess` is the strategy of one process, the default wherever none is
 given. The multi-worker backends (Horovod, TensorFlow's own) are in
-`sparse_embed.training.distributed`, the one module that imports Horovod;
-this module imports neither, so heads can take a strategy without depending
-on the training package.
+`sparse_embed.training.distributed`, the one module that imports Horovod.
+This module imports neither Horovod nor the training package, so that heads
+can take a strategy without depending on either.
 
 Gradient convention: every worker computes the gradient of its own loss (a
 mean over its local batch) and `reduce_gradients` averages them, so N workers
