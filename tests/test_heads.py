@@ -26,6 +26,8 @@ from sparse_embed.heads.margin import (
 from sparse_embed.heads.params import ArcFace, SphereFace
 from sparse_embed.keras import keras
 
+pytestmark = pytest.mark.unit
+
 C, D = 4, 4
 
 
@@ -156,6 +158,7 @@ def test_registered_head_under_mixed_precision(name: str) -> None:
     np.testing.assert_allclose(loss.numpy(), reference(embeddings, labels).numpy(), rtol=2e-2)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("name", MARGIN_HEADS)
 @pytest.mark.parametrize("loss", ["softmax_ce", "focal"])
 def test_training_steps_lower_the_loss(name: str, loss: str) -> None:

@@ -24,6 +24,8 @@ from sparse_embed.models.mobilefacenet import scale_channels
 from sparse_embed.models.mobilenet_v2 import imagenet_classifier
 from sparse_embed.models.profile import count_macs, count_params, measure_latency
 
+pytestmark = pytest.mark.unit
+
 EMBEDDING_SIZE = 16
 BATCH = 2
 TINY = [name for name in MODELS.names() if name.endswith("_tiny")]
@@ -69,6 +71,7 @@ def _randomize_batch_norm(model: keras.Model, seed: int = 0) -> None:
             layer.moving_variance.assign(rng.uniform(0.5, 2.0, n).astype(np.float32))
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("name", CHECKED)
 def test_model_contract(name: str, tmp_path) -> None:
     """Every registered model: shapes, finite outputs, a gradient on every weight,
@@ -121,6 +124,7 @@ def test_output_shape_and_finite(name: str, final_activation: str) -> None:
 # Conversion takes ~10 s for a tiny model and ~20 s for a full-size one even
 # at a reduced size: every family converts through its tiny variant (the same
 # layers); `make bench-tflite` converts and runs the full-size models.
+@pytest.mark.integration
 @pytest.mark.parametrize("name", [name for name in CHECKED if name.endswith("_tiny")])
 @pytest.mark.filterwarnings("ignore:.*tf.lite.Interpreter is deprecated:UserWarning")
 def test_tflite_matches_keras(name: str) -> None:
@@ -218,6 +222,7 @@ def _size(name: str) -> tuple[int, int]:
     return count_params(model), count_macs(model)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(("name", "params", "gflops"), [
     ("iresnet34", 34.1e6, 8.934),
     ("iresnet50", 43.6e6, 12.637),
@@ -230,6 +235,7 @@ def test_iresnet_matches_insightface_size_and_cost(name: str, params: float, gfl
     assert abs(2 * macs - gflops * 1e9) / (gflops * 1e9) < 0.05, macs
 
 
+@pytest.mark.integration
 def test_faceresnet_is_iresnet100_with_relu_and_a_bare_stem() -> None:
     """Same convolutions, hence the same MACs; fewer parameters by exactly the PReLU
     slopes (one per channel: stem and one per block) and the stem BN (gamma, beta)."""
@@ -305,6 +311,7 @@ def test_nin_matches_closed_form() -> None:
     assert _size("nin") == (params, macs)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("width", [1.0, 0.35])
 def test_mobilenet_v2_imagenet_variant_has_keras_parameter_count(width: float) -> None:
     ours = imagenet_classifier(width=width)
@@ -532,6 +539,7 @@ def _program_stderr(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.strip() and not _NATIVE_LOG.match(line)]
 
 
+@pytest.mark.integration
 def test_cli_prints_params_and_macs() -> None:
     proc = run_module("sparse_embed.models", "mobilefacenet_tiny", "--embedding_size=24",
                       "--final_activation=soft_threshold", "--json")
@@ -564,6 +572,7 @@ def test_cli_all_prints_every_full_size_model() -> None:
     assert usage.returncode != 0 and "--all takes no model name" in usage.stderr
 
 
+@pytest.mark.integration
 def test_cli_unknown_model_is_a_one_line_user_error() -> None:
     proc = run_module("sparse_embed.models", "mobilefacenet_small")
     assert proc.returncode == 2

@@ -16,6 +16,8 @@ from sparse_embed.data.pipeline import decode_image, eval_dataset, files_dataset
 from sparse_embed.data.tfrecord import build_tfrecords, image_folder, make_example, read_label_map
 from sparse_embed.errors import DataError
 
+pytestmark = pytest.mark.unit
+
 NUM_EXAMPLES = 24
 
 
