@@ -32,11 +32,9 @@ HELD_OUT = 16
 
 
 @pytest.fixture(scope="module")
-def run_dir(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The smoke model (MobileFaceNet-tiny, PReLU, relu embedding: a sparse run), 10 steps."""
-    out = tmp_path_factory.mktemp("export") / "run"
-    train(load_config("smoke", ["train.steps=6"]), tiny_data, out, verbose=0)
-    return out
+def run_dir(smoke_run: Path) -> Path:
+    """The session's smoke run (MobileFaceNet-tiny, PReLU, relu embedding: a sparse run), 6 steps."""
+    return smoke_run
 
 
 @pytest.fixture(scope="module")

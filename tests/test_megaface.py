@@ -257,19 +257,11 @@ def test_split_rejects_rows_without_queries() -> None:
 
 
 @pytest.mark.integration
-def test_manifest_to_hdf5_to_bins(tmp_path: Path) -> None:
-    """embed --manifest, then split-bins, on a model trained for two steps."""
-    from sparse_embed.config import load_config
+def test_manifest_to_hdf5_to_bins(smoke_run: Path, tmp_path: Path) -> None:
+    """embed --manifest, then split-bins, on the session's smoke run."""
     from sparse_embed.data.embeddings import read_hdf5
-    from sparse_embed.data.synthetic import generate
-    from sparse_embed.data.tfrecord import build_tfrecords
-    from sparse_embed.training.trainer import train
 
-    data = tmp_path / "data"
-    generate(data, 4, 3, 2, seed=0, image_size=112, workers=1, pairs_folds=1, pairs_per_fold=2)
-    build_tfrecords(data / "train", data / "tfrecords", name="train", num_shards=1, num_workers=1, seed=0)
-    model_dir = tmp_path / "run"
-    train(load_config("smoke", ["train.steps=2"]), data, model_dir, verbose=0)
+    model_dir = smoke_run
     paths = _dataset(tmp_path)
     out = tmp_path / "out"
     megaface.prepare(out, paths["devkit"], paths["megaface"], paths["facescrub"], size=10,

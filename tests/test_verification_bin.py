@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 from conftest import assert_user_error, run_module
 
-from sparse_embed.config import load_config
 from sparse_embed.data.verification import read_bin, read_pairs
 from sparse_embed.errors import DataError
 
@@ -71,9 +70,7 @@ def test_read_bin_rejects_other_files(tmp_path: Path, content: bytes, message: s
 
 @pytest.mark.integration
 def test_build_bin_is_readable_by_insightface_and_evaluates_like_the_pairs(
-        tiny_data: Path, tmp_path: Path) -> None:
-    from sparse_embed.training.trainer import train
-
+        tiny_data: Path, smoke_run: Path, tmp_path: Path) -> None:
     out = tmp_path / "my.bin"
     proc = run_module("sparse_embed.data.verification", "build-bin",
                       f"--pairs={tiny_data / 'pairs.txt'}", f"--images={tiny_data / 'test'}",
@@ -86,8 +83,7 @@ def test_build_bin_is_readable_by_insightface_and_evaluates_like_the_pairs(
     images, issame = _pair_images(tiny_data)
     assert bins == images and issame_list == issame
 
-    model = tmp_path / "run"
-    train(load_config("smoke", ["train.steps=2"]), tiny_data, model, verbose=0)
+    model = smoke_run
     results = {}
     for name, args in (("pairs", [f"--data_dir={tiny_data}"]), ("bin", [f"--bin={out}"])):
         proc = run_module("sparse_embed.evaluate", f"--model_dir={model}", *args,
