@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
+from tiers import TiersAndBudget
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -18,6 +19,11 @@ ROOT = Path(__file__).resolve().parents[1]
 # same (Eigen) kernels on every x86 CPU, for itself and the processes it starts,
 # so a result never depends on which CPU ran it. TF_ENABLE_ONEDNN_OPTS=1 overrides.
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Test tiers (every test has exactly one), the durations record and the time budget.
+    config.pluginmanager.register(TiersAndBudget(config), "sparse_embed_tiers")
 
 
 @pytest.fixture(scope="session")

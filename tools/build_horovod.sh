@@ -33,6 +33,7 @@ mkdir -p "$cache"
 
 wheel=$(ls "$cache"/horovod-*.whl 2>/dev/null | head -n 1 || true)
 if [ -z "$wheel" ]; then
+  build_start=$SECONDS
   work=$(mktemp -d)
   trap 'rm -rf "$work"' EXIT
   echo "horovod: building ${HOROVOD_VERSION} against tensorflow ${tf_version} (${py_tag}); takes minutes"
@@ -55,6 +56,10 @@ if [ -z "$wheel" ]; then
   cp "$built" "$cache/.partial.whl"
   mv "$cache/.partial.whl" "$cache/$(basename "$built")"
   wheel="$cache/$(basename "$built")"
+  # `make test` leaves this first build out of its time budget.
+  if [ -n "${HOROVOD_BUILD_SECONDS_FILE:-}" ]; then
+    echo $((SECONDS - build_start)) > "$HOROVOD_BUILD_SECONDS_FILE"
+  fi
 fi
 
 "$PYTHON" -m pip install --quiet --no-deps --force-reinstall "$wheel"
