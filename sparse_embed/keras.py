@@ -46,7 +46,7 @@ import tf_keras as keras  # noqa: E402
 if not _SHOW_LOGS:
     # Python-side INFO lines (checkpoint sharding times, dataset hints) are for
     # TensorFlow's developers; warnings still come through. TensorFlow logs
-    # through absl, whose level an entry point's flags set before this import.
+    # through absl (whose logging the entry points keep; their flags are argparse).
     absl_logging.set_verbosity(absl_logging.WARNING)
     tf.get_logger().setLevel(logging.WARNING)
     tf.autograph.set_verbosity(0)

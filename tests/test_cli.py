@@ -234,3 +234,45 @@ def test_native_stderr_is_kept_off_python_stderr_is_not(capfd: pytest.CaptureFix
     print("after", file=sys.stderr)
     err = capfd.readouterr().err
     assert "JPEG" not in err and "progress" in err and "after" in err
+
+
+# A command in the documentation, the Makefile or a run script: `python -m sparse_embed.X`,
+# `python preprocessing/x.py`, `python benchmarks/x.py` (or `$(PY)`, `"$PYTHON"`) or a console
+# script, up to the end of its (continued) line.
+_PYTHON = r"(?:python|\"?\$\{?PYTHON\}?\"?|\$\(PY\))"
+_DOC_COMMAND = re.compile(rf"(?:{_PYTHON} -m (sparse_embed[\w.]*)"
+                          rf"|{_PYTHON} ((?:preprocessing|benchmarks)/\w+\.py)"
+                          r"|(sparse-embed-[\w-]+))((?:\\\n|[^\n`])*)")
+_MODULE_OF_SCRIPT = {name: module.removesuffix(".__main__") for name, module in CONSOLE_SCRIPTS.items()}
+
+
+def _documented_commands(text: str) -> list[tuple[str, list[str]]]:
+    """(command line module or script, its --options) of every command shown in `text`."""
+    commands = []
+    for match in _DOC_COMMAND.finditer(text):
+        module, script, console, rest = match.groups()
+        cli = script or module or _MODULE_OF_SCRIPT.get(console, console)
+        commands.append((cli, re.findall(r"(?<![\w-])--[a-z][\w-]*", rest.split("#")[0])))
+    return commands
+
+
+def _parser_for(cli: str) -> argparse.ArgumentParser | None:
+    for candidate in (cli, f"{cli}.__main__"):
+        if candidate in CLIS:
+            return load(candidate).build_parser()
+    return None
+
+
+@pytest.mark.parametrize("doc", ["README.md", "Makefile", *sorted(str(p.relative_to(ROOT)) for p in
+                                                      (ROOT / "run_scripts").rglob("*.sh"))])
+def test_documented_options_exist(doc: str) -> None:
+    """Every option a documented command shows is a current option of that command line (of it or one
+    of its sub-commands), never a deprecated spelling."""
+    unknown = []
+    for cli, options in _documented_commands((ROOT / doc).read_text()):
+        parser = _parser_for(cli)
+        if parser is None:
+            continue
+        known = set(live_options(parser)) | {"--help"}
+        unknown += [f"{cli} {option}" for option in options if option not in known]
+    assert not unknown, sorted(set(unknown))

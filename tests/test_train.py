@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import yaml
-from conftest import assert_user_error, op_determinism, run_module
+from conftest import assert_main_user_error, assert_user_error, op_determinism, run_module
 
 from sparse_embed.checkpoints import CHECKPOINT_DIR, checkpoint_for
 from sparse_embed.config import load_config
@@ -84,22 +84,25 @@ def test_lr_schedules_follow_their_formulas() -> None:
                                [1.0, 0.5, 0.0], atol=1e-6)
 
 
-def test_train_cli_runs_and_rejects_bad_input(tiny_data: Path, tmp_path: Path) -> None:
+def test_train_cli_runs_and_rejects_bad_input(tiny_data: Path, tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
     proc = run_module("sparse_embed.train", "--config=smoke", f"--data_dir={tiny_data}",
                       f"--model_dir={tmp_path / 'cli'}", "--set", "train.steps=2")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "step 2" in proc.stdout
 
+    # The rejections in this process (main(argv)): one line, exit status 2, nothing written.
+    from sparse_embed.train import main
+
     bad = tmp_path / "bad"
-    assert_user_error(run_module("sparse_embed.train", "--config=smoke", f"--data_dir={tiny_data}",
-                                 f"--model_dir={bad}", "--set", "sparsity.wieght=1"),
-                      "sparsity.weight")
-    assert_user_error(run_module("sparse_embed.train", "--config=smoke",
-                                 f"--data_dir={tmp_path / 'missing'}", f"--model_dir={bad}"),
-                      "does not exist")
-    assert_user_error(run_module("sparse_embed.train", "--config=smoke", f"--data_dir={tiny_data}",
-                                 f"--model_dir={bad}", "--set", "data.train_files=nothing-*"),
-                      "no TFRecords match")
+    for args, fragment in (
+            ([f"--data_dir={tiny_data}", "--set", "sparsity.wieght=1"], "sparsity.weight"),
+            ([f"--data_dir={tmp_path / 'missing'}"], "does not exist"),
+            ([f"--data_dir={tiny_data}", "--set", "data.train_files=nothing-*"], "no TFRecords match"),
+            ([f"--data_dir={tiny_data}"], "--model_dir"),
+    ):
+        model_dir = [] if fragment == "--model_dir" else [f"--model_dir={bad}"]
+        assert_main_user_error(capsys, main, ["--config=smoke", *args, *model_dir], fragment)
     assert not bad.exists(), "a rejected run must not leave a model_dir behind"
 
 
