@@ -11,15 +11,13 @@ import numpy as np
 import pytest
 from conftest import assert_user_error, run_module
 
-from sparse_embed.config import load_config
-from sparse_embed.training.trainer import train
+pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def model_dir(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("embed") / "run"
-    train(load_config("smoke", ["train.steps=4"]), tiny_data, out, verbose=0)
-    return out
+def model_dir(smoke_run: Path) -> Path:
+    """The session's smoke run: the tests only read it and write elsewhere."""
+    return smoke_run
 
 
 def test_embed_folder_to_hdf5_round_trip(tiny_data: Path, model_dir: Path, tmp_path: Path) -> None:
@@ -94,6 +92,7 @@ def test_pairs_with_missing_images_exit_2(tiny_data: Path, model_dir: Path, tmp_
                                  f"--images={images}", f"--output={out}"), "config.yaml")
 
 
+@pytest.mark.unit
 def test_roc_plot_is_a_png(tmp_path: Path) -> None:
     from sparse_embed.plots import plot_roc
 
