@@ -75,7 +75,9 @@ def program(module: str) -> str:
         return name
     if module == "__main__":
         spec = getattr(sys.modules["__main__"], "__spec__", None)
-        module = spec.name.removesuffix(".__main__") if spec else sys.argv[0]
+        if spec is None:  # a script: python preprocessing/x.py
+            return f"python {sys.argv[0]}"
+        module = spec.name.removesuffix(".__main__")
     return f"python -m {module}"
 
 
@@ -191,15 +193,6 @@ def comma_list(text: str) -> list[str]:
     return [item for item in text.split(",") if item]
 
 
-def _program(main: Callable[..., Any]) -> str:
-    """The module name a user ran (`python -m NAME`), for error messages."""
-    module = main.__module__
-    if module == "__main__":
-        spec = getattr(sys.modules["__main__"], "__spec__", None)
-        module = spec.name.removesuffix(".__main__") if spec else sys.argv[0]
-    return module
-
-
 def user_errors_exit(main: Callable[..., Any]) -> Callable[..., Any]:
     """Wraps an entry point so user errors print one line and exit 2.
 
@@ -208,7 +201,8 @@ def user_errors_exit(main: Callable[..., Any]) -> Callable[..., Any]:
 
     Returns:
         The wrapped function. A `SparseEmbedError` becomes
-        ``<prog>: error: <message>`` on stderr and exit status 2, with no
+        ``<prog>: error: <message>`` on stderr (`<prog>` as `program` names
+        it, as in the parser's own errors) and exit status 2, with no
         traceback. Under a multi-process launcher every rank exits 2; rank 0
         prints at once, the others only if they are still running
         `OTHER_RANKS_DELAY_S` later, so the user reads the message once.
@@ -225,7 +219,7 @@ def user_errors_exit(main: Callable[..., Any]) -> Callable[..., Any]:
                 # printed once. An error rank 0 did not meet leaves this rank
                 # running, and it reports the error itself.
                 time.sleep(OTHER_RANKS_DELAY_S)
-            print(f"{_program(main)}: error: {e}", file=sys.stderr)
+            print(f"{program(main.__module__)}: error: {e}", file=sys.stderr)
             sys.exit(2)
 
     return wrapper

@@ -87,6 +87,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     from sparse_embed.plots import plot_roc
     from sparse_embed.training.trainer import train
 
+    # Both configs with the overrides first: a mistyped --set is one line, before any data is made.
+    configs = {name: load_config(config_name, args.set) for name, config_name in RUNS.items()}
     out = Path(args.output)
     timings = {}
     start = time.perf_counter()
@@ -95,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     results, scores = {}, {}
     for name, config_name in RUNS.items():
-        config = load_config(config_name, args.set)
+        config = configs[name]
         pairs = read_pairs(data / config.data.pairs, data / config.data.pairs_images)
         print(f"\n== training {name} ({config_name}) ==")
         start = time.perf_counter()

@@ -6,9 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import run_module
+from conftest import assert_main_user_error, run_module
 
-from sparse_embed.demo import RESULT_KEYS
+from sparse_embed.demo import RESULT_KEYS, main
 
 
 @pytest.mark.slow
@@ -35,3 +35,10 @@ def test_demo_small(tmp_path: Path) -> None:
     for name, run in results.items():
         for key in set(RESULT_KEYS) - {"search_ms_per_query"}:
             assert rerun[name][key] == pytest.approx(run[key], rel=1e-5), (name, key)
+
+
+@pytest.mark.unit
+def test_bad_override_is_one_line_before_any_data(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert_main_user_error(capsys, main, [f"--output={tmp_path / 'demo'}", "--set", "bogus=1"],
+                           "unknown config key 'bogus'")
+    assert not (tmp_path / "demo").exists()
