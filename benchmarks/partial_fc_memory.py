@@ -41,7 +41,8 @@ def measure(head_kind: str, sample_rate: float, classes: int, dim: int, batch: i
     """One measurement, in this process (called by the child processes)."""
     import numpy as np
 
-    from sparse_embed.heads import ArcFaceHead, ShardedMarginHead
+    from sparse_embed.heads.margin import ArcFaceHead
+    from sparse_embed.heads.partial_fc import ShardedMarginHead
     from sparse_embed.keras import keras, tf
     from sparse_embed.strategy import SingleProcess
 
