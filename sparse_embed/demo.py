@@ -79,16 +79,18 @@ def main(argv: Sequence[str] | None = None) -> None:
         argv: Arguments after the program name; None reads sys.argv.
     """
     args = build_parser().parse_args(argv)
-    from sparse_embed.cli import format_results
     from sparse_embed.config import load_config
+
+    # Both configs with the overrides first: a mistyped --set is one line, before any data is made
+    # (and before TensorFlow is imported).
+    configs = {name: load_config(config_name, args.set) for name, config_name in RUNS.items()}
+    from sparse_embed.cli import format_results
     from sparse_embed.data.verification import read_pairs
     from sparse_embed.fileio import atomic_path
     from sparse_embed.inference import evaluate_verification, load_backbone
     from sparse_embed.plots import plot_roc
     from sparse_embed.training.trainer import train
 
-    # Both configs with the overrides first: a mistyped --set is one line, before any data is made.
-    configs = {name: load_config(config_name, args.set) for name, config_name in RUNS.items()}
     out = Path(args.output)
     timings = {}
     start = time.perf_counter()
