@@ -151,6 +151,85 @@ class Clusters {
   std::vector<uint32_t> size_;
 };
 
+// Signature hashes of every dimension (kSignature each), or none when there
+// are more than kTableDims dimensions.
+std::vector<int16_t> signature_table(int64_t dim) {
+  std::vector<int16_t> table;
+  if (dim <= kTableDims) {
+    table.resize(static_cast<size_t>(dim) * kSignature);
+    for (int64_t d = 0; d < dim; ++d) {
+      for (int j = 0; j < kSignature; ++j) table[d * kSignature + j] = signature_hash(d, j);
+    }
+  }
+  return table;
+}
+
+// The band hashes of a row of dimensions `dims` into bands[b * n] (0: an
+// empty row, in no band).
+void row_bands(const std::vector<int64_t>& dims, const std::vector<int16_t>& table, int64_t n,
+               uint32_t* bands) {
+  // Minima in kLanes-wide groups the compiler keeps in vector registers (a
+  // loop over the whole signature kept it in memory: 3-4x slower).
+  int16_t sig[kSignature / kLanes][kLanes];
+  for (auto& group : sig) std::fill(group, group + kLanes, std::numeric_limits<int16_t>::max());
+  std::array<int16_t, kSignature> computed;
+  for (const int64_t d : dims) {
+    const int16_t* h = computed.data();
+    if (table.empty()) {
+      for (int j = 0; j < kSignature; ++j) computed[j] = signature_hash(d, j);
+    } else {
+      h = table.data() + d * kSignature;
+    }
+    for (int g = 0; g < kSignature / kLanes; ++g) {
+      for (int l = 0; l < kLanes; ++l) {
+        const int16_t x = h[g * kLanes + l];
+        sig[g][l] = x < sig[g][l] ? x : sig[g][l];
+      }
+    }
+  }
+  for (int b = 0; b < kBands; ++b) {
+    uint64_t h = kP5 + static_cast<uint64_t>(b);
+    for (int j = 0; j < kBandHashes; ++j) {
+      const int j_all = b * kBandHashes + j;
+      h = xxh_round(h, static_cast<uint16_t>(sig[j_all / kLanes][j_all % kLanes]));
+    }
+    bands[b * n] = dims.empty() ? 0 : static_cast<uint32_t>(h >> 32) | 1;
+  }
+}
+
+// bands[b * n + i]: row i's hash of band b.
+template <typename Rows>
+std::vector<uint32_t> band_hashes(const Rows& rows, int64_t dim) {
+  const int64_t n = rows.size();
+  const std::vector<int16_t> table = signature_table(dim);
+  std::vector<uint32_t> bands(static_cast<size_t>(n) * kBands);
+  std::vector<int64_t> dims;
+  for (int64_t i = 0; i < n; ++i) {
+    dims.clear();
+    rows.for_each(i, [&](int64_t d, float) { dims.push_back(d); });
+    row_bands(dims, table, n, bands.data() + i);
+  }
+  return bands;
+}
+
+// Rows joined when they share the hash of some band.
+Clusters join_bands(const std::vector<uint32_t>& bands, int64_t n) {
+  Clusters clusters(n);
+  std::vector<uint64_t> run(n);
+  std::vector<uint64_t> tmp;
+  for (int b = 0; b < kBands; ++b) {
+    for (int64_t i = 0; i < n; ++i) run[i] = uint64_t{bands[b * n + i]} << 32 | static_cast<uint64_t>(i);
+    sort_by_high_word(run, tmp);
+    for (int64_t i = 1; i < n; ++i) {
+      const uint32_t h = static_cast<uint32_t>(run[i] >> 32);
+      if (h != 0 && h == static_cast<uint32_t>(run[i - 1] >> 32)) {
+        clusters.join(static_cast<uint32_t>(run[i - 1]), static_cast<uint32_t>(run[i]));
+      }
+    }
+  }
+  return clusters;
+}
+
 // Row order that keeps near-duplicates together when their supports differ
 // (the images of one identity, each with a few dimensions of its own): rows
 // clustered by MinHash bands, clusters sorted by their first row in
@@ -165,68 +244,16 @@ class Clusters {
 template <typename Rows>
 std::vector<uint32_t> clustered_order(const Rows& rows, int64_t dim) {
   const int64_t n = rows.size();
-  std::vector<uint32_t> order = similarity_order(rows);
-  std::vector<int16_t> table;
-  if (dim <= kTableDims) {
-    table.resize(static_cast<size_t>(dim) * kSignature);
-    for (int64_t d = 0; d < dim; ++d) {
-      for (int j = 0; j < kSignature; ++j) table[d * kSignature + j] = signature_hash(d, j);
-    }
-  }
-  // bands[b * n + i]: row i's hash of band b (0: an empty row, in no band).
-  std::vector<uint32_t> bands(static_cast<size_t>(n) * kBands);
-  std::vector<int64_t> dims;
-  std::array<int16_t, kSignature> computed;
-  for (int64_t i = 0; i < n; ++i) {
-    dims.clear();
-    rows.for_each(i, [&](int64_t d, float) { dims.push_back(d); });
-    const bool empty = dims.empty();
-    // Minima in kLanes-wide groups the compiler keeps in vector registers
-    // (a loop over the whole signature kept it in memory: 3-4x slower).
-    int16_t sig[kSignature / kLanes][kLanes];
-    for (auto& group : sig) std::fill(group, group + kLanes, std::numeric_limits<int16_t>::max());
-    for (const int64_t d : dims) {
-      const int16_t* h = computed.data();
-      if (table.empty()) {
-        for (int j = 0; j < kSignature; ++j) computed[j] = signature_hash(d, j);
-      } else {
-        h = table.data() + d * kSignature;
-      }
-      for (int g = 0; g < kSignature / kLanes; ++g) {
-        for (int l = 0; l < kLanes; ++l) {
-          const int16_t x = h[g * kLanes + l];
-          sig[g][l] = x < sig[g][l] ? x : sig[g][l];
-        }
-      }
-    }
-    for (int b = 0; b < kBands; ++b) {
-      uint64_t h = kP5 + static_cast<uint64_t>(b);
-      for (int j = 0; j < kBandHashes; ++j) {
-        const int j_all = b * kBandHashes + j;
-        h = xxh_round(h, static_cast<uint16_t>(sig[j_all / kLanes][j_all % kLanes]));
-      }
-      bands[b * n + i] = empty ? 0 : static_cast<uint32_t>(h >> 32) | 1;
-    }
-  }
-  Clusters clusters(n);
-  std::vector<uint64_t> run(n);
-  std::vector<uint64_t> tmp;
-  for (int b = 0; b < kBands; ++b) {
-    for (int64_t i = 0; i < n; ++i) run[i] = uint64_t{bands[b * n + i]} << 32 | static_cast<uint64_t>(i);
-    sort_by_high_word(run, tmp);
-    for (int64_t i = 1; i < n; ++i) {
-      const uint32_t h = static_cast<uint32_t>(run[i] >> 32);
-      if (h != 0 && h == static_cast<uint32_t>(run[i - 1] >> 32)) {
-        clusters.join(static_cast<uint32_t>(run[i - 1]), static_cast<uint32_t>(run[i]));
-      }
-    }
-  }
+  const std::vector<uint32_t> order = similarity_order(rows);
+  Clusters clusters = join_bands(band_hashes(rows, dim), n);
   // A cluster's place: the first position of its rows in `order`.
   std::vector<uint32_t> first(n, std::numeric_limits<uint32_t>::max());
   for (int64_t p = 0; p < n; ++p) {
     uint32_t& f = first[clusters.find(order[p])];
     if (f > p) f = static_cast<uint32_t>(p);
   }
+  std::vector<uint64_t> run(n);
+  std::vector<uint64_t> tmp;
   for (int64_t p = 0; p < n; ++p) {
     run[p] = uint64_t{first[clusters.find(order[p])]} << 32 | static_cast<uint64_t>(p);
   }
@@ -465,7 +492,14 @@ void SparseIndex::compute_blocks(Storage& storage, int64_t block_rows) {
   bm_entries_ = static_cast<int64_t>(storage.bm_block.size());
   bm_offsets_ = storage.bm_offsets.data();
   bm_block_ = storage.bm_block.data();
-  if (quantized) {
+  store_block_extremes(storage, std::move(hi), std::move(lo), std::move(start));
+}
+
+// The block-max lists' max, min and start of every entry: codes and 16-bit
+// starts on an int8 index, float32 values and 32-bit starts otherwise.
+void SparseIndex::store_block_extremes(Storage& storage, std::vector<float> hi, std::vector<float> lo,
+                                       std::vector<uint32_t> start) {
+  if (values_ == ValueType::kInt8) {
     const auto code = [](float level) { return static_cast<uint8_t>(static_cast<int>(level)); };
     storage.bm_max_code.resize(hi.size());
     storage.bm_min_code.resize(lo.size());

@@ -274,6 +274,9 @@ class SparseIndex {
   void finish_build(const BuildOptions& options, std::chrono::steady_clock::time_point start);
   // Fills the block-max lists from the postings (build, and version 1 files).
   void compute_blocks(Storage& storage, int64_t block_rows);
+  // Stores the block-max entries' max / min levels and starts (compute_blocks).
+  void store_block_extremes(Storage& storage, std::vector<float> hi, std::vector<float> lo,
+                            std::vector<uint32_t> start);
   // Replaces the float32 values of a freshly built index by int8 codes
   // (keeping them as the forward store when keep_float).
   void quantize(Storage& storage, bool keep_float);
