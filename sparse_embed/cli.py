@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 from sparse_embed.errors import SparseEmbedError
-from sparse_embed.training.launch import process_rank
+from sparse_embed.launch import process_rank
 
 # How long ranks other than 0 wait before reporting a user error themselves.
 OTHER_RANKS_DELAY_S = 5.0

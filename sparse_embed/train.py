@@ -20,7 +20,7 @@ import sys
 from collections.abc import Sequence
 
 from sparse_embed.cli import make_parser, program, user_errors_exit
-from sparse_embed.training.launch import process_rank
+from sparse_embed.launch import process_rank
 
 
 def build_parser() -> argparse.ArgumentParser:

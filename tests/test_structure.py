@@ -208,12 +208,10 @@ def test_the_library_never_imports_the_app(edges: list[Edge]) -> None:
     assert not wrong, "the app uses the library, never the other way round:\n" + "\n".join(wrong)
 
 
-def test_edge_never_loads_tensorflow(edges: list[Edge], modules: dict[str, Path]) -> None:
-    """The TFLite-only runtime runs where TensorFlow is not installed: nothing it imports, however
-    indirectly, may import `sparse_embed.keras` (the one TensorFlow import)."""
+def _reached(edges: list[Edge], modules: dict[str, Path], prefix: str) -> dict[str, list[str]]:
+    """Every module the modules under `prefix` import, however indirectly, with one import path."""
     graph = internal_graph(edges, modules)
-    edge = f"{PACKAGE}.edge"
-    reached = {m: [m] for m in modules if _inside(m, edge)}
+    reached = {m: [m] for m in modules if _inside(m, prefix)}
     todo = list(reached)
     while todo:
         module = todo.pop()
@@ -221,8 +219,28 @@ def test_edge_never_loads_tensorflow(edges: list[Edge], modules: dict[str, Path]
             if target not in reached:
                 reached[target] = reached[module] + [target]
                 todo.append(target)
-    path = reached.get(f"{PACKAGE}.keras")
+    return reached
+
+
+def test_edge_never_loads_tensorflow(edges: list[Edge], modules: dict[str, Path]) -> None:
+    """The TFLite-only runtime runs where TensorFlow is not installed: nothing it imports, however
+    indirectly, may import `sparse_embed.keras` (the one TensorFlow import)."""
+    path = _reached(edges, modules, f"{PACKAGE}.edge").get(f"{PACKAGE}.keras")
     assert path is None, "sparse_embed.edge reaches TensorFlow: " + " -> ".join(path or [])
+
+
+# Layers below the trainer, and the plumbing every entry point shares (cli.py): none of them may
+# reach `training`, even through another module.
+BELOW_TRAINING = ["cli", "config", "launch", "checkpoints", "strategy", "models", "heads", "distributions",
+                  "data", "faces", "metrics", "search", "edge"]
+
+
+@pytest.mark.parametrize("layer", BELOW_TRAINING)
+def test_lower_layers_never_reach_the_trainer(edges: list[Edge], modules: dict[str, Path],
+                                              layer: str) -> None:
+    reached = _reached(edges, modules, f"{PACKAGE}.{layer}")
+    wrong = [" -> ".join(path) for module, path in reached.items() if _inside(module, f"{PACKAGE}.training")]
+    assert not wrong, f"sparse_embed.{layer} reaches the training package:\n" + "\n".join(wrong[:5])
 
 
 # A heavy or optional dependency -> the only modules that may import it; everything else asks them.

@@ -28,9 +28,9 @@ from typing import Any
 from sparse_embed.config import DistributedConfig
 from sparse_embed.errors import ConfigError
 from sparse_embed.keras import tf
+from sparse_embed.launch import has_tf_config, launched_by_horovod
 from sparse_embed.registry import Registry
 from sparse_embed.strategy import DatasetFn, SingleProcess, Strategy
-from sparse_embed.training.launch import has_tf_config, launched_by_horovod
 
 STRATEGIES: Registry[type] = Registry("distribution backend")
 # One process lives beside the protocol, where heads take it without importing Horovod;
