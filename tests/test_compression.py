@@ -85,6 +85,7 @@ def _wrapper(model: keras.Model, name: str) -> keras.layers.Layer:
     return model.get_layer(f"quant_{name}")
 
 
+@pytest.mark.integration
 def test_qat_fake_quantizes_prelu_and_the_folded_embedding() -> None:
     config = load_config("smoke", ["compression.type=qat"])
     backbone = build_model(config.model)
@@ -102,6 +103,7 @@ def test_qat_fake_quantizes_prelu_and_the_folded_embedding() -> None:
     assert compression.for_export(qat) is qat
 
 
+@pytest.mark.integration
 def test_soft_threshold_keeps_its_zeros_under_qat() -> None:
     config = load_config("smoke", ["model.final_activation=soft_threshold", "compression.type=qat"])
     qat = compression.compress(build_model(config.model), config.compression, 10)
@@ -147,6 +149,7 @@ def _prune_once(overrides: list[str]) -> tuple[dict[str, np.ndarray], dict[str, 
     return before, _kernels(stripped)
 
 
+@pytest.mark.integration
 def test_pruning_reaches_the_target_on_the_smallest_weights() -> None:
     before, after = _prune_once(["compression.target_sparsity=0.5"])
     assert set(before) == set(after) and len(after) == 13  # 12 Conv2D and the embedding Dense
@@ -159,6 +162,7 @@ def test_pruning_reaches_the_target_on_the_smallest_weights() -> None:
         np.testing.assert_array_equal(kernel[~zeros], before[name][~zeros])
 
 
+@pytest.mark.integration
 def test_two_by_four_holds_in_every_group_of_four_input_channels() -> None:
     _, after = _prune_once(["compression.m_by_n=[2,4]"])
     checked = 0
