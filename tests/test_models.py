@@ -324,6 +324,7 @@ def test_mobilenet_v2_imagenet_variant_has_keras_parameter_count(width: float) -
         assert abs(count_macs(ours) - 300e6) / 300e6 < 0.05
 
 
+@pytest.mark.integration
 def test_mobilenet_v2_face_variant_is_the_imagenet_trunk_with_a_gdconv_head() -> None:
     d = 512
     trunk = count_params(imagenet_classifier()) - (1280 * 1000 + 1000)
