@@ -3,7 +3,11 @@
 // exhaustive or batched accumulation, re-score or re-rank, write its results,
 // spread over threads), with the kernels its loops call (top-k scans,
 // posting scatters, product tables, the dense dot product) in this
-// translation unit so that the compiler can inline them into those loops.
+// translation unit, where the compiler inlines the posting scatters into
+// those loops (the scans, the product tables and the dot product keep their
+// AVX2 clones, picked once at load time).
+
+#include <sched.h>
 
 #include <algorithm>
 #include <atomic>
@@ -15,8 +19,6 @@
 #include <thread>
 #include <utility>
 #include <vector>
-
-#include <sched.h>
 
 #include "index_internal.h"
 #include "sparse_index.h"
@@ -39,7 +41,6 @@
 #else
 #define SPARSE_EMBED_MULTIVERSION
 #endif
-
 
 namespace sparse_embed {
 namespace {
@@ -467,10 +468,14 @@ class RowsSource final : public QuerySource {
 // A pruning block's upper bound and its number.
 using BlockBound = std::pair<double, uint32_t>;
 
-// Higher bound first; among equal bounds the lower block.
-bool higher_bound(const BlockBound& a, const BlockBound& b) {
-  return a.first > b.first || (a.first == b.first && a.second < b.second);
-}
+// Higher bound first; among equal bounds the lower block. A function object,
+// not a function, so that std::sort and the heap operations inline it.
+struct HigherBound {
+  bool operator()(const BlockBound& a, const BlockBound& b) const {
+    return a.first > b.first || (a.first == b.first && a.second < b.second);
+  }
+};
+constexpr HigherBound higher_bound{};
 
 }  // namespace
 
