@@ -293,7 +293,6 @@ def test_threshold_without_candidates_is_reported_not_fatal(files: Path) -> None
     assert json.loads((files / "none.json").read_text())["rows"][0]["recall@1"] == 0
 
 
-@pytest.mark.integration
 def test_bad_inputs_exit_2_with_one_line(files: Path, sets: dict[str, Embeddings],
                                          capsys: pytest.CaptureFixture[str]) -> None:
     p = sets["probes"]
