@@ -4,7 +4,7 @@
 (https://github.com/Cyan4973/xxHash/blob/dev/doc/xxhash_spec.md), written
 from the spec rather than from the C++ code, so agreeing with the checksums
 the C++ writer stores is evidence for both. `write_v1` writes a version 1
-index file (the layout of search/sparse_index.cpp's top comment): a 64-byte
+index file (the layout of search/format.cpp's top comment): a 64-byte
 header with its XXH64 at byte 56, then the segment bounds, positions, values
 and optional labels, each section zero-padded to a multiple of 64 bytes; rows
 are stored in caller order (version 1 has no row order and no block metadata).

@@ -28,14 +28,12 @@ from sparse_embed.search.__main__ import main as search_main
 
 pytestmark = pytest.mark.integration
 
-SEARCH_SOURCES = ("Makefile", "sparse_index.h", "sparse_index.cpp", "cli.cpp")
-
-
 def copy_search_dir(destination: Path) -> Path:
-    """A copy of search/ (sources and Makefile only), so builds never touch the checkout."""
+    """A copy of search/ (its C++ sources, headers and Makefile), so builds never touch the checkout."""
     destination.mkdir(parents=True, exist_ok=True)
-    for name in SEARCH_SOURCES:
-        shutil.copy(ROOT / "search" / name, destination / name)
+    for path in (ROOT / "search").iterdir():
+        if path.name == "Makefile" or path.suffix in (".cpp", ".h"):
+            shutil.copy(path, destination / path.name)
     return destination
 
 
