@@ -287,3 +287,11 @@ def test_manifest_to_hdf5_to_bins(smoke_run: Path, tmp_path: Path) -> None:
     assert "trials" in proc.stdout and "rank-1" in proc.stdout
     assert (tmp_path / "bins" / "facescrub_queries.bin").is_file()
     assert (tmp_path / "bins" / "facescrub_database.bin").is_file()
+    # The command's old home keeps working for one release, with one deprecation line.
+    old = run_module("sparse_embed.data.megaface", "split-bins", "--protocol=facescrub",
+                     f"--megaface={hdf5['megaface']}", f"--facescrub={hdf5['facescrub']}",
+                     f"--output={tmp_path / 'old_bins'}")
+    assert old.returncode == 0, old.stderr[-3000:]
+    assert "deprecated" in old.stderr and "sparse_embed.metrics.megaface" in old.stderr
+    for name in ("facescrub_queries.bin", "facescrub_database.bin"):
+        assert (tmp_path / "old_bins" / name).read_bytes() == (tmp_path / "bins" / name).read_bytes()

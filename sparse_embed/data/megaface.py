@@ -513,3 +513,14 @@ def prepare(output: str | os.PathLike, devkit: str | os.PathLike,
     return {image_set: prepare_set(image_set, features, root, output, noise, crop, num_workers,
                                    make_detector)
             for image_set, (features, root, noise) in inputs.items()}
+
+
+# `split-bins` moved to `python -m sparse_embed.metrics.megaface` (the protocols are metrics,
+# and data/ imports none). The old command keeps working for one release: it hands its
+# arguments to the new module in a fresh process, so this module still imports no metric.
+if __name__ == "__main__":
+    import sys
+
+    print("python -m sparse_embed.data.megaface: warning: this command is deprecated and goes in the "
+          "next release; use python -m sparse_embed.metrics.megaface", file=sys.stderr)
+    os.execv(sys.executable, [sys.executable, "-m", "sparse_embed.metrics.megaface", *sys.argv[1:]])
