@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="The run's data directory, for its data.pairs / data.pairs_images when no "
                              "other input is given; default: the one the run was trained on "
                              "(<model_dir>/run.json).")
-    parser.add_argument("--manifest", help="Image manifest TSV (preprocessing/prepare_megaface.py); "
+    parser.add_argument("--manifest", help="Image manifest TSV (sparse-embed-prepare-megaface); "
                                            "labels are its identity labels.")
     parser.add_argument("--flip", choices=["none", "sum", "concat"],
                         help="Flip test-time augmentation; default: the run's eval.flip.")

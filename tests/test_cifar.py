@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT, assert_user_error, run_module_script
+from conftest import assert_user_error, run_module
 
 from sparse_embed.data.cifar import load_pickle, read_split
 from sparse_embed.data.pipeline import eval_dataset
@@ -16,7 +16,7 @@ from sparse_embed.errors import DataError
 
 pytestmark = pytest.mark.unit
 
-SCRIPT = str(ROOT / "preprocessing" / "build_cifar_tfrecords.py")
+SCRIPT = "sparse_embed.preprocessing.build_cifar_tfrecords"
 
 FINE = [f"fine_{i}".encode() for i in range(100)]
 COARSE = [f"coarse_{i}".encode() for i in range(20)]
@@ -62,7 +62,7 @@ def test_cli_writes_tfrecords_of_both_splits(tmp_path: Path) -> None:
     root = tmp_path / "cifar-100-python"
     images = _write_archive(root, {"train": 12, "test": 6})
     out = tmp_path / "cifar100"
-    proc = run_module_script(SCRIPT, f"--root={root}", f"--output={out}", "--shards=2",
+    proc = run_module(SCRIPT, f"--root={root}", f"--output={out}", "--shards=2",
                              "--workers=1")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert read_label_map(out / "tfrecords" / "labels.txt") == [n.decode() for n in FINE]
@@ -95,9 +95,8 @@ def test_pickles_that_would_run_code_are_refused(tmp_path: Path) -> None:
 
 @pytest.mark.integration
 def test_bad_archives_are_one_line_errors(tmp_path: Path) -> None:
-    script = SCRIPT
-    assert_user_error(run_module_script(script, f"--root={tmp_path / 'none'}",
-                                        f"--output={tmp_path / 'o'}"), "not found")
+    assert_user_error(run_module(SCRIPT, f"--root={tmp_path / 'none'}",
+                                 f"--output={tmp_path / 'o'}"), "not found")
     # CIFAR-10's batches have `labels`, not `fine_labels`.
     root = tmp_path / "cifar-10"
     root.mkdir()
@@ -105,6 +104,6 @@ def test_bad_archives_are_one_line_errors(tmp_path: Path) -> None:
         (root / name).write_bytes(pickle.dumps({b"data": np.zeros((1, 3072), np.uint8),
                                                 b"labels": [0], b"filenames": [b"a.png"],
                                                 b"fine_label_names": FINE}, protocol=2))
-    assert_user_error(run_module_script(script, f"--root={root}", f"--output={tmp_path / 'o'}"),
+    assert_user_error(run_module(SCRIPT, f"--root={root}", f"--output={tmp_path / 'o'}"),
                       "has no 'fine_labels' entry")
     assert not (tmp_path / "o" / "tfrecords" / "train-00000-of-00008").exists()

@@ -40,6 +40,12 @@ PACKAGE_CLIS = (
     "sparse_embed.metrics.retrieval",
     "sparse_embed.metrics.sparsity",
     "sparse_embed.metrics.megaface",
+    "sparse_embed.preprocessing.align_faces",
+    "sparse_embed.preprocessing.build_tfrecords",
+    "sparse_embed.preprocessing.build_cifar_tfrecords",
+    "sparse_embed.preprocessing.build_retrieval_tfrecords",
+    "sparse_embed.preprocessing.msceleb_to_jpeg",
+    "sparse_embed.preprocessing.prepare_megaface",
 )
 SCRIPTS = tuple(str(p.relative_to(ROOT)) for p in sorted([*ROOT.glob("preprocessing/*.py"),
                                                           *ROOT.glob("benchmarks/*.py")]))
@@ -60,6 +66,12 @@ CONSOLE_SCRIPTS = {
     "sparse-embed-synthetic": "sparse_embed.data.synthetic",
     "sparse-embed-verification": "sparse_embed.data.verification",
     "sparse-embed-megaface": "sparse_embed.metrics.megaface",
+    "sparse-embed-align-faces": "sparse_embed.preprocessing.align_faces",
+    "sparse-embed-build-tfrecords": "sparse_embed.preprocessing.build_tfrecords",
+    "sparse-embed-build-cifar-tfrecords": "sparse_embed.preprocessing.build_cifar_tfrecords",
+    "sparse-embed-build-retrieval-tfrecords": "sparse_embed.preprocessing.build_retrieval_tfrecords",
+    "sparse-embed-msceleb-to-jpeg": "sparse_embed.preprocessing.msceleb_to_jpeg",
+    "sparse-embed-prepare-megaface": "sparse_embed.preprocessing.prepare_megaface",
 }
 
 # An option whose values differ in kind between command lines, and why that is right.
@@ -124,6 +136,17 @@ def test_every_package_command_line_is_listed() -> None:
             found.add(module)
     assert found <= set(PACKAGE_CLIS) | set(FORWARDED), sorted(found - set(PACKAGE_CLIS))
     assert set(FORWARDED.values()) <= set(PACKAGE_CLIS)
+
+
+def test_preprocessing_scripts_forward_to_the_package() -> None:
+    """`python preprocessing/x.py` in a clone is `python -m sparse_embed.preprocessing.x`: the same
+    parser and entry point, one for each package command (test_tfrecord runs one as a program)."""
+    scripts = sorted(p.stem for p in (ROOT / "preprocessing").glob("*.py"))
+    commands = sorted(m.rsplit(".", 1)[1] for m in PACKAGE_CLIS if m.startswith("sparse_embed.preprocessing."))
+    assert scripts == commands
+    for name in scripts:
+        script, module = load(f"preprocessing/{name}.py"), load(f"sparse_embed.preprocessing.{name}")
+        assert (script.build_parser, script.main) == (module.build_parser, module.main), name
 
 
 @pytest.mark.parametrize("cli", CLIS)

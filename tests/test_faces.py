@@ -16,7 +16,7 @@ import cv2
 import numpy as np
 import pytest
 import skimage.data
-from conftest import ROOT, assert_user_error, run_module_script
+from conftest import ROOT, assert_user_error, run_module
 
 from sparse_embed.errors import DataError
 from sparse_embed.faces import align_tree
@@ -40,7 +40,7 @@ from sparse_embed.faces.landmarks import (
 
 pytestmark = pytest.mark.unit
 
-ALIGN = str(ROOT / "preprocessing" / "align_faces.py")
+ALIGN = "sparse_embed.preprocessing.align_faces"
 CROPS = ("112x112", "96x112")
 
 
@@ -365,7 +365,7 @@ def test_cli_mirrors_the_tree_and_counts_unreadable(tmp_path: Path, astronaut: n
     _save(tmp_path / "raw" / "a" / "astro.jpg", astronaut)
     _save(tmp_path / "raw" / "b" / "c" / "astro.png", astronaut)
     (tmp_path / "raw" / "b" / "text.jpg").write_text("this is not an image\n")
-    proc = run_module_script(ALIGN, f"--input={tmp_path / 'raw'}", f"--output={tmp_path / 'aligned'}",
+    proc = run_module(ALIGN, f"--input={tmp_path / 'raw'}", f"--output={tmp_path / 'aligned'}",
                              "--workers=2", "--crop=96x112")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
@@ -379,8 +379,8 @@ def test_cli_mirrors_the_tree_and_counts_unreadable(tmp_path: Path, astronaut: n
 
 @pytest.mark.integration
 def test_cli_bad_input_is_one_line_exit_2(tmp_path: Path) -> None:
-    assert_user_error(run_module_script(ALIGN, f"--output={tmp_path / 'o'}"), "--input is required")
-    absent = run_module_script(ALIGN, f"--input={tmp_path / 'absent'}", f"--output={tmp_path / 'o'}")
+    assert_user_error(run_module(ALIGN, f"--output={tmp_path / 'o'}"), "--input is required")
+    absent = run_module(ALIGN, f"--input={tmp_path / 'absent'}", f"--output={tmp_path / 'o'}")
     assert_user_error(absent, "absent", "not found")
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT, assert_user_error, run_module, run_module_script
+from conftest import assert_user_error, run_module
 from PIL import Image
 
 from sparse_embed.data import megaface
@@ -17,7 +17,7 @@ from sparse_embed.metrics.megaface import Split, query_database_split, rank1, sp
 
 pytestmark = pytest.mark.unit
 
-SCRIPT = str(ROOT / "preprocessing" / "prepare_megaface.py")
+SCRIPT = "sparse_embed.preprocessing.prepare_megaface"
 
 # MegaFace distractors: `<prefix>/<user>@N00/<photo>_<face>.jpg` under FlickrFinal2.
 MEGAFACE = ["100/10000@N00/1_0.jpg", "100/10000@N00/2_0.jpg", "100/10000@N00/3_0.jpg",
@@ -122,7 +122,7 @@ def test_prepare_cli_end_to_end(tmp_path: Path) -> None:
     paths = _dataset(tmp_path)
     (paths["megaface"] / MEGAFACE_LARGE).write_text("not a JPEG")
     out = tmp_path / "out"
-    proc = run_module_script(SCRIPT, f"--megaface_root={paths['megaface']}",
+    proc = run_module(SCRIPT, f"--megaface_root={paths['megaface']}",
                              f"--facescrub_root={paths['facescrub']}", f"--devkit={paths['devkit']}",
                              "--list_size=10", "--list_set=1", f"--noises={paths['noises']}",
                              f"--output={out}", "--workers=2")
@@ -154,18 +154,18 @@ def test_prepare_cli_end_to_end(tmp_path: Path) -> None:
 def test_bad_inputs_are_one_line_errors(tmp_path: Path) -> None:
     paths = _dataset(tmp_path)
     base = [f"--megaface_root={paths['megaface']}", f"--output={tmp_path / 'o'}", "--list_size=10"]
-    assert_user_error(run_module_script(SCRIPT, *base, f"--devkit={tmp_path / 'none'}"),
+    assert_user_error(run_module(SCRIPT, *base, f"--devkit={tmp_path / 'none'}"),
                       "megaface_features_list.json_10_1 not found")
     listing = paths["devkit"] / "templatelists" / "megaface_features_list.json_10_1"
     listing.write_text(json.dumps(MEGAFACE))
-    assert_user_error(run_module_script(SCRIPT, *base, f"--devkit={paths['devkit']}"), "no 'path' list")
+    assert_user_error(run_module(SCRIPT, *base, f"--devkit={paths['devkit']}"), "no 'path' list")
     listing.write_text("{not json")
-    assert_user_error(run_module_script(SCRIPT, *base, f"--devkit={paths['devkit']}"), "is not JSON")
+    assert_user_error(run_module(SCRIPT, *base, f"--devkit={paths['devkit']}"), "is not JSON")
     _feature_list(listing, MEGAFACE, list(range(len(MEGAFACE))))
     (paths["noises"] / "megaface_noises.txt").unlink()
-    assert_user_error(run_module_script(SCRIPT, *base, f"--devkit={paths['devkit']}",
+    assert_user_error(run_module(SCRIPT, *base, f"--devkit={paths['devkit']}",
                                         f"--noises={paths['noises']}"), "megaface_noises.txt not found")
-    assert_user_error(run_module_script(SCRIPT, f"--devkit={paths['devkit']}", f"--output={tmp_path}"),
+    assert_user_error(run_module(SCRIPT, f"--devkit={paths['devkit']}", f"--output={tmp_path}"),
                       "need --megaface_root, --facescrub_root or both")
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import ROOT, assert_user_error, run_module_script
+from conftest import assert_user_error, run_module
 from PIL import Image
 
 from sparse_embed.data.recordio import ImageRecords, open_recordio, read_index
@@ -28,8 +28,8 @@ from sparse_embed.errors import DataError
 pytestmark = pytest.mark.unit
 
 MAGIC = struct.pack("<I", 0xCED7230A)
-EXTRACT = str(ROOT / "preprocessing" / "msceleb_to_jpeg.py")
-BUILD = str(ROOT / "preprocessing" / "build_tfrecords.py")
+EXTRACT = "sparse_embed.preprocessing.msceleb_to_jpeg"
+BUILD = "sparse_embed.preprocessing.build_tfrecords"
 
 
 # --- fixture writer ---------------------------------------------------------------------------
@@ -265,7 +265,7 @@ def test_build_tfrecords_cli_skips_bad_records(
 ) -> None:
     directory, images, broken = bad_pack
     out = tmp_path / "records"
-    proc = run_module_script(
+    proc = run_module(
         BUILD, f"--recordio={directory / 'train.rec'}", f"--output={out}", "--shards=2", "--workers=2"
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -284,7 +284,7 @@ def test_build_tfrecords_cli_skips_bad_records(
 @pytest.mark.integration
 def test_msceleb_to_jpeg_tree_and_bytes(face_pack: tuple[Path, dict[int, bytes]]) -> None:
     directory, images = face_pack
-    proc = run_module_script(EXTRACT, str(directory), "--workers=2")
+    proc = run_module(EXTRACT, str(directory), "--workers=2")
     assert proc.returncode == 0, proc.stderr[-3000:]
     files = sorted((directory / "images").rglob("*"))
     written = {f.relative_to(directory / "images").as_posix(): f.read_bytes() for f in files if f.is_file()}
@@ -297,7 +297,7 @@ def test_msceleb_to_jpeg_skips_bad_records(
     bad_pack: tuple[Path, dict[int, bytes], dict[str, int]],
 ) -> None:
     directory, images, broken = bad_pack
-    proc = run_module_script(EXTRACT, str(directory), "--workers=1")
+    proc = run_module(EXTRACT, str(directory), "--workers=1")
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [line for line in proc.stdout.splitlines() if line.strip().startswith("skipped key")]
     assert sorted(int(line.split()[2]) for line in lines) == sorted(broken.values())
@@ -309,14 +309,14 @@ def test_msceleb_to_jpeg_skips_bad_records(
 
 @pytest.mark.integration
 def test_cli_user_errors_are_one_line(tmp_path: Path) -> None:
-    assert_user_error(run_module_script(EXTRACT, str(tmp_path / "missing")), "train.rec", "not found")
+    assert_user_error(run_module(EXTRACT, str(tmp_path / "missing")), "train.rec", "not found")
     fake = tmp_path / "fake"
     fake.mkdir()
     Image.new("RGB", (8, 8)).save(fake / "train.rec", format="PNG")
     (fake / "train.idx").write_text("0\t0\n")
-    assert_user_error(run_module_script(EXTRACT, str(fake)), "train.rec", "not a RecordIO file")
-    proc = run_module_script(BUILD, f"--recordio={fake / 'train.rec'}", f"--output={tmp_path / 'o'}")
+    assert_user_error(run_module(EXTRACT, str(fake)), "train.rec", "not a RecordIO file")
+    proc = run_module(BUILD, f"--recordio={fake / 'train.rec'}", f"--output={tmp_path / 'o'}")
     assert_user_error(proc, "train.rec", "not a RecordIO file")
     assert not (tmp_path / "o").exists()
-    proc = run_module_script(BUILD, f"--recordio={tmp_path / 'x.rec'}", f"--output={tmp_path / 'o'}")
+    proc = run_module(BUILD, f"--recordio={tmp_path / 'x.rec'}", f"--output={tmp_path / 'o'}")
     assert_user_error(proc, "x.rec", "not found")

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import scipy.io
-from conftest import ROOT, assert_user_error, run_module_script
+from conftest import assert_user_error, run_module
 from PIL import Image
 
 from sparse_embed.data.pipeline import eval_dataset
@@ -16,7 +16,7 @@ from sparse_embed.data.tfrecord import read_label_map
 
 pytestmark = pytest.mark.unit
 
-SCRIPT = str(ROOT / "preprocessing" / "build_retrieval_tfrecords.py")
+SCRIPT = "sparse_embed.preprocessing.build_retrieval_tfrecords"
 
 
 def _jpeg(path: Path, seed: int) -> None:
@@ -101,7 +101,7 @@ def test_open_set_splits_to_tfrecords(dataset: str, tmp_path: Path) -> None:
     root = tmp_path / dataset
     expected = WRITERS[dataset](root)
     out = tmp_path / "out"
-    proc = run_module_script(SCRIPT, f"--dataset={dataset}", f"--root={root}", f"--output={out}",
+    proc = run_module(SCRIPT, f"--dataset={dataset}", f"--root={root}", f"--output={out}",
                              "--shards=1", "--workers=1")
     assert proc.returncode == 0, proc.stderr[-2000:]
     for split, classes in expected.items():
@@ -121,12 +121,12 @@ def test_open_set_splits_to_tfrecords(dataset: str, tmp_path: Path) -> None:
 
 @pytest.mark.integration
 def test_missing_list_file_and_missing_images(tmp_path: Path) -> None:
-    assert_user_error(run_module_script(SCRIPT, "--dataset=cub", f"--root={tmp_path / 'none'}",
+    assert_user_error(run_module(SCRIPT, "--dataset=cub", f"--root={tmp_path / 'none'}",
                                         f"--output={tmp_path / 'o'}"), "images.txt not found")
     root = tmp_path / "cub"
     _cub(root)
     next((root / "images").rglob("*.jpg")).unlink()
-    proc = run_module_script(SCRIPT, "--dataset=cub", f"--root={root}",
+    proc = run_module(SCRIPT, "--dataset=cub", f"--root={root}",
                              f"--output={tmp_path / 'o'}", "--shards=1", "--workers=1")
     assert proc.returncode == 0, proc.stderr[-2000:]
     skipped = [line for line in proc.stdout.splitlines() if line.startswith("  skipped ")]

@@ -3,7 +3,7 @@
 #   run_scripts/cifar/train.sh CONFIG [--set key=value ...]
 # Environment (defaults in brackets):
 #   NP [1]                 processes; above 1, horovodrun -np NP (one per GPU)
-#   CIFAR_DIR [data/cifar100]  holds tfrecords/train-* and labels.txt (preprocessing/build_cifar_tfrecords.py)
+#   CIFAR_DIR [data/cifar100]  holds tfrecords/train-* and labels.txt (python -m sparse_embed.preprocessing.build_cifar_tfrecords)
 #   MODEL_DIR              output directory; re-running resumes
 #   PYTHON [python]        the interpreter with sparse_embed installed (e.g. .venv/bin/python)
 #   HOROVODRUN [horovodrun next to $PYTHON, else on PATH]

@@ -4,7 +4,7 @@
 # Environment (defaults in brackets):
 #   NP [8]                 processes, one per GPU
 #   HOSTS [localhost:$NP]  horovodrun -H, e.g. host1:4,host2:4 for two 4-GPU hosts
-#   MS1M_DIR [data/ms1m]   holds tfrecords/train-* and tfrecords/labels.txt (preprocessing/build_tfrecords.py)
+#   MS1M_DIR [data/ms1m]   holds tfrecords/train-* and tfrecords/labels.txt (python -m sparse_embed.preprocessing.build_tfrecords)
 #   MODEL_DIR              output directory; re-running resumes, with any NP
 #   PYTHON [python]        the interpreter with sparse_embed installed (e.g. .venv/bin/python)
 #   HOROVODRUN [horovodrun next to $PYTHON, else on PATH]

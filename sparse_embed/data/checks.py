@@ -32,7 +32,7 @@ def train_inputs(config: Config, data_dir: str | Path) -> tuple[str, Path]:
     pattern = str(data_dir / config.data.train_files)
     if not glob.glob(pattern):
         raise DataError(
-            f"no TFRecords match {pattern}; build them with preprocessing/build_tfrecords.py "
+            f"no TFRecords match {pattern}; build them with sparse-embed-build-tfrecords "
             f"or set data.train_files"
         )
     label_map = data_dir / config.data.label_map

@@ -1,7 +1,7 @@
 """CIFAR-100 from the official Python pickles to the project's TFRecords.
 
-    python preprocessing/build_cifar_tfrecords.py --root=cifar-100-python --output=data/cifar100 \
-        [--labels=fine|coarse] [--shards=8] [--workers=2]
+    python -m sparse_embed.preprocessing.build_cifar_tfrecords --root=cifar-100-python \
+        --output=data/cifar100 [--labels=fine|coarse] [--shards=8] [--workers=2]
 
 The "python version" archive of Krizhevsky's CIFAR-100 unpacks to a folder
 with three pickles (written by Python 2): `train` and `test`, each a dict with

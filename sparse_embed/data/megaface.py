@@ -1,7 +1,8 @@
 """MegaFace challenge 1 data: the devkit's image lists, the published noise lists, aligned images, manifests.
 
-    python preprocessing/prepare_megaface.py --megaface_root=FlickrFinal2 --facescrub_root=facescrub \
-        --devkit=devkit/templatelists --size=1000000 --set=1 --noises=NOISES --output=data/megaface
+    python -m sparse_embed.preprocessing.prepare_megaface --megaface_root=FlickrFinal2 \
+        --facescrub_root=facescrub --devkit=devkit/templatelists --size=1000000 --set=1 \
+        --noises=NOISES --output=data/megaface
     python -m sparse_embed.embed --model_dir=RUN --manifest=data/megaface/megaface.tsv \
         --output=megaface_RUN.hdf5
 
@@ -245,7 +246,7 @@ def read_manifest(path: str | os.PathLike) -> list[ManifestRow]:
     """
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"manifest {path} not found; write it with preprocessing/prepare_megaface.py")
+        raise DataError(f"manifest {path} not found; write it with sparse-embed-prepare-megaface")
     rows = []
     with path.open(newline="") as f:
         reader = csv.reader(f, delimiter="\t")

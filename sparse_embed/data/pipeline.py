@@ -81,7 +81,7 @@ def list_files(file_pattern: str) -> list[str]:
     if not files:
         raise DataError(
             f"no TFRecord files match {file_pattern!r}; build them with "
-            f"preprocessing/build_tfrecords.py --input=<image folder> --output=<dir>"
+            f"sparse-embed-build-tfrecords --input=<image folder> --output=<dir>"
         )
     return files
 
@@ -273,12 +273,12 @@ def train_dataset(
             records, problem = count_records(path)
             if problem:
                 raise DataError(f"TFRecord shard {path} is damaged after {records} intact records: "
-                                f"{problem}; rebuild it with preprocessing/build_tfrecords.py")
+                                f"{problem}; rebuild it with sparse-embed-build-tfrecords")
             counts.append(records)
         epoch_size = sum(counts)
         if not epoch_size:
             raise DataError(f"the TFRecord files of worker {worker_index} ({own[0]}, ...) hold no "
-                            f"records; rebuild them with preprocessing/build_tfrecords.py")
+                            f"records; rebuild them with sparse-embed-build-tfrecords")
         plan = _EpochPlan(tuple(own), tuple(counts), min(len(own), CYCLE_LENGTH), worker_seed)
         epoch, position = divmod(start_example, epoch_size)
         window_start = position - position % shuffle_buffer
@@ -378,7 +378,7 @@ def _file_index(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     offsets, lengths, problem = scan_records(path)
     if problem:
         raise DataError(f"TFRecord shard {path} is damaged after {len(offsets)} intact records: "
-                        f"{problem}; rebuild it with preprocessing/build_tfrecords.py")
+                        f"{problem}; rebuild it with sparse-embed-build-tfrecords")
     labels = _labels_of(path)
     try:
         with atomic_path(cache) as tmp, open(tmp, "wb") as f:

@@ -1,6 +1,7 @@
 """The metric-learning retrieval benchmarks in their published layouts, standard open-set splits.
 
-    python preprocessing/build_retrieval_tfrecords.py --dataset=cub --root=CUB_200_2011 --output=data/cub
+    python -m sparse_embed.preprocessing.build_retrieval_tfrecords --dataset=cub --root=CUB_200_2011 \
+        --output=data/cub
 
 | dataset | files read (relative to --root) | splits |
 |---|---|---|

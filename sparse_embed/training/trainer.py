@@ -582,12 +582,12 @@ def _damaged_input_error(pattern: str, error: tf.errors.DataLossError) -> DataEr
     if not damaged:
         reason = str(error).strip().splitlines()[0][:200]
         return DataError(f"a TFRecord file matching {pattern} is corrupt ({reason}); rebuild the "
-                         f"shards with preprocessing/build_tfrecords.py")
+                         f"shards with sparse-embed-build-tfrecords")
     path, records, problem = damaged[0]
     others = f" (and {len(damaged) - 1} more damaged shard(s))" if len(damaged) > 1 else ""
     return DataError(
         f"TFRecord shard {path} is damaged after {records} intact records: {problem}{others}; "
-        f"rebuild it with preprocessing/build_tfrecords.py, then re-run to resume"
+        f"rebuild it with sparse-embed-build-tfrecords, then re-run to resume"
     )
 
 
