@@ -7,7 +7,7 @@ PYTEST_ARGS ?=
 MEGAFACE_BIN ?= data/megaface/megaface_distractors.bin
 FACESCRUB_BIN ?= data/megaface/facescrub.bin
 
-.PHONY: install horovod test test-fast demo study bench bench-train bench-pipeline bench-tflite bench-compression lint runmegaface runfacescrub clean
+.PHONY: install horovod test test-fast docs docs-serve demo study bench bench-train bench-pipeline bench-tflite bench-compression lint runmegaface runfacescrub clean
 
 install: $(VENV)/.installed
 
@@ -16,7 +16,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: setup.cfg setup.py pyproject.toml $(wildcard search/*.cpp search/*.h)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[test,milvus]"
+	$(PY) -m pip install --quiet -e ".[test,milvus,docs]"
 	touch $@
 
 # Horovod 0.28.1 built against this venv's TensorFlow (tools/build_horovod.sh
@@ -57,6 +57,13 @@ test:
 # picks other tiers.
 test-fast: install horovod
 	SPARSE_EMBED_REQUIRE_HOROVOD=1 $(PY) -m pytest -m unit $(PYTEST_ARGS)
+
+# The documentation site (mkdocs.yml, docs/) into site/; `make docs-serve` serves it with live reload.
+docs: install
+	$(PY) -m mkdocs build --strict --site-dir site
+
+docs-serve: install
+	$(PY) -m mkdocs serve
 
 demo: install
 	$(PY) -m sparse_embed.demo --output=runs/demo

@@ -46,6 +46,7 @@ PACKAGE_CLIS = (
     "sparse_embed.preprocessing.build_retrieval_tfrecords",
     "sparse_embed.preprocessing.msceleb_to_jpeg",
     "sparse_embed.preprocessing.prepare_megaface",
+    "sparse_embed.results",
 )
 SCRIPTS = tuple(str(p.relative_to(ROOT)) for p in sorted([*ROOT.glob("preprocessing/*.py"),
                                                           *ROOT.glob("benchmarks/*.py")]))
@@ -72,6 +73,7 @@ CONSOLE_SCRIPTS = {
     "sparse-embed-build-retrieval-tfrecords": "sparse_embed.preprocessing.build_retrieval_tfrecords",
     "sparse-embed-msceleb-to-jpeg": "sparse_embed.preprocessing.msceleb_to_jpeg",
     "sparse-embed-prepare-megaface": "sparse_embed.preprocessing.prepare_megaface",
+    "sparse-embed-results": "sparse_embed.results",
 }
 
 # An option whose values differ in kind between command lines, and why that is right.

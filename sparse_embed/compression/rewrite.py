@@ -55,6 +55,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -153,7 +154,7 @@ class IntegerPReLU(keras.layers.Layer):
     """
 
     def __init__(self, alpha: np.ndarray | list, output_range: OutputRange | list = None,
-                 **kwargs) -> None:
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.alpha = np.asarray(alpha, np.float32)
         if self.alpha.size == 0:

@@ -154,7 +154,7 @@ class ClassifierHead(keras.layers.Layer):
 
     def __init__(self, num_classes: int, embedding_size: int | None = None,
                  kernel_initializer: str | dict | keras.initializers.Initializer | None = None,
-                 loss: str = "softmax_ce", focal_gamma: float = 2.0, **kwargs) -> None:
+                 loss: str = "softmax_ce", focal_gamma: float = 2.0, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.num_classes = _check_num_classes(num_classes)
         self.embedding_size = _check_embedding_size(embedding_size)
@@ -316,7 +316,7 @@ class CosineHead(ClassifierHead):
 
     def __init__(self, num_classes: int, sub_centers: int = 1, embedding_size: int | None = None,
                  kernel_initializer: str | dict | keras.initializers.Initializer | None = None,
-                 **kwargs) -> None:
+                 **kwargs: Any) -> None:
         super().__init__(num_classes, embedding_size=embedding_size,
                          kernel_initializer=kernel_initializer, **kwargs)
         if not _is_integer(sub_centers) or sub_centers < 1:
@@ -376,7 +376,7 @@ class MarginHead(CosineHead):
 
     def __init__(self, num_classes: int, scale: float = 64.0, embedding_size: int | None = None,
                  kernel_initializer: str | dict | keras.initializers.Initializer | None = None,
-                 **kwargs) -> None:
+                 **kwargs: Any) -> None:
         super().__init__(num_classes, embedding_size=embedding_size,
                          kernel_initializer=kernel_initializer, **kwargs)
         if not _is_real(scale) or scale <= 0:
@@ -456,7 +456,7 @@ class ArcFaceHead(MarginHead):
     def __init__(self, num_classes: int, scale: float = ArcFace.scale, margin: float = ArcFace.margin,
                  embedding_size: int | None = None,
                  kernel_initializer: str | dict | keras.initializers.Initializer | None = None,
-                 **kwargs) -> None:
+                 **kwargs: Any) -> None:
         super().__init__(num_classes, scale=scale, embedding_size=embedding_size,
                          kernel_initializer=kernel_initializer, **kwargs)
         self.margin = _check_in("margin", margin, 0.0, math.pi / 2, "pi/2")
@@ -497,7 +497,7 @@ class CosFaceHead(MarginHead):
     def __init__(self, num_classes: int, scale: float = CosFace.scale, margin: float = CosFace.margin,
                  embedding_size: int | None = None,
                  kernel_initializer: str | dict | keras.initializers.Initializer | None = None,
-                 **kwargs) -> None:
+                 **kwargs: Any) -> None:
         super().__init__(num_classes, scale=scale, embedding_size=embedding_size,
                          kernel_initializer=kernel_initializer, **kwargs)
         self.margin = _check_in("margin", margin, 0.0, 1.0, "1")
@@ -549,7 +549,7 @@ class CombinedMarginHead(MarginHead):
     def __init__(self, num_classes: int, scale: float = Combined.scale, m1: float = Combined.m1,
                  m2: float = Combined.m2, m3: float = Combined.m3, embedding_size: int | None = None,
                  kernel_initializer: str | dict | keras.initializers.Initializer | None = None,
-                 **kwargs) -> None:
+                 **kwargs: Any) -> None:
         super().__init__(num_classes, scale=scale, embedding_size=embedding_size,
                          kernel_initializer=kernel_initializer, **kwargs)
         self.m1 = _check_at_least("m1", m1, 1.0)
@@ -622,7 +622,7 @@ class SphereFaceHead(CosineHead):
                  lambda_min: float = SphereFace.lambda_min,
                  embedding_size: int | None = None,
                  kernel_initializer: str | dict | keras.initializers.Initializer | None = None,
-                 **kwargs) -> None:
+                 **kwargs: Any) -> None:
         super().__init__(num_classes, embedding_size=embedding_size,
                          kernel_initializer=kernel_initializer, **kwargs)
         # A YAML `margin: 4` may arrive as the float 4.0.

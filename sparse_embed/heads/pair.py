@@ -88,7 +88,7 @@ class PairLossHead(keras.layers.Layer):
     """
 
     def __init__(self, gather_batch: bool = False, strategy: Strategy | None = None,
-                 **kwargs) -> None:
+                 **kwargs: Any) -> None:
         kwargs.setdefault("dtype", "float32")
         super().__init__(**kwargs)
         if not isinstance(gather_batch, bool):
@@ -166,7 +166,7 @@ class _DistanceLoss(PairLossHead):
     """A pair loss on distances: 1 - cos, or |a - b|^2 = 2 - 2 cos on the unit sphere."""
 
     def __init__(self, distance: str = "cosine", gather_batch: bool = False,
-                 strategy: Strategy | None = None, **kwargs) -> None:
+                 strategy: Strategy | None = None, **kwargs: Any) -> None:
         super().__init__(gather_batch=gather_batch, strategy=strategy, **kwargs)
         if distance not in DISTANCES:
             raise ValueError(f"distance must be one of {', '.join(DISTANCES)}, got {distance!r}")
@@ -216,7 +216,7 @@ class TripletHead(_DistanceLoss):
 
     def __init__(self, margin: float = Triplet.margin, mining: str = Triplet.mining,
                  distance: str = Triplet.distance,
-                 gather_batch: bool = False, strategy: Strategy | None = None, **kwargs) -> None:
+                 gather_batch: bool = False, strategy: Strategy | None = None, **kwargs: Any) -> None:
         super().__init__(distance=distance, gather_batch=gather_batch, strategy=strategy, **kwargs)
         self.margin = check_number("margin", margin)
         if mining not in MININGS:
@@ -283,7 +283,7 @@ class ContrastiveHead(_DistanceLoss):
 
     def __init__(self, pos_margin: float = Contrastive.pos_margin,
                  neg_margin: float = Contrastive.neg_margin, distance: str = Contrastive.distance,
-                 gather_batch: bool = False, strategy: Strategy | None = None, **kwargs) -> None:
+                 gather_batch: bool = False, strategy: Strategy | None = None, **kwargs: Any) -> None:
         super().__init__(distance=distance, gather_batch=gather_batch, strategy=strategy, **kwargs)
         self.pos_margin = check_number("pos_margin", pos_margin)
         self.neg_margin = check_number("neg_margin", neg_margin)
@@ -330,7 +330,7 @@ class MultiSimilarityHead(PairLossHead):
     def __init__(self, alpha: float = MultiSimilarity.alpha, beta: float = MultiSimilarity.beta,
                  base: float = MultiSimilarity.base, epsilon: float = MultiSimilarity.epsilon,
                  gather_batch: bool = False,
-                 strategy: Strategy | None = None, **kwargs) -> None:
+                 strategy: Strategy | None = None, **kwargs: Any) -> None:
         super().__init__(gather_batch=gather_batch, strategy=strategy, **kwargs)
         self.alpha = check_number("alpha", alpha, strict=True)
         self.beta = check_number("beta", beta, strict=True)

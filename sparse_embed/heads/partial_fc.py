@@ -66,7 +66,7 @@ class ShardedMarginHead(keras.layers.Layer):
     """
 
     def __init__(self, margin: MarginHead, strategy: Any, sample_rate: float = 1.0,
-                 seed: int = 0, **kwargs) -> None:
+                 seed: int = 0, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if not 0 < sample_rate <= 1:
             raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate!r}")

@@ -54,7 +54,7 @@ class ProxyHead(keras.layers.Layer):
 
     def __init__(self, num_classes: int, embedding_size: int | None = None, lr_multiplier: float = 1.0,
                  proxy_initializer: str | dict | keras.initializers.Initializer | None = None,
-                 **kwargs) -> None:
+                 **kwargs: Any) -> None:
         kwargs.setdefault("dtype", "float32")
         super().__init__(**kwargs)
         self.num_classes = _check_num_classes(num_classes)
@@ -180,7 +180,7 @@ class ProxyNCAHead(ProxyHead):
     def __init__(self, num_classes: int, scale: float = ProxyNCA.scale, embedding_size: int | None = None,
                  lr_multiplier: float = ProxyNCA.lr_multiplier,
                  proxy_initializer: str | dict | keras.initializers.Initializer | None = None,
-                 **kwargs) -> None:
+                 **kwargs: Any) -> None:
         super().__init__(num_classes, embedding_size=embedding_size, lr_multiplier=lr_multiplier,
                          proxy_initializer=proxy_initializer, **kwargs)
         self.scale = check_number("scale", scale, strict=True)
@@ -218,7 +218,7 @@ class ProxyAnchorHead(ProxyHead):
     def __init__(self, num_classes: int, alpha: float = ProxyAnchor.alpha, delta: float = ProxyAnchor.delta,
                  embedding_size: int | None = None, lr_multiplier: float = ProxyAnchor.lr_multiplier,
                  proxy_initializer: str | dict | keras.initializers.Initializer | None = None,
-                 **kwargs) -> None:
+                 **kwargs: Any) -> None:
         super().__init__(num_classes, embedding_size=embedding_size, lr_multiplier=lr_multiplier,
                          proxy_initializer=proxy_initializer, **kwargs)
         self.alpha = check_number("alpha", alpha, strict=True)

@@ -251,14 +251,14 @@ def verification_metrics(scores: np.ndarray, issame: np.ndarray, folds: np.ndarr
         A dict with
         - `accuracy`: mean test-fold accuracy;
         - `accuracy_std`: standard deviation of the fold accuracies (ddof=0),
-          only with 2 or more folds;
+            only with 2 or more folds;
         - `accuracy_protocol`: the sentence of `PROTOCOLS` saying how the
-          threshold was chosen;
+            threshold was chosen;
         - `threshold`: the threshold applied (k-fold: the mean of the folds' ones);
         - `auc`: area under the ROC, ties counted 1/2 (Mann-Whitney);
         - `eer`: equal error rate (FAR = FRR, interpolated on the ROC);
         - `tar_at_far`: {far: highest TAR at an operating point with FAR <= far},
-          only for the targets with at least 1/far different pairs.
+            only for the targets with at least 1/far different pairs.
 
     Raises:
         DataError: If there are no pairs, only one kind of pair, or non-finite

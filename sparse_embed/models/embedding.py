@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Callable
+from typing import Any
 
 from sparse_embed.errors import ConfigError
 from sparse_embed.keras import keras, tf
@@ -66,7 +67,7 @@ class SoftThreshold(keras.layers.Layer):
         The input shape.
     """
 
-    def __init__(self, initial_threshold: float = DEFAULT_INITIAL_THRESHOLD, **kwargs) -> None:
+    def __init__(self, initial_threshold: float = DEFAULT_INITIAL_THRESHOLD, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if (isinstance(initial_threshold, bool) or not isinstance(initial_threshold, numbers.Real)
                 or not math.isfinite(initial_threshold) or initial_threshold < 0):

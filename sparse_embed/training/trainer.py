@@ -15,6 +15,7 @@ import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from absl import logging
@@ -127,7 +128,7 @@ class EmbeddingTrainer(keras.Model):
     """
 
     def __init__(self, backbone: keras.Model, head: keras.layers.Layer,
-                 sparsity: SparsityConfig, strategy: Strategy, **kwargs) -> None:
+                 sparsity: SparsityConfig, strategy: Strategy, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.backbone = backbone
         self.head = head
