@@ -367,3 +367,28 @@ def test_int8_segments_rescore_to_the_float32_result(tmp_path):
     np.testing.assert_allclose(scores, np.take_along_axis(exact, ids, axis=1), rtol=1e-5)
     with pytest.raises(ValueError, match="keep_float"):
         MutableIndex(DIM, keep_float=True)
+
+
+@pytest.mark.parametrize("group_by_support", [True, False])
+def test_batched_queries_equal_one_index_over_the_live_rows(queries, group_by_support):
+    """`batch` and `group_by_support` go to every segment: results as one index, and as batch=1."""
+    rng = np.random.default_rng(9)
+    base = grid_rows(rng, 50)
+    index = MutableIndex.from_index(SparseIndex.from_dense(base, 0.0, block_rows=8))
+    added = grid_rows(rng, 8)
+    index.add(added)
+    index.remove([1, 2, 3, 52])
+    live = {i: r for i, r in enumerate(base) if i not in (1, 2, 3)}
+    live.update((50 + j, r) for j, r in enumerate(added) if 50 + j != 52)
+    many = np.concatenate([queries, grid_rows(rng, 11, density=0.5)])
+    for mode in ("exhaustive", "auto"):
+        for threshold in (None, 0.25):
+            got = index.search(many, 5, threshold, mode=mode, batch=3, group_by_support=group_by_support)
+            want = rebuilt(live, many, 5, threshold=threshold, mode=mode)
+            np.testing.assert_array_equal(got[0], want[0])
+            np.testing.assert_array_equal(got[1], want[1])
+            one = index.search(many, 5, threshold, mode=mode)
+            np.testing.assert_array_equal(got[0], one[0])
+            np.testing.assert_array_equal(got[1], one[1])
+    with pytest.raises(ValueError, match="batch must be an integer"):
+        index.search(many, 5, batch=0)

@@ -290,3 +290,25 @@ def test_cli_int8_shards_and_rescore(tmp_path):
             (["query", f"--index={shards}", f"--queries={probes}", "--k=5", "--rescore_k=2"],
              "--rescore_k: rescore_k must be an integer >= k")):
         assert_user_error(run_module("sparse_embed.search", *args), message)
+
+
+@pytest.mark.parametrize("mode", ["exhaustive", "auto"])
+@pytest.mark.parametrize("group_by_support", [True, False])
+def test_batched_queries_equal_unsharded_and_oracle(data, mode, group_by_support):
+    """`batch` and `group_by_support` go to every shard: the results are those of one index."""
+    whole = SparseIndex.from_dense(data["db"], zero_threshold=0.0, block_rows=8)
+    sharded = ShardedIndex([SparseIndex.from_dense(data["db"][a:b], 0.0, block_rows=8)
+                            for a, b in zip(BOUNDS[:-1], BOUNDS[1:], strict=True)])
+    rerank = (data["db_dense"], data["q_dense"])
+    for threshold in (None, 0.3):
+        for kwargs in ({}, {"rerank": rerank, "rerank_k": 20}):
+            want = brute_force_search(data["db"], data["queries"], 6, threshold, **kwargs)
+            one = whole.search(data["queries"], 6, threshold, mode=mode, batch=4,
+                               group_by_support=group_by_support, **kwargs)
+            got = sharded.search(data["queries"], 6, threshold, mode=mode, num_threads=2, batch=4,
+                                 group_by_support=group_by_support, **kwargs)
+            for ids, scores in (one, got):
+                np.testing.assert_array_equal(ids, want[0])
+                np.testing.assert_array_equal(scores, want[1])
+    with pytest.raises(ValueError, match="batch must be an integer"):
+        sharded.search(data["queries"], 6, batch=0)

@@ -63,6 +63,7 @@ import scipy.sparse
 from sparse_embed.errors import DataError
 from sparse_embed.fileio import atomic_path
 from sparse_embed.search.index import (
+    DEFAULT_BATCH,
     DEFAULT_BLOCK_ROWS,
     DEFAULT_NUM_THREADS,
     DEFAULT_RERANK_K,
@@ -318,6 +319,8 @@ class MutableIndex:
         max_blocks: int | None = None,
         rescore_k: int | None = None,
         rescore_exact: bool = False,
+        batch: int = DEFAULT_BATCH,
+        group_by_support: bool = True,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Top-k live rows of every query, as `SparseIndex.search` over the live rows.
 
@@ -338,6 +341,10 @@ class MutableIndex:
                 `rescore_k` (at least the rows it is asked for) by quantized score.
             rescore_exact: Int8 segments with float rows: the float32 result
                 over the live rows.
+            batch: Queries each segment accumulates together, as in
+                `SparseIndex.search`; results do not depend on it.
+            group_by_support: With batch > 1, groups formed by the queries'
+                support, as in `SparseIndex.search`; results do not depend on it.
 
         Returns:
             ids int64 [Q, k] (caller ids) and scores float32 [Q, k], best first;
@@ -369,7 +376,8 @@ class MutableIndex:
             queries = np.ascontiguousarray(queries, np.float32)
         start = time.perf_counter()
         options = {"threshold": threshold, "num_threads": num_threads, "mode": mode, "max_blocks": max_blocks,
-                   "rescore_k": rescore_k, "rescore_exact": rescore_exact}
+                   "rescore_k": rescore_k, "rescore_exact": rescore_exact, "batch": batch,
+                   "group_by_support": group_by_support}
         parts = [self._search_segment(index, seg_ids, dead, queries, capacity, options, dense_db, dense_q)
                  for index, seg_ids, dead in ((self._base, self._base_ids, self._dead),
                                               (self._delta, self._delta_ids, None))]

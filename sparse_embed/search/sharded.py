@@ -48,6 +48,7 @@ from typing import Any
 import numpy as np
 
 from sparse_embed.search.index import (
+    DEFAULT_BATCH,
     DEFAULT_NUM_THREADS,
     DEFAULT_RERANK_K,
     DEFAULT_SEARCH_MODE,
@@ -230,6 +231,8 @@ class ShardedIndex:
         max_blocks: int | None = None,
         rescore_k: int | None = None,
         rescore_exact: bool = False,
+        batch: int = DEFAULT_BATCH,
+        group_by_support: bool = True,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Top-k over all shards, as `SparseIndex.search` over the concatenated rows.
 
@@ -252,6 +255,10 @@ class ShardedIndex:
                 top `rescore_k` by quantized score (see `SparseIndex.search`).
             rescore_exact: Int8 shards with float rows: the float32 result of
                 every shard, hence of the unsharded float32 index.
+            batch: Queries each shard accumulates together, as in
+                `SparseIndex.search`; results do not depend on it.
+            group_by_support: With batch > 1, groups formed by the queries'
+                support, as in `SparseIndex.search`; results do not depend on it.
 
         Returns:
             ids int64 [Q, k] (global ids) and scores float32 [Q, k], best first;
@@ -267,7 +274,8 @@ class ShardedIndex:
         if mode not in SEARCH_MODES:
             raise ValueError(f"unknown search mode {mode!r}; valid modes: {', '.join(SEARCH_MODES)}")
         options = {"mode": mode, "max_blocks": max_blocks, "rescore_k": rescore_k,
-                   "rescore_exact": rescore_exact}
+                   "rescore_exact": rescore_exact, "batch": batch,
+                   "group_by_support": group_by_support}
         capacity = int(k)
         dense_db = dense_q = None
         if rerank is not None:
