@@ -5,6 +5,9 @@
     python benchmarks/search_bench.py --rows 2000000 --nnz 16 --skew 1.2 --num_threads 8
     python benchmarks/search_bench.py --rows 200000 --skew 0 --only_modes   # search modes only
     python benchmarks/search_bench.py --only_modes --swap 0.1   # identities that differ in support
+    python benchmarks/search_bench.py --only_blocks --rows 200000 --num_queries 300 --num_threads 1
+    python benchmarks/search_bench.py --only_mutable --rows 200000
+    python benchmarks/search_bench.py --rows 200000 --num_queries 500 --output=results/search.json
 
 Databases are generated at MegaFace scale: row i is non-zero in dimension d
 with probability p_d, independently (so a dimension's postings are a
@@ -31,8 +34,15 @@ scores are checked against the index's before anything is printed.
 Last, Milvus Lite (the embedded edition of Milvus, `--milvus_rows`, default
 100,000: its inserts are slow) and the index on the same uniform rows.
 
-Prints the tables and a JSON line each (numbers for the README; none is
-asserted). Progress goes to stderr.
+`--only_blocks` times the exact modes for several `--block_sizes` on identity
+groups (sharing their support, and swapping `--swap` of it, 0.1 unless set)
+and on uniform rows; `--only_mutable` times a `MutableIndex` (base, delta,
+tombstones, add, remove, compact, save, load) on `--rows` uniform rows.
+
+Prints the tables and a JSON line each (none is asserted); `--output=PATH`
+also writes them, with the command, commit, machine and date, as a result
+file that the documentation renders (`python -m sparse_embed.results`).
+Progress goes to stderr.
 """
 
 from __future__ import annotations
@@ -41,6 +51,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -50,7 +61,9 @@ import scipy.sparse
 from tqdm import tqdm
 
 from sparse_embed.cli import deprecated_alias, make_parser
+from sparse_embed.results import Column, write_result
 from sparse_embed.search import SparseIndex
+from sparse_embed.search.mutable import MutableIndex
 
 # Scores a baseline holds at once (queries x rows), to bound its memory: dense
 # float32 scores, and scipy's sparse products (which also hold indices and
@@ -66,6 +79,35 @@ _ROUND_QUERIES = 100
 
 # (start, stop) -> sorted top-k scores [stop - start, k] of those queries.
 Runner = Callable[[int, int], np.ndarray]
+# Table name -> (columns, rows), as `sparse_embed.results.write_result` takes them.
+Tables = dict[str, tuple[list[Column], list[dict]]]
+
+BASELINE_COLUMNS = [Column("method", "method"), Column("rows", "rows"), Column("dim", "dim"),
+                    Column("nnz_per_row", "nnz/row", ".1f"), Column("threads", "threads"),
+                    Column("ms", "ms/query", ".3f"), Column("postings", "postings/query", ".0f"),
+                    Column("expected", "expected N·Σp²", ".0f"),
+                    Column("vs_sparse", "time vs sparse index", ".1f")]
+MODE_COLUMNS = [Column("data", "data"), Column("mode", "mode"), Column("threads", "threads"),
+                Column("ms", "ms/query", ".3f"), Column("vs_exhaustive", "speed-up vs exhaustive", ".1f"),
+                Column("blocks", "blocks/query", ".1f"), Column("postings", "postings/query", ".0f"),
+                Column("recall", "recall@k", ".3f")]
+INDEX_COLUMNS = [Column("data", "data"), Column("values", "values"), Column("rows", "rows"),
+                 Column("block_rows", "block rows"), Column("postings", "postings B/nnz", ".2f"),
+                 Column("blocks", "blocks + order B/nnz", ".2f"), Column("total", "total B/nnz", ".2f"),
+                 Column("forward", "forward store B/nnz", ".2f"),
+                 Column("build_seconds", "build s", ".1f")]
+BATCH_COLUMNS = [Column("data", "data"), Column("method", "method"), Column("threads", "threads"),
+                 Column("ms", "ms/query", ".3f"),
+                 Column("vs_one_at_a_time", "speed vs one at a time", ".2f")]
+MILVUS_COLUMNS = [Column("method", "method"), Column("rows", "rows"), Column("queries", "queries"),
+                  Column("insert_seconds", "insert s", ".1f"), Column("ms", "ms/query", ".3f"),
+                  Column("vs_index", "time vs index", ".0f"),
+                  Column("max_score_difference", "max score difference", ".1e")]
+BLOCK_COLUMNS = [Column("data", "data"), Column("block_rows", "block rows"),
+                 Column("exhaustive", "exhaustive ms", ".3f"), Column("pruned", "pruned ms", ".3f"),
+                 Column("auto", "auto ms", ".3f"), Column("blocks", "pruned blocks/query", ".1f"),
+                 Column("bytes_per_nnz", "B/nnz", ".2f")]
+MUTABLE_COLUMNS = [Column("operation", "operation"), Column("ms", "ms", ".3f"), Column("per", "per")]
 
 
 def dimension_rates(dim: int, nnz: float, skew: float) -> np.ndarray:
@@ -230,8 +272,18 @@ def print_mode_rows(rows: list[dict[str, float | str]], index_stats: dict[str, d
               + f"built in {st['build_seconds']:.1f} s")
 
 
-def run_modes(args: argparse.Namespace, threads: int, rng: np.random.Generator) -> None:
-    """The search-mode table: identity-structured and uniform data."""
+def index_row(data: str, stats: dict) -> dict[str, float | int | str | None]:
+    """One row of the index-size table from `SparseIndex.stats`."""
+    nnz = stats["nnz"]
+    return {"data": data, "values": stats["value_type"], "rows": stats["rows"],
+            "block_rows": stats["block_rows"], "postings": stats["bytes_per_nnz"],
+            "blocks": stats["block_bytes"] / nnz, "total": (stats["bytes"] + stats["block_bytes"]) / nnz,
+            "forward": stats["rescore_bytes"] / nnz if stats["rescore_bytes"] else None,
+            "build_seconds": stats["build_seconds"]}
+
+
+def run_modes(args: argparse.Namespace, threads: int, rng: np.random.Generator) -> Tables:
+    """The search-mode table (identity-structured and uniform data) and the index-size table."""
     rows, stats = [], {}
     log(f"generating the {args.rows} x {args.dim} identity-structured database ...")
     database, identity = identity_embeddings(args.rows, args.dim, int(args.nnz), args.group, rng,
@@ -264,6 +316,10 @@ def run_modes(args: argparse.Namespace, threads: int, rng: np.random.Generator) 
     print_mode_rows(rows, stats)
     print(json.dumps([{key: round(v, 6) if isinstance(v, float) else v for key, v in r.items()}
                       for r in rows]))
+    names = {"identity": "identity groups", "identity int8": "identity groups",
+             "uniform": "uniform", "uniform int8": "uniform"}
+    return {"modes": (MODE_COLUMNS, rows),
+            "index": (INDEX_COLUMNS, [index_row(names[n], st) for n, st in stats.items()])}
 
 
 def batched_runner(index: SparseIndex, queries: scipy.sparse.csr_matrix, k: int, threads: int,
@@ -303,7 +359,7 @@ def batch_rows(name: str, index: SparseIndex, queries: scipy.sparse.csr_matrix, 
              "vs_one_at_a_time": base / ms[v]} for v in runners]
 
 
-def run_batched(args: argparse.Namespace, threads: int, rng: np.random.Generator) -> None:
+def run_batched(args: argparse.Namespace, threads: int, rng: np.random.Generator) -> Tables:
     """The batched-query table: groups of queries accumulated together against one query at a
     time, on 1 and `threads` threads, on identity-structured probes (grouped by identity and in
     random order) and on uniform data, with scipy CSR and NumPy dense products on the identity
@@ -356,6 +412,7 @@ def run_batched(args: argparse.Namespace, threads: int, rng: np.random.Generator
               f"{r['vs_one_at_a_time']:>17.2f}x")
     print(json.dumps([{key: round(v, 6) if isinstance(v, float) else v for key, v in r.items()}
                       for r in rows]))
+    return {"batched": (BATCH_COLUMNS, rows)}
 
 
 def top_scores(score_rows: list[np.ndarray], k: int) -> np.ndarray:
@@ -471,6 +528,17 @@ def build_parser() -> argparse.ArgumentParser:
                         help="rows of the Milvus Lite comparison (0: skip it; its inserts are slow)")
     parser.add_argument("--milvus_queries", type=int, default=100,
                         help="queries of the Milvus Lite comparison")
+    parser.add_argument("--only_blocks", action="store_true",
+                        help="only the block-size table (exhaustive, pruned and auto for each of "
+                             "--block_sizes on identity groups, with --swap, and uniform data)")
+    parser.add_argument("--block_sizes", default="32,64,128,256",
+                        help="comma-separated rows per block of the block-size table")
+    parser.add_argument("--only_mutable", action="store_true",
+                        help="only the MutableIndex table (search with a delta and tombstones, "
+                             "add, remove, compact, save, load)")
+    parser.add_argument("--output", default=None,
+                        help="also write the tables as a result file (JSON, with the command, "
+                             "commit, machine and date), e.g. results/search.json")
     deprecated_alias(parser, "--queries", "--num_queries")
     deprecated_alias(parser, "--threads", "--num_threads")
     deprecated_alias(parser, "--dense-dim", "--dense_dim")
@@ -497,11 +565,30 @@ def main(argv: Sequence[str] | None = None) -> None:
     threads = args.threads or cpus
     k, n, q = args.k, args.rows, args.queries
     rng = np.random.default_rng(args.seed)
+    only = {"modes": args.only_modes, "batched": args.only_batched, "blocks": args.only_blocks,
+            "mutable": args.only_mutable}
+    if sum(only.values()) > 1:
+        raise SystemExit(f"choose at most one of {', '.join('--only_' + o for o in only)}")
+    sizes = (f"{n} rows x {args.dim} dims, {args.nnz:g} non-zeros per row, {q} queries, top-{k}, "
+             f"{threads} threads of {cpus} cores")
     if args.only_modes:
-        run_modes(args, threads, rng)
+        save(args, "Search modes: exhaustive, pruned, auto, approx; float32 and int8",
+             run_modes(args, threads, rng),
+             f"{sizes}; identity groups of {args.group} images (swap {args.swap:g}), blocks of "
+             f"{args.block_rows}; recall@k against the exact float32 top-k, before re-scoring for the "
+             "plain int8 rows")
         return
     if args.only_batched:
-        run_batched(args, threads, rng)
+        save(args, "Batched queries against one query at a time", run_batched(args, threads, rng),
+             f"{sizes}; probes of whole identities (groups of {args.group}) in identity or random order")
+        return
+    if args.only_blocks:
+        save(args, "Exact search modes by pruning block size", run_blocks(args, threads, rng),
+             f"{sizes}; identity groups of {args.group} images")
+        return
+    if args.only_mutable:
+        save(args, "MutableIndex: search with a delta and tombstones, updates, compaction, files",
+             run_mutable(args, threads, rng), f"{sizes}; uniform rows")
         return
 
     # Uniform case: the index (one thread, all threads), scipy.sparse and dense BLAS.
@@ -536,7 +623,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     postings = sum(postings_all[1:]) / q  # [0] is the warm-up
     del index, database_t, queries, dense, dense_queries, runners
 
-    table = [
+    table: list[tuple] = [
         ("sparse index, uniform", n, args.dim, nnz_per_row, 1, ms["sparse_1"], postings, expected),
         ("sparse index, uniform", n, args.dim, nnz_per_row, threads, ms["sparse"], postings,
          expected),
@@ -599,16 +686,33 @@ def main(argv: Sequence[str] | None = None) -> None:
           f"sparse at {threads} threads")
     print(json.dumps({key: round(v, 6) if isinstance(v, float) else v
                       for key, v in result.items()}))
+    columns = [c.key for c in BASELINE_COLUMNS[:-1]]
+    tables: Tables = {"baselines": (BASELINE_COLUMNS, [
+        dict(zip(columns, row, strict=True),
+             vs_sparse=row[5] / ms["sparse"] if row[0].startswith(("scipy", "dense")) else None)
+        for row in table])}
     print()
-    run_modes(args, threads, rng)
+    tables.update(run_modes(args, threads, rng))
     print()
-    run_batched(args, threads, rng)
+    tables.update(run_batched(args, threads, rng))
     if args.milvus_rows > 0:
         print()
-        run_milvus(args, rng)
+        tables.update(run_milvus(args, rng))
+    save(args, "Sparse index against scipy.sparse and dense BLAS; search modes; batched queries; "
+         "Milvus Lite", tables,
+         f"{sizes}; skewed case Zipf s={args.skew:g}; dense baseline {args.dense_dim}-d; identity "
+         f"groups of {args.group} images, blocks of {args.block_rows}; batches {args.batches}; "
+         f"Milvus Lite on {args.milvus_rows} uniform rows, {args.milvus_queries} queries")
 
 
-def run_milvus(args: argparse.Namespace, rng: np.random.Generator) -> None:
+def save(args: argparse.Namespace, title: str, tables: Tables, notes: str) -> None:
+    """Writes the tables to `--output`, when given."""
+    if args.output:
+        path = write_result(args.output, title, tables, notes=notes)
+        log(f"wrote {path}")
+
+
+def run_milvus(args: argparse.Namespace, rng: np.random.Generator) -> Tables:
     """Milvus Lite's sparse inverted index against this index on the same uniform rows.
 
     Milvus Lite is Milvus's embedded edition, in the process: it is here to show
@@ -618,8 +722,7 @@ def run_milvus(args: argparse.Namespace, rng: np.random.Generator) -> None:
         from sparse_embed.search.milvus import benchmark
     except ImportError as e:
         print(f"Milvus Lite row skipped: {e} (pip install -e \".[milvus]\")")
-        return
-    import tempfile
+        return {}
 
     rates = dimension_rates(args.dim, args.nnz, 0.0)
     log(f"generating the {args.milvus_rows} x {args.dim} database for Milvus Lite ...")
@@ -637,6 +740,138 @@ def run_milvus(args: argparse.Namespace, rng: np.random.Generator) -> None:
           f"{row['ms_per_query'] / row['index_ms_per_query']:>9.0f}x")
     print(f"top-{args.k} scores agree to {row['max_score_difference']:.1e}")
     print(json.dumps(row))
+    return {"milvus": (MILVUS_COLUMNS, [
+        {"method": "sparse index, 1 thread", "rows": row["rows"], "queries": row["queries"],
+         "insert_seconds": None, "ms": row["index_ms_per_query"], "vs_index": None,
+         "max_score_difference": None},
+        {"method": "Milvus Lite sparse IP index", "rows": row["rows"], "queries": row["queries"],
+         "insert_seconds": row["insert_seconds"], "ms": row["ms_per_query"],
+         "vs_index": row["ms_per_query"] / row["index_ms_per_query"],
+         "max_score_difference": row["max_score_difference"]}])}
+
+
+def run_blocks(args: argparse.Namespace, threads: int, rng: np.random.Generator) -> Tables:
+    """The block-size table: exhaustive, pruned and auto (identical results, asserted) for each
+    block size on identity groups sharing their support, identity groups swapping part of it,
+    and uniform rows."""
+    swap = args.swap or 0.1
+    cases = [("identity groups", 0.0), (f"identity groups, swap {swap:g}", swap), ("uniform", None)]
+    rows = []
+    for name, case_swap in cases:
+        log(f"generating the {args.rows} x {args.dim} database: {name} ...")
+        if case_swap is None:
+            rates = dimension_rates(args.dim, args.nnz, 0.0)
+            database = sparse_embeddings(args.rows, rates, rng)
+            queries = sparse_embeddings(args.queries, rates, rng)
+        else:
+            database, _ = identity_embeddings(args.rows, args.dim, int(args.nnz), args.group, rng,
+                                              case_swap)
+            queries = database[rng.choice(args.rows, args.queries)]
+            queries = queries.multiply(rng.uniform(0.8, 1.2, (args.queries, 1))).tocsr()
+            queries.data *= rng.uniform(0.9, 1.1, queries.nnz).astype(np.float32)
+            queries = queries.astype(np.float32)
+        for block_rows in (int(b) for b in args.block_sizes.split(",")):
+            index = SparseIndex.from_csr(database.indptr, database.indices, database.data, args.dim,
+                                         block_rows=block_rows)
+            counters = {m: {"blocks": [], "scored": [], "ids": []} for m in ("exhaustive", "pruned", "auto")}
+            runners = {m: modes_runner(index, queries, args.k, threads, m, None, counters[m])
+                       for m in counters}
+            ms, tops = time_interleaved(runners, args.queries, f"{name}, blocks of {block_rows}")
+            for m in ("pruned", "auto"):
+                np.testing.assert_array_equal(tops[m], tops["exhaustive"])
+            st = index.stats
+            rows.append({"data": name, "block_rows": block_rows, **ms,
+                         "blocks": sum(counters["pruned"]["blocks"][1:]) / args.queries,
+                         "bytes_per_nnz": (st["bytes"] + st["block_bytes"]) / st["nnz"]})
+            del index
+    header = (f"{'data':<28}{'block rows':>11}{'exhaustive':>12}{'pruned':>10}{'auto':>10}"
+              f"{'blocks/q':>10}{'B/nnz':>8}")
+    print(f"exact modes by block size: {args.rows} rows, {args.queries} queries, top-{args.k}, "
+          f"{threads} threads (ms/query)")
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        print(f"{r['data']:<28}{r['block_rows']:>11}{r['exhaustive']:>12.3f}{r['pruned']:>10.3f}"
+              f"{r['auto']:>10.3f}{r['blocks']:>10.1f}{r['bytes_per_nnz']:>8.2f}")
+    return {"blocks": (BLOCK_COLUMNS, rows)}
+
+
+def median_ms(action: Callable[[int], object], repeats: int) -> float:
+    """Median wall-clock milliseconds of action(i) for i in range(repeats)."""
+    times = []
+    for i in range(repeats):
+        begin = time.perf_counter()
+        action(i)
+        times.append(time.perf_counter() - begin)
+    return 1e3 * float(np.median(times))
+
+
+def run_mutable(args: argparse.Namespace, threads: int, rng: np.random.Generator) -> Tables:
+    """The MutableIndex table on uniform rows: search over a base alone, with a delta, with
+    tombstones; the delta alone against NumPy; add, remove, compact, save and load."""
+    n, k, q = args.rows, args.k, args.queries
+    deltas = (1_000, 10_000)
+    log(f"generating the {n} x {args.dim} uniform database and {sum(deltas)} more rows ...")
+    rates = dimension_rates(args.dim, args.nnz, 0.0)
+    database = sparse_embeddings(n, rates, rng)
+    extra = {d: sparse_embeddings(d, rates, rng) for d in deltas}
+    queries = sparse_embeddings(q, rates, rng)
+    base = SparseIndex.from_csr(database.indptr, database.indices, database.data, args.dim)
+    galleries = {"base alone (SparseIndex)": base}
+    for d in deltas:
+        galleries[f"MutableIndex, delta of {d:,} rows"] = mutable = MutableIndex.from_index(base)
+        mutable.add(extra[d])
+    removed = rng.choice(n, deltas[0], replace=False)
+    name = f"MutableIndex, delta of {deltas[0]:,} rows and {len(removed):,} tombstones"
+    galleries[name] = mutable = MutableIndex.from_index(base)
+    mutable.add(extra[deltas[0]])
+    mutable.remove(removed)
+
+    def searcher(index: SparseIndex | MutableIndex, batch: scipy.sparse.csr_matrix) -> Runner:
+        return lambda a, b: index.search(batch[a:b], k, num_threads=threads)[1]
+
+    ms, _ = time_interleaved({g: searcher(i, queries) for g, i in galleries.items()}, q, "galleries")
+    rows = [{"operation": f"search: {g}", "ms": ms[g], "per": "query"} for g in galleries]
+    runners = {}
+    for d in deltas:
+        delta = extra[d]
+        runners[f"search: delta of {d:,} rows alone, SparseIndex"] = searcher(
+            SparseIndex.from_csr(delta.indptr, delta.indices, delta.data, args.dim), queries)
+        runners[f"search: delta of {d:,} rows alone, NumPy dense matmul"] = dense_runner(
+            queries.toarray(), delta.toarray(), k, max(1, _DENSE_SCORES // d))
+    ms, _ = time_interleaved(runners, q, "delta alone")
+    rows += [{"operation": r, "ms": ms[r], "per": "query"} for r in runners]
+    one = sparse_embeddings(1, rates, rng)
+    for d in deltas:
+        index = galleries[f"MutableIndex, delta of {d:,} rows"]
+        added = []
+        rows.append({"operation": f"add one row to a delta of {d:,} rows",
+                     "ms": median_ms(lambda i, index=index, added=added: added.append(index.add(one)[0]), 5),
+                     "per": "call"})
+        rows.append({"operation": f"remove one row from a delta of {d:,} rows",
+                     "ms": median_ms(lambda i, index=index, added=added: index.remove([added[i]]), 5),
+                     "per": "call"})
+    index = galleries[f"MutableIndex, delta of {deltas[0]:,} rows"]
+    live = np.setdiff1d(np.arange(n), removed)
+    rows.append({"operation": "remove one base row (a tombstone)",
+                 "ms": median_ms(lambda i: index.remove([live[i]]), 20), "per": "call"})
+    mutable = galleries[name]
+    with tempfile.TemporaryDirectory() as tmp:
+        mutable.save(Path(tmp) / "gallery.mut")
+        mutable.add(one)
+        rows.append({"operation": "save, base unchanged (not rewritten)",
+                     "ms": median_ms(lambda i: mutable.save(Path(tmp) / "gallery.mut"), 3), "per": "call"})
+        rows.append({"operation": "load",
+                     "ms": median_ms(lambda i: MutableIndex.load(Path(tmp) / "gallery.mut"), 3),
+                     "per": "call"})
+    begin = time.perf_counter()
+    mutable.compact()
+    rows.append({"operation": f"compact {len(mutable):,} live rows", "ms":
+                 1e3 * (time.perf_counter() - begin), "per": "call"})
+    print(f"MutableIndex: {n} base rows x {args.dim} dims, {q} queries, top-{k}, {threads} threads")
+    for r in rows:
+        print(f"{r['operation']:<72}{r['ms']:>10.3f} ms per {r['per']}")
+    return {"mutable": (MUTABLE_COLUMNS, rows)}
 
 
 if __name__ == "__main__":
