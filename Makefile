@@ -66,7 +66,7 @@ docs-serve: install
 	$(PY) -m mkdocs serve
 
 demo: install
-	$(PY) -m sparse_embed.demo --output=runs/demo
+	$(PY) -m sparse_embed.demo --output=runs/demo --results=results/demo.json
 
 # The paper's FLOPs-versus-accuracy study on the demo's data (generated if missing; about 30 minutes
 # on 2 cores, resumable); its two plots are the README's docs/figures.

@@ -295,8 +295,9 @@ def _parser_for(cli: str) -> argparse.ArgumentParser | None:
     return None
 
 
-@pytest.mark.parametrize("doc", ["README.md", "Makefile", *sorted(str(p.relative_to(ROOT)) for p in
-                                                      (ROOT / "run_scripts").rglob("*.sh"))])
+@pytest.mark.parametrize("doc", ["README.md", "Makefile",
+                                 *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs").rglob("*.md")),
+                                 *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "run_scripts").rglob("*.sh"))])
 def test_documented_options_exist(doc: str) -> None:
     """Every option a documented command shows is a current option of that command line (of it or one
     of its sub-commands), never a deprecated spelling."""
