@@ -50,7 +50,8 @@ test:
 	excluded=$$(cat $$build); rm -f $$build; \
 	SPARSE_EMBED_REQUIRE_HOROVOD=1 SPARSE_EMBED_TEST_BUDGET_S=$(TEST_BUDGET_S) \
 	SPARSE_EMBED_TEST_START=$$start SPARSE_EMBED_TEST_EXCLUDED_S=$${excluded:-0} \
-	  $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --durations=30 $(PYTEST_ARGS)
+	  $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=30 \
+	    $(PYTEST_ARGS)
 
 # The fast tier (pyproject.toml): the `unit` tests, in this process, with no
 # training, converting or subprocess; `make test PYTEST_ARGS='-m "not slow"'`

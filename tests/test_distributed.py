@@ -111,27 +111,16 @@ def test_pruning_on_two_ranks_keeps_the_models_identical(tiny_data: Path, tmp_pa
     assert sparsity[-1] == pytest.approx(0.5, abs=0.01), sparsity
 
 
-def test_pk_sampler_on_two_ranks(tiny_data: Path, tmp_path: Path) -> None:
-    """Each rank draws its own P x K batches; the models stay identical."""
-    proc = horovodrun(2, CHECKS, "train", str(tmp_path), str(tiny_data), str(tmp_path / "run"),
-                      "train.steps=4", "train.batch_size=16", "data.sampler=p_k",
-                      "data.classes_per_batch=4", "data.samples_per_class=2")
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    ranks = [np.load(tmp_path / f"rank{r}.npz") for r in range(2)]
-    assert int(ranks[0]["step"]) == 4 and int(ranks[0]["samples"]) == 4 * 16
-    for key in ranks[0].files:
-        np.testing.assert_array_equal(ranks[0][key], ranks[1][key], err_msg=key)
-
-
-def test_pair_loss_with_gathered_batch_on_two_ranks(tiny_data: Path, tmp_path: Path) -> None:
-    """head.gather_batch: each rank's triplets span both ranks' batches; the models stay identical."""
+def test_pk_sampler_and_pair_loss_with_gathered_batch_on_two_ranks(tiny_data: Path, tmp_path: Path) -> None:
+    """Each rank draws its own P x K batches, and with head.gather_batch its triplets span both ranks'
+    batches; the models stay identical."""
     proc = horovodrun(2, CHECKS, "train", str(tmp_path), str(tiny_data), str(tmp_path / "run"),
                       "train.steps=3", "train.batch_size=16", "data.sampler=p_k",
                       "data.classes_per_batch=4", "data.samples_per_class=2", "head.name=triplet",
                       "head.gather_batch=true")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ranks = [np.load(tmp_path / f"rank{r}.npz") for r in range(2)]
-    assert int(ranks[0]["step"]) == 3
+    assert int(ranks[0]["step"]) == 3 and int(ranks[0]["samples"]) == 3 * 16
     for key in ranks[0].files:
         np.testing.assert_array_equal(ranks[0][key], ranks[1][key], err_msg=key)
 

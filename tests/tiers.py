@@ -33,6 +33,10 @@ BUDGET_ENV = "SPARSE_EMBED_TEST_BUDGET_S"
 START_ENV = "SPARSE_EMBED_TEST_START"
 EXCLUDED_ENV = "SPARSE_EMBED_TEST_EXCLUDED_S"
 UNIT_SECONDS = 2.0  # what the `unit` tier promises (pyproject.toml)
+# Rough seconds a test of each tier costs on 2 cores: files run costliest first, so that under
+# pytest-xdist (`--dist loadfile --no-loadscope-reorder`, whole files per worker) the longest
+# files start at once instead of last (longest-first is near-optimal for the run's wall time).
+TIER_SECONDS = {"unit": 0.1, "integration": 6.0, "multiprocess": 30.0, "slow": 40.0}
 
 
 def minutes(seconds: float) -> str:
@@ -102,6 +106,10 @@ class TiersAndBudget:
                 f"(`pytestmark = pytest.mark.<tier>`) or the test:\n{shown}{more}")
         for node in parents:
             node.own_markers[:] = [m for m in node.own_markers if m.name not in TIERS]
+        cost: dict[Path, float] = defaultdict(float)
+        for item in items:
+            cost[item.path] += TIER_SECONDS[resolve_tier(item)[0]]
+        items.sort(key=lambda item: -cost[item.path])  # stable: a file keeps its own order
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         self.seconds[report.nodeid] += report.duration
