@@ -2,52 +2,9 @@
 // checksum, save, one loader per format version) and the .bin embedding
 // files of the original sparse-embed code (read_bin).
 //
-// Index file layout (version 3, little-endian), every section starting at a
-// multiple of 64 bytes and zero-padded up to the next one:
-//
-//   header, 128 bytes:
-//     0  char[8]  magic "SPEMBIDX"
-//     8  uint32   format version (kIndexFormatVersion)
-//    12  uint32   header size (128)
-//    16  uint64   rows N
-//    24  uint64   dims D
-//    32  uint64   non-zeros NNZ
-//    40  uint32   flags (bit 0: labels present, bit 1: row order present,
-//                 bit 2: forward store present, int8 only)
-//    44  uint32   log2 of the rows per segment block (16)
-//    48  uint64   XXH64 of every byte after the header
-//    56  uint32   rows per pruning block R (a power of two)
-//    64  uint64   block-max entries E
-//    72  uint32   values: 0 float32, 1 int8 (codes with a per-dimension scale)
-//   120  uint64   XXH64 of header bytes [0, 120); the other bytes are zero
-//   uint64  segments[D * B + 1]  B = max(1, ceil(N / 65536)) row blocks; the postings
-//                                of dimension d in block b are
-//                                [segments[d * B + b], segments[d * B + b + 1])
-//   uint16  rows[NNZ]    position - 65536 * b, non-decreasing within a segment
-//   float32 values[NNZ]  (int8: uint8 codes[NNZ], read as int8 in a signed dimension)
-//   int32   labels[N]    only when flag bit 0 is set, by caller row id
-//   uint32  order[N]     only when flag bit 1 is set: the caller id at each position
-//   uint64  bm_offsets[D + 1]   the block-max entries of dimension d are
-//                               [bm_offsets[d], bm_offsets[d + 1])
-//   uint32  bm_block[E]  pruning block (positions [R b, R (b + 1))), increasing per dimension
-//   float32 bm_max[E], bm_min[E]   the dimension's max / min over the block's rows (0 for
-//                                  rows without it); int8: uint8 codes
-//   uint32  bm_start[E]  the block's first posting, relative to the dimension's first;
-//                        int8: uint16, relative to the dimension's first in the segment
-//   int8 only:
-//   float32 scales[D]    value = code * scale
-//   uint8   signed[D]    1: int8 codes, 0: uint8 codes
-//   uint64  fwd_offsets[N + 1]   only when flag bit 2 is set: the float32 entries of
-//   uint32  fwd_dims[NNZ]        the row at position i are [fwd_offsets[i],
-//   float32 fwd_values[NNZ]      fwd_offsets[i + 1]), dimensions increasing
-//
-// The postings of a dimension are contiguous (its segments follow each other),
-// sorted by position. A posting costs 6 bytes (uint16 position within its
-// block + float32 value), 3 with int8 values; the rest is 8 * D * B + 4 * N
-// (labels) + 4 * N (order) + 8 * (D + 1) + 16 * E bytes (8 * E and 5 * D with
-// int8 values, and 8 * (N + 1) + 8 * NNZ for the forward store). A float32
-// index is laid out as in version 2, whose files (header byte 72 zero) still
-// load, as do version 1 files (64-byte header, the hash at 56, no order and no
+// The index file's layout (version 3, and how versions 1 and 2 differ), its
+// sizes and the .bin format are described once, in docs/index-format.md:
+// change that page with any change to the writer or the loaders here.
 
 #include <fcntl.h>
 #include <sys/mman.h>

@@ -46,26 +46,17 @@ inline constexpr uint32_t kIndexFormatVersion = 3;
 inline constexpr int64_t kDefaultBlockRows = 128;
 inline constexpr int64_t kMinBlockRows = 8;
 
-// How a query is answered. Exhaustive accumulates every posting of the query's
-// dimensions; pruned visits row blocks in decreasing upper bound and stops when
-// no remaining block can enter the top-k (identical results); approx stops, in
-// addition, after SearchParams::max_blocks blocks; auto prunes when the
-// query's block lists are short next to its postings and few blocks survive
-// the first k-th score, and accumulates exhaustively otherwise (identical
-// results either way, about as fast as the faster of the two exact modes on
-// coherent and on unstructured galleries). Auto is the default: exact, and
-// measured within a few percent of exhaustive where blocks cannot prune.
-// Note that `candidates` counts rows with a non-zero score above threshold
-// over every row only in the exhaustive mode; the pruned modes count them in
-// the blocks they score.
+// How a query is answered: exhaustive accumulation, pruned (row blocks in
+// decreasing upper bound), approx (pruned, at most SearchParams::max_blocks
+// blocks) or auto (pruned where the query's block lists say it pays, else
+// exhaustive; the default). What each returns and guarantees (every mode but
+// approx is exact: same ids, float32 scores and ties to the lower row id) is
+// stated once, in docs/search.md ("What a search returns", "Search modes").
 enum class SearchMode { kExhaustive, kPruned, kApprox, kAuto };
 inline constexpr SearchMode kDefaultSearchMode = SearchMode::kAuto;
-// Queries accumulated together (SearchParams::batch), at most kMaxBatch.
-// One at a time is the default: groups of 4 to 16 measured 0.8x to 1.0x its
-// speed at 200k rows (1 and 2 threads, identity-structured and uniform rows),
-// the index being small enough for the last-level cache, so reading a
-// posting once per group saves little next to the scatter it still does per
-// query (benchmarks/search_bench.py --only-batched).
+// Queries accumulated together (SearchParams::batch), at most kMaxBatch;
+// results do not depend on it. One at a time is the default: see "Batched
+// queries" in docs/search.md for what batching does and what it measured.
 inline constexpr int64_t kDefaultBatch = 1;
 inline constexpr int64_t kMaxBatch = 256;
 // "exhaustive" / "pruned" / "approx" / "auto" <-> SearchMode; parse throws

@@ -12,77 +12,15 @@ of its own non-zero dimensions (their count is the paper's FLOPs).
     index.save("gallery.idx")
     index = SparseIndex.load("gallery.idx")                        # memory-mapped
 
-Semantics shared by `SparseIndex.search` and the NumPy oracle
-`brute_force_search`: the score of a row is its float32 inner product with the
-query; only rows scoring strictly above `threshold` (rounded to float32)
-qualify, or every row when it is None, including rows that share no dimension
-with the query, which score 0; results are sorted by score, ties broken by the
-lower row id; where fewer than k rows qualify the ids are -1 and the scores
--inf.
-
-Search modes (`SEARCH_MODES`): "exhaustive" accumulates every posting of the
-query's dimensions. At build time rows are reordered so that similar rows
-share blocks of `block_rows` rows (sorted by the MinHash signature of their
-support: rows with one support, like the images of one identity, end up side
-by side), and every block keeps, for each dimension present in it, the
-block's max and min value; "pruned" bounds every block from the query's
-non-zeros (max for positive weights, min for negative ones, plus the worst
-float32 rounding error), scores the highest-bound blocks first, then the
-others that can still beat the k-th score, in decreasing bound, and stops when
-none can still enter the top-k: the results are identical to "exhaustive"
-(same ids, same float32 scores, ties to the lower caller id). "approx" stops
-as well after `max_blocks` blocks. "auto" prunes when the query's block lists
-are short next to its postings and few blocks survive the first k-th score,
-and accumulates exhaustively otherwise: identical results, about as fast as
-the faster exact mode on identity-structured and on unstructured galleries;
-it is the default. Ids are always the caller's row ids.
-
-`batch=G` answers the queries that are accumulated exhaustively (mode
-"exhaustive", and the exhaustive fall-back of "auto"; the pruned modes score
-blocks per query) in groups of G: each span of rows reads the postings of the
-group's dimensions once and adds each into the scores of every query of the
-group holding that dimension; `group_by_support` forms the groups from the
-queries sorted by the MinHash signature of their support. Results are
-identical to batch=1, with `rescore_k`, `rescore_exact` and `rerank` too (each
-query keeps its own top-k and exact re-scoring rows, re-scored or re-ranked
-after the group's accumulation). On a machine whose last-level cache holds the index it
-measured slower than one query at a time (see benchmarks/search_bench.py
---only-batched), so the default is 1.
-
-`save` writes a versioned file (magic, version, sizes, XXH64 checksums of the
-header and of the contents; postings take 6 bytes per non-zero, 3 with int8
-values, plus the row order and the block metadata); `load` memory-maps it
-after checking all of them, the block metadata against the postings it describes, so a truncated,
-corrupted or foreign file raises `DataError` instead of crashing. Files of
-format version 1 (before the block metadata) still load: their rows keep their
-order and the metadata is computed at load time; so do version 2 files (a
-float32 index is laid out as in version 2).
-
-Value types (`VALUE_TYPES`, the `value_type` of the constructors): "float32"
-stores each posting's value as given (6 bytes a posting). "int8" stores one
-byte per posting with a float32 scale per dimension: uint8 codes with scale =
-max x_d / 255 for a dimension whose values are all non-negative (ReLU
-embeddings, the common case), int8 codes with scale = max |x_d| / 127
-otherwise; a posting costs 3 bytes and the block metadata 8 bytes an entry
-instead of 16. Every non-zero stays a posting (a value that would round to 0
-keeps the smallest code of its sign), so supports, postings and candidate
-counts are those of the float index, and every exact mode returns exactly the
-top-k of the *dequantized* scores (code * scale), with the float32 scores a
-float32 index of the dequantized rows returns (`to_csr` gives those rows).
-With `keep_float=True` an int8 index also keeps the float32 rows in a forward
-store (a separate file section, read only for the rows re-scored):
-`search(..., rescore_k=R)` takes the top R rows by quantized score, re-scores
-them exactly in float32 (bit-identical to what a float32 index returns for
-those rows) and returns the top k by exact score; `stats["certified"]` says
-per query whether the quantization error bound proves that top-k is the exact
-one. `search(..., rescore_exact=True)` re-scores every row whose quantized
-score is within twice that bound of the k-th quantized score instead, so the
-results are the float32 index's (ids, scores, ties) in every exact mode, and
-the pruned modes still skip the blocks that fall short by that margin.
-`nbytes` counts what every query reads, `rescore_nbytes` the forward store.
-
-The `.bin` format of the original sparse-embed code (little-endian): int32 N,
-then per row int32 label, int32 nnz, int32 indices[nnz], float32 values[nnz].
+What a search returns (scores, threshold, ties to the lower row id, short
+lists, re-ranking), the search modes and what each guarantees, the row order
+(rows clustered by MinHash bands of their support, then sorted by their MinHash
+signature) and block metadata behind pruning, int8 values with exact
+re-scoring, and batched queries are described once, on the Search page of the
+documentation (`docs/search.md`); `brute_force_search` is the NumPy oracle of
+those rules. The file `save` writes and `load` checks and memory-maps, and the
+`.bin` files of the original sparse-embed code, are on its Index file format
+page (`docs/index-format.md`).
 
 The command line is `sparse_embed/search/__main__.py`.
 """
@@ -260,7 +198,7 @@ class SparseIndex:
             reorder: Store similar rows side by side (tighter block bounds);
                 ids stay the caller's either way.
             value_type: How posting values are stored: "float32" or "int8"
-                (see the module docstring).
+                (see docs/search.md).
             keep_float: With "int8", also keep the float32 rows (for
                 `search(rescore_k=...)` and an exact `to_csr`).
 
@@ -291,7 +229,7 @@ class SparseIndex:
             reorder: Store similar rows side by side (tighter block bounds);
                 ids stay the caller's either way.
             value_type: How posting values are stored: "float32" or "int8"
-                (see the module docstring).
+                (see docs/search.md).
             keep_float: With "int8", also keep the float32 rows (for
                 `search(rescore_k=...)` and an exact `to_csr`).
 
@@ -324,7 +262,7 @@ class SparseIndex:
             block_rows: Rows per pruning block, a power of two in [8, 65536].
             reorder: Store similar rows side by side; ids stay the file's row numbers.
             value_type: How posting values are stored: "float32" or "int8"
-                (see the module docstring).
+                (see docs/search.md).
             keep_float: With "int8", also keep the float32 rows (for
                 `search(rescore_k=...)` and an exact `to_csr`).
 
@@ -400,7 +338,7 @@ class SparseIndex:
                 results), "approx" (pruned, at most `max_blocks` blocks
                 scored per query) or "auto" (pruned or exhaustive, whichever
                 the query's block lists say is cheaper; identical results);
-                see the module docstring.
+                see docs/search.md.
             max_blocks: Blocks scored per query in mode "approx", >= 1; None otherwise.
             rescore_k: On an int8 index built with keep_float: the top
                 `rescore_k` rows by quantized score (>= k) are re-scored
@@ -653,7 +591,7 @@ def brute_force_search(
     rerank: tuple[Any, Any] | None = None,
     rerank_k: int = DEFAULT_RERANK_K,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """NumPy oracle with the semantics of `SparseIndex.search` (see the module docstring).
+    """NumPy oracle with the semantics of `SparseIndex.search` (see docs/search.md).
 
     Scores are computed in float64 and rounded to float32 before ranking, so
     with exactly representable inputs the ids match the index exactly.

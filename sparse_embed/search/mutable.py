@@ -11,39 +11,15 @@ Layout: an immutable base `SparseIndex` (often memory-mapped from disk), a
 small delta `SparseIndex` holding the rows added since the last `compact`,
 and tombstones marking removed base rows. Every segment keeps an id map
 (position -> caller id, increasing, so a segment's ties to the lower position
-are ties to the lower caller id). `add` rebuilds only the delta from its rows;
-removing a delta row rebuilds the delta without it, removing a base row only
-sets its tombstone. Ids are int64 caller ids >= 0 (-1 pads short result
-lists); an id lives at most once, and a removed id may be added again.
-
-Search asks the base for k + min(T, k) results (T tombstones), drops the
-removed rows, asks again for k + T only for the queries left with fewer than
-k live rows, asks the delta for k, and merges the lists by score, ties to the
-lower caller id. The base's first k + T results hold at least k live rows in
-their order, so in the exact modes (every mode but "approx") the result equals one
-`SparseIndex` built from the live rows in increasing id order, with its row
-positions mapped to the caller ids. In "approx" the block budget applies to
-each segment separately (as with `ShardedIndex`). Tombstones among a query's
-best rows make it ask the base twice: `compact` when they grow.
-
-Re-ranking: `rerank=(database_dense, query_dense)` takes the dense database
-indexed by caller id (row i belongs to id i, so it needs max id + 1 rows); the
-global top `rerank_k` by sparse score are re-scored by the C++ dense dot
-product of each segment, as an unsharded re-rank would score them.
-
-Value types: the segments it builds (the delta, and the base at `compact`)
-take the base's `value_type` and `keep_float` (`from_index`, `load`) or the
-constructor's. On int8 segments with float rows, `rescore_exact=True` returns
-the float32 result over the live rows (each segment's is exact, as above);
-`rescore_k=R` re-scores each segment's own top R by quantized score.
-
-`save(directory)` writes each segment as the versioned, checksummed index
-file of `SparseIndex.save` plus its id map (raw little-endian int64), under
-new names, then replaces `manifest.json` (format version, dimension, segment
-files, the id maps' SHA-256, the tombstones, and a SHA-256 of all that)
-atomically, and only then removes the files of the previous state. A reader,
-or a save killed at any point, therefore sees either the old state or the new
-one. A base already in that directory and unchanged since is not rewritten.
+are ties to the lower caller id). Search asks the base for k + min(T, k)
+results (T tombstones), again for k + T only for the queries whose top is
+crowded by removed rows, the delta for k, and merges the lists by score: in
+the exact modes the result is that of one `SparseIndex` over the live rows in
+id order. What a search returns, the update costs and the command line are on
+the Search page of the documentation (`docs/search.md`, "Adding and removing
+rows"); the directory `save` writes (segment files, id maps, a checksummed
+`manifest.json` replaced atomically) on its Index file format page
+(`docs/index-format.md`).
 """
 
 from __future__ import annotations

@@ -5,34 +5,14 @@
     ids, scores = index.search(probes, k=10)            # the ids of one index over all rows
 
 Shard i holds global rows offset_i .. offset_i + len(shard_i) - 1; by default
-the offsets follow the shards' order (each shard starts where the previous one
-ends). Every shard answers its own exact top-k on a thread pool (the C++
-search releases the GIL) and the candidates are merged by score, ties to the
-lower global id. Because each shard's top-k is exact under that same order,
-the global top-k is among them, so the merged result equals one `SparseIndex`
-over the concatenated rows, including the rows of score 0 that qualify when
-there is no threshold. The scores are bit-identical to the unsharded ones
-because the C++ core adds a row's terms one after the other in the query's
-order whatever index it searches; where a core built otherwise summed in an
-order that depends on the index, a score could differ in the last float32 bit
-and rows tied to that precision could swap places.
-
-Search modes go to every shard. Every mode but "approx" is exact per shard,
-so the sharded result stays equal to the unsharded one. "approx" is per shard:
-each shard scores at most `max_blocks` of its own blocks (up to shards x
-max_blocks in all), and the merged list is the best of the shards' approximate
-lists, which is in general not the unsharded approximate result.
-
-Re-ranking follows the unsharded definition: the global top `rerank_k` by
-sparse score are re-scored by the dense vectors and the top k returned. The
-dense scores come from the same C++ dot product as an unsharded re-rank (a
-second pass on each shard with its slice of the dense database, which costs a
-second sparse pass), so for the same candidates they are bit-identical.
-
-Shards built with `value_type="int8"` and `keep_float=True` re-score too:
-`rescore_exact=True` gives every shard's exact float32 top-k, so the merged
-list is the float32 unsharded result; `rescore_k=R` re-scores each shard's
-own top R by quantized score (up to shards x R rows in all).
+the offsets follow the shards' order. Every shard answers its own top-k on a
+thread pool (the C++ search releases the GIL) with every option of
+`SparseIndex.search`, and the lists are merged by score, ties to the lower
+global id, so in every mode but "approx" (a block budget per shard) the result
+is that of one `SparseIndex` over the concatenated rows. Re-ranking re-scores
+the global top `rerank_k` in a second pass on each shard with its slice of the
+dense database. The rules are on the Search page of the documentation
+(`docs/search.md`, "What a search returns" and "Sharded galleries").
 """
 
 from __future__ import annotations
