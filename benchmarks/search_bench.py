@@ -61,7 +61,7 @@ import scipy.sparse
 from tqdm import tqdm
 
 from sparse_embed.cli import deprecated_alias, make_parser
-from sparse_embed.results import Column, write_result
+from sparse_embed.results import Column, command_line, write_result
 from sparse_embed.search import SparseIndex
 from sparse_embed.search.mutable import MutableIndex
 
@@ -559,6 +559,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         argv: Arguments after the script name; None reads sys.argv.
     """
     args = build_parser().parse_args(argv)
+    # The command the result file records: this script with the arguments it was given.
+    args.command = command_line([__file__, *argv]) if argv is not None else None
     if args.quick:
         args.rows, args.queries = 100_000, 200
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -708,7 +710,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 def save(args: argparse.Namespace, title: str, tables: Tables, notes: str) -> None:
     """Writes the tables to `--output`, when given."""
     if args.output:
-        path = write_result(args.output, title, tables, notes=notes)
+        path = write_result(args.output, title, tables, command=args.command, notes=notes)
         log(f"wrote {path}")
 
 
