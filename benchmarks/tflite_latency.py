@@ -1,7 +1,8 @@
 """TFLite latency: ms per inference (batch 1, XNNPACK) of the edge models in each quantization mode.
 
     python benchmarks/tflite_latency.py [--models=mobilefacenet,sphereface20,iresnet50]
-        [--modes=fp32,fp16,dynamic,int8] [--repeats=50] [--num_threads=N] [--output=latency.json] [--tiny]
+        [--modes=fp32,fp16,dynamic,int8] [--repeats=50] [--num_threads=N] [--tiny]
+        [--output=results/tflite_latency.json]
 
 Each model is built untrained with `sparse_embed.models.build_model` at its
 published input size (MobileFaceNet 112x112, SphereFace-20 112x96, IResNet-50
@@ -21,14 +22,15 @@ Below the table: the MLPerf edge face protocol estimate for SphereFace-20, 600
 LFW pairs x 4 inferences (each image and its mirror image) = 2400 inferences
 at the measured all-thread time, against the 271 s of inference the MLPerf
 README reports on its Intel NUC (same protocol, different hardware), and
-MobileFaceNet's 1-thread time against the 10 ms goal. --tiny uses each
-family's tiny variant (for tests; the figures then say nothing about the models).
+MobileFaceNet's 1-thread time against the 10 ms goal. --output writes both
+tables (`latency`, `mlperf`) as a result file (`sparse_embed.results`).
+--tiny uses each family's tiny variant (for tests; the figures then say
+nothing about the models).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -42,6 +44,7 @@ sys.path.insert(0, str(ROOT))
 
 from sparse_embed.cli import deprecated_alias, make_parser  # noqa: E402
 from sparse_embed.config import ModelConfig  # noqa: E402
+from sparse_embed.results import Column, write_result  # noqa: E402
 
 # name -> (published configuration, tiny variant)
 MODELS = {
@@ -60,6 +63,13 @@ MLPERF_INFERENCES_PER_PAIR = 4
 MLPERF_INFERENCE_S = 271.0
 MOBILEFACENET_GOAL_MS = 10.0
 CALIBRATION_IMAGES = 8
+LATENCY_COLUMNS = (Column("model", "model"), Column("input", "input"), Column("mode", "mode"),
+                   Column("size_mib", "MiB", ".2f"), Column("ms_1_thread", "ms, 1 thread", ".2f"),
+                   Column("ms_all_threads", "ms, all threads", ".2f"),
+                   Column("ratio_vs_fp32", "1 thread vs fp32", ".2f"))
+MLPERF_COLUMNS = (Column("model", "model"), Column("mode", "mode"), Column("threads", "threads"),
+                  Column("inferences", "inferences"), Column("ms_all_threads", "ms each", ".2f"),
+                  Column("seconds", "seconds", ".1f"), Column("mlperf_nuc_s", "MLPerf NUC s", ".0f"))
 # Per-channel PReLU slopes of the timed models (initialised at 0.25): see the module docstring.
 PRELU_SLOPES = (0.05, 0.6)
 
@@ -135,15 +145,17 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def goals(rows: list[dict], tiny: bool) -> tuple[list[str], dict]:
-    """The MLPerf protocol estimate and the MobileFaceNet goal, as lines and as JSON."""
-    lines, figures = [], {}
+def goals(rows: list[dict], tiny: bool) -> tuple[list[str], list[dict]]:
+    """The MLPerf protocol estimate and the MobileFaceNet goal, as lines, and the estimate's rows."""
+    lines, estimates = [], []
     note = " (tiny variants: not comparable)" if tiny else ""
     inferences = MLPERF_PAIRS * MLPERF_INFERENCES_PER_PAIR
     for r in rows:
         if r["model"].startswith("sphereface20"):
             seconds = inferences * r["ms_all_threads"] / 1e3
-            figures[f"mlperf_{r['mode']}_s"] = seconds
+            estimates.append({"model": r["model"], "mode": r["mode"], "threads": r["threads"],
+                              "inferences": inferences, "ms_all_threads": r["ms_all_threads"],
+                              "seconds": seconds, "mlperf_nuc_s": MLPERF_INFERENCE_S})
             lines.append(f"MLPerf 600-pair protocol, {r['model']} {r['mode']} on {r['threads']} threads: "
                          f"{inferences} x {r['ms_all_threads']:.2f} ms = {seconds:.1f} s vs "
                          f"{MLPERF_INFERENCE_S:g} s on the MLPerf NUC ({MLPERF_INFERENCE_S / seconds:.1f}x; "
@@ -151,7 +163,7 @@ def goals(rows: list[dict], tiny: bool) -> tuple[list[str], dict]:
         if r["model"].startswith("mobilefacenet"):
             lines.append(f"MobileFaceNet {r['mode']} on 1 thread: {r['ms_1_thread']:.2f} ms "
                          f"(goal <= {MOBILEFACENET_GOAL_MS:g} ms){note}")
-    return lines, figures
+    return lines, estimates
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -164,7 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num_threads", dest="threads", type=int, default=os.cpu_count() or 1,
                         help="Threads of the multi-thread column (default: every core).")
     parser.add_argument("--tiny", action="store_true", help="Tiny variants (tests).")
-    parser.add_argument("--output", dest="json", default=None, help="Also write the rows to this JSON file.")
+    parser.add_argument("--output", default=None,
+                        help="Also write the tables to this result file (sparse_embed.results).")
     deprecated_alias(parser, "--threads", "--num_threads")
     deprecated_alias(parser, "--json", "--output")
     return parser
@@ -188,13 +201,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         rows += measure(name, MODELS[name][1 if args.tiny else 0], modes, args.threads, args.repeats,
                         args.warmup)
     print(format_table(rows))
-    lines, figures = goals(rows, args.tiny)
+    lines, estimates = goals(rows, args.tiny)
     print("\n".join(lines))
-    if args.json:
-        from sparse_embed.fileio import atomic_path
-
-        with atomic_path(args.json) as tmp:
-            tmp.write_text(json.dumps({"rows": rows, **figures}, indent=2))
+    if args.output:
+        variants = "tiny variants (the figures say nothing about the models)" if args.tiny else "untrained"
+        write_result(args.output, "TFLite latency, batch 1, LiteRT interpreter with XNNPACK",
+                     {"latency": (LATENCY_COLUMNS, rows), "mlperf": (MLPERF_COLUMNS, estimates)},
+                     notes=f"{variants} weights, PReLU slopes drawn per channel; median of "
+                           f"{args.repeats} invocations after {args.warmup} warm-up ones; "
+                           f"all threads = {args.threads}")
 
 
 if __name__ == "__main__":

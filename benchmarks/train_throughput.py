@@ -1,6 +1,7 @@
 """Training throughput: the input pipeline alone, 1 process, 2 Horovod processes; one table.
 
     python benchmarks/train_throughput.py [--steps=12] [--models=mobilefacenet,demo] [--json]
+        [--output=results/train_throughput.json]
 
 Generates a small synthetic identity dataset (112x112 JPEG TFRecords), then for
 each model measures images/s of
@@ -15,6 +16,7 @@ Training figures are what `sparse_embed.train` reports: examples per second of
 all processes together after the first (traced) step. The last column is the
 ratio to the 1-process row of the same model. On a 2-core CPU two processes
 share the cores, so the 2-process row shows the overhead of Horovod, not a speed-up.
+--output writes the table as a result file (`sparse_embed.results`).
 """
 
 from __future__ import annotations
@@ -31,16 +33,20 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from sparse_embed.cli import make_parser
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from sparse_embed.cli import make_parser  # noqa: E402
+from sparse_embed.results import Column, write_result  # noqa: E402
 
 # name -> (packaged config, overrides, per-process batch)
 MODELS = {
     "mobilefacenet": ("face/dense_mobilefacenet", ["model.input_size=112"], 32),
     "demo": ("synthetic/dense", [], 128),
 }
+COLUMNS = (Column("model", "model"), Column("setup", "setup"), Column("processes", "processes"),
+           Column("batch_per_process", "batch per process"), Column("images_per_s", "images/s", ".1f"),
+           Column("vs_1_process", "vs 1 process", ".2f"))
 _RATE = re.compile(r"images/s\s+([0-9.eE+-]+)")
 
 
@@ -99,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--models", default="mobilefacenet,demo",
                         help=f"Comma-separated, from {', '.join(MODELS)}.")
     parser.add_argument("--json", action="store_true", help="Also print one JSON line per row.")
+    parser.add_argument("--output", default=None,
+                        help="Also write the table to this result file (sparse_embed.results).")
     return parser
 
 
@@ -153,6 +161,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.json:
         for row in rows:
             print(json.dumps(row))
+    if args.output:
+        write_result(args.output, f"Training throughput on {device}", {"throughput": (COLUMNS, rows)},
+                     notes=f"{args.steps} training steps per measurement after the first (traced) one, "
+                           f"{2 * args.steps} batches for the input pipeline; synthetic 112x112 JPEG "
+                           f"TFRecords (64 identities x 8 images)")
 
 
 if __name__ == "__main__":

@@ -2,25 +2,81 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import ROOT, horovod_available
 
+from sparse_embed.results import load_result, render_table
+
+
+def _table(path: Path, name: str) -> list[dict]:
+    """The rows of one table of a result file, after checking the file renders."""
+    result = load_result(path)
+    assert result["command"].startswith("python benchmarks/")
+    assert render_table(result, name).startswith("| ")
+    return result["tables"][name]["rows"]
+
 
 @pytest.mark.slow
-def test_train_throughput_benchmark_prints_its_table() -> None:
+def test_train_throughput_benchmark_prints_and_writes_its_table(tmp_path: Path) -> None:
     horovod_available()
+    out = tmp_path / "throughput.json"
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_throughput.py"),
-                           "--models=demo", "--steps=3", "--json"],
+                           "--models=demo", "--steps=3", "--json", f"--output={out}"],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     assert [json.loads(r)["setup"] for r in rows] == [
         "input pipeline", "train step", "train step, horovod"]
     assert "vs 1 process" in proc.stdout
+    written = _table(out, "throughput")
+    assert [r["setup"] for r in written] == [json.loads(r)["setup"] for r in rows]
+    assert written[1]["vs_1_process"] == 1.0 and all(r["images_per_s"] > 0 for r in written)
+
+
+@pytest.mark.slow
+def test_partial_fc_memory_benchmark_writes_a_range_per_row(tmp_path: Path) -> None:
+    out = tmp_path / "memory.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "partial_fc_memory.py"),
+                           "--classes=2000", "--dim=16", "--batch_size=8", "--steps=2", "--repeats=1",
+                           f"--output={out}"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = _table(out, "memory")
+    assert [(r["head"], r["sample_rate"]) for r in rows] == [
+        ("arcface", 1.0), ("partial_fc", 1.0), ("partial_fc", 0.5), ("partial_fc", 0.1)]
+    assert rows[0]["vs_arcface"] == 1.0
+    assert all(r["step_mib_min"] <= r["step_mib_median"] <= r["step_mib_max"] for r in rows)
+    assert "class centres + momentum" in proc.stdout
+
+
+@pytest.mark.slow
+def test_latency_benchmark_runs_tiny(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                     capsys: pytest.CaptureFixture) -> None:
+    # In this process: the script's main() as its command line runs it, without a second TF import.
+    script = ROOT / "benchmarks" / "tflite_latency.py"
+    spec = importlib.util.spec_from_file_location("tflite_latency", script)
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    out = tmp_path / "latency.json"
+    monkeypatch.setattr(sys, "argv", [str(script), "--tiny", "--models=sphereface20", "--modes=fp32",
+                                      "--repeats=2", f"--output={out}"])
+    benchmark.main()
+    stdout = capsys.readouterr().out
+    rows = _table(out, "latency")
+    assert [(r["model"], r["input"], r["mode"]) for r in rows] == [("sphereface20_tiny", "28x24", "fp32")]
+    row = rows[0]
+    assert row["ms_1_thread"] > 0 and row["ms_all_threads"] > 0 and row["ratio_vs_fp32"] == 1.0
+    assert 0 < row["size_mib"] < 1
+    # 2400 inferences (600 pairs x 4) at the measured all-thread time.
+    (estimate,) = _table(out, "mlperf")
+    assert estimate["inferences"] == 2400
+    assert estimate["seconds"] == pytest.approx(2.4 * row["ms_all_threads"])
+    assert "MLPerf 600-pair protocol" in stdout and "vs fp32" in stdout
 
 
 @pytest.mark.slow
