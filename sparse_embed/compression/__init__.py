@@ -1,5 +1,7 @@
 """Model compression during training: quantization-aware training and pruning (TF-MOT).
 
+The config keys, the recipes and the export: docs/compression.md.
+
 `quantize.py` and `prune.py` are the only modules of the package that import
 TensorFlow Model Optimization; everything else asks this package:
 

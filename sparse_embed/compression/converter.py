@@ -14,9 +14,8 @@ Quantization modes (`QUANTIZATIONS`):
   (`sparse_embed.edge.runtime`).
 
 The integer modes convert the model with each PReLU rewritten as an
-equivalent graph of ops XNNPACK runs in int8 (`rewrite.rewrite_prelu`): the
-int8 PRELU op has no XNNPACK kernel and made int8 MobileFaceNet 6x slower
-than fp32. The float modes keep PRELU.
+equivalent graph of ops XNNPACK runs in int8 (`rewrite.rewrite_prelu`; the
+int8 PRELU op has no XNNPACK kernel). The float modes keep PRELU.
 
 An int8 model is checked after conversion: the converter silently keeps an op
 it has no int8 kernel for in float (NEG, CUMSUM, ...), wrapped in

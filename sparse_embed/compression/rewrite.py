@@ -1,8 +1,10 @@
 """PReLU rewritten, for the integer TFLite modes, as ops that XNNPACK runs in int8.
 
+How export uses it: docs/compression.md (Export with a parity gate).
+
 The int8 PRELU op has no XNNPACK kernel: each one falls back to the reference
-kernel and splits the delegated graph, which made int8 MobileFaceNet (33
-PReLUs) 6x slower than fp32 (24 ms against 4 ms on one thread). Each PReLU
+kernel and splits the delegated graph, which costs an int8 PReLU network such
+as MobileFaceNet more than its int8 convolutions save. Each PReLU
 `f(x) = x if x > 0 else alpha * x` (one slope per channel) is replaced, for
 the int8 conversions only, by an identity that is exact in float and that
 the converter turns into int8 ops XNNPACK runs. The first form of
@@ -22,13 +24,10 @@ the converter turns into int8 ops XNNPACK runs. The first form of
   of slope at most 1 and adds the rest of `alpha * x` below zero in the others.
   Quantization-aware models only.
 
-Measured on calibrated models (MobileFaceNet 112x112, per-channel slopes in
-[0.05, 0.6], 1 thread): `maximum` is the fastest (3.1-3.6 ms; MAXIMUM is not
-delegated, but its builtin int8 kernel is a plain loop) against 4.2-4.7 ms
-for `leaky_residual`, but MAXIMUM's int8 kernel takes one scale for its
-inputs and output, so x's wider range quantizes the output: on the tiny
-trained smoke run the mean cosine to Keras was 0.986 (min 0.93) against
-0.996 (min 0.976) for `leaky_residual` and 0.995 for the PRELU op.
+Calibrated models do not use `maximum`, though its builtin int8 kernel is fast
+(MAXIMUM is not delegated, but the kernel is a plain loop): it takes one scale
+for its inputs and output, so x's wider range quantizes the output coarsely
+and the file strays further from the Keras model than with `leaky_residual`.
 
 The float export keeps PRELU, which XNNPACK runs in float.
 
@@ -39,16 +38,15 @@ without a representative set has no range for new tensors. `maximum` has one,
 `alpha * x`, and takes the output's range: where `alpha * x` is above it,
 `x >= alpha * x` is too and the output is clamped to the same top anyway,
 and below zero `alpha * x` is the output. It converts as the fake-quantized
-model computes (cosine 1.0 to it on the tiny MobileFaceNet), and is used for
-equal slopes too: a LEAKY_RELU between the fake-quant of its input and of
-its output converts to an int8 model that does not match the Keras one
-(cosine 0.45). Fake-quantization `q` is monotone, so `q(max(x, q(a x)))` is
-`max(q(x), q(a x))`, the quantized PReLU itself: the rewrite is exact to the
-bit. `maximum_minimum` gives its three intermediate tensors the output's
-range too (each lies in it wherever the output is not clamped) and is exact
-in the channels of slope at most 1; in the others (training pushes a few
-slopes above 1) the output is the sum of two quantized terms, within one
-quantization step of the PReLU's.
+model computes, and is used for equal slopes too: a LEAKY_RELU between the
+fake-quant of its input and of its output converts to an int8 model that does
+not match the Keras one. Fake-quantization `q` is monotone, so
+`q(max(x, q(a x)))` is `max(q(x), q(a x))`, the quantized PReLU itself: the
+rewrite is exact to the bit. `maximum_minimum` gives its three intermediate
+tensors the output's range too (each lies in it wherever the output is not
+clamped) and is exact in the channels of slope at most 1; in the others
+(training pushes a few slopes above 1) the output is the sum of two quantized
+terms, within one quantization step of the PReLU's.
 """
 
 from __future__ import annotations

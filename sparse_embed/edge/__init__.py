@@ -1,5 +1,7 @@
 """Edge inference: TFLite models run by the LiteRT interpreter, without TensorFlow.
 
+The protocol and its commands: docs/compression.md (On the device).
+
 Everything here imports only NumPy, OpenCV, `ai_edge_litert` and the
 project's TensorFlow-free modules, so it runs on a device where TensorFlow
 is not installed:

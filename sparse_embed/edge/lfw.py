@@ -26,21 +26,7 @@ Images that cannot be decoded (and, with `--align`, images without a face)
 are counted and named, and their pairs are skipped; nothing left to evaluate
 is an error. The report ends with the MLPerf README's three phases in
 seconds (pre-process, inference for all pairs, post-process) and the mean
-milliseconds per inference; e.g. an untrained MobileFaceNet (fp32) on 600
-pairs of synthetic identities (`sparse_embed.data.synthetic`, aligned), one
-thread of a loaded 2-core machine, progress lines left out:
-
-    LFW verification (MLPerf edge protocol): mobilefacenet.tflite
-    -------------------------------------------------------------
-    model             112x112 float32 input, 512-d output (1024-d flip-concatenated)
-    pairs             600 of 600 evaluated, 0 skipped
-    accuracy          62.67% +- 10.60 (threshold chosen on the other folds (k-fold cross-validation))
-    threshold         0.6582
-    phase             seconds
-    pre-process       0.06 (decode 120 images)
-    inference         13.47 (2400 inferences, 4 per pair, 1 thread)
-    post-process      0.02 (concatenate, cosine, accuracy)
-    ms per inference  5.61
+milliseconds per inference. Where it fits: docs/compression.md.
 
 Only NumPy, OpenCV and `ai_edge_litert` are imported (argparse, not absl),
 never TensorFlow: this is the script that runs on the device.

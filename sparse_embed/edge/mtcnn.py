@@ -19,7 +19,7 @@ without TensorFlow so that detection runs on the device:
 The package's suppression keeps a box unless a box ranked above it, kept or
 not, overlaps it by more than the threshold; that is reproduced here, so the
 same boxes survive. The `.tflite` files come from
-`python -m sparse_embed.faces.mtcnn_tflite --output_dir=DIR`.
+`python -m sparse_embed.faces.mtcnn_tflite --output=DIR`.
 """
 
 from __future__ import annotations

@@ -1,5 +1,7 @@
 """How training is distributed: the one place Horovod is imported.
 
+Launching, batch size and learning rate, resuming, Partial FC: docs/distributed.md.
+
 The trainer only talks to a `Strategy` (`sparse_embed.strategy`: the
 protocol, its gradient convention and the single process). `get_strategy`
 picks the backend named by the `distributed` config section:
