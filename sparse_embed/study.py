@@ -3,7 +3,8 @@
     python -m sparse_embed.study flops_tradeoff --output=runs/study       (what `make study` runs)
     # a quicker, coarser grid with fewer distractors
     python -m sparse_embed.study flops_tradeoff --output=runs/study_quick --steps=200 \\
-        --weights_flops=15,50 --weights_l1=0.1,0.6 --distractor_identities=200
+        --weights_flops=15,50 --weights_l1=0.1,0.6 --distractor_identities=200 \\
+        --results=results/study_quick.json
 
 `flops_tradeoff` is the central experiment of Paria et al. (ICLR 2020) on the
 synthetic identities: models that differ only in the sparsity regularizer
@@ -22,7 +23,13 @@ Each model is a run directory under `--output`; one whose `study.json` matches
 the current settings is skipped, an unfinished one resumes from its
 checkpoints. The study ends with a table, `<out>/flops_tradeoff.json` and two
 PNGs: Recall@1 against FLOPs per pair, and the sorted per-dimension non-zero
-probability p_j of the FLOPs and L1 models closest in mean nnz.
+probability p_j of the FLOPs and L1 models closest in mean nnz. It also writes
+a result file (`--results`, by default `results/study.json`; see
+`sparse_embed.results`) with the command, commit and machine, holding the
+models' table and one table for each of the paper's two claims (`claims`):
+(a) R_sub of each FLOPs model beside the L1 model closest in mean nnz, and
+(b) Recall@1 of each FLOPs model beside the L1 curve's at the same FLOPs per
+pair.
 """
 
 from __future__ import annotations
@@ -43,6 +50,7 @@ from sparse_embed.cli import add_command, deprecated_alias, make_parser, program
 from sparse_embed.errors import ConfigError, DataError
 from sparse_embed.fileio import atomic_path
 from sparse_embed.registry import Registry
+from sparse_embed.results import Column, write_result
 
 # Study name -> its command line (`python -m sparse_embed.study NAME [flags]`): a function that
 # declares the study's flags on its sub-command's parser, and one that runs it from the parsed flags.
@@ -395,9 +403,108 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _nearest_l1(row: dict[str, Any], l1_rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    # Ratio, as matched_pair: the L1 model closest in mean nnz.
+    return min(l1_rows, key=lambda l1: abs(math.log(max(row["mean_nnz"], 1e-9)
+                                                    / max(l1["mean_nnz"], 1e-9))))
+
+
+def _l1_curve_at(flops: float, l1_rows: Sequence[dict[str, Any]], key: str) -> float | None:
+    """The L1 models' `key` at `flops` FLOPs per pair: linear in log FLOPs between the two L1
+    models around it; None outside the L1 models' range."""
+    points = sorted((r["flops_per_pair"], r[key]) for r in l1_rows if r["flops_per_pair"] > 0)
+    if flops <= 0 or not points or not points[0][0] <= flops <= points[-1][0]:
+        return None
+    for (x0, y0), (x1, y1) in zip(points, points[1:], strict=False):
+        if x0 <= flops <= x1:
+            if x1 == x0:
+                return max(y0, y1)
+            t = (math.log(flops) - math.log(x0)) / (math.log(x1) - math.log(x0))
+            return y0 + t * (y1 - y0)
+    return points[0][1]  # a single L1 model, at exactly its FLOPs
+
+
+def claims(rows: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """The figures behind the paper's two claims, one row per FLOPs model.
+
+    (a) "R_sub of the FLOPs models is close to 1 and well below L1's": `r_sub`
+    pairs each FLOPs model with the L1 model closest in mean nnz (by ratio)
+    and gives both R_sub and both busiest dimensions (`max_p_j`, when the rows
+    carry it). (b) "FLOPs models dominate L1 ones on the Recall-vs-FLOPs
+    curve": `curve` gives each FLOPs model's Recall@1 (and re-ranked) beside the
+    L1 curve's at the same FLOPs per pair (linear in log FLOPs between the two
+    L1 models around it; None outside their range), and the difference.
+
+    Args:
+        rows: Result rows with `model`, `regularizer`, `mean_nnz`, `flops_per_pair`,
+            `r_sub`, `recall@1` and `recall@1_rerank`.
+
+    Returns:
+        {"r_sub": [...], "curve": [...]}; both empty without FLOPs and L1 models.
+    """
+    flops_rows = [r for r in rows if r["regularizer"] == "flops"]
+    l1_rows = [r for r in rows if r["regularizer"] == "l1"]
+    if not flops_rows or not l1_rows:
+        return {"r_sub": [], "curve": []}
+    r_sub, curve = [], []
+    for row in flops_rows:
+        l1 = _nearest_l1(row, l1_rows)
+        r_sub.append({"flops": row["model"], "flops_nnz": row["mean_nnz"], "flops_r_sub": row["r_sub"],
+                      "flops_max_p_j": row.get("max_p_j"), "l1": l1["model"], "l1_nnz": l1["mean_nnz"],
+                      "l1_r_sub": l1["r_sub"], "l1_max_p_j": l1.get("max_p_j")})
+        entry = {"flops": row["model"], "flops_per_pair": row["flops_per_pair"]}
+        for key, name in (("recall@1", "recall@1"), ("recall@1_rerank", "rerank")):
+            l1_value = _l1_curve_at(row["flops_per_pair"], l1_rows, key)
+            entry[name] = row[key]
+            entry[f"l1_{name}"] = l1_value
+            entry[f"{name}_minus_l1"] = None if l1_value is None else row[key] - l1_value
+        curve.append(entry)
+    return {"r_sub": r_sub, "curve": curve}
+
+
+MODEL_COLUMNS = (Column("model", "model"),) + tuple(
+    Column(key, title, fmt) for key, title, fmt in TABLE_COLUMNS)
+R_SUB_COLUMNS = (Column("flops", "FLOPs model"), Column("flops_nnz", "nnz", ".1f"),
+                 Column("flops_r_sub", "R_sub", ".3f"), Column("flops_max_p_j", "max p_j", ".3f"),
+                 Column("l1", "L1 model, nearest nnz"), Column("l1_nnz", "nnz", ".1f"),
+                 Column("l1_r_sub", "R_sub", ".3f"), Column("l1_max_p_j", "max p_j", ".3f"))
+CURVE_COLUMNS = (Column("flops", "FLOPs model"), Column("flops_per_pair", "FLOPs/pair", ".3g"),
+                 Column("recall@1", "R@1", ".4f"), Column("l1_recall@1", "L1 R@1 there", ".4f"),
+                 Column("recall@1_minus_l1", "difference", "+.4f"),
+                 Column("rerank", "R@1 rerank", ".4f"), Column("l1_rerank", "L1 there", ".4f"),
+                 Column("rerank_minus_l1", "difference", "+.4f"))
+
+
+def write_study_result(document: dict[str, Any], path: str | Path, command: str | None = None) -> Path:
+    """Writes the study's result file: the models' table and the two claims' tables.
+
+    Args:
+        document: What `flops_tradeoff` returns.
+        path: The JSON file, e.g. `results/study.json`.
+        command: The command to record; None records the running one.
+
+    Returns:
+        The path written.
+    """
+    settings = document["settings"]
+    found = claims(document["models"])
+    notes = (f"{len(document['models'])} models trained {settings['steps']} steps each on the synthetic "
+             f"identities of {settings['data_dir']}; {settings['probes']} probe images, "
+             f"{settings['distractors']} distractors; sparse candidates above "
+             f"{settings['threshold']}, the best {settings['rerank_topk']} re-ranked with the dense "
+             f"baseline's embeddings. ms/query: one thread. L1 there: the L1 models' curve at the "
+             f"same FLOPs per pair, linear in log FLOPs; - outside their range.")
+    return write_result(path, "FLOPs-versus-accuracy study: FLOPs and L1 regularizers against a dense "
+                              "baseline", {"models": (MODEL_COLUMNS, document["models"]),
+                                           "r_sub": (R_SUB_COLUMNS, found["r_sub"]),
+                                           "curve": (CURVE_COLUMNS, found["curve"])},
+                        command=command, notes=notes)
+
+
 def flops_tradeoff(data_dir: str | Path, out: str | Path, weights_flops: Sequence[float],
                    weights_l1: Sequence[float], steps: int, settings: StudySettings | None = None,
-                   overrides: Sequence[str] = (), verbose: int = 0) -> dict[str, Any]:
+                   overrides: Sequence[str] = (), verbose: int = 0,
+                   results: str | Path | None = None) -> dict[str, Any]:
     """Trains and measures the grid, writes `<out>/flops_tradeoff.json` and the two plots.
 
     Args:
@@ -409,10 +516,12 @@ def flops_tradeoff(data_dir: str | Path, out: str | Path, weights_flops: Sequenc
         settings: Distractor set, threshold and re-ranking depth; None: the defaults.
         overrides: `key.path=value` config overrides applied to every model.
         verbose: Training output: 0 silent, 1 progress bar, 2 a line every log_every steps.
+        results: Also write the result file (`write_study_result`) there; None: not.
 
     Returns:
-        The JSON document: `settings`, `models` (one row per model),
-        `matched_nnz` (the FLOPs and L1 models of the p_j plot).
+        The JSON document: `settings`, `models` (one row per model, with
+        `max_p_j`, the busiest dimension's non-zero fraction), `matched_nnz`
+        (the FLOPs and L1 models of the p_j plot).
     """
     from sparse_embed.data.embeddings import read_hdf5, write_hdf5
     from sparse_embed.data.verification import read_pairs
@@ -477,6 +586,7 @@ def flops_tradeoff(data_dir: str | Path, out: str | Path, weights_flops: Sequenc
                   f"{row['recall@1_rerank']:.4f}), {run_dir}", flush=True)
         row = dict(result["row"])
         p_j[model.name] = np.asarray(row.pop("p_j"))
+        row["max_p_j"] = float(p_j[model.name].max(initial=0.0))
         rows.append(row)
 
     matched = matched_pair(rows)
@@ -496,8 +606,11 @@ def flops_tradeoff(data_dir: str | Path, out: str | Path, weights_flops: Sequenc
     with atomic_path(out / TABLE_FILE) as tmp:
         tmp.write_text(json.dumps(document, indent=2))
     print("\n" + format_table(rows))
-    written = [TABLE_FILE, TRADEOFF_PLOT] + ([DIMENSION_PLOT] if matched is not None else [])
-    print("wrote " + ", ".join(str(out / name) for name in written))
+    written = [str(out / name) for name in
+               [TABLE_FILE, TRADEOFF_PLOT] + ([DIMENSION_PLOT] if matched is not None else [])]
+    if results is not None:
+        written.append(str(write_study_result(document, results)))
+    print("wrote " + ", ".join(written))
     return document
 
 
@@ -532,6 +645,9 @@ def _flops_tradeoff_flags(parser: argparse.ArgumentParser) -> None:
                         help="Sparse candidates re-scored with the dense embeddings.")
     parser.add_argument("--set", action="append", default=[],
                         help="Config override for every model, key.path=value (repeatable).")
+    parser.add_argument("--results", default="results/study.json",
+                        help="Result file with the command, commit and machine (sparse_embed.results); "
+                             "empty: none (default: %(default)s).")
 
 
 def _run_flops_tradeoff(args: argparse.Namespace) -> None:
@@ -539,7 +655,7 @@ def _run_flops_tradeoff(args: argparse.Namespace) -> None:
                              args.rerank_topk)
     flops_tradeoff(args.data_dir, args.output, _weights(args.weights_flops.split(","), "weights_flops"),
                    _weights(args.weights_l1.split(","), "weights_l1"), args.steps, settings, args.set,
-                   verbose=1 if sys.stdout.isatty() else 2)
+                   verbose=1 if sys.stdout.isatty() else 2, results=args.results or None)
 
 
 STUDIES.register("flops_tradeoff")(StudyCommand(_flops_tradeoff_flags, _run_flops_tradeoff))

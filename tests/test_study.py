@@ -13,16 +13,19 @@ import pytest
 from conftest import assert_main_user_error, assert_user_error, run_module
 
 from sparse_embed.errors import ConfigError
+from sparse_embed.results import load_result, render_table
 from sparse_embed.study import (
     DIMENSION_PLOT,
     RESULT_FILE,
     TABLE_FILE,
     TRADEOFF_PLOT,
     StudySettings,
+    claims,
     flops_tradeoff,
     grid,
     main,
     matched_pair,
+    write_study_result,
 )
 
 pytestmark = pytest.mark.unit
@@ -39,7 +42,8 @@ MODELS = ["dense", "flops_w1", "flops_w30", "l1_w0.1", "l1_w3"]
 def _run(tiny_data: Path, out: Path, steps: int = STEPS) -> tuple[dict, str]:
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
-        document = flops_tradeoff(tiny_data, out, WEIGHTS_FLOPS, WEIGHTS_L1, steps, SETTINGS, TINY)
+        document = flops_tradeoff(tiny_data, out, WEIGHTS_FLOPS, WEIGHTS_L1, steps, SETTINGS, TINY,
+                                  results=out / "result.json")
     return document, stdout.getvalue()
 
 
@@ -95,6 +99,13 @@ def test_study_writes_table_and_plots(tiny_data: Path, study: tuple[Path, dict, 
     for plot in (TRADEOFF_PLOT, DIMENSION_PLOT):
         assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "R@1 rerank" in stdout and str(out / TABLE_FILE) in stdout
+    for name, row in rows.items():
+        assert row["max_p_j"] == pytest.approx(_oracle_stats(out / name)["p_j"].max()), name
+    result = load_result(out / "result.json")
+    assert str(out / "result.json") in stdout
+    assert result["tables"]["models"]["rows"] == document["models"]
+    assert result["tables"]["r_sub"]["rows"] == claims(document["models"])["r_sub"]
+    assert [r["flops"] for r in result["tables"]["curve"]["rows"]] == ["flops_w1", "flops_w30"]
 
 
 @pytest.mark.slow
@@ -132,6 +143,56 @@ def test_matched_pair_by_nnz_ratio() -> None:
     # 10 vs 25 is a ratio of 2.5, 100 vs 300 one of 3, 100 vs 25 one of 4.
     assert matched_pair(rows) == (rows[1], rows[3])
     assert matched_pair(rows[:3]) is None
+
+
+def _row(model: str, regularizer: str, nnz: float, flops: float, r_sub: float, recall: float,
+         rerank: float) -> dict:
+    return {"model": model, "regularizer": regularizer, "weight": 1.0, "steps": 1,
+            "embedding_size": 1024, "accuracy": 0.9, "mean_nnz": nnz, "flops_per_pair": flops,
+            "r_sub": r_sub, "postings_per_query": 10.0, "candidates_per_query": 1.0,
+            "recall@1": recall, "recall@1_rerank": rerank, "search_ms_per_query": 0.01,
+            "max_p_j": 0.1}
+
+
+CLAIM_ROWS = [_row("dense", "none", 512, 512, 1.0, 0.3, 0.3),
+              _row("flops_w10", "flops", 100, 10.0, 1.1, 0.20, 0.25),
+              _row("flops_w99", "flops", 5, 0.1, 1.5, 0.01, 0.02),
+              _row("l1_w1", "l1", 200, 1.0, 2.0, 0.10, 0.20),
+              _row("l1_w0.1", "l1", 40, 100.0, 1.2, 0.30, 0.30)]
+
+
+def test_claims_pair_each_flops_model_with_the_l1_curve() -> None:
+    found = claims(CLAIM_ROWS)
+    # (a) flops_w10 (nnz 100) is nearer l1_w1 (200, ratio 2) than l1_w0.1 (40, ratio 2.5);
+    # flops_w99 (nnz 5) is nearer l1_w0.1.
+    assert [(r["flops"], r["l1"]) for r in found["r_sub"]] == [("flops_w10", "l1_w1"),
+                                                               ("flops_w99", "l1_w0.1")]
+    assert found["r_sub"][0]["flops_r_sub"] == 1.1 and found["r_sub"][0]["l1_r_sub"] == 2.0
+    # (b) 10 FLOPs lies half-way between 1 and 100 in log FLOPs: L1's Recall@1 there is
+    # (0.10 + 0.30) / 2 = 0.20, re-ranked (0.20 + 0.30) / 2 = 0.25.
+    at_10 = found["curve"][0]
+    assert at_10["l1_recall@1"] == pytest.approx(0.20) and at_10["l1_rerank"] == pytest.approx(0.25)
+    assert at_10["recall@1_minus_l1"] == pytest.approx(0.0, abs=1e-12)
+    # 0.1 FLOPs is below every L1 model: no comparison.
+    assert found["curve"][1]["l1_recall@1"] is None and found["curve"][1]["rerank_minus_l1"] is None
+    assert claims(CLAIM_ROWS[:3]) == {"r_sub": [], "curve": []}
+
+
+def test_study_result_file_renders_every_table(tmp_path: Path) -> None:
+    document = {"settings": {"data_dir": "runs/demo/data", "probes": 2000, "distractors": 3000,
+                             "threshold": 0.25, "rerank_topk": 1000, "steps": 500},
+                "models": CLAIM_ROWS, "matched_nnz": None}
+    path = write_study_result(document, tmp_path / "study.json",
+                              command="python -m sparse_embed.study flops_tradeoff")
+    result = load_result(path)
+    assert result["command"] == "python -m sparse_embed.study flops_tradeoff"
+    assert "500 steps" in result["notes"] and "3000 distractors" in result["notes"]
+    assert result["tables"]["models"]["rows"] == CLAIM_ROWS
+    models = render_table(result, "models")
+    assert models.startswith("| model | nnz | FLOPs/pair |") and "| flops_w10 | 100.0 | 10 |" in models
+    curve = render_table(result, "curve")
+    assert "| flops_w99 | 0.1 | 0.0100 | – | – |" in curve
+    assert "+0.0000" in curve or "-0.0000" in curve
 
 
 @pytest.mark.integration
