@@ -144,7 +144,8 @@ def test_preprocessing_scripts_forward_to_the_package() -> None:
     """`python preprocessing/x.py` in a clone is `python -m sparse_embed.preprocessing.x`: the same
     parser and entry point, one for each package command (test_tfrecord runs one as a program)."""
     scripts = sorted(p.stem for p in (ROOT / "preprocessing").glob("*.py"))
-    commands = sorted(m.rsplit(".", 1)[1] for m in PACKAGE_CLIS if m.startswith("sparse_embed.preprocessing."))
+    commands = sorted(m.rsplit(".", 1)[1] for m in PACKAGE_CLIS
+                      if m.startswith("sparse_embed.preprocessing."))
     assert scripts == commands
     for name in scripts:
         script, module = load(f"preprocessing/{name}.py"), load(f"sparse_embed.preprocessing.{name}")
@@ -295,9 +296,11 @@ def _parser_for(cli: str) -> argparse.ArgumentParser | None:
     return None
 
 
-@pytest.mark.parametrize("doc", ["README.md", "Makefile",
-                                 *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs").rglob("*.md")),
-                                 *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "run_scripts").rglob("*.sh"))])
+DOCUMENTS = ["README.md", "Makefile", *sorted(str(p.relative_to(ROOT)) for p in [
+    *(ROOT / "docs").rglob("*.md"), *(ROOT / "run_scripts").rglob("*.sh")])]
+
+
+@pytest.mark.parametrize("doc", DOCUMENTS)
 def test_documented_options_exist(doc: str) -> None:
     """Every option a documented command shows is a current option of that command line (of it or one
     of its sub-commands), never a deprecated spelling."""
