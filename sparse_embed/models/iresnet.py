@@ -20,9 +20,9 @@ convolution + BN on its shortcut. Strided convolutions pad one pixel on every
 side (ZeroPadding2D + "valid"), as PyTorch's padding=1 does, rather than
 Keras' "same", which pads only the bottom/right of an even input: the
 sampled positions then match InsightFace's, so its weights would transfer.
-At 112x112 and d = 512 the sizes are InsightFace's: r34 34.1M parameters /
-8.93 GFLOPs, r50 43.6M / 12.64 GFLOPs, r100 65.1M / 24.21 GFLOPs (FLOPs =
-2 x multiply-adds).
+At 112x112 and d = 512 the sizes are within 0.2% of InsightFace's published
+r34 34.1M parameters / 8.934 GFLOPs, r50 43.6M / 12.637 GFLOPs, r100 65.1M /
+24.209 GFLOPs (FLOPs = 2 x multiply-adds; tests/test_models.py).
 
 Two details differ from `arcface_torch`, both from the project's shared
 embedding layer: the FC has no bias (the BN after it has one) and that BN's
