@@ -629,11 +629,16 @@ def test_cli_prints_params_and_macs() -> None:
 
 
 @pytest.mark.slow
-def test_cli_all_prints_every_full_size_model() -> None:
-    proc = run_module("sparse_embed.models", "--all", "--json", "--repeats=1")
+def test_cli_all_prints_every_full_size_model(tmp_path) -> None:
+    output = tmp_path / "models.json"
+    proc = run_module("sparse_embed.models", "--all", "--json", "--repeats=1", f"--output={output}")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    rows = [json.loads(line) for line in proc.stdout.splitlines()[:-1]]
+    assert proc.stdout.splitlines()[-1] == f"wrote {output}"
     assert [row["model"] for row in rows] == FULL
+    result = json.loads(output.read_text())
+    assert result["command"].startswith("python -m sparse_embed.models --all")
+    assert [{k: r[k] for k in rows[0]} for r in result["tables"]["models"]["rows"]] == rows
     by_name = {row["model"]: row for row in rows}
     for name in ("nin", "sphereface20"):
         assert (by_name[name]["params"], by_name[name]["macs"]) == _size(name)
@@ -641,6 +646,8 @@ def test_cli_all_prints_every_full_size_model() -> None:
 
     usage = run_module("sparse_embed.models", "--all", "nin")
     assert usage.returncode != 0 and "--all takes no model name" in usage.stderr
+    usage = run_module("sparse_embed.models", "nin", f"--output={output}")
+    assert usage.returncode == 2 and "--output needs --all" in usage.stderr
 
 
 @pytest.mark.integration

@@ -2,13 +2,15 @@
 
     python -m sparse_embed.models mobilefacenet
     python -m sparse_embed.models mobilefacenet --embedding_size=1024 --json
-    python -m sparse_embed.models --all
+    python -m sparse_embed.models --all --output=results/models.json
 
 Unset flags keep the builder's defaults (a tiny variant's small input, say).
 `--all` prints one row per full-size model (tiny variants skipped), adding
 its one-thread CPU latency per image at batch 1: the median of `--repeats`
 inferences after two warm-up runs, with TensorFlow's intra- and inter-op
-thread pools set to one thread.
+thread pools set to one thread. `--output` also writes the table as a
+result file (`sparse_embed.results`), with the command, commit and machine,
+which the documentation's models table is rendered from.
 """
 
 from __future__ import annotations
@@ -23,6 +25,12 @@ from sparse_embed.keras import keras, tf
 from sparse_embed.models import MODELS
 from sparse_embed.models.embedding import ACTIVATIONS
 from sparse_embed.models.profile import count_macs, count_params, format_count, measure_latency
+from sparse_embed.results import Column, write_result
+
+# The result table of `--all --output`.
+COLUMNS = (Column("model", "model"), Column("input", "input"), Column("embedding_size", "d"),
+           Column("params", "parameters", ","), Column("macs", "MACs", ","),
+           Column("latency_ms", "ms/image", ".1f"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="With --all: timed inferences per model, the median is shown "
                              "(default: %(default)s).")
     deprecated_alias(parser, "--runs", "--repeats")
+    parser.add_argument("--output", help="With --all: also write the table as a result file "
+                                         "(JSON, e.g. results/models.json).")
     return parser
 
 
@@ -81,11 +91,12 @@ def _print_one(row: dict) -> None:
     print(f"{'MACs':<16}{row['macs']:>14,}  ({format_count(row['macs'])})")
 
 
-def _print_all(args: argparse.Namespace) -> None:
+def _print_all(args: argparse.Namespace) -> list[dict]:
     # Must precede TensorFlow's first op, which creates the thread pools.
     tf.config.threading.set_intra_op_parallelism_threads(1)
     tf.config.threading.set_inter_op_parallelism_threads(1)
     names = [name for name in MODELS.names() if not name.endswith("_tiny")]
+    rows = []
     if not args.json:
         print(f"{'model':<16}{'input':>9}{'d':>6}{'params':>14}{'MACs':>17}{'ms/image':>10}")
     for name in names:
@@ -98,8 +109,10 @@ def _print_all(args: argparse.Namespace) -> None:
             shape = f"{row['input_size']}x{row['input_width']}"
             print(f"{name:<16}{shape:>9}{row['embedding_size']:>6}{row['params']:>14,}"
                   f"{row['macs']:>17,}{row['latency_ms']:>10.2f}", flush=True)
+        rows.append(row)
         del model
         keras.backend.clear_session()
+    return rows
 
 
 @user_errors_exit
@@ -115,8 +128,19 @@ def main(argv: Sequence[str] | None = None) -> None:
             raise ConfigError(f"--all takes no model name, got {args.model}")
         if args.repeats < 1:
             raise ConfigError(f"--repeats must be >= 1, got {args.repeats}")
-        _print_all(args)
+        rows = _print_all(args)
+        if args.output:
+            for row in rows:
+                row["input"] = f"{row['input_size']}x{row['input_width']}"
+            write_result(args.output, "Size, cost and one-thread CPU latency of every full-size model",
+                         {"models": (COLUMNS, rows)},
+                         notes=f"Parameters as trained (BN statistics excluded); multiply-accumulates "
+                               f"of one forward pass; latency: median of {args.repeats} Keras "
+                               f"inferences of one image, one CPU thread.")
+            print(f"wrote {args.output}")
         return
+    if args.output:
+        raise ConfigError("--output needs --all")
     if not args.model:
         raise ConfigError(f"expected one model name ({', '.join(MODELS.names())}) or --all")
     model = MODELS.get(args.model)(**_overrides(args))
