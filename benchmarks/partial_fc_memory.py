@@ -8,9 +8,9 @@ Each measurement runs in a fresh process: a one-layer backbone on random
 `tf.function`; the figure is the process's peak resident memory (ru_maxrss)
 minus its resident memory once TensorFlow is imported and the head built,
 i.e. what the steps themselves add (logits, their gradient, the class-centre
-gradient). The allocator makes it vary by up to about 2x from one process to
-the next, so each row is measured `--repeats` times and shown as the lowest
-and highest figure in whole MiB, with the ratio of the medians to ArcFace's.
+gradient). The allocator makes it vary from one process to the next, so each
+row is measured `--repeats` times and shown as the lowest and highest figure
+in whole MiB, with the ratio of the medians to ArcFace's.
 The class centres and their momentum (2 x classes x dim x 4 bytes) are
 allocated before that baseline and are the same in every row; sharding over
 N workers divides them by N, which is not measured here (one process).
