@@ -714,11 +714,61 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return tree
 
 
+# Search-space declarations (`python -m sparse_embed.experiment hopt`): a `_hopt`
+# mapping in any section names some of the section's keys and their ranges,
+# e.g. `head: {params: {_hopt: {scale: {min: 1, max: 64, log: true}}}}`.
+HOPT_KEY = "_hopt"
+
+
+def split_search_space(tree: dict[str, Any], prefix: str = "") -> tuple[dict[str, Any], dict[str, Any]]:
+    """Separates the `_hopt` declarations of a parsed config tree from its settings.
+
+    Args:
+        tree: The config as plain nested dicts (parsed YAML); left unchanged.
+        prefix: Dotted path of `tree` in the whole config (`head.params.`), for the keys returned.
+
+    Returns:
+        (the tree without any `_hopt` mapping, dotted key -> its declaration
+        as written, e.g. `{"head.params.scale": {"min": 1, "max": 64, "log": True}}`).
+        The declarations are only collected here; `sparse_embed.experiment` checks them.
+
+    Raises:
+        ConfigError: If a `_hopt` entry is not a mapping of key names.
+    """
+    settings: dict[str, Any] = {}
+    space: dict[str, Any] = {}
+    for key, value in tree.items():
+        if key == HOPT_KEY:
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key '{prefix}{HOPT_KEY}' must map keys of "
+                                  f"{prefix.rstrip('.') or 'the config'} to search ranges, got {value!r}")
+            space.update({f"{prefix}{name}": spec for name, spec in value.items()})
+        elif isinstance(value, dict):
+            settings[key], inner = split_search_space(value, f"{prefix}{key}.")
+            space.update(inner)
+        else:
+            settings[key] = value
+    return settings, space
+
+
+def search_space(name_or_path: str) -> dict[str, Any]:
+    """The `_hopt` declarations of a config file: dotted key -> declaration as written.
+
+    Args:
+        name_or_path: Packaged config name or YAML path.
+
+    Raises:
+        ConfigError: On a missing file, bad YAML, or a `_hopt` entry that is not a mapping.
+    """
+    return split_search_space(_read_yaml(find_config(name_or_path)))[1]
+
+
 def load_config(name_or_path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Builds a `Config` from a YAML file and dotted overrides.
 
     Args:
         name_or_path: Packaged config name or YAML path; None starts from the defaults.
+            Its `_hopt` search ranges are left out (`split_search_space`).
         overrides: `key.path=value` strings; values are parsed as YAML scalars/lists.
             `head.name=NAME` naming another head than the file's drops the
             file's `head.params` (they are the other head's), so the new head
@@ -731,6 +781,8 @@ def load_config(name_or_path: str | None = None, overrides: list[str] | tuple[st
         ConfigError: On a missing file, bad YAML, unknown key or wrong value type.
     """
     tree = _read_yaml(find_config(name_or_path)) if name_or_path is not None else {}
+    # Search ranges are for `experiment hopt`; a run trains with the values set beside them.
+    tree = split_search_space(tree)[0]
     parsed = []
     for item in overrides:
         key, sep, raw = item.partition("=")

@@ -47,6 +47,7 @@ PACKAGE_CLIS = (
     "sparse_embed.preprocessing.msceleb_to_jpeg",
     "sparse_embed.preprocessing.prepare_megaface",
     "sparse_embed.results",
+    "sparse_embed.experiment",
 )
 SCRIPTS = tuple(str(p.relative_to(ROOT)) for p in sorted([*ROOT.glob("preprocessing/*.py"),
                                                           *ROOT.glob("benchmarks/*.py")]))
@@ -74,6 +75,7 @@ CONSOLE_SCRIPTS = {
     "sparse-embed-msceleb-to-jpeg": "sparse_embed.preprocessing.msceleb_to_jpeg",
     "sparse-embed-prepare-megaface": "sparse_embed.preprocessing.prepare_megaface",
     "sparse-embed-results": "sparse_embed.results",
+    "sparse-embed-experiment": "sparse_embed.experiment",
 }
 
 # An option whose values differ in kind between command lines, and why that is right.
