@@ -236,3 +236,39 @@ def test_hopt_is_killed_resumes_and_its_best_config_trains(
     train.main([f"--config={out / 'best.yaml'}", f"--data_dir={tiny_data}",
                 f"--model_dir={tmp_path / 'best_run'}"])
     assert (tmp_path / "best_run" / "checkpoints").is_dir()
+
+
+def test_hopt_prunes_below_the_median_and_counts_finished_trials(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """With a stand-in for training whose accuracy is the learning rate, the search's loop: after
+    the median pruner's 5 start-up trials, a trial reporting less than the median at its first
+    evaluation is pruned; the best complete trial is in best.yaml; a rerun counts every trial.
+    The sampler's seed makes which trials are pruned the same on every run."""
+    data = tmp_path / "data"
+    (data / "tfrecords").mkdir(parents=True)
+    (data / "tfrecords" / "train-00000-of-00001").write_bytes(b"")
+    (data / "tfrecords" / "labels.txt").write_text("a\nb\n")
+    reported = []
+
+    def measure(config, data_dir, run_dir, on_evaluation=None):
+        value = config.schedule.base_lr
+        if on_evaluation is not None:
+            reported.append(value)
+            on_evaluation(1, {"lfw": {"accuracy": value}})
+        return {"metrics": {"lfw": {"accuracy": value}}, "step": 2, "seconds": 0.0}
+
+    monkeypatch.setattr(experiment, "train_and_measure", measure)
+    path = _search_yaml(tmp_path)
+    out = tmp_path / "hopt"
+    args = ["hopt", f"--config={path}", f"--data_dir={data}", f"--output={out}", "--trials=12"]
+    summary = experiment.main(args)
+    states = [t["state"] for t in summary["trials"]]
+    assert len(states) == 12 and "pruned" in states and states[:5] == ["complete"] * 5
+    complete = [t["value"] for t in summary["trials"] if t["state"] == "complete"]
+    assert summary["best"]["value"] == max(complete)
+    best = yaml.safe_load((out / "best.yaml").read_text())
+    assert best["schedule"]["base_lr"] == summary["best"]["params"]["schedule.base_lr"]
+    assert "pruned, lfw/accuracy" in capsys.readouterr().out
+    experiment.main(args)
+    assert "hopt: 12 of 12 trials finished before; 0 to run" in capsys.readouterr().out
+    assert len(reported) == 12
