@@ -39,8 +39,9 @@ training (eval.every_steps) is trained from one evaluation to the next and
 reports each to the pruner, unless its learning rate or compression depends on
 the run's length (cosine, pruning), which is then trained in one go. The
 study is <output>/study.db (SQLite): a killed search resumes, counting the
-trials it finished and rerunning the one it was in. <output>/best.yaml is the
-best trial's complete config. A `--set` on a searched key fixes it.
+trials it finished and rerunning the one it was in. A trial whose loss becomes
+non-finite fails and does not count. <output>/best.yaml is the best trial's
+complete config. A `--set` on a searched key fixes it.
 """
 
 from __future__ import annotations
@@ -549,16 +550,16 @@ def several_seeds(config_name: str, overrides: Sequence[str], data_dir: str | os
 
     train_inputs(base, data_dir)
     first = base.train.seed
+    names = {f"seed-{first + i}": first + i for i in range(seeds)}
 
     def run(name: str) -> tuple[dict[str, Any], bool]:
         before = _read_result(output / name)
         if before is not None:
             return before, True
-        config = dataclasses.replace(base, train=dataclasses.replace(
-            base.train, seed=int(name.rpartition("-")[2])))
+        config = dataclasses.replace(base, train=dataclasses.replace(base.train, seed=names[name]))
         return train_and_measure(config, data_dir, output / name), False
 
-    runs = _run_many([f"seed-{first + i}" for i in range(seeds)], run, "seed")
+    runs = _run_many(list(names), run, "seed")
     return _finish(output, {"command": "seeds", "config": config_name, "overrides": list(overrides),
                             "data_dir": str(data_dir), "seeds": [first + i for i in range(seeds)],
                             "runs": runs, **summarize(runs)})
@@ -782,6 +783,7 @@ def search(config_name: str, overrides: Sequence[str], data_dir: str | os.PathLi
           f"{'maximizing' if direction == 'max' else 'minimizing'} {tag}", flush=True)
 
     distributions = {r.key: r for r in space}
+    failed = 0
     while finished < trials:
         trial = study.ask()
         params = {key: r.suggest(trial) for key, r in distributions.items()}
@@ -819,9 +821,20 @@ def search(config_name: str, overrides: Sequence[str], data_dir: str | os.PathLi
             print(f"trial {trial.number} ({run_name}): pruned, {pruned} below the median "
                   f"({time.perf_counter() - start:.1f} s)", flush=True)
             continue
-        except BaseException:
+        except TrainingError as error:
+            # A diverging trial (its loss became non-finite) is a result of the search, not
+            # the end of it; it does not count towards --trials.
+            study.tell(trial, state=state.FAIL)
+            failed += 1
+            print(f"trial {trial.number} ({run_name}): failed, {error}", flush=True)
+            if failed > trials:
+                raise TrainingError(f"{failed} trials failed, the last with: {error}") from error
+            continue
+        except Exception:
             study.tell(trial, state=state.FAIL)
             raise
+        # An interruption (Ctrl-C) leaves the trial running in the study: the next search
+        # runs it again from its checkpoints, as after a kill.
         if not math.isfinite(value):
             study.tell(trial, state=state.FAIL)
             raise TrainingError(f"trial {trial.number} measured {tag} = {value}")

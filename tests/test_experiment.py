@@ -272,3 +272,29 @@ def test_hopt_prunes_below_the_median_and_counts_finished_trials(
     experiment.main(args)
     assert "hopt: 12 of 12 trials finished before; 0 to run" in capsys.readouterr().out
     assert len(reported) == 12
+
+
+def test_a_diverging_trial_fails_and_the_search_goes_on(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """A trial whose training stops on a non-finite loss is failed in the study, reported in one
+    line, and not counted: the search still finishes --trials trials."""
+    from sparse_embed.errors import TrainingError
+
+    data = tmp_path / "data"
+    (data / "tfrecords").mkdir(parents=True)
+    (data / "tfrecords" / "train-00000-of-00001").write_bytes(b"")
+    (data / "tfrecords" / "labels.txt").write_text("a\nb\n")
+    calls = []
+
+    def measure(config, data_dir, run_dir, on_evaluation=None):
+        calls.append(run_dir)
+        if len(calls) == 1:
+            raise TrainingError("the loss became nan at step 1")
+        return {"metrics": {"lfw": {"accuracy": 0.5}}, "step": 2, "seconds": 0.0}
+
+    monkeypatch.setattr(experiment, "train_and_measure", measure)
+    summary = experiment.main(["hopt", f"--config={_search_yaml(tmp_path)}", f"--data_dir={data}",
+                               f"--output={tmp_path / 'hopt'}", "--trials=2"])
+    assert [t["state"] for t in summary["trials"]] == ["complete", "complete"]
+    assert len(calls) == 3
+    assert "trial 0 (trial-0000): failed, the loss became nan" in capsys.readouterr().out
