@@ -253,6 +253,8 @@ def _cval_split(config: Config, data_dir: Path, folds: int, seed: int, output: P
     and records the split in <output>/folds.json; a different split recorded there is an error."""
     from sparse_embed.data.checks import train_inputs
 
+    if folds < 2:
+        raise ConfigError(f"{flag} must be at least 2, got {folds}")
     identities = _identity_count(config, data_dir)
     if folds > identities:
         raise ConfigError(f"{flag}={folds} is larger than the number of identities in "
@@ -456,9 +458,10 @@ def summary_table(summary: dict[str, Metrics]) -> str:
     return format_results(rows)
 
 
-def _headline(metrics: Metrics, key: tuple[str, str] | None = None) -> str:
-    set_name, metric = key or (next(iter(metrics)), "accuracy")
-    value = metrics.get(set_name, {}).get(metric)
+def _headline(metrics: Metrics) -> str:
+    """The first set's accuracy, for a run's progress line."""
+    set_name, metric = next(iter(metrics)), "accuracy"
+    value = metrics[set_name].get(metric)
     return f"{set_name}/{metric} {value:.4g}" if value is not None else ""
 
 
@@ -502,15 +505,16 @@ def cross_validate(config_name: str, overrides: Sequence[str], data_dir: str | o
         DataError: If the data are missing, or a fold cannot make verification pairs.
     """
     data_dir, output = Path(data_dir), Path(output)
+    base = load_config(config_name, overrides)
     config = load_config(config_name, [*overrides, *_CVAL_OVERRIDES])
-    split = _cval_split(load_config(config_name, overrides), data_dir, folds, seed, output)
+    split = _cval_split(base, data_dir, folds, seed, output)
 
     def run(name: str) -> tuple[dict[str, Any], bool]:
         k = int(name.rpartition("-")[2])
         before = _read_result(output / name)
         if before is not None:
             return before, True
-        fold_data = _fold_data(load_config(config_name, overrides), data_dir, split, k, seed, output)
+        fold_data = _fold_data(base, data_dir, split, k, seed, output)
         return train_and_measure(config, fold_data, output / name), False
 
     runs = _run_many([f"fold-{k}" for k in range(folds)], run, "fold")
