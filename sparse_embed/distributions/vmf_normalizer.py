@@ -32,6 +32,7 @@ tests); everywhere else the two agree to about 1e-15.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -119,6 +120,23 @@ def _check_dim(dim: int) -> None:
 
 def _normalizer_and_ratio(dim: int, kappa: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
     """(log C_dim(kappa), A_dim(kappa)) in float64; kappa = 0 gives the uniform density and A = 0."""
+    # The callers' custom gradients are the derivatives: stopping the gradient here keeps a watching
+    # tape from tracing a backward pass through the recurrence it will never use.
+    return _compiled_normalizer_and_ratio(dim)(tf.stop_gradient(kappa))
+
+
+@functools.cache
+def _compiled_normalizer_and_ratio(dim: int) -> Any:
+    """`_eager_normalizer_and_ratio` for one dim as one graph function (traced once, any shape).
+
+    Up to ~50 recurrence steps of a few small ops each: one graph call instead of hundreds of
+    eager ones when called eagerly; inside a traced function it is inlined.
+    """
+    return tf.function(lambda kappa: _eager_normalizer_and_ratio(dim, kappa),
+                       input_signature=[tf.TensorSpec(None, tf.float64)])
+
+
+def _eager_normalizer_and_ratio(dim: int, kappa: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
     order = dim / 2 - 1
     zero = kappa <= 0
     safe = tf.where(zero, tf.ones_like(kappa), kappa)
