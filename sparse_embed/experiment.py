@@ -62,7 +62,14 @@ from typing import Any
 import numpy as np
 import yaml
 
-from sparse_embed.cli import add_command, format_results, make_parser, program, user_errors_exit
+from sparse_embed.cli import (
+    add_command,
+    deprecated_alias,
+    format_results,
+    make_parser,
+    program,
+    user_errors_exit,
+)
 from sparse_embed.config import (
     BEST_METRICS,
     Config,
@@ -909,6 +916,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", required=True,
                         help="Experiment directory: one run directory per fold, seed or trial, "
                              "summary.json.")
+    # `--out` is the project's retired spelling of --output; scripts that use it still work.
+    deprecated_alias(parser, "--out", "--output")
 
 
 def build_parser() -> argparse.ArgumentParser:
