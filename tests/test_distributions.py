@@ -709,22 +709,37 @@ def test_samples_carry_gradients_to_the_parameters() -> None:
             assert np.all(np.abs(grad[..., dist.dim:]) > 0), dist
 
 
-def test_vmf_cosine_gradient_is_exact_in_three_dimensions() -> None:
-    """d E[mu.x] / d kappa = A_3'(kappa): the inverse-CDF draw of D = 3 is an exact reparametrization.
-
-    (Other dimensions use the accepted Beta draw of Wood's sampler, whose kappa-gradient leaves out the
-    rejection correction, as the reference code does.)
-    """
-    dist = VonMisesFisher(3, max_logk=None)
+@pytest.mark.parametrize("dim", [2, 3, 8, 64])
+def test_vmf_sample_gradient_gives_the_mean_length_gradient(dim: int) -> None:
+    """d E[mu.x] / d kappa = A_D'(kappa): the samples' kappa-gradient is unbiased (within 5 standard
+    errors of its Monte-Carlo average; the reference code's is off by 8% at D = 8, kappa = 3)."""
+    dist = VonMisesFisher(dim, max_logk=None)
     for kappa in (0.5, 3.0, 30.0):
-        hidden = tf.Variable(dist.positive.ipositive(f64([[1 / kappa]])))
-        mu = f64([[0.0, 0.0, 1.0]])
+        # One parameter row per sample, so that the gradient of the sum is each sample's gradient.
+        hidden = dist.positive.ipositive(f64([[1 / kappa]])).numpy()
+        row = np.concatenate([np.eye(dim)[0], hidden[0]])
+        p = tf.Variable(np.tile(row, (SAMPLES, 1)))
         with tf.GradientTape(persistent=True) as tape:
-            p = tf.concat([mu, hidden], -1)
-            w = tf.reduce_mean(dist.sample(p, (SAMPLES,), seed=(1, 9))[..., 2])
-            exact = vmf_mean_resultant_length(3, dist.concentration(p))
-        sampled, expected = tape.gradient(w, hidden).numpy(), tape.gradient(exact, hidden).numpy()
-        assert sampled == pytest.approx(expected, rel=0.03)
+            k = dist.concentration(p)
+            w = dist.sample(p, seed=(1, 9))[:, 0]
+            exact = vmf_mean_resultant_length(dim, k)
+        per_sample = (tape.gradient(w, p) / tape.gradient(k, p)).numpy()[:, dim]
+        expected = (tape.gradient(exact, p) / tape.gradient(k, p)).numpy()[0, dim]
+        error = 5 * per_sample.std() / np.sqrt(SAMPLES)
+        assert abs(per_sample.mean() - expected) < error, (kappa, per_sample.mean(), expected)
+
+
+def test_vmf_implicit_cosine_slope_is_the_inverse_cdf_derivative() -> None:
+    """In three dimensions w = 1 + log(u + (1 - u) exp(-2 kappa)) / kappa: its derivative at fixed u is
+    the implicit reparametrization's dw/dkappa, sample by sample."""
+    dist = VonMisesFisher(3, max_logk=None)
+    kappa = f64(np.geomspace(0.01, 1e3, 200)[:, None])
+    with tf.GradientTape() as tape:
+        tape.watch(kappa)
+        w, one_minus_w = dist._sample_cosine(kappa, (4, 5))
+    exact = tape.gradient(w, kappa).numpy()
+    slope = dist._cosine_slope(kappa, tf.stop_gradient(one_minus_w)).numpy()
+    np.testing.assert_allclose(slope, exact, rtol=1e-6, atol=1e-12)
 
 
 # ---------------------------------------------------------------------------------------------------

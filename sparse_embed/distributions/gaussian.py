@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from sparse_embed.distributions import random
+from sparse_embed.distributions import draws
 from sparse_embed.distributions._tf import tf
 from sparse_embed.distributions.base import DISTRIBUTIONS, Distribution, broadcast_pair, normalize
 from sparse_embed.distributions.parametrization import PARAMETRIZATIONS, Parametrization
@@ -111,7 +111,7 @@ class Gaussian(Distribution):
         shape = self.sample_batch_shape(parameters, sample_shape)
         mu, variance, _ = self.unpack(self.expand_for_samples(parameters, sample_shape))
         if noise is None:
-            noise = random.normal(shape, parameters.dtype, seed)
+            noise = draws.normal(shape, parameters.dtype, seed)
         return mu + tf.sqrt(variance) * tf.cast(noise, parameters.dtype)
 
     def log_prob(self, parameters: Any, points: Any) -> tf.Tensor:

@@ -15,8 +15,12 @@ under XLA, unlike the reference code's round trip through SciPy):
   below u_5 / v^5, about 1e-12 in log I at v = 50, uniformly in x;
 - for smaller orders the expansion at order v + n (n steps above) and the
   backward recurrence of the ratio, r_{v-1} = z / (2v + z r_v) with
-  r_v = I_{v+1}/I_v, which damps the starting error at every step (it is the
-  stable direction of the recurrence for I).
+  r_v = I_{v+1}/I_v, the stable direction of the recurrence for I: each step
+  shrinks the starting error by the factor z r / (2v + z r) < 1.
+
+Measured against SciPy and a 50-digit reference (tests/test_distributions.py),
+log C_d and A_d are accurate to about 1e-11 relative for d in [2, 4096] and
+kappa in [1e-4, 1e5].
 
 The gradients are closed forms: d/dkappa log C_d = -A_d(kappa) and
 d/dkappa A_d = 1 - A_d^2 - (d - 1) A_d / kappa, so second derivatives work too.
@@ -26,8 +30,7 @@ takes `max(log ive(v, z) + z, log of the series' first term)`, and SciPy's
 `ive(255, z)` underflows to 0 for z below about 12.8, so at d = 512 its
 log C_d is frozen at the uniform density -log|S^511| = 867.968 for every
 kappa below that, up to 0.16 nats above the true value. This module returns
-the true value (checked against SciPy and a 50-digit mpmath reference in the
-tests); everywhere else the two agree to about 1e-15.
+the true value; everywhere else the two agree to about 1e-11 relative.
 """
 
 from __future__ import annotations
