@@ -536,7 +536,9 @@ def test_distribution_contract(name: str, options: dict[str, Any]) -> None:
     assert dist.num_parameters == DIM + extra
     p = random_parameters(dist, (3, 4))
     assert dist.mean(p).shape == (3, 4, DIM) and dist.modes(p).shape == (3, 4, DIM)
-    assert dist.confidence(p).shape == (3, 4)
+    assert dist.has_confidence == (name != "dirac")
+    if dist.has_confidence:
+        assert dist.confidence(p).shape == (3, 4)
     assert dist.sample(p, (2, 5), seed=(1, 2)).shape == (3, 4, 2, 5, DIM)
     assert dist.sample(p).shape == (3, 4, DIM)
     if dist.is_spherical:
@@ -546,9 +548,8 @@ def test_distribution_contract(name: str, options: dict[str, Any]) -> None:
     # One graph, the same numbers.
     np.testing.assert_allclose(tf.function(dist.mean)(p).numpy(), dist.mean(p).numpy(), rtol=1e-12)
     if name == "dirac":
-        assert not dist.has_confidence
-        for method in (lambda: dist.log_prob(p, p), lambda: dist.log_mls(p, p), lambda: dist.prior_kl(p),
-                       lambda: dist.pdf_product(p, p)):
+        for method in (lambda: dist.confidence(p), lambda: dist.log_prob(p, p), lambda: dist.log_mls(p, p),
+                       lambda: dist.prior_kl(p), lambda: dist.pdf_product(p, p)):
             with pytest.raises(ConfigError, match="dirac distribution has no"):
                 method()
         return

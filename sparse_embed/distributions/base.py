@@ -73,7 +73,7 @@ class Distribution(ABC):
 
     @property
     def has_confidence(self) -> bool:
-        """Whether `confidence` means anything (false for Dirac embeddings)."""
+        """Whether `confidence` is defined (false for Dirac embeddings: theirs raises)."""
         return True
 
     def check_parameters(self, parameters: Any) -> tf.Tensor:

@@ -47,8 +47,8 @@ class Dirac(Distribution):
         return self.mean(parameters)
 
     def confidence(self, parameters: Any) -> tf.Tensor:
-        # A point carries no uncertainty: every embedding is equally trusted.
-        return tf.zeros_like(self.check_parameters(parameters)[..., 0])
+        # A point carries no uncertainty; `has_confidence` tells callers not to ask.
+        raise self._no_density("confidence")
 
     def sample(self, parameters: Any, sample_shape: tuple[int, ...] = (), seed: Any = None,
                noise: Any = None) -> tf.Tensor:
