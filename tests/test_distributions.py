@@ -12,7 +12,11 @@ an independent computation instead. A later aggregate parity test imports
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -809,3 +813,13 @@ def test_hib_scale_and_bias_train_with_the_model() -> None:
     assert all(g is not None and np.isfinite(g.numpy()).all() for g in grads)
     optimizer.apply_gradients(zip(grads, model.trainable_weights, strict=True))
     assert all(np.any(w.numpy() != b) for w, b in zip(scorer.trainable_weights, before, strict=True))
+
+
+@pytest.mark.integration
+def test_the_distributions_load_without_tensorflow() -> None:
+    """The config validates a distribution's options before TensorFlow starts (as for head.params)."""
+    code = ("import sys; from sparse_embed.distributions import DISTRIBUTIONS, build_distribution; "
+            "build_distribution('vmf', 8, kappa='norm'); assert 'tensorflow' not in sys.modules, 'TF loaded'")
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
