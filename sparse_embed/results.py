@@ -150,6 +150,8 @@ def _cell(value: object, spec: str) -> str:
         return "–"
     if spec and isinstance(value, (int, float)) and not isinstance(value, bool):
         return format(value, spec)
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))  # a count stored as a float (512.0) reads as the count
     return str(value).replace("|", "\\|")
 
 
@@ -235,13 +237,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     paths = documents()
     if args.write:
+        problems = []
         for path in paths:
             text = path.read_text()
-            rendered = render_document(text)
+            try:
+                rendered = render_document(text)
+            except DataError as error:  # the other documents still render
+                problems.append(f"{path.relative_to(ROOT)}: {error}")
+                continue
             if rendered != text:
                 with atomic_path(path) as tmp:
                     tmp.write_text(rendered)
                 print(f"rendered {path.relative_to(ROOT)}")
+        if problems:
+            raise DataError("; ".join(problems))
         return
     stale = stale_blocks(paths)
     if stale:
