@@ -1,0 +1,628 @@
+"""Probabilistic metric-learning losses: the classifier and criterion terms of each method.
+
+The methods of Karpukhin, Dereka and Kolesnikov (2022; their code, "the
+reference" below, is github tinkoff-ai/probabilistic-embeddings) train an
+embedder that predicts a *distribution* per input, a parameter vector
+`[mean | extra]` read by a `sparse_embed.distributions` distribution. Each
+method is a classifier (logits from parameters) and / or criterion terms:
+
+| method   | distribution              | terms (this module)                                     |
+|----------|---------------------------|---------------------------------------------------------|
+| HIB      | gaussian in R^D           | `hib_loss` on `hib_match_probabilities` + prior KL      |
+| PFE      | gaussian on the sphere    | `pfe_loss` (stage 2 of a deterministic run)             |
+| DUL-reg  | gaussian on the sphere    | `loglike_logits` + `nll_loss` (frozen class centres)    |
+| DUL-cls  | gaussian on the sphere    | `dul_cls_loss`: a margin head on one sample + prior KL  |
+| SCF      | vmf, kappa separate       | `loglike_logits` + `nll_loss` (frozen class centres)    |
+| vMF-FL   | vmf, kappa separate       | `loglike_logits` + `cross_entropy`                      |
+| vMF-loss | vmf, kappa = norm         | `vmf_loss` (`VMFLoss` holds the class vMFs and scale)   |
+| SPE      | gaussian in R^D           | `spe_logits` + `nll_loss` (`SPELoss` holds epsilon)     |
+| DSML     | dirac on the sphere       | `target_loglike_logits` (class vMFs or Gaussians) + CE  |
+
+plus the reference's deterministic criterion term that the suite's
+`ProxyNCAHead` does not compute (`proxy_nca_loss`, the paper's form without
+the positive in the denominator). ArcFace, CosFace, NormSoftmax,
+Proxy-Anchor and Multi-Similarity are the suite's existing heads
+(`heads.margin`, `heads.proxy`, `heads.pair`).
+
+Every sampled loss draws reparametrized samples (gradients reach the mean and
+the variance or concentration) and takes caller-passed noise or samples
+instead, which is how the reference's golden values replay. The functions
+compute in the dtype of the parameters and broadcast like the distributions.
+
+Where the reference is wrong this module implements the correct formula
+(tests/test_pe_losses.py checks each against an independent computation):
+
+- vMF-loss with the approximate log C (the default): the reference subtracts
+  the *exact* log C_d(s) from a sum of *approximate* ones, which adds a
+  constant (about +6.5 nats at D = 8, +117 at D = 128) to every loss; here
+  one normalizer is used throughout, so the scale-only terms cancel.
+- SPE: the reference initialises its epsilon as exp(0.01^(2/D)) (about 2.5
+  at D = 128) where 0.01^(2/D) was meant; `SPELoss` starts at 0.01^(2/D).
+  Its Monte-Carlo denominator also sums, over the prototypes l'', the density
+  of prototype l'' at a sample drawn for prototype l'' rather than at the one
+  sample z drawn for the class being scored; here it is
+  sum_l'' N(z; p_l'') at the same z (Scott et al. 2019, the estimator of
+  p(y | x)).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from sparse_embed.distributions import Distribution, Gaussian, VonMisesFisher, draws
+from sparse_embed.distributions.base import normalize
+from sparse_embed.distributions.vmf_normalizer import approximate_log_vmf_normalizer, log_vmf_normalizer
+from sparse_embed.keras import keras, tf
+
+# torch's binary cross-entropy clamps log(p) at -100 (so a probability of 0 costs 100, not inf).
+BCE_LOG_FLOOR = -100.0
+# The logit SPE gives classes absent from the batch (the reference's LOG_EPS).
+SPE_ABSENT_LOGIT = -100.0
+
+
+# ---------------------------------------------------------------------------------------------------
+# Generic terms.
+# ---------------------------------------------------------------------------------------------------
+
+def cross_entropy(logits: tf.Tensor, labels: tf.Tensor, smoothing: float = 0.0) -> tf.Tensor:
+    """Mean softmax cross-entropy, with label smoothing as torch's `cross_entropy(label_smoothing=)`.
+
+    (1 - e) CE(y) + e mean_c CE(c): the smoothed target puts e / C on every class.
+
+    Args:
+        logits: Tensor of shape (B, C).
+        labels: Integer tensor of shape (B,).
+        smoothing: The smoothing e in [0, 1).
+    """
+    log_probs = tf.nn.log_softmax(logits, axis=-1)
+    target = -tf.gather(log_probs, tf.cast(labels, tf.int32), batch_dims=1)
+    if smoothing == 0:
+        return tf.reduce_mean(target)
+    uniform = -tf.reduce_mean(log_probs, axis=-1)
+    return tf.reduce_mean((1 - smoothing) * target + smoothing * uniform)
+
+
+def nll_loss(logits: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
+    """-mean_i logits[i, y_i]: the loss of classifiers whose logits already are log-likelihoods.
+
+    Args:
+        logits: Tensor of shape (B, C).
+        labels: Integer tensor of shape (B,).
+    """
+    return -tf.reduce_mean(tf.gather(logits, tf.cast(labels, tf.int32), batch_dims=1))
+
+
+def _one_hot(labels: tf.Tensor, num_classes: Any, dtype: Any) -> tf.Tensor:
+    return tf.one_hot(tf.cast(labels, tf.int32), num_classes, dtype=dtype)
+
+
+def _same_label(labels: tf.Tensor) -> tf.Tensor:
+    labels = tf.reshape(labels, [-1])
+    return tf.equal(labels[None, :], labels[:, None])
+
+
+def _masked_mean(values: tf.Tensor, mask: tf.Tensor) -> tf.Tensor:
+    """Mean of `values` where `mask` holds; 0 (not NaN) for an empty mask."""
+    mask = tf.cast(mask, values.dtype)
+    return tf.math.divide_no_nan(tf.reduce_sum(values * mask), tf.reduce_sum(mask))
+
+
+def prior_kl_loss(distribution: Distribution, parameters: tf.Tensor) -> tf.Tensor:
+    """mean_i KL(p_i || prior): the regulariser of HIB and DUL-cls.
+
+    Args:
+        distribution: How the parameter vectors are read (a Gaussian's KL is to N(0, I)).
+        parameters: Tensor of shape (B, P).
+    """
+    return tf.reduce_mean(distribution.prior_kl(parameters))
+
+
+def proxy_nca_loss(proxy_scores: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
+    """Proxy-NCA as the paper writes it: mean_i log sum_{c != y_i} exp(s_ic - s_iy_i).
+
+    Movshovitz-Attias et al. (ICCV 2017), Eq. 4, on the scores s = scorer(x, proxy)
+    (the reference uses the negative squared L2 distance of the normalised means).
+    The positive proxy is not in the denominator (unlike `heads.proxy.ProxyNCAHead`,
+    whose per-example loss is softplus of this one's at scale 1); the loss is
+    unbounded below.
+
+    Args:
+        proxy_scores: Tensor of shape (B, C), similarity of each embedding to each proxy.
+        labels: Integer tensor of shape (B,).
+    """
+    positive = tf.gather(proxy_scores, tf.cast(labels, tf.int32), batch_dims=1)
+    is_target = tf.cast(_one_hot(labels, tf.shape(proxy_scores)[-1], tf.float32), tf.bool)
+    deltas = tf.where(is_target, tf.cast(-math.inf, proxy_scores.dtype), proxy_scores - positive[:, None])
+    return tf.reduce_mean(tf.reduce_logsumexp(deltas, axis=-1))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Pair losses: HIB and PFE.
+# ---------------------------------------------------------------------------------------------------
+
+def hib_match_probabilities(scorer: Any, parameters: tf.Tensor, samples1: tf.Tensor | None = None,
+                            samples2: tf.Tensor | None = None) -> tf.Tensor:
+    """P[i, j] = HIB(p_j, p_i), the (B, B) match probabilities of every pair of the batch.
+
+    Each side draws its own samples, so the diagonal compares two independent
+    sample sets of one distribution (the reference's layout: the first argument
+    is the batch along columns).
+
+    Args:
+        scorer: A `HIBScorer` (its trainable scale and bias train with the loss).
+        parameters: Tensor of shape (B, P).
+        samples1: Optional samples (1, B, K, D) of the column distributions.
+        samples2: Optional samples (B, 1, K, D) of the row distributions.
+    """
+    return scorer(parameters[None], parameters[:, None], samples1=samples1, samples2=samples2)
+
+
+def hib_loss(probabilities: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
+    """1/2 (BCE(P_pos, 1) + BCE(P_neg, 0)), each a mean over its own set of pairs.
+
+    Oh et al., "Modeling Uncertainty with Hedged Instance Embedding" (ICLR 2019),
+    as the reference computes it: same-label pairs, the diagonal self-pairs
+    included, are positives; the logs are clamped at -100 as torch's BCE does.
+    A batch without negatives (or positives) has 0 for that half.
+
+    Args:
+        probabilities: Tensor of shape (B, B), from `hib_match_probabilities`.
+        labels: Integer tensor of shape (B,).
+    """
+    same = _same_label(labels)
+    positive = -tf.maximum(tf.math.log(probabilities), BCE_LOG_FLOOR)
+    negative = -tf.maximum(tf.math.log1p(-probabilities), BCE_LOG_FLOOR)
+    return 0.5 * (_masked_mean(positive, same) + _masked_mean(negative, ~same))
+
+
+def pfe_pair_scores(distribution: Distribution, parameters: tf.Tensor) -> tf.Tensor:
+    """M[i, j] = log MLS(p_j, p_i), (B, B).
+
+    Args:
+        distribution: A distribution with `log_mls` (Gaussian for PFE).
+        parameters: Tensor of shape (B, P).
+    """
+    return distribution.log_mls(parameters[None], parameters[:, None])
+
+
+def pfe_loss(distribution: Distribution, parameters: tf.Tensor, labels: tf.Tensor,
+             match_self: bool = True) -> tf.Tensor:
+    """-mean over same-label pairs (i, j) of log MLS(p_i, p_j) (Shi and Jain, ICCV 2019).
+
+    Args:
+        distribution: A distribution with `log_mls`.
+        parameters: Tensor of shape (B, P).
+        labels: Integer tensor of shape (B,).
+        match_self: Count the pairs (i, i) (the reference's default `pfe_match_self`).
+    """
+    same = _same_label(labels)
+    if not match_self:
+        same &= ~tf.eye(tf.shape(same)[0], dtype=tf.bool)
+    return -_masked_mean(pfe_pair_scores(distribution, parameters), same)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Log-likelihood classifiers: DUL-reg, SCF, vMF-FL, DSML.
+# ---------------------------------------------------------------------------------------------------
+
+def loglike_logits(distribution: Distribution, parameters: tf.Tensor, class_points: tf.Tensor,
+                   labels: tf.Tensor | None = None, margin: float = 0.0) -> tf.Tensor:
+    """logits[i, c] = log p_i(w_c) - margin [c = y_i]: each class centre's likelihood under p_i.
+
+    With a vMF this is log C_D(kappa_i) + kappa_i mu_i.w_c / |w_c| (SCF with
+    `nll_loss`, vMF-FL with `cross_entropy`: log C cancels, kappa_i is a
+    per-example temperature); with a Gaussian on the sphere it is
+    log N(w_c / |w_c|; mu_i, sigma_i^2 I) (DUL-reg with `nll_loss`).
+
+    Args:
+        distribution: The embeddings' distribution.
+        parameters: Tensor of shape (B, P).
+        class_points: Tensor of shape (C, D), the class centres (normalised on the sphere).
+        labels: Integer tensor of shape (B,); the margin needs them.
+        margin: Log-likelihood taken off the target logit (needs `labels`).
+    """
+    logits = distribution.log_prob(parameters[..., None, :], tf.cast(class_points, parameters.dtype))
+    return _subtract_margin(logits, labels, margin)
+
+
+def target_loglike_logits(target_distribution: Distribution, class_parameters: tf.Tensor,
+                          embeddings: tf.Tensor, labels: tf.Tensor | None = None,
+                          margin: float = 0.0) -> tf.Tensor:
+    """logits[i, c] = log q_c(x_i): the embedding's likelihood under each class's distribution (DSML).
+
+    With vMF class distributions: log C_D(kappa_c) + kappa_c mu_c.x_i / |x_i|,
+    both mu_c and kappa_c learned; with `cross_entropy` this is DSML (the
+    reference's LogLike classifier with a target distribution).
+
+    Args:
+        target_distribution: The classes' distribution (P' parameters each).
+        class_parameters: Tensor of shape (C, P').
+        embeddings: Tensor of shape (B, D), points (a Dirac embedding's sample is its mean).
+        labels: Integer tensor of shape (B,); the margin needs them.
+        margin: Log-likelihood taken off the target logit (needs `labels`).
+    """
+    class_parameters = tf.cast(class_parameters, embeddings.dtype)
+    logits = target_distribution.log_prob(class_parameters, embeddings[..., None, :])
+    return _subtract_margin(logits, labels, margin)
+
+
+def _subtract_margin(logits: tf.Tensor, labels: tf.Tensor | None, margin: float) -> tf.Tensor:
+    if margin == 0:
+        return logits
+    if labels is None:
+        raise ValueError("a margin needs the labels")
+    return logits - margin * _one_hot(labels, tf.shape(logits)[-1], logits.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------
+# DUL-cls: a margin head on one sample.
+# ---------------------------------------------------------------------------------------------------
+
+def dul_cls_loss(head: keras.layers.Layer, distribution: Gaussian, parameters: tf.Tensor,
+                 labels: tf.Tensor, prior_kl_weight: float, noise: tf.Tensor | None = None,
+                 seed: Any = None) -> tf.Tensor:
+    """DUL-cls (Chang et al., CVPR 2020): head(z) + w mean KL(N(mu, sigma^2) || N(0, I)).
+
+    z = mu + sigma eps is one reparametrized sample per example; the head (ArcFace
+    or CosFace of `heads.margin`) normalises it. The KL is the true one (the
+    reference notes the paper's formula has an error).
+
+    Args:
+        head: A classifier head of `heads.margin` (called as head(z, labels)).
+        distribution: The Gaussian of the embeddings (on the sphere in the reference configs).
+        parameters: Tensor of shape (B, P).
+        labels: Integer tensor of shape (B,).
+        prior_kl_weight: w, the weight of the KL term.
+        noise: Pre-drawn standard normal noise (B, D); None draws it.
+        seed: Stateless seed of the draw (None: TensorFlow's global random state).
+    """
+    samples = distribution.sample(parameters, noise=noise, seed=seed)
+    classification = head(samples, labels)
+    kl = tf.cast(prior_kl_loss(distribution, parameters), classification.dtype)
+    return classification + prior_kl_weight * kl
+
+
+# ---------------------------------------------------------------------------------------------------
+# vMF-loss.
+# ---------------------------------------------------------------------------------------------------
+
+def vmf_loss(distribution: VonMisesFisher, parameters: tf.Tensor, labels: tf.Tensor,
+             class_parameters: tf.Tensor, scale: Any, samples: tf.Tensor | None = None,
+             num_samples: int = 10, approximate_logc: bool = True, deterministic_target: bool = False,
+             seed: Any = None) -> tf.Tensor:
+    """Per-example vMF-loss (Scott, Gallagher and Mozer, ICCV 2021), (B,).
+
+    The embedding is vMF(mu_i, kappa_i) with kappa_i = |x_i| (`kappa="norm"`),
+    the classes are vMF(mu_c, kappa_c) with parameters w_c (kappa_c = |w_c|), s is
+    the scale. With z_k ~ vMF(mu_i, kappa_i), K samples:
+
+        L_i = mean_k log sum_c exp(log C(kappa_c) - log C(|s z_k + w_c|))
+              - s (A(kappa_i) mu_i) . (A(kappa_y) mu_y),
+
+    the expected negative log-likelihood of the class under vMF(z, s), its
+    numerator in closed form. `approximate_logc` uses the approximation of log C
+    of the paper (`approximate_log_vmf_normalizer`) in the denominator; the
+    log C(s) terms cancel exactly either way (the reference subtracts the exact
+    log C(s) from approximate ones, a constant offset; see the module docstring).
+    `deterministic_target`: the classes are directions w_c / |w_c| and
+    L_i = mean_k log sum_c exp(s z_k . w_c / |w_c|) - s (A(kappa_i) mu_i) . w_y / |w_y|.
+
+    Args:
+        distribution: A `VonMisesFisher` with `kappa="norm"`.
+        parameters: Tensor of shape (B, D).
+        labels: Integer tensor of shape (B,).
+        class_parameters: Tensor of shape (C, D): the class vMFs (directions with
+            `deterministic_target`).
+        scale: s > 0 (a float or a scalar tensor: the trainable scale).
+        samples: Optional pre-drawn samples (B, K, D) (normalised before use); None draws K.
+        num_samples: K when drawing.
+        approximate_logc: Use the paper's approximation of log C in the denominator.
+        deterministic_target: Deterministic class directions (the reference's `vmf-loss-det`).
+        seed: Stateless seed of the draw (None: TensorFlow's global random state).
+    """
+    dtype = parameters.dtype
+    # Through a tensor of the parameters' dtype: tf.cast would round a Python float to float32 first.
+    scale = tf.cast(tf.convert_to_tensor(scale, dtype_hint=dtype), dtype)
+    class_parameters = tf.cast(class_parameters, dtype)
+    if samples is None:
+        samples = distribution.sample(parameters, (num_samples,), seed=seed)
+    z = normalize(tf.cast(samples, dtype))  # (B, K, D).
+    means = distribution.mean(parameters)  # (B, D).
+    labels = tf.cast(labels, tf.int32)
+    if deterministic_target:
+        directions = normalize(class_parameters)
+        numerator = scale * tf.reduce_sum(means * tf.gather(directions, labels), axis=-1)
+        products = scale * tf.einsum("bkd,cd->bkc", z, directions)
+        return tf.reduce_mean(tf.reduce_logsumexp(products, axis=-1), axis=-1) - numerator
+    log_c = approximate_log_vmf_normalizer if approximate_logc else log_vmf_normalizer
+    dim = distribution.dim
+    class_kappa = tf.norm(class_parameters, axis=-1)  # (C,).
+    joint = tf.norm(scale * z[:, :, None, :] + class_parameters[None, None], axis=-1)  # (B, K, C).
+    log_ratio = log_c(dim, class_kappa) - log_c(dim, joint)
+    denominator = tf.reduce_mean(tf.reduce_logsumexp(log_ratio, axis=-1), axis=-1)
+    target_means = distribution.mean(tf.gather(class_parameters, labels))
+    return denominator - scale * tf.reduce_sum(means * target_means, axis=-1)
+
+
+def vmf_loss_class_initializer(dim: int, kappa_confidence: float) -> keras.initializers.Initializer:
+    """The reference's initialisation of the class vMFs: N(0, I) lambda / (1 - lambda^2) (D - 1) / sqrt(D).
+
+    The norm of a row, the class concentration, is then about lambda / (1 - lambda^2) (D - 1),
+    where the mean resultant length A_D is about lambda.
+
+    Args:
+        dim: D.
+        kappa_confidence: lambda in (0, 1).
+    """
+    stddev = kappa_confidence / (1 - kappa_confidence**2) * (dim - 1) / math.sqrt(dim)
+    return keras.initializers.RandomNormal(stddev=stddev)
+
+
+@keras.utils.register_keras_serializable(package="sparse_embed")
+class VMFLoss(keras.layers.Layer):
+    """vMF-loss with its trainable class vMFs and scale: `vmf_loss_layer(parameters, labels)` -> mean loss.
+
+    Args:
+        num_classes: C.
+        dim: D.
+        scale: A fixed scale s > 0, or None for a trainable one, exp(log_scale).
+        initial_log_scale: The trainable log s at the start (2.773 in the reference).
+        kappa_confidence: lambda of the class initialisation (0.7).
+        num_samples: K samples per embedding (10).
+        approximate_logc: The paper's approximation of log C in the denominator.
+        deterministic_target: Deterministic class directions.
+        **kwargs: Keras layer arguments.
+    """
+
+    def __init__(self, num_classes: int, dim: int, scale: float | None = None,
+                 initial_log_scale: float = 2.773, kappa_confidence: float = 0.7, num_samples: int = 10,
+                 approximate_logc: bool = True, deterministic_target: bool = False, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if scale is not None and not scale > 0:
+            raise ValueError(f"scale must be > 0 or None (trainable), got {scale!r}")
+        if not 0 < kappa_confidence < 1:
+            raise ValueError(f"kappa_confidence must be in (0, 1), got {kappa_confidence!r}")
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples!r}")
+        self.num_classes = num_classes
+        self.dim = dim
+        self.scale = scale
+        self.initial_log_scale = initial_log_scale
+        self.kappa_confidence = kappa_confidence
+        self.num_samples = num_samples
+        self.approximate_logc = approximate_logc
+        self.deterministic_target = deterministic_target
+        self.distribution = VonMisesFisher(dim, kappa="norm")
+        self.class_parameters = self.add_weight(
+            name="class_parameters", shape=(num_classes, dim),
+            initializer=vmf_loss_class_initializer(dim, kappa_confidence), trainable=True)
+        self.log_scale = None
+        if scale is None:
+            self.log_scale = self.add_weight(
+                name="log_scale", shape=(), initializer=keras.initializers.Constant(initial_log_scale),
+                trainable=True)
+
+    def current_scale(self) -> tf.Tensor:
+        """s: exp(log_scale) when trainable, else the fixed value."""
+        if self.log_scale is None:
+            return tf.constant(self.scale, self.dtype)
+        return tf.exp(self.log_scale)
+
+    def call(self, parameters: tf.Tensor, labels: tf.Tensor, samples: tf.Tensor | None = None,
+             seed: Any = None) -> tf.Tensor:
+        """Mean vMF-loss of the batch.
+
+        Args:
+            parameters: Tensor of shape (B, D) (kappa = norm).
+            labels: Integer tensor of shape (B,).
+            samples: Optional pre-drawn samples (B, K, D).
+            seed: Stateless seed of the draw.
+        """
+        losses = vmf_loss(self.distribution, parameters, labels, self.class_parameters, self.current_scale(),
+                          samples=samples, num_samples=self.num_samples,
+                          approximate_logc=self.approximate_logc,
+                          deterministic_target=self.deterministic_target, seed=seed)
+        return tf.reduce_mean(losses)
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "num_classes": self.num_classes, "dim": self.dim, "scale": self.scale,
+                "initial_log_scale": self.initial_log_scale, "kappa_confidence": self.kappa_confidence,
+                "num_samples": self.num_samples, "approximate_logc": self.approximate_logc,
+                "deterministic_target": self.deterministic_target}
+
+
+# ---------------------------------------------------------------------------------------------------
+# SPE: stochastic prototype embeddings.
+# ---------------------------------------------------------------------------------------------------
+
+def group_by_class(labels: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """Rows of a class-balanced batch grouped by class: (indices (n, L), classes (L,)).
+
+    indices[r, j] is the batch row of the r-th example (in batch order) of the
+    j-th smallest label; n = B / L examples per class.
+
+    Args:
+        labels: Integer tensor of shape (B,), every present label equally often.
+
+    Raises:
+        tf.errors.InvalidArgumentError: If the batch is not class-balanced.
+    """
+    labels = tf.cast(tf.reshape(labels, [-1]), tf.int32)
+    classes, index = tf.unique(labels)
+    counts = tf.math.bincount(index)
+    with tf.control_dependencies([tf.debugging.assert_equal(
+            counts, counts[0], message="SPE needs a class-balanced batch (a P x K sampler)")]):
+        order = tf.argsort(labels, stable=True)
+    num_classes = tf.size(classes)
+    grouped = tf.transpose(tf.reshape(order, [num_classes, -1]))
+    return grouped, tf.sort(classes)
+
+
+def spe_prototypes(distribution: Gaussian, support: tf.Tensor, epsilon: Any) -> tf.Tensor:
+    """The prototypes (L, P) of support examples (n, L, P): the product of their densities.
+
+    With sigma_s^2 + epsilon the support variances, the prototype is
+    N(sum_s mu_s / v_s / sum_s 1 / v_s, epsilon + 1 / sum_s 1 / v_s) (epsilon added
+    to its variance too, as in the reference).
+
+    Args:
+        distribution: The Gaussian of the embeddings.
+        support: Tensor of shape (n, L, P).
+        epsilon: The variance added to every support and prototype variance.
+    """
+    mu, variance, _ = distribution.unpack(support)
+    variance = epsilon + variance
+    precision = tf.reduce_sum(1 / variance, axis=0)
+    new_variance = 1 / precision
+    new_mu = new_variance * tf.reduce_sum(mu / variance, axis=0)
+    hidden = distribution.positive.ipositive(epsilon + new_variance)
+    return tf.concat([new_mu, hidden], axis=-1)
+
+
+def _spe_half_logits(distribution: Gaussian, query: tf.Tensor, support: tf.Tensor, epsilon: Any,
+                     num_samples: int, noise: tf.Tensor | None, seed: Any) -> tf.Tensor:
+    """log p(y = l' | query (n, L, P)) against prototypes of `support`: (n, L, L')."""
+    prototypes = spe_prototypes(distribution, support, epsilon)  # (L', P).
+    log_mls = distribution.log_mls(query[:, :, None, :], prototypes[None, None])  # (n, L, L').
+    _, product = distribution.pdf_product(query[:, :, None, :], prototypes[None, None])  # (n, L, L', P).
+    if num_samples > 0:
+        if noise is None:
+            leading = tf.shape(product)
+            shape = tf.concat([leading[:2], [num_samples], leading[2:3], [distribution.dim]], 0)
+            noise = draws.normal(shape, product.dtype, seed)
+        z = distribution.sample(product[:, :, None], noise=noise)  # (n, L, S, L', D).
+        count = num_samples
+    else:
+        z = distribution.mean(product)[:, :, None]  # (n, L, 1, L', D).
+        count = 1
+    # Every prototype l'' at every sample z drawn for class l': (n, L, S, L', L'').
+    log_densities = distribution.log_prob(prototypes, z[..., None, :])
+    log_denominator = tf.reduce_logsumexp(log_densities, axis=-1)  # (n, L, S, L').
+    expectation = tf.reduce_logsumexp(-log_denominator, axis=2) - math.log(count)  # (n, L, L').
+    return log_mls + expectation
+
+
+def spe_logits(distribution: Gaussian, parameters: tf.Tensor, labels: tf.Tensor, num_classes: int,
+               epsilon: Any, num_samples: int = 16, noise: tuple[tf.Tensor, tf.Tensor] | None = None,
+               seed: Any = None) -> tf.Tensor:
+    """Stochastic Prototype Embeddings logits, log p(y = c | x_i), (B, C) (Scott et al., 2019).
+
+    The batch must hold every present class equally often (n per class, a P x K
+    sampler). The first floor(n / 2) examples of each class (in batch order) are
+    scored against prototypes made of the others, and the others against
+    prototypes of the first ones. For a query q and prototype p_l,
+
+        log p(l | q) = log MLS(q, p_l) + log E_{z ~ q p_l} [1 / sum_l'' N(z; p_l'')],
+
+    the expectation over the normalised product density, estimated with
+    `num_samples` reparametrized samples (0: at the product's mean). Classes
+    absent from the batch get -100. Train with `nll_loss`.
+
+    Args:
+        distribution: A `Gaussian` (in R^D in the reference configs).
+        parameters: Tensor of shape (B, P).
+        labels: Integer tensor of shape (B,).
+        num_classes: C.
+        epsilon: The variance added to the supports and prototypes (trainable in `SPELoss`).
+        num_samples: S, samples per query and class; 0 uses the product's mean.
+        noise: Optional pre-drawn standard normal noise for the two halves,
+            (n1, L, S, L, D) and (n2, L, S, L, D).
+        seed: Stateless seed of the draws (None: TensorFlow's global random state).
+    """
+    grouped, classes = group_by_class(labels)  # (n, L), (L,).
+    by_class = tf.gather(parameters, grouped)  # (n, L, P).
+    half = tf.shape(grouped)[0] // 2
+    first, second = by_class[:half], by_class[half:]
+    noise1, noise2 = (None, None) if noise is None else noise
+    logits = tf.concat([
+        _spe_half_logits(distribution, first, second, epsilon, num_samples, noise1, draws.fold_seed(seed, 1)),
+        _spe_half_logits(distribution, second, first, epsilon, num_samples, noise2, draws.fold_seed(seed, 2)),
+    ], axis=0)  # (n, L, L').
+    # Columns to the batch's classes, the rest at -100; rows back to batch order.
+    placed = tf.tensordot(logits - SPE_ABSENT_LOGIT, _one_hot(classes, num_classes, logits.dtype), axes=1)
+    placed += SPE_ABSENT_LOGIT
+    rows = tf.reshape(grouped, [-1])
+    flat = tf.reshape(placed, [-1, num_classes])
+    return tf.scatter_nd(rows[:, None], flat, tf.shape(flat))
+
+
+def spe_initial_log_epsilon(dim: int) -> float:
+    """log of SPE's initial epsilon 0.01^(2/D), the variance one hundredth of a unit vector's spread.
+
+    Args:
+        dim: D.
+    """
+    return 2 / dim * math.log(0.01)
+
+
+@keras.utils.register_keras_serializable(package="sparse_embed")
+class SPELoss(keras.layers.Layer):
+    """SPE with its trainable epsilon = exp(log_epsilon): `spe(parameters, labels)` -> mean NLL.
+
+    epsilon starts at 0.01^(2/D) (the reference meant this and starts at
+    exp(0.01^(2/D)) instead). With `train_epsilon=False`, epsilon is 0.
+
+    Args:
+        num_classes: C.
+        dim: D.
+        train_epsilon: Learn the added variance epsilon (else 0).
+        num_samples: S (16 in the reference); 0 uses the product means.
+        **kwargs: Keras layer arguments.
+    """
+
+    def __init__(self, num_classes: int, dim: int, train_epsilon: bool = True, num_samples: int = 16,
+                 **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if num_samples < 0:
+            raise ValueError(f"num_samples must be >= 0, got {num_samples!r}")
+        self.num_classes = num_classes
+        self.dim = dim
+        self.train_epsilon = train_epsilon
+        self.num_samples = num_samples
+        self.distribution = Gaussian(dim)
+        self.log_epsilon = None
+        if train_epsilon:
+            self.log_epsilon = self.add_weight(
+                name="log_epsilon", shape=(),
+                initializer=keras.initializers.Constant(spe_initial_log_epsilon(dim)), trainable=True)
+
+    def epsilon(self, dtype: Any = tf.float32) -> tf.Tensor:
+        """The added variance epsilon (0 without `train_epsilon`).
+
+        Args:
+            dtype: The dtype to return it in.
+        """
+        if self.log_epsilon is None:
+            return tf.zeros([], dtype)
+        return tf.cast(tf.exp(self.log_epsilon), dtype)
+
+    def logits(self, parameters: tf.Tensor, labels: tf.Tensor,
+               noise: tuple[tf.Tensor, tf.Tensor] | None = None, seed: Any = None) -> tf.Tensor:
+        """`spe_logits` with this layer's epsilon and samples, (B, C).
+
+        Args:
+            parameters: Tensor of shape (B, D + 1).
+            labels: Integer tensor of shape (B,), class-balanced.
+            noise: Optional pre-drawn noise of the two halves.
+            seed: Stateless seed of the draws.
+        """
+        epsilon = self.epsilon(parameters.dtype)
+        return spe_logits(self.distribution, parameters, labels, self.num_classes, epsilon,
+                          num_samples=self.num_samples, noise=noise, seed=seed)
+
+    def call(self, parameters: tf.Tensor, labels: tf.Tensor, noise: tuple[tf.Tensor, tf.Tensor] | None = None,
+             seed: Any = None) -> tf.Tensor:
+        """Mean negative log-likelihood of the labels.
+
+        Args:
+            parameters: Tensor of shape (B, D + 1).
+            labels: Integer tensor of shape (B,), class-balanced.
+            noise: Optional pre-drawn noise of the two halves.
+            seed: Stateless seed of the draws.
+        """
+        return nll_loss(self.logits(parameters, labels, noise=noise, seed=seed), labels)
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "num_classes": self.num_classes, "dim": self.dim,
+                "train_epsilon": self.train_epsilon, "num_samples": self.num_samples}
