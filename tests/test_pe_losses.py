@@ -669,6 +669,11 @@ def test_hib_loss_closed_form() -> None:
     # torch's BCE floor: a certain mistake costs 100, half of the loss.
     wrong = f64(1.0 - same)
     assert float(hib_loss(wrong, labels)) == pytest.approx(100.0)
+    # Saturated probabilities (a float32 sigmoid rounds to exactly 0 or 1) keep a finite gradient.
+    saturated = tf.Variable(np.where(same, 0.0, 1.0).astype(np.float32))
+    with tf.GradientTape() as tape:
+        loss = hib_loss(saturated, labels)
+    assert np.isfinite(tape.gradient(loss, saturated).numpy()).all()
 
 
 def test_cross_entropy_smoothing_is_torch_label_smoothing() -> None:

@@ -171,9 +171,16 @@ def hib_loss(probabilities: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
         labels: Integer tensor of shape (B,).
     """
     same = _same_label(labels)
-    positive = -tf.maximum(tf.math.log(probabilities), BCE_LOG_FLOOR)
-    negative = -tf.maximum(tf.math.log1p(-probabilities), BCE_LOG_FLOOR)
+    positive = -_floored_log(probabilities)
+    negative = -_floored_log(1 - probabilities)
     return 0.5 * (_masked_mean(positive, same) + _masked_mean(negative, ~same))
+
+
+def _floored_log(x: tf.Tensor) -> tf.Tensor:
+    """max(log x, -100) with a zero (not NaN) gradient where x is 0 (a saturated float32 sigmoid)."""
+    positive = x > 0
+    log = tf.math.log(tf.where(positive, x, tf.ones_like(x)))
+    return tf.maximum(tf.where(positive, log, BCE_LOG_FLOOR * tf.ones_like(x)), BCE_LOG_FLOOR)
 
 
 def pfe_pair_scores(distribution: Distribution, parameters: tf.Tensor) -> tf.Tensor:
