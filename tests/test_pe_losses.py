@@ -33,6 +33,7 @@ from sparse_embed.distributions.scorers import HIBScorer, build_scorer
 from sparse_embed.heads.margin import ArcFaceHead, CosFaceHead
 from sparse_embed.heads.pair import MultiSimilarityHead
 from sparse_embed.heads.probabilistic import (
+    LogLikeClassifier,
     SPELoss,
     VMFLoss,
     cross_entropy,
@@ -684,3 +685,27 @@ def test_cross_entropy_smoothing_is_torch_label_smoothing() -> None:
     target[np.arange(5), labels] += 0.9
     want = -np.mean(np.sum(target * log_probs, axis=1))
     assert float(cross_entropy(f64(logits), labels_of(labels), 0.1)) == pytest.approx(want, rel=1e-12)
+
+
+@pytest.mark.parametrize("name, quantity", quantities("loss_loglike", "loss_dsml"),
+                         ids=[name for name, _ in quantities("loss_loglike", "loss_dsml")])
+def test_loglike_classifier_layer_replays(name: str, quantity: dict) -> None:
+    """The layer holding the class weights gives the golden loss, and survives a config round trip."""
+    params, inputs = quantity["params"], quantity["inputs"]
+    if quantity["kind"] == "loss_dsml":
+        dist = Dirac(params["dim"], spherical=True)
+        target = distribution_from_pe(params["target_distribution"], params["target_distribution_config"])
+        options = {"target_distribution": target}
+        parameters = f64(inputs["embeddings"])
+    else:
+        dist = distribution_from_pe(params["distribution"], params["distribution_config"])
+        options = {"margin": params["classifier_config"].get("margin", 0.0),
+                   "use_softmax": params["criterion_config"].get("use_softmax", True)}
+        parameters = f64(inputs["parameters"])
+    weight = np.asarray(inputs["weight"])
+    layer = LogLikeClassifier(len(weight), dist, dtype="float64", **options)
+    layer.kernel.assign(weight)
+    loss = layer(parameters, labels_of(inputs["labels"]))
+    np.testing.assert_allclose(loss.numpy(), quantity["outputs"]["loss"], rtol=RTOL)
+    copy = LogLikeClassifier.from_config(layer.get_config())
+    assert copy.get_config() == layer.get_config()

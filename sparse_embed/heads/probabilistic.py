@@ -51,7 +51,8 @@ import math
 from typing import Any
 
 from sparse_embed.distributions import Distribution, Gaussian, VonMisesFisher, draws
-from sparse_embed.distributions.base import normalize
+from sparse_embed.distributions.base import build_distribution, normalize
+from sparse_embed.distributions.scorers import distribution_config
 from sparse_embed.distributions.vmf_normalizer import approximate_log_vmf_normalizer, log_vmf_normalizer
 from sparse_embed.keras import keras, tf
 
@@ -252,6 +253,92 @@ def target_loglike_logits(target_distribution: Distribution, class_parameters: t
     class_parameters = tf.cast(class_parameters, embeddings.dtype)
     logits = target_distribution.log_prob(class_parameters, embeddings[..., None, :])
     return _subtract_margin(logits, labels, margin)
+
+
+@keras.utils.register_keras_serializable(package="sparse_embed")
+class LogLikeClassifier(keras.layers.Layer):
+    """The log-likelihood classifier with its class weights: `classifier(parameters, labels)` -> mean loss.
+
+    Without a target distribution the weights are class centres W (C, D) and the
+    logits `loglike_logits` (DUL-reg and SCF train them frozen, from a
+    deterministic run, with `use_softmax=False`; vMF-FL with the softmax).
+    With `target_distribution` the weights are class distributions (C, P') and
+    the logits `target_loglike_logits` of a sample of each embedding (DSML: a
+    Dirac embedding, vMF or Gaussian classes).
+
+    Args:
+        num_classes: C.
+        distribution: The embeddings' distribution.
+        target_distribution: The classes' distribution, or None (class centres).
+        margin: Log-likelihood taken off the target logit in training.
+        use_softmax: Softmax cross-entropy (vMF-FL, DSML) or the negative log-likelihood of the
+            logits themselves (DUL-reg, SCF).
+        kernel_initializer: Initializer of the weights (Glorot uniform, as the reference's).
+        **kwargs: Keras layer arguments.
+    """
+
+    def __init__(self, num_classes: int, distribution: Distribution,
+                 target_distribution: Distribution | None = None, margin: float = 0.0,
+                 use_softmax: bool = True, kernel_initializer: Any = "glorot_uniform", **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2, got {num_classes!r}")
+        if target_distribution is not None and (
+                target_distribution.dim != distribution.dim
+                or target_distribution.is_spherical != distribution.is_spherical):
+            raise ValueError("the target distribution must have the embeddings' dimension and sphere")
+        self.num_classes = num_classes
+        self.distribution = distribution
+        self.target_distribution = target_distribution
+        self.margin = float(margin)
+        self.use_softmax = use_softmax
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        columns = distribution.dim if target_distribution is None else target_distribution.num_parameters
+        self.kernel = self.add_weight(name="kernel", shape=(num_classes, columns),
+                                      initializer=self.kernel_initializer, trainable=True)
+
+    def logits(self, parameters: tf.Tensor, labels: tf.Tensor | None = None, seed: Any = None) -> tf.Tensor:
+        """The (B, C) logits, with the margin where labels are given.
+
+        Args:
+            parameters: Tensor of shape (B, P).
+            labels: Integer tensor of shape (B,), or None (no margin).
+            seed: Stateless seed of the embedding's sample (target-distribution mode).
+        """
+        kernel = tf.cast(self.kernel, parameters.dtype)
+        margin = self.margin if labels is not None else 0.0
+        if self.target_distribution is None:
+            return loglike_logits(self.distribution, parameters, kernel, labels, margin)
+        points = self.distribution.sample(parameters, seed=seed)
+        return target_loglike_logits(self.target_distribution, kernel, points, labels, margin)
+
+    def call(self, parameters: tf.Tensor, labels: tf.Tensor, seed: Any = None) -> tf.Tensor:
+        """Mean loss of the batch: softmax cross-entropy or NLL of the logits.
+
+        Args:
+            parameters: Tensor of shape (B, P).
+            labels: Integer tensor of shape (B,).
+            seed: Stateless seed of the embedding's sample (target-distribution mode).
+        """
+        logits = self.logits(parameters, labels, seed=seed)
+        return cross_entropy(logits, labels) if self.use_softmax else nll_loss(logits, labels)
+
+    def get_config(self) -> dict[str, Any]:
+        target = self.target_distribution
+        return {**super().get_config(), "num_classes": self.num_classes,
+                "distribution": distribution_config(self.distribution),
+                "target_distribution": None if target is None else distribution_config(target),
+                "margin": self.margin, "use_softmax": self.use_softmax,
+                "kernel_initializer": keras.initializers.serialize(self.kernel_initializer)}
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> LogLikeClassifier:
+        config = dict(config)
+        for key in ("distribution", "target_distribution"):
+            if config.get(key) is not None:
+                options = dict(config[key])
+                config[key] = build_distribution(options.pop("name"), **options)
+        return cls(**config)
 
 
 def _subtract_margin(logits: tf.Tensor, labels: tf.Tensor | None, margin: float) -> tf.Tensor:
