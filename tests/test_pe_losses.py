@@ -709,3 +709,43 @@ def test_loglike_classifier_layer_replays(name: str, quantity: dict) -> None:
     np.testing.assert_allclose(loss.numpy(), quantity["outputs"]["loss"], rtol=RTOL)
     copy = LogLikeClassifier.from_config(layer.get_config())
     assert copy.get_config() == layer.get_config()
+
+
+VMF_LOSSES = quantities("loss_vmf_loss")
+
+
+@pytest.mark.parametrize("name, quantity", VMF_LOSSES, ids=[name for name, _ in VMF_LOSSES])
+def test_vmf_loss_layer_replays(name: str, quantity: dict) -> None:
+    """The layer with the reference's class vMFs and scale gives the replayed loss (golden or deviation)."""
+    params, inputs = quantity["params"], quantity["inputs"]
+    config = params["classifier_config"]
+    weight = np.asarray(inputs["weight"])
+    fixed = config.get("scale")
+    layer = VMFLoss(len(weight), weight.shape[1], scale=fixed, dtype="float64",
+                    approximate_logc=config.get("approximate_logc", True),
+                    deterministic_target=config.get("deterministic_target", False))
+    layer.class_parameters.assign(weight)
+    if fixed is None:
+        layer.log_scale.assign(math.log(params["scale"]))
+    loss = layer(f64(inputs["parameters"]), labels_of(inputs["labels"]), samples=f64(inputs["samples"]))
+    want = np_vmf_loss(quantity).mean() if deviation_reason(name, "loss") else quantity["outputs"]["loss"]
+    np.testing.assert_allclose(loss.numpy(), want, rtol=1e-9)
+
+
+@pytest.mark.parametrize("name, quantity", quantities("loss_spe"), ids=[n for n, _ in quantities("loss_spe")])
+def test_spe_layer_replays(name: str, quantity: dict) -> None:
+    """The layer with the reference's epsilon (exp(log_epsilon)) gives the replayed SPE estimator's loss."""
+    params, inputs = quantity["params"], quantity["inputs"]
+    config = params["classifier_config"]
+    layer = SPELoss(params["num_classes"], params["distribution_config"]["dim"], dtype="float64",
+                    train_epsilon=config["train_epsilon"], num_samples=config["sample_size"])
+    if config["train_epsilon"]:
+        layer.log_epsilon.assign(math.log(params["epsilon"]))
+    p, labels = f64(inputs["parameters"]), labels_of(inputs["labels"])
+    noise = None
+    if config["sample_size"] > 0:
+        noise = spe_noise(layer.distribution, p, labels, params["epsilon"],
+                          (inputs["samples_half1"], inputs["samples_half2"]))
+    logits = np_spe_logits(quantity, pe_pairing=False)
+    want = -np.mean(logits[np.arange(len(logits)), np.asarray(inputs["labels"])])
+    np.testing.assert_allclose(layer(p, labels, noise=noise).numpy(), want, rtol=1e-9)

@@ -6,17 +6,17 @@ embedder that predicts a *distribution* per input, a parameter vector
 `[mean | extra]` read by a `sparse_embed.distributions` distribution. Each
 method is a classifier (logits from parameters) and / or criterion terms:
 
-| method   | distribution              | terms (this module)                                     |
-|----------|---------------------------|---------------------------------------------------------|
-| HIB      | gaussian in R^D           | `hib_loss` on `hib_match_probabilities` + prior KL      |
-| PFE      | gaussian on the sphere    | `pfe_loss` (stage 2 of a deterministic run)             |
-| DUL-reg  | gaussian on the sphere    | `loglike_logits` + `nll_loss` (frozen class centres)    |
-| DUL-cls  | gaussian on the sphere    | `dul_cls_loss`: a margin head on one sample + prior KL  |
-| SCF      | vmf, kappa separate       | `loglike_logits` + `nll_loss` (frozen class centres)    |
-| vMF-FL   | vmf, kappa separate       | `loglike_logits` + `cross_entropy`                      |
-| vMF-loss | vmf, kappa = norm         | `vmf_loss` (`VMFLoss` holds the class vMFs and scale)   |
-| SPE      | gaussian in R^D           | `spe_logits` + `nll_loss` (`SPELoss` holds epsilon)     |
-| DSML     | dirac on the sphere       | `target_loglike_logits` (class vMFs or Gaussians) + CE  |
+| method   | distribution              | terms (this module)                                        |
+|----------|---------------------------|------------------------------------------------------------|
+| HIB      | gaussian in R^D           | `hib_loss` on `hib_match_probabilities` + `prior_kl_loss`  |
+| PFE      | gaussian on the sphere    | `pfe_loss` (stage 2 of a deterministic run)                |
+| DUL-reg  | gaussian on the sphere    | `LogLikeClassifier` (frozen centres), `use_softmax=False`  |
+| DUL-cls  | gaussian on the sphere    | `dul_cls_loss`: a margin head on one sample + prior KL     |
+| SCF      | vmf, kappa separate       | `LogLikeClassifier` (frozen centres), `use_softmax=False`  |
+| vMF-FL   | vmf, kappa separate       | `LogLikeClassifier` (softmax)                              |
+| vMF-loss | vmf, kappa = norm         | `vmf_loss`; `VMFLoss` holds the class vMFs and the scale   |
+| SPE      | gaussian in R^D           | `spe_logits` + `nll_loss`; `SPELoss` holds epsilon         |
+| DSML     | dirac on the sphere       | `LogLikeClassifier` with vMF (or Gaussian) classes         |
 
 plus the reference's deterministic criterion term that the suite's
 `ProxyNCAHead` does not compute (`proxy_nca_loss`, the paper's form without
