@@ -629,7 +629,8 @@ def test_spe_class_probabilities_sum_to_one() -> None:
     parameters = np.concatenate([rng.normal(size=(12, 4)) * 0.7, np.full((12, 1), -1.0)], axis=1)
     logits = spe_logits(dist, f64(parameters), labels_of(labels), 5, 2.0, num_samples=4000, seed=SEED)
     probabilities = np.exp(logits.numpy())
-    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=0.03)
+    # PE's pairing gives 0.90 to 0.95 on this batch.
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=0.02)
     np.testing.assert_allclose(logits.numpy()[:, [2, 4]], -100.0)
 
 
