@@ -26,6 +26,16 @@ def pytest_configure(config: pytest.Config) -> None:
     config.pluginmanager.register(TiersAndBudget(config), "sparse_embed_tiers")
 
 
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    # A test's one-line summary (`record_property("summary_line", ...)`, e.g. the PE parity line)
+    # reaches the terminal also when pytest-xdist ran it in another process.
+    for outcome in ("passed", "failed"):
+        for report in terminalreporter.stats.get(outcome, []):
+            for name, value in getattr(report, "user_properties", []):
+                if name == "summary_line" and report.when == "call":
+                    terminalreporter.write_line(value)
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """8 training identities x 6 images, 4 held-out identities, pairs, TFRecords."""
