@@ -1,6 +1,7 @@
 """Training input pipeline against a raw JPEG decode of the same records; one table.
 
     python benchmarks/pipeline_bench.py [--num_images=5120] [--batch_size=128] [--stages] [--json]
+    python benchmarks/pipeline_bench.py --stages --output=results/pipeline.json
 
 Generates synthetic 112x112 faces (the training size) as TFRecord shards, then
 measures images/s over the same records of
@@ -22,7 +23,9 @@ target is the pipeline at >= 70% of the raw decode rate. With `--stages` (on by 
 ratio falls short) the tf.data map is rebuilt stage by stage, as the pipeline
 does it, to show what each stage costs.
 
-Figures are for the README; none is asserted. Progress goes to stderr.
+`--output` also writes the table as a result file (`sparse_embed.results`:
+the command, commit and machine with the rows), which the documentation
+renders. None of the figures is asserted. Progress goes to stderr.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from sparse_embed.cli import deprecated_alias, make_parser  # noqa: E402
+from sparse_embed.results import Column, write_result  # noqa: E402
 
 IMAGE_SIZE = 112
 TARGET = 0.70
@@ -297,6 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--stages", action=argparse.BooleanOptionalAction, default=None,
                         help="Time the pipeline's map stage by stage (default: when below target).")
     parser.add_argument("--json", action="store_true", help="Also print one JSON line per row.")
+    parser.add_argument("--output", help="Also write the table as a result file (JSON, e.g. "
+                                         "results/pipeline.json).")
     deprecated_alias(parser, "--images", "--num_images")
     deprecated_alias(parser, "--batch", "--batch_size")
     deprecated_alias(parser, "--per_identity", "--images_per_identity")
@@ -345,12 +351,28 @@ def main(argv: Sequence[str] | None = None) -> None:
              f"{args.images} images per setup, batch {args.batch}, {cores} cores "
              f"(target: pipeline >= {TARGET:.0%} of raw)")
     print(format_table(rows, pipelines, title))
-    if args.json:
-        for row in rows:
-            record = {"setup": row.setup, "cores": row.cores, "images_per_s": row.images_per_s,
-                      "images_per_s_per_core": row.per_core}
-            record |= {f"{_short(p.setup)}_ratio_per_core": p.per_core / row.per_core for p in pipelines}
+    records = []
+    for row in rows:
+        record = {"setup": row.setup, "cores": row.cores, "images_per_s": row.images_per_s,
+                  "images_per_s_per_core": row.per_core}
+        record |= {f"{_short(p.setup)}_ratio_per_core": p.per_core / row.per_core for p in pipelines}
+        records.append({**record, "core_us_per_image": 1e6 / row.per_core})
+        if args.json:
             print(json.dumps(record))
+    if args.output:
+        columns = [Column("setup", "setup"), Column("cores", "cores"),
+                   Column("images_per_s", "images/s", ".0f"),
+                   Column("images_per_s_per_core", "img/s/core", ".0f"),
+                   Column("core_us_per_image", "core-us/img", ".0f")]
+        columns += [Column(f"{_short(p.setup)}_ratio_per_core", f"{_short(p.setup)}/this", ".0%")
+                    for p in pipelines]
+        write_result(args.output, "Training input pipeline against a raw JPEG decode of the same records",
+                     {"pipeline": (columns, records)},
+                     notes=f"{len(encoded)} synthetic {IMAGE_SIZE}x{IMAGE_SIZE} records, "
+                           f"{args.images} images per setup (the fastest of {ROUNDS} rounds), "
+                           f"batch {args.batch}. X/this: pipeline X's images/s per core divided "
+                           f"by the row's.")
+        print(f"wrote {args.output}", file=sys.stderr)
 
 if __name__ == "__main__":
     main()
