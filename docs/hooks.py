@@ -76,7 +76,7 @@ def config_tree() -> str:
         for field in dataclasses.fields(cls):
             value = defaults[section.name][field.name]
             if section.name == "head" and field.name == "params":
-                shown = "the head's own (below)"
+                shown = "the head's own ([Heads](models.md#heads))"
             else:
                 shown = _inline(value)
             lines.append(f"| `{section.name}.{field.name}` | {_cell(shown)} | "
