@@ -102,6 +102,28 @@ def _overrides(values: dict[str, object]) -> list[str]:
     return [f"{k}={json.dumps(v) if isinstance(v, list) else v}" for k, v in values.items()]
 
 
+def fine_tune_settings(recipe: Recipe, start: Path, steps: int, lr: float) -> dict[str, object]:
+    """The config overrides of a recipe's fine-tuning run.
+
+    Args:
+        recipe: What to train.
+        start: The run it starts from.
+        steps: Fine-tuning steps.
+        lr: Peak learning rate of the fine-tuning (before the recipe's factor).
+    """
+    settings = {
+        "train.init_from": str(start), "train.steps": steps, "train.checkpoint_every": steps,
+        "schedule.name": "cosine", "schedule.base_lr": lr * recipe.lr_factor, "schedule.warmup_steps": 0,
+        # The regularizer at its full weight from the first step: the starting run is trained.
+        "sparsity.schedule": "constant",
+        **recipe.compression,
+    }
+    if recipe.compression.get("compression.type") == "prune":
+        # The pruning schedule is a setting of pruning only (the config refuses it elsewhere).
+        settings.update({"compression.end_step": int(0.6 * steps), "compression.frequency": 10})
+    return settings
+
+
 def fine_tune(base: Path, recipe: Recipe, runs: dict[str, Path], out: Path, data: Path,
               steps: int, lr: float) -> Path:
     """Trains (or resumes) the recipe's run from its starting run; returns its directory.
@@ -120,14 +142,7 @@ def fine_tune(base: Path, recipe: Recipe, runs: dict[str, Path], out: Path, data
 
     start = runs[recipe.init_from] if recipe.init_from else base
     model_dir = out / f"{base.name}_{recipe.name}"
-    settings = {
-        "train.init_from": str(start), "train.steps": steps, "train.checkpoint_every": steps,
-        "schedule.name": "cosine", "schedule.base_lr": lr * recipe.lr_factor, "schedule.warmup_steps": 0,
-        # The regularizer at its full weight from the first step: the starting run is trained.
-        "sparsity.schedule": "constant",
-        "compression.end_step": int(0.6 * steps), "compression.frequency": 10,
-        **recipe.compression,
-    }
+    settings = fine_tune_settings(recipe, start, steps, lr)
     source = config_from_model_dir(base)
     yaml_path = out / f"{base.name}.yaml"
     if not yaml_path.is_file():

@@ -99,3 +99,22 @@ def test_pipeline_benchmark_prints_its_table() -> None:
         assert row["images_per_s"] > 0
     table = proc.stdout.split("\n{", 1)[0]
     assert "flip/this" in table and all(s in table for s in setups)
+
+
+@pytest.mark.unit
+def test_every_compression_recipe_fine_tunes_with_a_valid_config(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each recipe's overrides load on a trained run's config (a pruning-only key on QAT is refused)."""
+    from sparse_embed.config import load_config
+
+    spec = importlib.util.spec_from_file_location("compression_table",
+                                                  ROOT / "benchmarks" / "compression_table.py")
+    table = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "compression_table", table)  # its dataclasses look it up
+    spec.loader.exec_module(table)
+    for recipe in table.RECIPES:
+        if recipe.compression:
+            settings = table.fine_tune_settings(recipe, tmp_path / "run", steps=100, lr=0.01)
+            config = load_config("smoke", table._overrides(settings))
+            assert config.compression.type == recipe.compression["compression.type"]
+            assert config.train.steps == 100
