@@ -298,8 +298,10 @@ def _parser_for(cli: str) -> argparse.ArgumentParser | None:
     return None
 
 
+# The packaged configs' headers are documents too: the configuration page shows them.
 DOCUMENTS = ["README.md", "Makefile", *sorted(str(p.relative_to(ROOT)) for p in [
-    *(ROOT / "docs").rglob("*.md"), *(ROOT / "run_scripts").rglob("*.sh")])]
+    *(ROOT / "docs").rglob("*.md"), *(ROOT / "run_scripts").rglob("*.sh"),
+    *(ROOT / "sparse_embed" / "configs").rglob("*.yaml")])]
 
 
 @pytest.mark.parametrize("doc", DOCUMENTS)
