@@ -76,21 +76,25 @@ study: install
 	mkdir -p docs/figures
 	cp runs/study/flops_tradeoff.png runs/study/dimension_probability.png docs/figures/
 
+# Each benchmark writes its tables to results/ (the docs render them; python -m sparse_embed.results --write).
 bench: install
-	$(PY) benchmarks/search_bench.py
+	$(PY) benchmarks/search_bench.py --output=results/search.json
+	$(PY) benchmarks/search_bench.py --only_blocks --num_threads 1 --output=results/search_blocks.json
+	$(PY) benchmarks/search_bench.py --only_mutable --output=results/search_mutable.json
 
 bench-train: install horovod
-	$(PY) benchmarks/train_throughput.py
+	$(PY) benchmarks/train_throughput.py --output=results/train_throughput.json
+	$(PY) benchmarks/partial_fc_memory.py --output=results/partial_fc_memory.json
 
 bench-pipeline: install
-	$(PY) benchmarks/pipeline_bench.py
+	$(PY) benchmarks/pipeline_bench.py --stages --output=results/pipeline.json
 
 bench-tflite: install
-	$(PY) benchmarks/tflite_latency.py
+	$(PY) benchmarks/tflite_latency.py --output=results/tflite_latency.json
 
 # Fine-tunes the demo's two models with each compression recipe (make demo first).
 bench-compression: install
-	$(PY) benchmarks/compression_table.py --demo_dir=runs/demo
+	$(PY) benchmarks/compression_table.py --demo_dir=runs/demo --output=results/compression.json
 
 lint: install
 	$(PY) -m ruff check sparse_embed tests benchmarks preprocessing
