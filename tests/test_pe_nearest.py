@@ -7,7 +7,6 @@ from collections.abc import Callable
 
 import numpy as np
 import pytest
-from pe_golden import quantities
 from test_distributions import distribution_from_pe
 
 from sparse_embed.distributions.neighbours import neighbour_metrics
@@ -43,11 +42,6 @@ def check_quantity(name: str, quantity: dict) -> list[str]:
     for key, expected in quantity["outputs"].items():
         np.testing.assert_allclose(got[key], expected, rtol=1e-5, atol=1e-6, err_msg=f"{name}/{key}")
     return []
-
-
-@pytest.mark.parametrize(("name", "quantity"), quantities(*REPLAYS), ids=[n for n, _ in quantities(*REPLAYS)])
-def test_end_to_end_retrieval_metrics_equal_the_reference(name: str, quantity: dict) -> None:
-    check_quantity(name, quantity)
 
 
 def test_the_query_is_never_its_own_neighbour() -> None:

@@ -1,12 +1,13 @@
 """Equal to the reference code of "Probabilistic Embeddings Revisited" on its own inputs.
 
 Every quantity of the golden file (tests/data/pe/README.md; another file of the same format through
-`SPARSE_EMBED_PE_GOLDEN`) is replayed through this implementation by the replay of its kind, which
-lives beside the tests of that part: distributions, scorers and parametrizations
-(test_distributions), losses (test_pe_losses), confidence metrics (test_uncertainty_metrics),
-end-to-end retrieval (test_pe_nearest). A kind no replay knows fails. A documented deviation (the
-reference is wrong, or its value depends on an unstable sort) is checked against an independent
-computation by its replay instead of against the reference's value. The test prints one line:
+`SPARSE_EMBED_PE_GOLDEN`) is replayed here, once, by the replay of its kind (`REPLAYS`,
+`DEVIATIONS`, `check_quantity`), which lives beside the other tests of that part: distributions,
+scorers and parametrizations (test_distributions), losses (test_pe_losses), confidence metrics
+(test_uncertainty_metrics), end-to-end retrieval (test_pe_nearest). A kind no replay knows
+fails. A documented deviation (the reference is wrong, or its value depends on an unstable sort)
+is checked against an independent computation by its replay instead of against the reference's
+value. The test prints one line:
 
     PE parity: <N> of <M> quantities equal, <K> documented deviations: <names>
 """

@@ -159,11 +159,6 @@ def check_quantity(name: str, quantity: dict) -> list[str]:
     return deviations
 
 
-@pytest.mark.parametrize(("name", "quantity"), quantities(*REPLAYS), ids=[n for n, _ in quantities(*REPLAYS)])
-def test_golden_replay(name: str, quantity: dict) -> None:
-    check_quantity(name, quantity)
-
-
 def _random_pairs(seed: int, n: int, ties: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     issame = rng.random(n) < 0.45
