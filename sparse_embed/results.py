@@ -47,6 +47,7 @@ RESULTS_DIR = ROOT / "results"
 # Files whose marked blocks are rendered: the README and every page of the site.
 DOCUMENTS = ("README.md", "docs")
 
+_FENCE = re.compile(r"(^```.*?^```)", re.S | re.M)
 _BLOCK = re.compile(r"(<!-- results: (?P<ref>[^ ]+) -->\n)(?P<body>.*?)(<!-- /results -->)", re.S)
 
 
@@ -211,7 +212,15 @@ def render_document(text: str, root: Path = ROOT) -> str:
         result = load_result(root / file)
         return match[1] + render_table(result, table or next(iter(result["tables"]))) + match[4]
 
-    return _BLOCK.sub(block, text)
+    # A marker inside a fenced code block is an example of the syntax, not a table.
+    parts = _FENCE.split(text)
+    return "".join(part if i % 2 else _BLOCK.sub(block, part) for i, part in enumerate(parts))
+
+
+def marked_tables(text: str) -> list[str]:
+    """The `file#table` references of the live markers in `text` (not those in code blocks)."""
+    parts = _FENCE.split(text)
+    return [m["ref"] for i, part in enumerate(parts) if not i % 2 for m in _BLOCK.finditer(part)]
 
 
 def stale_blocks(paths: Iterable[Path], root: Path = ROOT) -> list[str]:

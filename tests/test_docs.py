@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 import sparse_embed
-from sparse_embed.results import ROOT, documents, render_document, stale_blocks
+from sparse_embed.results import ROOT, documents, marked_tables, render_document, stale_blocks
 
 README = ROOT / "README.md"
 README_MAX_LINES = 150
@@ -72,15 +72,28 @@ def test_every_results_table_is_its_json_rendered() -> None:
 
 
 @pytest.mark.unit
-def test_every_result_file_is_on_the_results_page() -> None:
-    """No measured data nobody sees, and one page that lists it all, each file with its tables."""
-    page = (ROOT / "docs" / "results.md").read_text()
-    missing = []
+def test_every_result_table_is_shown_and_every_file_listed() -> None:
+    """No measured data nobody sees (each table is shown once, on its topic page or on the results
+    page), and the results page lists every file with its command."""
+    pages = {p: p.read_text() for p in (ROOT / "docs").glob("*.md")}
+    results_page = pages[ROOT / "docs" / "results.md"]
+    problems = []
     for path in sorted((ROOT / "results").glob("*.json")):
         result = json.loads(path.read_text())
-        missing += [f"results/{path.name}#{table}" for table in result["tables"]
-                    if f"<!-- results: results/{path.name}#{table} -->" not in page]
-    assert not missing, missing
+        if f"`results/{path.name}`" not in results_page:
+            problems.append(f"results/{path.name} is not listed on docs/results.md")
+        for table in result["tables"]:
+            ref = f"results/{path.name}#{table}"
+            shown = [p.name for p, text in pages.items() if ref in marked_tables(text)]
+            if len(shown) != 1:
+                problems.append(f"results/{path.name}#{table} is shown on {shown or 'no page'}")
+    assert not problems, problems
+
+
+@pytest.mark.unit
+def test_a_marker_in_a_code_block_is_an_example() -> None:
+    text = "```\n<!-- results: results/none.json#t -->\n<!-- /results -->\n```\n"
+    assert render_document(text) == text
 
 
 @pytest.mark.unit

@@ -7,16 +7,14 @@ with a NumPy cosine, independently of the figures export.json reports.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT, assert_user_error, run_module
+from conftest import assert_user_error, run_module
 
 from sparse_embed.config import load_config, save_config
 from sparse_embed.training.trainer import train
@@ -382,26 +380,3 @@ def test_representative_set_of_the_wrong_size(run_dir: Path, tiny_data: Path, tm
                       "--quantize=int8", f"--representative={array}", f"--output={tmp_path / 'out'}")
     assert_user_error(proc, "calibration.npy", "(4, 28, 28, 3)", "[N, 32, 32, 3]")
     assert not (tmp_path / "out").exists()
-
-
-@pytest.mark.slow
-def test_latency_benchmark_runs_tiny(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                     capsys: pytest.CaptureFixture) -> None:
-    # In this process: the script's main() as its command line runs it, without a second TF import.
-    spec = importlib.util.spec_from_file_location("tflite_latency", ROOT / "benchmarks" / "tflite_latency.py")
-    benchmark = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(benchmark)
-    out = tmp_path / "latency.json"
-    monkeypatch.setattr(sys, "argv", ["tflite_latency.py", "--tiny", "--models=sphereface20", "--modes=fp32",
-                                      "--repeats=2", f"--output={out}"])
-    benchmark.main()
-    stdout = capsys.readouterr().out
-    result = json.loads(out.read_text())
-    rows = [(r["model"], r["input"], r["mode"]) for r in result["rows"]]
-    assert rows == [("sphereface20_tiny", "28x24", "fp32")]
-    row = result["rows"][0]
-    assert row["ms_1_thread"] > 0 and row["ms_all_threads"] > 0 and row["ratio_vs_fp32"] == 1.0
-    assert 0 < row["size_mib"] < 1
-    # 2400 inferences (600 pairs x 4) at the measured all-thread time.
-    assert result["mlperf_fp32_s"] == pytest.approx(2.4 * row["ms_all_threads"])
-    assert "MLPerf 600-pair protocol" in stdout and "vs fp32" in stdout
