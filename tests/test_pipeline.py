@@ -98,7 +98,7 @@ def test_bad_worker_index_raises(data: Path) -> None:
 
 def test_empty_glob_raises_data_error(tmp_path: Path) -> None:
     pattern = str(tmp_path / "missing-*")
-    with pytest.raises(DataError, match="build_tfrecords") as info:
+    with pytest.raises(DataError, match="sparse-embed-build-tfrecords") as info:
         train_dataset(pattern, 8, 32)
     assert pattern in str(info.value)
     with pytest.raises(DataError, match="no TFRecord files match"):

@@ -161,7 +161,7 @@ def test_truncated_shard_stops_with_one_line_naming_it(tiny_data: Path, tmp_path
         f.truncate(shard.stat().st_size * 2 // 3)
     proc = run_module("sparse_embed.train", "--config=smoke", f"--data_dir={data}",
                       f"--model_dir={tmp_path / 'run'}", "--set", "train.steps=40")
-    assert_user_error(proc, f"TFRecord shard {shard} is damaged after", "build_tfrecords.py")
+    assert_user_error(proc, f"TFRecord shard {shard} is damaged after", "sparse-embed-build-tfrecords")
 
 
 def test_pk_sampler_trains_and_checks_p_times_k(tiny_data: Path, tmp_path: Path) -> None:
