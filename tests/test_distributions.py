@@ -24,7 +24,7 @@ import pytest
 import scipy.integrate
 import scipy.special
 import scipy.stats
-from pe_golden import quantities
+from pe_golden import quantities, replay_outputs
 
 from sparse_embed.distributions import (
     DISTRIBUTIONS,
@@ -304,32 +304,18 @@ def deviation_reason(name: str, key: str) -> str | None:
     return DEVIATIONS.get(f"{name}/{key}", DEVIATIONS.get(name))
 
 
-def check_quantity(name: str, quantity: dict) -> list[str]:
-    """Replays one golden quantity and compares every output; returns the documented deviations met.
+def compare(name: str, key: str, quantity: dict, got: np.ndarray, want: np.ndarray) -> None:
+    defined = np.isfinite(want)
+    if key in PARTIAL_OUTPUTS:
+        assert defined.any(), f"{name}/{key}: no value to compare"
+    else:
+        assert defined.all(), f"{name}/{key}: the golden value has nulls"
+    np.testing.assert_allclose(got[defined], want[defined], rtol=RTOL, atol=ATOL, err_msg=f"{name}/{key}")
 
-    Raises AssertionError on a kind or output key the replay does not know, or on any mismatch.
-    """
-    assert quantity["kind"] in REPLAYS, f"{name}: no replay for kind {quantity['kind']!r}"
-    computed = REPLAYS[quantity["kind"]](quantity)
-    unknown = set(quantity["outputs"]) - set(computed)
-    assert not unknown, f"{name}: the replay does not compute {sorted(unknown)}"
-    deviations = []
-    for key, golden_value in quantity["outputs"].items():
-        want = np.asarray(golden_value, dtype=np.float64)
-        got = np.asarray(computed[key], dtype=np.float64)
-        assert got.size == want.size, f"{name}/{key}: {got.shape} values, golden has {want.shape}"
-        got = got.reshape(want.shape)
-        if deviation_reason(name, key) is not None:
-            check_deviation(name, key, quantity, got)
-            deviations.append(f"{name}/{key}")
-            continue
-        defined = np.isfinite(want)
-        if key in PARTIAL_OUTPUTS:
-            assert defined.any(), f"{name}/{key}: no value to compare"
-        else:
-            assert defined.all(), f"{name}/{key}: the golden value has nulls"
-        np.testing.assert_allclose(got[defined], want[defined], rtol=RTOL, atol=ATOL, err_msg=f"{name}/{key}")
-    return deviations
+
+def check_quantity(name: str, quantity: dict) -> list[str]:
+    """Replays one golden quantity (`replay_outputs`); returns the documented deviations met."""
+    return replay_outputs(name, quantity, REPLAYS, deviation_reason, check_deviation, compare)
 
 
 GOLDEN = quantities(*REPLAYS)
