@@ -7,12 +7,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import assert_user_error, run_module
+from conftest import assert_main_user_error, run_module
 
 from sparse_embed.data.cifar import load_pickle, read_split
 from sparse_embed.data.pipeline import eval_dataset
 from sparse_embed.data.tfrecord import read_label_map
 from sparse_embed.errors import DataError
+from sparse_embed.preprocessing.build_cifar_tfrecords import main as build_cifar_main
 
 pytestmark = pytest.mark.unit
 
@@ -93,10 +94,10 @@ def test_pickles_that_would_run_code_are_refused(tmp_path: Path) -> None:
     assert not marker.exists()
 
 
-@pytest.mark.integration
-def test_bad_archives_are_one_line_errors(tmp_path: Path) -> None:
-    assert_user_error(run_module(SCRIPT, f"--root={tmp_path / 'none'}",
-                                 f"--output={tmp_path / 'o'}"), "not found")
+def test_bad_archives_are_one_line_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """In this process (main(argv)); the command runs as a process in the test above."""
+    assert_main_user_error(capsys, build_cifar_main, [f"--root={tmp_path / 'none'}",
+                                                      f"--output={tmp_path / 'o'}"], "not found")
     # CIFAR-10's batches have `labels`, not `fine_labels`.
     root = tmp_path / "cifar-10"
     root.mkdir()
@@ -104,6 +105,6 @@ def test_bad_archives_are_one_line_errors(tmp_path: Path) -> None:
         (root / name).write_bytes(pickle.dumps({b"data": np.zeros((1, 3072), np.uint8),
                                                 b"labels": [0], b"filenames": [b"a.png"],
                                                 b"fine_label_names": FINE}, protocol=2))
-    assert_user_error(run_module(SCRIPT, f"--root={root}", f"--output={tmp_path / 'o'}"),
-                      "has no 'fine_labels' entry")
+    assert_main_user_error(capsys, build_cifar_main, [f"--root={root}", f"--output={tmp_path / 'o'}"],
+                           "has no 'fine_labels' entry")
     assert not (tmp_path / "o" / "tfrecords" / "train-00000-of-00008").exists()
