@@ -1,7 +1,10 @@
 """Builds the pybind11 search extension; all other metadata lives in setup.cfg."""
 
-from pybind11.setup_helpers import Pybind11Extension, build_ext
+from pybind11.setup_helpers import ParallelCompile, Pybind11Extension, build_ext
 from setuptools import setup
+
+# The five sources compile side by side (one per core; SPARSE_EMBED_BUILD_JOBS caps it).
+ParallelCompile("SPARSE_EMBED_BUILD_JOBS").install()
 
 ext_modules = [
     Pybind11Extension(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import socket
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from conftest import (
     ROOT,
     assert_rank0_user_error,
     assert_user_error,
+    call_main,
     horovodrun,
     rank_lines,
     run_module,
@@ -30,6 +32,7 @@ from sparse_embed.config import load_config
 from sparse_embed.errors import ConfigError
 from sparse_embed.keras import tf
 from sparse_embed.strategy import SingleProcess
+from sparse_embed.train import main as train_main
 from sparse_embed.training.distributed import resolve_backend
 from sparse_embed.training.trainer import train, worker_batch_size
 
@@ -45,6 +48,16 @@ def _train_cli(model_dir: Path, data: Path, *overrides: str) -> list[str]:
     for item in (*TINY, *overrides):
         args += ["--set", item]
     return args
+
+
+@pytest.fixture(scope="module")
+def two_ranks_six_steps(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory
+                        ) -> tuple[Path, subprocess.CompletedProcess]:
+    """One 2-rank Horovod run of 6 steps and its output; tests copy the run dir before changing it."""
+    run = tmp_path_factory.mktemp("hvd6") / "run"
+    proc = horovodrun(2, *_train_cli(run, tiny_data, "train.steps=6"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run, proc
 
 
 def _checkpoint_value(model_dir: Path, name: str) -> int:
@@ -145,18 +158,20 @@ def test_only_rank_0_evaluates_during_training_and_keeps_best(tiny_data: Path, t
 
 
 @pytest.mark.slow
-def test_resume_with_a_different_number_of_workers(tiny_data: Path, tmp_path: Path) -> None:
+def test_resume_with_a_different_number_of_workers(
+        tiny_data: Path, tmp_path: Path, two_ranks_six_steps: tuple[Path, subprocess.CompletedProcess],
+        capsys: pytest.CaptureFixture[str]) -> None:
     """2 ranks -> 1 process -> 2 ranks: the step, the examples consumed and the slots carry over."""
     run = tmp_path / "run"
-    proc = horovodrun(2, *_train_cli(run, tiny_data, "train.steps=6"))
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    shutil.copytree(two_ranks_six_steps[0], run)
+    proc = two_ranks_six_steps[1]
     out = "\n".join(rank_lines(proc.stdout, 0, "stdout"))
     assert "step 6 (resumed from 0), 48 examples, 2 worker(s)" in out
     assert not rank_lines(proc.stdout, 1, "stdout"), "only rank 0 prints"
 
-    proc = run_module(*_train_cli(run, tiny_data, "train.steps=10")[1:])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "step 10 (resumed from 6), 80 examples, 1 worker(s)" in proc.stdout
+    capsys.readouterr()
+    assert call_main(train_main, *_train_cli(run, tiny_data, "train.steps=10")[2:]) == 0
+    assert "step 10 (resumed from 6), 80 examples, 1 worker(s)" in capsys.readouterr().out
 
     proc = horovodrun(2, *_train_cli(run, tiny_data, "train.steps=14"))
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -176,7 +191,7 @@ def test_resume_with_a_different_number_of_workers(tiny_data: Path, tmp_path: Pa
 def test_kill_9_of_every_rank_then_rerun_finishes(tiny_data: Path, tmp_path: Path) -> None:
     """SIGKILL of all ranks at a random moment never leaves a checkpoint that fails to load."""
     run = tmp_path / "run"
-    args = _train_cli(run, tiny_data, "train.steps=60", "train.checkpoint_every=1",
+    args = _train_cli(run, tiny_data, "train.steps=30", "train.checkpoint_every=1",
                       "train.keep_checkpoints=2")
     launcher = Path(sys.executable).with_name("horovodrun")
     env = dict(os.environ, PYTHONPATH=str(ROOT))
@@ -197,13 +212,13 @@ def test_kill_9_of_every_rank_then_rerun_finishes(tiny_data: Path, tmp_path: Pat
             pass
     proc.wait()
     killed_at = _checkpoint_value(run, "optimizer/_iterations/.ATTRIBUTES/VARIABLE_VALUE")
-    assert killed_at < 60, "the run finished before it was killed; kill earlier"
+    assert killed_at < 30, "the run finished before it was killed; kill earlier"
 
     proc = horovodrun(2, *args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = "\n".join(rank_lines(proc.stdout, 0, "stdout"))
-    assert f"step 60 (resumed from {killed_at})" in out, out[-2000:]
-    assert _checkpoint_value(run, "optimizer/_iterations/.ATTRIBUTES/VARIABLE_VALUE") == 60
+    assert f"step 30 (resumed from {killed_at})" in out, out[-2000:]
+    assert _checkpoint_value(run, "optimizer/_iterations/.ATTRIBUTES/VARIABLE_VALUE") == 30
 
 
 @pytest.mark.integration
@@ -275,7 +290,7 @@ def _sharded_state(*checkpoint_dirs: Path) -> tuple[np.ndarray, np.ndarray]:
 
 @pytest.mark.slow
 def test_sampled_partial_fc_trains_and_resumes_on_any_worker_count(
-        tiny_data: Path, tmp_path: Path) -> None:
+        tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """2 ranks -> 1 process -> 2 ranks with the class centres split per worker, re-split on resume."""
     run = tmp_path / "run"
     ckpt = run / CHECKPOINT_DIR
@@ -300,9 +315,9 @@ def test_sampled_partial_fc_trains_and_resumes_on_any_worker_count(
     slots = [v for v in same.model.optimizer.variables if v.shape == centres.shape]
     np.testing.assert_array_equal(slots[0].numpy(), momentum)
 
-    proc = run_module(*_train_cli(run, tiny_data, "train.steps=8", *sharded)[1:])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "step 8 (resumed from 6), 64 examples, 1 worker(s)" in proc.stdout
+    capsys.readouterr()
+    assert call_main(train_main, *_train_cli(run, tiny_data, "train.steps=8", *sharded)[2:]) == 0
+    assert "step 8 (resumed from 6), 64 examples, 1 worker(s)" in capsys.readouterr().out
     centres, momentum = _sharded_state(ckpt)
     assert centres.shape == (8, 64)
 
@@ -347,7 +362,9 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_multi_worker_mirrored_with_two_local_processes(tiny_data: Path, tmp_path: Path) -> None:
+def test_multi_worker_mirrored_with_two_local_processes(
+        tiny_data: Path, tmp_path: Path, two_ranks_six_steps: tuple[Path, subprocess.CompletedProcess],
+        capsys: pytest.CaptureFixture[str]) -> None:
     """Two processes joined by TF_CONFIG train the model two Horovod ranks train, then resume alone."""
     run = tmp_path / "mw"
     ports = [_free_port(), _free_port()]
@@ -366,9 +383,7 @@ def test_multi_worker_mirrored_with_two_local_processes(tiny_data: Path, tmp_pat
         "checkpoint", "ckpt-2.data-00000-of-00001", "ckpt-2.index", "ckpt-4.data-00000-of-00001",
         "ckpt-4.index", "ckpt-6.data-00000-of-00001", "ckpt-6.index"]
 
-    horovod = tmp_path / "hvd"
-    proc = horovodrun(2, *_train_cli(horovod, tiny_data, "train.steps=6"))
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    horovod = two_ranks_six_steps[0]
     mw_reader = tf.train.load_checkpoint(str(run / CHECKPOINT_DIR))
     hvd_reader = tf.train.load_checkpoint(str(horovod / CHECKPOINT_DIR))
     kernels = [k for k in mw_reader.get_variable_to_shape_map()
@@ -378,9 +393,9 @@ def test_multi_worker_mirrored_with_two_local_processes(tiny_data: Path, tmp_pat
         np.testing.assert_allclose(mw_reader.get_tensor(key), hvd_reader.get_tensor(key),
                                    atol=1e-4, err_msg=key)
 
-    proc = run_module(*_train_cli(run, tiny_data, "train.steps=8")[1:])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "step 8 (resumed from 6), 64 examples, 1 worker(s)" in proc.stdout
+    capsys.readouterr()
+    assert call_main(train_main, *_train_cli(run, tiny_data, "train.steps=8")[2:]) == 0
+    assert "step 8 (resumed from 6), 64 examples, 1 worker(s)" in capsys.readouterr().out
 
 
 @pytest.mark.integration

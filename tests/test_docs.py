@@ -7,12 +7,9 @@ import dataclasses
 import importlib
 import importlib.util
 import json
-import os
 import pkgutil
 import re
 import shlex
-import subprocess
-import sys
 import types
 from pathlib import Path
 
@@ -185,11 +182,18 @@ SMALL = {
 
 
 @pytest.mark.slow
-def test_the_readme_quick_start_runs_in_order(tmp_path: Path) -> None:
+def test_the_readme_quick_start_runs_in_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
     """Each command of the README's quick start, in order, in a fresh folder, at test sizes: every one
-    exits 0 and the last one (the TFLite model on the held-out pairs) prints an accuracy."""
+    exits 0 and the last one (the TFLite model on the held-out pairs) prints an accuracy.
+
+    Each runs in this process (its module's `main(argv)`, what `python -m` calls), so TensorFlow is
+    imported once; test_documented_make_targets_and_modules_exist checks `python -m` finds them."""
+    from conftest import call_main
+
     commands = _quick_start()
     assert any("sparse_embed.train" in c for c in commands) and any("edge.lfw" in c for c in commands)
+    monkeypatch.chdir(tmp_path)
     outputs = {}
     for command in commands:
         if command.startswith("tensorboard"):
@@ -198,8 +202,9 @@ def test_the_readme_quick_start_runs_in_order(tmp_path: Path) -> None:
             command = command.replace(big, small)
         argv = shlex.split(command)
         assert argv[:2] == ["python", "-m"], command
-        proc = subprocess.run([sys.executable, *argv[1:]], cwd=tmp_path, capture_output=True, text=True,
-                              timeout=600, env=dict(os.environ, PYTHONPATH=str(ROOT)))
-        assert proc.returncode == 0, (command, proc.stderr[-3000:])
-        outputs[argv[2]] = proc.stdout
+        capsys.readouterr()
+        code = call_main(importlib.import_module(argv[2]).main, *argv[3:])
+        captured = capsys.readouterr()
+        assert code == 0, (command, captured.err[-3000:])
+        outputs[argv[2]] = captured.out
     assert "accuracy" in outputs["sparse_embed.edge.lfw"], outputs["sparse_embed.edge.lfw"][-2000:]
