@@ -9,11 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import assert_user_error, run_module
+from conftest import assert_main_user_error, call_main, run_module
 from PIL import Image
 
 from sparse_embed.data import megaface
 from sparse_embed.metrics.megaface import Split, query_database_split, rank1, split_bins
+from sparse_embed.preprocessing.prepare_megaface import main as prepare_main
 
 pytestmark = pytest.mark.unit
 
@@ -150,23 +151,24 @@ def test_prepare_cli_end_to_end(tmp_path: Path) -> None:
     assert [r.label for r in manifest] == [0, 0, 0, 1] and all(Path(r.path).is_file() for r in manifest)
 
 
-@pytest.mark.integration
-def test_bad_inputs_are_one_line_errors(tmp_path: Path) -> None:
+def test_bad_inputs_are_one_line_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """In this process (main(argv)); the command runs as a process in the test above."""
     paths = _dataset(tmp_path)
     base = [f"--megaface_root={paths['megaface']}", f"--output={tmp_path / 'o'}", "--list_size=10"]
-    assert_user_error(run_module(SCRIPT, *base, f"--devkit={tmp_path / 'none'}"),
-                      "megaface_features_list.json_10_1 not found")
+    assert_main_user_error(capsys, prepare_main, [*base, f"--devkit={tmp_path / 'none'}"],
+                           "megaface_features_list.json_10_1 not found")
     listing = paths["devkit"] / "templatelists" / "megaface_features_list.json_10_1"
     listing.write_text(json.dumps(MEGAFACE))
-    assert_user_error(run_module(SCRIPT, *base, f"--devkit={paths['devkit']}"), "no 'path' list")
+    assert_main_user_error(capsys, prepare_main, [*base, f"--devkit={paths['devkit']}"], "no 'path' list")
     listing.write_text("{not json")
-    assert_user_error(run_module(SCRIPT, *base, f"--devkit={paths['devkit']}"), "is not JSON")
+    assert_main_user_error(capsys, prepare_main, [*base, f"--devkit={paths['devkit']}"], "is not JSON")
     _feature_list(listing, MEGAFACE, list(range(len(MEGAFACE))))
     (paths["noises"] / "megaface_noises.txt").unlink()
-    assert_user_error(run_module(SCRIPT, *base, f"--devkit={paths['devkit']}",
-                                        f"--noises={paths['noises']}"), "megaface_noises.txt not found")
-    assert_user_error(run_module(SCRIPT, f"--devkit={paths['devkit']}", f"--output={tmp_path}"),
-                      "need --megaface_root, --facescrub_root or both")
+    assert_main_user_error(capsys, prepare_main, [*base, f"--devkit={paths['devkit']}",
+                                                  f"--noises={paths['noises']}"],
+                           "megaface_noises.txt not found")
+    assert_main_user_error(capsys, prepare_main, [f"--devkit={paths['devkit']}", f"--output={tmp_path}"],
+                           "need --megaface_root, --facescrub_root or both")
 
 
 # Rows: (set, label). FaceScrub identity 1 has a single image; MegaFace identity 0 has two.
@@ -257,9 +259,11 @@ def test_split_rejects_rows_without_queries() -> None:
 
 
 @pytest.mark.integration
-def test_manifest_to_hdf5_to_bins(smoke_run: Path, tmp_path: Path) -> None:
-    """embed --manifest, then split-bins, on the session's smoke run."""
+def test_manifest_to_hdf5_to_bins(smoke_run: Path, tmp_path: Path,
+                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """embed --manifest (in this process: main(argv)), then split-bins, on the session's smoke run."""
     from sparse_embed.data.embeddings import read_hdf5
+    from sparse_embed.embed import main as embed_main
 
     model_dir = smoke_run
     paths = _dataset(tmp_path)
@@ -267,15 +271,15 @@ def test_manifest_to_hdf5_to_bins(smoke_run: Path, tmp_path: Path) -> None:
     megaface.prepare(out, paths["devkit"], paths["megaface"], paths["facescrub"], size=10,
                      make_detector=_NoFaces)
     (out / "broken.tsv").write_text("path\tlabel\n")
-    assert_user_error(run_module("sparse_embed.embed", f"--model_dir={model_dir}",
-                                 f"--manifest={out / 'broken.tsv'}", f"--output={tmp_path / 'x.hdf5'}"),
-                      "does not start with the manifest header")
+    assert_main_user_error(capsys, embed_main, [f"--model_dir={model_dir}",
+                                                f"--manifest={out / 'broken.tsv'}",
+                                                f"--output={tmp_path / 'x.hdf5'}"],
+                           "does not start with the manifest header")
     hdf5 = {}
     for image_set in megaface.SETS:
         hdf5[image_set] = tmp_path / f"{image_set}_run.hdf5"
-        proc = run_module("sparse_embed.embed", f"--model_dir={model_dir}",
-                          f"--manifest={out / f'{image_set}.tsv'}", f"--output={hdf5[image_set]}")
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert call_main(embed_main, f"--model_dir={model_dir}", f"--manifest={out / f'{image_set}.tsv'}",
+                         f"--output={hdf5[image_set]}") == 0
         rows = megaface.read_manifest(out / f"{image_set}.tsv")
         emb = read_hdf5(hdf5[image_set])
         assert emb.filename == tuple(r.path for r in rows)
