@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import assert_user_error, run_module
+from conftest import assert_main_user_error, run_module
 from PIL import Image
 
 from sparse_embed.data.recordio import ImageRecords, open_recordio, read_index
@@ -24,6 +24,8 @@ from sparse_embed.data.tfrecord import (
     write_recordio_tfrecords,
 )
 from sparse_embed.errors import DataError
+from sparse_embed.preprocessing.build_tfrecords import main as build_main
+from sparse_embed.preprocessing.msceleb_to_jpeg import main as extract_main
 
 pytestmark = pytest.mark.unit
 
@@ -307,16 +309,18 @@ def test_msceleb_to_jpeg_skips_bad_records(
     assert not list((directory / "images").rglob(".*")), "no temporary files left"
 
 
-@pytest.mark.integration
-def test_cli_user_errors_are_one_line(tmp_path: Path) -> None:
-    assert_user_error(run_module(EXTRACT, str(tmp_path / "missing")), "train.rec", "not found")
+def test_cli_user_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """In this process (main(argv)); both commands run as processes in the tests above."""
+    assert_main_user_error(capsys, extract_main, [tmp_path / "missing"], "train.rec", "not found")
     fake = tmp_path / "fake"
     fake.mkdir()
     Image.new("RGB", (8, 8)).save(fake / "train.rec", format="PNG")
     (fake / "train.idx").write_text("0\t0\n")
-    assert_user_error(run_module(EXTRACT, str(fake)), "train.rec", "not a RecordIO file")
-    proc = run_module(BUILD, f"--recordio={fake / 'train.rec'}", f"--output={tmp_path / 'o'}")
-    assert_user_error(proc, "train.rec", "not a RecordIO file")
+    assert_main_user_error(capsys, extract_main, [fake], "train.rec", "not a RecordIO file")
+    assert_main_user_error(capsys, build_main,
+                           [f"--recordio={fake / 'train.rec'}", f"--output={tmp_path / 'o'}"],
+                           "train.rec", "not a RecordIO file")
     assert not (tmp_path / "o").exists()
-    proc = run_module(BUILD, f"--recordio={tmp_path / 'x.rec'}", f"--output={tmp_path / 'o'}")
-    assert_user_error(proc, "x.rec", "not found")
+    assert_main_user_error(capsys, build_main,
+                           [f"--recordio={tmp_path / 'x.rec'}", f"--output={tmp_path / 'o'}"],
+                           "x.rec", "not found")
