@@ -17,12 +17,11 @@ import psutil
 import pytest
 from conftest import (
     ROOT,
+    assert_main_user_error,
     assert_rank0_user_error,
-    assert_user_error,
     call_main,
     horovodrun,
     rank_lines,
-    run_module,
     run_module_script,
     scalars,
 )
@@ -222,15 +221,16 @@ def test_kill_9_of_every_rank_then_rerun_finishes(tiny_data: Path, tmp_path: Pat
 
 
 @pytest.mark.integration
-def test_backend_horovod_without_horovod_is_one_line(tiny_data: Path, tmp_path: Path) -> None:
-    # A `horovod` package that fails to import stands in for a missing install.
-    fake = tmp_path / "fake"
-    (fake / "horovod").mkdir(parents=True)
-    (fake / "horovod" / "__init__.py").write_text(
-        "raise ImportError(\"No module named 'horovod'\")\n")
-    proc = run_module(*_train_cli(tmp_path / "run", tiny_data, "distributed.backend=horovod")[1:],
-                      pythonpath=(fake,))
-    assert_user_error(proc, "make horovod", "distributed.backend")
+def test_backend_horovod_without_horovod_is_one_line(tiny_data: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """In this process (main(argv)): Horovod that fails to import stands in for a missing install."""
+    for name in [m for m in sys.modules if m == "horovod" or m.startswith("horovod.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "horovod", None)  # `import horovod...` raises ImportError
+    assert_main_user_error(capsys, train_main,
+                           _train_cli(tmp_path / "run", tiny_data, "distributed.backend=horovod")[2:],
+                           "make horovod", "distributed.backend")
     assert not (tmp_path / "run").exists()
 
 
