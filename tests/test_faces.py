@@ -16,7 +16,7 @@ import cv2
 import numpy as np
 import pytest
 import skimage.data
-from conftest import ROOT, assert_user_error, run_module
+from conftest import ROOT, assert_main_user_error, run_module
 
 from sparse_embed.errors import DataError
 from sparse_embed.faces import align_tree
@@ -377,11 +377,13 @@ def test_cli_mirrors_the_tree_and_counts_unreadable(tmp_path: Path, astronaut: n
     assert _load(tmp_path / "aligned" / "a" / "astro.jpg").shape == (112, 96, 3)
 
 
-@pytest.mark.integration
-def test_cli_bad_input_is_one_line_exit_2(tmp_path: Path) -> None:
-    assert_user_error(run_module(ALIGN, f"--output={tmp_path / 'o'}"), "--input is required")
-    absent = run_module(ALIGN, f"--input={tmp_path / 'absent'}", f"--output={tmp_path / 'o'}")
-    assert_user_error(absent, "absent", "not found")
+def test_cli_bad_input_is_one_line_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """In this process (main(argv)); the command runs as a process in the test above."""
+    from sparse_embed.preprocessing.align_faces import main
+
+    assert_main_user_error(capsys, main, [f"--output={tmp_path / 'o'}"], "--input is required")
+    assert_main_user_error(capsys, main, [f"--input={tmp_path / 'absent'}", f"--output={tmp_path / 'o'}"],
+                           "absent", "not found")
 
 
 def test_only_detect_imports_mtcnn() -> None:
