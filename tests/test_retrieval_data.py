@@ -7,12 +7,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import scipy.io
-from conftest import assert_user_error, run_module
+from conftest import assert_main_user_error, call_main, run_module
 from PIL import Image
 
 from sparse_embed.data.pipeline import eval_dataset
 from sparse_embed.data.retrieval import DATASETS, split_dir
 from sparse_embed.data.tfrecord import read_label_map
+from sparse_embed.preprocessing.build_retrieval_tfrecords import main as build_main
 
 pytestmark = pytest.mark.unit
 
@@ -97,13 +98,15 @@ def test_every_registered_dataset_has_a_fixture() -> None:
 
 @pytest.mark.integration
 @pytest.mark.parametrize("dataset", sorted(WRITERS))
-def test_open_set_splits_to_tfrecords(dataset: str, tmp_path: Path) -> None:
+def test_open_set_splits_to_tfrecords(dataset: str, tmp_path: Path,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """In this process (main(argv)); the command runs as a process in the test below."""
     root = tmp_path / dataset
     expected = WRITERS[dataset](root)
     out = tmp_path / "out"
-    proc = run_module(SCRIPT, f"--dataset={dataset}", f"--root={root}", f"--output={out}",
-                             "--shards=1", "--workers=1")
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert call_main(build_main, f"--dataset={dataset}", f"--root={root}", f"--output={out}",
+                     "--shards=1", "--workers=1") == 0
+    capsys.readouterr()
     for split, classes in expected.items():
         directory = split_dir(out, split)
         names = read_label_map(directory / "labels.txt")
@@ -120,9 +123,9 @@ def test_open_set_splits_to_tfrecords(dataset: str, tmp_path: Path) -> None:
 
 
 @pytest.mark.integration
-def test_missing_list_file_and_missing_images(tmp_path: Path) -> None:
-    assert_user_error(run_module(SCRIPT, "--dataset=cub", f"--root={tmp_path / 'none'}",
-                                        f"--output={tmp_path / 'o'}"), "images.txt not found")
+def test_missing_list_file_and_missing_images(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert_main_user_error(capsys, build_main, ["--dataset=cub", f"--root={tmp_path / 'none'}",
+                                                f"--output={tmp_path / 'o'}"], "images.txt not found")
     root = tmp_path / "cub"
     _cub(root)
     next((root / "images").rglob("*.jpg")).unlink()
