@@ -9,8 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import assert_user_error, run_module
+from conftest import assert_main_user_error, call_main, run_module
 
+from sparse_embed.data.verification import main as verification_main
 from sparse_embed.data.verification import read_bin, read_pairs
 from sparse_embed.errors import DataError
 
@@ -70,7 +71,10 @@ def test_read_bin_rejects_other_files(tmp_path: Path, content: bytes, message: s
 
 @pytest.mark.integration
 def test_build_bin_is_readable_by_insightface_and_evaluates_like_the_pairs(
-        tiny_data: Path, smoke_run: Path, tmp_path: Path) -> None:
+        tiny_data: Path, smoke_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """build-bin as a process; evaluate and the user errors in this process (main(argv))."""
+    from sparse_embed.evaluate import main as evaluate_main
+
     out = tmp_path / "my.bin"
     proc = run_module("sparse_embed.data.verification", "build-bin",
                       f"--pairs={tiny_data / 'pairs.txt'}", f"--images={tiny_data / 'test'}",
@@ -86,9 +90,8 @@ def test_build_bin_is_readable_by_insightface_and_evaluates_like_the_pairs(
     model = smoke_run
     results = {}
     for name, args in (("pairs", [f"--data_dir={tiny_data}"]), ("bin", [f"--bin={out}"])):
-        proc = run_module("sparse_embed.evaluate", f"--model_dir={model}", *args,
-                          f"--output={tmp_path / name}.json")
-        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert call_main(evaluate_main, f"--model_dir={model}", *args,
+                         f"--output={tmp_path / name}.json") == 0
         results[name] = json.loads((tmp_path / f"{name}.json").read_text())
     # Same images, same pairs, same order: the fold-free metrics agree (the sparsity
     # statistics do not: the pairs path embeds each distinct image once, a pack
@@ -97,10 +100,9 @@ def test_build_bin_is_readable_by_insightface_and_evaluates_like_the_pairs(
         assert results["bin"][key] == pytest.approx(results["pairs"][key], rel=1e-6), key
 
     (tmp_path / "fake.bin").write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(64))
-    assert_user_error(run_module("sparse_embed.evaluate", f"--model_dir={model}",
-                                 f"--bin={tmp_path / 'fake.bin'}"),
-                      "fake.bin is not an InsightFace verification .bin")
-    assert_user_error(run_module("sparse_embed.data.verification", "build-bin",
-                                 f"--pairs={tmp_path / 'none.txt'}", f"--images={tiny_data}",
-                                 f"--output={tmp_path / 'x.bin'}"), "not found")
+    assert_main_user_error(capsys, evaluate_main, [f"--model_dir={model}", f"--bin={tmp_path / 'fake.bin'}"],
+                           "fake.bin is not an InsightFace verification .bin")
+    assert_main_user_error(capsys, verification_main,
+                           ["build-bin", f"--pairs={tmp_path / 'none.txt'}", f"--images={tiny_data}",
+                            f"--output={tmp_path / 'x.bin'}"], "not found")
     assert not (tmp_path / "x.bin").exists()
