@@ -10,10 +10,11 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from conftest import ROOT, assert_user_error, run_module
+from conftest import ROOT, assert_main_user_error, call_main
 
 from sparse_embed.data.embeddings import Embeddings, write_hdf5
 from sparse_embed.errors import ConfigError, DataError
+from sparse_embed.evaluate import main as evaluate_main
 from sparse_embed.metrics.retrieval import AUTO_SPARSE_ZERO_FRACTION, retrieval_metrics
 
 pytestmark = pytest.mark.unit
@@ -186,15 +187,19 @@ def _write(path: Path, x: np.ndarray, labels: np.ndarray) -> Path:
 
 
 @pytest.mark.integration
-def test_cli_compares_runs_in_one_table_json_and_chart(tmp_path: Path) -> None:
+def test_cli_compares_runs_in_one_table_json_and_chart(tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """In this process (main(argv)); `python -m sparse_embed.evaluate` runs as a process elsewhere."""
     x, labels = _random_case(0)
     first = _write(tmp_path / "sparse_run.hdf5", x, labels)
     second = _write(tmp_path / "dense_run.hdf5", x + 1.0, labels)
     output = tmp_path / "out" / "retrieval.json"
-    proc = run_module("sparse_embed.evaluate", "retrieval", f"--embeddings={first},{second}",
-                      f"--output={output}", "--num_threads=1", "--zero_threshold=0")
-    assert proc.returncode == 0, proc.stderr
-    lines = proc.stdout.splitlines()
+    capsys.readouterr()
+    code = call_main(evaluate_main, "retrieval", f"--embeddings={first},{second}", f"--output={output}",
+                     "--num_threads=1", "--zero_threshold=0")
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    lines = out.splitlines()
     assert lines[0].split()[:5] == ["run", "recall@1", "recall@2", "recall@4", "recall@8"]
     assert lines[2].startswith("sparse_run ") and lines[3].startswith("dense_run ")
     assert "sparse_run search: sparse" in lines and "dense_run search: dense" in lines
@@ -230,6 +235,12 @@ def _bad_files(tmp_path: Path) -> dict[str, tuple[list[str], tuple[str, ...]]]:
     with h5py.File(unlabelled, "w") as f:
         f.create_dataset("embedding", data=np.ones((5, 3), np.float32))
     good = _write(tmp_path / "good.hdf5", _windows([0, 1, 2, 3]), np.array([0, 0, 1, 1]))
+    short, nan = tmp_path / "short.hdf5", tmp_path / "nan.hdf5"
+    for path, confidence in ((short, [0.5, 0.2, 0.1]), (nan, [0.5, np.nan, 0.1, 0.3])):
+        with h5py.File(path, "w") as f:
+            f.create_dataset("embedding", data=_windows([0, 1, 2, 3]))
+            f.create_dataset("label", data=np.array([0, 0, 1, 1]))
+            f.create_dataset("confidence", data=np.array(confidence, np.float32))
     return {
         "missing": ([f"--embeddings={tmp_path / 'nope.hdf5'}"], ("nope.hdf5", "not found")),
         "shape": ([f"--embeddings={flat}"], ("flat.hdf5", "[N, D]")),
@@ -237,14 +248,84 @@ def _bad_files(tmp_path: Path) -> dict[str, tuple[list[str], tuple[str, ...]]]:
         "single": ([f"--embeddings={good},{one}"], ("one.hdf5", "no item shares its label")),
         "search": ([f"--embeddings={good}", "--search=hnsw"], ("--search", "auto, dense, sparse")),
         "ks": ([f"--embeddings={good}", "--ks=1,x"], ("--ks",)),
+        "confidence_length": ([f"--embeddings={short}"], ("short.hdf5", "'confidence'", "(4)", "(3,)",
+                                                         "sparse_embed.embed")),
+        "confidence_nan": ([f"--embeddings={nan}"], ("nan.hdf5", "1 non-finite")),
     }
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("case", ["missing", "shape", "labels", "single", "search", "ks"])
-def test_cli_bad_input_is_one_line(tmp_path: Path, case: str) -> None:
+@pytest.mark.parametrize("case", ["missing", "shape", "labels", "single", "search", "ks",
+                                  "confidence_length", "confidence_nan"])
+def test_cli_bad_input_is_one_line(tmp_path: Path, case: str, capsys: pytest.CaptureFixture[str]) -> None:
     args, fragments = _bad_files(tmp_path)[case]
     out = tmp_path / "r.json"
-    proc = run_module("sparse_embed.evaluate", "retrieval", *args, f"--output={out}")
-    assert_user_error(proc, *fragments)
+    assert_main_user_error(capsys, evaluate_main, ["retrieval", *args, f"--output={out}"], *fragments)
     assert not out.exists()
+
+
+def _erc_reference(x: np.ndarray, labels: np.ndarray, confidences: np.ndarray) -> dict[str, float]:
+    """PE's error-versus-reject areas from the definitions: per-query errors of the brute-force
+    ranking (sort by -score, then id), queries sorted by -confidence (stable), mean over k of the
+    mean error of the k most confident."""
+    scores = x.astype(np.float64) @ x.astype(np.float64).T
+    errors_r1, errors_ap, conf = [], [], []
+    for i in range(len(x)):
+        r = sum(1 for j in range(len(x)) if j != i and labels[j] == labels[i])
+        if labels[i] < 0 or r == 0:
+            continue
+        ranked = sorted((j for j in range(len(x)) if j != i), key=lambda j: (-scores[i, j], j))
+        rel = [labels[j] == labels[i] for j in ranked]
+        errors_r1.append(1.0 - rel[0])
+        errors_ap.append(1.0 - sum(sum(rel[:n]) / n for n in range(1, r + 1) if rel[n - 1]) / r)
+        conf.append(confidences[i])
+    order = sorted(range(len(conf)), key=lambda q: -conf[q])
+
+    def area(errors: list[float]) -> float:
+        ordered = [errors[q] for q in order]
+        return float(np.mean([np.mean(ordered[:k]) for k in range(1, len(ordered) + 1)]))
+
+    return {"erc_recall@1": area(errors_r1), "erc_map@r": area(errors_ap)}
+
+
+@pytest.mark.parametrize("search", PATHS)
+def test_confidences_add_the_error_versus_reject_areas(search: str) -> None:
+    x, labels = _random_case(1)
+    confidences = np.random.default_rng(5).uniform(size=len(x))
+    got = retrieval_metrics(x, labels, search=search, num_threads=1, confidences=confidences)
+    expected = _erc_reference(x, labels, confidences)
+    for key, value in expected.items():
+        assert got[key] == pytest.approx(value, rel=1e-12), key
+    # Confidence that knows which first neighbours are right (right ones first) beats its reverse.
+    scores = x @ x.T
+    np.fill_diagonal(scores, -np.inf)
+    right = (labels[np.argmax(scores, axis=1)] == labels).astype(float)
+    informed = retrieval_metrics(x, labels, search=search, num_threads=1, confidences=right)
+    reverse = retrieval_metrics(x, labels, search=search, num_threads=1, confidences=-right)
+    assert 0 < informed["recall@1"] < 1
+    assert informed["erc_recall@1"] < reverse["erc_recall@1"]
+    plain = retrieval_metrics(x, labels, search=search, num_threads=1)
+    assert "erc_recall@1" not in plain and "erc_map@r" not in plain
+    with pytest.raises(DataError, match="one per embedding"):
+        retrieval_metrics(x, labels, confidences=confidences[:-1])
+
+
+def test_confidence_round_trips_through_the_file_and_the_cli(tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    from sparse_embed.data.embeddings import read_hdf5
+
+    x, labels = _random_case(0)
+    confidences = np.linspace(1.0, 0.0, len(x)).astype(np.float32)
+    path = tmp_path / "probabilistic.hdf5"
+    write_hdf5(path, Embeddings(x, labels, (), confidences))
+    np.testing.assert_array_equal(read_hdf5(path).confidence, confidences)
+    assert read_hdf5(_write(tmp_path / "plain.hdf5", x, labels)).confidence is None
+    output = tmp_path / "retrieval.json"
+    capsys.readouterr()
+    assert call_main(evaluate_main, "retrieval", f"--embeddings={path}", f"--output={output}",
+                     "--num_threads=1") == 0
+    assert "erc_recall@1" in capsys.readouterr().out
+    record = json.loads(output.read_text())["probabilistic"]
+    expected = _erc_reference(x, labels, confidences)
+    assert record["erc_recall@1"] == pytest.approx(expected["erc_recall@1"], rel=1e-6)
+    assert record["erc_map@r"] == pytest.approx(expected["erc_map@r"], rel=1e-6)

@@ -1,7 +1,9 @@
 """HDF5 embedding files, the hand-off between `embed` and everything that evaluates or searches.
 
 A file holds `embedding` float32 [N, D] (L2-normalised), `label` int64 [N]
-(-1 where the source has no label) and `filename` (N strings). This module
+(-1 where the source has no label), `filename` (N strings) and, from a model
+that predicts how much to trust each embedding (a probabilistic run), its
+`confidence` float32 [N] (higher = more trusted). This module
 imports h5py and NumPy only, so the evaluations that work on files
 (`evaluate identification | retrieval | sparsity`) start without TensorFlow.
 """
@@ -27,15 +29,18 @@ class Embeddings:
         embedding: float32 [N, D].
         label: int64 [N] (-1 where the source has no label).
         filename: N file names (empty where the file has none).
+        confidence: float32 [N], higher = more trusted; None where the model
+            predicts none.
     """
 
     embedding: np.ndarray
     label: np.ndarray
     filename: tuple[str, ...]
+    confidence: np.ndarray | None = None
 
 
 def write_hdf5(path: str | os.PathLike, embeddings: Embeddings) -> None:
-    """Writes `embedding`, `label` and `filename` datasets to an HDF5 file, atomically.
+    """Writes `embedding`, `label`, `filename` (and `confidence`) datasets to an HDF5 file, atomically.
 
     Args:
         path: Output file.
@@ -46,6 +51,8 @@ def write_hdf5(path: str | os.PathLike, embeddings: Embeddings) -> None:
         f.create_dataset("label", data=embeddings.label)
         f.create_dataset("filename", data=np.array(embeddings.filename, dtype=object),
                          dtype=h5py.string_dtype())
+        if embeddings.confidence is not None:
+            f.create_dataset("confidence", data=np.asarray(embeddings.confidence, np.float32))
 
 
 def read_hdf5(path: str | os.PathLike) -> Embeddings:
@@ -56,7 +63,8 @@ def read_hdf5(path: str | os.PathLike) -> Embeddings:
 
     Raises:
         DataError: If the file is missing, is not HDF5, lacks the `embedding`
-            dataset, or its datasets disagree in shape.
+            dataset, its datasets disagree in shape, or a `confidence` is not
+            finite.
     """
     if not Path(path).is_file():
         raise DataError(f"embedding file {path} not found; write it with python -m sparse_embed.embed")
@@ -68,10 +76,19 @@ def read_hdf5(path: str | os.PathLike) -> Embeddings:
             label = np.asarray(f["label"][:], np.int64) if "label" in f else np.full(len(emb), -1, np.int64)
             names = tuple(n.decode() if isinstance(n, bytes) else str(n) for n in f["filename"][:]) \
                 if "filename" in f else ()
+            confidence = np.asarray(f["confidence"][:], np.float32) if "confidence" in f else None
     except OSError as e:
         raise DataError(f"{path} is not a readable HDF5 file ({' '.join(str(e).split())}); "
                         f"write it with python -m sparse_embed.embed") from None
     if emb.ndim != 2 or len(label) != len(emb) or (names and len(names) != len(emb)):
         raise DataError(f"{path}: 'embedding' must be [N, D] with one label and file name per row "
                         f"(got embedding {emb.shape}, {len(label)} labels, {len(names)} file names)")
-    return Embeddings(emb, label, names)
+    if confidence is not None:
+        if confidence.shape != (len(emb),):
+            raise DataError(f"{path}: 'confidence' must hold one value per embedding ({len(emb)}), "
+                            f"got shape {confidence.shape}; write the file again with "
+                            f"python -m sparse_embed.embed")
+        if not np.isfinite(confidence).all():
+            raise DataError(f"{path}: 'confidence' has {int(np.sum(~np.isfinite(confidence)))} non-finite "
+                            f"value(s); write the file again with python -m sparse_embed.embed")
+    return Embeddings(emb, label, names, confidence)

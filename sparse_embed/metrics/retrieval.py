@@ -16,6 +16,12 @@ ECCV 2020), and rel_i says whether its i-th neighbour is of class c:
 - `map@r`: mean over queries of (1/R) sum_{i<=R} rel_i * P@i, with P@i the
   fraction of the first i neighbours of the class.
 
+With the items' confidences (a probabilistic run's `confidence` dataset), two
+more say whether the confident queries are the ones answered well
+(`sparse_embed.metrics.uncertainty`, as "Probabilistic Embeddings Revisited"
+computes them; lower is better): `erc_recall@1` and `erc_map@r`, the mean over
+k of the mean error (1 - recall@1, 1 - AP@R) of the k most confident queries.
+
 Queries whose class has no other item cannot be answered, are left out of
 every metric and counted (`queries_without_match`). Items labelled -1 (no
 label) stay in the database as distractors but never query.
@@ -154,7 +160,7 @@ def _check_ks(ks: Sequence[int]) -> tuple[int, ...]:
 
 def retrieval_metrics(embeddings: np.ndarray, labels: np.ndarray, ks: Sequence[int] = DEFAULT_KS,
                       search: str = "auto", zero_threshold: float = DEFAULT_ZERO_THRESHOLD,
-                      num_threads: int = 0) -> dict[str, Any]:
+                      num_threads: int = 0, confidences: np.ndarray | None = None) -> dict[str, Any]:
     """Recall@K, MAP@R, R-precision and Precision@1 of every item against the rest (module docstring).
 
     Args:
@@ -164,17 +170,20 @@ def retrieval_metrics(embeddings: np.ndarray, labels: np.ndarray, ks: Sequence[i
         search: `auto` (by the fraction of zeros), `sparse` (inverted index) or `dense` (NumPy).
         zero_threshold: |x| at or below it counts as zero, for `auto` and the index; >= 0.
         num_threads: Threads of the sparse search; 0: every core.
+        confidences: Finite float [N], higher = more trusted; None: no
+            confidence metrics.
 
     Returns:
         `recall@K` for each K, `map@r`, `r_precision`, `precision@1` (floats in
         [0, 1]); `queries` (answered), `queries_without_match` (left out: no
         other item of their class); `search` (the path used), `zero_fraction`,
         `ms_per_query` and `postings_per_query` (postings touched by the
-        index, or N * D multiply-adds for the dense search).
+        index, or N * D multiply-adds for the dense search); with confidences,
+        `erc_recall@1` and `erc_map@r` over the answered queries.
 
     Raises:
-        DataError: On a bad shape or dtype, non-finite values, no labels, or
-            no item sharing its label with another.
+        DataError: On a bad shape or dtype, non-finite values (confidences
+            included), no labels, or no item sharing its label with another.
         ConfigError: On bad `ks`, `search`, `zero_threshold` or `num_threads`.
     """
     ks = _check_ks(ks)
@@ -192,6 +201,11 @@ def retrieval_metrics(embeddings: np.ndarray, labels: np.ndarray, ks: Sequence[i
     if not np.isfinite(x).all():
         raise DataError("embeddings must be finite (found NaN or inf)")
     y = y.astype(np.int64)
+    if confidences is not None:
+        confidences = np.asarray(confidences, np.float64)
+        if confidences.shape != (len(x),) or not np.isfinite(confidences).all():
+            raise DataError(f"confidences must be {len(x)} finite numbers (one per embedding), got "
+                            f"shape {list(confidences.shape)}")
     labelled = y >= 0
     if not labelled.any():
         raise DataError("no labels (every label is -1); embed a labelled source "
@@ -221,7 +235,8 @@ def retrieval_metrics(embeddings: np.ndarray, labels: np.ndarray, ks: Sequence[i
     within_r = np.arange(k - 1) < r[:, None]
     precision_at = np.cumsum(relevant, axis=1) / np.arange(1, k)
     results: dict[str, Any] = {f"recall@{kk}": float(relevant[:, :kk].any(axis=1).mean()) for kk in ks}
-    results["map@r"] = float(((precision_at * (relevant & within_r)).sum(axis=1) / r).mean())
+    average_precision = (precision_at * (relevant & within_r)).sum(axis=1) / r
+    results["map@r"] = float(average_precision.mean())
     results["r_precision"] = float(((relevant & within_r).sum(axis=1) / r).mean())
     results["precision@1"] = float(relevant[:, 0].mean())
     results["queries"] = len(query_rows)
@@ -230,6 +245,11 @@ def retrieval_metrics(embeddings: np.ndarray, labels: np.ndarray, ks: Sequence[i
     results["zero_fraction"] = zero_fraction
     results["ms_per_query"] = float(ms_per_query)
     results["postings_per_query"] = float(postings_per_query)
+    if confidences is not None:
+        from sparse_embed.metrics.uncertainty import error_reject_area
+
+        results["erc_recall@1"] = error_reject_area(1.0 - relevant[:, 0], confidences[query_rows])
+        results["erc_map@r"] = error_reject_area(1.0 - average_precision, confidences[query_rows])
     return results
 
 
@@ -285,7 +305,7 @@ def run_command(args: argparse.Namespace) -> None:
     for name, (path, data) in files.items():
         try:
             results[name] = retrieval_metrics(data.embedding, data.label, ks, args.search,
-                                              args.zero_threshold, args.num_threads)
+                                              args.zero_threshold, args.num_threads, data.confidence)
         except DataError as e:
             raise DataError(f"{path}: {e}") from None
     print(format_results(results), end="")
