@@ -254,7 +254,6 @@ def _bad_files(tmp_path: Path) -> dict[str, tuple[list[str], tuple[str, ...]]]:
     }
 
 
-@pytest.mark.integration
 @pytest.mark.parametrize("case", ["missing", "shape", "labels", "single", "search", "ks",
                                   "confidence_length", "confidence_nan"])
 def test_cli_bad_input_is_one_line(tmp_path: Path, case: str, capsys: pytest.CaptureFixture[str]) -> None:
