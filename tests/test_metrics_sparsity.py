@@ -8,11 +8,12 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from conftest import assert_user_error, run_module
+from conftest import assert_main_user_error, call_main
 
 from sparse_embed.cli import format_results
 from sparse_embed.data.embeddings import Embeddings, write_hdf5
 from sparse_embed.errors import ConfigError, DataError
+from sparse_embed.evaluate import main as evaluate_main
 from sparse_embed.metrics.sparsity import (
     sparsity_profile,
     sparsity_stats_np,
@@ -103,15 +104,18 @@ def _write(path: Path, x: np.ndarray) -> Path:
 
 
 @pytest.mark.integration
-def test_cli_writes_table_json_and_two_panel_png(tmp_path: Path) -> None:
+def test_cli_writes_table_json_and_two_panel_png(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """In this process (main(argv)); `python -m sparse_embed.evaluate` runs as a process elsewhere."""
     stairs = _write(tmp_path / "stairs.hdf5", STAIRCASE)
     dense = _write(tmp_path / "dense.hdf5", np.ones((3, 4), np.float32))
     output = tmp_path / "sparsity.json"
     plot = tmp_path / "fig" / "sparsity.png"
-    proc = run_module("sparse_embed.evaluate", "sparsity", f"--embeddings={stairs},{dense}",
-                      "--zero_threshold=0.5", f"--output={output}", f"--plot={plot}")
-    assert proc.returncode == 0, proc.stderr
-    lines = proc.stdout.splitlines()
+    capsys.readouterr()
+    code = call_main(evaluate_main, "sparsity", f"--embeddings={stairs},{dense}", "--zero_threshold=0.5",
+                     f"--output={output}", f"--plot={plot}")
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    lines = out.splitlines()
     assert lines[0].split() == ["run", "nnz", "flops", "r_sub", "zero_embeddings", "dim", "embeddings"]
     assert lines[2].split() == ["stairs", "1.5", "0.875", "1.556", "0.25", "4", "4"]
     assert lines[3].split() == ["dense", "4", "4", "1", "0", "4", "3"]
@@ -122,9 +126,8 @@ def test_cli_writes_table_json_and_two_panel_png(tmp_path: Path) -> None:
     assert not output.with_suffix(".sparsity.png").exists()
 
 
-@pytest.mark.integration
 @pytest.mark.parametrize("case", ["missing", "shape", "threshold"])
-def test_cli_bad_input_is_one_line(tmp_path: Path, case: str) -> None:
+def test_cli_bad_input_is_one_line(tmp_path: Path, case: str, capsys: pytest.CaptureFixture[str]) -> None:
     flat = tmp_path / "flat.hdf5"
     with h5py.File(flat, "w") as f:
         f.create_dataset("embedding", data=np.ones(5, np.float32))
@@ -135,6 +138,5 @@ def test_cli_bad_input_is_one_line(tmp_path: Path, case: str) -> None:
         "threshold": ([f"--embeddings={good}", "--zero_threshold=-1"], ("--zero_threshold", ">= 0")),
     }[case]
     output = tmp_path / "s.json"
-    proc = run_module("sparse_embed.evaluate", "sparsity", *args, f"--output={output}")
-    assert_user_error(proc, *fragments)
+    assert_main_user_error(capsys, evaluate_main, ["sparsity", *args, f"--output={output}"], *fragments)
     assert not output.exists() and not output.with_suffix(".sparsity.png").exists()
