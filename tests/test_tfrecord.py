@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import ROOT, assert_user_error
+from conftest import ROOT, assert_main_user_error
 from PIL import Image
 
 from sparse_embed.data.tfrecord import (
@@ -186,9 +186,12 @@ def test_cli_end_to_end(folder: Path, tmp_path: Path) -> None:
     assert len(_read(str(out / "val-*"))) == 10
 
 
-@pytest.mark.integration
-def test_cli_missing_input_exits_2_and_writes_nothing(tmp_path: Path) -> None:
+def test_cli_missing_input_exits_2_and_writes_nothing(tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """In this process (main(argv)); the script runs as a process in the test above."""
+    from sparse_embed.preprocessing.build_tfrecords import main
+
     out = tmp_path / "records"
-    proc = _build_cli(f"--input={tmp_path / 'nope'}", f"--output={out}")
-    assert_user_error(proc, "does not exist")
+    assert_main_user_error(capsys, main, [f"--input={tmp_path / 'nope'}", f"--output={out}"],
+                           "does not exist")
     assert not out.exists()
