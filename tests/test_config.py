@@ -6,7 +6,7 @@ import dataclasses
 from pathlib import Path
 
 import pytest
-from conftest import assert_user_error, run_module
+from conftest import assert_main_user_error
 
 from sparse_embed.config import (
     CONFIG_DIR,
@@ -19,6 +19,7 @@ from sparse_embed.config import (
 )
 from sparse_embed.errors import ConfigError
 from sparse_embed.heads import HEADS
+from sparse_embed.train import main as train_main
 
 pytestmark = pytest.mark.unit
 
@@ -101,11 +102,12 @@ def test_out_of_range_values_are_config_errors(override: str, message: str) -> N
     assert message in str(error.value)
 
 
-@pytest.mark.integration
-def test_out_of_range_value_on_the_command_line_is_one_line(tmp_path: Path) -> None:
-    proc = run_module("sparse_embed.train", "--config=smoke", f"--data_dir={tmp_path}",
-                      f"--model_dir={tmp_path / 'run'}", "--set", "train.batch_size=-4")
-    assert_user_error(proc, "train.batch_size", ">= 1")
+def test_out_of_range_value_on_the_command_line_is_one_line(tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """In this process (main(argv))."""
+    assert_main_user_error(capsys, train_main,
+                           ["--config=smoke", f"--data_dir={tmp_path}", f"--model_dir={tmp_path / 'run'}",
+                            "--set", "train.batch_size=-4"], "train.batch_size", ">= 1")
 
 
 @pytest.mark.parametrize("name", PACKAGED)
@@ -174,11 +176,13 @@ def test_bad_head_params_are_one_line(overrides: list[str], message: str) -> Non
     assert message in str(error.value) and "\n" not in str(error.value)
 
 
-@pytest.mark.integration
-def test_head_params_on_the_command_line_is_one_line(tmp_path: Path) -> None:
-    proc = run_module("sparse_embed.train", "--config=smoke", f"--data_dir={tmp_path}",
-                      f"--model_dir={tmp_path / 'run'}", "--set", "head.params.alpha=7")
-    assert_user_error(proc, "head.params.alpha", "head 'arcface' takes scale, margin")
+def test_head_params_on_the_command_line_is_one_line(tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """In this process (main(argv))."""
+    assert_main_user_error(capsys, train_main,
+                           ["--config=smoke", f"--data_dir={tmp_path}", f"--model_dir={tmp_path / 'run'}",
+                            "--set", "head.params.alpha=7"],
+                           "head.params.alpha", "head 'arcface' takes scale, margin")
 
 
 def test_resolved_config_records_every_head_parameter(tmp_path: Path) -> None:
