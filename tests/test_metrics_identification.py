@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import assert_main_user_error, run_module
+from conftest import assert_main_user_error, call_main, run_module
 
 from sparse_embed.data.embeddings import Embeddings, read_hdf5, write_hdf5
 from sparse_embed.errors import ConfigError, DataError
@@ -249,7 +249,8 @@ def _identification(files: Path, *args: str):
 
 
 @pytest.mark.integration
-def test_embeddings_dir_convention_writes_json_and_plot(files: Path, sets: dict[str, Embeddings]) -> None:
+def test_embeddings_dir_convention_writes_json_and_plot(files: Path, sets: dict[str, Embeddings],
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
     proc = _identification(files, f"--embeddings_dir={files}", "--sparse_suffix=sparse.hdf5",
                            "--dense_suffix=dense.hdf5", "--score_threshold=6", "--rerank_topk=10",
                            "--ranks=1,2,5,10", "--distractor_counts=40,600", "--seed=3", "--num_threads=2")
@@ -271,25 +272,30 @@ def test_embeddings_dir_convention_writes_json_and_plot(files: Path, sets: dict[
     for got, want in zip(result["rows"], expected["rows"], strict=True):
         assert {k: v for k, v in got.items() if k.startswith("recall") or k in ("method", "distractors")} \
             == {k: v for k, v in want.items() if k.startswith("recall") or k in ("method", "distractors")}
-    # The explicit flags name the same files and give the same table.
-    explicit = _identification(
-        files, f"--probes={files / 'facescrub_sparse.hdf5'}",
+    # The explicit flags name the same files and give the same table (in this process: main(argv)).
+    capsys.readouterr()
+    code = call_main(
+        evaluate_main, "identification", f"--probes={files / 'facescrub_sparse.hdf5'}",
         f"--distractors={files / 'megaface_sparse.hdf5'}",
         f"--dense_probes={files / 'facescrub_dense.hdf5'}",
         f"--dense_distractors={files / 'megaface_dense.hdf5'}", "--score_threshold=6", "--rerank_topk=10",
         "--ranks=1,2,5,10", "--distractor_counts=40,600", "--seed=3", f"--output={files / 'x.json'}")
-    assert explicit.returncode == 0, explicit.stderr[-3000:]
+    assert code == 0, capsys.readouterr().err[-3000:]
     assert json.loads((files / "x.json").read_text())["cmc"] == result["cmc"]
     assert (files / "x.cmc.png").is_file()
 
 
 @pytest.mark.integration
-def test_threshold_without_candidates_is_reported_not_fatal(files: Path) -> None:
-    proc = _identification(files, f"--embeddings_dir={files}", "--sparse_suffix=sparse.hdf5",
-                           "--score_threshold=1e6", "--distractor_counts=600",
-                           f"--output={files / 'none.json'}")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "note: threshold 1e+06 retrieves no genuine match" in proc.stdout
+def test_threshold_without_candidates_is_reported_not_fatal(files: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """In this process (main(argv)); the test above runs the command as a process."""
+    capsys.readouterr()
+    code = call_main(evaluate_main, "identification", f"--embeddings_dir={files}",
+                     "--sparse_suffix=sparse.hdf5", "--score_threshold=1e6", "--distractor_counts=600",
+                     f"--output={files / 'none.json'}")
+    out, err = capsys.readouterr()
+    assert code == 0, err[-3000:]
+    assert "note: threshold 1e+06 retrieves no genuine match" in out
     assert json.loads((files / "none.json").read_text())["rows"][0]["recall@1"] == 0
 
 
