@@ -20,9 +20,13 @@ from typing import Any
 
 import yaml
 
+from sparse_embed.distributions import DISTRIBUTIONS, Distribution, build_distribution
+from sparse_embed.distributions.gaussian import COVARIANCES
+from sparse_embed.distributions.parametrization import PARAMETRIZATIONS
+from sparse_embed.distributions.vmf import CONCENTRATIONS
 from sparse_embed.errors import ConfigError
 from sparse_embed.fileio import atomic_path
-from sparse_embed.heads.params import HEADS, LEGACY_FIELDS, LEGACY_FLAT
+from sparse_embed.heads.params import HEADS, LEGACY_FIELDS, LEGACY_FLAT, choices, positive
 from sparse_embed.registry import Registry
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -60,6 +64,74 @@ class DataConfig:
     pairs_images: str = "test"
 
 
+# The parts of a model `train.freeze` may name (training/trainer.py freezes them).
+FREEZABLE = ("backbone", "embedding", "head")
+
+
+@dataclass(frozen=True)
+class DistributionConfig:
+    """What the model's output is read as: a point (`dirac`) or a distribution per input.
+
+    A non-`dirac` model outputs a parameter vector `[mean (D) | extra]`: the
+    embedding layer gives the mean and an extra head on the same features
+    predicts the variance (`gaussian`) or the concentration (`vmf`), laid out
+    and parametrized as in `sparse_embed.distributions`. A field applies to the
+    distributions that take it (the registered class's own options); set away
+    from its default on another it is an error.
+
+    Attributes:
+        name: `dirac` (today's point embeddings) | `gaussian` | `vmf`.
+        spherical: `dirac`, `gaussian`: the mean (and evaluated points) on the unit sphere.
+        covariance: `gaussian`: `spherical` (one variance, 1 extra parameter) |
+            `diagonal` (one per axis, D extra parameters).
+        parametrization: `gaussian`, `vmf`: how the extra head's output maps to
+            the variance or 1/kappa: `invlin` | `exp`.
+        max_logivar: `gaussian`: the largest log inverse variance (the variance's floor exp(-max_logivar)).
+        kappa: `vmf`: `separate` (an extra head predicts it) | `norm` (kappa is
+            the mean's norm; no extra head, vMF-loss).
+        max_logk: `vmf` with `kappa=separate`: the largest log concentration.
+    """
+
+    # The valid values are the distributions' own (field metadata, as `head.params` declares them).
+    name: str = "dirac"
+    spherical: bool = False
+    covariance: str = field(default="spherical", metadata=choices(*COVARIANCES))
+    parametrization: str = field(default="invlin", metadata=choices(*PARAMETRIZATIONS))
+    max_logivar: float = field(default=10.0, metadata=positive())
+    kappa: str = field(default="separate", metadata=choices(*CONCENTRATIONS))
+    max_logk: float = field(default=10.0, metadata=positive())
+
+    def __post_init__(self) -> None:
+        try:
+            cls = DISTRIBUTIONS.get(self.name)
+        except ConfigError as e:
+            raise ConfigError(f"config key 'model.distribution.name': {e}") from e
+        takes = [f.name for f in dataclasses.fields(cls) if f.name != "dim"]
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name != "name" and f.name not in takes and value != f.default:
+                raise ConfigError(f"model.distribution.{f.name}={value!r} does not apply to "
+                                  f"model.distribution.name={self.name}; leave it at {f.default!r} "
+                                  f"({self.name} takes: {', '.join(takes)})")
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """The options the named distribution takes, as `build_distribution` takes them."""
+        takes = {f.name for f in dataclasses.fields(DISTRIBUTIONS.get(self.name))}
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name in takes}
+
+    def build(self, dim: int) -> Distribution:
+        """The distribution of embedding dimension `dim`.
+
+        Args:
+            dim: D, the mean's dimension (`model.embedding_size`).
+
+        Raises:
+            ConfigError: If the dimension does not suit it (a vMF needs D >= 2).
+        """
+        return build_distribution(self.name, dim, **self.options)
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Backbone and embedding layer.
@@ -75,6 +147,9 @@ class ModelConfig:
             takes 112x96); 0 means square.
         dropout: Dropout rate before the embedding layer (IResNet's "E" output).
         se: Squeeze-and-excitation blocks, for backbones that offer them (MobileNetV2).
+        distribution: What the output is read as (`DistributionConfig`): `dirac`
+            (a point, the default) or a distribution whose extra parameters an
+            extra head predicts, e.g. `distribution: {name: gaussian, spherical: true}`.
     """
 
     name: str = "mobilefacenet"
@@ -85,6 +160,7 @@ class ModelConfig:
     input_width: int = 0
     dropout: float = 0.0
     se: bool = False
+    distribution: DistributionConfig = field(default_factory=DistributionConfig)
 
     @property
     def input_shape(self) -> tuple[int, int]:
@@ -224,7 +300,14 @@ class TrainConfig:
             sparsity regularizer and the head's logits and loss stay float32.
         init_from: A trained run's directory whose latest backbone and head
             weights start this run (a fresh optimizer, step 0), e.g. to
-            fine-tune it with `compression`; ignored once this run has a checkpoint.
+            fine-tune it with `compression`, or the deterministic run a
+            two-stage probabilistic method starts from (its backbone and mean;
+            the extra head starts fresh); ignored once this run has a checkpoint.
+        freeze: Parts that do not train: `backbone` (the features before the
+            embedding layer), `embedding` (the embedding layer: the mean),
+            `head` (the loss's own weights). Frozen batch norms keep their
+            statistics. E.g. `[backbone, embedding]`: only the extra head of a
+            probabilistic model trains (PFE, SCF).
     """
 
     batch_size: int = 128
@@ -235,6 +318,7 @@ class TrainConfig:
     seed: int = 0
     mixed_precision: bool = False
     init_from: str = ""
+    freeze: tuple[str, ...] = field(default=(), metadata=choices(*FREEZABLE))
 
 
 @dataclass(frozen=True)
@@ -854,3 +938,31 @@ def head_config(name: str = "arcface", params: dict[str, Any] | None = None, **s
         ConfigError: On an unknown head, parameter or field, or a bad value.
     """
     return _build_head({"name": name, **shared, "params": params or {}}, "head.")
+
+
+def _yaml_scalar(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def check_head_distribution(config: Config) -> None:
+    """Checks that the head reads the kind of output `model.distribution` gives.
+
+    Each head declares what it needs (`HeadParams.distribution`): the
+    deterministic heads a `dirac` output, each probabilistic method its own
+    distribution (PFE a Gaussian on the sphere, SCF a vMF, ...).
+
+    Args:
+        config: The run config.
+
+    Raises:
+        ConfigError: If they do not match; the message names the settings the head needs.
+    """
+    needs = HEADS.get(config.head.name).distribution
+    have = config.model.distribution
+    wrong = {key: value for key, value in needs.items() if getattr(have, key) != value}
+    if not wrong:
+        return
+    wanted = ", ".join(f"model.distribution.{k}={_yaml_scalar(v)}" for k, v in needs.items())
+    got = ", ".join(f"model.distribution.{k}={_yaml_scalar(getattr(have, k))}" for k in wrong)
+    raise ConfigError(f"head.name={config.head.name} needs {wanted} (got {got}); set "
+                      + " ".join(f"--set model.distribution.{k}={_yaml_scalar(v)}" for k, v in needs.items()))

@@ -3,7 +3,9 @@
 The library behind `python -m sparse_embed.embed` and `python -m sparse_embed.evaluate`.
 Embeddings are L2-normalised, the form retrieval and verification use: the
 inner product of two of them is their cosine similarity, and normalising keeps
-every zero of a sparse embedding a zero.
+every zero of a sparse embedding a zero. A probabilistic run's backbone
+outputs parameter vectors `[mean | extra]`: its embedding is the normalised
+mean, and `confidence_function` gives the distribution's confidence.
 """
 
 from __future__ import annotations
@@ -21,10 +23,12 @@ from sparse_embed.config import Config, config_from_model_dir
 from sparse_embed.data.embeddings import Embeddings
 from sparse_embed.data.pipeline import bytes_dataset, files_dataset, missing_paths
 from sparse_embed.data.verification import BinPack, Pairs, unique_images
-from sparse_embed.errors import DataError
+from sparse_embed.distributions import Distribution
+from sparse_embed.errors import ConfigError, DataError
 from sparse_embed.keras import keras, tf
 from sparse_embed.metrics.verification import verification_metrics
 from sparse_embed.models import build_model
+from sparse_embed.models.embedding import mean_size
 from sparse_embed.registry import Registry
 from sparse_embed.search import SparseIndex
 from sparse_embed.sparsity import sparsity_stats_np
@@ -104,22 +108,55 @@ def embedding_function(backbone: keras.Model, flip: str = "none") -> Callable[[t
     """Returns images -> L2-normalised embeddings, traced once for every batch size.
 
     The function reads the backbone's variables when called, so it follows
-    weights assigned after it was made.
+    weights assigned after it was made. Of a probabilistic backbone's
+    parameter vectors it takes the mean.
 
     Args:
-        backbone: images -> embeddings.
+        backbone: images -> embeddings (or parameter vectors `[mean | extra]`).
         flip: Flip test-time augmentation: `none`, `sum` or `concat`.
     """
     combine = FLIP_MODES.get(flip)
     size = backbone.input_shape[1:]
+    dim = mean_size(backbone)
+
+    def embed(images: tf.Tensor) -> tf.Tensor:
+        outputs = backbone(images, training=False)
+        return outputs if dim is None else outputs[:, :dim]
 
     # Any batch size, so the smaller last batch reuses the one trace.
     @tf.function(input_signature=[tf.TensorSpec([None, *size], tf.float32)])
     def step(images: tf.Tensor) -> tf.Tensor:
-        e = backbone(images, training=False)
+        e = embed(images)
         if combine is not None:
-            e = combine(e, backbone(tf.image.flip_left_right(images), training=False))
+            e = combine(e, embed(tf.image.flip_left_right(images)))
         return tf.math.l2_normalize(e, axis=-1)
+
+    return step
+
+
+def confidence_function(backbone: keras.Model,
+                        distribution: Distribution) -> Callable[[tf.Tensor], tf.Tensor]:
+    """Returns images -> the confidence of each image's distribution (higher: surer), float32 [B].
+
+    The confidence is the distribution's own (`Distribution.confidence`): -mean
+    log sigma^2 for a Gaussian, log kappa for a vMF.
+
+    Args:
+        backbone: images -> parameter vectors, of a run whose `model.distribution`
+            is `distribution` (not `dirac`, which has no confidence).
+        distribution: `config.model.distribution.build(config.model.embedding_size)`.
+
+    Raises:
+        ConfigError: If the distribution has no confidence (`dirac`).
+    """
+    if not distribution.has_confidence:
+        raise ConfigError("a dirac model (a point per image) has no confidence; train with "
+                          "model.distribution.name=gaussian or vmf")
+    size = backbone.input_shape[1:]
+
+    @tf.function(input_signature=[tf.TensorSpec([None, *size], tf.float32)])
+    def step(images: tf.Tensor) -> tf.Tensor:
+        return tf.cast(distribution.confidence(backbone(images, training=False)), tf.float32)
 
     return step
 

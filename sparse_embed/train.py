@@ -11,6 +11,11 @@ checkpoint in --model_dir, with the same or a different number of processes.
         --model_dir=runs/smoke_qat --init_from=runs/smoke --set compression.type=qat
 
 starts from a trained run's weights (a new optimizer, step 0) and compresses it.
+The second stage of a probabilistic method (PFE, DUL-reg, SCF) starts the same
+way from a deterministic run:
+
+    python -m sparse_embed.train --config=synthetic/pe_pfe --data_dir=runs/demo/data \
+        --model_dir=runs/pe/pfe --init_from=runs/pe/arcface
 """
 
 from __future__ import annotations
@@ -36,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Output directory (checkpoints, logs, config).")
     parser.add_argument("--init_from", default=None,
                         help="A trained run's model_dir to start from (sets train.init_from), e.g. "
-                             "to compress it with --set compression.type=qat.")
+                             "to compress it with --set compression.type=qat, or the deterministic "
+                             "run a two-stage probabilistic method (pfe, dul_reg, scf) trains on.")
     return parser
 
 

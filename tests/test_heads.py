@@ -82,11 +82,13 @@ def test_margin_heads_are_registered_classifiers() -> None:
 @pytest.mark.parametrize("name", HEADS.names())
 def test_registered_head_contract(name: str, run: Callable) -> None:
     """What the trainer relies on: loss_and_accuracy gives a finite scalar loss and accuracy
-    with finite gradients, for int32 and int64 labels."""
+    with finite gradients, for int32 and int64 labels (every class twice for a head that needs
+    class-balanced batches)."""
     head = build_head(5, 8, _config(name))
     head.build((None, 8))
     embeddings = tf.random.stateless_normal([6, 8], seed=(1, 2))
-    labels = tf.constant([0, 1, 2, 3, 4, 0], tf.int32)
+    balanced = HEADS.get(name).balanced
+    labels = tf.constant([0, 0, 1, 1, 2, 2] if balanced else [0, 1, 2, 3, 4, 0], tf.int32)
 
     @run
     def step(e: tf.Tensor, y: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, list[tf.Tensor]]:

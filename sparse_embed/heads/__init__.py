@@ -17,11 +17,20 @@ normalised; labels int32/int64 [B]), ``head.logits(embeddings)`` -> float32
 [B, C] without margin, and ``head.loss_and_accuracy(embeddings, labels)``, what
 the trainer calls. `build_head` wraps a margin head in `ShardedMarginHead`
 (Partial FC) when `head.sharded` is set; that head has no full [B, C] logits.
+
+The probabilistic methods (`heads/probabilistic.py`) read the backbone's
+parameter vectors `[mean | extra]` (B, P) instead of embeddings; their
+builders take the run's distribution as a fourth argument,
+
+    builder(num_classes, P, config, distribution=None) -> keras.layers.Layer
+
+and build the method's own distribution, P wide, when it is None.
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
 from typing import TYPE_CHECKING, Any
 
 from sparse_embed.errors import ConfigError
@@ -29,6 +38,7 @@ from sparse_embed.heads.params import HEADS, HeadParams
 
 if TYPE_CHECKING:
     from sparse_embed.config import HeadConfig
+    from sparse_embed.distributions import Distribution
     from sparse_embed.keras import keras
 
 
@@ -46,15 +56,19 @@ def head_builder(name: str) -> Any:
 
 
 def build_head(num_classes: int, embedding_size: int, config: HeadConfig,
-               strategy: Any = None) -> keras.layers.Layer:
+               strategy: Any = None, distribution: Distribution | None = None) -> keras.layers.Layer:
     """Builds the head a config names, sharded over the workers with `config.sharded`.
 
     Args:
         num_classes: Number of training identities.
-        embedding_size: Embedding dimension D of the backbone.
+        embedding_size: Width of the backbone's output: the embedding dimension
+            D, or P, the parameter vector's, for a probabilistic method.
         config: The run's head section.
         strategy: The distribution strategy a sharded head splits its classes
             over; None is one process.
+        distribution: The run's distribution (`model.distribution`), which a
+            probabilistic method reads the backbone's output with; the other
+            heads do not take it.
 
     Returns:
         The unbuilt head layer; its weights are created by `head.build((None, D))`
@@ -67,7 +81,10 @@ def build_head(num_classes: int, embedding_size: int, config: HeadConfig,
     """
     builder = head_builder(config.name)
     try:
-        head = builder(num_classes, embedding_size, config)
+        if "distribution" in inspect.signature(builder).parameters:
+            head = builder(num_classes, embedding_size, config, distribution=distribution)
+        else:
+            head = builder(num_classes, embedding_size, config)
         if not config.sharded:
             return head
         from sparse_embed.heads.margin import MarginHead

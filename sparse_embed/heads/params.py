@@ -18,7 +18,10 @@ source). `builder` names the function, `module.function` under
 is built, so this module and the config validation that reads it run without
 TensorFlow. `shared` lists the fields of `head` (besides `name`) that apply
 to the head; a shared field set away from its default on a head it does not
-apply to is a config error, never silently ignored.
+apply to is a config error, never silently ignored. `distribution` says what
+the head reads: the `model.distribution` settings it needs (a point for the
+deterministic heads; a Gaussian or a vMF for the probabilistic methods of
+`heads/probabilistic.py`), checked with the config (`check_head_distribution`).
 
 Field metadata holds the value checks the config applies before TensorFlow
 starts: `check` (a predicate and the text "must be ..." completes) and
@@ -93,11 +96,23 @@ class HeadParams:
         shared: The `HeadConfig` fields besides `name` that apply to the head.
         pairs: The head is a pair loss: it needs at least two images of every
             class in a batch (the `p_k` sampler).
+        distribution: The `model.distribution` settings the head needs (keys
+            of `DistributionConfig` and their values).
+        balanced: The head needs class-balanced batches: every class of a batch
+            equally often, at least twice (the `p_k` sampler).
+        two_stage: The method trains on top of a deterministic run
+            (`train.init_from`), never from scratch.
+        scorer: The test-time similarity of two outputs, a name in
+            `sparse_embed.distributions.scorers.SCORERS`.
     """
 
     builder: ClassVar[str] = ""
     shared: ClassVar[tuple[str, ...]] = ()
     pairs: ClassVar[bool] = False
+    distribution: ClassVar[dict[str, Any]] = {"name": "dirac"}
+    balanced: ClassVar[bool] = False
+    two_stage: ClassVar[bool] = False
+    scorer: ClassVar[str] = "cosine"
 
 
 HEADS: Registry[type[HeadParams]] = Registry("head")
@@ -279,6 +294,189 @@ class ProxyAnchor(HeadParams):
     alpha: float = field(default=32.0, metadata=positive())
     delta: float = field(default=0.1, metadata=non_negative())
     lr_multiplier: float = field(default=100.0, metadata=positive())
+
+
+# ---------------------------------------------------------------------------------------------------
+# Probabilistic methods (Karpukhin et al., "Probabilistic Embeddings Revisited", 2022): the
+# classifier, criterion terms, weights, sample counts and test-time scorer of the reference code's
+# `configs/reality` templates. Their layers and builders are in heads/probabilistic.py.
+# ---------------------------------------------------------------------------------------------------
+
+GAUSSIAN_SPHERE = {"name": "gaussian", "spherical": True}
+GAUSSIAN_EUCLIDEAN = {"name": "gaussian", "spherical": False}
+VMF_SEPARATE = {"name": "vmf", "kappa": "separate"}
+
+
+@HEADS.register("hib")
+@dataclass(frozen=True)
+class HIB(HeadParams):
+    """HIB, hedged instance embeddings (Oh et al., ICLR 2019): Gaussians in R^D, a sampled pair loss.
+
+    The match probability of two inputs is the mean of sigmoid(-a |z1 - z2| + b)
+    over sample pairs (a, b trained); the loss is the binary cross-entropy of
+    same- and different-label pairs, plus a KL term to N(0, I). Scored with `hib`.
+
+    Attributes:
+        num_samples: Samples drawn from each distribution (K; K x K pairs per pair of inputs).
+        prior_kl_weight: Weight of mean KL(N(mu, sigma^2) || N(0, I)).
+    """
+
+    builder: ClassVar[str] = "probabilistic.hib_head"
+    distribution: ClassVar[dict[str, Any]] = GAUSSIAN_EUCLIDEAN
+    scorer: ClassVar[str] = "hib"
+    num_samples: int = field(default=8, metadata=check(lambda v: v >= 1, ">= 1"))
+    prior_kl_weight: float = field(default=1e-6, metadata=non_negative())
+
+
+@HEADS.register("pfe")
+@dataclass(frozen=True)
+class PFE(HeadParams):
+    """PFE, probabilistic face embeddings (Shi and Jain, ICCV 2019): stage 2 of a deterministic run.
+
+    Gaussians on the sphere; the loss is -mean log MLS over same-label pairs.
+    Trains from `--init_from` with `train.freeze=[backbone, embedding]` (only the
+    extra head learns the variance). Scored with `mls`.
+
+    Attributes:
+        match_self: Count each input paired with itself among the same-label pairs.
+    """
+
+    builder: ClassVar[str] = "probabilistic.pfe_head"
+    distribution: ClassVar[dict[str, Any]] = GAUSSIAN_SPHERE
+    two_stage: ClassVar[bool] = True
+    scorer: ClassVar[str] = "mls"
+    match_self: bool = True
+
+
+@HEADS.register("dul_reg")
+@dataclass(frozen=True)
+class DULReg(HeadParams):
+    """DUL-reg (Chang et al., CVPR 2020): stage 2; -log N(w_y; mu, sigma^2) at the frozen class centres.
+
+    Gaussians on the sphere; the class centres are the init run's (`--init_from`
+    with an `arcface` or `cosface` head) and stay frozen. Scored with `cosine`.
+    """
+
+    builder: ClassVar[str] = "probabilistic.dul_reg_head"
+    distribution: ClassVar[dict[str, Any]] = GAUSSIAN_SPHERE
+    two_stage: ClassVar[bool] = True
+
+
+@HEADS.register("dul_cls")
+@dataclass(frozen=True)
+class DULCls(HeadParams):
+    """DUL-cls (Chang et al., CVPR 2020): a margin softmax on one sample, plus a KL term.
+
+    Gaussians on the sphere; ArcFace or CosFace on z = mu + sigma eps, plus
+    the weighted mean KL(N(mu, sigma^2) || N(0, I)). Scored with `cosine`.
+
+    Attributes:
+        classifier: The margin head on the sample: `arcface` | `cosface`.
+        scale: Logit scale s.
+        margin: The classifier's margin m (radians for `arcface`).
+        prior_kl_weight: Weight of the KL term (the reference's tuned 3.3e-3).
+    """
+
+    builder: ClassVar[str] = "probabilistic.dul_cls_head"
+    distribution: ClassVar[dict[str, Any]] = GAUSSIAN_SPHERE
+    classifier: str = field(default="arcface", metadata=choices("arcface", "cosface"))
+    scale: float = field(default=64.0, metadata=positive())
+    margin: float = field(default=0.5, metadata=in_range(0.0, 1.0, "[0, 1)"))
+    prior_kl_weight: float = field(default=3.3e-3, metadata=non_negative())
+
+
+@HEADS.register("scf")
+@dataclass(frozen=True)
+class SCF(HeadParams):
+    """SCF, spherical confidence learning (Li et al., CVPR 2021): stage 2; vMF likelihood of frozen centres.
+
+    vMF embeddings with a predicted kappa; the loss is -mean log C_D(kappa) +
+    kappa mu.w_y at the init run's frozen class centres. Trains from
+    `--init_from` with `train.freeze=[backbone, embedding]`. Scored with `mls`.
+    """
+
+    builder: ClassVar[str] = "probabilistic.scf_head"
+    distribution: ClassVar[dict[str, Any]] = VMF_SEPARATE
+    two_stage: ClassVar[bool] = True
+    scorer: ClassVar[str] = "mls"
+
+
+@HEADS.register("vmf_fl")
+@dataclass(frozen=True)
+class VMFFL(HeadParams):
+    """vMF-FL (Hasnat et al. 2017): softmax over the vMF log-likelihoods of trained class centres.
+
+    vMF embeddings with a predicted kappa, which acts as a per-input softmax
+    temperature. Scored with `cosine`.
+    """
+
+    builder: ClassVar[str] = "probabilistic.vmf_fl_head"
+    distribution: ClassVar[dict[str, Any]] = VMF_SEPARATE
+
+
+@HEADS.register("vmf_loss")
+@dataclass(frozen=True)
+class VMFLossParams(HeadParams):
+    """vMF-loss (Scott, Gallagher and Mozer, ICCV 2021): class vMFs, a sampled likelihood.
+
+    vMF embeddings with kappa = the mean's norm (`model.distribution.kappa=norm`,
+    no extra head); samples of each embedding are classified against trained
+    class vMFs at a trained scale. Scored with `cosine`.
+
+    Attributes:
+        initial_log_scale: log s at the start (s is trained).
+        kappa_confidence: lambda in (0, 1) of the class vMFs' initialisation.
+        num_samples: Samples drawn per embedding.
+        approximate_logc: The paper's approximation of log C_D in the denominator.
+        deterministic_target: Class directions instead of class vMFs (`vmf-loss-det`).
+    """
+
+    builder: ClassVar[str] = "probabilistic.vmf_loss_head"
+    distribution: ClassVar[dict[str, Any]] = {"name": "vmf", "kappa": "norm"}
+    initial_log_scale: float = 2.773
+    kappa_confidence: float = field(default=0.7, metadata=check(lambda v: 0 < v < 1, "in (0, 1)"))
+    num_samples: int = field(default=10, metadata=check(lambda v: v >= 1, ">= 1"))
+    approximate_logc: bool = True
+    deterministic_target: bool = False
+
+
+@HEADS.register("spe")
+@dataclass(frozen=True)
+class SPE(HeadParams):
+    """SPE, stochastic prototype embeddings (Scott et al., 2019): Gaussians in R^D against prototypes.
+
+    Half of each class's examples in the batch form Gaussian prototypes that
+    classify the other half, and the reverse. Needs class-balanced batches
+    (`data.sampler=p_k`, `data.samples_per_class >= 2`). Scored with `mls`.
+
+    Attributes:
+        train_epsilon: Learn the variance epsilon added to supports and prototypes (else 0).
+        num_samples: Samples per query and class of the Monte-Carlo term; 0 uses the product's mean.
+    """
+
+    builder: ClassVar[str] = "probabilistic.spe_head"
+    distribution: ClassVar[dict[str, Any]] = GAUSSIAN_EUCLIDEAN
+    balanced: ClassVar[bool] = True
+    scorer: ClassVar[str] = "mls"
+    train_epsilon: bool = True
+    num_samples: int = field(default=16, metadata=non_negative())
+
+
+@HEADS.register("dsml")
+@dataclass(frozen=True)
+class DSML(HeadParams):
+    """DSML (the reference's `dsml` template): point embeddings, one trained distribution per class.
+
+    Softmax over each class distribution's log-likelihood of the normalised
+    embedding (`model.distribution.spherical=true`). Scored with `cosine`.
+
+    Attributes:
+        target: The class distributions: `vmf` | `gaussian` (spherical, one variance).
+    """
+
+    builder: ClassVar[str] = "probabilistic.dsml_head"
+    distribution: ClassVar[dict[str, Any]] = {"name": "dirac", "spherical": True}
+    target: str = field(default="vmf", metadata=choices("vmf", "gaussian"))
 
 
 # How a `head` section written before `head.params` (every parameter a flat

@@ -47,14 +47,18 @@ Where the reference is wrong this module implements the correct formula
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sparse_embed.distributions import Distribution, Gaussian, VonMisesFisher, draws
 from sparse_embed.distributions.base import build_distribution, normalize
 from sparse_embed.distributions.scorers import distribution_config
 from sparse_embed.distributions.vmf_normalizer import approximate_log_vmf_normalizer, log_vmf_normalizer
 from sparse_embed.keras import keras, tf
+
+if TYPE_CHECKING:
+    from sparse_embed.config import HeadConfig
 
 # torch's binary cross-entropy clamps log(p) at -100 (so a probability of 0 costs 100, not inf).
 BCE_LOG_FLOOR = -100.0
@@ -720,3 +724,506 @@ class SPELoss(keras.layers.Layer):
     def get_config(self) -> dict[str, Any]:
         return {**super().get_config(), "num_classes": self.num_classes, "dim": self.dim,
                 "train_epsilon": self.train_epsilon, "num_samples": self.num_samples}
+
+
+# ---------------------------------------------------------------------------------------------------
+# The registered methods: head layers with the trainer's contract.
+# ---------------------------------------------------------------------------------------------------
+
+# The stateless seed of the draws of a loss evaluated outside training: the same inputs give the
+# same loss. In training the draws come from TensorFlow's global random state (seeded per run).
+EVALUATION_SEED = (0, 0)
+
+
+def _seed(training: bool | None) -> Any:
+    return None if training else tf.constant(EVALUATION_SEED, tf.int64)
+
+
+def _accuracy(logits: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
+    predicted = tf.argmax(logits, axis=-1, output_type=tf.int32)
+    return tf.reduce_mean(tf.cast(tf.equal(predicted, tf.cast(labels, tf.int32)), tf.float32))
+
+
+def _recall_at_1(scores: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
+    """The fraction of rows whose best-scoring other row of the (B, B) `scores` has their label."""
+    same = _same_label(labels)
+    others = tf.where(tf.eye(tf.shape(scores)[0], dtype=tf.bool), tf.cast(-math.inf, scores.dtype), scores)
+    nearest = tf.argmax(others, axis=1, output_type=tf.int32)
+    return tf.reduce_mean(tf.cast(tf.gather(same, nearest, batch_dims=1), tf.float32))
+
+
+def default_distribution(requirement: dict[str, Any], width: int) -> Distribution:
+    """The distribution a method needs whose parameter vector is `width` wide.
+
+    Args:
+        requirement: The method's `HeadParams.distribution` (name and options).
+        width: P, the width of the backbone's output.
+
+    Raises:
+        ValueError: If no dimension gives that width.
+    """
+    options = dict(requirement)
+    name = options.pop("name")
+    extra = build_distribution(name, 2, **options).num_parameters - 2
+    if width - extra < 1:
+        raise ValueError(f"an output of width {width} is too narrow for a {name} distribution")
+    return build_distribution(name, width - extra, **options)
+
+
+class ProbabilisticHead(keras.layers.Layer):
+    """Base of the probabilistic methods: the loss of parameter vectors `[mean | extra]`.
+
+    The contract is the trainer's (`heads.margin.ClassifierHead`), with the
+    backbone's parameter vectors (B, P) in place of embeddings:
+    `head(parameters, labels)` -> mean loss, `head.loss_and_accuracy(parameters, labels)`
+    -> (loss, accuracy). Subclasses implement `loss_and_accuracy`. The head
+    computes in float32 whatever the global policy. A sampled loss draws
+    from TensorFlow's random state in training and from the fixed
+    `EVALUATION_SEED` otherwise, so an evaluation is reproducible.
+
+    Args:
+        num_classes: C, the training identities.
+        distribution: How the parameter vectors are read.
+        **kwargs: Keras layer arguments.
+    """
+
+    def __init__(self, num_classes: int, distribution: Distribution, **kwargs: Any) -> None:
+        kwargs.setdefault("dtype", "float32")
+        super().__init__(**kwargs)
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+            raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
+        self.num_classes = num_classes
+        self.distribution = distribution
+
+    def loss_and_accuracy(self, parameters: tf.Tensor, labels: tf.Tensor,
+                          training: bool | None = None) -> tuple[tf.Tensor, tf.Tensor]:
+        """(float32 mean loss, float32 batch accuracy) of parameter vectors (B, P).
+
+        Args:
+            parameters: Tensor of shape (B, P).
+            labels: Integer tensor of shape (B,).
+            training: Keras training flag.
+        """
+        raise NotImplementedError(f"{type(self).__name__} must implement loss_and_accuracy()")
+
+    def call(self, parameters: tf.Tensor, labels: tf.Tensor, training: bool | None = None) -> tf.Tensor:
+        """The mean loss of the batch.
+
+        Args:
+            parameters: Tensor of shape (B, P).
+            labels: Integer tensor of shape (B,).
+            training: Keras training flag.
+        """
+        return self.loss_and_accuracy(parameters, labels, training=training)[0]
+
+    def compute_output_shape(self, input_shape: Any) -> tf.TensorShape:
+        return tf.TensorShape([])
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "num_classes": self.num_classes,
+                "distribution": distribution_config(self.distribution)}
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> ProbabilisticHead:
+        config = dict(config)
+        options = dict(config.pop("distribution"))
+        return cls(distribution=build_distribution(options.pop("name"), **options), **config)
+
+
+@keras.utils.register_keras_serializable(package="sparse_embed")
+class HIBHead(ProbabilisticHead):
+    """HIB: `hib_loss` of the HIB scorer's match probabilities plus the weighted prior KL.
+
+    The scorer's a and b are weights of this head. Accuracy: the batch Recall@1
+    by match probability.
+
+    Args:
+        num_classes: C.
+        distribution: A Gaussian in R^D.
+        num_samples: Samples per distribution.
+        prior_kl_weight: Weight of the KL term.
+        **kwargs: Keras layer arguments.
+    """
+
+    def __init__(self, num_classes: int, distribution: Distribution, num_samples: int = 8,
+                 prior_kl_weight: float = 1e-6, **kwargs: Any) -> None:
+        super().__init__(num_classes, distribution, **kwargs)
+        from sparse_embed.distributions.scorers import HIBScorer
+
+        self.num_samples = num_samples
+        self.prior_kl_weight = float(prior_kl_weight)
+        self.scorer = HIBScorer(distribution, num_samples=num_samples, name="scorer")
+
+    def loss_and_accuracy(self, parameters: tf.Tensor, labels: tf.Tensor,
+                          training: bool | None = None) -> tuple[tf.Tensor, tf.Tensor]:
+        parameters = tf.cast(parameters, tf.float32)
+        seed = _seed(training)
+        samples = (None, None)
+        if seed is not None:
+            shape = (self.num_samples,)
+            samples = (self.distribution.sample(parameters[None], shape, seed=draws.fold_seed(seed, 1)),
+                       self.distribution.sample(parameters[:, None], shape, seed=draws.fold_seed(seed, 2)))
+        probabilities = hib_match_probabilities(self.scorer, parameters, *samples)
+        loss = hib_loss(probabilities, labels)
+        if self.prior_kl_weight:
+            loss += self.prior_kl_weight * prior_kl_loss(self.distribution, parameters)
+        return loss, _recall_at_1(probabilities, labels)
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "num_samples": self.num_samples,
+                "prior_kl_weight": self.prior_kl_weight}
+
+
+@keras.utils.register_keras_serializable(package="sparse_embed")
+class PFEHead(ProbabilisticHead):
+    """PFE: `pfe_loss`, -mean log MLS of the same-label pairs. No weights of its own.
+
+    Accuracy: the batch Recall@1 by MLS.
+
+    Args:
+        num_classes: C.
+        distribution: A Gaussian on the sphere.
+        match_self: Count the pairs (i, i).
+        **kwargs: Keras layer arguments.
+    """
+
+    def __init__(self, num_classes: int, distribution: Distribution, match_self: bool = True,
+                 **kwargs: Any) -> None:
+        super().__init__(num_classes, distribution, **kwargs)
+        self.match_self = match_self
+
+    def loss_and_accuracy(self, parameters: tf.Tensor, labels: tf.Tensor,
+                          training: bool | None = None) -> tuple[tf.Tensor, tf.Tensor]:
+        parameters = tf.cast(parameters, tf.float32)
+        scores = pfe_pair_scores(self.distribution, parameters)
+        same = _same_label(labels)
+        if not self.match_self:
+            same &= ~tf.eye(tf.shape(same)[0], dtype=tf.bool)
+        return -_masked_mean(scores, same), _recall_at_1(scores, labels)
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "match_self": self.match_self}
+
+
+class LogLikeHead(ProbabilisticHead):
+    """A `LogLikeClassifier` as a head: DUL-reg, SCF (frozen centres, NLL), vMF-FL (softmax).
+
+    Accuracy: argmax of the logits without margin. `set_class_centres` takes
+    the class centres of a deterministic run's margin head.
+
+    Args:
+        num_classes: C.
+        distribution: The embeddings' distribution.
+        use_softmax: Softmax cross-entropy, or the NLL of the logits themselves.
+        frozen_centres: The class centres do not train.
+        **kwargs: Keras layer arguments.
+    """
+
+    def __init__(self, num_classes: int, distribution: Distribution, use_softmax: bool,
+                 frozen_centres: bool, **kwargs: Any) -> None:
+        super().__init__(num_classes, distribution, **kwargs)
+        self.classifier = LogLikeClassifier(num_classes, distribution, use_softmax=use_softmax,
+                                            trainable=not frozen_centres, name="classifier")
+
+    def loss_and_accuracy(self, parameters: tf.Tensor, labels: tf.Tensor,
+                          training: bool | None = None) -> tuple[tf.Tensor, tf.Tensor]:
+        parameters = tf.cast(parameters, tf.float32)
+        logits = self.classifier.logits(parameters, labels)
+        loss = cross_entropy(logits, labels) if self.classifier.use_softmax else nll_loss(logits, labels)
+        return loss, _accuracy(self.classifier.logits(parameters), labels)
+
+    def set_class_centres(self, kernel: Any) -> None:
+        """Sets the class centres from a margin head's kernel W (D, C) (one column per class).
+
+        Args:
+            kernel: Array of shape (D, C).
+
+        Raises:
+            ValueError: If its shape is not (D, C).
+        """
+        expected = (self.distribution.dim, self.num_classes)
+        if tuple(kernel.shape) != expected:
+            raise ValueError(f"class centres of shape {tuple(kernel.shape)}, expected {expected}")
+        self.classifier.kernel.assign(tf.transpose(tf.cast(kernel, self.classifier.kernel.dtype)))
+
+    def get_config(self) -> dict[str, Any]:
+        # The subclasses fix use_softmax and frozen_centres: they are not arguments of theirs.
+        return super().get_config()
+
+
+@keras.utils.register_keras_serializable(package="sparse_embed")
+class DULRegHead(LogLikeHead):
+    """DUL-reg: -mean log N(w_y; mu, sigma^2 I) at frozen class centres (no KL term).
+
+    Args:
+        num_classes: C.
+        distribution: A Gaussian on the sphere.
+        **kwargs: Keras layer arguments.
+    """
+
+    def __init__(self, num_classes: int, distribution: Distribution, **kwargs: Any) -> None:
+        super().__init__(num_classes, distribution, use_softmax=False, frozen_centres=True, **kwargs)
+
+
+@keras.utils.register_keras_serializable(package="sparse_embed")
+class SCFHead(LogLikeHead):
+    """SCF: -mean [log C_D(kappa) + kappa mu.w_y] at frozen class centres.
+
+    Args:
+        num_classes: C.
+        distribution: A vMF with a separate kappa.
+        **kwargs: Keras layer arguments.
+    """
+
+    def __init__(self, num_classes: int, distribution: Distribution, **kwargs: Any) -> None:
+        super().__init__(num_classes, distribution, use_softmax=False, frozen_centres=True, **kwargs)
+
+
+@keras.utils.register_keras_serializable(package="sparse_embed")
+class VMFFLHead(LogLikeHead):
+    """vMF-FL: softmax cross-entropy over kappa mu.w_c / |w_c| (log C cancels), trained centres.
+
+    Args:
+        num_classes: C.
+        distribution: A vMF with a separate kappa.
+        **kwargs: Keras layer arguments.
+    """
+
+    def __init__(self, num_classes: int, distribution: Distribution, **kwargs: Any) -> None:
+        super().__init__(num_classes, distribution, use_softmax=True, frozen_centres=False, **kwargs)
+
+
+@keras.utils.register_keras_serializable(package="sparse_embed")
+class DULClsHead(ProbabilisticHead):
+    """DUL-cls: `dul_cls_loss`, a margin head on one reparametrized sample plus the weighted prior KL.
+
+    Accuracy: argmax of the margin head's logits of the means.
+
+    Args:
+        num_classes: C.
+        distribution: A Gaussian on the sphere.
+        classifier: `arcface` or `cosface`.
+        scale: Logit scale s.
+        margin: The margin m.
+        prior_kl_weight: Weight of the KL term.
+        **kwargs: Keras layer arguments.
+    """
+
+    def __init__(self, num_classes: int, distribution: Distribution, classifier: str = "arcface",
+                 scale: float = 64.0, margin: float = 0.5, prior_kl_weight: float = 3.3e-3,
+                 **kwargs: Any) -> None:
+        super().__init__(num_classes, distribution, **kwargs)
+        from sparse_embed.heads.margin import ArcFaceHead, CosFaceHead
+
+        margin_heads = {"arcface": ArcFaceHead, "cosface": CosFaceHead}
+        if classifier not in margin_heads:
+            raise ValueError(f"classifier must be one of {', '.join(margin_heads)}, got {classifier!r}")
+        self.classifier_name = classifier
+        self.scale = float(scale)
+        self.margin = float(margin)
+        self.prior_kl_weight = float(prior_kl_weight)
+        self.classifier = margin_heads[classifier](num_classes, scale=scale, margin=margin, name="classifier")
+        self.classifier.build((None, distribution.dim))
+
+    def loss_and_accuracy(self, parameters: tf.Tensor, labels: tf.Tensor,
+                          training: bool | None = None) -> tuple[tf.Tensor, tf.Tensor]:
+        parameters = tf.cast(parameters, tf.float32)
+        loss = dul_cls_loss(self.classifier, self.distribution, parameters, labels, self.prior_kl_weight,
+                            seed=_seed(training))
+        logits = self.classifier.logits(self.distribution.mean(parameters))
+        return loss, _accuracy(logits, labels)
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "classifier": self.classifier_name, "scale": self.scale,
+                "margin": self.margin, "prior_kl_weight": self.prior_kl_weight}
+
+
+@keras.utils.register_keras_serializable(package="sparse_embed")
+class VMFLossHead(ProbabilisticHead):
+    """vMF-loss: the mean of `vmf_loss` with trained class vMFs and scale (`VMFLoss`).
+
+    Accuracy: argmax of the cosines of the mean direction and the class directions.
+
+    Args:
+        num_classes: C.
+        distribution: A vMF with kappa = norm.
+        initial_log_scale: log s at the start.
+        kappa_confidence: lambda of the class initialisation.
+        num_samples: Samples per embedding.
+        approximate_logc: The paper's approximation of log C in the denominator.
+        deterministic_target: Class directions instead of class vMFs.
+        **kwargs: Keras layer arguments.
+    """
+
+    def __init__(self, num_classes: int, distribution: Distribution, initial_log_scale: float = 2.773,
+                 kappa_confidence: float = 0.7, num_samples: int = 10, approximate_logc: bool = True,
+                 deterministic_target: bool = False, **kwargs: Any) -> None:
+        super().__init__(num_classes, distribution, **kwargs)
+        self.initial_log_scale = float(initial_log_scale)
+        self.kappa_confidence = float(kappa_confidence)
+        self.num_samples = num_samples
+        self.approximate_logc = approximate_logc
+        self.deterministic_target = deterministic_target
+        self.loss_layer = VMFLoss(num_classes, distribution.dim, initial_log_scale=initial_log_scale,
+                                  kappa_confidence=kappa_confidence, num_samples=num_samples,
+                                  approximate_logc=approximate_logc,
+                                  deterministic_target=deterministic_target, name="vmf_loss")
+
+    def loss_and_accuracy(self, parameters: tf.Tensor, labels: tf.Tensor,
+                          training: bool | None = None) -> tuple[tf.Tensor, tf.Tensor]:
+        parameters = tf.cast(parameters, tf.float32)
+        loss = self.loss_layer(parameters, labels, seed=_seed(training))
+        directions = normalize(self.loss_layer.class_parameters)
+        logits = tf.matmul(normalize(parameters), directions, transpose_b=True)
+        return loss, _accuracy(logits, labels)
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "initial_log_scale": self.initial_log_scale,
+                "kappa_confidence": self.kappa_confidence, "num_samples": self.num_samples,
+                "approximate_logc": self.approximate_logc, "deterministic_target": self.deterministic_target}
+
+
+@keras.utils.register_keras_serializable(package="sparse_embed")
+class SPEHead(ProbabilisticHead):
+    """SPE: the NLL of `spe_logits` with a trained epsilon (`SPELoss`), on class-balanced batches.
+
+    Accuracy: argmax of the SPE logits.
+
+    Args:
+        num_classes: C.
+        distribution: A Gaussian (in R^D in the reference).
+        train_epsilon: Learn epsilon (else 0).
+        num_samples: Samples per query and class; 0 uses the product's mean.
+        **kwargs: Keras layer arguments.
+    """
+
+    def __init__(self, num_classes: int, distribution: Distribution, train_epsilon: bool = True,
+                 num_samples: int = 16, **kwargs: Any) -> None:
+        super().__init__(num_classes, distribution, **kwargs)
+        self.train_epsilon = train_epsilon
+        self.num_samples = num_samples
+        self.spe = SPELoss(num_classes, distribution.dim, train_epsilon=train_epsilon,
+                           num_samples=num_samples, name="spe")
+        # The run's own Gaussian (its covariance and parametrization), not SPELoss's default one.
+        self.spe.distribution = distribution
+
+    def loss_and_accuracy(self, parameters: tf.Tensor, labels: tf.Tensor,
+                          training: bool | None = None) -> tuple[tf.Tensor, tf.Tensor]:
+        parameters = tf.cast(parameters, tf.float32)
+        logits = self.spe.logits(parameters, labels, seed=_seed(training))
+        return nll_loss(logits, labels), _accuracy(logits, labels)
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "train_epsilon": self.train_epsilon, "num_samples": self.num_samples}
+
+
+@keras.utils.register_keras_serializable(package="sparse_embed")
+class DSMLHead(ProbabilisticHead):
+    """DSML: softmax over trained class distributions' log-likelihoods of the normalised embedding.
+
+    Accuracy: argmax of the logits.
+
+    Args:
+        num_classes: C.
+        distribution: A Dirac on the sphere.
+        target: The class distributions, `vmf` (kappa separate) or `gaussian` (on the sphere).
+        **kwargs: Keras layer arguments.
+    """
+
+    def __init__(self, num_classes: int, distribution: Distribution, target: str = "vmf",
+                 **kwargs: Any) -> None:
+        super().__init__(num_classes, distribution, **kwargs)
+        targets = {"vmf": {"kappa": "separate"}, "gaussian": {"spherical": True}}
+        if target not in targets:
+            raise ValueError(f"target must be one of {', '.join(targets)}, got {target!r}")
+        self.target = target
+        self.classifier = LogLikeClassifier(
+            num_classes, distribution, target_distribution=build_distribution(target, distribution.dim,
+                                                                              **targets[target]),
+            use_softmax=True, name="classifier")
+
+    def loss_and_accuracy(self, parameters: tf.Tensor, labels: tf.Tensor,
+                          training: bool | None = None) -> tuple[tf.Tensor, tf.Tensor]:
+        parameters = tf.cast(parameters, tf.float32)
+        loss = self.classifier(parameters, labels, seed=_seed(training))
+        return loss, _accuracy(self.classifier.logits(parameters), labels)
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "target": self.target}
+
+
+# Builders, as `sparse_embed.heads.params` names them: (num_classes, P, head config[, distribution]).
+
+def _method(cls: type[ProbabilisticHead], num_classes: int, width: int, config: HeadConfig,
+            distribution: Distribution | None) -> ProbabilisticHead:
+    """The head `cls` with the config's parameters, reading `distribution` (by default the method's own)."""
+    from sparse_embed.heads.params import HEADS
+
+    if distribution is None:
+        distribution = default_distribution(HEADS.get(config.name).distribution, width)
+    elif distribution.num_parameters != width:
+        raise ValueError(f"the distribution takes {distribution.num_parameters} parameters, the "
+                         f"backbone gives {width}")
+    params = {f.name: getattr(config.params, f.name) for f in dataclasses.fields(config.params)}
+    return cls(num_classes, distribution, name=f"{config.name}_head", **params)
+
+
+def hib_head(num_classes: int, embedding_size: int, config: HeadConfig,
+             distribution: Distribution | None = None) -> HIBHead:
+    """HIB (`head.name=hib`).
+
+    Args:
+        num_classes: C.
+        embedding_size: P, the width of the backbone's output (the parameter vector).
+        config: The head section.
+        distribution: The run's distribution; None: the method's own, P wide.
+    """
+    return _method(HIBHead, num_classes, embedding_size, config, distribution)
+
+
+def pfe_head(num_classes: int, embedding_size: int, config: HeadConfig,
+             distribution: Distribution | None = None) -> PFEHead:
+    """PFE (`head.name=pfe`); arguments as `hib_head`."""
+    return _method(PFEHead, num_classes, embedding_size, config, distribution)
+
+
+def dul_reg_head(num_classes: int, embedding_size: int, config: HeadConfig,
+                 distribution: Distribution | None = None) -> DULRegHead:
+    """DUL-reg (`head.name=dul_reg`); arguments as `hib_head`."""
+    return _method(DULRegHead, num_classes, embedding_size, config, distribution)
+
+
+def dul_cls_head(num_classes: int, embedding_size: int, config: HeadConfig,
+                 distribution: Distribution | None = None) -> DULClsHead:
+    """DUL-cls (`head.name=dul_cls`); arguments as `hib_head`."""
+    return _method(DULClsHead, num_classes, embedding_size, config, distribution)
+
+
+def scf_head(num_classes: int, embedding_size: int, config: HeadConfig,
+             distribution: Distribution | None = None) -> SCFHead:
+    """SCF (`head.name=scf`); arguments as `hib_head`."""
+    return _method(SCFHead, num_classes, embedding_size, config, distribution)
+
+
+def vmf_fl_head(num_classes: int, embedding_size: int, config: HeadConfig,
+                distribution: Distribution | None = None) -> VMFFLHead:
+    """vMF-FL (`head.name=vmf_fl`); arguments as `hib_head`."""
+    return _method(VMFFLHead, num_classes, embedding_size, config, distribution)
+
+
+def vmf_loss_head(num_classes: int, embedding_size: int, config: HeadConfig,
+                  distribution: Distribution | None = None) -> VMFLossHead:
+    """vMF-loss (`head.name=vmf_loss`); arguments as `hib_head`."""
+    return _method(VMFLossHead, num_classes, embedding_size, config, distribution)
+
+
+def spe_head(num_classes: int, embedding_size: int, config: HeadConfig,
+             distribution: Distribution | None = None) -> SPEHead:
+    """SPE (`head.name=spe`); arguments as `hib_head`."""
+    return _method(SPEHead, num_classes, embedding_size, config, distribution)
+
+
+def dsml_head(num_classes: int, embedding_size: int, config: HeadConfig,
+              distribution: Distribution | None = None) -> DSMLHead:
+    """DSML (`head.name=dsml`); arguments as `hib_head`."""
+    return _method(DSMLHead, num_classes, embedding_size, config, distribution)

@@ -22,6 +22,10 @@ small inputs and build in well under a second, for tests.
 Families: mobilefacenet.py, iresnet.py (iresnet18/34/50/100, faceresnet),
 mobilenet_v2.py, sphereface.py (sphereface20), nin.py (CIFAR); each registers
 its builders in `MODELS` (registry.py) when this package imports it.
+
+`build_model` adds an extra head when `model.distribution` is not `dirac`:
+the model's output is then the parameter vector `[embedding | extra]`
+(embedding.py's `with_extra_head`), read by `sparse_embed.distributions`.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from sparse_embed.keras import keras
 
 # Each family module registers its entries in MODELS on import.
 from sparse_embed.models import iresnet, mobilefacenet, mobilenet_v2, nin, sphereface  # noqa: F401
+from sparse_embed.models.embedding import with_extra_head
 from sparse_embed.models.registry import MODELS
 
 
@@ -41,15 +46,18 @@ def build_model(config: ModelConfig) -> keras.Model:
         config: The run's model section.
 
     Returns:
-        The model `MODELS[config.name]` builds from the config's fields.
+        The model `MODELS[config.name]` builds from the config's fields; with a
+        distribution that has extra parameters, with an extra head predicting them.
 
     Raises:
         ConfigError: If the name is unknown or a field is out of range.
     """
     builder = MODELS.get(config.name)
-    return builder(embedding_size=config.embedding_size, final_activation=config.final_activation,
-                   input_size=config.input_size, width=config.width, input_width=config.input_width,
-                   dropout=config.dropout, se=config.se)
+    extra = config.distribution.build(config.embedding_size).num_parameters - config.embedding_size
+    model = builder(embedding_size=config.embedding_size, final_activation=config.final_activation,
+                    input_size=config.input_size, width=config.width, input_width=config.input_width,
+                    dropout=config.dropout, se=config.se)
+    return with_extra_head(model, extra) if extra else model
 
 
 __all__ = ["MODELS", "build_model"]

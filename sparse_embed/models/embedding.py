@@ -195,3 +195,57 @@ def embedding_block(x: tf.Tensor, embedding_size: int, final_activation: str,
     x = keras.layers.Dense(int(embedding_size), use_bias=False, name=f"{name}_dense")(x)
     x = batch_norm(f"{name}_bn")(x)
     return activation(name)(x)
+
+
+# The output layer of a model whose output is a parameter vector `[mean | extra]`.
+PARAMETERS_LAYER = "parameters"
+# The extra head's layer: the variance or concentration parameters.
+EXTRA_LAYER = "extra"
+
+
+def with_extra_head(model: keras.Model, extra: int) -> keras.Model:
+    """`model` with an extra head: images -> parameter vectors `[embedding (D) | extra]`.
+
+    The extra head is one linear layer on the features the embedding layer
+    reads (its dense layer's input), as the probabilistic-embeddings reference
+    predicts a variance or concentration (its multi-layer extra head has no
+    activations, so it is linear too). The new model shares every layer of
+    `model`; `mean_network` recovers `model` from it, with the same checkpoint
+    layout, so a deterministic run's weights load into the mean's part.
+
+    Args:
+        model: A model of `MODELS`, ending with the `embedding` layer.
+        extra: Number of extra parameters (1, or D for a diagonal covariance).
+
+    Returns:
+        float32 [B, D + extra], named like `model`; its output layer is `parameters`.
+    """
+    features = model.get_layer("embedding_dense").input
+    hidden = keras.layers.Dense(extra, name=EXTRA_LAYER, dtype="float32")(features)
+    parameters = keras.layers.Concatenate(name=PARAMETERS_LAYER, dtype="float32")([model.output, hidden])
+    return keras.Model(model.inputs, parameters, name=model.name)
+
+
+def mean_size(model: keras.Model) -> int | None:
+    """D, the mean's width, of a model with an extra head; None for a model whose output is the embedding.
+
+    Args:
+        model: A model of `MODELS`, with or without an extra head.
+    """
+    if model.output_names != [PARAMETERS_LAYER]:
+        return None
+    return int(model.get_layer("embedding").output.shape[-1])
+
+
+def mean_network(model: keras.Model) -> keras.Model:
+    """images -> embeddings (the mean) of a model, as `MODELS` builds it without an extra head.
+
+    Args:
+        model: A model of `MODELS`, with or without an extra head.
+
+    Returns:
+        `model` itself without an extra head; otherwise a model sharing its layers.
+    """
+    if model.output_names != [PARAMETERS_LAYER]:
+        return model
+    return keras.Model(model.inputs, model.get_layer("embedding").output, name=model.name)

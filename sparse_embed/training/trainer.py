@@ -26,6 +26,7 @@ from sparse_embed.config import (
     Config,
     OptimizerConfig,
     SparsityConfig,
+    check_head_distribution,
     config_from_model_dir,
     config_to_dict,
     save_config,
@@ -34,12 +35,14 @@ from sparse_embed.data.augment import to_model_input
 from sparse_embed.data.checks import damaged_tfrecords, train_inputs
 from sparse_embed.data.pipeline import training_stream
 from sparse_embed.data.tfrecord import read_label_map
+from sparse_embed.distributions import Distribution
 from sparse_embed.errors import ConfigError, DataError, SparseEmbedError
 from sparse_embed.heads import HEADS, build_head
 from sparse_embed.heads.pair import PairLossHead
 from sparse_embed.heads.partial_fc import shard_range
 from sparse_embed.keras import keras, silence_warnings, tf
 from sparse_embed.models import build_model
+from sparse_embed.models.embedding import EXTRA_LAYER, PARAMETERS_LAYER, mean_network
 from sparse_embed.registry import Registry
 from sparse_embed.run_record import write_run_record
 from sparse_embed.sparsity import REGULARIZERS, sparsity_stats, sparsity_weight
@@ -113,7 +116,10 @@ class EmbeddingTrainer(keras.Model):
 
     loss = head_loss(e, y) + w(t) * R(normalize(e)), where R is the FLOPs or L1
     regularizer of Paria et al. (2020) applied to the L2-normalised embeddings
-    that retrieval uses, and w(t) the scheduled weight. The embeddings, the
+    that retrieval uses, and w(t) the scheduled weight. A probabilistic model's
+    output is a parameter vector `[mean | extra]`: the head reads all of it,
+    the regularizer and the sparsity statistics the mean, and the mean
+    confidence of the batch is logged. The embeddings, the
     regularizer and the loss are float32 even when the backbone runs in
     float16; with a `LossScaleOptimizer` the loss is scaled before the gradient
     and the gradients unscaled after they are averaged over workers, so every
@@ -124,16 +130,20 @@ class EmbeddingTrainer(keras.Model):
         head: A head layer from `sparse_embed.heads` (`head.loss_and_accuracy(e, y)`).
         sparsity: The `sparsity` section of the config.
         strategy: Averages gradients and metrics across workers.
+        distribution: How a probabilistic backbone's output is read; None for
+            an embedding (a `dirac` model).
         **kwargs: Passed to `keras.Model`.
     """
 
     def __init__(self, backbone: keras.Model, head: keras.layers.Layer,
-                 sparsity: SparsityConfig, strategy: Strategy, **kwargs: Any) -> None:
+                 sparsity: SparsityConfig, strategy: Strategy,
+                 distribution: Distribution | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.backbone = backbone
         self.head = head
         self.sparsity = sparsity
         self.strategy = strategy
+        self.distribution = distribution
         self._regularizer = REGULARIZERS.get(sparsity.type)
         # Examples consumed by all workers together: what a resume with a
         # different worker count needs (a step count alone depends on N when
@@ -194,7 +204,8 @@ class EmbeddingTrainer(keras.Model):
         with tf.GradientTape() as tape:
             embeddings = tf.cast(self.backbone(images, training=True), tf.float32)
             head_loss, accuracy = self.head.loss_and_accuracy(embeddings, labels, training=True)
-            normalized = tf.math.l2_normalize(embeddings, axis=-1)
+            means = embeddings if self.distribution is None else embeddings[:, :self.distribution.dim]
+            normalized = tf.math.l2_normalize(means, axis=-1)
             sparsity_loss = self._regularizer(normalized, cross_replica_mean)
             loss = head_loss + weight * sparsity_loss
             objective = optimizer.get_scaled_loss(loss) if loss_scaled else loss
@@ -226,6 +237,8 @@ class EmbeddingTrainer(keras.Model):
             "lr": tf.cast(lr, tf.float32),
             **self._compress_metrics(),
         }
+        if self.distribution is not None and self.distribution.has_confidence:
+            metrics["confidence"] = tf.reduce_mean(self.distribution.confidence(embeddings))
         if loss_scaled:
             metrics["loss_scale"] = tf.cast(optimizer.loss_scale, tf.float32)
         # Every worker logs (and the non-finite guard sees) the average over
@@ -272,18 +285,21 @@ def build_networks(config: Config, num_classes: int,
         strategy: What a sharded head (`head.sharded`) splits its classes over; None is one process.
 
     Returns:
-        (backbone, head).
+        (backbone, head): the backbone outputs the embeddings, or with a
+        probabilistic `model.distribution` the parameter vectors the head reads.
     """
     previous = keras.mixed_precision.global_policy()
     if config.train.mixed_precision:
         keras.mixed_precision.set_global_policy("mixed_float16")
     try:
         backbone = build_model(config.model)
-        head = build_head(num_classes, config.model.embedding_size, config.head, strategy)
+        distribution = config.model.distribution.build(config.model.embedding_size)
+        width = distribution.num_parameters
+        head = build_head(num_classes, width, config.head, strategy, distribution=distribution)
         if isinstance(head, PairLossHead) and strategy is not None:
             # What `head.gather_batch` gathers the batch over.
             head.strategy = strategy
-        head.build((None, config.model.embedding_size))
+        head.build((None, width))
     finally:
         keras.mixed_precision.set_global_policy(previous)
     return backbone, head
@@ -296,9 +312,17 @@ def check_sampler(config: Config) -> None:
         config: The run config (`head.name`, `data.sampler`, `data.samples_per_class`).
 
     Raises:
-        ConfigError: If a pair loss would train without the P x K sampler or with K < 2.
+        ConfigError: If a pair loss, or a head that needs class-balanced batches
+            (SPE), would train without the P x K sampler or with K < 2.
     """
     data = config.data
+    if HEADS.get(config.head.name).balanced and (data.sampler != "p_k" or data.samples_per_class < 2):
+        raise ConfigError(
+            f"head.name={config.head.name} needs class-balanced batches, every class of a batch "
+            f"equally often and at least twice (got data.sampler={data.sampler}, "
+            f"data.samples_per_class={data.samples_per_class}); set data.sampler: p_k (with "
+            f"data.samples_per_class >= 2)"
+        )
     if HEADS.get(config.head.name).pairs and (data.sampler != "p_k" or data.samples_per_class < 2):
         raise ConfigError(
             f"head.name={config.head.name} is a pair loss and needs at least two images of every "
@@ -497,10 +521,15 @@ def check_init_run(config: Config) -> Config:
     Args:
         config: The run config, with `train.init_from` set.
 
+    A run with another `model.distribution` than the init run's (a
+    probabilistic method's second stage) starts from an uncompressed `dirac`
+    run: its mean is the init run's embedding, its extra head starts fresh.
+
     Raises:
         ConfigError: If the directory has no config.yaml, was trained with a
-            different model (the differing keys are named) or with a
-            compression it cannot start from, or a `prune_qat` run does not start from a pruned one.
+            different model (the differing keys are named), another
+            distribution than `dirac` or this run's, or with a compression it
+            cannot start from, or a `prune_qat` run does not start from a pruned one.
         DataError: If it has no checkpoint.
     """
     init_dir = Path(config.train.init_from)
@@ -509,11 +538,23 @@ def check_init_run(config: Config) -> Config:
         raise DataError(f"train.init_from={init_dir} has no checkpoint in {init_dir / CHECKPOINT_DIR}; "
                         f"train that run first, or point --init_from at a trained run")
     new, old = config_to_dict(config)["model"], config_to_dict(init)["model"]
-    keys = [f"model.{k}={v!r} (init run: {old.get(k)!r})" for k, v in new.items() if old.get(k) != v]
+    keys = [f"model.{k}={v!r} (init run: {old.get(k)!r})" for k, v in new.items()
+            if k != "distribution" and old.get(k) != v]
     if keys:
         raise ConfigError(f"train.init_from={init_dir} was trained with a different model: "
                           f"{', '.join(keys)}; use the same model settings as that run")
     kind = init.compression.type
+    if init.model.distribution != config.model.distribution:
+        if init.model.distribution.name != "dirac":
+            raise ConfigError(
+                f"train.init_from={init_dir} was trained with model.distribution.name="
+                f"{init.model.distribution.name}, and this run reads another distribution; start "
+                f"from a dirac run, or from one with this run's model.distribution")
+        if kind != "none":
+            raise ConfigError(
+                f"train.init_from={init_dir} is a compression.type={kind} run; a "
+                f"model.distribution.name={config.model.distribution.name} run starts from an "
+                f"uncompressed one (compression.type=none)")
     if kind not in _INIT_SOURCES:
         raise ConfigError(f"train.init_from={init_dir} is a compression.type={kind} run, which cannot "
                           f"start another; start from its own init run (train.init_from in its config)")
@@ -535,6 +576,11 @@ def initialize_from(backbone: keras.Model, head: keras.layers.Layer, config: Con
     class set needs new class centres. The optimizer, step and data position
     start again at 0.
 
+    A probabilistic run from a `dirac` one (`check_init_run`) takes the init
+    run's backbone and embedding layer as its mean's network; its extra head
+    starts fresh. A head with `set_class_centres` (DUL-reg, SCF) takes the
+    class centres of the init run's margin head.
+
     Args:
         backbone: The freshly built float backbone of this run.
         head: This run's head.
@@ -550,7 +596,10 @@ def initialize_from(backbone: keras.Model, head: keras.layers.Layer, config: Con
     """
     init_dir = Path(config.train.init_from)
     latest = tf.train.latest_checkpoint(str(init_dir / CHECKPOINT_DIR))
-    source = compression.compress(backbone, init.compression, init.train.steps)
+    whole = init.model.distribution == config.model.distribution
+    # Another distribution: only the mean's part (the init run's whole backbone) has weights to load.
+    source = compression.compress(backbone if whole else mean_network(backbone), init.compression,
+                                  init.train.steps)
     try:
         checkpoint_for(source).restore(latest).expect_partial().assert_existing_objects_matched()
     except (AssertionError, ValueError, tf.errors.OpError) as e:
@@ -558,6 +607,10 @@ def initialize_from(backbone: keras.Model, head: keras.layers.Layer, config: Con
         reason = str(e).strip().splitlines()[0][:200]
         raise ConfigError(f"the checkpoint {latest} of train.init_from does not fit this backbone "
                           f"({reason}); check that run's config.yaml") from e
+    restored = compression.for_export(source) if whole else backbone
+    if hasattr(head, "set_class_centres"):
+        _load_class_centres(head, latest, init_dir, init)
+        return restored
     fresh = head.get_weights()
     try:
         tf.train.Checkpoint(head=head).restore(latest).expect_partial().assert_existing_objects_matched()
@@ -566,7 +619,50 @@ def initialize_from(backbone: keras.Model, head: keras.layers.Layer, config: Con
         logging.warning("train.init_from=%s: its head does not fit this one (head %s, %s classes "
                         "there); the head starts from scratch", init_dir, init.head.name,
                         _init_classes(init_dir))
-    return compression.for_export(source)
+    return restored
+
+
+def _load_class_centres(head: keras.layers.Layer, latest: str, init_dir: Path, init: Config) -> None:
+    """Gives `head` the class centres of the init run's margin head, or warns that it cannot."""
+    reader = tf.train.load_checkpoint(latest)
+    key = variable_key("head/kernel")
+    reason = f"it has no class centres (head {init.head.name})"
+    if key in reader.get_variable_to_shape_map():
+        try:
+            head.set_class_centres(reader.get_tensor(key))
+            return
+        except ValueError as e:
+            reason = str(e)
+    logging.warning("train.init_from=%s: %s; the class centres start from scratch", init_dir, reason)
+
+
+def _part(layer_name: str) -> str:
+    """Which part of a backbone (`FREEZABLE`) a layer belongs to; `extra` for the extra head."""
+    if layer_name in (EXTRA_LAYER, PARAMETERS_LAYER):
+        return "extra"
+    if layer_name == "embedding" or layer_name.startswith("embedding_"):
+        return "embedding"
+    return "backbone"
+
+
+def freeze(backbone: keras.Model, head: keras.layers.Layer, parts: Sequence[str]) -> None:
+    """Stops the training of the named parts (`train.freeze`).
+
+    A frozen layer's weights leave the trainable variables; a frozen batch
+    norm also runs in inference mode, so its statistics stay as they are.
+
+    Args:
+        backbone: The run's backbone (`backbone`: the layers before the
+            embedding layer; `embedding`: the embedding layer and its dense
+            layer and batch norm; the extra head always trains).
+        head: The run's head (`head`).
+        parts: Names of `sparse_embed.config.FREEZABLE`.
+    """
+    for layer in backbone.layers:
+        if _part(layer.name) in parts:
+            layer.trainable = False
+    if "head" in parts:
+        head.trainable = False
 
 
 def _init_classes(init_dir: Path) -> str:
@@ -624,6 +720,7 @@ def train(config: Config, data_dir: str | os.PathLike, model_dir: str | os.PathL
         DataError: If the data dir, TFRecords or label map, or a set of `eval.sets`, are missing.
         TrainingError: If the loss becomes non-finite.
     """
+    check_head_distribution(config)
     check_sampler(config)
     strategy = strategy or get_strategy(config.distributed)
     data_dir, model_dir = Path(data_dir), Path(model_dir)
@@ -646,6 +743,11 @@ def train(config: Config, data_dir: str | os.PathLike, model_dir: str | os.PathL
         schedule = dataclasses.replace(schedule, base_lr=schedule.base_lr * strategy.num_workers)
     check_compression(config)
     fresh_run = tf.train.latest_checkpoint(str(model_dir / CHECKPOINT_DIR)) is None
+    if HEADS.get(config.head.name).two_stage and fresh_run and not config.train.init_from:
+        raise ConfigError(
+            f"head.name={config.head.name} trains on top of a deterministic run: pass "
+            f"--init_from=RUN (set train.init_from) with a run of the same model trained with "
+            f"model.distribution.name=dirac (e.g. head.name=arcface)")
     init = check_init_run(config) if config.train.init_from and fresh_run else None
     with strategy.scope():
         backbone, head = build_networks(config, len(class_names), strategy)
@@ -660,7 +762,11 @@ def train(config: Config, data_dir: str | os.PathLike, model_dir: str | os.PathL
         )
         if config.train.mixed_precision:
             optimizer = keras.mixed_precision.LossScaleOptimizer(optimizer)
-        model = EmbeddingTrainer(backbone, head, config.sparsity, strategy)
+        distribution = config.model.distribution.build(config.model.embedding_size)
+        model = EmbeddingTrainer(backbone, head, config.sparsity, strategy,
+                                 None if config.model.distribution.name == "dirac" else distribution)
+        # After the trainer noted the moving statistics: frozen weights are not averaged every step.
+        freeze(backbone, head, config.train.freeze)
         model.compile(optimizer=optimizer)
         # Creating the optimizer slots before restoring makes the restore immediate
         # and exact, instead of deferred until the first step, and gives the
