@@ -77,10 +77,16 @@ def config_tree() -> str:
             value = defaults[section.name][field.name]
             if section.name == "head" and field.name == "params":
                 shown = "the head's own ([Heads](models.md#heads))"
+            elif isinstance(field.default_factory, type) and dataclasses.is_dataclass(field.default_factory):
+                shown = "a section, its keys below"
             else:
                 shown = _inline(value)
             lines.append(f"| `{section.name}.{field.name}` | {_cell(shown)} | "
                          f"{_cell(doc.get(field.name, ''))} |")
+            if shown == "a section, its keys below":
+                inner = attributes(field.default_factory)
+                lines += [f"| `{section.name}.{field.name}.{key}` | {_cell(_inline(v))} | "
+                          f"{_cell(inner.get(key, ''))} |" for key, v in value.items()]
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks) + "\n"
 
@@ -133,8 +139,14 @@ def heads() -> str:
         params = "<br>".join(f"`{f.name}` = {_inline(f.default)}: {doc.get(f.name, '')}"
                              for f in dataclasses.fields(cls)) or "none"
         shared = ", ".join(f"`{s}`" for s in cls.shared) or "none"
-        if cls.pairs:
+        if cls.pairs or cls.balanced:
             summary += " Needs `data.sampler=p_k`."
+        if cls.distribution != {"name": "dirac"}:
+            needs = ", ".join(f"`{k}: {str(v).lower() if isinstance(v, bool) else v}`"
+                              for k, v in cls.distribution.items())
+            summary += f" Reads `model.distribution` {needs}."
+        if cls.two_stage:
+            summary += " Starts from a deterministic run (`--init_from`)."
         table.append(f"| `{name}` | {_cell(summary)} | {_cell(params)} | {shared} |")
     return "\n".join(table) + "\n"
 
