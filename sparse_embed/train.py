@@ -14,7 +14,7 @@ starts from a trained run's weights (a new optimizer, step 0) and compresses it.
 The second stage of a probabilistic method (PFE, DUL-reg, SCF) starts the same
 way from a deterministic run:
 
-    python -m sparse_embed.train --config=synthetic/pe_pfe --data_dir=runs/demo/data \
+    python -m sparse_embed.train --config=synthetic/pe_pfe --data_dir=runs/demo/data \\
         --model_dir=runs/pe/pfe --init_from=runs/pe/arcface
 """
 
