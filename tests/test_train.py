@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import yaml
-from conftest import assert_main_user_error, assert_user_error, op_determinism, run_module
+from conftest import assert_main_user_error, call_main, op_determinism, run_module
 
 from sparse_embed.checkpoints import CHECKPOINT_DIR, checkpoint_for
 from sparse_embed.config import load_config
 from sparse_embed.errors import TrainingError
+from sparse_embed.train import main as train_main
 from sparse_embed.training.schedules import LearningRateSchedule
 from sparse_embed.training.trainer import build_networks, train
 
@@ -86,14 +87,14 @@ def test_lr_schedules_follow_their_formulas() -> None:
 
 def test_train_cli_runs_and_rejects_bad_input(tiny_data: Path, tmp_path: Path,
                                              capsys: pytest.CaptureFixture[str]) -> None:
-    proc = run_module("sparse_embed.train", "--config=smoke", f"--data_dir={tiny_data}",
-                      f"--model_dir={tmp_path / 'cli'}", "--set", "train.steps=2")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "step 2" in proc.stdout
+    """In this process (main(argv)); the real command runs in
+    test_tensorflow_start_up_lines_stay_off_the_terminal."""
+    capsys.readouterr()
+    assert call_main(train_main, "--config=smoke", f"--data_dir={tiny_data}",
+                     f"--model_dir={tmp_path / 'cli'}", "--set", "train.steps=2") == 0
+    assert "step 2" in capsys.readouterr().out
 
-    # The rejections in this process (main(argv)): one line, exit status 2, nothing written.
-    from sparse_embed.train import main
-
+    # The rejections: one line, exit status 2, nothing written.
     bad = tmp_path / "bad"
     for args, fragment in (
             ([f"--data_dir={tiny_data}", "--set", "sparsity.wieght=1"], "sparsity.weight"),
@@ -102,7 +103,7 @@ def test_train_cli_runs_and_rejects_bad_input(tiny_data: Path, tmp_path: Path,
             ([f"--data_dir={tiny_data}"], "--model_dir"),
     ):
         model_dir = [] if fragment == "--model_dir" else [f"--model_dir={bad}"]
-        assert_main_user_error(capsys, main, ["--config=smoke", *args, *model_dir], fragment)
+        assert_main_user_error(capsys, train_main, ["--config=smoke", *args, *model_dir], fragment)
     assert not bad.exists(), "a rejected run must not leave a model_dir behind"
 
 
@@ -151,7 +152,8 @@ def test_tensorflow_start_up_lines_stay_off_the_terminal(tiny_data: Path, tmp_pa
     assert "oneDNN" in loud.stderr or "cuda" in loud.stderr
 
 
-def test_truncated_shard_stops_with_one_line_naming_it(tiny_data: Path, tmp_path: Path) -> None:
+def test_truncated_shard_stops_with_one_line_naming_it(tiny_data: Path, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
     import shutil
 
     data = tmp_path / "data"
@@ -159,21 +161,23 @@ def test_truncated_shard_stops_with_one_line_naming_it(tiny_data: Path, tmp_path
     shard = sorted((data / "tfrecords").glob("train-*"))[0]
     with open(shard, "r+b") as f:
         f.truncate(shard.stat().st_size * 2 // 3)
-    proc = run_module("sparse_embed.train", "--config=smoke", f"--data_dir={data}",
-                      f"--model_dir={tmp_path / 'run'}", "--set", "train.steps=40")
-    assert_user_error(proc, f"TFRecord shard {shard} is damaged after", "sparse-embed-build-tfrecords")
+    assert_main_user_error(capsys, train_main, ["--config=smoke", f"--data_dir={data}",
+                                                f"--model_dir={tmp_path / 'run'}", "--set", "train.steps=40"],
+                           f"TFRecord shard {shard} is damaged after", "sparse-embed-build-tfrecords")
 
 
-def test_pk_sampler_trains_and_checks_p_times_k(tiny_data: Path, tmp_path: Path) -> None:
+def test_pk_sampler_trains_and_checks_p_times_k(tiny_data: Path, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
     config = load_config("smoke", ["train.batch_size=8", "train.steps=4", "data.sampler=p_k",
                                    "data.classes_per_batch=4", "data.samples_per_class=2"])
     result = train(config, tiny_data, tmp_path / "pk", verbose=0)
     assert result.step == 4 and result.samples == 32 and np.isfinite(result.metrics["loss"])
     bad = tmp_path / "bad"
-    assert_user_error(run_module("sparse_embed.train", "--config=smoke", f"--data_dir={tiny_data}",
-                                 f"--model_dir={bad}", "--set=train.batch_size=8", "--set=data.sampler=p_k",
-                                 "--set=data.classes_per_batch=3", "--set=data.samples_per_class=2"),
-                      "data.classes_per_batch x data.samples_per_class = 3 x 2 must equal")
+    assert_main_user_error(capsys, train_main,
+                           ["--config=smoke", f"--data_dir={tiny_data}", f"--model_dir={bad}",
+                            "--set=train.batch_size=8", "--set=data.sampler=p_k",
+                            "--set=data.classes_per_batch=3", "--set=data.samples_per_class=2"],
+                           "data.classes_per_batch x data.samples_per_class = 3 x 2 must equal")
     assert not bad.exists()
 
 
@@ -183,7 +187,8 @@ def test_flip_policy_trains_on_uint8_batches(tiny_data: Path, tmp_path: Path) ->
     assert result.step == 3 and np.isfinite(result.metrics["loss"])
 
 
-def test_pair_loss_trains_on_pk_batches_and_needs_them(tiny_data: Path, tmp_path: Path) -> None:
+def test_pair_loss_trains_on_pk_batches_and_needs_them(tiny_data: Path, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
     """Multi-Similarity on 4 classes x 2 images a batch runs end to end; without the P x K
     sampler the CLI stops on one line before anything is built."""
     config = load_config("smoke", ["train.batch_size=8", "train.steps=3", "data.sampler=p_k",
@@ -193,26 +198,26 @@ def test_pair_loss_trains_on_pk_batches_and_needs_them(tiny_data: Path, tmp_path
     assert result.step == 3 and np.isfinite(result.metrics["loss"])
     assert 0.0 <= result.metrics["accuracy"] <= 1.0
     bad = tmp_path / "bad"
-    assert_user_error(run_module("sparse_embed.train", "--config=smoke", f"--data_dir={tiny_data}",
-                                 f"--model_dir={bad}", "--set=head.name=triplet"),
-                      "head.name=triplet is a pair loss",
-                      "set data.sampler: p_k (with data.samples_per_class >= 2)")
+    assert_main_user_error(capsys, train_main, ["--config=smoke", f"--data_dir={tiny_data}",
+                                                f"--model_dir={bad}", "--set=head.name=triplet"],
+                           "head.name=triplet is a pair loss",
+                           "set data.sampler: p_k (with data.samples_per_class >= 2)")
     assert not bad.exists()
 
 
-def test_other_backbone_and_margin_head_train_from_the_cli(tiny_data: Path, tmp_path: Path) -> None:
-    proc = run_module("sparse_embed.train", "--config=smoke", f"--data_dir={tiny_data}",
-                      f"--model_dir={tmp_path / 'r'}", "--set=model.name=iresnet_tiny",
-                      "--set=head.name=cosface", "--set=head.params.margin=0.35", "--set=train.steps=2")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "step 2" in proc.stdout
+def test_other_backbone_and_margin_head_train_from_the_cli(tiny_data: Path, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    capsys.readouterr()
+    assert call_main(train_main, "--config=smoke", f"--data_dir={tiny_data}",
+                     f"--model_dir={tmp_path / 'r'}", "--set=model.name=iresnet_tiny",
+                     "--set=head.name=cosface", "--set=head.params.margin=0.35", "--set=train.steps=2") == 0
+    assert "step 2" in capsys.readouterr().out
     bad = tmp_path / "bad"
-    assert_user_error(run_module("sparse_embed.train", "--config=smoke", f"--data_dir={tiny_data}",
-                                 f"--model_dir={bad}", "--set=model.name=sphereface20"),
-                      "sphereface20", "112")
-    assert_user_error(run_module("sparse_embed.train", "--config=smoke", f"--data_dir={tiny_data}",
-                                 f"--model_dir={bad}", "--set=model.name=resnet9000"),
-                      "unknown model 'resnet9000'", "iresnet50")
+    base = ["--config=smoke", f"--data_dir={tiny_data}", f"--model_dir={bad}"]
+    assert_main_user_error(capsys, train_main, [*base, "--set=model.name=sphereface20"],
+                           "sphereface20", "112")
+    assert_main_user_error(capsys, train_main, [*base, "--set=model.name=resnet9000"],
+                           "unknown model 'resnet9000'", "iresnet50")
     assert not bad.exists()
 
 
