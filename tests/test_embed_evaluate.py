@@ -9,7 +9,10 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from conftest import assert_user_error, run_module
+from conftest import assert_main_user_error, call_main, run_module
+
+from sparse_embed.embed import main as embed_main
+from sparse_embed.evaluate import main as evaluate_main
 
 pytestmark = pytest.mark.integration
 
@@ -20,7 +23,9 @@ def model_dir(smoke_run: Path) -> Path:
     return smoke_run
 
 
-def test_embed_folder_to_hdf5_round_trip(tiny_data: Path, model_dir: Path, tmp_path: Path) -> None:
+def test_embed_folder_to_hdf5_round_trip(tiny_data: Path, model_dir: Path, tmp_path: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """The real command once; the --flip=concat run in this process (main(argv))."""
     from sparse_embed.data.embeddings import read_hdf5
     from sparse_embed.data.tfrecord import image_folder
 
@@ -38,10 +43,10 @@ def test_embed_folder_to_hdf5_round_trip(tiny_data: Path, model_dir: Path, tmp_p
     assert (emb.embedding >= 0).all(), "the smoke model's final activation is relu"
 
     concat = tmp_path / "concat.hdf5"
-    proc = run_module("sparse_embed.embed", f"--model_dir={model_dir}",
-                      f"--tfrecords={tiny_data / 'tfrecords' / 'train-*'}", f"--output={concat}",
-                      "--flip=concat")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert call_main(embed_main, f"--model_dir={model_dir}",
+                     f"--tfrecords={tiny_data / 'tfrecords' / 'train-*'}", f"--output={concat}",
+                     "--flip=concat") == 0
+    capsys.readouterr()
     assert read_hdf5(concat).embedding.shape == (48, 128)
 
 
@@ -77,19 +82,20 @@ def test_evaluate_writes_metrics(tiny_data: Path, model_dir: Path, tmp_path: Pat
     assert (tmp_path / "eval.roc.png").is_file()
 
 
-def test_pairs_with_missing_images_exit_2(tiny_data: Path, model_dir: Path, tmp_path: Path) -> None:
+def test_pairs_with_missing_images_exit_2(tiny_data: Path, model_dir: Path, tmp_path: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
     images = tmp_path / "images"
     shutil.copytree(tiny_data / "test", images)
     victim = next(images.iterdir())
     shutil.rmtree(victim)
     out = tmp_path / "never.json"
-    proc = run_module("sparse_embed.evaluate", f"--model_dir={model_dir}",
-                      f"--pairs={tiny_data / 'pairs.txt'}", f"--pairs_images={images}",
-                      f"--output={out}")
-    assert_user_error(proc, "missing")
+    assert_main_user_error(capsys, evaluate_main, [f"--model_dir={model_dir}",
+                                                   f"--pairs={tiny_data / 'pairs.txt'}",
+                                                   f"--pairs_images={images}", f"--output={out}"],
+                           "missing")
     assert not out.exists()
-    assert_user_error(run_module("sparse_embed.embed", f"--model_dir={tmp_path / 'nope'}",
-                                 f"--images={images}", f"--output={out}"), "config.yaml")
+    assert_main_user_error(capsys, embed_main, [f"--model_dir={tmp_path / 'nope'}", f"--images={images}",
+                                                f"--output={out}"], "config.yaml")
 
 
 @pytest.mark.unit
@@ -104,8 +110,9 @@ def test_roc_plot_is_a_png(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["roc.png"]
 
 
-def test_unreadable_images_are_skipped_and_reported(tiny_data: Path, model_dir: Path,
-                                                    tmp_path: Path) -> None:
+def test_unreadable_images_are_skipped_and_reported(tiny_data: Path, model_dir: Path, tmp_path: Path,
+                                                    capfd: pytest.CaptureFixture[str]) -> None:
+    """In this process (main(argv)), with file descriptors 1 and 2 captured: libjpeg writes to 2 itself."""
     images = tmp_path / "images"
     shutil.copytree(tiny_data / "test", images)
     first, second = sorted(images.rglob("*.jpg"))[:2]
@@ -113,14 +120,15 @@ def test_unreadable_images_are_skipped_and_reported(tiny_data: Path, model_dir: 
     second.write_bytes(second.read_bytes()[:200])
     total = len(list(images.rglob("*.jpg")))
     out = tmp_path / "emb.hdf5"
-    proc = run_module("sparse_embed.embed", f"--model_dir={model_dir}", f"--images={images}",
-                      f"--output={out}")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr
+    capfd.readouterr()
+    code = call_main(embed_main, f"--model_dir={model_dir}", f"--images={images}", f"--output={out}")
+    stdout, stderr = capfd.readouterr()
+    assert code == 0, stderr[-3000:]
+    assert "Traceback" not in stderr
     # libjpeg's own report of the truncated JPEG ("Improper call to JPEG library") stays off the terminal.
-    assert "JPEG" not in proc.stderr, proc.stderr
+    assert "JPEG" not in stderr, stderr
     for bad in (first, second):
-        assert f"skipped {bad}" in proc.stdout, proc.stdout
+        assert f"skipped {bad}" in stdout, stdout
     with h5py.File(out) as f:
         assert f["embedding"].shape[0] == total - 2
         names = [n.decode() for n in f["filename"][:]]
@@ -135,8 +143,8 @@ def test_unreadable_images_are_skipped_and_reported(tiny_data: Path, model_dir: 
 
     pairs_image = Path(unique_images(read_pairs(data / "pairs.txt", data / "test"))[0][0])
     pairs_image.write_bytes(pairs_image.read_bytes()[:200])  # truncated: libjpeg complains itself
-    proc = run_module("sparse_embed.evaluate", f"--model_dir={model_dir}", f"--data_dir={data}")
-    assert_user_error(proc, "do not decode", str(pairs_image))
+    assert_main_user_error(capfd, evaluate_main, [f"--model_dir={model_dir}", f"--data_dir={data}"],
+                           "do not decode", str(pairs_image))
 
 
 def test_run_dir_records_its_data_dir(tiny_data: Path, model_dir: Path, tmp_path: Path,
@@ -173,8 +181,10 @@ def _view1_files(pairs_txt: Path, out: Path) -> tuple[Path, Path]:
     return files[0], files[1]
 
 
-def test_evaluate_lfw_view1(tiny_data: Path, model_dir: Path, tmp_path: Path) -> None:
-    """View 1: threshold from pairsDevTrain applied to pairsDevTest, checked against a brute force."""
+def test_evaluate_lfw_view1(tiny_data: Path, model_dir: Path, tmp_path: Path,
+                            capsys: pytest.CaptureFixture[str]) -> None:
+    """View 1: threshold from pairsDevTrain applied to pairsDevTest, checked against a brute force
+    (the commands in this process: main(argv))."""
     from sparse_embed.data.verification import read_pairs
     from sparse_embed.inference import evaluate_verification, load_backbone
     from sparse_embed.metrics.verification import PROTOCOLS
@@ -182,11 +192,11 @@ def test_evaluate_lfw_view1(tiny_data: Path, model_dir: Path, tmp_path: Path) ->
     dev_train, dev_test = _view1_files(tiny_data / "pairs.txt", tmp_path)
     images = tiny_data / "test"
     out = tmp_path / "view1.json"
-    proc = run_module("sparse_embed.evaluate", f"--model_dir={model_dir}", f"--pairs={dev_test}",
-                      f"--threshold_pairs={dev_train}", f"--pairs_images={images}",
-                      f"--output={out}")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"accuracy_protocol: {PROTOCOLS['threshold pairs']}" in proc.stdout, proc.stdout
+    capsys.readouterr()
+    assert call_main(evaluate_main, f"--model_dir={model_dir}", f"--pairs={dev_test}",
+                     f"--threshold_pairs={dev_train}", f"--pairs_images={images}", f"--output={out}") == 0
+    stdout = capsys.readouterr().out
+    assert f"accuracy_protocol: {PROTOCOLS['threshold pairs']}" in stdout, stdout
     cli = json.loads(out.read_text())
     assert cli["accuracy_protocol"] == PROTOCOLS["threshold pairs"] and "accuracy_std" not in cli
 
@@ -205,14 +215,15 @@ def test_evaluate_lfw_view1(tiny_data: Path, model_dir: Path, tmp_path: Path) ->
 
     # Without training pairs, the one fold chooses its own threshold, and the table says so.
     own = tmp_path / "own.json"
-    proc = run_module("sparse_embed.evaluate", f"--model_dir={model_dir}", f"--pairs={dev_test}",
-                      f"--pairs_images={images}", f"--output={own}")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "threshold chosen on the test fold itself (no held-out fold)" in proc.stdout, proc.stdout
+    assert call_main(evaluate_main, f"--model_dir={model_dir}", f"--pairs={dev_test}",
+                     f"--pairs_images={images}", f"--output={own}") == 0
+    stdout = capsys.readouterr().out
+    assert "threshold chosen on the test fold itself (no held-out fold)" in stdout, stdout
     own_results = json.loads(own.read_text())
     assert own_results["accuracy"] >= cli["accuracy"]
     assert own_results["auc"] == pytest.approx(cli["auc"], rel=1e-6)
 
-    assert_user_error(run_module("sparse_embed.evaluate", f"--model_dir={model_dir}",
-                                 f"--pairs={dev_test}", f"--pairs_images={images}",
-                                 f"--threshold_pairs={tmp_path / 'nope.txt'}"), "nope.txt not found")
+    assert_main_user_error(capsys, evaluate_main, [f"--model_dir={model_dir}", f"--pairs={dev_test}",
+                                                   f"--pairs_images={images}",
+                                                   f"--threshold_pairs={tmp_path / 'nope.txt'}"],
+                           "nope.txt not found")
