@@ -48,6 +48,7 @@ PACKAGE_CLIS = (
     "sparse_embed.preprocessing.prepare_megaface",
     "sparse_embed.results",
     "sparse_embed.experiment",
+    "sparse_embed.app.__main__",
 )
 SCRIPTS = tuple(str(p.relative_to(ROOT)) for p in sorted([*ROOT.glob("preprocessing/*.py"),
                                                           *ROOT.glob("benchmarks/*.py")]))
@@ -76,6 +77,7 @@ CONSOLE_SCRIPTS = {
     "sparse-embed-prepare-megaface": "sparse_embed.preprocessing.prepare_megaface",
     "sparse-embed-results": "sparse_embed.results",
     "sparse-embed-experiment": "sparse_embed.experiment",
+    "sparse-embed-app": "sparse_embed.app.__main__",
 }
 
 # An option whose values differ in kind between command lines, and why that is right.

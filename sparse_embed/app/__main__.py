@@ -1,0 +1,379 @@
+"""Face identification: enrol people into a gallery, calibrate its threshold, identify the faces of images.
+
+    python -m sparse_embed.app enroll --gallery=gallery --model=runs/sparse_mfn --images=people
+    python -m sparse_embed.app enroll --gallery=gallery --list=more_people.csv
+    python -m sparse_embed.app calibrate --gallery=gallery --pairs=pairs.txt --images=faces --far=1e-3
+    python -m sparse_embed.app identify --gallery=gallery --output=out photos/ party.jpg
+    python -m sparse_embed.app list --gallery=gallery
+    python -m sparse_embed.app remove --gallery=gallery --name=alice
+
+`--images=PEOPLE` holds one folder per person (the folder name is the name);
+`--list=CSV` has rows `image,name` (image paths relative to the CSV's folder).
+Every enrolment image must show one face: an image with none or several, or
+a file that is not an image, is reported and skipped. `--aligned` takes
+aligned face crops without detection. A `.tflite` model needs `--mtcnn=DIR`
+(the TFLite MTCNN of `python -m sparse_embed.faces.mtcnn_tflite`) and never
+imports TensorFlow. The gallery records its model; `identify` and `calibrate`
+use it unless `--model` is given, and a gallery refuses any other model.
+The App page of the documentation (docs/app.md) describes the gallery, the
+report and the calibration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from sparse_embed.app.embedder import (
+    FLIP_MODES,
+    Embedder,
+    check_model_file,
+    find_faces,
+    is_tflite,
+    load_detector,
+)
+from sparse_embed.app.gallery import (
+    DEFAULT_MEAN_OF,
+    INDEX_TYPES,
+    MATCHING,
+    Gallery,
+    ModelRecord,
+    calibration_from_scores,
+    short,
+)
+from sparse_embed.app.identify import (
+    UNKNOWN,
+    Settings,
+    annotate,
+    annotated_name,
+    collect_inputs,
+    identify_faces,
+)
+from sparse_embed.cli import add_command, make_parser, program, user_errors_exit
+from sparse_embed.data import format_summary
+from sparse_embed.edge.preprocess import decode
+from sparse_embed.errors import ConfigError, DataError
+from sparse_embed.fileio import atomic_path
+from sparse_embed.registry import Registry
+
+# Sub-command -> handler of its parsed arguments.
+COMMANDS: Registry[Callable[[argparse.Namespace], None]] = Registry("app command")
+REPORT_NAME = "report.json"
+ANNOTATED_DIR = "annotated"
+# Problem images a summary names; the rest are counted.
+SHOWN_PROBLEMS = 20
+
+
+def _load_embedder(model: str, flip: str | None) -> Embedder:
+    from sparse_embed.app.embedder import load_embedder
+
+    check_model_file(model)
+    return load_embedder(model, flip)
+
+
+def _open(args: argparse.Namespace) -> tuple[Gallery, Embedder]:
+    """The gallery of --gallery and its model (--model or the recorded one), checked against each other."""
+    gallery = Gallery.load(args.gallery)
+    model = args.model or gallery.model.model
+    embedder = _load_embedder(model, gallery.model.flip)
+    gallery.check_model(embedder.fingerprint, model)
+    return gallery, embedder
+
+
+def _detector(args: argparse.Namespace, gallery: Gallery | None, model: str):
+    if args.aligned:
+        return None
+    mtcnn = args.mtcnn or (gallery.model.mtcnn if gallery is not None else None)
+    return load_detector(mtcnn, is_tflite(model))
+
+
+def _one_face(path: str, detector, embedder: Embedder) -> tuple[np.ndarray | None, str | None]:
+    """(aligned crop, None) of an image showing one face, or (None, why it is skipped)."""
+    image = decode(path)
+    if image is None:
+        return None, "not a decodable image"
+    faces = find_faces(image, detector, embedder.width, embedder.height)
+    if not faces:
+        return None, "no face found"
+    if len(faces) > 1:
+        return None, f"{len(faces)} faces, one expected"
+    return faces[0].crop, None
+
+
+def _people_folder(root: Path) -> list[tuple[str, str]]:
+    if not root.is_dir():
+        raise DataError(f"--images {root} is not a directory (one folder per person)")
+    items = [(str(f), person.name) for person in sorted(root.iterdir()) if person.is_dir()
+             for f in sorted(person.iterdir()) if f.is_file() and not f.name.startswith(".")]
+    if not items:
+        raise DataError(f"--images {root} holds no person folder with files (one folder per person)")
+    return items
+
+
+def _people_list(path: Path) -> list[tuple[str, str]]:
+    if not path.is_file():
+        raise DataError(f"--list {path} not found")
+    items = []
+    with open(path, newline="") as f:
+        for lineno, row in enumerate(csv.reader(f), 1):
+            if not row or not "".join(row).strip():
+                continue
+            if len(row) != 2:
+                raise DataError(f"{path}:{lineno}: expected 'image,name', got {','.join(row)!r}")
+            image, name = (cell.strip() for cell in row)
+            if lineno == 1 and (image, name) == ("image", "name"):
+                continue
+            items.append((str(path.parent / image), name))
+    if not items:
+        raise DataError(f"--list {path} has no 'image,name' rows")
+    return items
+
+
+def _problems(skipped: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    rows = [(f"  skipped {path}", why) for path, why in skipped[:SHOWN_PROBLEMS]]
+    if len(skipped) > SHOWN_PROBLEMS:
+        rows.append(("  ...", f"{len(skipped) - SHOWN_PROBLEMS} more"))
+    return rows
+
+
+@COMMANDS.register("enroll")
+def _enroll(args: argparse.Namespace) -> None:
+    if (args.images is None) == (args.list is None):
+        raise ConfigError("enroll needs --images=PEOPLE_DIR or --list=CSV (one of them)")
+    items = _people_folder(Path(args.images)) if args.images else _people_list(Path(args.list))
+    if Gallery.exists(args.gallery):
+        gallery = Gallery.load(args.gallery)
+        if args.flip and args.flip != gallery.model.flip:
+            raise ConfigError(f"gallery {args.gallery} embeds with flip {gallery.model.flip}, "
+                              f"not {args.flip}")
+        if args.index_type and args.index_type != gallery.model.index_type:
+            raise ConfigError(f"gallery {args.gallery} has a {gallery.model.index_type} index, "
+                              f"not {args.index_type}")
+        model = args.model or gallery.model.model
+        embedder = _load_embedder(model, gallery.model.flip)
+        gallery.check_model(embedder.fingerprint, model)
+    else:
+        if not args.model:
+            raise ConfigError(f"{args.gallery} is a new gallery: pass --model=RUN_DIR or "
+                              "--model=MODEL.tflite")
+        model = args.model
+        embedder = _load_embedder(model, args.flip)
+        gallery = Gallery.create(args.gallery, ModelRecord(
+            embedder.fingerprint, model, args.mtcnn, embedder.width, embedder.height, embedder.embedding_size,
+            embedder.flip, args.index_type or ("sparse" if embedder.sparse else "dense")))
+    detector = _detector(args, gallery, model)
+    crops: dict[str, list[tuple[str, np.ndarray]]] = {}
+    skipped = []
+    for path, name in tqdm(items, desc="enroll", unit="img", leave=False, disable=None):
+        crop, why = _one_face(path, detector, embedder)
+        if crop is None:
+            skipped.append((path, why))
+        else:
+            crops.setdefault(name, []).append((path, crop))
+    if not crops:
+        first = f"; first: {skipped[0][0]}: {skipped[0][1]}" if skipped else ""
+        raise DataError(f"nothing to enrol: {len(skipped)} image(s) skipped{first}; the gallery is unchanged")
+    new = [name for name in crops if name not in gallery.people]
+    for name, faces in crops.items():
+        gallery.enroll(name, embedder.embed([crop for _, crop in faces]), [path for path, _ in faces])
+    gallery.save()
+    counts = gallery.counts()
+    rows = [("gallery", args.gallery),
+            ("model", f"{gallery.model.model} ({short(gallery.model.fingerprint)})"),
+            ("people enrolled", len(crops)), ("new people", len(new)),
+            ("embeddings added", sum(len(faces) for faces in crops.values())),
+            ("people in gallery", len(counts)), ("embeddings in gallery", sum(counts.values())),
+            ("skipped images", len(skipped)), *_problems(skipped)]
+    print(format_summary("enroll", rows))
+
+
+@COMMANDS.register("remove")
+def _remove(args: argparse.Namespace) -> None:
+    gallery = Gallery.load(args.gallery)
+    removed = gallery.remove(args.name)
+    gallery.save()
+    print(f"removed {args.name} ({removed} embeddings) from {args.gallery}: "
+          f"{len(gallery.people)} people left")
+
+
+@COMMANDS.register("list")
+def _list(args: argparse.Namespace) -> None:
+    gallery = Gallery.load(args.gallery)
+    model = gallery.model
+    calibration = gallery.calibration
+    status = ("uncalibrated" if calibration is None
+              else f"FAR {calibration.far:.2g} on {calibration.pairs} (asked {calibration.far_target:g})")
+    print(f"gallery {args.gallery}: model {model.model} ({short(model.fingerprint)}), "
+          f"{model.embedding_size}-d, flip {model.flip}, {model.index_type} index, "
+          f"threshold {gallery.threshold:.4f} ({status})")
+    counts = gallery.counts()
+    width = max([len("person"), *map(len, counts)])
+    print(f"{'person':<{width}}  embeddings")
+    for name, count in counts.items():
+        print(f"{name:<{width}}  {count}")
+    print(f"{len(counts)} people, {sum(counts.values())} embeddings")
+
+
+@COMMANDS.register("identify")
+def _identify(args: argparse.Namespace) -> None:
+    if args.mean_of < 1:
+        raise ConfigError(f"--mean_of must be >= 1, got {args.mean_of}")
+    files = collect_inputs(args.inputs)
+    gallery, embedder = _open(args)
+    detector = _detector(args, gallery, args.model or gallery.model.model)
+    settings = Settings(args.matching, args.mean_of, args.score_threshold)
+    out = Path(args.output)
+    (out / ANNOTATED_DIR).mkdir(parents=True, exist_ok=True)
+    report, used, undecodable = [], set(), []
+    for path in tqdm(files, desc="identify", unit="img", leave=False, disable=None):
+        image = decode(path)
+        if image is None:
+            undecodable.append(str(path))
+            report.append({"input": str(path), "faces": [], "error": "not a decodable image"})
+            continue
+        faces = identify_faces(image, gallery, embedder, detector, settings)
+        name = annotated_name(path, used)
+        with atomic_path(out / ANNOTATED_DIR / name) as tmp:
+            annotate(image, faces).save(tmp, format="JPEG", quality=90)
+        report.append({"input": str(path), "faces": faces, "annotated": f"{ANNOTATED_DIR}/{name}"})
+    with atomic_path(out / REPORT_NAME) as tmp:
+        tmp.write_text(json.dumps(report, indent=1))
+    faces = [face for entry in report for face in entry["faces"]]
+    named = sum(face["name"] != UNKNOWN for face in faces)
+    threshold = gallery.threshold if settings.threshold is None else settings.threshold
+    rows = [("inputs", len(files)), ("faces", len(faces)), ("named", named), ("unknown", len(faces) - named),
+            ("threshold", f"{threshold:.4f}"), ("not decodable", len(undecodable)),
+            *_problems([(p, "not a decodable image") for p in undecodable]),
+            ("report", out / REPORT_NAME)]
+    print(format_summary("identify", rows))
+
+
+@COMMANDS.register("calibrate")
+def _calibrate(args: argparse.Namespace) -> None:
+    from sparse_embed.data.verification import read_pairs, unique_images
+
+    if not 0 < args.far <= 1:
+        raise ConfigError(f"--far must lie in (0, 1], got {args.far}")
+    pairs = read_pairs(args.pairs, args.images)
+    gallery, embedder = _open(args)
+    detector = _detector(args, gallery, args.model or gallery.model.model)
+    paths, left, right = unique_images(pairs)
+    crops, skipped = {}, []
+    for i, path in enumerate(tqdm(paths, desc="calibrate", unit="img", leave=False, disable=None)):
+        crop, why = _one_face(path, detector, embedder)
+        if crop is None:
+            skipped.append((path, why))
+        else:
+            crops[i] = crop
+    good = np.array([i in crops for i in range(len(paths))], bool)
+    usable = good[left] & good[right]
+    if not usable.any():
+        raise DataError(f"no pair of {args.pairs} has a face in both images; {len(skipped)} image(s) skipped")
+    order = sorted(crops)
+    emb = np.zeros((len(paths), embedder.embedding_size), np.float32)
+    emb[order] = embedder.embed([crops[i] for i in order])
+    scores = np.sum(emb[left[usable]] * emb[right[usable]], axis=1)
+    calibration = calibration_from_scores(scores, pairs.issame[usable], args.far, args.pairs,
+                                          skipped=int((~usable).sum()))
+    gallery.calibrate(calibration)
+    gallery.save()
+    rows = [("gallery", args.gallery), ("pairs", f"{calibration.same_pairs} same, "
+                                                  f"{calibration.different_pairs} different"),
+            ("skipped pairs", calibration.skipped_pairs), *_problems(skipped),
+            ("FAR asked", f"{args.far:g}"), ("threshold", f"{calibration.threshold:.4f}"),
+            ("FAR there", f"{calibration.far:.3g}"), ("TAR there", f"{calibration.tar:.4f}")]
+    if calibration.different_pairs * args.far < 1:
+        rows.append(("note", f"{calibration.different_pairs} different pairs cannot measure a FAR of "
+                             f"{args.far:g}: the threshold is above every different pair's score"))
+    print(format_summary("calibrate", rows))
+
+
+def _model_arguments(parser: argparse.ArgumentParser, new_gallery: bool = False) -> None:
+    parser.add_argument("--gallery", required=True, help="The gallery directory.")
+    parser.add_argument("--model", default=None,
+                        help="Run directory or .tflite model" + (
+                            " (required for a new gallery; default: the gallery's)." if new_gallery
+                            else "; default: the one the gallery records."))
+    parser.add_argument("--aligned", action="store_true",
+                        help="The images are aligned face crops already: no detection.")
+    parser.add_argument("--mtcnn", default=None,
+                        help="Detect with the TFLite MTCNN in this directory (pnet/rnet/onet.tflite); "
+                             "needed with a .tflite model. Default: the gallery's, else the mtcnn package.")
+
+
+def _add_commands(commands: argparse._SubParsersAction, prog: str) -> None:
+    enroll = add_command(commands, "enroll", "Enrol people (new ones, or more images of enrolled ones).",
+                         prog=f"{prog} enroll")
+    _model_arguments(enroll, new_gallery=True)
+    source = enroll.add_mutually_exclusive_group()
+    source.add_argument("--images", default=None, help="Folder with one sub-folder of images per person.")
+    source.add_argument("--list", default=None, help="CSV file of image,name rows.")
+    enroll.add_argument("--flip", choices=FLIP_MODES, default=None,
+                        help="Flip mode of a new gallery; default: the run's eval.flip (.tflite: concat).")
+    enroll.add_argument("--index_type", choices=sorted(INDEX_TYPES), default=None,
+                        help="Index of a new gallery; default: sparse for a sparse model, else dense.")
+
+    identify = add_command(commands, "identify", "Name the faces of images (files or folders).",
+                           prog=f"{prog} identify")
+    _model_arguments(identify)
+    identify.add_argument("--output", required=True, help="Folder for report.json and the annotated images.")
+    identify.add_argument("--matching", choices=MATCHING, default="best",
+                          help="A person's score: the best of their embeddings, or the mean of the "
+                               "--mean_of best (default: %(default)s).")
+    identify.add_argument("--mean_of", type=int, default=DEFAULT_MEAN_OF,
+                          help="Embeddings averaged per person with --matching=mean (default: %(default)s).")
+    identify.add_argument("--score_threshold", type=float, default=None,
+                          help="Name a face only above this score; default: the gallery's threshold.")
+    identify.add_argument("inputs", nargs="+", help="Image files and folders.")
+
+    calibrate = add_command(commands, "calibrate",
+                            "Set the gallery's threshold at a false-accept rate on verification pairs.",
+                            prog=f"{prog} calibrate")
+    _model_arguments(calibrate)
+    calibrate.add_argument("--pairs", required=True, help="LFW-format pairs file of your own images.")
+    calibrate.add_argument("--images", required=True, help="Image root of --pairs (one folder per identity).")
+    calibrate.add_argument("--far", type=float, default=1e-3,
+                           help="False-accept rate (default: %(default)s).")
+
+    remove = add_command(commands, "remove", "Remove a person and all their embeddings.",
+                         prog=f"{prog} remove")
+    remove.add_argument("--gallery", required=True, help="The gallery directory.")
+    remove.add_argument("--name", required=True, help="The person to remove.")
+
+    listing = add_command(commands, "list", "List the enrolled people and their embedding counts.",
+                          prog=f"{prog} list")
+    listing.add_argument("--gallery", required=True, help="The gallery directory.")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of `python -m sparse_embed.app`: one sub-command per task."""
+    parser = make_parser(__doc__, program("sparse_embed.app"))
+    commands = parser.add_subparsers(dest="command", required=True, title="sub-commands")
+    _add_commands(commands, parser.prog)
+    return parser
+
+
+@user_errors_exit
+def main(argv: Sequence[str] | None = None) -> None:
+    """Runs one sub-command.
+
+    Args:
+        argv: Arguments after the program name; None reads sys.argv.
+    """
+    args = build_parser().parse_args(argv)
+    COMMANDS.get(args.command)(args)
+
+
+def run() -> None:
+    """Console-script entry point."""
+    main()
+
+
+if __name__ == "__main__":
+    run()

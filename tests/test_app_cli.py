@@ -1,0 +1,259 @@
+"""`python -m sparse_embed.app` end to end: enrol, list, identify, calibrate, remove, with the smoke
+run (Keras), its TFLite export (no TensorFlow in the process) and MTCNN on a real photograph.
+
+The smoke run is trained for a few steps and does not tell synthetic identities apart reliably, so
+the round trip enrols and queries the same aligned crops: each query's own embedding is in the
+gallery with score 1, which proves the gallery, the per-person matching and the report, not the
+model's accuracy. `unknown` for held-out people is checked at a threshold calibrated on pairs
+that include every (held-out image, enrolled image) pair as a different pair: the calibrated
+threshold is then above every score a held-out face can get.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from conftest import assert_main_user_error, assert_user_error, call_main, run_module
+from skimage import data as skimage_data
+
+from sparse_embed.app.__main__ import main
+from sparse_embed.app.gallery import Gallery
+
+pytestmark = pytest.mark.integration
+
+ENROLLED = ("id_00000", "id_00001", "id_00002", "id_00003")
+IMAGES = 3  # enrolled per person
+# Packages a device without TensorFlow lacks (as in test_edge).
+BLOCKED = ("tensorflow", "tf_keras", "keras", "mtcnn")
+BLOCKER = f"""
+import importlib.abc
+import sys
+
+
+class _Blocker(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {BLOCKED!r}:
+            raise ImportError(f"{{name}} is not installed on the device")
+        return None
+
+
+sys.meta_path.insert(0, _Blocker())
+"""
+
+
+@pytest.fixture(scope="module")
+def people(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """PEOPLE/<person>/k.jpg: the first IMAGES training crops of the ENROLLED identities."""
+    root = tmp_path_factory.mktemp("people")
+    for person in ENROLLED:
+        (root / person).mkdir()
+        for k in range(IMAGES):
+            shutil.copy(tiny_data / "train" / person / f"{k}.jpg", root / person / f"{k}.jpg")
+    return root
+
+
+@pytest.fixture(scope="module")
+def gallery(smoke_run: Path, people: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The ENROLLED people in a gallery of the smoke run (sparse: a relu embedding)."""
+    out = tmp_path_factory.mktemp("gallery") / "g"
+    assert call_main(main, "enroll", f"--gallery={out}", f"--model={smoke_run}", f"--images={people}",
+                     "--aligned") == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def tflite_model(smoke_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from sparse_embed.inference import load_backbone
+    from sparse_embed.keras import tf
+
+    backbone, _ = load_backbone(smoke_run)
+    path = tmp_path_factory.mktemp("tflite") / "model.tflite"
+    path.write_bytes(tf.lite.TFLiteConverter.from_keras_model(backbone).convert())
+    return path
+
+
+def _report(out: Path) -> list[dict]:
+    return json.loads((out / "report.json").read_text())
+
+
+def test_enrol_and_identify_round_trip(gallery: Path, people: Path, tmp_path: Path,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    loaded = Gallery.load(gallery)
+    assert loaded.counts() == {person: IMAGES for person in ENROLLED}
+    assert loaded.model.index_type == "sparse" and loaded.calibration is None
+    assert call_main(main, "list", f"--gallery={gallery}") == 0
+    assert "4 people, 12 embeddings" in capsys.readouterr().out
+    out = tmp_path / "out"
+    assert call_main(main, "identify", f"--gallery={gallery}", f"--output={out}", "--aligned",
+                     "--score_threshold=0.99", people) == 0
+    report = _report(out)
+    assert len(report) == len(ENROLLED) * IMAGES
+    for entry in report:
+        assert set(entry) == {"input", "faces", "annotated"}
+        (face,) = entry["faces"]
+        assert face["name"] == Path(entry["input"]).parent.name
+        assert face["score"] == pytest.approx(1.0, abs=1e-4) and face["far"] is None
+        assert len(face["box"]) == 4 and np.shape(face["landmarks"]) == (5, 2)
+        assert (out / entry["annotated"]).is_file()
+    # Mean of the top embeddings: the query's own (1.0) and two others of the person, so lower.
+    assert call_main(main, "identify", f"--gallery={gallery}", f"--output={tmp_path / 'mean'}", "--aligned",
+                     "--matching=mean", "--score_threshold=-1", people / ENROLLED[0] / "0.jpg") == 0
+    (face,) = _report(tmp_path / "mean")[0]["faces"]
+    assert face["name"] == ENROLLED[0] and face["score"] < 1.0
+
+
+def test_calibrated_threshold_names_enrolled_people_and_not_held_out_ones(
+        gallery: Path, people: Path, tiny_data: Path, tmp_path: Path) -> None:
+    held_out = sorted(p.name for p in (tiny_data / "test").iterdir())[:2]
+    root = tmp_path / "calib"
+    same, different = [], []
+    for person in ENROLLED:
+        shutil.copytree(people / person, root / person)
+        shutil.copy(people / person / "0.jpg", root / person / "9.jpg")  # an identical copy
+    for person in held_out:
+        shutil.copytree(tiny_data / "test" / person, root / person)
+    for stranger in held_out:
+        for k in range(IMAGES):
+            for person in ENROLLED:
+                for j in range(IMAGES):
+                    different.append(f"{stranger}\t{k}\t{person}\t{j}")
+    same = [f"{ENROLLED[i % len(ENROLLED)]}\t0\t9" for i in range(len(different))]
+    (tmp_path / "pairs.txt").write_text("\n".join([f"1 {len(same)}", *same, *different]) + "\n")
+    g = tmp_path / "g"
+    shutil.copytree(gallery, g)
+    assert call_main(main, "calibrate", f"--gallery={g}", f"--pairs={tmp_path / 'pairs.txt'}",
+                     f"--images={root}", "--far=1e-3", "--aligned") == 0
+    calibration = Gallery.load(g).calibration
+    assert calibration.different_pairs == len(different) and calibration.far == 0.0
+    out = tmp_path / "out"
+    strangers = [tiny_data / "test" / person for person in held_out]
+    assert call_main(main, "identify", f"--gallery={g}", f"--output={out}", "--aligned",
+                     people / ENROLLED[1] / "2.jpg", *strangers) == 0
+    report = _report(out)
+    (known,) = report[0]["faces"]
+    assert known["name"] == ENROLLED[1] and known["far"] == 0.0
+    faces = [face for entry in report[1:] for face in entry["faces"]]
+    assert len(faces) == 2 * len(list((tiny_data / "test" / held_out[0]).iterdir()))
+    assert all(face["name"] == "unknown" for face in faces)
+    # A held-out face scores at most the highest different pair: its FAR is at least 1/n.
+    assert all(face["far"] >= 1 / calibration.different_pairs for face in faces)
+
+
+def test_incremental_enrol_remove_and_an_interrupted_enrol(
+        gallery: Path, tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    g = tmp_path / "g"
+    shutil.copytree(gallery, g)
+    more = tmp_path / "more"
+    for person in ("id_00004", "id_00005"):
+        shutil.copytree(tiny_data / "train" / person, more / person)
+    (tmp_path / "list.csv").write_text(f"image,name\n{tiny_data / 'train' / ENROLLED[0] / '5.jpg'},"
+                                       f"{ENROLLED[0]}\n")
+    assert call_main(main, "enroll", f"--gallery={g}", f"--images={more}", "--aligned") == 0
+    assert call_main(main, "enroll", f"--gallery={g}", f"--list={tmp_path / 'list.csv'}", "--aligned") == 0
+    counts = Gallery.load(g).counts()
+    assert counts[ENROLLED[0]] == IMAGES + 1 and counts["id_00004"] == 6 and len(counts) == 6
+    assert call_main(main, "remove", f"--gallery={g}", "--name=id_00004") == 0
+    assert "id_00004" not in Gallery.load(g).counts()
+
+    # A failure in the middle of an enrol (after the first person's embeddings went in): the
+    # gallery on disk is the previous one, loadable and unchanged.
+    before = Gallery.load(g).manifest()
+    calls = []
+
+    def enroll_then_fail(self: Gallery, *args: object) -> None:
+        calls.append(args[0])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        original(self, *args)
+
+    original = Gallery.enroll
+    monkeypatch.setattr(Gallery, "enroll", enroll_then_fail)
+    with pytest.raises(KeyboardInterrupt):
+        call_main(main, "enroll", f"--gallery={g}", f"--images={more}", "--aligned")
+    monkeypatch.undo()
+    assert len(calls) == 2 and Gallery.load(g).manifest() == before
+    assert_main_user_error(capsys, main, ["remove", f"--gallery={g}", "--name=nobody"], "no person 'nobody'")
+
+
+def test_bad_inputs_are_reported_or_one_line(gallery: Path, people: Path, tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    # A file that is not an image: skipped and named at enrol, an entry with an error at identify.
+    bad = tmp_path / "bad"
+    (bad / "zoe").mkdir(parents=True)
+    (bad / "zoe" / "notes.txt").write_text("not an image")
+    g = tmp_path / "g"
+    shutil.copytree(gallery, g)
+    assert_main_user_error(capsys, main, ["enroll", f"--gallery={g}", f"--images={bad}", "--aligned"],
+                           "nothing to enrol", "notes.txt: not a decodable image")
+    shutil.copy(people / ENROLLED[0] / "0.jpg", bad / "zoe" / "1.jpg")
+    capsys.readouterr()
+    assert call_main(main, "enroll", f"--gallery={g}", f"--images={bad}", "--aligned") == 0
+    out = capsys.readouterr().out
+    assert "skipped images" in out and "notes.txt" in out and "not a decodable image" in out
+    assert Gallery.load(g).counts()["zoe"] == 1
+    assert call_main(main, "identify", f"--gallery={g}", f"--output={tmp_path / 'out'}", "--aligned",
+                     bad / "zoe" / "notes.txt") == 0
+    assert _report(tmp_path / "out") == [{"input": str(bad / "zoe" / "notes.txt"), "faces": [],
+                                          "error": "not a decodable image"}]
+    # Pairs that name missing images; a gallery that does not exist; a missing input.
+    (tmp_path / "pairs.txt").write_text("1 1\nzoe 1 2\nzoe 1 ann 1\n")
+    assert_main_user_error(capsys, main, ["calibrate", f"--gallery={g}", f"--pairs={tmp_path / 'pairs.txt'}",
+                                          f"--images={bad}", "--aligned"], "missing")
+    assert_main_user_error(capsys, main, ["list", f"--gallery={tmp_path / 'none'}"], "is not a gallery")
+    assert_main_user_error(capsys, main, ["identify", f"--gallery={g}", f"--output={tmp_path / 'o'}",
+                                          tmp_path / "nothing.jpg"], "does not exist")
+
+
+def test_tflite_model_without_tensorflow_and_the_fingerprint_refusal(
+        gallery: Path, people: Path, tflite_model: Path, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    g = tmp_path / "g"
+    assert call_main(main, "enroll", f"--gallery={g}", f"--model={tflite_model}", f"--images={people}",
+                     "--aligned", "--index_type=dense") == 0
+    keras_fp, tflite_fp = Gallery.load(gallery).model.fingerprint, Gallery.load(g).model.fingerprint
+    assert keras_fp != tflite_fp
+    # The line names both models and both fingerprints (the .tflite one with the gallery's flip mode).
+    assert_main_user_error(capsys, main, ["calibrate", f"--gallery={gallery}", f"--model={tflite_model}",
+                                          f"--pairs={tmp_path / 'p.txt'}", f"--images={people}"], "not found")
+    (tmp_path / "p.txt").write_text(f"1 1\n{ENROLLED[0]} 0 1\n{ENROLLED[0]} 0 {ENROLLED[1]} 0\n")
+    assert_main_user_error(capsys, main, ["calibrate", f"--gallery={gallery}", f"--model={tflite_model}",
+                                          f"--pairs={tmp_path / 'p.txt'}", f"--images={people}", "--aligned"],
+                           f"fingerprint {keras_fp[:16]}", "model.tflite (fingerprint ")
+    # The entry point as a process in which TensorFlow cannot be imported: identify with the
+    # gallery's .tflite model.
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(BLOCKER)
+    out = tmp_path / "out"
+    proc = run_module("sparse_embed.app", "identify", f"--gallery={g}", f"--output={out}", "--aligned",
+                      str(people / ENROLLED[2]), pythonpath=(site,))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert all(entry["faces"][0]["name"] == ENROLLED[2] for entry in _report(out))
+    proc = run_module("sparse_embed.app", "identify", f"--gallery={g}", f"--output={out}",
+                      str(people / ENROLLED[2]), pythonpath=(site,))
+    assert_user_error(proc, "--mtcnn=DIR")
+
+
+def test_astronaut_is_detected_enrolled_and_identified(smoke_run: Path, tmp_path: Path) -> None:
+    """A real photograph through the mtcnn package's MTCNN: one face, enrolled and found again;
+    a photograph without a face in the person's folder is reported and skipped."""
+    folder = tmp_path / "people" / "eileen"
+    folder.mkdir(parents=True)
+    cv2.imwrite(str(folder / "astronaut.png"), cv2.cvtColor(skimage_data.astronaut(), cv2.COLOR_RGB2BGR))
+    cv2.imwrite(str(folder / "coffee.png"), cv2.cvtColor(skimage_data.coffee(), cv2.COLOR_RGB2BGR))
+    g, out = tmp_path / "g", tmp_path / "out"
+    assert call_main(main, "enroll", f"--gallery={g}", f"--model={smoke_run}",
+                     f"--images={tmp_path / 'people'}") == 0
+    assert Gallery.load(g).people["eileen"]["images"] == [str(folder / "astronaut.png")]
+    assert call_main(main, "identify", f"--gallery={g}", f"--output={out}", folder / "astronaut.png") == 0
+    (face,) = _report(out)[0]["faces"]
+    assert face["name"] == "eileen" and face["score"] == pytest.approx(1.0, abs=1e-4)
+    x1, y1, x2, y2 = face["box"]
+    # The face of the 512x512 photograph is near (170-260, 80-200) (test_edge's detections).
+    assert 150 < x1 < x2 < 300 and 50 < y1 < y2 < 250

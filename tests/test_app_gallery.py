@@ -1,0 +1,185 @@
+"""The app's gallery logic without a model: the dense store, per-person matching, one-to-one
+assignment, calibration and atomic saves (sparse_embed.app.store, gallery, identify)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sparse_embed.app import gallery as gallery_module
+from sparse_embed.app.gallery import Gallery, ModelRecord, calibration_from_scores
+from sparse_embed.app.identify import assign
+from sparse_embed.app.store import DenseIndex
+from sparse_embed.errors import ConfigError, DataError
+
+pytestmark = pytest.mark.unit
+
+DIM = 8
+
+
+def _unit(rows: np.ndarray) -> np.ndarray:
+    return (rows / np.linalg.norm(rows, axis=1, keepdims=True)).astype(np.float32)
+
+
+def _record(index_type: str = "dense", fingerprint: str = "a" * 64) -> ModelRecord:
+    return ModelRecord(fingerprint, "runs/model", None, 32, 32, DIM, "none", index_type)
+
+
+def test_assignment_is_one_to_one_and_maximises_the_total() -> None:
+    # Greedy by face would give face 0 its best (person 0, 0.9) and leave face 1 with 0.1 (below
+    # the threshold): 0.9 in all. The assignment gives person 0 to face 1 and person 1 to face 0:
+    # 0.95 + 0.8. Face 2 scores below the threshold everywhere: unknown.
+    scores = np.array([[0.9, 0.8, 0.0],
+                       [0.95, 0.1, 0.2],
+                       [0.3, 0.4, 0.45]])
+    assert assign(scores, 0.5) == [1, 0, None]
+    # More faces than people: each person at most once.
+    assert assign(np.array([[0.9], [0.8]]), 0.5) == [0, None]
+    assert assign(np.zeros((0, 3)), 0.5) == [] and assign(np.zeros((2, 0)), 0.5) == [None, None]
+    # Strictly above the threshold.
+    assert assign(np.array([[0.5]]), 0.5) == [None]
+
+
+def test_dense_index_is_exact_and_persists(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    rows = _unit(rng.normal(size=(20, DIM)))
+    index = DenseIndex(DIM)
+    np.testing.assert_array_equal(index.add(rows[:10]), np.arange(10))
+    np.testing.assert_array_equal(index.add(rows[10:]), np.arange(10, 20))
+    index.remove([3, 7])
+    queries = _unit(rng.normal(size=(5, DIM)))
+    ids, scores = index.search(queries, 4)
+    live = np.setdiff1d(np.arange(20), [3, 7])
+    brute = queries @ rows[live].T
+    np.testing.assert_array_equal(ids, live[np.argsort(-brute, axis=1, kind="stable")[:, :4]])
+    np.testing.assert_allclose(scores, -np.sort(-brute, axis=1)[:, :4], rtol=1e-6)
+    # More results than rows: padded; a threshold leaves rows out.
+    ids, scores = index.search(queries[:1], 30, threshold=0.0)
+    assert (ids[0, 18:] == -1).all() and np.isneginf(scores[0, 18:]).all()
+    assert (scores[0][ids[0] >= 0] > 0).all()
+    index.save(tmp_path / "dense")
+    loaded = DenseIndex.load(tmp_path / "dense")
+    np.testing.assert_array_equal(loaded.ids, live)
+    np.testing.assert_array_equal(loaded.search(queries, 4)[0], index.search(queries, 4)[0])
+    # Removed ids are never reused.
+    assert loaded.add(rows[:1])[0] == 20
+    with pytest.raises(ValueError, match="not in the index"):
+        loaded.remove([3])
+    with pytest.raises(DataError, match="no readable dense index"):
+        DenseIndex.load(tmp_path / "missing")
+
+
+@pytest.mark.parametrize("index_type", ["dense", "sparse"])
+def test_person_scores_best_and_mean(tmp_path: Path, index_type: str) -> None:
+    """Against a NumPy per-person maximum and mean of the top 2 of each person's embeddings."""
+    rng = np.random.default_rng(1)
+    # Non-negative rows, so the sparse index holds the same values as the dense one.
+    rows = _unit(np.abs(rng.normal(size=(7, DIM))))
+    owners = ["ann", "ann", "ann", "bob", "bob", "cy", "ann"]
+    gallery = Gallery.create(tmp_path / "g", _record(index_type))
+    for name in ("ann", "bob", "cy"):
+        mine = [i for i, o in enumerate(owners) if o == name]
+        gallery.enroll(name, rows[mine], [f"{name}/{i}.jpg" for i in mine])
+    queries = _unit(np.abs(rng.normal(size=(3, DIM))))
+    names, best = gallery.person_scores(queries, "best")
+    _, mean = gallery.person_scores(queries, "mean", mean_of=2)
+    assert names == ["ann", "bob", "cy"]
+    full = queries @ rows.T
+    for j, name in enumerate(names):
+        mine = full[:, [i for i, o in enumerate(owners) if o == name]]
+        np.testing.assert_allclose(best[:, j], mine.max(axis=1), rtol=1e-5)
+        top = -np.sort(-mine, axis=1)[:, :2]
+        np.testing.assert_allclose(mean[:, j], top.mean(axis=1), rtol=1e-5)
+    with pytest.raises(ConfigError, match="matching must be one of"):
+        gallery.person_scores(queries, "vote")
+
+
+def test_calibration_threshold_and_far_of_a_score() -> None:
+    # 4 different pairs (0.1, 0.2, 0.3, 0.6) and 3 same ones (0.5, 0.7, 0.9).
+    scores = np.array([0.1, 0.2, 0.3, 0.6, 0.5, 0.7, 0.9])
+    issame = np.array([False] * 4 + [True] * 3)
+    calibration = calibration_from_scores(scores, issame, 0.25, "pairs.txt")
+    # FAR <= 0.25 accepts at most one different pair: the lowest such threshold lies between 0.3
+    # and the next score, 0.5 (the ROC curve's thresholds lie midway), accepting 0.6 only, and the
+    # three same pairs (0.5, 0.7, 0.9) all score above it.
+    assert calibration.threshold == pytest.approx(0.4)
+    assert calibration.far == pytest.approx(0.25) and calibration.tar == 1.0
+    # A score's FAR: the fraction of different pairs scoring at least as high.
+    np.testing.assert_allclose(calibration.far_of([0.05, 0.1, 0.25, 0.6, 0.65, 1.0]),
+                               [1.0, 1.0, 0.5, 0.25, 0.0, 0.0])
+    # A FAR the pairs cannot measure: above every different pair.
+    strict = calibration_from_scores(scores, issame, 1e-3, "pairs.txt")
+    assert strict.threshold >= 0.6 and strict.far == 0.0
+    with pytest.raises(ConfigError, match="--far must lie in"):
+        calibration_from_scores(scores, issame, 0.0, "pairs.txt")
+
+
+def _snapshot(directory: Path) -> dict:
+    g = Gallery.load(directory)
+    return {"manifest": g.manifest(), "rows": g.rows.tolist(), "ids": g.index.ids.tolist()}
+
+
+@pytest.mark.parametrize("index_type", ["dense", "sparse"])
+def test_gallery_round_trip_incremental_remove_and_atomic_failure(tmp_path: Path, index_type: str,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(2)
+    directory = tmp_path / "g"
+    gallery = Gallery.create(directory, _record(index_type))
+    gallery.enroll("ann", _unit(np.abs(rng.normal(size=(2, DIM)))), ["a1.jpg", "a2.jpg"])
+    gallery.save()
+    gallery = Gallery.load(directory)
+    gallery.enroll("bob", _unit(np.abs(rng.normal(size=(1, DIM)))), ["b1.jpg"])
+    gallery.enroll("ann", _unit(np.abs(rng.normal(size=(1, DIM)))), ["a3.jpg"])
+    gallery.save()
+    assert Gallery.load(directory).counts() == {"ann": 3, "bob": 1}
+    assert Gallery.load(directory).people["ann"]["images"] == ["a1.jpg", "a2.jpg", "a3.jpg"]
+    before = _snapshot(directory)
+    assert len(list(directory.glob("state-*"))) == 1
+
+    # A failure in the middle of writing the new state (after the index, before the rows):
+    # the previous state stays current and loads unchanged; the partial state is gone.
+    gallery = Gallery.load(directory)
+    gallery.enroll("cy", _unit(np.abs(rng.normal(size=(2, DIM)))), ["c1.jpg", "c2.jpg"])
+
+    def broken(path: Path, array: np.ndarray) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(gallery_module, "_save_npy", broken)
+    with pytest.raises(OSError, match="disk full"):
+        gallery.save()
+    monkeypatch.undo()
+    assert _snapshot(directory) == before
+    assert len(list(directory.glob("state-*"))) == 1
+
+    # A crash that left a complete but unreferenced state behind: ignored, cleaned by the next save.
+    (directory / "state-deadbeef0000").mkdir()
+    assert _snapshot(directory) == before
+    gallery = Gallery.load(directory)
+    assert gallery.remove("ann") == 3
+    gallery.save()
+    assert Gallery.load(directory).counts() == {"bob": 1}
+    assert [p.name for p in directory.glob("state-*")] == [json.loads(
+        (directory / "gallery.json").read_text())["state"]]
+    with pytest.raises(DataError, match="no person 'zed'"):
+        Gallery.load(directory).remove("zed")
+
+
+def test_a_gallery_refuses_another_model(tmp_path: Path) -> None:
+    gallery = Gallery.create(tmp_path / "g", _record(fingerprint="a" * 64))
+    gallery.check_model("a" * 64, "runs/model")
+    with pytest.raises(ConfigError) as error:
+        gallery.check_model("b" * 64, "other.tflite")
+    message = str(error.value)
+    assert "\n" not in message and "a" * 16 in message and "b" * 16 in message and "other.tflite" in message
+
+
+def test_what_is_not_a_gallery(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="is not a gallery"):
+        Gallery.load(tmp_path)
+    (tmp_path / "occupied").mkdir()
+    (tmp_path / "occupied" / "x.txt").write_text("x")
+    with pytest.raises(DataError, match="exists and is not a gallery"):
+        Gallery.create(tmp_path / "occupied", _record())
