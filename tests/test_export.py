@@ -14,9 +14,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import assert_user_error, run_module
+from conftest import assert_main_user_error, call_main, run_module
 
 from sparse_embed.config import load_config, save_config
+from sparse_embed.export import main as export_main
 from sparse_embed.training.trainer import train
 
 pytestmark = pytest.mark.integration
@@ -143,23 +144,26 @@ def test_int8_full_is_integer_only(tflite_exports: tuple) -> None:
 
 @pytest.mark.slow
 def test_failing_gate_keeps_the_onnx_model_as_failed(run_dir: Path, tiny_data: Path,
-                                                     held_out: tuple, tmp_path: Path) -> None:
+                                                     held_out: tuple, tmp_path: Path,
+                                                     capfd: pytest.CaptureFixture[str]) -> None:
+    """In this process (main(argv)), with file descriptors 1 and 2 captured."""
     import onnxruntime
 
     # No --data_dir: the run's own (run.json) gives the held-out images and the pairs.
-    proc = run_module("sparse_embed.export", f"--model_dir={run_dir}",
-                      "--format=onnx", f"--held_out={HELD_OUT}", "--min_cosine=1.01",
-                      f"--output={tmp_path}")
-    assert proc.returncode == 1, proc.stderr[-3000:]
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    capfd.readouterr()
+    code = call_main(export_main, f"--model_dir={run_dir}", "--format=onnx", f"--held_out={HELD_OUT}",
+                     "--min_cosine=1.01", f"--output={tmp_path}")
+    stdout, stderr = capfd.readouterr()
+    assert code == 1, stderr[-3000:]
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr
     assert "parity gate failed" in lines[0] and "--min_cosine=1.01" in lines[0]
     folder = tmp_path / "onnx_fp32"
     assert sorted(p.name for p in folder.iterdir()) == ["export.json", "model.failed.onnx"]
     record = json.loads((folder / "export.json").read_text())
     assert not record["passed"] and "mean cosine" in record["reason"]
     assert record["parity"]["mean_cosine"] > 0.99999 and record["input"]["name"] == "images"
-    assert "FAIL" in proc.stdout
+    assert "FAIL" in stdout
     images, keras_embeddings = held_out
     session = onnxruntime.InferenceSession(str(folder / "model.failed.onnx"),
                                            providers=["CPUExecutionProvider"])
@@ -361,22 +365,24 @@ def test_format_takes_only_its_modes() -> None:
         check_format("tflite", "int4")
 
 
-def test_model_dir_without_a_trained_model(tiny_data: Path, tmp_path: Path) -> None:
-    proc = run_module("sparse_embed.export", f"--model_dir={tmp_path}", f"--data_dir={tiny_data}")
-    assert_user_error(proc, "config.yaml not found")
+def test_model_dir_without_a_trained_model(tiny_data: Path, tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    assert_main_user_error(capsys, export_main, [f"--model_dir={tmp_path}", f"--data_dir={tiny_data}"],
+                           "config.yaml not found")
     untrained = tmp_path / "untrained"
     untrained.mkdir()
     save_config(load_config("smoke"), untrained / "config.yaml")
-    proc = run_module("sparse_embed.export", f"--model_dir={untrained}", f"--data_dir={tiny_data}",
-                      "--quantize=int8")
-    assert_user_error(proc, "no checkpoint", "train first")
+    assert_main_user_error(capsys, export_main, [f"--model_dir={untrained}", f"--data_dir={tiny_data}",
+                                                 "--quantize=int8"], "no checkpoint", "train first")
     assert sorted(p.name for p in untrained.iterdir()) == ["config.yaml"]
 
 
-def test_representative_set_of_the_wrong_size(run_dir: Path, tiny_data: Path, tmp_path: Path) -> None:
+def test_representative_set_of_the_wrong_size(run_dir: Path, tiny_data: Path, tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
     array = tmp_path / "calibration.npy"
     np.save(array, np.zeros((4, 28, 28, 3), np.float32))
-    proc = run_module("sparse_embed.export", f"--model_dir={run_dir}", f"--data_dir={tiny_data}",
-                      "--quantize=int8", f"--representative={array}", f"--output={tmp_path / 'out'}")
-    assert_user_error(proc, "calibration.npy", "(4, 28, 28, 3)", "[N, 32, 32, 3]")
+    assert_main_user_error(capsys, export_main, [f"--model_dir={run_dir}", f"--data_dir={tiny_data}",
+                                                 "--quantize=int8", f"--representative={array}",
+                                                 f"--output={tmp_path / 'out'}"],
+                           "calibration.npy", "(4, 28, 28, 3)", "[N, 32, 32, 3]")
     assert not (tmp_path / "out").exists()
