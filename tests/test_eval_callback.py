@@ -11,10 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import assert_user_error, run_module, scalars
+from conftest import assert_main_user_error, scalars
 
 from sparse_embed.config import load_config
 from sparse_embed.data.verification import read_bin, read_pairs, write_bin
+from sparse_embed.train import main as train_main
 from sparse_embed.training.callbacks import BEST_DIR, BEST_JSON, read_best
 from sparse_embed.training.trainer import train
 
@@ -115,19 +116,21 @@ def test_resume_keeps_the_best_value(run: Path, tiny_data: Path, pack: Path, tmp
     assert read_best(resumed) == unbeatable
 
 
-def test_bad_eval_config_is_one_line_before_training(tiny_data: Path, tmp_path: Path) -> None:
+def test_bad_eval_config_is_one_line_before_training(tiny_data: Path, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """In this process (main(argv))."""
     out = tmp_path / "run"
 
-    def train_cli(*overrides: str):
-        args = ["sparse_embed.train", "--config=smoke", f"--data_dir={tiny_data}", f"--model_dir={out}"]
+    def train_args(*overrides: str) -> list[str]:
+        args = ["--config=smoke", f"--data_dir={tiny_data}", f"--model_dir={out}"]
         for item in ("eval.every_steps=2", *overrides):
             args += ["--set", item]
-        return run_module(*args)
+        return args
 
-    assert_user_error(train_cli("eval.keep_best=lfw/acc"), "eval.keep_best metric 'acc'",
-                      "accuracy")
-    assert_user_error(train_cli("eval.keep_best=cfp/accuracy"), "eval.keep_best=cfp/accuracy",
-                      "eval.sets (lfw)")
-    assert_user_error(train_cli("eval.sets=[{name: cfp, bin: no_such.bin}]"), "eval.sets 'cfp'",
-                      "no_such.bin", "not found")
+    assert_main_user_error(capsys, train_main, train_args("eval.keep_best=lfw/acc"),
+                           "eval.keep_best metric 'acc'", "accuracy")
+    assert_main_user_error(capsys, train_main, train_args("eval.keep_best=cfp/accuracy"),
+                           "eval.keep_best=cfp/accuracy", "eval.sets (lfw)")
+    assert_main_user_error(capsys, train_main, train_args("eval.sets=[{name: cfp, bin: no_such.bin}]"),
+                           "eval.sets 'cfp'", "no_such.bin", "not found")
     assert not out.exists()
