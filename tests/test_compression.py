@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import assert_user_error, op_determinism, run_module, scalars
+from conftest import assert_main_user_error, op_determinism, scalars
 
 from sparse_embed import compression
 from sparse_embed.checkpoints import CHECKPOINT_DIR, checkpoint_for
@@ -18,6 +18,7 @@ from sparse_embed.inference import load_backbone
 from sparse_embed.keras import keras, tf
 from sparse_embed.models import build_model
 from sparse_embed.models.embedding import SoftThreshold
+from sparse_embed.train import main as train_main
 from sparse_embed.training.trainer import build_networks, train
 
 pytestmark = pytest.mark.unit
@@ -259,7 +260,8 @@ def test_init_from_restores_backbone_and_head(runs: dict[str, Path]) -> None:
 
 
 @pytest.mark.slow
-def test_bad_compression_input(tiny_data: Path, runs: dict[str, Path], tmp_path: Path) -> None:
+def test_bad_compression_input(tiny_data: Path, runs: dict[str, Path], tmp_path: Path,
+                               capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError, match="config.yaml not found"):
         train(load_config("smoke", SMOKE + [f"train.init_from={tmp_path / 'empty'}"]), tiny_data,
@@ -287,9 +289,9 @@ def test_bad_compression_input(tiny_data: Path, runs: dict[str, Path], tmp_path:
     bad = dataclasses.replace(load_config("smoke").compression, type="prune", m_by_n=(4, 2))
     with pytest.raises(ConfigError, match="m < n"):
         compression.compress(build_model(load_config("smoke").model), bad, 10)
-    proc = run_module("sparse_embed.train", f"--data_dir={tiny_data}", f"--model_dir={tmp_path / 'g'}",
-                      f"--init_from={untrained}")
-    assert_user_error(proc, "has no checkpoint", str(untrained))
+    assert_main_user_error(capsys, train_main, [f"--data_dir={tiny_data}", f"--model_dir={tmp_path / 'g'}",
+                                                f"--init_from={untrained}"],
+                           "has no checkpoint", str(untrained))
 
 
 # tf.distribute needs its logical CPUs before TensorFlow starts, and a second strategy in the
