@@ -1,4 +1,4 @@
-"""Export embeddings of a trained model to HDF5 (`embedding`, `label`, `filename`).
+"""Export embeddings of a trained model to HDF5 (`embedding`, `label`, `filename`[, `confidence`]).
 
     python -m sparse_embed.embed --model_dir=runs/sparse_mfn --images=data/lfw --output=lfw.hdf5
     python -m sparse_embed.embed --model_dir=runs/sparse_mfn --tfrecords='data/val-*' --output=val.hdf5
@@ -8,6 +8,13 @@
         --output=megaface_sparse_mfn.hdf5
     # the verification pairs of the run's own data (data.pairs under the data_dir it was trained on)
     python -m sparse_embed.embed --model_dir=runs/sparse_mfn --output=pairs.hdf5
+
+A probabilistic run (`model.distribution` other than `dirac`) also writes each
+image's `confidence` (its distribution's: -mean log sigma^2 for a Gaussian,
+log kappa for a vMF; higher is surer); `embedding` is the L2-normalised mean,
+with the zeros of a sparse mean kept. With --flip=sum or concat an image is
+embedded as it is and mirrored, and its confidence is the smaller of the two
+views' confidences (as a pair's confidence is the smaller of its two images').
 """
 
 from __future__ import annotations
@@ -15,6 +22,8 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 from pathlib import Path
+
+import numpy as np
 
 from sparse_embed.cli import make_parser, program, user_errors_exit
 from sparse_embed.errors import ConfigError, DataError
@@ -96,7 +105,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     # libjpeg reports a corrupt JPEG on the process's stderr itself ("Improper call to JPEG
     # library in state 201"); such a file is skipped and listed in the summary instead.
     with native_stderr_to_file(replay_on_error=False, keep_python=True):
-        embeddings = embed_dataset(backbone, dataset, args.flip or config.eval.flip, total=total)
+        embeddings = embed_dataset(backbone, dataset, args.flip or config.eval.flip, total=total,
+                                   distribution=config.model.distribution.build(
+                                       config.model.embedding_size))
     unreadable = []
     if args.images or manifest is not None:
         unreadable = pipeline.missing_paths(paths, embeddings.filename)
@@ -110,6 +121,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     n, d = embeddings.embedding.shape
     rows = [("output", args.output), ("embeddings", n), ("dims", d),
             ("skipped", len(unreadable))]
+    if embeddings.confidence is not None:
+        low, high = np.min(embeddings.confidence), np.max(embeddings.confidence)
+        rows.append(("confidence", f"{np.mean(embeddings.confidence):.4g} mean, "
+                                   f"{low:.4g} to {high:.4g}"))
     rows += [(f"  skipped {path}", "not a decodable image") for path in unreadable]
     print(format_summary("embed", rows))
 

@@ -14,7 +14,11 @@ Prints accuracy (k-fold mean and std, or View 1's single fold), the threshold,
 ROC AUC, EER, TAR@FAR where the pairs allow, sparsity statistics and search
 time, with a note under the table saying how the threshold was chosen; writes
 them to `<model_dir>/eval.json` (or --output) and the ROC curve beside it
-(`eval.roc.png`).
+(`eval.roc.png`). Pairs are scored with the run's test-time scorer (cosine;
+MLS for PFE, SCF and SPE; HIB's own, with its trained weights). A run with a
+confidence adds confidence_auroc, confidence_aupr and confidence_aurcc (pair
+confidence: the smaller of its two images') and the risk-coverage curve
+(`eval.risk.png`).
 
 The other protocols work on HDF5 embedding files written by
 `sparse_embed.embed` (no TensorFlow import) and are sub-commands, each with
@@ -128,26 +132,35 @@ def _verification(args: argparse.Namespace) -> None:
             raise ConfigError("--threshold_pairs needs --pairs_images (the image root it refers to)")
         threshold_pairs = read_pairs(args.threshold_pairs, images)
     # TensorFlow is imported only once the inputs are known to be usable.
-    from sparse_embed.inference import evaluate_bin, evaluate_verification, load_backbone
+    from sparse_embed.inference import (
+        load_backbone,
+        risk_coverage_errors,
+        scoring_for,
+        verify_bin,
+        verify_pairs,
+    )
 
     backbone, config = load_backbone(args.model_dir, untrained=args.untrained)
-    from sparse_embed.plots import plot_roc
+    scoring = scoring_for(backbone, config, None if args.untrained else args.model_dir)
+    from sparse_embed.plots import plot_risk_coverage, plot_roc
 
     # libjpeg's own report of a corrupt JPEG stays off the terminal: the error names the file.
     with native_stderr_to_file(replay_on_error=False, keep_python=True):
         if pack is not None:
-            results, scores = evaluate_bin(backbone, config, pack, name=Path(args.bin).name,
-                                           threshold_pairs=threshold_pairs)
-            issame = pack.issame
+            verified = verify_bin(backbone, config, pack, name=Path(args.bin).name,
+                                  threshold_pairs=threshold_pairs, scoring=scoring)
         else:
-            results, scores = evaluate_verification(backbone, config, pairs, threshold_pairs)
-            issame = pairs.issame
+            verified = verify_pairs(backbone, config, pairs, threshold_pairs, scoring)
     name = Path(args.model_dir).name
-    print(format_results({name: results}))
+    print(format_results({name: verified.results}))
     output = Path(args.output or Path(args.model_dir) / "eval.json")
     with atomic_path(output) as tmp:
-        tmp.write_text(json.dumps(results, indent=2))
-    plot_roc({name: (scores, issame)}, output.with_suffix(".roc.png"))
+        tmp.write_text(json.dumps(verified.results, indent=2))
+    plot_roc({name: (verified.scores, verified.issame)}, output.with_suffix(".roc.png"))
+    if verified.confidence is not None:
+        plot_risk_coverage({name: risk_coverage_errors(verified.scores, verified.issame,
+                                                       verified.confidence)},
+                           output.with_suffix(".risk.png"))
 
 
 def run() -> None:

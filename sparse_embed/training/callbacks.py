@@ -22,9 +22,8 @@ from sparse_embed.data.verification import read_bin, read_pairs, unique_images
 from sparse_embed.errors import ConfigError, DataError, TrainingError
 from sparse_embed.fileio import atomic_path
 from sparse_embed.inference import (
+    PairScoring,
     build_backbone,
-    embed_with,
-    embedding_function,
     pair_results,
     save_backbone,
 )
@@ -322,9 +321,14 @@ class VerificationEval(_StepCallback):
     under Horovod or `multi_worker` the other workers go on to the next step
     and wait in its all-reduce until the chief joins.
 
+    Pairs are scored as `evaluate` scores them (`PairScoring`: the run's
+    test-time scorer; HIB's with the training head's current weights).
+
     Each evaluation writes `eval/<set>/<metric>` scalars (accuracy,
     accuracy_std, threshold, auc, eer, tar@far=1e-3 where the set has enough
-    different pairs, embedding_size, mean_nnz, flops_per_pair, r_sub) and,
+    different pairs, embedding_size, mean_nnz, flops_per_pair, r_sub, and
+    confidence_auroc, confidence_aupr, confidence_aurcc where the run has a
+    confidence) and,
     with `verbose`, prints one line per set. With `eval.keep_best`, an
     evaluation that improves on the best so far (strictly: ties keep the
     earlier step) replaces `model_dir/best`, a symlink swapped atomically onto
@@ -354,7 +358,7 @@ class VerificationEval(_StepCallback):
         self.verbose = verbose
         self.flip = config.eval.flip if config.eval.flip != "none" else "sum"
         self._twin = build_backbone(config)
-        self._embed = embedding_function(self._twin, self.flip)
+        self._scoring: PairScoring | None = None
         self._best_config = dataclasses.replace(
             config, eval=dataclasses.replace(config.eval, flip=self.flip))
         self._mode = BEST_METRICS.get(config.eval.best_metric) if config.eval.keep_best else ""
@@ -390,14 +394,22 @@ class VerificationEval(_StepCallback):
         step = self.step
         self._twin.set_weights(self.backbone.get_weights())
         compression.after_restore(self._twin)
+        if self._scoring is None:
+            # The training head's scorer (HIB's weights train with it), once fit has set the model.
+            head = getattr(self.model, "head", None)
+            self._scoring = PairScoring(self._twin, self.config, self.flip,
+                                        scorer=getattr(head, "scorer", None))
         results = {}
         for evaluation in self.sets:
             start = time.perf_counter()
             dataset = bytes_dataset(evaluation.images, evaluation.names, self.config.eval.batch_size,
                                     self.config.model.input_shape)
-            emb = embed_with(self._embed, dataset, total=len(evaluation.names)).embedding
-            measured, _ = pair_results(emb, evaluation.left, evaluation.right, evaluation.issame,
-                                       evaluation.fold, self.config.sparsity.zero_threshold)
+            inputs, _ = self._scoring.embed(dataset, total=len(evaluation.names))
+            scores = self._scoring.scores(inputs, evaluation.left, evaluation.right)
+            measured, _ = pair_results(inputs.embedding, evaluation.left, evaluation.right,
+                                       evaluation.issame, evaluation.fold,
+                                       self.config.sparsity.zero_threshold, scores=scores,
+                                       confidence=inputs.confidence)
             metrics = {_tag_name(k): float(v) for k, v in measured.items() if not isinstance(v, str)}
             results[evaluation.name] = metrics
             with self.writer.as_default(step=step):
