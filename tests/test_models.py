@@ -11,12 +11,13 @@ import re
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import run_module
+from conftest import call_main, run_module
 
 from sparse_embed.config import ModelConfig
 from sparse_embed.errors import ConfigError
 from sparse_embed.keras import keras
 from sparse_embed.models import MODELS, build_model
+from sparse_embed.models.__main__ import main as models_main
 from sparse_embed.models.common import SE_BACKBONES
 from sparse_embed.models.embedding import ACTIVATIONS, SoftThreshold, embedding_block
 from sparse_embed.models.iresnet import (
@@ -611,25 +612,29 @@ def _program_stderr(stderr: str) -> list[str]:
 
 
 @pytest.mark.integration
-def test_cli_prints_params_and_macs() -> None:
-    proc = run_module("sparse_embed.models", "mobilefacenet_tiny", "--embedding_size=24",
-                      "--final_activation=soft_threshold", "--json")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    row = json.loads(proc.stdout)
+def test_cli_prints_params_and_macs(capsys: pytest.CaptureFixture[str]) -> None:
+    """In this process (main(argv)); the command runs as a process in the test below."""
+    capsys.readouterr()
+    code = call_main(models_main, "mobilefacenet_tiny", "--embedding_size=24",
+                     "--final_activation=soft_threshold", "--json")
+    out, err = capsys.readouterr()
+    assert code == 0, err[-3000:]
+    row = json.loads(out)
     model = MODELS.get("mobilefacenet_tiny")(embedding_size=24, final_activation="soft_threshold")
     assert row == {"model": "mobilefacenet_tiny", "params": count_params(model),
                    "macs": count_macs(model), "embedding_size": 24, "input_size": 32,
                    "input_width": 32}
 
-    table = run_module("sparse_embed.models", "mobilefacenet_tiny", "--input_size=64")
-    assert table.returncode == 0, table.stderr[-3000:]
+    code = call_main(models_main, "mobilefacenet_tiny", "--input_size=64")
+    out, err = capsys.readouterr()
+    assert code == 0, err[-3000:]
     model = MODELS.get("mobilefacenet_tiny")(input_size=64)
-    assert f"{count_macs(model):,}" in table.stdout
-    assert f"{count_params(model):,}" in table.stdout
+    assert f"{count_macs(model):,}" in out
+    assert f"{count_params(model):,}" in out
 
 
 @pytest.mark.slow
-def test_cli_all_prints_every_full_size_model(tmp_path) -> None:
+def test_cli_all_prints_every_full_size_model(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
     output = tmp_path / "models.json"
     proc = run_module("sparse_embed.models", "--all", "--json", "--repeats=1", f"--output={output}")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -644,18 +649,22 @@ def test_cli_all_prints_every_full_size_model(tmp_path) -> None:
         assert (by_name[name]["params"], by_name[name]["macs"]) == _size(name)
     assert all(row["latency_ms"] > 0 for row in rows)
 
-    usage = run_module("sparse_embed.models", "--all", "nin")
-    assert usage.returncode != 0 and "--all takes no model name" in usage.stderr
-    usage = run_module("sparse_embed.models", "nin", f"--output={output}")
-    assert usage.returncode == 2 and "--output needs --all" in usage.stderr
+    # The usage errors in this process (main(argv)).
+    capsys.readouterr()
+    code = call_main(models_main, "--all", "nin")
+    assert code != 0 and "--all takes no model name" in capsys.readouterr().err
+    code = call_main(models_main, "nin", f"--output={output}")
+    assert code == 2 and "--output needs --all" in capsys.readouterr().err
 
 
-@pytest.mark.integration
-def test_cli_unknown_model_is_a_one_line_user_error() -> None:
-    proc = run_module("sparse_embed.models", "mobilefacenet_small")
-    assert proc.returncode == 2
-    assert "Traceback" not in proc.stderr
-    lines = _program_stderr(proc.stderr)
-    assert len(lines) == 1, proc.stderr
+def test_cli_unknown_model_is_a_one_line_user_error(capsys: pytest.CaptureFixture[str]) -> None:
+    """In this process (main(argv)): TensorFlow's load-time lines are long gone."""
+    capsys.readouterr()
+    code = call_main(models_main, "mobilefacenet_small")
+    out, err = capsys.readouterr()
+    assert code == 2
+    assert "Traceback" not in err
+    lines = _program_stderr(err)
+    assert len(lines) == 1, err
     assert all(name in lines[0] for name in MODELS.names())
-    assert proc.stdout == ""
+    assert out == ""
