@@ -2,9 +2,10 @@
 
     horovodrun -np N python distributed_checks.py CHECK OUT ...      (Horovod ranks)
     python distributed_checks.py step_equivalence OUT mirrored       (2 replicas on 2 logical CPUs)
+    python distributed_checks.py pe_step_equivalence OUT mirrored
 
 Each rank writes what it measured to OUT/rank<r>.npz; tests/test_distributed.py
-launches the processes and compares. Kept out of pytest's collection (no
+and tests/test_pe_distributed.py launch the processes and compare. Kept out of pytest's collection (no
 `test_` prefix): it is a program, one process per rank.
 """
 
@@ -93,6 +94,91 @@ def step_equivalence(out: Path, backend: str = "horovod") -> None:
     np.savez(out / f"rank{rank}.npz", **results)
 
 
+# The probabilistic methods whose loss couples the examples of a batch (gathered over the workers),
+# and those whose loss is a mean over examples (each worker's own batch).
+PE_GATHERED = ("hib", "pfe", "spe")
+PE_PER_EXAMPLE = ("dul_reg", "dul_cls", "scf", "vmf_fl", "vmf_loss", "dsml")
+PE_DIM, PE_LR = 4, 0.1
+# Rank 0's batch, then rank 1's: class 1 is on both (SPE then counts classes 2, 4 and 2 times).
+PE_LABELS = np.array([0, 0, 1, 1, 1, 2, 1, 2], np.int32)
+
+
+def _pe_trainer(method: str, gather: bool, strategy) -> EmbeddingTrainer:
+    """A one-layer network into the method's parameter vectors and its head; the same weights every call."""
+    from sparse_embed.config import HeadConfig
+    from sparse_embed.distributions.base import build_distribution
+    from sparse_embed.heads import HEADS, build_head
+
+    # The same layer and variable names on every rank whatever it built before (rank 0 builds the
+    # references too): Horovod matches its collectives by name.
+    keras.backend.clear_session()
+    keras.utils.set_random_seed(0)
+    options = dict(HEADS.get(method).distribution)
+    distribution = build_distribution(options.pop("name"), PE_DIM, **options)
+    width = distribution.num_parameters
+    with strategy.scope():
+        inputs = keras.Input((6, 6, 3))
+        backbone = keras.Model(inputs, keras.layers.Dense(width)(keras.layers.Flatten()(inputs)))
+        config = HeadConfig(name=method, gather_batch=gather)
+        head = build_head(CLASSES, width, config, distribution=distribution)
+        head.strategy = strategy
+        head.build((None, width))
+        model = EmbeddingTrainer(backbone, head, load_config(None, ["sparsity.type=none"]).sparsity, strategy,
+                                 distribution=distribution)
+        # One step: tracing it would cost more than running it.
+        model.compile(optimizer=keras.optimizers.SGD(PE_LR), run_eagerly=True)
+        model.optimizer.build(model.trainable_variables)
+    return model
+
+
+def pe_step_equivalence(out: Path, backend: str = "horovod") -> None:
+    """One step of every probabilistic method on N workers x batch B against one process.
+
+    The draws of the sampled losses come from the fixed evaluation seed (in
+    training too), so ranks and reference see the same samples of a batch. The
+    methods of `PE_GATHERED` gather the batch: their reference is the loss of
+    the N*B batch. The others are means over examples: their reference is the
+    mean of the workers' losses of their own batches (the loss of the N*B batch
+    where nothing is sampled). `local_reference_loss` is the mean of the
+    workers' losses for the gathered methods too: what they would optimise
+    without gathering. Rank 0 alone computes the references.
+    """
+    from sparse_embed.heads import probabilistic
+
+    strategy = HorovodStrategy() if backend == "horovod" else _mirrored_on_two_cpus()
+    fixed = tf.constant(probabilistic.EVALUATION_SEED, tf.int64)
+    probabilistic._seed = lambda training: fixed
+    rank, size = strategy.worker_index, strategy.num_workers
+    rng = np.random.default_rng(3)
+    images = rng.uniform(-1, 1, (size * PER_RANK, 6, 6, 3)).astype(np.float32)
+    labels = np.resize(PE_LABELS, size * PER_RANK)
+    mine = slice(rank * PER_RANK, (rank + 1) * PER_RANK) if backend == "horovod" else slice(None)
+    halves = [slice(r * PER_RANK, (r + 1) * PER_RANK) for r in range(size)]
+    results: dict[str, np.ndarray] = {}
+    for method in PE_GATHERED + PE_PER_EXAMPLE:
+        gather = method in PE_GATHERED
+        model = _pe_trainer(method, gather, strategy)
+        strategy.broadcast_variables(model.variables + model.optimizer.variables)
+        logs = model.train_on_batch(images[mine], labels[mine], return_dict=True)
+        results[f"{method}/weights"] = np.concatenate([w.numpy().ravel() for w in model.trainable_variables])
+        results[f"{method}/loss"] = np.float64(logs["head_loss"])
+        if rank > 0:
+            # The ranks' weights are compared with each other; one reference is enough.
+            continue
+        ref = _pe_trainer(method, False, SingleProcess())
+        x, y = tf.constant(images), tf.constant(labels)
+        with tf.GradientTape() as tape:
+            parameters = ref.backbone(x, training=True)
+            local = tf.add_n([ref.head(parameters[h], y[h], training=True) for h in halves]) / size
+            loss = ref.head(parameters, y, training=True) if gather else local
+        grads = tape.gradient(loss, ref.trainable_variables)
+        results[f"{method}/reference_weights"] = np.concatenate(
+            [(w - PE_LR * g).numpy().ravel() for w, g in zip(ref.trainable_variables, grads, strict=True)])
+        results[f"{method}/reference_loss"] = np.float64(loss)
+        results[f"{method}/local_reference_loss"] = np.float64(local)
+    np.savez(out / f"rank{rank}.npz", **results)
+
+
 def partial_fc(out: Path) -> None:
     """One step with the class centres split over the ranks against the unsharded ArcFace head."""
     from sparse_embed.heads.partial_fc import ShardedMarginHead, shard_range
@@ -164,8 +250,8 @@ def train_eval(out: Path, data_dir: str, model_dir: str, *overrides: str) -> Non
              evaluated=np.array(evaluated, np.int64))
 
 
-CHECKS = {"step_equivalence": step_equivalence, "partial_fc": partial_fc, "train": train_run,
-          "train_eval": train_eval}
+CHECKS = {"step_equivalence": step_equivalence, "pe_step_equivalence": pe_step_equivalence,
+          "partial_fc": partial_fc, "train": train_run, "train_eval": train_eval}
 
 if __name__ == "__main__":
     check, out_dir, *rest = sys.argv[1:]

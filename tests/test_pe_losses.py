@@ -584,11 +584,42 @@ def test_gradients_in_a_graph_equal_eager() -> None:
 # Contracts and closed forms.
 # ---------------------------------------------------------------------------------------------------
 
-def test_spe_refuses_an_unbalanced_batch() -> None:
+def test_spe_refuses_a_class_with_one_example() -> None:
     layer = SPELoss(5, 8)
     parameters = random_parameters(8, 1)
-    with pytest.raises(tf.errors.InvalidArgumentError, match="class-balanced"):
-        layer(parameters, labels_of(np.r_[BATCH_LABELS[:-1], 0]))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="at least two examples of every class"):
+        layer(parameters, labels_of(np.r_[BATCH_LABELS[:-1], 4]))
+
+
+def test_spe_splits_unequally_counted_classes_into_halves() -> None:
+    """Classes counted 4, 3 and 2 (workers' batches gathered): each query against the other half.
+
+    The oracle scores every row one at a time: its class's first floor(n_c / 2)
+    examples in batch order are one half, the prototypes of the other half of
+    every class are products of those supports, and the expectation is taken at
+    the product's mean (no samples).
+    """
+    dist = Gaussian(3)
+    rng = np.random.default_rng(2)
+    labels = np.array([4, 1, 4, 1, 0, 4, 1, 0, 4])
+    parameters = f64(np.concatenate([rng.normal(size=(9, 3)), rng.normal(size=(9, 1)) * 0.3 - 0.5], axis=1))
+    epsilon = 0.3
+    got = spe_logits(dist, parameters, labels_of(labels), 6, epsilon, num_samples=0).numpy()
+
+    classes = np.unique(labels)
+    rank = np.array([np.sum(labels[:i] == y) for i, y in enumerate(labels)])
+    first = rank < np.array([np.sum(labels == y) // 2 for y in labels])
+    for i in range(len(labels)):
+        support = first != first[i]
+        supports = [tf.gather(parameters, np.flatnonzero(support & (labels == c)))[:, None] for c in classes]
+        prototypes = tf.concat([spe_prototypes(dist, s, epsilon) for s in supports], axis=0)  # (L, P).
+        query = parameters[i][None]
+        _, product = dist.pdf_product(query, prototypes)
+        z = dist.mean(product)  # (L, D).
+        denominator = tf.reduce_logsumexp(dist.log_prob(prototypes, z[:, None, :]), axis=-1)
+        expected = np.full(6, -100.0)
+        expected[classes] = (dist.log_mls(query, prototypes) - denominator).numpy()
+        np.testing.assert_allclose(got[i], expected, rtol=1e-10, atol=1e-10, err_msg=f"row {i}")
 
 
 def test_spe_epsilon_starts_at_its_intended_value() -> None:

@@ -315,6 +315,7 @@ class HIB(HeadParams):
     The match probability of two inputs is the mean of sigmoid(-a |z1 - z2| + b)
     over sample pairs (a, b trained); the loss is the binary cross-entropy of
     same- and different-label pairs, plus a KL term to N(0, I). Scored with `hib`.
+    `head.gather_batch` pairs the examples of all workers' batches.
 
     Attributes:
         num_samples: Samples drawn from each distribution (K; K x K pairs per pair of inputs).
@@ -322,6 +323,7 @@ class HIB(HeadParams):
     """
 
     builder: ClassVar[str] = "probabilistic.hib_head"
+    shared: ClassVar[tuple[str, ...]] = PAIR_SHARED
     distribution: ClassVar[dict[str, Any]] = GAUSSIAN_EUCLIDEAN
     scorer: ClassVar[str] = "hib"
     num_samples: int = field(default=8, metadata=check(lambda v: v >= 1, ">= 1"))
@@ -335,13 +337,15 @@ class PFE(HeadParams):
 
     Gaussians on the sphere; the loss is -mean log MLS over same-label pairs.
     Trains from `--init_from` with `train.freeze=[backbone, embedding]` (only the
-    extra head learns the variance). Scored with `mls`.
+    extra head learns the variance). Scored with `mls`. `head.gather_batch` pairs
+    the examples of all workers' batches.
 
     Attributes:
         match_self: Count each input paired with itself among the same-label pairs.
     """
 
     builder: ClassVar[str] = "probabilistic.pfe_head"
+    shared: ClassVar[tuple[str, ...]] = PAIR_SHARED
     distribution: ClassVar[dict[str, Any]] = GAUSSIAN_SPHERE
     two_stage: ClassVar[bool] = True
     scorer: ClassVar[str] = "mls"
@@ -448,6 +452,7 @@ class SPE(HeadParams):
     Half of each class's examples in the batch form Gaussian prototypes that
     classify the other half, and the reverse. Needs class-balanced batches
     (`data.sampler=p_k`, `data.samples_per_class >= 2`). Scored with `mls`.
+    `head.gather_batch` makes the prototypes of all workers' batches together.
 
     Attributes:
         train_epsilon: Learn the variance epsilon added to supports and prototypes (else 0).
@@ -455,6 +460,7 @@ class SPE(HeadParams):
     """
 
     builder: ClassVar[str] = "probabilistic.spe_head"
+    shared: ClassVar[tuple[str, ...]] = PAIR_SHARED
     distribution: ClassVar[dict[str, Any]] = GAUSSIAN_EUCLIDEAN
     balanced: ClassVar[bool] = True
     scorer: ClassVar[str] = "mls"

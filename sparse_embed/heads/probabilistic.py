@@ -49,13 +49,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from sparse_embed.distributions import Distribution, Gaussian, VonMisesFisher, draws
 from sparse_embed.distributions.base import build_distribution, normalize
 from sparse_embed.distributions.scorers import distribution_config
 from sparse_embed.distributions.vmf_normalizer import approximate_log_vmf_normalizer, log_vmf_normalizer
 from sparse_embed.keras import keras, tf
+from sparse_embed.strategy import SingleProcess, Strategy
 
 if TYPE_CHECKING:
     from sparse_embed.config import HeadConfig
@@ -535,29 +536,30 @@ class VMFLoss(keras.layers.Layer):
 # ---------------------------------------------------------------------------------------------------
 
 def group_by_class(labels: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-    """Rows of a class-balanced batch grouped by class: (indices (n, L), classes (L,)).
+    """Rows of a batch grouped by class: (indices (n, L), classes (L,)).
 
     indices[r, j] is the batch row of the r-th example (in batch order) of the
-    j-th smallest label; n = B / L examples per class.
+    j-th smallest label, -1 past that class's count; n is the largest count
+    (B / L in a class-balanced batch, which has no -1).
 
     Args:
-        labels: Integer tensor of shape (B,), every present label equally often.
-
-    Raises:
-        tf.errors.InvalidArgumentError: If the batch is not class-balanced.
+        labels: Integer tensor of shape (B,).
     """
     labels = tf.cast(tf.reshape(labels, [-1]), tf.int32)
-    classes, index = tf.unique(labels)
-    counts = tf.math.bincount(index)
-    with tf.control_dependencies([tf.debugging.assert_equal(
-            counts, counts[0], message="SPE needs a class-balanced batch (a P x K sampler)")]):
-        order = tf.argsort(labels, stable=True)
-    num_classes = tf.size(classes)
-    grouped = tf.transpose(tf.reshape(order, [num_classes, -1]))
-    return grouped, tf.sort(classes)
+    classes = tf.sort(tf.unique(labels)[0])
+    index = tf.searchsorted(classes, labels)
+    counts = tf.math.bincount(index, minlength=tf.size(classes), dtype=tf.int32)
+    order = tf.argsort(labels, stable=True)
+    sorted_index = tf.gather(index, order)
+    position = tf.range(tf.size(labels)) - tf.gather(tf.cumsum(counts, exclusive=True), sorted_index)
+    shape = tf.stack([tf.reduce_max(counts), tf.size(classes)])
+    places = tf.stack([position, sorted_index], axis=1)
+    grouped = tf.tensor_scatter_nd_update(tf.fill(shape, -1), places, order)
+    return grouped, classes
 
 
-def spe_prototypes(distribution: Gaussian, support: tf.Tensor, epsilon: Any) -> tf.Tensor:
+def spe_prototypes(distribution: Gaussian, support: tf.Tensor, epsilon: Any,
+                   mask: tf.Tensor | None = None) -> tf.Tensor:
     """The prototypes (L, P) of support examples (n, L, P): the product of their densities.
 
     With sigma_s^2 + epsilon the support variances, the prototype is
@@ -568,37 +570,18 @@ def spe_prototypes(distribution: Gaussian, support: tf.Tensor, epsilon: Any) -> 
         distribution: The Gaussian of the embeddings.
         support: Tensor of shape (n, L, P).
         epsilon: The variance added to every support and prototype variance.
+        mask: Optional boolean (n, L): the supports of each class (at least one each); None: all.
     """
     mu, variance, _ = distribution.unpack(support)
     variance = epsilon + variance
-    precision = tf.reduce_sum(1 / variance, axis=0)
+    weights = 1 / variance
+    if mask is not None:
+        weights *= tf.cast(mask, weights.dtype)[..., None]
+    precision = tf.reduce_sum(weights, axis=0)
     new_variance = 1 / precision
-    new_mu = new_variance * tf.reduce_sum(mu / variance, axis=0)
+    new_mu = new_variance * tf.reduce_sum(mu * weights, axis=0)
     hidden = distribution.positive.ipositive(epsilon + new_variance)
     return tf.concat([new_mu, hidden], axis=-1)
-
-
-def _spe_half_logits(distribution: Gaussian, query: tf.Tensor, support: tf.Tensor, epsilon: Any,
-                     num_samples: int, noise: tf.Tensor | None, seed: Any) -> tf.Tensor:
-    """log p(y = l' | query (n, L, P)) against prototypes of `support`: (n, L, L')."""
-    prototypes = spe_prototypes(distribution, support, epsilon)  # (L', P).
-    log_mls = distribution.log_mls(query[:, :, None, :], prototypes[None, None])  # (n, L, L').
-    _, product = distribution.pdf_product(query[:, :, None, :], prototypes[None, None])  # (n, L, L', P).
-    if num_samples > 0:
-        if noise is None:
-            leading = tf.shape(product)
-            shape = tf.concat([leading[:2], [num_samples], leading[2:3], [distribution.dim]], 0)
-            noise = draws.normal(shape, product.dtype, seed)
-        z = distribution.sample(product[:, :, None], noise=noise)  # (n, L, S, L', D).
-        count = num_samples
-    else:
-        z = distribution.mean(product)[:, :, None]  # (n, L, 1, L', D).
-        count = 1
-    # Every prototype l'' at every sample z drawn for class l': (n, L, S, L', L'').
-    log_densities = distribution.log_prob(prototypes, z[..., None, :])
-    log_denominator = tf.reduce_logsumexp(log_densities, axis=-1)  # (n, L, S, L').
-    expectation = tf.reduce_logsumexp(-log_denominator, axis=2) - math.log(count)  # (n, L, L').
-    return log_mls + expectation
 
 
 def spe_logits(distribution: Gaussian, parameters: tf.Tensor, labels: tf.Tensor, num_classes: int,
@@ -606,10 +589,13 @@ def spe_logits(distribution: Gaussian, parameters: tf.Tensor, labels: tf.Tensor,
                seed: Any = None) -> tf.Tensor:
     """Stochastic Prototype Embeddings logits, log p(y = c | x_i), (B, C) (Scott et al., 2019).
 
-    The batch must hold every present class equally often (n per class, a P x K
-    sampler). The first floor(n / 2) examples of each class (in batch order) are
-    scored against prototypes made of the others, and the others against
-    prototypes of the first ones. For a query q and prototype p_l,
+    Every present class needs at least two examples (a P x K sampler gives K of
+    each). The first floor(n_c / 2) examples of class c (in batch order) are
+    scored against prototypes made of the second half of every class, and the
+    second halves against prototypes of the first ones. A class-balanced batch
+    is the reference's setting; classes counted unequally (the batches of
+    several workers gathered, a class drawn by two of them) split the same
+    way. For a query q and prototype p_l,
 
         log p(l | q) = log MLS(q, p_l) + log E_{z ~ q p_l} [1 / sum_l'' N(z; p_l'')],
 
@@ -624,24 +610,48 @@ def spe_logits(distribution: Gaussian, parameters: tf.Tensor, labels: tf.Tensor,
         num_classes: C.
         epsilon: The variance added to the supports and prototypes (trainable in `SPELoss`).
         num_samples: S, samples per query and class; 0 uses the product's mean.
-        noise: Optional pre-drawn standard normal noise for the two halves,
-            (n1, L, S, L, D) and (n2, L, S, L, D).
+        noise: Optional pre-drawn standard normal noise of a class-balanced batch's two halves,
+            (n1, L, S, L, D) and (n2, L, S, L, D), n1 = floor(n / 2).
         seed: Stateless seed of the draws (None: TensorFlow's global random state).
+
+    Raises:
+        tf.errors.InvalidArgumentError: If a class of the batch has a single example.
     """
     grouped, classes = group_by_class(labels)  # (n, L), (L,).
-    by_class = tf.gather(parameters, grouped)  # (n, L, P).
-    half = tf.shape(grouped)[0] // 2
-    first, second = by_class[:half], by_class[half:]
-    noise1, noise2 = (None, None) if noise is None else noise
-    logits = tf.concat([
-        _spe_half_logits(distribution, first, second, epsilon, num_samples, noise1, draws.fold_seed(seed, 1)),
-        _spe_half_logits(distribution, second, first, epsilon, num_samples, noise2, draws.fold_seed(seed, 2)),
-    ], axis=0)  # (n, L, L').
+    present = grouped >= 0
+    counts = tf.reduce_sum(tf.cast(present, tf.int32), axis=0)
+    single = "SPE needs at least two examples of every class in a batch (a P x K sampler)"
+    with tf.control_dependencies([tf.debugging.assert_greater_equal(counts, 2, message=single)]):
+        by_class = tf.gather(parameters, tf.maximum(grouped, 0))  # (n, L, P); absent rows masked below.
+    first = tf.range(tf.shape(grouped)[0])[:, None] < (counts // 2)[None]
+    second = present & ~first
+    prototypes_of = [spe_prototypes(distribution, by_class, epsilon, mask) for mask in (first, second)]
+    # Each query against the prototypes of the other half: (n, L, L', P).
+    prototypes = tf.where(first[:, :, None, None], prototypes_of[1][None, None], prototypes_of[0][None, None])
+    log_mls = distribution.log_mls(by_class[:, :, None, :], prototypes)  # (n, L, L').
+    _, product = distribution.pdf_product(by_class[:, :, None, :], prototypes)  # (n, L, L', P).
+    if num_samples > 0:
+        if noise is None:
+            leading = tf.shape(product)
+            shape = tf.concat([leading[:2], [num_samples], leading[2:3], [distribution.dim]], 0)
+            noise = draws.normal(shape, product.dtype, seed)
+        else:
+            noise = tf.concat([tf.cast(noise[0], product.dtype), tf.cast(noise[1], product.dtype)], axis=0)
+        z = distribution.sample(product[:, :, None], noise=noise)  # (n, L, S, L', D).
+        count = num_samples
+    else:
+        z = distribution.mean(product)[:, :, None]  # (n, L, 1, L', D).
+        count = 1
+    # Every prototype l'' (of the query's other half) at every sample z drawn for class l':
+    # (n, L, S, L', L'').
+    log_densities = distribution.log_prob(prototypes[:, :, None, None], z[..., None, :])
+    log_denominator = tf.reduce_logsumexp(log_densities, axis=-1)  # (n, L, S, L').
+    logits = log_mls + tf.reduce_logsumexp(-log_denominator, axis=2) - math.log(count)  # (n, L, L').
     # Columns to the batch's classes, the rest at -100; rows back to batch order.
     placed = tf.tensordot(logits - SPE_ABSENT_LOGIT, _one_hot(classes, num_classes, logits.dtype), axes=1)
     placed += SPE_ABSENT_LOGIT
-    rows = tf.reshape(grouped, [-1])
-    flat = tf.reshape(placed, [-1, num_classes])
+    rows = tf.boolean_mask(grouped, present)
+    flat = tf.boolean_mask(placed, present)
     return tf.scatter_nd(rows[:, None], flat, tf.shape(flat))
 
 
@@ -701,7 +711,7 @@ class SPELoss(keras.layers.Layer):
 
         Args:
             parameters: Tensor of shape (B, D + 1).
-            labels: Integer tensor of shape (B,), class-balanced.
+            labels: Integer tensor of shape (B,), at least two examples of each class.
             noise: Optional pre-drawn noise of the two halves.
             seed: Stateless seed of the draws.
         """
@@ -715,7 +725,7 @@ class SPELoss(keras.layers.Layer):
 
         Args:
             parameters: Tensor of shape (B, D + 1).
-            labels: Integer tensor of shape (B,), class-balanced.
+            labels: Integer tensor of shape (B,), at least two examples of each class.
             noise: Optional pre-drawn noise of the two halves.
             seed: Stateless seed of the draws.
         """
@@ -781,19 +791,57 @@ class ProbabilisticHead(keras.layers.Layer):
     from TensorFlow's random state in training and from the fixed
     `EVALUATION_SEED` otherwise, so an evaluation is reproducible.
 
+    A method whose loss couples the examples of a batch (`couples_batch`: the
+    pairs of HIB and PFE, SPE's prototypes) can gather the batch over the
+    workers first (`gather_batch`, as the pair losses of `heads.pair` do): the
+    parameter vectors and labels of all N workers are all-gathered and every
+    worker computes the loss of the global batch, so a step equals one
+    process's step on the concatenated batch, and the gradient of every
+    worker's rows flows back through the gather. A sampled loss then draws its
+    samples of the global batch on each worker; the step is the mean of the N
+    workers' estimates. The other methods' losses are means over examples,
+    whose gradients the workers' average already makes those of the global batch.
+
     Args:
         num_classes: C, the training identities.
         distribution: How the parameter vectors are read.
+        gather_batch: All-gather the batch over the workers first (`couples_batch` methods only).
+        strategy: What `gather_batch` gathers over; None is one process. The
+            trainer sets it (`head.strategy`); it is not part of the config.
         **kwargs: Keras layer arguments.
     """
 
-    def __init__(self, num_classes: int, distribution: Distribution, **kwargs: Any) -> None:
+    couples_batch: ClassVar[bool] = False
+
+    def __init__(self, num_classes: int, distribution: Distribution, gather_batch: bool = False,
+                 strategy: Strategy | None = None, **kwargs: Any) -> None:
         kwargs.setdefault("dtype", "float32")
         super().__init__(**kwargs)
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
             raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
+        if not isinstance(gather_batch, bool):
+            raise ValueError(f"gather_batch must be a bool, got {gather_batch!r}")
+        if gather_batch and not self.couples_batch:
+            raise ValueError(f"gather_batch does not apply to {type(self).__name__}: its loss is a mean over "
+                             f"examples")
         self.num_classes = num_classes
         self.distribution = distribution
+        self.gather_batch = gather_batch
+        self.strategy = strategy or SingleProcess()
+
+    def batch(self, parameters: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """The float32 parameter vectors and int32 labels of the loss: the worker's, or all workers' gathered.
+
+        Args:
+            parameters: Tensor of shape (B, P).
+            labels: Integer tensor of shape (B,).
+        """
+        parameters = tf.cast(parameters, tf.float32)
+        labels = tf.cast(tf.reshape(labels, [-1]), tf.int32)
+        if self.gather_batch:
+            parameters = self.strategy.all_gather(parameters)
+            labels = self.strategy.all_gather(labels)
+        return parameters, labels
 
     def loss_and_accuracy(self, parameters: tf.Tensor, labels: tf.Tensor,
                           training: bool | None = None) -> tuple[tf.Tensor, tf.Tensor]:
@@ -821,7 +869,7 @@ class ProbabilisticHead(keras.layers.Layer):
 
     def get_config(self) -> dict[str, Any]:
         return {**super().get_config(), "num_classes": self.num_classes,
-                "distribution": distribution_config(self.distribution)}
+                "distribution": distribution_config(self.distribution), "gather_batch": self.gather_batch}
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> ProbabilisticHead:
@@ -842,8 +890,10 @@ class HIBHead(ProbabilisticHead):
         distribution: A Gaussian in R^D.
         num_samples: Samples per distribution.
         prior_kl_weight: Weight of the KL term.
-        **kwargs: Keras layer arguments.
+        **kwargs: `ProbabilisticHead` arguments (`gather_batch`, `strategy`) and Keras layer arguments.
     """
+
+    couples_batch: ClassVar[bool] = True
 
     def __init__(self, num_classes: int, distribution: Distribution, num_samples: int = 8,
                  prior_kl_weight: float = 1e-6, **kwargs: Any) -> None:
@@ -856,7 +906,7 @@ class HIBHead(ProbabilisticHead):
 
     def loss_and_accuracy(self, parameters: tf.Tensor, labels: tf.Tensor,
                           training: bool | None = None) -> tuple[tf.Tensor, tf.Tensor]:
-        parameters = tf.cast(parameters, tf.float32)
+        parameters, labels = self.batch(parameters, labels)
         seed = _seed(training)
         samples = (None, None)
         if seed is not None:
@@ -884,8 +934,10 @@ class PFEHead(ProbabilisticHead):
         num_classes: C.
         distribution: A Gaussian on the sphere.
         match_self: Count the pairs (i, i).
-        **kwargs: Keras layer arguments.
+        **kwargs: `ProbabilisticHead` arguments (`gather_batch`, `strategy`) and Keras layer arguments.
     """
+
+    couples_batch: ClassVar[bool] = True
 
     def __init__(self, num_classes: int, distribution: Distribution, match_self: bool = True,
                  **kwargs: Any) -> None:
@@ -894,7 +946,7 @@ class PFEHead(ProbabilisticHead):
 
     def loss_and_accuracy(self, parameters: tf.Tensor, labels: tf.Tensor,
                           training: bool | None = None) -> tuple[tf.Tensor, tf.Tensor]:
-        parameters = tf.cast(parameters, tf.float32)
+        parameters, labels = self.batch(parameters, labels)
         scores = pfe_pair_scores(self.distribution, parameters)
         same = _same_label(labels)
         if not self.match_self:
@@ -1094,8 +1146,10 @@ class SPEHead(ProbabilisticHead):
         distribution: A Gaussian (in R^D in the reference).
         train_epsilon: Learn epsilon (else 0).
         num_samples: Samples per query and class; 0 uses the product's mean.
-        **kwargs: Keras layer arguments.
+        **kwargs: `ProbabilisticHead` arguments (`gather_batch`, `strategy`) and Keras layer arguments.
     """
+
+    couples_batch: ClassVar[bool] = True
 
     def __init__(self, num_classes: int, distribution: Distribution, train_epsilon: bool = True,
                  num_samples: int = 16, **kwargs: Any) -> None:
@@ -1109,7 +1163,7 @@ class SPEHead(ProbabilisticHead):
 
     def loss_and_accuracy(self, parameters: tf.Tensor, labels: tf.Tensor,
                           training: bool | None = None) -> tuple[tf.Tensor, tf.Tensor]:
-        parameters = tf.cast(parameters, tf.float32)
+        parameters, labels = self.batch(parameters, labels)
         logits = self.spe.logits(parameters, labels, seed=_seed(training))
         return nll_loss(logits, labels), _accuracy(logits, labels)
 
@@ -1165,6 +1219,8 @@ def _method(cls: type[ProbabilisticHead], num_classes: int, width: int, config: 
         raise ValueError(f"the distribution takes {distribution.num_parameters} parameters, the "
                          f"backbone gives {width}")
     params = {f.name: getattr(config.params, f.name) for f in dataclasses.fields(config.params)}
+    if cls.couples_batch:
+        params["gather_batch"] = config.gather_batch
     return cls(num_classes, distribution, name=f"{config.name}_head", **params)
 
 

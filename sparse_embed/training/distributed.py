@@ -169,7 +169,8 @@ class HorovodStrategy:
         @tf.custom_gradient
         def _gather(x: tf.Tensor) -> tuple[tf.Tensor, Any]:
             def grad(upstream: tf.Tensor) -> tf.Tensor:
-                summed = hvd.allreduce(upstream, op=hvd.Sum)
+                # Dense: rows gathered from the result (tf.gather) arrive as IndexedSlices.
+                summed = hvd.allreduce(tf.convert_to_tensor(upstream), op=hvd.Sum)
                 return tf.split(summed, size, axis=0)[rank]
 
             return hvd.allgather(x), grad
@@ -310,7 +311,8 @@ class _TFDistribute:
         @tf.custom_gradient
         def _gather(x: tf.Tensor) -> tuple[tf.Tensor, Any]:
             def grad(upstream: tf.Tensor) -> tf.Tensor:
-                summed = context.all_reduce(tf.distribute.ReduceOp.SUM, upstream)
+                # Dense: rows gathered from the result (tf.gather) arrive as IndexedSlices.
+                summed = context.all_reduce(tf.distribute.ReduceOp.SUM, tf.convert_to_tensor(upstream))
                 rows = tf.shape(x)[0]
                 return summed[context.replica_id_in_sync_group * rows:][:rows]
 

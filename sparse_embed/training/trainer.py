@@ -40,6 +40,7 @@ from sparse_embed.errors import ConfigError, DataError, SparseEmbedError
 from sparse_embed.heads import HEADS, build_head
 from sparse_embed.heads.pair import PairLossHead
 from sparse_embed.heads.partial_fc import shard_range
+from sparse_embed.heads.probabilistic import ProbabilisticHead
 from sparse_embed.keras import keras, silence_warnings, tf
 from sparse_embed.models import build_model
 from sparse_embed.models.embedding import EXTRA_LAYER, PARAMETERS_LAYER, mean_network
@@ -296,8 +297,8 @@ def build_networks(config: Config, num_classes: int,
         distribution = config.model.distribution.build(config.model.embedding_size)
         width = distribution.num_parameters
         head = build_head(num_classes, width, config.head, strategy, distribution=distribution)
-        if isinstance(head, PairLossHead) and strategy is not None:
-            # What `head.gather_batch` gathers the batch over.
+        if isinstance(head, (PairLossHead, ProbabilisticHead)) and strategy is not None:
+            # What `head.gather_batch` gathers the batch over (pair losses, HIB, PFE, SPE).
             head.strategy = strategy
         head.build((None, width))
     finally:
