@@ -64,7 +64,8 @@ class DataConfig:
     pairs_images: str = "test"
 
 
-# The parts of a model `train.freeze` may name (training/trainer.py freezes them).
+# The parts of a model `train.freeze` and `train.reinit` may name (training/trainer.py freezes them,
+# or starts them fresh instead of from `train.init_from`).
 FREEZABLE = ("backbone", "embedding", "head")
 
 
@@ -308,6 +309,10 @@ class TrainConfig:
             `head` (the loss's own weights). Frozen batch norms keep their
             statistics. E.g. `[backbone, embedding]`: only the extra head of a
             probabilistic model trains (PFE, SCF).
+        reinit: Parts that start from this run's own initialisation instead of
+            `init_from`'s weights (names as `freeze`; they must train). E.g.
+            `[embedding]`: the reference's DUL-reg stage 2, which keeps the init
+            run's backbone and class centres and re-initialises the embedding layer.
     """
 
     batch_size: int = 128
@@ -319,6 +324,17 @@ class TrainConfig:
     mixed_precision: bool = False
     init_from: str = ""
     freeze: tuple[str, ...] = field(default=(), metadata=choices(*FREEZABLE))
+    reinit: tuple[str, ...] = field(default=(), metadata=choices(*FREEZABLE))
+
+    def __post_init__(self) -> None:
+        parts = ", ".join(self.reinit)
+        if self.reinit and not self.init_from:
+            raise ConfigError(f"train.reinit=[{parts}] re-initialises parts of the run train.init_from "
+                              f"loads; pass --init_from=RUN, or leave train.reinit empty")
+        both = [part for part in self.reinit if part in self.freeze]
+        if both:
+            raise ConfigError(f"train.reinit and train.freeze both name {', '.join(both)}: a re-initialised "
+                              f"part must train; drop it from train.freeze")
 
 
 @dataclass(frozen=True)

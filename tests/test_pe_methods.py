@@ -173,6 +173,33 @@ def test_two_stage_loglike_method_takes_the_init_runs_class_centres(method_run: 
     assert not result.model.head.trainable_variables
 
 
+def test_reinit_starts_the_embedding_layer_fresh_and_loads_the_rest(init_run: Path) -> None:
+    """DUL-reg as the reference trains it, `train.reinit=[embedding]`: the init run's backbone and
+    class centres, this run's own initialisation of the embedding layer (batch norm included), and
+    nothing frozen. Without `head` in reinit the centres load; with it they stay fresh."""
+    overrides = [o for o in method_overrides("dul_reg", init_run) if not o.startswith("train.freeze")]
+    init_backbone, _ = load_backbone(init_run)
+    reader = tf.train.load_checkpoint(tf.train.latest_checkpoint(str(init_run / CHECKPOINT_DIR)))
+    centres = reader.get_tensor(variable_key("head/kernel")).T
+    for reinit, loads_centres in (("[embedding]", True), ("[embedding, head]", False)):
+        config = load_config("smoke", [*overrides, f"train.reinit={reinit}"])
+        backbone, head = trainer.build_networks(config, centres.shape[0])
+        fresh = {layer.name: layer.get_weights() for layer in backbone.layers}
+        fresh_centres = head.classifier.kernel.numpy()
+        backbone = trainer.initialize_from(backbone, head, config, trainer.check_init_run(config))
+        embedding_layers = [layer.name for layer in backbone.layers if layer.name.startswith("embedding")]
+        assert "embedding_dense" in embedding_layers
+        for layer in mean_network(backbone).layers:
+            init_weights = init_backbone.get_layer(layer.name).get_weights()
+            expected = fresh[layer.name] if layer.name in embedding_layers else init_weights
+            for got, want in zip(layer.get_weights(), expected, strict=True):
+                np.testing.assert_array_equal(got, want, err_msg=layer.name)
+        assert any(not np.array_equal(a, b) for name in embedding_layers
+                   for a, b in zip(fresh[name], init_backbone.get_layer(name).get_weights(), strict=True))
+        want_centres = centres if loads_centres else fresh_centres
+        np.testing.assert_array_equal(head.classifier.kernel.numpy(), want_centres)
+
+
 # --- one-line errors --------------------------------------------------------------------------
 
 @pytest.mark.unit
@@ -193,6 +220,11 @@ def test_two_stage_loglike_method_takes_the_init_runs_class_centres(method_run: 
     (["model.distribution.name=vmf", "model.distribution.kappa=fixed"],
      ["'model.distribution.kappa' must be one of separate, norm"]),
     (["train.freeze=[stem]"], ["'train.freeze' must be one of backbone, embedding, head"]),
+    (["train.reinit=[embedding]"], ["train.reinit=[embedding] re-initialises parts of the run "
+                                    "train.init_from loads; pass --init_from=RUN"]),
+    (["train.init_from=runs/x", "train.reinit=[embedding, head]", "train.freeze=[head]"],
+     ["train.reinit and train.freeze both name head: a re-initialised part must train"]),
+    (["train.reinit=[neck]"], ["'train.reinit' must be one of backbone, embedding, head"]),
 ])
 def test_bad_method_settings_are_one_line(overrides: list[str], fragments: list[str], tiny_data: Path,
                                           tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

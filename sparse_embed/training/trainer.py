@@ -580,7 +580,9 @@ def initialize_from(backbone: keras.Model, head: keras.layers.Layer, config: Con
     A probabilistic run from a `dirac` one (`check_init_run`) takes the init
     run's backbone and embedding layer as its mean's network; its extra head
     starts fresh. A head with `set_class_centres` (DUL-reg, SCF) takes the
-    class centres of the init run's margin head.
+    class centres of the init run's margin head. The parts `train.reinit`
+    names keep this run's fresh initialisation (layers by name, batch-norm
+    statistics included; the head loads nothing).
 
     Args:
         backbone: The freshly built float backbone of this run.
@@ -597,6 +599,9 @@ def initialize_from(backbone: keras.Model, head: keras.layers.Layer, config: Con
     """
     init_dir = Path(config.train.init_from)
     latest = tf.train.latest_checkpoint(str(init_dir / CHECKPOINT_DIR))
+    reinit = config.train.reinit
+    fresh_layers = {layer.name: layer.get_weights() for layer in backbone.layers
+                    if _part(layer.name) in reinit}
     whole = init.model.distribution == config.model.distribution
     # Another distribution: only the mean's part (the init run's whole backbone) has weights to load.
     source = compression.compress(backbone if whole else mean_network(backbone), init.compression,
@@ -609,6 +614,11 @@ def initialize_from(backbone: keras.Model, head: keras.layers.Layer, config: Con
         raise ConfigError(f"the checkpoint {latest} of train.init_from does not fit this backbone "
                           f"({reason}); check that run's config.yaml") from e
     restored = compression.for_export(source) if whole else backbone
+    for layer in restored.layers:
+        if layer.name in fresh_layers:
+            layer.set_weights(fresh_layers[layer.name])
+    if "head" in reinit:
+        return restored
     if hasattr(head, "set_class_centres"):
         _load_class_centres(head, latest, init_dir, init)
         return restored
