@@ -14,7 +14,11 @@ input / output spec with int8 quantization parameters, parity figures, the
 gate's verdict). The model takes float32 NHWC RGB in [-1, 1] at the run's
 input size (`int8_full`: int8, quantized with the input's scale and
 zero_point) and outputs the embedding, not L2-normalised (with --flip_concat
-`concat(e(x), e(flip(x)))`).
+`concat(e(x), e(flip(x)))`). A probabilistic run's model has a second output,
+`confidence` (float32 [N], the smaller of both views' with --flip_concat),
+and its embedding is the distribution's mean; the gate compares both outputs.
+Its confidence is a logarithm with no int8 kernel: such a run exports with
+--quantize=fp32, fp16 or dynamic, and int8 / int8_full are refused.
 
 The representative set (int8, int8_full) is the first --representative_count
 images of --representative (TFRecord glob, image folder or .npy array) or of
@@ -111,6 +115,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     for quantize in args.quantize:
         formats.check_format(args.format, quantize)
+    exporter.check_confidence_modes(config, args.quantize)
     if args.representative and not any(converter.QUANTIZATIONS.get(q).representative
                                        for q in args.quantize):
         raise ConfigError("--representative calibrates --quantize=int8 / int8_full only")

@@ -1,6 +1,6 @@
 """Confidence through the suite: `embed` writes it, `evaluate` scores pairs with the run's scorer
 and judges the confidence, the in-training verification logs the same, `load_backbone` refuses a
-config whose distribution does not fit the checkpoint.
+config whose distribution does not fit the checkpoint, `export` writes it as a second output.
 
 One HIB run (Gaussians in R^D, its own trained scorer, a confidence) trained once per module is
 the subject; a copy of it read as SPE (the same Gaussians, scored with MLS) checks the MLS path
@@ -167,3 +167,101 @@ def test_config_distribution_that_does_not_fit_the_checkpoint_is_one_line(
                            "does not fit" if head is None else "trained with another model", *fragments)
     assert not (tmp_path / "e.json").exists()
 
+
+# --- export and the edge script -----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def hib_tflite(hib_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The HIB run exported to float TFLite (two outputs), through the parity gate."""
+    from sparse_embed.export import main as export_main
+
+    output = tmp_path_factory.mktemp("hib_export")
+    assert call_main(export_main, f"--model_dir={hib_run}", f"--output={output}", "--format=tflite",
+                     "--quantize=fp32", "--held_out=8") == 0
+    return output / "tflite_fp32"
+
+
+def test_exported_tflite_confidence_equals_keras_within_the_gate(hib_run: Path, hib_tflite: Path,
+                                                                 tiny_data: Path) -> None:
+    """The .tflite file has an embedding and a confidence output; on the pairs' images, run by
+    LiteRT, its confidence is the Keras confidence and its embedding the Keras mean, within the
+    float gate (relative difference <= 1 - 0.999); export.json records both outputs and passed."""
+    from sparse_embed.edge.runtime import TFLiteModel
+
+    record = json.loads((hib_tflite / "export.json").read_text())
+    assert record["passed"] and record["output"]["shape"] == [-1, 16]
+    assert record["confidence_output"]["shape"] == [-1]
+    assert record["parity"]["confidence_max_rel_diff"] <= 1e-3
+
+    model = TFLiteModel.from_path(hib_tflite / "model.tflite")
+    backbone, config = load_backbone(hib_run)
+    images, _, _, _ = _pair_images(hib_run, tiny_data)
+    embedding, confidence = model.call_with_confidence(images.numpy())
+    distribution = config.model.distribution.build(config.model.embedding_size)
+    keras_confidence = confidence_function(backbone, distribution)(images).numpy()
+    scale = max(np.ptp(keras_confidence), np.abs(keras_confidence).max())
+    assert np.abs(confidence - keras_confidence).max() <= 1e-3 * scale
+    np.testing.assert_allclose(embedding, backbone(images).numpy()[:, :16], rtol=1e-4, atol=1e-5)
+
+
+def test_integer_export_of_a_confidence_is_one_line(hib_run: Path, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    from sparse_embed.export import main as export_main
+
+    assert_main_user_error(capsys, export_main, [f"--model_dir={hib_run}", f"--output={tmp_path}",
+                                                 "--quantize=int8_full"],
+                           "--quantize=int8_full", "(LOG, NEG), which has no int8 kernel",
+                           "--quantize=fp32, fp16 or dynamic")
+    assert not list(tmp_path.iterdir())
+
+
+def test_edge_script_reports_the_confidence_and_rejects_the_least_confident_pairs(
+        hib_run: Path, hib_tflite: Path, tiny_data: Path, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A pair's confidence is the smallest of its four runs' (the Keras confidences of both images
+    and their mirror images); --reject_fraction=0.25 drops the 6 least confident of the 24 pairs
+    and the kept accuracy is the protocol's accuracy on the other 18."""
+    from sparse_embed.edge import lfw
+
+    output = tmp_path / "edge.json"
+    assert call_main(lfw.main, f"--model={hib_tflite / 'model.tflite'}", f"--pairs={tiny_data / 'pairs.txt'}",
+                     f"--images={tiny_data / 'test'}", "--aligned", "--reject_fraction=0.25",
+                     "--num_threads=1", f"--output={output}") == 0
+    report = capsys.readouterr().out
+    assert "pair confidence" in report and "accuracy kept" in report
+    result = json.loads(output.read_text())
+
+    backbone, config = load_backbone(hib_run)
+    images, left, right, issame = _pair_images(hib_run, tiny_data)
+    distribution = config.model.distribution.build(config.model.embedding_size)
+    # The edge script resizes the 112x112 crops with OpenCV, the suite with TensorFlow: the
+    # confidences agree to the resampling, not bit for bit.
+    image_confidence = confidence_function(backbone, distribution, "sum")(images).numpy()
+    expected = np.minimum(image_confidence[left], image_confidence[right])
+    np.testing.assert_allclose(result["pair_confidences"], expected, rtol=0.05)
+    confidences = np.array(result["pair_confidences"])
+    assert result["confidence"]["mean"] == pytest.approx(confidences.mean())
+    assert result["rejected_pairs"] == 6 and result["kept_pairs"] == 18
+    kept = np.sort(np.argsort(-confidences, kind="stable")[:18])
+    scores, same = np.array(result["scores"]), np.array(result["issame"])
+    pairs = read_pairs(tiny_data / "pairs.txt", tiny_data / "test")
+    assert result["kept_accuracy"] == lfw.accuracy(scores[kept], same[kept], pairs.fold[kept])["accuracy"]
+    assert result["kept_min_confidence"] == confidences[kept].min()
+
+
+def test_edge_reject_fraction_without_a_confidence_output_is_one_line(
+        tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from sparse_embed.edge import lfw
+
+    from sparse_embed.keras import keras
+
+    inputs = keras.Input((16, 16, 3))
+    model = keras.Model(inputs, keras.layers.Dense(4)(keras.layers.Flatten()(inputs)))
+    path = tmp_path / "dirac.tflite"
+    path.write_bytes(tf.lite.TFLiteConverter.from_keras_model(model).convert())
+    args = [f"--model={path}", f"--pairs={tiny_data / 'pairs.txt'}", f"--images={tiny_data / 'test'}",
+            "--aligned"]
+    assert_main_user_error(capsys, lfw.main, [*args, "--reject_fraction=0.1"],
+                           "--reject_fraction needs a model with a confidence output")
+    assert_main_user_error(capsys, lfw.main, [*args, "--reject_fraction=1"],
+                           "--reject_fraction must be in [0, 1), got 1.0")

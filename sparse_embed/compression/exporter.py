@@ -32,8 +32,9 @@ from sparse_embed.compression.converter import QUANTIZATIONS
 from sparse_embed.compression.formats import check_format
 from sparse_embed.compression.parity import ParityData, gate_failure, is_sparse, parity
 from sparse_embed.compression.rewrite import rewrite_prelu
-from sparse_embed.compression.serving import OUTPUT_NAME, serving_function
+from sparse_embed.compression.serving import CONFIDENCE_NAME, OUTPUT_NAME, serving_function
 from sparse_embed.config import Config
+from sparse_embed.errors import ConfigError
 from sparse_embed.fileio import atomic_path
 from sparse_embed.keras import keras, tf
 
@@ -45,6 +46,30 @@ def default_min_cosine(quantize: str) -> float:
         quantize: A name in `QUANTIZATIONS`.
     """
     return QUANTIZATIONS.get(quantize).min_cosine
+
+
+def check_confidence_modes(config: Config, quantize: Sequence[str]) -> None:
+    """Refuses the integer modes for a run with a confidence output.
+
+    The confidence is a logarithm of the extra head's output (-mean log sigma^2,
+    log kappa): TFLite has no int8 kernel for its LOG and NEG, and an integer
+    model may not keep float ops. The float modes, and `dynamic` (int8 weights,
+    float activations), convert it.
+
+    Args:
+        config: The run config.
+        quantize: Names in `QUANTIZATIONS`.
+
+    Raises:
+        ConfigError: If the run has a confidence and a mode has integer ops.
+    """
+    distribution = config.model.distribution
+    integer = [q for q in quantize if QUANTIZATIONS.get(q).integer_ops]
+    if integer and distribution.build(config.model.embedding_size).has_confidence:
+        raise ConfigError(
+            f"--quantize={integer[0]}: the confidence output of a model.distribution.name="
+            f"{distribution.name} run is a logarithm (LOG, NEG), which has no int8 kernel; export it "
+            f"with --quantize=fp32, fp16 or dynamic (int8 weights, float activations)")
 
 
 def failed_name(filename: str) -> str:
@@ -122,29 +147,41 @@ def export(model: keras.Model, config: Config, fmt: str, quantize: Sequence[str]
         provenance: Extra entries for export.json (run directory, data sources).
         progress: Called with a line before each long step (conversion, parity gate).
 
+    A probabilistic run (`config.model.distribution` with a confidence) is
+    exported with two outputs, `embedding` (the mean) and `confidence`
+    (`serving.serving_function`), and the gate compares both.
+
     Returns:
         One result per mode; `passed` says whether the gate passed.
 
     Raises:
-        ConfigError: If the format does not take a mode, or an integer mode keeps a float op.
+        ConfigError: If the format does not take a mode, an integer mode keeps a float op,
+            or is asked of a run with a confidence (`check_confidence_modes`).
     """
     entries = [check_format(fmt, q) for q in quantize]
+    check_confidence_modes(config, quantize)
     say = progress or (lambda line: None)
     model = for_export(model)
     # One trace for the reference and the float conversions, one for the integer ones
     # (PReLU rewritten), traced when first needed.
-    serve = serving_function(model, flip_concat)
+    distribution = config.model.distribution.build(config.model.embedding_size)
+    serve = serving_function(model, flip_concat, distribution)
 
     @functools.cache
     def integer_serving() -> tuple[Any, keras.Model]:
         rewritten = rewrite_prelu(model)
-        return (serve if rewritten is model else serving_function(rewritten, flip_concat)), rewritten
+        if rewritten is model:
+            return serve, model
+        return serving_function(rewritten, flip_concat, distribution), rewritten
 
     def converted(mode: str) -> tuple[Any, keras.Model]:
         return integer_serving() if QUANTIZATIONS.get(mode).integer_ops else (serve, model)
 
-    def reference(images: np.ndarray) -> np.ndarray:
-        return serve(tf.constant(images))[OUTPUT_NAME].numpy()
+    def reference(images: np.ndarray) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        outputs = serve(tf.constant(images))
+        if CONFIDENCE_NAME in outputs:
+            return outputs[OUTPUT_NAME].numpy(), outputs[CONFIDENCE_NAME].numpy()
+        return outputs[OUTPUT_NAME].numpy()
 
     results = []
     for entry, mode in zip(entries, quantize, strict=True):
@@ -169,7 +206,12 @@ def export(model: keras.Model, config: Config, fmt: str, quantize: Sequence[str]
                 "compression": config.compression.type, "quantization_aware": is_quantized(model),
                 "flip_concat": flip_concat,
                 "output_is": ("concat(e(x), e(flip(x))), " if flip_concat else "e(x), ")
-                + "not L2-normalised",
+                + "not L2-normalised" + (", the mean of the distribution's parameters"
+                                         if distribution.has_confidence else ""),
+                **({"confidence_is": f"{CONFIDENCE_NAME}: the {config.model.distribution.name} "
+                                     f"distribution's confidence, float32 [N], higher is surer"
+                                     + (", the smaller of both views'" if flip_concat else "")}
+                   if distribution.has_confidence else {}),
                 "input_is": "RGB NHWC float32 in [-1, 1] (x / 127.5 - 1); an int8 input takes "
                             "round(x / scale) + zero_point with the input's quantization",
                 **spec,

@@ -18,7 +18,7 @@ import numpy as np
 
 from sparse_embed.compression.converter import QUANTIZATIONS, convert_function
 from sparse_embed.compression.parity import Embedder
-from sparse_embed.compression.serving import INPUT_NAME, OUTPUT_NAME
+from sparse_embed.compression.serving import CONFIDENCE_NAME, INPUT_NAME, OUTPUT_NAME
 from sparse_embed.edge.runtime import TFLiteModel, float_ops_of, quantization
 from sparse_embed.errors import ConfigError
 from sparse_embed.keras import keras, tf
@@ -73,6 +73,8 @@ def _write_tflite(serve: Any, model: keras.Model, quantize: str, representative:
     path.write_bytes(content)
     written = TFLiteModel.from_content(content)
     spec: dict[str, Any] = {"input": tensor_spec(written.input), "output": tensor_spec(written.output)}
+    if written.has_confidence:
+        spec["confidence_output"] = tensor_spec(written.confidence_output)
     if QUANTIZATIONS.get(quantize).integer_ops:
         # Empty here (the conversion checked it); recorded for whoever audits the file.
         spec["float_ops"] = float_ops_of(content, allow_float_io=not QUANTIZATIONS.get(quantize).integer_io)
@@ -80,7 +82,8 @@ def _write_tflite(serve: Any, model: keras.Model, quantize: str, representative:
 
 
 def _load_tflite(path: Path) -> Embedder:
-    return TFLiteModel.from_path(path)
+    model = TFLiteModel.from_path(path)
+    return model.call_with_confidence if model.has_confidence else model
 
 
 def _float_spec(shape: Sequence[int | None], name: str) -> dict[str, Any]:
@@ -98,15 +101,25 @@ def _write_saved_model(serve: Any, model: keras.Model, quantize: str,
     module.variables_read = list(model.variables)
     module.serve = serve
     tf.saved_model.save(module, str(path), signatures={"serving_default": concrete})
-    output = concrete.structured_outputs[OUTPUT_NAME]
-    return {"input": _float_spec([None, *model.input_shape[1:]], INPUT_NAME),
-            "output": _float_spec(output.shape.as_list(), OUTPUT_NAME),
+    outputs = concrete.structured_outputs
+    spec = {"input": _float_spec([None, *model.input_shape[1:]], INPUT_NAME),
+            "output": _float_spec(outputs[OUTPUT_NAME].shape.as_list(), OUTPUT_NAME),
             "signature": "serving_default"}
+    if CONFIDENCE_NAME in outputs:
+        spec["confidence_output"] = _float_spec(outputs[CONFIDENCE_NAME].shape.as_list(), CONFIDENCE_NAME)
+    return spec
 
 
 def _load_saved_model(path: Path) -> Embedder:
     signature = tf.saved_model.load(str(path)).signatures["serving_default"]
-    return lambda images: signature(**{INPUT_NAME: tf.constant(images)})[OUTPUT_NAME].numpy()
+
+    def run(images: np.ndarray) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        outputs = signature(**{INPUT_NAME: tf.constant(images)})
+        if CONFIDENCE_NAME in outputs:
+            return outputs[OUTPUT_NAME].numpy(), outputs[CONFIDENCE_NAME].numpy()
+        return outputs[OUTPUT_NAME].numpy()
+
+    return run
 
 
 def _write_onnx(serve: Any, model: keras.Model, quantize: str, representative: np.ndarray | None,

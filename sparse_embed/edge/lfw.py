@@ -3,6 +3,9 @@
     python -m sparse_embed.edge.lfw --model=mobilefacenet.tflite --pairs=lfw/pairs.txt \\
         --images=lfw/images --align=models/mtcnn --first=600 --num_threads=2
     python -m sparse_embed.edge.lfw --model=model.tflite --pairs=pairs.txt --images=ALIGNED --aligned
+    # a probabilistic run's export: also drop the 10% least confident pairs
+    python -m sparse_embed.edge.lfw --model=pfe.tflite --pairs=pairs.txt --images=ALIGNED --aligned \\
+        --reject_fraction=0.1
 
 For each pair the model runs four times, on image A, A mirrored, B and B
 mirrored (batch 1); each image's two embeddings are concatenated (1024-d for
@@ -27,6 +30,15 @@ are counted and named, and their pairs are skipped; nothing left to evaluate
 is an error. The report ends with the MLPerf README's three phases in
 seconds (pre-process, inference for all pairs, post-process) and the mean
 milliseconds per inference. Where it fits: docs/compression.md.
+
+A model with a confidence output (`sparse_embed.export` of a probabilistic
+run) gives each of the four runs of a pair a confidence; the pair's is the
+smallest of the four (an image's is the smaller of its two views', a
+pair's the smaller of its two images'). The report adds their statistics,
+and `--reject_fraction=F` drops the floor(F x pairs) least confident pairs
+(equal confidences in file order) and reports the accuracy on the rest,
+its threshold chosen on them as above. A model without a confidence output
+refuses --reject_fraction.
 
 Only NumPy, OpenCV and `ai_edge_litert` are imported (argparse, not absl),
 never TensorFlow: this is the script that runs on the device.
@@ -53,6 +65,7 @@ from sparse_embed.edge.mtcnn import TFLiteMTCNN
 from sparse_embed.edge.preprocess import decode, face_crop
 from sparse_embed.errors import ConfigError, DataError
 from sparse_embed.fileio import atomic_path
+from sparse_embed.metrics.uncertainty import confidence_order
 from sparse_embed.metrics.verification import verification_metrics
 
 # Image A, A mirrored, image B, B mirrored.
@@ -84,6 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--verification_threshold", type=float, default=None,
                         help="Fixed cosine threshold (same pair when score > T). Default: 10-fold.")
     deprecated_alias(parser, "--threshold", "--verification_threshold")
+    parser.add_argument("--reject_fraction", type=float, default=None,
+                        help="Drop this fraction of the pairs, the least confident (the smallest "
+                             "confidence of their four runs), and report the accuracy on the rest; "
+                             "needs a model with a confidence output. Default: keep all.")
     parser.add_argument("--output", default=None,
                         help="Also write the results, with every pair's score, to this JSON file.")
     return parser
@@ -153,7 +170,7 @@ def prepare_images(paths: Sequence[str], model: EmbeddingModel, detector: TFLite
 
 def embed_pairs(model: EmbeddingModel, left: Sequence[str], right: Sequence[str],
                 tensors: dict[str, tuple[np.ndarray, np.ndarray]], verbose: bool = True
-                ) -> tuple[np.ndarray, float]:
+                ) -> tuple[np.ndarray, float, np.ndarray | None]:
     """Inference: four runs per pair (A, A mirrored, B, B mirrored), timed together.
 
     Args:
@@ -164,20 +181,58 @@ def embed_pairs(model: EmbeddingModel, left: Sequence[str], right: Sequence[str]
         verbose: Print progress.
 
     Returns:
-        (float32 [n, 4, D] embeddings in run order, seconds spent in the runs).
+        (float32 [n, 4, D] embeddings in run order, seconds spent in the runs,
+        float32 [n, 4] confidences of the runs, or None for a model without a
+        confidence output).
     """
     out = np.empty((len(left), INFERENCES_PER_PAIR, model.embedding_size), np.float32)
+    confidences = np.empty((len(left), INFERENCES_PER_PAIR), np.float32)
+    run = model.run_with_confidence if model.has_confidence else None
     progress = _Progress("inference", len(left)) if verbose else None
     seconds = 0.0
     for i, (a, b) in enumerate(zip(left, right, strict=True)):
         inputs = (*tensors[a], *tensors[b])
         start = time.perf_counter()
         for k, tensor in enumerate(inputs):
-            out[i, k] = model.run(tensor)
+            if run is None:
+                out[i, k] = model.run(tensor)
+            else:
+                out[i, k], confidences[i, k] = run(tensor)
         seconds += time.perf_counter() - start
         if progress:
             progress.update(i + 1)
-    return out, seconds
+    return out, seconds, confidences if run is not None else None
+
+
+def reject(scores: np.ndarray, issame: np.ndarray, folds: np.ndarray, confidences: np.ndarray,
+           fraction: float, threshold: float | None = None) -> dict[str, float | int | str]:
+    """Accuracy on the pairs left once the least confident `fraction` of them are dropped.
+
+    Args:
+        scores: float [n] pair scores.
+        issame: bool [n].
+        folds: int [n], each pair's fold in the pairs file.
+        confidences: float [n] pair confidences, higher = surer.
+        fraction: The fraction of pairs to drop, in [0, 1): floor(fraction x n) of them.
+        threshold: A fixed threshold; None chooses it on the kept pairs (see `accuracy`).
+
+    Returns:
+        `reject_fraction`, `rejected_pairs`, `kept_pairs`, `kept_min_confidence`
+        (the lowest confidence kept) and the kept pairs' `accuracy`,
+        `threshold`, `accuracy_protocol` (and `accuracy_std` where there are folds)
+        prefixed with `kept_`.
+
+    Raises:
+        DataError: If the threshold has to be chosen and the kept pairs are all of one kind.
+    """
+    order = confidence_order(confidences)
+    dropped = math.floor(fraction * len(scores))
+    kept = np.sort(order[:len(scores) - dropped])
+    result = accuracy(scores[kept], issame[kept], folds[kept], threshold)
+    return {"reject_fraction": fraction, "rejected_pairs": dropped, "kept_pairs": int(len(kept)),
+            "kept_min_confidence": float(np.min(confidences[kept])),
+            **{f"kept_{key}": result[key] for key in ("accuracy", "accuracy_std", "threshold",
+                                                      "accuracy_protocol") if key in result}}
 
 
 def flip_concat_cosine(embeddings: np.ndarray) -> np.ndarray:
@@ -240,7 +295,8 @@ def _examples(paths: Sequence[str]) -> str:
 
 
 def evaluate(model: EmbeddingModel, pairs: Pairs, detector: TFLiteMTCNN | None = None,
-             threshold: float | None = None, verbose: bool = True) -> dict:
+             threshold: float | None = None, verbose: bool = True,
+             reject_fraction: float | None = None) -> dict:
     """Runs the protocol on pairs: pre-process, inference, post-process.
 
     Args:
@@ -249,11 +305,16 @@ def evaluate(model: EmbeddingModel, pairs: Pairs, detector: TFLiteMTCNN | None =
         detector: MTCNN for raw images; None for aligned crops.
         threshold: Fixed threshold; None: 10-fold (see `accuracy`).
         verbose: Print progress.
+        reject_fraction: Also measure the accuracy without this fraction of the
+            least confident pairs (`reject`); needs a confidence output.
 
     Returns:
         The results: counts, accuracy (see `accuracy`), the three phases'
         seconds and ms per inference, the skipped images, and per evaluated
-        pair its index in `pairs`, score and issame.
+        pair its index in `pairs`, score and issame; with a confidence output
+        also `confidence` (mean, std, min, median, max of the pair
+        confidences), every pair's confidence and, with `reject_fraction`,
+        what `reject` returns.
 
     Raises:
         DataError: If no pair is left once the images without an input are
@@ -276,11 +337,20 @@ def evaluate(model: EmbeddingModel, pairs: Pairs, detector: TFLiteMTCNN | None =
     index = np.flatnonzero(kept)
     left = [pairs.left[i] for i in index]
     right = [pairs.right[i] for i in index]
-    embeddings, inference_s = embed_pairs(model, left, right, prepared.tensors, verbose)
+    embeddings, inference_s, run_confidences = embed_pairs(model, left, right, prepared.tensors, verbose)
 
     start = time.perf_counter()
     scores = flip_concat_cosine(embeddings)
     result = accuracy(scores, pairs.issame[index], pairs.fold[index], threshold)
+    confident: dict = {}
+    if run_confidences is not None:
+        pair_confidences = run_confidences.min(axis=1).astype(np.float64)
+        confident = {"confidence": {name: float(f(pair_confidences)) for name, f in (
+            ("mean", np.mean), ("std", np.std), ("min", np.min), ("median", np.median),
+            ("max", np.max))}, "pair_confidences": pair_confidences.tolist()}
+        if reject_fraction is not None:
+            confident.update(reject(scores, pairs.issame[index], pairs.fold[index], pair_confidences,
+                                    reject_fraction, threshold))
     postprocess_s = time.perf_counter() - start
     inferences = INFERENCES_PER_PAIR * len(index)
     return {
@@ -288,6 +358,7 @@ def evaluate(model: EmbeddingModel, pairs: Pairs, detector: TFLiteMTCNN | None =
         "input_size": [model.height, model.width],
         "input_dtype": model.input_dtype.name,
         "embedding_size": model.embedding_size,
+        "has_confidence": model.has_confidence,
         "pairs_selected": len(pairs),
         "pairs": len(index),
         "skipped_pairs": len(pairs) - len(index),
@@ -305,6 +376,7 @@ def evaluate(model: EmbeddingModel, pairs: Pairs, detector: TFLiteMTCNN | None =
         "pair_index": index.tolist(),
         "scores": scores.tolist(),
         "issame": pairs.issame[index].tolist(),
+        **confident,
     }
 
 
@@ -324,10 +396,27 @@ def format_report(result: dict, threads: int) -> str:
     preprocess = "decode, detect and align" if result["aligned_by_detector"] else "decode"
     rows = [
         ("model", f"{height}x{width} {result['input_dtype']} input, {size}-d output "
-                  f"({2 * size}-d flip-concatenated)"),
+                  f"({2 * size}-d flip-concatenated)"
+                  + (", confidence output" if result.get("has_confidence") else "")),
         ("pairs", pairs),
         ("accuracy", f"{100 * result['accuracy']:.2f}%{spread} ({result['accuracy_protocol']})"),
         ("threshold", f"{result['threshold']:.4f}"),
+    ]
+    if "confidence" in result:
+        c = result["confidence"]
+        rows.append(("pair confidence", f"mean {c['mean']:.4g}, std {c['std']:.3g}, min {c['min']:.4g}, "
+                                        f"median {c['median']:.4g}, max {c['max']:.4g} "
+                                        f"(smallest of the 4 runs)"))
+    if "reject_fraction" in result:
+        kept_spread = f" +- {100 * result['kept_accuracy_std']:.2f}" if "kept_accuracy_std" in result else ""
+        rows += [
+            ("rejected", f"{result['rejected_pairs']} least confident pairs "
+                         f"(--reject_fraction={result['reject_fraction']:g}), "
+                         f"kept confidence >= {result['kept_min_confidence']:.4g}"),
+            ("accuracy kept", f"{100 * result['kept_accuracy']:.2f}%{kept_spread} on "
+                              f"{result['kept_pairs']} pairs ({result['kept_accuracy_protocol']})"),
+        ]
+    rows += [
         ("phase", "seconds"),
         ("pre-process", f"{result['preprocess_s']:.2f} ({preprocess} {result['images']} images)"),
         ("inference", f"{result['inference_s']:.2f} ({result['inferences']} inferences, "
@@ -349,10 +438,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.verification_threshold is not None and not math.isfinite(args.verification_threshold):
         raise ConfigError(f"--verification_threshold must be a finite number, got "
                           f"{args.verification_threshold}")
+    if args.reject_fraction is not None and not 0 <= args.reject_fraction < 1:
+        raise ConfigError(f"--reject_fraction must be in [0, 1), got {args.reject_fraction}")
     model = EmbeddingModel(args.model, num_threads=args.num_threads)
+    if args.reject_fraction is not None and not model.has_confidence:
+        raise ConfigError(f"--reject_fraction needs a model with a confidence output (the export of a "
+                          f"probabilistic run); {args.model} has only the embedding")
     detector = TFLiteMTCNN(args.align, num_threads=args.num_threads) if args.align else None
     pairs = _select(read_pairs(args.pairs, args.images), args.first)
-    result = evaluate(model, pairs, detector, args.verification_threshold)
+    result = evaluate(model, pairs, detector, args.verification_threshold,
+                      reject_fraction=args.reject_fraction)
     print(format_report(result, args.num_threads))
     if args.output:
         with atomic_path(args.output) as tmp:

@@ -15,7 +15,10 @@ PIXEL_SCALE = 127.5
 
 
 class EmbeddingModel:
-    """A face embedding model in TFLite: one RGB face crop in, one embedding out.
+    """A face embedding model in TFLite: one RGB face crop in, one embedding (and a confidence) out.
+
+    A probabilistic run's export has a second output, the confidence of the
+    embedding (`has_confidence`; `run_with_confidence` reads both).
 
     Float models take float32 NHWC RGB in [-1, 1]; integer-only models (int8 or
     uint8 input and output, `sparse_embed.export --quantize=int8_full`) get that
@@ -30,7 +33,8 @@ class EmbeddingModel:
 
     Raises:
         DataError: If the file is not a TFLite model, or its input is not one
-            [1, H, W, 3] image, or its output not one [1, D] embedding.
+            [1, H, W, 3] image, or its output not one [1, D] embedding (and one [1]
+            confidence).
     """
 
     def __init__(self, path: str | os.PathLike, num_threads: int | None = None) -> None:
@@ -49,6 +53,11 @@ class EmbeddingModel:
         self.embedding_size = out_shape[1]
         self.input_dtype = self._model.input_dtype
         self.output_dtype = self._model.output_dtype
+
+    @property
+    def has_confidence(self) -> bool:
+        """Whether the model has a confidence output."""
+        return self._model.has_confidence
 
     @property
     def integer_io(self) -> bool:
@@ -78,3 +87,12 @@ class EmbeddingModel:
             The float32 [D] embedding (dequantized for integer models).
         """
         return self._model.invoke(tensor)[0]
+
+    def run_with_confidence(self, tensor: np.ndarray) -> tuple[np.ndarray, float]:
+        """One inference: the float32 [D] embedding and the confidence (NaN without a confidence output).
+
+        Args:
+            tensor: The output of `prepare`.
+        """
+        embedding, confidence = self._model.invoke_with_confidence(tensor)
+        return embedding[0], float("nan") if confidence is None else float(confidence[0])

@@ -193,7 +193,12 @@ def float_ops_of(content: bytes, allow_float_io: bool) -> list[str]:
 
 
 class TFLiteModel:
-    """A one-input, one-output `.tflite` model on the LiteRT interpreter (XNNPACK on CPU), float in and out.
+    """A one-input `.tflite` model on the LiteRT interpreter (XNNPACK on CPU), float in and out.
+
+    It has one output, or two: an embedding [N, D] and a confidence [N] (a
+    probabilistic run's export, `sparse_embed.compression.serving`), told
+    apart by their rank. `__call__` and `invoke` give the first output (the
+    embedding); `call_with_confidence` and `invoke_with_confidence` both.
 
     An integer input (int8 or uint8: `--quantize=int8_full`) is given its float
     batch quantized, an integer output is dequantized, with the scale and zero
@@ -204,25 +209,47 @@ class TFLiteModel:
         source: What it runs (a path, or a description), for error messages.
 
     Raises:
-        DataError: If the model has other than one input and one output, cannot
-            be prepared, or has an integer input or output without quantization
-            parameters.
+        DataError: If the model has other than one input and one output (or an
+            embedding and a confidence output), cannot be prepared, or has an
+            integer input or output without quantization parameters.
     """
 
     def __init__(self, interpreter: Interpreter, source: str) -> None:
         self.interpreter = interpreter
         self.source = source
         allocate(interpreter, source)
-        inputs, outputs = interpreter.get_input_details(), interpreter.get_output_details()
-        if len(inputs) != 1 or len(outputs) != 1:
-            raise DataError(f"{source}: an embedding model has one input and one output, this one has "
-                            f"{len(inputs)} and {len(outputs)}")
-        self.input, self.output = inputs[0], outputs[0]
-        for kind, detail in (("input", self.input), ("output", self.output)):
+        inputs = interpreter.get_input_details()
+        if len(inputs) != 1 or not self._find_outputs():
+            shapes = [list(d["shape"]) for d in interpreter.get_output_details()]
+            raise DataError(f"{source}: an embedding model has one input and one output (or an [N, D] "
+                            f"embedding and an [N] confidence), this one has {len(inputs)} input(s) and "
+                            f"outputs of shapes {shapes}")
+        self.input = inputs[0]
+        for kind, detail in (("input", self.input), ("output", self.output),
+                             ("confidence output", self.confidence_output)):
+            if detail is None:
+                continue
             dtype = np.dtype(detail["dtype"])
             if dtype != np.float32 and quantization(detail)[0] == 0:
                 raise DataError(f"{source}: {dtype} {kind} without quantization parameters (scale, "
                                 f"zero point); export integer models with a representative set")
+
+    def _find_outputs(self) -> bool:
+        """Sets `output` and `confidence_output` (None for one output); False if they are not that."""
+        outputs = self.interpreter.get_output_details()
+        if len(outputs) == 1:
+            self.output, self.confidence_output = outputs[0], None
+            return True
+        ranks = sorted((len(d["shape"]), i) for i, d in enumerate(outputs))
+        if len(outputs) != 2 or [rank for rank, _ in ranks] != [1, 2]:
+            return False
+        self.confidence_output, self.output = outputs[ranks[0][1]], outputs[ranks[1][1]]
+        return True
+
+    @property
+    def has_confidence(self) -> bool:
+        """Whether the model has a confidence output besides the embedding."""
+        return self.confidence_output is not None
 
     @classmethod
     def from_path(cls, path: str | os.PathLike, num_threads: int | None = None) -> TFLiteModel:
@@ -282,7 +309,7 @@ class TFLiteModel:
         self.interpreter.resize_tensor_input(self.input["index"], shape)
         allocate(self.interpreter, self.source)
         self.input = self.interpreter.get_input_details()[0]
-        self.output = self.interpreter.get_output_details()[0]
+        self._find_outputs()
 
     def quantize(self, x: np.ndarray) -> np.ndarray:
         """The input tensor of float values: quantized for an integer input, float32 otherwise.
@@ -300,6 +327,14 @@ class TFLiteModel:
         info = np.iinfo(self.input_dtype)
         return np.clip(np.round(x / scale) + zero_point, info.min, info.max).astype(self.input_dtype)
 
+    def _read(self, detail: dict[str, Any]) -> np.ndarray:
+        """An output tensor as float32 (dequantized for an integer output), a new array."""
+        out = self.interpreter.get_tensor(detail["index"])
+        if np.dtype(detail["dtype"]) != np.float32:
+            scale, zero_point = quantization(detail)
+            return ((out.astype(np.float32) - zero_point) * scale).astype(np.float32)
+        return out.astype(np.float32, copy=True)
+
     def invoke(self, tensor: np.ndarray) -> np.ndarray:
         """One inference of an input tensor at the input's current shape.
 
@@ -311,11 +346,16 @@ class TFLiteModel:
         """
         self.interpreter.set_tensor(self.input["index"], tensor)
         self.interpreter.invoke()
-        out = self.interpreter.get_tensor(self.output["index"])
-        if self.output_dtype != np.float32:
-            scale, zero_point = quantization(self.output)
-            return ((out.astype(np.float32) - zero_point) * scale).astype(np.float32)
-        return out.astype(np.float32, copy=True)
+        return self._read(self.output)
+
+    def invoke_with_confidence(self, tensor: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """`invoke`, and the confidence output (None for a model without one).
+
+        Args:
+            tensor: The output of `quantize`.
+        """
+        embedding = self.invoke(tensor)
+        return embedding, None if self.confidence_output is None else self._read(self.confidence_output)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """Runs a batch of any size: resized to it, quantized and dequantized as the model needs.
@@ -329,3 +369,13 @@ class TFLiteModel:
         if self.input_shape != tuple(x.shape):
             self.resize(tuple(x.shape))
         return self.invoke(self.quantize(x))
+
+    def call_with_confidence(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """`__call__`, and the confidence output: float32 [N] (None for a model without one).
+
+        Args:
+            x: Float values at any batch size, e.g. float32 [N, H, W, 3] images in [-1, 1].
+        """
+        if self.input_shape != tuple(x.shape):
+            self.resize(tuple(x.shape))
+        return self.invoke_with_confidence(self.quantize(x))
