@@ -12,4 +12,6 @@ App page (`docs/app.md`):
   changed atomically, refusing a model other than its own;
 - `identify`: per-person matching, one-to-one assignment of the faces of an
   image, the report and the annotated images.
+- `video`: videos: an IoU tracker across frames, one identity per track (no
+  person twice in a frame), the annotated video and the timeline.
 """

@@ -3,7 +3,7 @@
     python -m sparse_embed.app enroll --gallery=gallery --model=runs/sparse_mfn --images=people
     python -m sparse_embed.app enroll --gallery=gallery --list=more_people.csv
     python -m sparse_embed.app calibrate --gallery=gallery --pairs=pairs.txt --images=faces --far=1e-3
-    python -m sparse_embed.app identify --gallery=gallery --output=out photos/ party.jpg
+    python -m sparse_embed.app identify --gallery=gallery --output=out photos/ party.jpg door.mp4
     python -m sparse_embed.app list --gallery=gallery
     python -m sparse_embed.app remove --gallery=gallery --name=alice
 
@@ -11,7 +11,9 @@
 `--list=CSV` has rows `image,name` (image paths relative to the CSV's folder).
 Every enrolment image must show one face: an image with none or several, or
 a file that is not an image, is reported and skipped. `--aligned` takes
-aligned face crops without detection. A `.tflite` model needs `--mtcnn=DIR`
+aligned face crops without detection. Videos (by extension) are tracked
+frame by frame: each track gets one identity, and the output adds an
+annotated video and a timeline. A `.tflite` model needs `--mtcnn=DIR`
 (the TFLite MTCNN of `python -m sparse_embed.faces.mtcnn_tflite`) and never
 imports TensorFlow. The gallery records its model; `identify` and `calibrate`
 use it unless `--model` is given, and a gallery refuses any other model.
@@ -49,11 +51,20 @@ from sparse_embed.app.gallery import (
 )
 from sparse_embed.app.identify import (
     UNKNOWN,
+    VIDEO_EXTENSIONS,
     Settings,
     annotate,
     annotated_name,
     collect_inputs,
     identify_faces,
+)
+from sparse_embed.app.video import (
+    DEFAULT_IOU,
+    DEFAULT_MAX_MISSED,
+    VideoOptions,
+    annotated_suffix,
+    identify_video,
+    is_video,
 )
 from sparse_embed.cli import add_command, make_parser, program, user_errors_exit
 from sparse_embed.data import format_summary
@@ -224,6 +235,7 @@ def _list(args: argparse.Namespace) -> None:
 def _identify(args: argparse.Namespace) -> None:
     if args.mean_of < 1:
         raise ConfigError(f"--mean_of must be >= 1, got {args.mean_of}")
+    options = VideoOptions(args.every, args.max_missed, args.iou)
     files = collect_inputs(args.inputs)
     gallery, embedder = _open(args)
     detector = _detector(args, gallery, args.model or gallery.model.model)
@@ -231,10 +243,18 @@ def _identify(args: argparse.Namespace) -> None:
     out = Path(args.output)
     (out / ANNOTATED_DIR).mkdir(parents=True, exist_ok=True)
     report, used, undecodable = [], set(), []
-    for path in tqdm(files, desc="identify", unit="img", leave=False, disable=None):
+    for path in tqdm(files, desc="identify", unit="file", leave=False, disable=None):
+        if is_video(path):
+            name = annotated_name(path, used, annotated_suffix(path))
+            entry = identify_video(path, gallery, embedder, detector, out, f"{ANNOTATED_DIR}/{name}",
+                                   settings, options)
+            if "error" in entry:
+                undecodable.append((str(path), entry["error"]))
+            report.append(entry)
+            continue
         image = decode(path)
         if image is None:
-            undecodable.append(str(path))
+            undecodable.append((str(path), "not a decodable image"))
             report.append({"input": str(path), "faces": [], "error": "not a decodable image"})
             continue
         faces = identify_faces(image, gallery, embedder, detector, settings)
@@ -247,9 +267,12 @@ def _identify(args: argparse.Namespace) -> None:
     faces = [face for entry in report for face in entry["faces"]]
     named = sum(face["name"] != UNKNOWN for face in faces)
     threshold = gallery.threshold if settings.threshold is None else settings.threshold
-    rows = [("inputs", len(files)), ("faces", len(faces)), ("named", named), ("unknown", len(faces) - named),
-            ("threshold", f"{threshold:.4f}"), ("not decodable", len(undecodable)),
-            *_problems([(p, "not a decodable image") for p in undecodable]),
+    videos = [entry for entry in report if "timeline" in entry]
+    rows = [("inputs", len(files)), *([("videos", len(videos)),
+                                       ("tracks", sum(len(entry["timeline"]) for entry in videos))]
+                                      if videos else []),
+            ("faces", len(faces)), ("named", named), ("unknown", len(faces) - named),
+            ("threshold", f"{threshold:.4f}"), ("not decodable", len(undecodable)), *_problems(undecodable),
             ("report", out / REPORT_NAME)]
     print(format_summary("identify", rows))
 
@@ -319,7 +342,7 @@ def _add_commands(commands: argparse._SubParsersAction, prog: str) -> None:
     enroll.add_argument("--index_type", choices=sorted(INDEX_TYPES), default=None,
                         help="Index of a new gallery; default: sparse for a sparse model, else dense.")
 
-    identify = add_command(commands, "identify", "Name the faces of images (files or folders).",
+    identify = add_command(commands, "identify", "Name the faces of images and videos (files or folders).",
                            prog=f"{prog} identify")
     _model_arguments(identify)
     identify.add_argument("--output", required=True, help="Folder for report.json and the annotated images.")
@@ -330,7 +353,16 @@ def _add_commands(commands: argparse._SubParsersAction, prog: str) -> None:
                           help="Embeddings averaged per person with --matching=mean (default: %(default)s).")
     identify.add_argument("--score_threshold", type=float, default=None,
                           help="Name a face only above this score; default: the gallery's threshold.")
-    identify.add_argument("inputs", nargs="+", help="Image files and folders.")
+    identify.add_argument("--every", type=int, default=1,
+                          help="Videos: process every N-th frame (default: %(default)s, all).")
+    identify.add_argument("--max_missed", type=int, default=DEFAULT_MAX_MISSED,
+                          help="Videos: processed frames a face may go undetected before its track ends "
+                               "(default: %(default)s).")
+    identify.add_argument("--iou", type=float, default=DEFAULT_IOU,
+                          help="Videos: smallest IoU linking a face to a track's predicted box "
+                               "(default: %(default)s).")
+    identify.add_argument("inputs", nargs="+",
+                          help=f"Image files, video files ({', '.join(VIDEO_EXTENSIONS)}) and folders.")
 
     calibrate = add_command(commands, "calibrate",
                             "Set the gallery's threshold at a false-accept rate on verification pairs.",

@@ -33,6 +33,8 @@ from sparse_embed.errors import DataError
 
 UNKNOWN = "unknown"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+# Inputs read as videos (`sparse_embed.app.video`), by extension.
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".mov", ".m4v", ".webm", ".mpg", ".mpeg", ".wmv", ".flv")
 # Annotation colours (RGB): a named face, an unknown one.
 NAMED_COLOUR = (40, 200, 60)
 UNKNOWN_COLOUR = (230, 60, 40)
@@ -70,7 +72,7 @@ def assign(scores: np.ndarray, threshold: float) -> list[int | None]:
 
 
 def collect_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
-    """The image files of the inputs: files as given, folders searched recursively (sorted).
+    """The image and video files of the inputs: files as given, folders searched recursively (sorted).
 
     Raises:
         DataError: If an input does not exist, or the inputs hold no file.
@@ -80,13 +82,13 @@ def collect_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
         path = Path(item)
         if path.is_dir():
             files += sorted(p for p in path.rglob("*")
-                            if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+                            if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS + VIDEO_EXTENSIONS)
         elif path.is_file():
             files.append(path)
         else:
             raise DataError(f"input {path} does not exist")
     if not files:
-        raise DataError(f"no image files in {', '.join(map(str, inputs))}")
+        raise DataError(f"no image or video files in {', '.join(map(str, inputs))}")
     return files
 
 
@@ -174,12 +176,14 @@ def annotate(image: np.ndarray, faces: list[dict[str, Any]]) -> Any:
     return picture
 
 
-def annotated_name(path: Path, used: set[str]) -> str:
-    """A file name for the annotated copy of `path`, distinct from those in `used` (which it joins)."""
+def annotated_name(path: Path, used: set[str], suffix: str = ".jpg") -> str:
+    """A file name for the annotated copy of `path` whose stem is not in `used` (which it joins).
+
+    Stems, not names, are kept distinct: a video's timeline is named after its stem.
+    """
     stem, k = path.stem, 1
-    name = f"{stem}.jpg"
-    while name in used:
+    while stem in used:
         k += 1
-        name = f"{stem}-{k}.jpg"
-    used.add(name)
-    return name
+        stem = f"{path.stem}-{k}"
+    used.add(stem)
+    return f"{stem}{suffix}"
