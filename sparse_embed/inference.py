@@ -124,7 +124,8 @@ def _restore_checked(backbone: keras.Model, config: Config, latest: str, model_d
                           f"({reason}); {fix}") from None
 
 
-def save_backbone(backbone: keras.Model, model_dir: str | os.PathLike, step: int) -> Path:
+def save_backbone(backbone: keras.Model, model_dir: str | os.PathLike, step: int,
+                  head: keras.layers.Layer | None = None) -> Path:
     """Writes a backbone-only checkpoint where `load_backbone` looks for one.
 
     With the run's config.yaml beside it, `model_dir` is then a model
@@ -134,11 +135,12 @@ def save_backbone(backbone: keras.Model, model_dir: str | os.PathLike, step: int
         backbone: A backbone built by `build_backbone` (or restored by `load_backbone`).
         model_dir: The directory; the checkpoint goes into its checkpoints/.
         step: The training step the weights are from (the checkpoint's number).
+        head: The training head too, where testing needs its weights (HIB's scorer).
 
     Returns:
         The checkpoint's path prefix.
     """
-    manager = tf.train.CheckpointManager(checkpoint_for(backbone),
+    manager = tf.train.CheckpointManager(checkpoint_for(backbone, head),
                                          str(Path(model_dir) / CHECKPOINT_DIR), max_to_keep=1)
     return Path(manager.save(checkpoint_number=step))
 

@@ -42,7 +42,8 @@ pytestmark = pytest.mark.integration
 # nin_tiny, 16-d, 16x16 input; two steps of batch 8 (as tests/test_pe_methods.py), verified in training.
 HIB = ["model.name=nin_tiny", "model.input_size=16", "model.embedding_size=16", "train.steps=2",
        "train.batch_size=8", "train.checkpoint_every=1", "data.augment=false", "head.name=hib",
-       "model.distribution.name=gaussian", "head.params.num_samples=2", "eval.every_steps=2"]
+       "model.distribution.name=gaussian", "head.params.num_samples=2", "eval.every_steps=2",
+       "eval.keep_best=lfw/accuracy"]
 # Results that time the search, not the same from one run to the next.
 TIMED = ("search_ms_per_query", "postings_per_query")
 
@@ -82,7 +83,8 @@ def test_evaluate_scores_with_the_trained_hib_scorer_and_judges_the_confidence(
     scorer at the checkpoint's trained scale and bias (not their initial 1 and 0); the confidence
     metrics are `verification_confidence_metrics` of those scores with the pair confidence the
     smaller of the two images' confidences; the risk-coverage plot is beside eval.json; the
-    in-training verification logged the same confidence metrics at its last step."""
+    in-training verification logged the same confidence metrics at its last step, and the best
+    backbone it kept comes with the scorer's weights of its step."""
     output = tmp_path / "eval.json"
     assert call_main(evaluate_main, f"--model_dir={hib_run}", f"--output={output}") == 0
     written = json.loads(output.read_text())
@@ -95,6 +97,12 @@ def test_evaluate_scores_with_the_trained_hib_scorer_and_judges_the_confidence(
     assert scoring.name == "hib"
     np.testing.assert_array_equal([scoring.scorer.scale.numpy(), scoring.scorer.bias.numpy()], trained)
     assert trained != [1.0, 0.0]
+    best = json.loads((hib_run / "best" / "best.json").read_text())["step"]
+    kept = tf.train.load_checkpoint(str(hib_run / "best" / CHECKPOINT_DIR / f"ckpt-{best}"))
+    at_best = tf.train.load_checkpoint(str(hib_run / CHECKPOINT_DIR / f"ckpt-{best}"))
+    for name in ("scale", "bias"):
+        key = variable_key(f"head/scorer/{name}")
+        assert kept.get_tensor(key) == at_best.get_tensor(key)
     verified = verify_pairs(backbone, config, read_pairs(tiny_data / "pairs.txt", tiny_data / "test"),
                             scoring=scoring)
     assert {k: v for k, v in written.items() if k not in TIMED} == {
@@ -252,7 +260,6 @@ def test_edge_script_reports_the_confidence_and_rejects_the_least_confident_pair
 def test_edge_reject_fraction_without_a_confidence_output_is_one_line(
         tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from sparse_embed.edge import lfw
-
     from sparse_embed.keras import keras
 
     inputs = keras.Input((16, 16, 3))

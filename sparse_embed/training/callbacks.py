@@ -333,7 +333,8 @@ class VerificationEval(_StepCallback):
     evaluation that improves on the best so far (strictly: ties keep the
     earlier step) replaces `model_dir/best`, a symlink swapped atomically onto
     a complete `.best-<step>-<pid>` directory: config.yaml (with the flip mode the
-    evaluation used), checkpoints/ and best.json (step, metric, value, mode,
+    evaluation used), checkpoints/ (the backbone, and the head where its scorer
+    has trained weights) and best.json (step, metric, value, mode,
     every set's results). A resumed run reads best.json and keeps its value.
 
     Args:
@@ -437,7 +438,10 @@ class VerificationEval(_StepCallback):
         link = self.model_dir / BEST_DIR
         with atomic_path(self.model_dir / target) as tmp:
             tmp.mkdir()
-            save_backbone(self._twin, tmp, step)
+            scorer = self._scoring.scorer if self._scoring is not None else None
+            # A scorer with trained weights (HIB's) is the head's: kept with the backbone.
+            head = getattr(self.model, "head", None) if scorer is not None and scorer.weights else None
+            save_backbone(self._twin, tmp, step, head)
             save_config(self._best_config, tmp / "config.yaml")
             if (self.model_dir / RUN_FILE).is_file():  # the data directory, for embed / evaluate / export
                 shutil.copy(self.model_dir / RUN_FILE, tmp / RUN_FILE)
