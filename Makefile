@@ -7,7 +7,7 @@ PYTEST_ARGS ?=
 MEGAFACE_BIN ?= data/megaface/megaface_distractors.bin
 FACESCRUB_BIN ?= data/megaface/facescrub.bin
 
-.PHONY: install horovod test test-fast docs docs-serve demo study bench bench-train bench-pipeline bench-tflite bench-compression lint runmegaface runfacescrub clean
+.PHONY: install horovod browser test test-fast docs docs-serve demo study bench bench-train bench-pipeline bench-tflite bench-compression lint runmegaface runfacescrub clean
 
 install: $(VENV)/.installed
 
@@ -19,7 +19,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: setup.cfg setup.py pyproject.toml $(wildcard search/*.cpp search/*.h)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip uv
-	$(VENV)/bin/uv pip install --quiet --python $(PY) -e ".[test,milvus,docs]"
+	$(VENV)/bin/uv pip install --quiet --python $(PY) -e ".[test,milvus,docs,app]"
 	touch $@
 
 # Horovod 0.28.1 built against this venv's TensorFlow (tools/build_horovod.sh
@@ -29,6 +29,12 @@ horovod: $(VENV)/.horovod
 $(VENV)/.horovod: $(VENV)/.installed tools/build_horovod.sh
 	tools/build_horovod.sh $(PY)
 	touch $@
+
+# Debian's Chromium and its WebDriver, for the web page's browser test (tests/test_app_service.py);
+# installed only where they are not on PATH already.
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  { apt-get update -qq && apt-get install -y --no-install-recommends chromium chromium-driver; }
 
 # The whole suite within its time budget: from a fresh clone, install and tests
 # on 2 cores take at most TEST_BUDGET_S. The clock starts before the install; the
@@ -49,7 +55,7 @@ TEST_WORKERS ?= 2
 
 test:
 	@start=$$(date +%s); build=$$(mktemp); \
-	HOROVOD_BUILD_SECONDS_FILE=$$build $(MAKE) --no-print-directory install horovod \
+	HOROVOD_BUILD_SECONDS_FILE=$$build $(MAKE) --no-print-directory install horovod browser \
 	  || { rm -f $$build; exit 1; }; \
 	excluded=$$(cat $$build); rm -f $$build; \
 	SPARSE_EMBED_REQUIRE_HOROVOD=1 SPARSE_EMBED_TEST_BUDGET_S=$(TEST_BUDGET_S) \

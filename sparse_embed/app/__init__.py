@@ -14,4 +14,7 @@ App page (`docs/app.md`):
   image, the report and the annotated images.
 - `video`: videos: an IoU tracker across frames, one identity per track (no
   person twice in a frame), the annotated video and the timeline.
+- `live`: what the HTTP service keeps between requests: the gallery as immutable
+  snapshots swapped in by one writer at a time, request statistics, upload checks;
+- `serve`: the HTTP service and its web page (the one FastAPI import).
 """

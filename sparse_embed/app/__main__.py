@@ -6,6 +6,7 @@
     python -m sparse_embed.app identify --gallery=gallery --output=out photos/ party.jpg door.mp4
     python -m sparse_embed.app list --gallery=gallery
     python -m sparse_embed.app remove --gallery=gallery --name=alice
+    SPARSE_EMBED_APP_TOKEN=... python -m sparse_embed.app serve --gallery=gallery --host=127.0.0.1 --port=8080
 
 `--images=PEOPLE` holds one folder per person (the folder name is the name);
 `--list=CSV` has rows `image,name` (image paths relative to the CSV's folder).
@@ -17,8 +18,10 @@ annotated video and a timeline. A `.tflite` model needs `--mtcnn=DIR`
 (the TFLite MTCNN of `python -m sparse_embed.faces.mtcnn_tflite`) and never
 imports TensorFlow. The gallery records its model; `identify` and `calibrate`
 use it unless `--model` is given, and a gallery refuses any other model.
+`serve` answers identify, enrol and remove over HTTP with a web page (writes
+need the bearer token of SPARSE_EMBED_APP_TOKEN or `--token_file`).
 The App page of the documentation (docs/app.md) describes the gallery, the
-report and the calibration.
+report, the calibration and the service.
 """
 
 from __future__ import annotations
@@ -317,6 +320,46 @@ def _calibrate(args: argparse.Namespace) -> None:
     print(format_summary("calibrate", rows))
 
 
+@COMMANDS.register("serve")
+def _serve(args: argparse.Namespace) -> None:
+    from sparse_embed.app.live import LiveGallery, listen, read_token
+
+    token = read_token(args.token_file)
+    if args.protect_identify and token is None:
+        raise ConfigError("--protect_identify needs a token: set SPARSE_EMBED_APP_TOKEN or pass --token_file")
+    if not args.max_upload_mb > 0 or not args.max_megapixels > 0:
+        raise ConfigError(f"--max_upload_mb and --max_megapixels must be > 0, got {args.max_upload_mb} and "
+                          f"{args.max_megapixels}")
+    if args.mean_of < 1:
+        raise ConfigError(f"--mean_of must be >= 1, got {args.mean_of}")
+    try:
+        from sparse_embed.app.serve import ServiceConfig, create_app, run_server
+    except ImportError as e:
+        raise ConfigError(f"serve needs the app extra ({e}): pip install 'sparse-embed[app]'") from None
+    Gallery.load(args.gallery)  # a missing gallery is one line before the model loads
+    sock = listen(args.host, args.port)
+    gallery, embedder = _open(args)
+    detector = _detector(args, gallery, args.model or gallery.model.model)
+    live = LiveGallery(args.gallery, embedder.fingerprint, embedder.model)
+    config = ServiceConfig(token, args.protect_identify, args.max_upload_mb, args.max_megapixels,
+                           Settings(args.matching, args.mean_of, args.score_threshold))
+    host, port = sock.getsockname()[:2]
+    print(f"serving gallery {args.gallery} ({len(gallery.people)} people) on http://{host}:{port}/ "
+          f"(changes: {'token' if token else 'read-only'}; identify: "
+          f"{'token' if args.protect_identify else 'open'})", flush=True)
+    run_server(create_app(live, embedder, detector, config), sock)
+
+
+def _matching_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--matching", choices=MATCHING, default="best",
+                        help="A person's score: the best of their embeddings, or the mean of the "
+                             "--mean_of best (default: %(default)s).")
+    parser.add_argument("--mean_of", type=int, default=DEFAULT_MEAN_OF,
+                        help="Embeddings averaged per person with --matching=mean (default: %(default)s).")
+    parser.add_argument("--score_threshold", type=float, default=None,
+                        help="Name a face only above this score; default: the gallery's threshold.")
+
+
 def _model_arguments(parser: argparse.ArgumentParser, new_gallery: bool = False) -> None:
     parser.add_argument("--gallery", required=True, help="The gallery directory.")
     parser.add_argument("--model", default=None,
@@ -346,13 +389,7 @@ def _add_commands(commands: argparse._SubParsersAction, prog: str) -> None:
                            prog=f"{prog} identify")
     _model_arguments(identify)
     identify.add_argument("--output", required=True, help="Folder for report.json and the annotated images.")
-    identify.add_argument("--matching", choices=MATCHING, default="best",
-                          help="A person's score: the best of their embeddings, or the mean of the "
-                               "--mean_of best (default: %(default)s).")
-    identify.add_argument("--mean_of", type=int, default=DEFAULT_MEAN_OF,
-                          help="Embeddings averaged per person with --matching=mean (default: %(default)s).")
-    identify.add_argument("--score_threshold", type=float, default=None,
-                          help="Name a face only above this score; default: the gallery's threshold.")
+    _matching_arguments(identify)
     identify.add_argument("--every", type=int, default=1,
                           help="Videos: process every N-th frame (default: %(default)s, all).")
     identify.add_argument("--max_missed", type=int, default=DEFAULT_MAX_MISSED,
@@ -377,6 +414,23 @@ def _add_commands(commands: argparse._SubParsersAction, prog: str) -> None:
                          prog=f"{prog} remove")
     remove.add_argument("--gallery", required=True, help="The gallery directory.")
     remove.add_argument("--name", required=True, help="The person to remove.")
+
+    serve = add_command(commands, "serve", "Serve identify, enrol and remove over HTTP, with a web page.",
+                        prog=f"{prog} serve")
+    _model_arguments(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="Address to listen on (default: %(default)s).")
+    serve.add_argument("--port", type=int, default=8080, help="Port to listen on (default: %(default)s).")
+    serve.add_argument("--token_file", default=None,
+                       help="File holding the bearer token that changes need; default: "
+                            "$SPARSE_EMBED_APP_TOKEN; with neither the service is read-only.")
+    serve.add_argument("--protect_identify", action="store_true",
+                       help="POST /identify needs the token too (default: open).")
+    serve.add_argument("--max_upload_mb", type=float, default=10.0,
+                       help="Largest image file accepted, MiB (default: %(default)s; larger: 413).")
+    serve.add_argument("--max_megapixels", type=float, default=50.0,
+                       help="Largest image accepted, millions of pixels, read from the file's header "
+                            "before decoding (default: %(default)s; larger: 413).")
+    _matching_arguments(serve)
 
     listing = add_command(commands, "list", "List the enrolled people and their embedding counts.",
                           prog=f"{prog} list")
