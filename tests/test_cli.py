@@ -49,6 +49,7 @@ PACKAGE_CLIS = (
     "sparse_embed.results",
     "sparse_embed.experiment",
     "sparse_embed.app.__main__",
+    "sparse_embed.landmarks.__main__",
 )
 SCRIPTS = tuple(str(p.relative_to(ROOT)) for p in sorted([*ROOT.glob("preprocessing/*.py"),
                                                           *ROOT.glob("benchmarks/*.py")]))
@@ -78,6 +79,7 @@ CONSOLE_SCRIPTS = {
     "sparse-embed-results": "sparse_embed.results",
     "sparse-embed-experiment": "sparse_embed.experiment",
     "sparse-embed-app": "sparse_embed.app.__main__",
+    "sparse-embed-landmarks": "sparse_embed.landmarks.__main__",
 }
 
 # An option whose values differ in kind between command lines, and why that is right.

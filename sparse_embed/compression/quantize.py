@@ -157,8 +157,13 @@ def fold_embedding(backbone: keras.Model) -> keras.Model:
     return keras.Model(backbone.input, outputs, name=backbone.name)
 
 
-def _annotate(layer: keras.layers.Layer, activation_bits: int) -> keras.layers.Layer:
-    if isinstance(layer, (keras.layers.PReLU, SoftThreshold)):
+# Layers that get an output fake-quant only (OutputQuantizeConfig): no entry in TF-MOT's registry.
+_OUTPUT_ONLY = (keras.layers.PReLU, SoftThreshold)
+
+
+def _annotate(layer: keras.layers.Layer, activation_bits: int,
+              output_only: tuple[type, ...] = _OUTPUT_ONLY) -> keras.layers.Layer:
+    if isinstance(layer, output_only):
         return tfmot.quantization.keras.quantize_annotate_layer(
             layer, OutputQuantizeConfig(activation_bits))
     return tfmot.quantization.keras.quantize_annotate_layer(layer)
@@ -180,7 +185,38 @@ def quantize(backbone: keras.Model, config: CompressionConfig,
     Raises:
         ConfigError: If `preserve_sparsity` asks for fewer than 8 bits.
     """
-    folded = fold_embedding(backbone)
+    return _quantize(fold_embedding(backbone), config, preserve_sparsity, _OUTPUT_ONLY)
+
+
+def quantize_model(model: keras.Model, config: CompressionConfig,
+                   preserve_sparsity: bool = False) -> keras.Model:
+    """Returns the quantization-aware version of a model that has no embedding block to fold.
+
+    `quantize` for networks that are not embedding backbones (a landmark
+    regressor such as Landnet): every layer annotated as in `quantize`,
+    PReLU with its output fake-quant, nothing folded first. Its batch norms
+    follow activations, not convolutions (Landnet: conv -> PReLU -> BN), so
+    TF-MOT has no conv + BN fold for them and refuses them as they are: each
+    gets an output fake-quant, its scale and shift stay float constants that
+    the converter quantizes into the int8 MUL and ADD it lowers them to.
+
+    Args:
+        model: A float functional model (its weights are carried over).
+        config: The compression section (`bits`, `activation_bits`).
+        preserve_sparsity: Use TF-MOT's pruning-preserving scheme (8-bit only).
+
+    Returns:
+        A new model; the float layers of `model` are not changed.
+
+    Raises:
+        ConfigError: If `preserve_sparsity` asks for fewer than 8 bits.
+    """
+    return _quantize(model, config, preserve_sparsity,
+                     _OUTPUT_ONLY + (keras.layers.BatchNormalization,))
+
+
+def _quantize(model: keras.Model, config: CompressionConfig, preserve_sparsity: bool,
+              output_only: tuple[type, ...]) -> keras.Model:
     n_bit = config.bits < 8 or config.activation_bits < 8
     if preserve_sparsity and n_bit:
         raise ConfigError(
@@ -195,8 +231,8 @@ def quantize(backbone: keras.Model, config: CompressionConfig,
     else:
         scheme = tfmot.quantization.keras.default_8bit.Default8BitQuantizeScheme()
     annotated = keras.models.clone_model(
-        folded, clone_function=lambda layer: _annotate(layer, config.activation_bits))
-    annotated.set_weights(folded.get_weights())
+        model, clone_function=lambda layer: _annotate(layer, config.activation_bits, output_only))
+    annotated.set_weights(model.get_weights())
     with tfmot.quantization.keras.quantize_scope(CUSTOM_OBJECTS):
         return tfmot.quantization.keras.quantize_apply(annotated, scheme)
 

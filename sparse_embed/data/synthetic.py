@@ -21,6 +21,8 @@ output is byte-identical for a seed whatever the number of workers. Layout::
     out/test/id_0000N/0.jpg ...    K held-out identities N .. N+K-1
     out/pairs.txt                  LFW-format verification pairs over out/test
     out/synthetic.json             the generation parameters
+    out/landmarks.csv              with --write_landmarks: image,x1,y1,...,x5,y5 per image
+                                   (`face_landmarks`: eyes, nose tip, mouth corners, in pixels)
 """
 
 from __future__ import annotations
@@ -56,6 +58,11 @@ GENERATOR_VERSION = 1
 # PIL's polygon fill is not antialiased.
 SUPERSAMPLE = 3
 JPEG_QUALITY = 90
+
+# The five-point sidecar of `generate(landmarks=True)`: image path relative to the
+# output, then x1, y1, ..., x5, y5 in pixels (`face_landmarks`).
+LANDMARKS_FILE = "landmarks.csv"
+LANDMARKS_HEADER = ("image", *(f"{axis}{i}" for i in range(1, 6) for axis in "xy"))
 
 # Independent random streams: one per identity, one per image, one for the pairs.
 _IDENTITY_STREAM, _IMAGE_STREAM, _PAIRS_STREAM = 1, 2, 3
@@ -409,9 +416,8 @@ class _Painter:
 
     def project(self, points: np.ndarray, depth: float | np.ndarray = 0.0) -> list[float]:
         """Maps face-coordinate points [k, 2] to a flat pixel list [x0, y0, x1, ...]."""
-        x = points[:, 0] * self._cos_yaw + np.asarray(depth) * self._sin_yaw
-        xy = np.stack([x, points[:, 1]], axis=1) @ self._matrix.T + self._shift
-        return ((xy + 1.0) * (self.n / 2)).ravel().tolist()
+        return _project(points, depth, self._matrix, self._shift, self._cos_yaw, self._sin_yaw,
+                        self.n).ravel().tolist()
 
     def polygon(
         self, points: np.ndarray, color: Sequence[float], depth: float | np.ndarray = 0.0
@@ -433,6 +439,64 @@ class _Painter:
     def image_polygon(self, points: np.ndarray, color: Sequence[float]) -> None:
         """Fills a polygon given in image coordinates ([-1, 1]^2, independent of the pose)."""
         self.draw.polygon(((points + 1.0) * (self.n / 2)).ravel().tolist(), fill=_rgb(color))
+
+
+def _project(points: np.ndarray, depth: float | np.ndarray, matrix: np.ndarray, shift: np.ndarray,
+             cos_yaw: float, sin_yaw: float, n: int) -> np.ndarray:
+    """The pose's projection of face-coordinate points [k, 2] to pixels [k, 2] of an n x n canvas."""
+    x = points[:, 0] * cos_yaw + np.asarray(depth) * sin_yaw
+    xy = np.stack([x, points[:, 1]], axis=1) @ matrix.T + shift
+    return (xy + 1.0) * (n / 2)
+
+
+# Where the renderer draws the five landmark features, as (face-coordinate point, depth)
+# of each: eye centres (the sclera's centre, depth 0.5), the nose's lowest point (1.0)
+# and the mouth line's two ends (0.6). Keep in step with _draw_eyes, _draw_nose, _draw_mouth.
+def face_landmarks(identity: FaceIdentity, nuisance: Nuisance, image_size: int = 112) -> np.ndarray:
+    """The five points `render_face` draws: eye centres, nose tip, mouth corners.
+
+    The points go through the same pose as the drawing (roll, yaw by depth,
+    scale, shift), so they sit on the rendered features whatever the nuisance;
+    occluders may hide them, as a hand hides a real face's.
+
+    Args:
+        identity: The identity's stable parameters.
+        nuisance: The image's variation.
+        image_size: Side of the square image in pixels.
+
+    Returns:
+        float64 [5, 2] (x, y) in pixels of the `image_size` image (0 is the
+        left / top edge of the first pixel), in the order image-left eye,
+        image-right eye, nose tip, image-left and image-right mouth corner.
+    """
+    f, v = identity, nuisance
+    corner_y = f.mouth_y - (f.smile + v.smile) * 0.5
+    points = np.array([
+        [-f.eye_dx, f.eye_y], [f.eye_dx, f.eye_y], [0.0, f.nose_y + 0.04],
+        [-f.mouth_w, corner_y], [f.mouth_w, corner_y],
+    ])
+    depth = np.array([0.5, 0.5, 1.0, 0.6, 0.6])
+    c, s = math.cos(v.roll), math.sin(v.roll)
+    matrix = v.scale * np.array([[c, -s], [s, c]])
+    return _project(points, depth, matrix, np.asarray(v.shift), math.cos(v.yaw), math.sin(v.yaw),
+                    image_size)
+
+
+def image_landmarks(seed: int, identity_index: int, image_index: int,
+                    image_size: int = 112) -> np.ndarray:
+    """`face_landmarks` of the image `render_image` renders for the same arguments.
+
+    Args:
+        seed: Data-set seed.
+        identity_index: Global identity index.
+        image_index: Image index within the identity.
+        image_size: Side of the square image in pixels.
+
+    Returns:
+        float64 [5, 2] (x, y) pixels, as `face_landmarks`.
+    """
+    return face_landmarks(sample_identity(seed, identity_index),
+                          sample_nuisance(seed, identity_index, image_index), image_size)
 
 
 def _rgb(color: Sequence[float]) -> tuple[int, int, int]:
@@ -913,6 +977,7 @@ def generate(
     workers: int = 1,
     pairs_folds: int = 10,
     pairs_per_fold: int = 300,
+    landmarks: bool = False,
 ) -> dict[str, object]:
     """Generates the synthetic data set: train/ and test/ image folders, pairs.txt, synthetic.json.
 
@@ -930,6 +995,8 @@ def generate(
         workers: Rendering processes; does not change the output.
         pairs_folds: Requested folds of pairs.txt.
         pairs_per_fold: Requested same (and as many different) pairs per fold.
+        landmarks: Also write landmarks.csv, the five points of every image
+            (`LANDMARKS_FILE`); the images are the same either way.
 
     Returns:
         Summary: counts, effective pairs layout, seconds and images per second.
@@ -986,6 +1053,10 @@ def generate(
             "pairs_per_fold": per_fold,
         }
         (tmp / "synthetic.json").write_text(json.dumps(meta, indent=2) + "\n")
+        if landmarks:
+            splits = [("train", i) for i in range(num_identities)]
+            splits += [("test", num_identities + j) for j in range(num_test_identities)]
+            write_landmarks(tmp / LANDMARKS_FILE, splits, images_per_identity, seed, image_size)
         if replace:
             # Move the old tree aside only now, so a failed run leaves it intact.
             trash = out.with_name(f".{out.name}.old{os.getpid()}")
@@ -1004,6 +1075,27 @@ def generate(
         "seconds": round(seconds, 2),
         "images_per_second": round(total / max(seconds, 1e-9), 1),
     }
+
+
+def write_landmarks(path: str | os.PathLike, identities: Sequence[tuple[str, int]],
+                    images_per_identity: int, seed: int, image_size: int) -> None:
+    """Writes the five points of every image of `identities` as a CSV (`LANDMARKS_HEADER`).
+
+    Args:
+        path: The CSV file.
+        identities: (split folder, global identity index) of each identity.
+        images_per_identity: Images of each identity.
+        seed: Data-set seed.
+        image_size: Side of the images in pixels.
+    """
+    lines = [",".join(LANDMARKS_HEADER)]
+    for split, index in identities:
+        identity = sample_identity(seed, index)
+        for k in range(images_per_identity):
+            points = face_landmarks(identity, sample_nuisance(seed, index, k), image_size)
+            name = f"{split}/{identity_name(index)}/{k}.jpg"
+            lines.append(",".join([name, *(f"{p:.3f}" for p in points.ravel())]))
+    Path(path).write_text("\n".join(lines) + "\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -1025,6 +1117,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=300,
         help="Same (and different) pairs per fold; reduced if the test set is small.",
     )
+    parser.add_argument("--write_landmarks", action="store_true",
+                        help=f"Also write {LANDMARKS_FILE}: the five points of every image.")
     return parser
 
 
@@ -1046,6 +1140,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         workers=args.workers,
         pairs_folds=args.pairs_folds,
         pairs_per_fold=args.pairs_per_fold,
+        landmarks=args.write_landmarks,
     )
     print(format_summary("synthetic identities", list(summary.items())))
 

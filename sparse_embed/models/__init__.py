@@ -23,6 +23,9 @@ Families: mobilefacenet.py, iresnet.py (iresnet18/34/50/100, faceresnet),
 mobilenet_v2.py, sphereface.py (sphereface20), nin.py (CIFAR); each registers
 its builders in `MODELS` (registry.py) when this package imports it.
 
+Landmark networks (images -> five points) are a family of their own,
+`LANDMARK_MODELS`: landnet.py (Open Model Zoo's landmarks-regression-retail-0009).
+
 `build_model` adds an extra head when `model.distribution` is not `dirac`:
 the model's output is then the parameter vector `[embedding | extra]`
 (embedding.py's `with_extra_head`), read by `sparse_embed.distributions`.
@@ -34,9 +37,9 @@ from sparse_embed.config import ModelConfig
 from sparse_embed.keras import keras
 
 # Each family module registers its entries in MODELS on import.
-from sparse_embed.models import iresnet, mobilefacenet, mobilenet_v2, nin, sphereface  # noqa: F401
+from sparse_embed.models import iresnet, landnet, mobilefacenet, mobilenet_v2, nin, sphereface  # noqa: F401
 from sparse_embed.models.embedding import with_extra_head
-from sparse_embed.models.registry import MODELS
+from sparse_embed.models.registry import LANDMARK_MODELS, MODELS
 
 
 def build_model(config: ModelConfig) -> keras.Model:
@@ -60,4 +63,4 @@ def build_model(config: ModelConfig) -> keras.Model:
     return with_extra_head(model, extra) if extra else model
 
 
-__all__ = ["MODELS", "build_model"]
+__all__ = ["LANDMARK_MODELS", "MODELS", "build_model"]

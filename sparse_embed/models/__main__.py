@@ -3,6 +3,10 @@
     python -m sparse_embed.models mobilefacenet
     python -m sparse_embed.models mobilefacenet --embedding_size=1024 --json
     python -m sparse_embed.models --all --output=results/models.json
+    python -m sparse_embed.models landnet
+
+A landmark network (`LANDMARK_MODELS`, e.g. landnet) takes --input_size only;
+its "embedding size" is its number of outputs (ten: five (x, y) points).
 
 Unset flags keep the builder's defaults (a tiny variant's small input, say).
 `--all` prints one row per full-size model (tiny variants skipped), adding
@@ -22,7 +26,7 @@ from collections.abc import Sequence
 from sparse_embed.cli import deprecated_alias, make_parser, program, user_errors_exit
 from sparse_embed.errors import ConfigError
 from sparse_embed.keras import keras, tf
-from sparse_embed.models import MODELS
+from sparse_embed.models import LANDMARK_MODELS, MODELS
 from sparse_embed.models.embedding import ACTIVATIONS
 from sparse_embed.models.profile import count_macs, count_params, format_count, measure_latency
 from sparse_embed.results import Column, write_result
@@ -115,6 +119,16 @@ def _print_all(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+def _build_one(args: argparse.Namespace) -> keras.Model:
+    if args.model not in LANDMARK_MODELS:
+        return MODELS.get(args.model)(**_overrides(args))
+    extra = sorted(set(_overrides(args)) - {"input_size"})
+    if extra:
+        raise ConfigError(f"{args.model} is a landmark network: it takes --input_size only, "
+                          f"got --{', --'.join(extra)}")
+    return LANDMARK_MODELS.get(args.model)(**_overrides(args))
+
+
 @user_errors_exit
 def main(argv: Sequence[str] | None = None) -> None:
     """Builds the named model (or every full-size one) and prints its size and cost.
@@ -143,7 +157,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise ConfigError("--output needs --all")
     if not args.model:
         raise ConfigError(f"expected one model name ({', '.join(MODELS.names())}) or --all")
-    model = MODELS.get(args.model)(**_overrides(args))
+    model = _build_one(args)
     row = _row(args.model, model)
     if args.json:
         print(json.dumps(row))
