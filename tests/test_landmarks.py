@@ -220,3 +220,36 @@ def test_a_few_training_steps_lower_the_loss(tmp_path) -> None:
     assert figures["train_images"] == 16 and figures["images"] == 4
     assert figures["last_loss"] < figures["first_loss"]
     assert (tmp_path / "run" / "model.keras").is_file() and (tmp_path / "run" / "config.yaml").is_file()
+
+
+def test_landnet_detector_puts_landnet_points_on_the_detectors_faces(monkeypatch) -> None:
+    """`--landmarks=landnet`: the detector's boxes stay, the points are Landnet's, mapped from its crop."""
+    import dataclasses
+
+    from sparse_embed.app.embedder import LandnetDetector
+    from sparse_embed.landmarks.data import from_crop_units
+    from sparse_embed.landmarks.predict import Landmarker, landnet_box
+
+    @dataclasses.dataclass(frozen=True)
+    class FakeFace:
+        box: tuple[float, float, float, float]
+        confidence: float
+        landmarks: np.ndarray
+
+    class FakeDetector:
+        def detect(self, image: np.ndarray) -> list[FakeFace]:
+            return [FakeFace((40.0, 30.0, 60.0, 80.0), 0.99, np.zeros((5, 2)))]
+
+    crop_points = np.array([[0.3, 0.4, 0.7, 0.4, 0.5, 0.6, 0.35, 0.8, 0.65, 0.8]], np.float32)
+    seen = []
+
+    def network(crops: np.ndarray) -> np.ndarray:
+        seen.append(crops.shape)
+        return crop_points
+
+    monkeypatch.setattr(Landmarker, "load", classmethod(lambda cls, path: cls(network, 48, str(path))))
+    faces = LandnetDetector(FakeDetector(), "landnet.tflite").detect(np.zeros((200, 160, 3), np.uint8))
+    assert seen == [(1, 48, 48, 3)] and faces[0].box == (40.0, 30.0, 60.0, 80.0)
+    x, y, side, _ = landnet_box((40.0, 30.0, 60.0, 80.0))
+    assert side == pytest.approx(1.3 * 60) and x + side / 2 == pytest.approx(70)
+    np.testing.assert_allclose(faces[0].landmarks, from_crop_units(crop_points, (x, y, side, side))[0])

@@ -37,7 +37,9 @@ from tqdm import tqdm
 
 from sparse_embed.app.embedder import (
     FLIP_MODES,
+    LANDMARK_SOURCES,
     Embedder,
+    LandnetDetector,
     check_model_file,
     find_faces,
     is_tflite,
@@ -104,7 +106,13 @@ def _detector(args: argparse.Namespace, gallery: Gallery | None, model: str):
     if args.aligned:
         return None
     mtcnn = args.mtcnn or (gallery.model.mtcnn if gallery is not None else None)
-    return load_detector(mtcnn, is_tflite(model))
+    detector = load_detector(mtcnn, is_tflite(model))
+    if args.landmarks == "mtcnn":
+        return detector
+    if not args.landnet:
+        raise ConfigError("--landmarks=landnet needs --landnet=RUN_DIR_OR_TFLITE (a run of "
+                          "python -m sparse_embed.landmarks train, or a .tflite of it)")
+    return LandnetDetector(detector, args.landnet)
 
 
 def _one_face(path: str, detector, embedder: Embedder) -> tuple[np.ndarray | None, str | None]:
@@ -371,6 +379,12 @@ def _model_arguments(parser: argparse.ArgumentParser, new_gallery: bool = False)
     parser.add_argument("--mtcnn", default=None,
                         help="Detect with the TFLite MTCNN in this directory (pnet/rnet/onet.tflite); "
                              "needed with a .tflite model. Default: the gallery's, else the mtcnn package.")
+    parser.add_argument("--landmarks", choices=LANDMARK_SOURCES, default="mtcnn",
+                        help="Points the alignment uses: MTCNN's own, or Landnet's on MTCNN's box "
+                             "(needs --landnet). Default: %(default)s.")
+    parser.add_argument("--landnet", default=None,
+                        help="With --landmarks=landnet: a landmarks run directory or its .tflite file "
+                             "(python -m sparse_embed.landmarks).")
 
 
 def _add_commands(commands: argparse._SubParsersAction, prog: str) -> None:

