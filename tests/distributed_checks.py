@@ -1,16 +1,20 @@
 """Checks that run inside real distributed processes.
 
     horovodrun -np N python distributed_checks.py CHECK OUT ...      (Horovod ranks)
-    python distributed_checks.py step_equivalence OUT mirrored       (2 replicas on 2 logical CPUs)
-    python distributed_checks.py pe_step_equivalence OUT mirrored
+    horovodrun -np N python distributed_checks.py CHECK,CHECK,... OUT (several, one launch)
+    python distributed_checks.py step_equivalence,pe_step_equivalence OUT mirrored
+                                                       (2 replicas on 2 logical CPUs)
 
-Each rank writes what it measured to OUT/rank<r>.npz; tests/test_distributed.py
-and tests/test_pe_distributed.py launch the processes and compare. Kept out of pytest's collection (no
+Each rank writes what it measured to OUT/rank<r>.npz, or with several checks to
+OUT/<check>/rank<r>.npz; tests/test_distributed.py launches the processes and
+compares. Several checks share one launch because starting the processes (TensorFlow,
+Horovod) costs more than any of these steps. Kept out of pytest's collection (no
 `test_` prefix): it is a program, one process per rank.
 """
 
 from __future__ import annotations
 
+import functools
 import sys
 from pathlib import Path
 
@@ -45,7 +49,9 @@ def _trainer(sparsity: str, cross_replica: bool, strategy) -> EmbeddingTrainer:
     return model
 
 
+@functools.cache
 def _mirrored_on_two_cpus() -> MirroredStrategy:
+    # Cached: the logical devices can be set only once, before TensorFlow starts its runtime.
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
     return MirroredStrategy()
@@ -231,7 +237,8 @@ def train_run(out: Path, data_dir: str, model_dir: str, *overrides: str) -> None
 
 
 def train_eval(out: Path, data_dir: str, model_dir: str, *overrides: str) -> None:
-    """`train()` with evaluation during training; every rank saves the steps it evaluated at."""
+    """`train()` with evaluation during training; every rank saves the steps it evaluated at and,
+    as `train_run` does, the weights it ended with."""
     import os
 
     from sparse_embed.training.callbacks import VerificationEval
@@ -246,13 +253,21 @@ def train_eval(out: Path, data_dir: str, model_dir: str, *overrides: str) -> Non
     VerificationEval.evaluate = counted
     result = train(load_config("smoke", list(overrides)), data_dir, model_dir, verbose=0)
     rank = result.model.strategy.worker_index
-    np.savez(out / f"rank{rank}.npz", step=result.step, pid=os.getpid(),
-             evaluated=np.array(evaluated, np.int64))
+    np.savez(out / f"rank{rank}.npz", step=result.step, samples=result.samples, pid=os.getpid(),
+             evaluated=np.array(evaluated, np.int64),
+             **{f"w{i}": w.numpy() for i, w in enumerate(result.model.variables)})
 
 
 CHECKS = {"step_equivalence": step_equivalence, "pe_step_equivalence": pe_step_equivalence,
           "partial_fc": partial_fc, "train": train_run, "train_eval": train_eval}
 
 if __name__ == "__main__":
-    check, out_dir, *rest = sys.argv[1:]
-    CHECKS[check](Path(out_dir), *rest)
+    names, out_dir, *rest = sys.argv[1:]
+    checks = names.split(",")
+    for name in checks:
+        out = Path(out_dir) / name if len(checks) > 1 else Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        # The same layer names on every rank whatever an earlier check built: Horovod matches
+        # its collectives by name.
+        keras.backend.clear_session()
+        CHECKS[name](out, *rest)

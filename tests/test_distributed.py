@@ -64,17 +64,33 @@ def _checkpoint_value(model_dir: Path, name: str) -> int:
     return int(reader.get_tensor(name))
 
 
+@pytest.fixture(scope="module")
+def one_step_checks(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One 2-rank Horovod launch of the one-step checks; each wrote OUT/<check>/rank<r>.npz."""
+    out = tmp_path_factory.mktemp("one_step")
+    proc = horovodrun(2, CHECKS, "step_equivalence,partial_fc,pe_step_equivalence", str(out))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def mirrored_checks(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same checks on 2 logical CPUs under tf.distribute.MirroredStrategy, in one process."""
+    out = tmp_path_factory.mktemp("mirrored")
+    proc = run_module_script(CHECKS, "step_equivalence,pe_step_equivalence", str(out), "mirrored")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
 @pytest.mark.slow
-def test_one_step_of_two_ranks_equals_one_process_on_the_whole_batch(tmp_path: Path) -> None:
+def test_one_step_of_two_ranks_equals_one_process_on_the_whole_batch(one_step_checks: Path) -> None:
     """2 ranks x batch B == 1 process x batch 2B, for L1, cross-replica FLOPs and per-worker FLOPs.
 
     The reference is computed by plain autodiff in one process: the head loss of
     the 2B batch plus the regularizer the ranks optimise together (the FLOPs of
     the 2B batch with `cross_replica`, the mean of each rank's own FLOPs without).
     """
-    proc = horovodrun(2, CHECKS, "step_equivalence", str(tmp_path))
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    ranks = [np.load(tmp_path / f"rank{r}.npz") for r in range(2)]
+    ranks = [np.load(one_step_checks / "step_equivalence" / f"rank{r}.npz") for r in range(2)]
     for name in ("l1_local", "flops_cross", "flops_local"):
         for rank in ranks:
             np.testing.assert_allclose(rank[f"{name}/weights"], rank[f"{name}/reference_weights"],
@@ -89,71 +105,97 @@ def test_one_step_of_two_ranks_equals_one_process_on_the_whole_batch(tmp_path: P
     assert np.abs(first["flops_cross/weights"] - first["flops_local/weights"]).max() > 1e-3
 
 
-@pytest.mark.slow
-def test_two_ranks_train_identical_models_and_the_loss_falls(tiny_data: Path, tmp_path: Path) -> None:
-    model_dir = tmp_path / "run"
-    proc = horovodrun(2, CHECKS, "train", str(tmp_path), str(tiny_data), str(model_dir),
-                      "train.steps=40", "train.batch_size=16", "train.log_every=1")
+PE_GATHERED = ("hib", "pfe", "spe")
+PE_PER_EXAMPLE = ("dul_reg", "dul_cls", "scf", "vmf_fl", "vmf_loss", "dsml")
+
+
+def _assert_pe_equals_one_process(rank: dict, method: str) -> None:
+    np.testing.assert_allclose(rank[f"{method}/weights"], rank[f"{method}/reference_weights"],
+                               rtol=1e-4, atol=1e-5, err_msg=method)
+    np.testing.assert_allclose(rank[f"{method}/loss"], rank[f"{method}/reference_loss"], rtol=1e-5,
+                               err_msg=method)
+
+
+def test_two_ranks_of_every_probabilistic_method_equal_one_process(one_step_checks: Path) -> None:
+    """2 Horovod ranks x batch 4 == 1 process, with the samples of a fixed seed.
+
+    HIB, PFE and SPE gather the batch (`head.gather_batch`): the step is that of
+    the 8 examples together, whose pairs (and SPE's prototypes, with a class on
+    both ranks) cross the ranks, which the mean of the ranks' own losses does
+    not give. The other methods' losses are means over examples: the step is
+    that of the mean of the ranks' losses.
+    """
+    ranks = [dict(np.load(one_step_checks / "pe_step_equivalence" / f"rank{r}.npz")) for r in range(2)]
+    for method in PE_GATHERED + PE_PER_EXAMPLE:
+        _assert_pe_equals_one_process(ranks[0], method)
+        np.testing.assert_array_equal(ranks[0][f"{method}/weights"], ranks[1][f"{method}/weights"])
+        np.testing.assert_array_equal(ranks[0][f"{method}/loss"], ranks[1][f"{method}/loss"])
+    for method in PE_GATHERED:
+        first = ranks[0]
+        assert abs(first[f"{method}/reference_loss"] - first[f"{method}/local_reference_loss"]) > 1e-3, method
+
+
+@pytest.fixture(scope="module")
+def two_ranks_forty_steps(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """40 steps on 2 ranks with verification at steps 20 and 40 on rank 0; (ranks' output, run)."""
+    out = tmp_path_factory.mktemp("hvd40")
+    model_dir = out / "run"
+    proc = horovodrun(2, CHECKS, "train_eval", str(out), str(tiny_data), str(model_dir),
+                      "train.steps=40", "train.batch_size=16", "train.log_every=1",
+                      "eval.every_steps=20", "eval.sets=[lfw]", "eval.keep_best=lfw/accuracy")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    ranks = [np.load(tmp_path / f"rank{r}.npz") for r in range(2)]
+    return out, model_dir
+
+
+@pytest.mark.slow
+def test_two_ranks_train_identical_models_and_the_loss_falls(two_ranks_forty_steps: tuple[Path, Path]) -> None:
+    out, model_dir = two_ranks_forty_steps
+    ranks = [np.load(out / f"rank{r}.npz") for r in range(2)]
     assert int(ranks[0]["step"]) == 40 and int(ranks[0]["samples"]) == 40 * 16
-    # Every variable, BatchNorm moving statistics included, bit for bit.
-    assert ranks[0].files == ranks[1].files
-    for key in ranks[0].files:
+    # Every variable, BatchNorm moving statistics included, bit for bit (rank 0's evaluations
+    # change none of them).
+    weights = [k for k in ranks[0].files if k.startswith("w")]
+    assert weights and weights == [k for k in ranks[1].files if k.startswith("w")]
+    for key in weights:
         np.testing.assert_array_equal(ranks[0][key], ranks[1][key], err_msg=key)
     losses = list(scalars(model_dir, "train/head_loss").values())
     assert len(losses) == 40
     assert np.mean(losses[-10:]) < 0.8 * np.mean(losses[:5]), losses
 
 
-def test_pruning_on_two_ranks_keeps_the_models_identical(tiny_data: Path, tmp_path: Path) -> None:
-    """Every rank computes the pruning masks from the same weights: the models stay bit-identical."""
+@pytest.mark.slow
+def test_only_rank_0_evaluates_during_training_and_keeps_best(two_ranks_forty_steps: tuple[Path, Path]) -> None:
+    """Rank 1 goes on to the next all-reduce while rank 0 evaluates; nobody hangs, rank 0 writes best/."""
+    out, model_dir = two_ranks_forty_steps
+    ranks = [np.load(out / f"rank{r}.npz") for r in range(2)]
+    assert [int(r["step"]) for r in ranks] == [40, 40]
+    assert ranks[0]["evaluated"].tolist() == [20, 40] and ranks[1]["evaluated"].tolist() == []
+    assert len(scalars(model_dir, "eval/lfw/accuracy")) == 2
+    best = json.loads((model_dir / "best" / "best.json").read_text())
+    assert best["step"] in (20, 40) and best["metric"] == "lfw/accuracy"
+    # The kept directory is named after the process that wrote it.
+    (kept,) = model_dir.glob(".best-*")
+    assert kept.name == f".best-{best['step']}-{int(ranks[0]['pid'])}"
+
+
+def test_pruning_pk_sampler_and_gathered_pair_loss_on_two_ranks(tiny_data: Path, tmp_path: Path) -> None:
+    """Every rank computes the pruning masks from the same weights, draws its own P x K batches, and
+    with head.gather_batch its triplets span both ranks' batches: the models stay bit-identical."""
     model_dir = tmp_path / "run"
     proc = horovodrun(2, CHECKS, "train", str(tmp_path), str(tiny_data), str(model_dir),
                       "train.steps=6", "train.batch_size=16", "train.log_every=1",
+                      "data.sampler=p_k", "data.classes_per_batch=4", "data.samples_per_class=2",
+                      "head.name=triplet", "head.gather_batch=true",
                       "compression.type=prune", "compression.target_sparsity=0.5",
                       "compression.end_step=4", "compression.frequency=2")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ranks = [np.load(tmp_path / f"rank{r}.npz") for r in range(2)]
-    assert int(ranks[0]["step"]) == 6
+    assert int(ranks[0]["step"]) == 6 and int(ranks[0]["samples"]) == 6 * 16
     for key in ranks[0].files:
         np.testing.assert_array_equal(ranks[0][key], ranks[1][key], err_msg=key)
     sparsity = list(scalars(model_dir, "compress/weight_sparsity").values())
     assert len(sparsity) == 6 and sparsity[0] < 0.5
     assert sparsity[-1] == pytest.approx(0.5, abs=0.01), sparsity
-
-
-def test_pk_sampler_and_pair_loss_with_gathered_batch_on_two_ranks(tiny_data: Path, tmp_path: Path) -> None:
-    """Each rank draws its own P x K batches, and with head.gather_batch its triplets span both ranks'
-    batches; the models stay identical."""
-    proc = horovodrun(2, CHECKS, "train", str(tmp_path), str(tiny_data), str(tmp_path / "run"),
-                      "train.steps=3", "train.batch_size=16", "data.sampler=p_k",
-                      "data.classes_per_batch=4", "data.samples_per_class=2", "head.name=triplet",
-                      "head.gather_batch=true")
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    ranks = [np.load(tmp_path / f"rank{r}.npz") for r in range(2)]
-    assert int(ranks[0]["step"]) == 3 and int(ranks[0]["samples"]) == 3 * 16
-    for key in ranks[0].files:
-        np.testing.assert_array_equal(ranks[0][key], ranks[1][key], err_msg=key)
-
-
-@pytest.mark.slow
-def test_only_rank_0_evaluates_during_training_and_keeps_best(tiny_data: Path, tmp_path: Path) -> None:
-    """Rank 1 goes on to the next all-reduce while rank 0 evaluates; nobody hangs, rank 0 writes best/."""
-    model_dir = tmp_path / "run"
-    proc = horovodrun(2, CHECKS, "train_eval", str(tmp_path), str(tiny_data), str(model_dir),
-                      "train.steps=4", "train.batch_size=16", "eval.every_steps=2",
-                      "eval.sets=[lfw]", "eval.keep_best=lfw/accuracy", timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    ranks = [np.load(tmp_path / f"rank{r}.npz") for r in range(2)]
-    assert [int(r["step"]) for r in ranks] == [4, 4]
-    assert ranks[0]["evaluated"].tolist() == [2, 4] and ranks[1]["evaluated"].tolist() == []
-    assert len(scalars(model_dir, "eval/lfw/accuracy")) == 2
-    best = json.loads((model_dir / "best" / "best.json").read_text())
-    assert best["step"] in (2, 4) and best["metric"] == "lfw/accuracy"
-    # The kept directory is named after the process that wrote it.
-    (kept,) = model_dir.glob(".best-*")
-    assert kept.name == f".best-{best['step']}-{int(ranks[0]['pid'])}"
 
 
 @pytest.mark.slow
@@ -259,12 +301,10 @@ def test_batch_split_over_workers() -> None:
 
 
 @pytest.mark.slow
-def test_partial_fc_on_two_ranks_equals_the_unsharded_head(tmp_path: Path) -> None:
+def test_partial_fc_on_two_ranks_equals_the_unsharded_head(one_step_checks: Path) -> None:
     """sample_rate=1: the step of 2 ranks, each with half the class centres, is the unsharded one."""
-    proc = horovodrun(2, CHECKS, "partial_fc", str(tmp_path))
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for rank in range(2):
-        got = np.load(tmp_path / f"rank{rank}.npz")
+        got = np.load(one_step_checks / "partial_fc" / f"rank{rank}.npz")
         assert got["kernel"].shape == (4, 16), "each rank holds C/2 = 4 of the 8 centres"
         np.testing.assert_allclose(got["loss"], got["reference_loss"], rtol=1e-5)
         np.testing.assert_allclose(got["accuracy"], got["reference_accuracy"])
@@ -295,15 +335,13 @@ def test_sampled_partial_fc_trains_and_resumes_on_any_worker_count(
     run = tmp_path / "run"
     ckpt = run / CHECKPOINT_DIR
     sharded = ["head.sharded=true", "head.sample_rate=0.5"]
-    proc = horovodrun(2, *_train_cli(run, tiny_data, "train.steps=4", *sharded))
+    proc = horovodrun(2, *_train_cli(run, tiny_data, "train.steps=6", *sharded))
     assert proc.returncode == 0, proc.stderr[-3000:]
     reader = tf.train.load_checkpoint(str(ckpt / "worker-1-of-2"))
     assert reader.get_variable_to_shape_map()["head/kernel/.ATTRIBUTES/VARIABLE_VALUE"] == [4, 64]
-    proc = horovodrun(2, *_train_cli(run, tiny_data, "train.steps=6", *sharded))
-    assert proc.returncode == 0, proc.stderr[-3000:]
     out = "\n".join(rank_lines(proc.stdout, 0, "stdout"))
-    assert "step 6 (resumed from 4), 48 examples, 2 worker(s)" in out
-    summary = out.split("step 6 (resumed from 4)")[1]
+    assert "step 6 (resumed from 0), 48 examples, 2 worker(s)" in out
+    summary = out.split("step 6 (resumed from 0)")[1]
     assert np.isfinite(float(summary.split("head_loss")[1].split()[0]))
     centres, momentum = _sharded_state(ckpt, ckpt / "worker-1-of-2")
 
@@ -343,16 +381,22 @@ def test_sharded_head_with_fewer_classes_than_workers(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_mirrored_two_replicas_equal_one_process_on_the_whole_batch(tmp_path: Path) -> None:
+def test_mirrored_two_replicas_equal_one_process_on_the_whole_batch(mirrored_checks: Path) -> None:
     """tf.distribute.MirroredStrategy on 2 logical CPUs: the same statements as for Horovod."""
-    proc = run_module_script(CHECKS, "step_equivalence", str(tmp_path), "mirrored")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    got = np.load(tmp_path / "rank0.npz")
+    got = np.load(mirrored_checks / "step_equivalence" / "rank0.npz")
     for name in ("l1_local", "flops_cross", "flops_local"):
         np.testing.assert_allclose(got[f"{name}/weights"], got[f"{name}/reference_weights"],
                                    atol=1e-5, err_msg=name)
         np.testing.assert_allclose(got[f"{name}/sparsity_loss"],
                                    got[f"{name}/reference_sparsity_loss"], rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_mirrored_two_replicas_of_every_probabilistic_method_equal_one_process(mirrored_checks: Path) -> None:
+    """tf.distribute.MirroredStrategy on 2 logical CPUs: the same statements as for Horovod."""
+    got = dict(np.load(mirrored_checks / "pe_step_equivalence" / "rank0.npz"))
+    for method in PE_GATHERED + PE_PER_EXAMPLE:
+        _assert_pe_equals_one_process(got, method)
 
 
 def _free_port() -> int:
