@@ -86,17 +86,27 @@ std::vector<uint32_t> similarity_order(const Rows& rows) {
 }
 
 // Clustering of the build order: kBands bands of kBandHashes MinHash values.
-// Rows that agree on every value of some band are joined (union-find). A
-// pair of Jaccard similarity J agrees on a band with probability J^r (r =
-// kBandHashes): two images of an identity that each replace 10% of its 32
-// dimensions (J ~ 0.69) agree on one of 16 bands of 6 with probability ~0.9,
-// while the chance agreements of unrelated rows, dominated by the few pairs
-// that overlap on 4-6 of 32 dimensions, stay below one per 20 rows at 1M
-// rows. Measured at 1M rows of such identities (blocks of 32): bands of 5
-// chained unrelated clusters (21 blocks scored per query), bands of 6 (12 or
-// 16 bands) scored 12 and 8.
-constexpr int kBands = 16;
-constexpr int kBandHashes = 6;
+// Rows that agree on every value of some band are candidates; a candidate
+// pair is joined (union-find) only when its supports are verified similar
+// (kJoinJaccard). A pair of Jaccard similarity J agrees on a band with
+// probability J^r (r = kBandHashes). Short bands catch pairs whose supports
+// differ a lot: two images of an identity that each keep 75% of its 32
+// dimensions and add 8 of their own (J ~ 0.39) agree on one of 24 bands of
+// 4 with probability ~0.43, so the 45 pairs of an identity of 10 images
+// leave it connected; bands of 6 (the previous order, without verification)
+// joined such a pair with probability ~0.05. Chance agreements of unrelated
+// rows are frequent with bands this short (about one candidate a row and
+// band at 1M rows), hence the verification, which also keeps a chain of
+// them from merging unrelated clusters.
+constexpr int kBands = 24;
+constexpr int kBandHashes = 4;
+// Candidates are joined when |intersection| / |union| of their supports
+// reaches 1 / kJoinJaccardInverse.
+constexpr int64_t kJoinJaccardInverse = 4;
+// Rows of one band bucket compared pairwise, at most this far apart in it (a
+// bucket of many rows, e.g. rows of one popular dimension set, costs
+// O(size * kBucketWindow) comparisons, not O(size^2)).
+constexpr int64_t kBucketWindow = 16;
 constexpr int kSignature = kBands * kBandHashes;
 constexpr int kLanes = 8;
 static_assert(kSignature % kLanes == 0, "the signature is taken kLanes minima at a time");
@@ -197,23 +207,53 @@ void row_bands(const std::vector<int64_t>& dims, const std::vector<int16_t>& tab
   }
 }
 
-// bands[b * n + i]: row i's hash of band b.
+// Every row's support, dimensions increasing: row i's are
+// dims[offsets[i], offsets[i + 1]).
+struct Supports {
+  std::vector<uint64_t> offsets{0};
+  std::vector<uint32_t> dims;
+
+  // |intersection| * kJoinJaccardInverse >= |union| (merge of two sorted lists).
+  bool similar(uint32_t a, uint32_t b) const {
+    const uint32_t* x = dims.data() + offsets[a];
+    const uint32_t* x_end = dims.data() + offsets[a + 1];
+    const uint32_t* y = dims.data() + offsets[b];
+    const uint32_t* y_end = dims.data() + offsets[b + 1];
+    const int64_t total = (x_end - x) + (y_end - y);
+    int64_t common = 0;
+    while (x < x_end && y < y_end) {
+      common += *x == *y;
+      const uint32_t u = *x, v = *y;
+      x += u <= v;
+      y += v <= u;
+    }
+    return common > 0 && common * kJoinJaccardInverse >= total - common;
+  }
+};
+
+// bands[b * n + i]: row i's hash of band b; fills `supports`.
 template <typename Rows>
-std::vector<uint32_t> band_hashes(const Rows& rows, int64_t dim) {
+std::vector<uint32_t> band_hashes(const Rows& rows, int64_t dim, Supports& supports) {
   const int64_t n = rows.size();
   const std::vector<int16_t> table = signature_table(dim);
   std::vector<uint32_t> bands(static_cast<size_t>(n) * kBands);
   std::vector<int64_t> dims;
+  supports.offsets.assign(1, 0);
+  supports.offsets.reserve(static_cast<size_t>(n) + 1);
   for (int64_t i = 0; i < n; ++i) {
     dims.clear();
     rows.for_each(i, [&](int64_t d, float) { dims.push_back(d); });
     row_bands(dims, table, n, bands.data() + i);
+    std::sort(dims.begin(), dims.end());
+    supports.dims.insert(supports.dims.end(), dims.begin(), dims.end());
+    supports.offsets.push_back(supports.dims.size());
   }
   return bands;
 }
 
-// Rows joined when they share the hash of some band.
-Clusters join_bands(const std::vector<uint32_t>& bands, int64_t n) {
+// Rows joined when they share the hash of some band and their supports are
+// similar (Supports::similar).
+Clusters join_bands(const std::vector<uint32_t>& bands, const Supports& supports, int64_t n) {
   Clusters clusters(n);
   std::vector<uint64_t> run(n);
   std::vector<uint64_t> tmp;
@@ -222,8 +262,14 @@ Clusters join_bands(const std::vector<uint32_t>& bands, int64_t n) {
     sort_by_high_word(run, tmp);
     for (int64_t i = 1; i < n; ++i) {
       const uint32_t h = static_cast<uint32_t>(run[i] >> 32);
-      if (h != 0 && h == static_cast<uint32_t>(run[i - 1] >> 32)) {
-        clusters.join(static_cast<uint32_t>(run[i - 1]), static_cast<uint32_t>(run[i]));
+      if (h == 0) continue;
+      const auto row = static_cast<uint32_t>(run[i]);
+      for (int64_t j = i - 1; j >= std::max<int64_t>(0, i - kBucketWindow); --j) {
+        if (static_cast<uint32_t>(run[j] >> 32) != h) break;
+        const auto other = static_cast<uint32_t>(run[j]);
+        if (clusters.find(other) != clusters.find(row) && supports.similar(other, row)) {
+          clusters.join(other, row);
+        }
       }
     }
   }
@@ -245,7 +291,9 @@ template <typename Rows>
 std::vector<uint32_t> clustered_order(const Rows& rows, int64_t dim) {
   const int64_t n = rows.size();
   const std::vector<uint32_t> order = similarity_order(rows);
-  Clusters clusters = join_bands(band_hashes(rows, dim), n);
+  Supports supports;
+  const std::vector<uint32_t> bands = band_hashes(rows, dim, supports);
+  Clusters clusters = join_bands(bands, supports, n);
   // A cluster's place: the first position of its rows in `order`.
   std::vector<uint32_t> first(n, std::numeric_limits<uint32_t>::max());
   for (int64_t p = 0; p < n; ++p) {
@@ -532,11 +580,51 @@ void SparseIndex::finish_derived(Storage& storage) {
     storage.dim_absmax[d] = m;
   }
   dim_absmax_ = storage.dim_absmax.data();
+  compute_bound_table(storage);
   if (order_ != nullptr) {
     storage.position.assign(static_cast<size_t>(rows_), 0);
     for (int64_t i = 0; i < rows_; ++i) storage.position[order_[i]] = static_cast<uint32_t>(i);
     position_ = storage.position.data();
   }
+}
+
+// Codes round each block's extreme up, in units of a 255th of the dimension's
+// largest |value| (a hair more, so that the largest stays within code 255).
+void SparseIndex::compute_bound_table(Storage& storage) {
+  if (dim_ * num_blocks_ > kBoundTableRatio * std::max<int64_t>(nnz_, 1)) return;
+  // Units of subnormal size would round codes too coarsely to stay above.
+  for (int64_t d = 0; d < dim_; ++d) {
+    if (dim_absmax_[d] > 0.0f && dim_absmax_[d] < std::numeric_limits<float>::min() * 512.0f) return;
+  }
+  const auto cells = static_cast<size_t>(dim_ * num_blocks_);
+  storage.bound_unit.assign(static_cast<size_t>(dim_), 0.0f);
+  storage.bound_hi.assign(cells, 0);
+  bool negative = false;
+  for (int64_t d = 0; d < dim_ && !negative; ++d) {
+    for (uint64_t e = bm_offsets_[d]; e < bm_offsets_[d + 1]; ++e) negative |= entry_min(d, e) < 0.0f;
+  }
+  if (negative) storage.bound_lo.assign(cells, 0);
+  // The smallest code c with c * unit >= x (x >= 0), in the arithmetic the
+  // query bounds with (a float unit, products in float).
+  const auto code = [](float x, float unit) {
+    if (!(x > 0.0f)) return uint8_t{0};
+    double c = std::ceil(static_cast<double>(x) / static_cast<double>(unit));
+    while (c * static_cast<double>(unit) < static_cast<double>(x)) c += 1.0;
+    return static_cast<uint8_t>(std::min(c, 255.0));
+  };
+  for (int64_t d = 0; d < dim_; ++d) {
+    const float unit = dim_absmax_[d] / 255.0f * (1.0f + 0x1p-16f);
+    storage.bound_unit[d] = unit;
+    uint8_t* hi = storage.bound_hi.data() + d * num_blocks_;
+    uint8_t* lo = negative ? storage.bound_lo.data() + d * num_blocks_ : nullptr;
+    for (uint64_t e = bm_offsets_[d]; e < bm_offsets_[d + 1]; ++e) {
+      hi[bm_block_[e]] = code(entry_max(d, e), unit);
+      if (lo != nullptr) lo[bm_block_[e]] = code(-entry_min(d, e), unit);
+    }
+  }
+  bound_unit_ = storage.bound_unit.data();
+  bound_hi_ = storage.bound_hi.data();
+  bound_lo_ = negative ? storage.bound_lo.data() : nullptr;
 }
 
 SparseIndex SparseIndex::from_dense(const DenseView& x, float zero_threshold,

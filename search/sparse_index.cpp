@@ -129,8 +129,13 @@ int64_t SparseIndex::block_bytes() const {
   // Block-max lists (block, max, min, start: 16 bytes an entry, 8 with int8
   // values), their per-dimension bounds, the per-dimension |max|, and the
   // order with its inverse.
+  // The bound table, where kept: a byte per dimension and block (two with
+  // negative values) and a unit per dimension.
   const int64_t entry = values_ == ValueType::kInt8 ? 8 : 16;
-  return entry * bm_entries_ + 8 * (dim_ + 1) + 4 * dim_ + (order_ != nullptr ? 8 * rows_ : 0);
+  const int64_t table = bound_hi_ == nullptr ? 0
+                        : dim_ * num_blocks_ * (bound_lo_ != nullptr ? 2 : 1) + 4 * dim_;
+  return entry * bm_entries_ + 8 * (dim_ + 1) + 4 * dim_ + (order_ != nullptr ? 8 * rows_ : 0) +
+         table;
 }
 
 CsrMatrix SparseIndex::to_csr() const {

@@ -286,8 +286,12 @@ class SparseIndex {
   float entry_min(int64_t d, uint64_t e) const {
     return values_ == ValueType::kFloat32 ? bm_min_[e] : dequantize(d, bm_min_code_[e]);
   }
-  // Fills position_ (caller id -> position) and dim_absmax_ into `storage`.
+  // Fills position_ (caller id -> position), dim_absmax_ and the bound
+  // table into `storage`.
   void finish_derived(Storage& storage);
+  // Fills the bound table (bound_hi_, bound_lo_, bound_unit_) from the
+  // block-max lists, where it is small enough (finish_derived).
+  void compute_bound_table(Storage& storage);
 
   std::shared_ptr<const Storage> storage_;
   // Postings of dimension d in row block b (rows [65536 b, 65536 (b + 1))):
@@ -325,6 +329,17 @@ class SparseIndex {
   const uint8_t* bm_min_code_ = nullptr;  // [E], kInt8
   const uint16_t* bm_start16_ = nullptr;  // [E], kInt8
   const float* dim_absmax_ = nullptr;     // [dim] largest |value| of each dimension
+  // Bound table, derived in memory (never stored in the file), where
+  // dim * num_blocks is at most kBoundTableRatio * nnz: for dimension d and
+  // block b, bound_hi_[d * num_blocks + b] * bound_unit_[d] >= the block's max
+  // of d and >= 0, bound_lo_[...] * bound_unit_[d] >= -(its min) and >= 0
+  // (bound_lo_ null when no value is negative). Codes round up, so the pruned
+  // search bounds every block of a query by one streamed pass over its
+  // terms' rows of the table (QueryEngine::bound_blocks_table), whatever the
+  // blocks' entries.
+  const uint8_t* bound_hi_ = nullptr;  // [dim * num_blocks] or null
+  const uint8_t* bound_lo_ = nullptr;  // [dim * num_blocks] or null
+  const float* bound_unit_ = nullptr;  // [dim]
   int64_t bm_entries_ = 0;
   int64_t block_rows_ = kDefaultBlockRows;
   int64_t num_blocks_ = 0;

@@ -332,3 +332,68 @@ def test_row_order_keeps_identities_with_differing_supports_together() -> None:
     uniform = SparseIndex.from_dense(scattered, block_rows=16)
     uniform.search(probes, 10, mode="auto")
     assert (uniform.stats["blocks_visited"] == uniform.stats["blocks"]).all()
+
+
+def kept_identity_gallery(rng: np.random.Generator, groups: int, per_group: int, dim: int, nnz: int,
+                          keep: float, extra: int, probes: int
+                          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Noisy identity groups, shuffled, each row's identity, and probes of gallery identities:
+    every image (probes too) keeps each of its identity's nnz dimensions with probability keep
+    and adds `extra` random dimensions of its own (issue 23's "noisy identity groups"); values
+    are multiples of 1/8."""
+    support = np.stack([rng.choice(dim, nnz, replace=False) for _ in range(groups)])
+
+    def images(who: np.ndarray) -> np.ndarray:
+        rows = np.zeros((len(who), dim), np.float32)
+        kept = rng.random((len(who), nnz)) < keep
+        values = (rng.integers(2, 17, (len(who), nnz)) / 8).astype(np.float32)
+        np.put_along_axis(rows, support[who], np.where(kept, values, 0), axis=1)
+        own = rng.integers(0, dim, (len(who), extra))
+        np.put_along_axis(rows, own, (rng.integers(1, 9, own.shape) / 8).astype(np.float32), axis=1)
+        return rows
+
+    identity = rng.permutation(np.repeat(np.arange(groups), per_group))
+    return images(identity), identity, images(rng.integers(0, groups, probes))
+
+
+@pytest.fixture(scope="module")
+def kept_identity() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return kept_identity_gallery(np.random.default_rng(12), groups=200, per_group=10, dim=1024,
+                                 nnz=32, keep=0.75, extra=8, probes=30)
+
+
+def test_row_order_is_a_permutation_whose_inverse_restores_caller_ids(kept_identity) -> None:
+    """The build order is a permutation; a row's stored values (to_csr, in caller order) and the
+    ids a search returns are the caller's."""
+    db, _, probes = kept_identity
+    index = SparseIndex.from_dense(db, block_rows=8)
+    order = index.row_order
+    assert order is not None and np.array_equal(np.sort(order), np.arange(len(db)))
+    inverse = np.empty_like(order)
+    inverse[order] = np.arange(len(db))
+    np.testing.assert_array_equal(order[inverse], np.arange(len(db)))
+    np.testing.assert_array_equal(index.to_csr().toarray(), db)
+    ids, _ = index.search(db[:20], 1, mode="exhaustive")
+    scores = (db[:20] @ db.T)
+    np.testing.assert_array_equal(scores[np.arange(20), ids[:, 0]], scores.max(axis=1))
+
+
+def test_kept_identities_cluster_and_prune_exactly(kept_identity) -> None:
+    """Images that keep 75% of their identity's 32 dimensions and add 8 of their own (Jaccard
+    ~0.4 between two of them) still share blocks: pruning scores few, and every exact mode, float
+    and int8 with exact re-scoring, equals the oracle on 1 and 2 threads."""
+    db, identity, probes = kept_identity
+    index = SparseIndex.from_dense(db, block_rows=8)
+    position = np.empty(len(db), np.int64)
+    position[index.row_order] = np.arange(len(db))
+    at = position[np.argsort(identity, kind="stable")].reshape(-1, 10)
+    assert (np.abs(at - np.median(at, axis=1, keepdims=True)) < 16).mean() > 0.9
+    check_all_modes(index, db, probes, 10)
+    index.search(probes, 10, mode="pruned")
+    assert index.stats["blocks_per_query"] < 0.05 * index.stats["blocks"]
+    int8 = SparseIndex.from_dense(db, block_rows=8, value_type="int8", keep_float=True)
+    expected = brute_force_search(db, probes, 10)
+    for threads in (1, 2):
+        for mode in EXACT_MODES:
+            assert_same(int8.search(probes, 10, mode=mode, num_threads=threads, rescore_exact=True),
+                        expected)
