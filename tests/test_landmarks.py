@@ -253,3 +253,23 @@ def test_landnet_detector_puts_landnet_points_on_the_detectors_faces(monkeypatch
     x, y, side, _ = landnet_box((40.0, 30.0, 60.0, 80.0))
     assert side == pytest.approx(1.3 * 60) and x + side / 2 == pytest.approx(70)
     np.testing.assert_allclose(faces[0].landmarks, from_crop_units(crop_points, (x, y, side, side))[0])
+
+
+def test_folded_batch_norms_compute_the_same_function() -> None:
+    """QAT of Landnet folds each BN (they follow PReLUs) into a 1x1 depthwise convolution first."""
+    from sparse_embed.compression.quantize import fold_batch_norms
+    from sparse_embed.keras import keras
+    from sparse_embed.models import LANDMARK_MODELS
+
+    model = LANDMARK_MODELS.get("landnet")()
+    rng = np.random.default_rng(0)
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            n = layer.moving_mean.shape[0]
+            layer.moving_mean.assign(rng.normal(0, 0.1, n).astype(np.float32))
+            layer.moving_variance.assign(rng.uniform(0.5, 2, n).astype(np.float32))
+            layer.gamma.assign(rng.uniform(0.5, 2, n).astype(np.float32))
+    folded = fold_batch_norms(model)
+    assert not any(isinstance(layer, keras.layers.BatchNormalization) for layer in folded.layers)
+    images = rng.uniform(0, 1, (2, 48, 48, 3)).astype(np.float32)
+    np.testing.assert_allclose(folded(images).numpy(), model(images, training=False).numpy(), atol=1e-5)

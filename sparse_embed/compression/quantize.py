@@ -194,11 +194,14 @@ def quantize_model(model: keras.Model, config: CompressionConfig,
 
     `quantize` for networks that are not embedding backbones (a landmark
     regressor such as Landnet): every layer annotated as in `quantize`,
-    PReLU with its output fake-quant, nothing folded first. Its batch norms
-    follow activations, not convolutions (Landnet: conv -> PReLU -> BN), so
-    TF-MOT has no conv + BN fold for them and refuses them as they are: each
-    gets an output fake-quant, its scale and shift stay float constants that
-    the converter quantizes into the int8 MUL and ADD it lowers them to.
+    PReLU with its output fake-quant. Batch norms that follow activations,
+    not convolutions (Landnet: conv -> PReLU -> BN), have no conv + BN fold
+    in TF-MOT, which refuses them; kept as BN layers with an output
+    fake-quant, their MUL would stay float in the int8 file (nothing gives
+    its output a range). Each is folded first into the 1x1 depthwise
+    convolution that computes it in inference mode (`fold_batch_norms`),
+    which TF-MOT quantizes like any convolution: QAT fine-tunes from the
+    inference-time statistics, as it does for the embedding block.
 
     Args:
         model: A float functional model (its weights are carried over).
@@ -211,8 +214,36 @@ def quantize_model(model: keras.Model, config: CompressionConfig,
     Raises:
         ConfigError: If `preserve_sparsity` asks for fewer than 8 bits.
     """
-    return _quantize(model, config, preserve_sparsity,
-                     _OUTPUT_ONLY + (keras.layers.BatchNormalization,))
+    return _quantize(fold_batch_norms(model), config, preserve_sparsity, _OUTPUT_ONLY)
+
+
+def fold_batch_norms(model: keras.Model) -> keras.Model:
+    """Replaces every BatchNormalization of a model by its inference-mode 1x1 depthwise convolution.
+
+    BN(x) = x * s + b with s = gamma / sqrt(var + eps), b = beta - mean * s,
+    per channel: a DepthwiseConv2D(1) with kernel s and bias b, the same
+    function in inference mode. The layer keeps the BN's name.
+
+    Args:
+        model: A functional model whose batch norms act on NHWC tensors.
+
+    Returns:
+        A new model; `model` is not changed.
+    """
+    def clone(layer: keras.layers.Layer) -> keras.layers.Layer:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            return keras.layers.DepthwiseConv2D(1, use_bias=True, name=layer.name)
+        return layer.__class__.from_config(layer.get_config())
+
+    folded = keras.models.clone_model(model, clone_function=clone)
+    for layer in model.layers:
+        target = folded.get_layer(layer.name)
+        if isinstance(layer, keras.layers.BatchNormalization):
+            scale, shift = _bn_scale_shift(layer)
+            target.set_weights([scale.reshape(1, 1, -1, 1).astype(np.float32), shift.astype(np.float32)])
+        else:
+            target.set_weights(layer.get_weights())
+    return folded
 
 
 def _quantize(model: keras.Model, config: CompressionConfig, preserve_sparsity: bool,
