@@ -291,5 +291,21 @@ PYBIND11_MODULE(_search, m) {
       .def_property_readonly("labels", [](const se::SparseIndex& index) -> py::object {
         if (!index.has_labels()) return py::none();
         return Array<int32_t>(index.rows(), index.labels());
+      })
+      .def(
+          "with_confidence",
+          [](const se::SparseIndex& index, const std::optional<Array<float>>& confidence) {
+            if (!confidence) return index.with_confidence({});
+            if (confidence->ndim() != 1 || confidence->shape(0) != index.rows()) {
+              throw py::value_error("confidence must have shape [" + std::to_string(index.rows()) +
+                                    "], one per row, got " + shape_of(*confidence));
+            }
+            const float* data = confidence->data();
+            return index.with_confidence(std::vector<float>(data, data + index.rows()));
+          },
+          py::arg("confidence"))
+      .def_property_readonly("confidence", [](const se::SparseIndex& index) -> py::object {
+        if (!index.has_confidence()) return py::none();
+        return Array<float>(index.rows(), index.confidence());
       });
 }

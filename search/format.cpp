@@ -2,7 +2,7 @@
 // checksum, save, one loader per format version) and the .bin embedding
 // files of the original sparse-embed code (read_bin).
 //
-// The index file's layout (version 3, and how versions 1 and 2 differ), its
+// The index file's layout (version 4, and how versions 1 to 3 differ), its
 // sizes and the .bin format are described once, in docs/index-format.md:
 // change that page with any change to the writer or the loaders here.
 
@@ -42,6 +42,9 @@ constexpr uint64_t kAlign = 64;
 constexpr uint32_t kFlagLabels = 1;
 constexpr uint32_t kFlagOrder = 2;
 constexpr uint32_t kFlagForward = 4;
+// Version 4: a float32 confidence per row, by caller row id, after every
+// other section.
+constexpr uint32_t kFlagConfidence = 8;
 // Header field at byte 72 (version 3): how posting values are stored.
 constexpr uint32_t kStoredFloat32 = 0;
 constexpr uint32_t kStoredInt8 = 1;
@@ -176,6 +179,7 @@ struct Header {
   bool has_labels() const { return (flags & kFlagLabels) != 0; }
   bool has_order() const { return (flags & kFlagOrder) != 0; }
   bool has_forward() const { return (flags & kFlagForward) != 0; }
+  bool has_confidence() const { return (flags & kFlagConfidence) != 0; }
   // Segment blocks of 65536 rows.
   uint64_t blocks() const { return std::max<uint64_t>(1, (rows + kBlockRows - 1) / kBlockRows); }
   // int8: one byte per value and per block max / min, two per block start.
@@ -185,7 +189,7 @@ struct Header {
 
 struct Layout {
   uint64_t segments, rows, values, labels, order, bm_offsets, bm_block, bm_max, bm_min, bm_start,
-      scales, is_signed, fwd_offsets, fwd_dims, fwd_values, end;
+      scales, is_signed, fwd_offsets, fwd_dims, fwd_values, confidence, end;
 };
 
 // A version 1 file ends after the row order (which it never has).
@@ -208,7 +212,9 @@ Layout layout_of(const Header& h) {
   at.fwd_offsets = at.is_signed + (quantized ? align_up(h.dim) : 0);
   at.fwd_dims = at.fwd_offsets + (h.has_forward() ? align_up(8 * (h.rows + 1)) : 0);
   at.fwd_values = at.fwd_dims + (h.has_forward() ? align_up(4 * h.nnz) : 0);
-  at.end = h.version == 1 ? at.bm_offsets : at.fwd_values + (h.has_forward() ? align_up(4 * h.nnz) : 0);
+  at.confidence = at.fwd_values + (h.has_forward() ? align_up(4 * h.nnz) : 0);
+  at.end = h.version == 1 ? at.bm_offsets
+                          : at.confidence + (h.has_confidence() ? align_up(4 * h.rows) : 0);
   return at;
 }
 
@@ -282,15 +288,18 @@ void SparseIndex::save(const std::string& path) const {
     section(bm_min_, 4 * entries);
     section(bm_start_, 4 * entries);
   }
+  if (confidence_ != nullptr) section(confidence_, 4 * rows);
 
   Header h;
-  h.version = kIndexFormatVersion;
+  // Without a confidence the file is version 3, which older builds read.
+  h.version = confidence_ != nullptr ? kIndexFormatVersion : kIndexFormatVersionNoConfidence;
   h.stored_size = kHeaderSize;
   h.rows = rows;
   h.dim = dim;
   h.nnz = nnz;
   h.flags = (labels_ != nullptr ? kFlagLabels : 0) | (order_ != nullptr ? kFlagOrder : 0) |
-            (fwd_offsets_ != nullptr ? kFlagForward : 0);
+            (fwd_offsets_ != nullptr ? kFlagForward : 0) |
+            (confidence_ != nullptr ? kFlagConfidence : 0);
   h.block_bits = kBlockBits;
   h.payload_hash = hash.digest();
   h.block_rows = static_cast<uint32_t>(block_rows_);
@@ -326,6 +335,7 @@ class IndexLoader {
     check_size(h, at);
     SparseIndex index =
         h.version == 1 ? load_v1(h, at) : h.version == 2 ? load_v2(h, at) : load_v3(h, at);
+    if (h.has_confidence()) index.confidence_ = confidence(h, at);
     index.finish_derived(*storage_);
     index.storage_ = std::move(storage_);
     index.build_seconds_ = seconds_since(start);
@@ -395,7 +405,7 @@ class IndexLoader {
   }
 
   // Where the header checksum sits depends on the version (v1: a 64-byte
-  // header, v2 and v3: 128 bytes); a flipped version bit fails both.
+  // header, v2 to v4: 128 bytes); a flipped version bit fails both.
   bool header_ok(uint64_t header_size) const {
     uint64_t stored;
     if (size_ < header_size) return false;
@@ -424,7 +434,10 @@ class IndexLoader {
       throw FormatError(path_ + " has index format version " + std::to_string(version) +
                         "; this build reads versions 1 to " + std::to_string(kIndexFormatVersion));
     }
-    const Header h = version == 1 ? header_v1() : version == 2 ? header_v2() : header_v3();
+    const Header h = version == 1   ? header_v1()
+                     : version == 2 ? header_v2()
+                     : version == 3 ? header_v3()
+                                    : header_v4();
     check_fields(h);
     return h;
   }
@@ -463,6 +476,14 @@ class IndexLoader {
     h.version = 3;
     std::memcpy(&h.stored, base_ + 72, 4);
     if (h.quantized()) h.known_flags |= kFlagForward;
+    return h;
+  }
+
+  // Version 4: version 3 and the per-row confidence flag.
+  Header header_v4() const {
+    Header h = header_v3();
+    h.version = 4;
+    h.known_flags |= kFlagConfidence;
     return h;
   }
 
@@ -528,6 +549,17 @@ class IndexLoader {
     index.post_rows_ = post_rows;
     index.post_values_ = post_values;
     return index;
+  }
+
+  // The per-row confidence, which must be finite.
+  const float* confidence(const Header& h, const Layout& at) const {
+    const auto* values = reinterpret_cast<const float*>(base_ + at.confidence);
+    for (uint64_t i = 0; i < h.rows; ++i) {
+      if (!std::isfinite(values[i])) {
+        throw FormatError(path_ + " is corrupted: a non-finite row confidence");
+      }
+    }
+    return values;
   }
 
   const int32_t* labels(const Header& h, const Layout& at) const {

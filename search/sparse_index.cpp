@@ -121,6 +121,27 @@ int64_t SparseIndex::memory_bytes() const {
          (labels_ != nullptr ? 4 * rows_ : 0);
 }
 
+SparseIndex SparseIndex::with_confidence(std::vector<float> confidence) const {
+  SparseIndex index = *this;
+  index.confidence_ = nullptr;
+  index.owned_confidence_.reset();
+  if (confidence.empty()) return index;
+  if (static_cast<int64_t>(confidence.size()) != rows_) {
+    throw std::invalid_argument("confidence must have shape [" + std::to_string(rows_) +
+                                "], one per row, got [" + std::to_string(confidence.size()) + "]");
+  }
+  for (size_t i = 0; i < confidence.size(); ++i) {
+    if (!std::isfinite(confidence[i])) {
+      throw std::invalid_argument("confidence must be finite; row " + std::to_string(i) + " has " +
+                                  std::to_string(confidence[i]));
+    }
+  }
+  auto owned = std::make_shared<const std::vector<float>>(std::move(confidence));
+  index.confidence_ = owned->data();
+  index.owned_confidence_ = std::move(owned);
+  return index;
+}
+
 int64_t SparseIndex::rescore_bytes() const {
   return fwd_offsets_ != nullptr ? 8 * (rows_ + 1) + 8 * nnz_ : 0;
 }

@@ -36,11 +36,15 @@ inline constexpr float kDefaultZeroThreshold = 0.0f;
 // `threshold` value that keeps every row: all finite scores are above it.
 inline constexpr float kNoThreshold = -std::numeric_limits<float>::infinity();
 
-// Version of the file written by SparseIndex::save. Version 1 files (no row
-// order, no block metadata) still load: their metadata is recomputed.
-// Version 2 files load too (version 3 adds quantized values and the forward
-// store; a float32 index is laid out as in version 2).
-inline constexpr uint32_t kIndexFormatVersion = 3;
+// Newest version of the file written by SparseIndex::save. Version 1 files
+// (no row order, no block metadata) still load: their metadata is
+// recomputed. Version 2 files load too (version 3 adds quantized values and
+// the forward store; a float32 index is laid out as in version 2). Version 4
+// is version 3 plus a per-row confidence section; save writes it only for an
+// index with a confidence, so every other index stays a version 3 file that
+// older builds read.
+inline constexpr uint32_t kIndexFormatVersion = 4;
+inline constexpr uint32_t kIndexFormatVersionNoConfidence = 3;
 
 // Rows per pruning block (a power of two in [kMinBlockRows, 65536]).
 inline constexpr int64_t kDefaultBlockRows = 128;
@@ -213,6 +217,12 @@ class SparseIndex {
   // Writes the versioned index file (see format.cpp for the layout).
   void save(const std::string& path) const;
 
+  // This index (sharing its postings) with a confidence per row, by caller
+  // row id: kept and saved with it, never read by the search. An empty
+  // vector drops it (an index of no rows has none). Throws
+  // std::invalid_argument unless it holds rows() finite values (or none).
+  SparseIndex with_confidence(std::vector<float> confidence) const;
+
   // The rows in caller-id order, indices increasing within a row: the float32
   // values as given for a float32 index or an int8 one with its forward store,
   // the dequantized values otherwise. cols is dim().
@@ -244,6 +254,8 @@ class SparseIndex {
   const uint32_t* row_order() const { return order_; }
   bool has_labels() const { return labels_ != nullptr; }
   const int32_t* labels() const { return labels_; }  // [rows] or null
+  bool has_confidence() const { return confidence_ != nullptr; }
+  const float* confidence() const { return confidence_; }  // [rows] or null, by caller row id
   bool memory_mapped() const;
   // Seconds spent building (or loading and verifying) the index.
   double build_seconds() const { return build_seconds_; }
@@ -310,6 +322,10 @@ class SparseIndex {
   const float* fwd_values_ = nullptr;      // [nnz]
   ValueType values_ = ValueType::kFloat32;
   const int32_t* labels_ = nullptr;      // [rows] or null, by caller row id
+  // Per-row confidence by caller row id (with_confidence or a version 4
+  // file), or null; owned_confidence_ holds it when it is not in the mapping.
+  const float* confidence_ = nullptr;
+  std::shared_ptr<const std::vector<float>> owned_confidence_;
   // Rows are stored in a build-time order: order_[position] is the caller id.
   const uint32_t* order_ = nullptr;      // [rows] or null (identity)
   const uint32_t* position_ = nullptr;   // [rows] inverse of order_, or null

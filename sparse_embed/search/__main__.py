@@ -5,7 +5,7 @@
         [--value_type=int8 [--keep_float]]
     python -m sparse_embed.search query --index=A.idx,B.idx | --index=DIR --queries=Q.hdf5 --k=10 \\
         [--output=R.npz|R.json] [--mode=exhaustive|pruned|approx|auto [--max_blocks=B]] \\
-        [--rescore_k=R|exact]
+        [--rescore_k=R|exact] [--min_row_confidence=C]
     python -m sparse_embed.search query --uri=./milvus.db --collection=NAME --queries=Q.hdf5 --k=10
     python -m sparse_embed.search to-milvus --embeddings=EMB.hdf5 --uri=./milvus.db --collection=NAME \\
         [--dense=DENSE.hdf5]
@@ -29,6 +29,11 @@ returns those ids.
 `--value_type=int8` stores one-byte posting values (3 bytes a posting instead of 6) and
 `--keep_float` the float32 rows beside them; `query --rescore_k=R` then re-scores the top R rows
 by quantized score in float32, `--rescore_k=exact` returns the float32 index's results.
+
+An embedding file with a `confidence` dataset gives its rows (shard, mutable-create, add) or its
+queries (query) a confidence: the index keeps the rows', `query --output` writes `row_confidence`
+and `query_confidence` beside ids and scores, and `--min_row_confidence=C` leaves out the rows
+below C before the top-k (ranking is otherwise unchanged).
 """
 
 from __future__ import annotations
@@ -60,6 +65,8 @@ from sparse_embed.search.index import (
 )
 
 if TYPE_CHECKING:
+    import h5py
+
     from sparse_embed.data.embeddings import Embeddings
     from sparse_embed.search.mutable import MutableIndex
 
@@ -149,7 +156,7 @@ def _add_rows(index: MutableIndex, embeddings: Embeddings, args: argparse.Namesp
     else:
         ids = ID_SOURCES.get(args.ids_from)(embeddings, args.embeddings)
     try:
-        return index.add(embeddings.embedding, ids, args.zero_threshold)
+        return index.add(embeddings.embedding, ids, args.zero_threshold, confidence=embeddings.confidence)
     except ValueError as e:
         raise DataError(f"{args.embeddings}: {e}") from None
 
@@ -185,12 +192,27 @@ def _shard(args: argparse.Namespace) -> None:
             raise DataError(f"{args.embeddings} has no 'embedding' dataset [N, D]; write it with "
                             "python -m sparse_embed.embed")
         embedding = f["embedding"]
+        confidence = _read_confidence(f, args.embeddings, embedding.shape[0])
         shard_rows = max(1, math.ceil(embedding.shape[0] / args.shards))
         _check_value_arguments(args)
         index = ShardedIndex.build(embedding, shard_rows, args.output, args.zero_threshold,
-                                   args.value_type, args.keep_float)
+                                   args.value_type, args.keep_float, confidence=confidence)
     print(f"wrote {len(index.shards)} shards to {args.output}: {len(index)} rows, {index.dim} dims, "
           f"{index.stats['nnz']} non-zeros")
+
+
+def _read_confidence(f: h5py.File, path: str, rows: int) -> np.ndarray | None:
+    """The `confidence` dataset of an open embedding file (one finite value per row), or None."""
+    if "confidence" not in f:
+        return None
+    confidence = np.asarray(f["confidence"][:], np.float32)
+    if confidence.shape != (rows,):
+        raise DataError(f"{path}: 'confidence' must hold one value per embedding ({rows}), got shape "
+                        f"{confidence.shape}; write the file again with python -m sparse_embed.embed")
+    if not np.isfinite(confidence).all():
+        raise DataError(f"{path}: 'confidence' has {int(np.sum(~np.isfinite(confidence)))} non-finite "
+                        "value(s); write the file again with python -m sparse_embed.embed")
+    return confidence
 
 
 @COMMANDS.register("query")
@@ -230,21 +252,29 @@ def _query(args: argparse.Namespace) -> None:
         except ValueError as e:
             raise DataError(f"--index: {e}") from None
         layout = f"{len(index.shards)} shards, {len(index)} rows"
-    queries = read_hdf5(args.queries).embedding
+    query_file = read_hdf5(args.queries)
     rescore = _rescore_options(args.rescore_k)
+    if args.min_row_confidence is not None and not math.isfinite(args.min_row_confidence):
+        raise ConfigError(f"--min_row_confidence must be a finite number, got {args.min_row_confidence}")
     try:
-        ids, scores = index.search(queries, args.k, args.score_threshold, num_threads=args.num_threads,
-                                   mode=args.mode, max_blocks=args.max_blocks, **rescore)
+        ids, scores, row_conf, query_conf = index.search(
+            query_file.embedding, args.k, args.score_threshold, num_threads=args.num_threads,
+            mode=args.mode, max_blocks=args.max_blocks, query_confidence=query_file.confidence,
+            min_row_confidence=args.min_row_confidence, return_confidence=True, **rescore)
     except ValueError as e:
         if rescore and "rescore" in str(e):
             raise ConfigError(f"--rescore_k: {e}") from None
+        if args.min_row_confidence is not None and "min_row_confidence" in str(e):
+            raise ConfigError(f"--min_row_confidence: {e}; build the index from an HDF5 file with a "
+                              "'confidence' dataset") from None
         raise DataError(f"{args.queries}: {e}") from None
     stats = index.stats
     print(f"{len(ids)} queries, {layout}: "
           f"{1e3 * stats['wall_seconds'] / max(len(ids), 1):.3f} ms/query (wall), "
           f"{stats['postings_per_query']:.0f} postings/query, {stats['blocks_per_query']:.1f} blocks/query "
           f"({args.mode})")
-    _write_results(args, ids, scores)
+    with_confidence = query_file.confidence is not None or index.confidence is not None
+    _write_results(args, ids, scores, (row_conf, query_conf) if with_confidence else None)
 
 
 def _check_value_arguments(args: argparse.Namespace) -> None:
@@ -279,6 +309,9 @@ def _query_milvus(args: argparse.Namespace) -> None:
     if args.mode != DEFAULT_SEARCH_MODE or args.max_blocks is not None or args.rescore_k is not None:
         raise ConfigError("--mode, --max_blocks and --rescore_k choose how the index searches; Milvus "
                           "searches its own way: drop them with --uri")
+    if args.min_row_confidence is not None:
+        raise ConfigError("--min_row_confidence filters an index built with a confidence per row; a "
+                          "Milvus collection keeps none: drop it with --uri")
     _check_query_arguments(args)
     try:
         from sparse_embed.search.milvus import MilvusIndex
@@ -297,17 +330,22 @@ def _query_milvus(args: argparse.Namespace) -> None:
     _write_results(args, ids, scores)
 
 
-def _write_results(args: argparse.Namespace, ids: np.ndarray, scores: np.ndarray) -> None:
-    """Writes ids and scores to --output (.npz or .json) when it is given."""
+def _write_results(args: argparse.Namespace, ids: np.ndarray, scores: np.ndarray,
+                   confidence: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+    """Writes ids and scores (and each hit's row and query confidence) to --output when it is given."""
     if args.output:
+        arrays = {"ids": ids, "scores": scores}
+        if confidence is not None:
+            arrays.update(row_confidence=confidence[0], query_confidence=confidence[1])
         with atomic_path(args.output) as tmp:
             if args.output.endswith(".npz"):
                 with open(tmp, "wb") as f:
-                    np.savez(f, ids=ids, scores=scores)
+                    np.savez(f, **arrays)
             else:
-                # JSON has no infinity: the padding of short result lists is null.
+                # JSON has no infinity or NaN: padding and missing confidences are null.
                 doc = {"k": args.k, "ids": ids.tolist(),
-                       "scores": [[float(s) if np.isfinite(s) else None for s in row] for row in scores]}
+                       **{name: [[float(s) if np.isfinite(s) else None for s in row] for row in values]
+                          for name, values in arrays.items() if name != "ids"}}
                 Path(tmp).write_text(json.dumps(doc))
         print(f"wrote {args.output}")
 
@@ -459,7 +497,12 @@ def _add_commands(commands: argparse._SubParsersAction) -> None:
     query.add_argument("--rescore_k", default=None,
                        help="int8 index with float rows: re-score the top R rows by quantized score in "
                             "float32, or 'exact' for the float32 index's results")
-    query.add_argument("--output", default=None, help="write ids and scores to a .npz or .json file")
+    query.add_argument("--min_row_confidence", type=float, default=None,
+                       help="leave out rows whose confidence is below it, before the top-k (an index "
+                            "built with a confidence; not with --rescore_k) (default: every row)")
+    query.add_argument("--output", default=None, help="write ids and scores (with confidence: "
+                                                      "row_confidence, query_confidence) to a .npz or "
+                                                      ".json file")
 
     milvus = commands.add_parser("to-milvus", help="write an embedding HDF5 file into a Milvus collection")
     milvus.add_argument("--embeddings", required=True, help="HDF5 file: 'embedding' [N, D] >= 0, 'label', "

@@ -11,12 +11,16 @@ of its own non-zero dimensions (their count is the paper's FLOPs).
     ids, scores = index.search(probes, k=10, rerank=(gallery_dense, probes_dense))
     index.save("gallery.idx")
     index = SparseIndex.load("gallery.idx")                        # memory-mapped
+    index = SparseIndex.from_dense(gallery, confidence=gallery_confidence)   # kept and saved
+    ids, scores, row_conf, query_conf = index.search(
+        probes, k=10, query_confidence=probe_confidence, return_confidence=True)
+    ids, scores = index.search(probes, k=10, min_row_confidence=0.5)  # exact, confident rows only
 
 What a search returns (scores, threshold, ties to the lower row id, short
 lists, re-ranking), the search modes and what each guarantees, the row order
 (rows clustered by MinHash bands of their support, then sorted by their MinHash
 signature) and block metadata behind pruning, int8 values with exact
-re-scoring, and batched queries are described once, on the Search page of the
+re-scoring, batched queries and confidence are described once, on the Search page of the
 documentation (`docs/search.md`); `brute_force_search` is the NumPy oracle of
 those rules. The file `save` writes and `load` checks and memory-maps, and the
 `.bin` files of the original sparse-embed code, are on its Index file format
@@ -142,6 +146,91 @@ def _is_csr(x: Any) -> bool:
     return hasattr(x, "tocsr") or isinstance(x, tuple)
 
 
+def _confidence_vector(x: Any, rows: int, name: str) -> np.ndarray:
+    """`x` as a finite float32 [rows] vector; ValueError in one line otherwise.
+
+    Args:
+        x: One confidence per row (higher = more trusted).
+        rows: The number of rows it must cover.
+        name: What it is, for error messages.
+    """
+    a = np.asarray(x)
+    if a.dtype.kind not in "fiub" or a.shape != (rows,):
+        raise ValueError(f"{name} must be a real-valued array of shape [{rows}], one per row, got "
+                         f"{a.dtype} {_shape(a)}")
+    a = np.ascontiguousarray(a, dtype=np.float32)
+    bad = np.flatnonzero(~np.isfinite(a))
+    if len(bad):
+        raise ValueError(f"{name} must be finite; {len(bad)} value(s) are not (row {bad[0]}: {a[bad[0]]})")
+    return a
+
+
+def check_min_row_confidence(value: float | None, has_confidence: bool, rerank: Any,
+                             rescore_k: int | None) -> float | None:
+    """The checked `min_row_confidence` search argument (None: no filter).
+
+    Args:
+        value: Rows whose confidence is below it are left out; None keeps every row.
+        has_confidence: Whether the index keeps a confidence per row.
+        rerank: The search's `rerank` argument (exclusive with the filter).
+        rescore_k: The search's `rescore_k` argument (exclusive with the filter).
+
+    Raises:
+        ValueError: On a non-finite value, an index without confidence, or
+            `rerank` / `rescore_k` with it.
+    """
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating) \
+            or not math.isfinite(value):
+        raise ValueError(f"min_row_confidence must be a finite number, got {value!r}")
+    if not has_confidence:
+        raise ValueError("min_row_confidence needs an index built with a confidence per row "
+                         "(confidence=...)")
+    if rerank is not None or rescore_k is not None:
+        raise ValueError("min_row_confidence excludes rerank and rescore_k (their candidate lists "
+                         "would count the rows it leaves out); pass one of them")
+    return float(value)
+
+
+def query_count(queries: Any) -> int:
+    """Rows of dense, scipy.sparse or (indptr, indices, values) queries."""
+    if isinstance(queries, tuple):
+        return len(queries[0]) - 1 if len(queries) == 3 else 0
+    return int(np.shape(queries)[0]) if np.ndim(queries) else 0
+
+
+def hit_confidence(ids: np.ndarray, row_confidence: np.ndarray | None,
+                   query_confidence: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """(row confidence, query confidence) float32 [Q, k] of each hit; NaN where there is none.
+
+    Args:
+        ids: int64 [Q, k] hits, -1 for padding.
+        row_confidence: float32 confidence by id (ids index it), or None.
+        query_confidence: float32 [Q], or None.
+    """
+    hit = ids >= 0
+    rows = np.full(ids.shape, np.nan, np.float32)
+    if row_confidence is not None:
+        rows[hit] = row_confidence[ids[hit]]
+    queries = np.full(ids.shape, np.nan, np.float32)
+    if query_confidence is not None:
+        queries[hit] = np.broadcast_to(query_confidence[:, None], ids.shape)[hit]
+    return rows, queries
+
+
+def _query_rows(queries: Any, rows: np.ndarray, dim: int) -> Any:
+    """The queries at `rows`, for dense, scipy.sparse or (indptr, indices, values) queries."""
+    import scipy.sparse
+
+    if isinstance(queries, tuple):
+        indptr, indices, values = queries
+        queries = scipy.sparse.csr_matrix((values, indices, indptr), shape=(len(indptr) - 1, dim))
+    if hasattr(queries, "tocsr"):
+        return queries.tocsr()[rows]
+    return queries[rows]
+
+
 def _value_options(value_type: str, keep_float: bool) -> tuple[str, bool]:
     """Checked (value_type, keep_float) build arguments.
 
@@ -171,6 +260,10 @@ class SparseIndex:
 
     def __init__(self, index: Any) -> None:
         self._index = index
+        # Copied out of the core once (the index never changes it), read-only.
+        self._confidence: np.ndarray | None = index.confidence
+        if self._confidence is not None:
+            self._confidence.setflags(write=False)
         self._last: dict[str, Any] = {
             "queries": 0,
             "postings": np.zeros(0, np.int64),
@@ -188,7 +281,8 @@ class SparseIndex:
     @classmethod
     def from_dense(cls, x: Any, zero_threshold: float = DEFAULT_ZERO_THRESHOLD,
                    block_rows: int = DEFAULT_BLOCK_ROWS, reorder: bool = True,
-                   value_type: str = DEFAULT_VALUE_TYPE, keep_float: bool = False) -> SparseIndex:
+                   value_type: str = DEFAULT_VALUE_TYPE, keep_float: bool = False,
+                   confidence: Any | None = None) -> SparseIndex:
         """Indexes the rows of a dense matrix.
 
         Args:
@@ -201,22 +295,28 @@ class SparseIndex:
                 (see docs/search.md).
             keep_float: With "int8", also keep the float32 rows (for
                 `search(rescore_k=...)` and an exact `to_csr`).
+            confidence: Optional float [N], one per row (higher = more
+                trusted): kept and saved with the index, reported with the
+                hits, never used for ranking unless a search asks
+                (`min_row_confidence`).
 
         Raises:
             ValueError: On a bad shape or dtype, non-finite values, a negative
-                threshold, a bad block_rows, an unknown value_type or
-                keep_float without int8.
+                threshold, a bad block_rows, an unknown value_type,
+                keep_float without int8, or a confidence that is not [N]
+                finite values.
         """
         options = _value_options(value_type, keep_float)
-        return cls(_search.Index.from_dense(_real_matrix(x, "database", "[N, D]"),
-                                            float(zero_threshold), int(block_rows), bool(reorder),
-                                            *options))
+        dense = _real_matrix(x, "database", "[N, D]")
+        conf = None if confidence is None else _confidence_vector(confidence, len(dense), "confidence")
+        return cls(_search.Index.from_dense(dense, float(zero_threshold), int(block_rows), bool(reorder),
+                                            *options)).with_confidence(conf)
 
     @classmethod
     def from_csr(cls, indptr: Any, indices: Any, values: Any, dim: int,
                  labels: Any | None = None, block_rows: int = DEFAULT_BLOCK_ROWS,
                  reorder: bool = True, value_type: str = DEFAULT_VALUE_TYPE,
-                 keep_float: bool = False) -> SparseIndex:
+                 keep_float: bool = False, confidence: Any | None = None) -> SparseIndex:
         """Indexes CSR rows (scipy's `m.indptr, m.indices, m.data`).
 
         Args:
@@ -232,14 +332,17 @@ class SparseIndex:
                 (see docs/search.md).
             keep_float: With "int8", also keep the float32 rows (for
                 `search(rescore_k=...)` and an exact `to_csr`).
+            confidence: Optional float [N], one per row, as in `from_dense`.
 
         Raises:
             ValueError: On bad shapes, dtypes, out-of-range indices, non-finite
-                values, a bad block_rows, an unknown value_type or keep_float
-                without int8.
+                values, a bad block_rows, an unknown value_type, keep_float
+                without int8, or a confidence that is not [N] finite values.
         """
         options = _value_options(value_type, keep_float)
         parts = _csr_arrays((indptr, indices, values), int(dim), "database")
+        conf = None if confidence is None else _confidence_vector(
+            confidence, len(parts[0]) - 1, "confidence")
         label_array = None
         if labels is not None:
             label_array = _int_vector(labels, "labels")
@@ -248,7 +351,7 @@ class SparseIndex:
                 raise ValueError("labels must fit in int32")
             label_array = label_array.astype(np.int32)
         return cls(_search.Index.from_csr(*parts, int(dim), label_array, int(block_rows),
-                                          bool(reorder), *options))
+                                          bool(reorder), *options)).with_confidence(conf)
 
     @classmethod
     def from_bin(cls, path: str | os.PathLike, dim: int | None = None,
@@ -304,6 +407,20 @@ class SparseIndex:
         except _search.FormatError as e:
             raise DataError(str(e)) from None
 
+    def with_confidence(self, confidence: Any | None) -> SparseIndex:
+        """This index (sharing its postings) with a confidence per row; None drops it.
+
+        Args:
+            confidence: float [N] by caller row id (higher = more trusted), or None.
+
+        Raises:
+            ValueError: Unless it holds N finite values.
+        """
+        if confidence is None:
+            return SparseIndex(self._index.with_confidence(None))
+        return SparseIndex(self._index.with_confidence(
+            _confidence_vector(confidence, len(self), "confidence")))
+
     def search(
         self,
         queries: Any,
@@ -318,7 +435,10 @@ class SparseIndex:
         rescore_exact: bool = False,
         batch: int = DEFAULT_BATCH,
         group_by_support: bool = True,
-    ) -> tuple[np.ndarray, np.ndarray]:
+        query_confidence: Any | None = None,
+        min_row_confidence: float | None = None,
+        return_confidence: bool = False,
+    ) -> tuple[np.ndarray, ...]:
         """Top-k rows of every query by inner product, on all cores; exact unless mode="approx".
 
         Args:
@@ -363,17 +483,31 @@ class SparseIndex:
                 sorted by the MinHash signature of their support (as the build
                 orders rows), so queries that share dimensions share a group;
                 False keeps the given order. Results do not depend on it.
+            query_confidence: Optional float [Q], one per query, reported with
+                its hits (never used for ranking).
+            min_row_confidence: Only rows whose confidence is at or above it
+                qualify (rows below it are left out before the top-k, exactly;
+                not with `rerank` or `rescore_k`); None: every row. Needs an
+                index built with a confidence.
+            return_confidence: Also return each hit's row confidence and
+                query confidence.
 
         Returns:
             ids int64 [Q, k] and scores float32 [Q, k], best first; -1 and
-            -inf where fewer than k rows qualify.
+            -inf where fewer than k rows qualify. With return_confidence, also
+            row_confidence and query_confidence float32 [Q, k]: the hit row's
+            and its query's confidence, NaN for padding and where the index
+            (or the call) has none.
 
         Raises:
             ValueError: On bad shapes or dtypes (the message names the expected
                 shape), non-finite values, k < 1, rerank_k < k, an unknown mode,
                 a max_blocks that does not fit the mode, rescore_k < k,
                 rescore_k / rescore_exact on an index without float rows, with
-                `rerank` or with each other, or a batch outside [1, MAX_BATCH].
+                `rerank` or with each other, a batch outside [1, MAX_BATCH], a
+                query_confidence that is not [Q] finite values, or a
+                min_row_confidence that is not finite, on an index without
+                confidence or with rerank / rescore_k.
         """
         if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
             raise ValueError(f"k must be an integer >= 1, got {k!r}")
@@ -410,21 +544,91 @@ class SparseIndex:
             options["rerank_database"] = _real_matrix(rerank[0], "rerank database", "[N, Dd]")
             options["rerank_queries"] = _real_matrix(rerank[1], "rerank queries", "[Q, Dd]")
         threshold = None if threshold is None else float(threshold)
-        start = time.perf_counter()
+        row_confidence = self.confidence
+        floor = check_min_row_confidence(min_row_confidence, row_confidence is not None, rerank,
+                                         rescore_k)
         if _is_csr(queries):
-            indptr, indices, values = _csr_arrays(queries, self.dim, "queries")
-            result = self._index.search_csr(indptr, indices, values, int(k), threshold, **options)
+            queries = _csr_arrays(queries, self.dim, "queries")
         else:
-            dense = _real_matrix(queries, "queries", f"[Q, {self.dim}]")
-            result = self._index.search_dense(dense, int(k), threshold, **options)
-        wall = time.perf_counter() - start
-        ids, scores, postings, candidates, seconds, blocks, scored, certified = result
-        self._last = {"queries": len(ids), "postings": postings, "candidates": candidates,
-                      "seconds": seconds, "blocks_visited": blocks, "postings_scored": scored,
-                      "certified": certified, "mode": mode, "rescore_k": rescore_k,
+            queries = _real_matrix(queries, "queries", f"[Q, {self.dim}]")
+        q_conf = None if query_confidence is None else _confidence_vector(
+            query_confidence, query_count(queries), "query_confidence")
+        start = time.perf_counter()
+        if floor is None:
+            ids, scores, stats = self._search_once(queries, int(k), threshold, options)
+        else:
+            ids, scores, stats = self._search_confident(queries, int(k), threshold, options,
+                                                        row_confidence < floor)
+        self._last = {"queries": len(ids), **stats, "mode": mode, "rescore_k": rescore_k,
                       "rescore_exact": bool(rescore_exact),
-                      "wall_seconds": wall}
+                      "wall_seconds": time.perf_counter() - start}
+        if return_confidence:
+            return (ids, scores, *hit_confidence(ids, row_confidence, q_conf))
         return ids, scores
+
+    def _search_once(self, queries: Any, k: int, threshold: float | None,
+                     options: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+        """One call of the core: ids, scores and the per-query statistics.
+
+        Args:
+            queries: A CSR triple or a dense float32 matrix, checked.
+            k: Results per query.
+            threshold: As in `search`.
+            options: The core's search keywords.
+        """
+        if isinstance(queries, tuple):
+            result = self._index.search_csr(*queries, k, threshold, **options)
+        else:
+            result = self._index.search_dense(queries, k, threshold, **options)
+        ids, scores, postings, candidates, seconds, blocks, scored, certified = result
+        return ids, scores, {"postings": postings, "candidates": candidates, "seconds": seconds,
+                             "blocks_visited": blocks, "postings_scored": scored,
+                             "certified": certified}
+
+    def _search_confident(self, queries: Any, k: int, threshold: float | None,
+                          options: dict[str, Any], dropped: np.ndarray
+                          ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+        """The top-k of the rows not `dropped`, exactly (in the exact modes).
+
+        With E dropped rows, the first pass asks for k + min(E, k) results
+        (dropped rows rarely crowd a query's top); only the queries left with
+        fewer than k kept rows from a full list ask again for k + E, which
+        always holds the top k kept rows, in order. (The tombstones of
+        `MutableIndex` work the same way.)
+
+        Args:
+            queries: A CSR triple or a dense float32 matrix, checked.
+            k: Results per query.
+            threshold: As in `search`.
+            options: The core's search keywords.
+            dropped: bool [N] by caller id: rows left out.
+        """
+        removed = int(dropped.sum())
+
+        def run(batch: Any, width: int) -> tuple[np.ndarray, ...]:
+            raw_ids, raw_scores, stats = self._search_once(batch, width, threshold, options)
+            gone = raw_ids >= 0
+            gone[gone] = dropped[raw_ids[gone]]
+            ids = np.where(gone, -1, raw_ids)
+            order = np.argsort(ids < 0, axis=1, kind="stable")[:, :k]
+            kept_ids = np.take_along_axis(ids, order, axis=1)
+            kept_scores = np.take_along_axis(np.where(gone, np.float32(-np.inf), raw_scores), order, axis=1)
+            short = ((kept_ids >= 0).sum(axis=1) < k) & (raw_ids[:, -1] >= 0)
+            return kept_ids, kept_scores, stats, short
+
+        ids, scores, stats, short = run(queries, k + min(removed, k))
+        if removed > k and short.any():
+            again = np.flatnonzero(short)
+            subset = _query_rows(queries, again, self.dim)
+            if hasattr(subset, "tocsr"):
+                subset = _csr_arrays(subset, self.dim, "queries")
+            more_ids, more_scores, more_stats, _ = run(subset, k + removed)
+            ids[again], scores[again] = more_ids, more_scores
+            for key, values in more_stats.items():
+                if key != "certified":
+                    stats[key] = stats[key].copy()
+                    stats[key][again] += values
+        return ids, scores, stats
 
     def to_csr(self) -> Any:
         """The indexed rows as a scipy.sparse.csr_matrix float32 [N, D] in caller-id order.
@@ -526,6 +730,11 @@ class SparseIndex:
     def keeps_float(self) -> bool:
         """Whether an int8 index keeps its float32 rows (`search(rescore_k=...)` works)."""
         return self._index.keeps_float
+
+    @property
+    def confidence(self) -> np.ndarray | None:
+        """float32 [N] confidence by caller row id (`confidence=...` at build, kept by `save`), else None."""
+        return self._confidence
 
     @property
     def labels(self) -> np.ndarray | None:

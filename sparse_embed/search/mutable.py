@@ -15,7 +15,10 @@ are ties to the lower caller id). Search asks the base for k + min(T, k)
 results (T tombstones), again for k + T only for the queries whose top is
 crowded by removed rows, the delta for k, and merges the lists by score: in
 the exact modes the result is that of one `SparseIndex` over the live rows in
-id order. What a search returns, the update costs and the command line are on
+id order. A confidence per row (`add(..., confidence=...)`) lives in the
+segments' index files, follows its row through remove and compact, and
+`min_row_confidence` drops rows below it the way tombstones drop removed rows.
+What a search returns, the update costs and the command line are on
 the Search page of the documentation (`docs/search.md`, "Adding and removing
 rows"); the directory `save` writes (segment files, id maps, a checksummed
 `manifest.json` replaced atomically) on its Index file format page
@@ -47,7 +50,11 @@ from sparse_embed.search.index import (
     DEFAULT_VALUE_TYPE,
     DEFAULT_ZERO_THRESHOLD,
     SparseIndex,
+    _confidence_vector,
     _value_options,
+    check_min_row_confidence,
+    hit_confidence,
+    query_count,
 )
 from sparse_embed.search.sharded import _lookup, _merge_top
 
@@ -181,10 +188,10 @@ class MutableIndex:
 
     # Segments -----------------------------------------------------------------
 
-    def _build(self, rows: scipy.sparse.csr_matrix) -> SparseIndex:
+    def _build(self, rows: scipy.sparse.csr_matrix, confidence: np.ndarray | None = None) -> SparseIndex:
         return SparseIndex.from_csr(rows.indptr, rows.indices, rows.data, self._dim,
                                     block_rows=self._block_rows, value_type=self._value_type,
-                                    keep_float=self._keep_float)
+                                    keep_float=self._keep_float, confidence=confidence)
 
     def _set_base(self, index: SparseIndex, ids: np.ndarray, saved: tuple[Path, str] | None = None,
                   dead: np.ndarray | None = None) -> None:
@@ -193,10 +200,34 @@ class MutableIndex:
         # (directory, file stem) of the base's files when they are on disk unchanged.
         self._saved_base = saved
 
-    def _set_delta(self, rows: scipy.sparse.csr_matrix, ids: np.ndarray) -> None:
+    def _set_delta(self, rows: scipy.sparse.csr_matrix, ids: np.ndarray,
+                   confidence: np.ndarray | None = None) -> None:
         order = np.argsort(ids, kind="stable")
         self._delta_rows, self._delta_ids = rows[order], ids[order]
-        self._delta = self._build(self._delta_rows)
+        self._delta_conf = None if confidence is None else confidence[order]
+        self._delta = self._build(self._delta_rows, self._delta_conf)
+
+    def _keeps_confidence(self) -> bool | None:
+        """Whether the rows carry a confidence; None while no segment holds a row (the next add decides)."""
+        if len(self._base):
+            return self._base.confidence is not None
+        if len(self._delta_ids):
+            return self._delta_conf is not None
+        return None
+
+    def _row_confidence(self, ids: np.ndarray) -> np.ndarray:
+        """float32 confidence of live caller ids (any shape); NaN for -1 and without confidence."""
+        out = np.full(ids.shape, np.nan, np.float32)
+        for seg_ids, conf, dead in ((self._base_ids, self._base.confidence, self._dead),
+                                    (self._delta_ids, self._delta_conf, None)):
+            if conf is None or not len(seg_ids):
+                continue
+            pos = np.clip(np.searchsorted(seg_ids, ids), 0, len(seg_ids) - 1)
+            found = (ids >= 0) & (seg_ids[pos] == ids)
+            if dead is not None:
+                found &= ~dead[pos]
+            out[found] = conf[pos[found]]
+        return out
 
     def _live_in_base(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(found mask, base positions) of `ids` among the live base rows."""
@@ -212,7 +243,7 @@ class MutableIndex:
     # Updates ------------------------------------------------------------------
 
     def add(self, rows: Any, ids: Any | None = None,
-            zero_threshold: float = DEFAULT_ZERO_THRESHOLD) -> np.ndarray:
+            zero_threshold: float = DEFAULT_ZERO_THRESHOLD, confidence: Any | None = None) -> np.ndarray:
         """Adds rows to the delta segment (rebuilt from its rows: it is small).
 
         Args:
@@ -221,16 +252,27 @@ class MutableIndex:
             ids: int64 [n] caller ids >= 0, none of them live; None: the next
                 free ids, above every id this index has held.
             zero_threshold: Dense entries with |x| at or below it are dropped.
+            confidence: float [n], one per row; given exactly when the index's
+                rows carry one (the first rows of an empty index decide).
 
         Returns:
             The ids of the added rows, int64 [n].
 
         Raises:
             ValueError: On a wrong shape (the message names [n, D]), non-finite
-                values, or ids that are negative, repeat or are already live (named).
+                values, ids that are negative, repeat or are already live
+                (named), or a confidence that is not [n] finite values or is
+                given to (or missing from) rows of an index without (with) one.
         """
         m = _rows_csr(rows, self._dim, zero_threshold)
         n = m.shape[0]
+        conf = None if confidence is None else _confidence_vector(confidence, n, "confidence")
+        keeps = self._keeps_confidence()
+        if n and keeps is not None and keeps != (conf is not None):
+            raise ValueError("this index keeps a confidence per row; the added rows need one too "
+                             "(confidence=..., in an HDF5 file its 'confidence' dataset)" if keeps else
+                             "this index has no row confidence; add rows without one (or build a new "
+                             "index with it)")
         if ids is None:
             top = max(self._base_ids.max(initial=-1), self._delta_ids.max(initial=-1))
             new_ids = np.arange(top + 1, top + 1 + n, dtype=np.int64)
@@ -244,8 +286,13 @@ class MutableIndex:
             existing = np.sort(new_ids[self._live_in_base(new_ids)[0] | np.isin(new_ids, self._delta_ids)])
             if len(existing):
                 raise ValueError(f"ids already in the index: {_listed(existing)}; remove them first")
+        delta_conf = None
+        if keeps or conf is not None:
+            empty = np.zeros(0, np.float32)
+            delta_conf = np.concatenate([empty if self._delta_conf is None else self._delta_conf,
+                                         empty if conf is None else conf])
         self._set_delta(scipy.sparse.vstack([self._delta_rows, m], format="csr"),
-                        np.concatenate([self._delta_ids, new_ids]))
+                        np.concatenate([self._delta_ids, new_ids]), delta_conf)
         return new_ids
 
     def remove(self, ids: Any) -> None:
@@ -270,7 +317,8 @@ class MutableIndex:
         self._dead[pos[in_base]] = True
         if in_delta.any():
             keep = ~np.isin(self._delta_ids, gone[in_delta])
-            self._set_delta(self._delta_rows[keep], self._delta_ids[keep])
+            self._set_delta(self._delta_rows[keep], self._delta_ids[keep],
+                            None if self._delta_conf is None else self._delta_conf[keep])
 
     def compact(self) -> None:
         """Merges the live base rows and the delta into one new base index (ids kept)."""
@@ -278,7 +326,13 @@ class MutableIndex:
         ids = np.concatenate([self._base_ids[~self._dead], self._delta_ids])
         order = np.argsort(ids, kind="stable")
         rows = scipy.sparse.vstack([base_rows, self._delta_rows], format="csr")[order]
-        self._set_base(self._build(rows), ids[order])
+        conf = None
+        if self._keeps_confidence():
+            empty = np.zeros(0, np.float32)
+            base_conf = self._base.confidence if len(self._base) else empty
+            delta_conf = self._delta_conf if len(self._delta_ids) else empty
+            conf = np.concatenate([base_conf[~self._dead], delta_conf])[order]
+        self._set_base(self._build(rows, conf), ids[order])
         self._set_delta(_empty_csr(self._dim), np.zeros(0, np.int64))
 
     # Search -------------------------------------------------------------------
@@ -297,7 +351,10 @@ class MutableIndex:
         rescore_exact: bool = False,
         batch: int = DEFAULT_BATCH,
         group_by_support: bool = True,
-    ) -> tuple[np.ndarray, np.ndarray]:
+        query_confidence: Any | None = None,
+        min_row_confidence: float | None = None,
+        return_confidence: bool = False,
+    ) -> tuple[np.ndarray, ...]:
         """Top-k live rows of every query, as `SparseIndex.search` over the live rows.
 
         Args:
@@ -321,10 +378,16 @@ class MutableIndex:
                 `SparseIndex.search`; results do not depend on it.
             group_by_support: With batch > 1, groups formed by the queries'
                 support, as in `SparseIndex.search`; results do not depend on it.
+            query_confidence: Optional float [Q], reported with the hits.
+            min_row_confidence: Only rows whose confidence is at or above it
+                qualify, as in `SparseIndex.search`.
+            return_confidence: Also return each hit's row and query confidence.
 
         Returns:
             ids int64 [Q, k] (caller ids) and scores float32 [Q, k], best first;
-            -1 and -inf where fewer than k rows qualify.
+            -1 and -inf where fewer than k rows qualify. With return_confidence,
+            also row_confidence and query_confidence float32 [Q, k], as in
+            `SparseIndex.search`.
 
         Raises:
             ValueError: As `SparseIndex.search`, and on a re-rank database too
@@ -350,13 +413,24 @@ class MutableIndex:
         if not (hasattr(queries, "tocsr") or isinstance(queries, tuple)):
             # Converted once here rather than once per segment.
             queries = np.ascontiguousarray(queries, np.float32)
+        floor = check_min_row_confidence(min_row_confidence, self._keeps_confidence() is True, rerank,
+                                         rescore_k)
+        q_conf = None if query_confidence is None else _confidence_vector(
+            query_confidence, query_count(queries), "query_confidence")
+        # Rows below the floor are left out exactly as removed rows are.
+        base_dead, delta_dead = self._dead, None
+        if floor is not None:
+            if len(self._base):
+                base_dead = self._dead | (self._base.confidence < floor)
+            if len(self._delta_ids):
+                delta_dead = self._delta_conf < floor
         start = time.perf_counter()
         options = {"threshold": threshold, "num_threads": num_threads, "mode": mode, "max_blocks": max_blocks,
                    "rescore_k": rescore_k, "rescore_exact": rescore_exact, "batch": batch,
                    "group_by_support": group_by_support}
         parts = [self._search_segment(index, seg_ids, dead, queries, capacity, options, dense_db, dense_q)
-                 for index, seg_ids, dead in ((self._base, self._base_ids, self._dead),
-                                              (self._delta, self._delta_ids, None))]
+                 for index, seg_ids, dead in ((self._base, self._base_ids, base_dead),
+                                              (self._delta, self._delta_ids, delta_dead))]
         ids, scores = _merge_top(np.concatenate([p[0] for p in parts], axis=1),
                                  np.concatenate([p[1] for p in parts], axis=1), capacity)
         if dense_db is not None:
@@ -368,6 +442,8 @@ class MutableIndex:
                       **{key: np.sum([p[4][key] for p in parts], axis=0)
                          for key in _STATS},
                       "wall_seconds": time.perf_counter() - start}
+        if return_confidence:
+            return ids, scores, self._row_confidence(ids), hit_confidence(ids, None, q_conf)[1]
         return ids, scores
 
     def _search_segment(self, index: SparseIndex, seg_ids: np.ndarray, dead: np.ndarray | None,
@@ -542,6 +618,7 @@ class MutableIndex:
                        dead=np.isin(base_ids, tombstones))
         delta, delta_ids = loaded["delta"]
         self._delta, self._delta_ids, self._delta_rows = delta, delta_ids, delta.to_csr()
+        self._delta_conf = delta.confidence
         return self
 
     # Properties ---------------------------------------------------------------
@@ -595,6 +672,13 @@ class MutableIndex:
     def ids(self) -> np.ndarray:
         """int64: the live caller ids, increasing."""
         return self._live_ids()
+
+    @property
+    def confidence(self) -> np.ndarray | None:
+        """float32: the live rows' confidence in the order of `ids`, or None when the rows carry none."""
+        if not self._keeps_confidence():
+            return None
+        return self._row_confidence(self._live_ids())
 
     def __repr__(self) -> str:
         return (f"MutableIndex(rows={len(self)}, dim={self._dim}, base_rows={len(self._base)}, "

@@ -9,7 +9,9 @@ the offsets follow the shards' order. Every shard answers its own top-k on a
 thread pool (the C++ search releases the GIL) with every option of
 `SparseIndex.search`, and the lists are merged by score, ties to the lower
 global id, so in every mode but "approx" (a block budget per shard) the result
-is that of one `SparseIndex` over the concatenated rows. Re-ranking re-scores
+is that of one `SparseIndex` over the concatenated rows (a confidence per row
+travels in each shard's file; `min_row_confidence` filters in every shard).
+Re-ranking re-scores
 the global top `rerank_k` in a second pass on each shard with its slice of the
 dense database. The rules are on the Search page of the documentation
 (`docs/search.md`, "What a search returns" and "Sharded galleries").
@@ -36,6 +38,10 @@ from sparse_embed.search.index import (
     DEFAULT_ZERO_THRESHOLD,
     SEARCH_MODES,
     SparseIndex,
+    _confidence_vector,
+    check_min_row_confidence,
+    hit_confidence,
+    query_count,
 )
 
 __all__ = ["SHARD_FILE_PATTERN", "ShardedIndex"]
@@ -154,7 +160,7 @@ class ShardedIndex:
     @classmethod
     def build(cls, rows: Any, shard_rows: int, directory: str | os.PathLike,
               zero_threshold: float = DEFAULT_ZERO_THRESHOLD, value_type: str = DEFAULT_VALUE_TYPE,
-              keep_float: bool = False) -> ShardedIndex:
+              keep_float: bool = False, confidence: Any | None = None) -> ShardedIndex:
         """Splits rows into shards of `shard_rows` rows, saves each, returns the loaded set.
 
         Each file is written to a temporary name and renamed, so a killed
@@ -169,10 +175,13 @@ class ShardedIndex:
             zero_threshold: Dense entries with |x| at or below it are dropped.
             value_type: How each shard stores its posting values ("float32" or "int8").
             keep_float: With "int8", each shard also keeps its float32 rows for re-scoring.
+            confidence: Optional float [N], one per row: each shard keeps and
+                saves its slice (see `SparseIndex.from_dense`).
 
         Raises:
             ValueError: On a bad shape, dtype or shard size, an unknown
-                value_type or keep_float without int8.
+                value_type, keep_float without int8, or a confidence that is
+                not [N] finite values (checked before any shard is written).
         """
         if isinstance(shard_rows, bool) or not isinstance(shard_rows, int | np.integer) or shard_rows < 1:
             raise ValueError(f"shard_rows must be an integer >= 1, got {shard_rows!r}")
@@ -180,20 +189,23 @@ class ShardedIndex:
         if len(shape) != 2:
             raise ValueError(f"rows must have shape [N, D], got {list(shape)}")
         n, dim = shape
+        conf = None if confidence is None else _confidence_vector(confidence, n, "confidence")
         csr = rows.tocsr() if hasattr(rows, "tocsr") else None
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
         paths = []
         for i, start in enumerate(range(0, max(n, 1), int(shard_rows))):
             stop = min(start + int(shard_rows), n)
+            part_conf = None if conf is None else conf[start:stop]
             if csr is not None:
                 part = csr[start:stop]
                 shard = SparseIndex.from_csr(part.indptr, part.indices, part.data, dim,
-                                             value_type=value_type, keep_float=keep_float)
+                                             value_type=value_type, keep_float=keep_float,
+                                             confidence=part_conf)
             else:
                 shard = SparseIndex.from_dense(
                     _dense_matrix(rows[start:stop], "rows", "[N, D]").reshape(stop - start, dim),
-                    zero_threshold, value_type=value_type, keep_float=keep_float)
+                    zero_threshold, value_type=value_type, keep_float=keep_float, confidence=part_conf)
             path = out / SHARD_FILE_PATTERN.format(i)
             shard.save(path)
             paths.append(path)
@@ -213,7 +225,10 @@ class ShardedIndex:
         rescore_exact: bool = False,
         batch: int = DEFAULT_BATCH,
         group_by_support: bool = True,
-    ) -> tuple[np.ndarray, np.ndarray]:
+        query_confidence: Any | None = None,
+        min_row_confidence: float | None = None,
+        return_confidence: bool = False,
+    ) -> tuple[np.ndarray, ...]:
         """Top-k over all shards, as `SparseIndex.search` over the concatenated rows.
 
         Args:
@@ -239,15 +254,22 @@ class ShardedIndex:
                 `SparseIndex.search`; results do not depend on it.
             group_by_support: With batch > 1, groups formed by the queries'
                 support, as in `SparseIndex.search`; results do not depend on it.
+            query_confidence: Optional float [Q], reported with the hits.
+            min_row_confidence: Only rows whose confidence is at or above it
+                qualify, as in `SparseIndex.search` (every shard needs a confidence).
+            return_confidence: Also return each hit's row and query confidence.
 
         Returns:
             ids int64 [Q, k] (global ids) and scores float32 [Q, k], best first;
-            -1 and -inf where fewer than k rows qualify.
+            -1 and -inf where fewer than k rows qualify. With return_confidence,
+            also row_confidence and query_confidence float32 [Q, k] (NaN for
+            padding and where there is none), as in `SparseIndex.search`.
 
         Raises:
             ValueError: On bad shapes or dtypes, non-finite values, k < 1,
                 rerank_k < k, an unknown mode, a max_blocks that does not fit it,
-                or re-scoring options a shard cannot take (as `SparseIndex.search`).
+                re-scoring options a shard cannot take, or confidence arguments
+                it cannot take (as `SparseIndex.search`).
         """
         if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
             raise ValueError(f"k must be an integer >= 1, got {k!r}")
@@ -255,7 +277,10 @@ class ShardedIndex:
             raise ValueError(f"unknown search mode {mode!r}; valid modes: {', '.join(SEARCH_MODES)}")
         options = {"mode": mode, "max_blocks": max_blocks, "rescore_k": rescore_k,
                    "rescore_exact": rescore_exact, "batch": batch,
-                   "group_by_support": group_by_support}
+                   "group_by_support": group_by_support,
+                   "min_row_confidence": check_min_row_confidence(
+                       min_row_confidence, all(s.confidence is not None for s in self._shards),
+                       rerank, rescore_k)}
         capacity = int(k)
         dense_db = dense_q = None
         if rerank is not None:
@@ -272,6 +297,8 @@ class ShardedIndex:
         if not (hasattr(queries, "tocsr") or isinstance(queries, tuple)):
             # Converted once here rather than once per shard.
             queries = _dense_matrix(queries, "queries", f"[Q, {self.dim}]")
+        q_conf = None if query_confidence is None else _confidence_vector(
+            query_confidence, query_count(queries), "query_confidence")
         total = int(num_threads) if num_threads > 0 else _available_cores()
         workers = max(1, min(len(self._shards), total))
         per_shard = max(1, total // workers)
@@ -304,7 +331,20 @@ class ShardedIndex:
                       **{key: np.sum([p[4][key] for p in parts], axis=0)
                          for key in (*_SUMMED_STATS, "seconds")},
                       "wall_seconds": time.perf_counter() - start}
+        if return_confidence:
+            return (ids, scores, *hit_confidence(ids, self.confidence, q_conf))
         return ids, scores
+
+    @property
+    def confidence(self) -> np.ndarray | None:
+        """float32 [span] row confidence by global id (NaN between shards), or None when no shard has one."""
+        if all(s.confidence is None for s in self._shards):
+            return None
+        out = np.full(self.span, np.nan, np.float32)
+        for shard, offset, size in zip(self._shards, self._offsets, self._sizes, strict=True):
+            if shard.confidence is not None:
+                out[offset:offset + size] = shard.confidence
+        return out
 
     @property
     def stats(self) -> dict[str, Any]:
