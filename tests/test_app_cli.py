@@ -12,13 +12,17 @@ threshold is then above every score a held-out face can get.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
-from conftest import assert_main_user_error, assert_user_error, call_main, run_module
+from conftest import ROOT, assert_main_user_error, assert_user_error, call_main, run_module
 from skimage import data as skimage_data
 
 from sparse_embed.app.__main__ import main
@@ -257,3 +261,74 @@ def test_astronaut_is_detected_enrolled_and_identified(smoke_run: Path, tmp_path
     x1, y1, x2, y2 = face["box"]
     # The face of the 512x512 photograph is near (170-260, 80-200) (test_edge's detections).
     assert 150 < x1 < x2 < 300 and 50 < y1 < y2 < 250
+
+
+def _snapshot(directory: Path) -> dict:
+    """What a reader of the gallery sees: its manifest, (row, person) table and index row ids."""
+    loaded = Gallery.load(directory)
+    return {"manifest": loaded.manifest(), "rows": loaded.rows.tolist(), "ids": loaded.index.ids.tolist()}
+
+
+@pytest.mark.slow
+def test_kill_9_during_an_enrol_leaves_the_previous_or_the_new_gallery(
+        people: Path, tiny_data: Path, tflite_model: Path, tmp_path: Path) -> None:
+    """`enroll` as a real process, killed with SIGKILL at random moments: once anywhere in its run,
+    and several times while it writes the new state. Each time the gallery loads and equals the
+    previous state or the completed enrol's, never a part of the enrol. The .tflite model keeps
+    TensorFlow out of the process, so it starts fast and the kills land in the enrol."""
+    base = tmp_path / "base"
+    assert call_main(main, "enroll", f"--gallery={base}", f"--model={tflite_model}", f"--images={people}",
+                     "--aligned") == 0
+    # Filler rows (sparse, as a relu embedding's) make the state worth writing: the window a kill
+    # must not tear.
+    filler = Gallery.load(base)
+    rng = np.random.default_rng(0)
+    rows = np.zeros((5000, filler.model.embedding_size), np.float32)
+    rows[np.arange(len(rows))[:, None], rng.integers(0, rows.shape[1], (len(rows), 8))] = 1.0
+    filler.enroll("filler", rows / np.linalg.norm(rows, axis=1, keepdims=True), ["filler.jpg"] * len(rows))
+    filler.save()
+    more = tmp_path / "more"
+    for person in sorted(p.name for p in (tiny_data / "train").iterdir())[4:]:
+        for copy in range(8):  # each image eight times: an enrol that lasts
+            for image in (tiny_data / "train" / person).iterdir():
+                (more / person).mkdir(parents=True, exist_ok=True)
+                shutil.copy(image, more / person / f"{copy}-{image.name}")
+    command = [sys.executable, "-m", "sparse_embed.app", "enroll", "--images", str(more), "--aligned"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+
+    def start(gallery: Path) -> subprocess.Popen:
+        shutil.copytree(base, gallery)
+        return subprocess.Popen([*command, f"--gallery={gallery}"], env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)
+
+    started = time.monotonic()
+    done = start(tmp_path / "done")
+    _, err = done.communicate(timeout=300)
+    assert done.returncode == 0, err[-3000:]
+    duration = time.monotonic() - started
+    before, after = _snapshot(base), _snapshot(tmp_path / "done")
+    assert before != after
+
+    def kill_and_check(gallery: Path, proc: subprocess.Popen) -> None:
+        proc.kill()
+        proc.wait(timeout=60)
+        assert _snapshot(gallery) in (before, after)
+
+    # Anywhere in the run.
+    gallery = tmp_path / "anywhere"
+    proc = start(gallery)
+    time.sleep(rng.uniform(0.1, 0.9) * duration)
+    kill_and_check(gallery, proc)
+    # While the new state is written: from when its directory appears to a random moment after.
+    for trial in range(2):
+        gallery = tmp_path / f"saving{trial}"
+        proc = start(gallery)
+        states = {p.name for p in gallery.glob("state-*")}
+        while proc.poll() is None and {p.name for p in gallery.glob("state-*")} == states:
+            time.sleep(0.001)
+        time.sleep(rng.uniform(0.0, 0.2))
+        kill_and_check(gallery, proc)
+        # The interrupted gallery takes the next enrol (a leftover state is cleaned away).
+        if trial == 0:
+            assert call_main(main, "enroll", f"--gallery={gallery}", f"--images={people}", "--aligned") == 0
+            assert len(list(gallery.glob("state-*"))) == 1

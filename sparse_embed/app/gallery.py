@@ -63,6 +63,9 @@ DEFAULT_MEAN_OF = 3
 MAX_CANDIDATES = 10000
 # Characters of a fingerprint shown in messages.
 SHOWN_FINGERPRINT = 16
+# Rows a sparse gallery's delta segment may hold at a save before it is merged into the base: every
+# `add` rebuilds the delta, so an unmerged large delta makes each later enrol as slow as a rebuild.
+COMPACT_DELTA_ROWS = 1024
 
 
 @dataclass(frozen=True)
@@ -422,6 +425,8 @@ class Gallery:
         unreferenced state directory, deleted by the next `save`.
         """
         self.directory.mkdir(parents=True, exist_ok=True)
+        if isinstance(self.index, MutableIndex) and self.index.stats["delta_rows"] > COMPACT_DELTA_ROWS:
+            self.index.compact()
         state = self.directory / f"{STATE_PREFIX}{secrets.token_hex(6)}"
         try:
             self._write_state(state)
