@@ -1,7 +1,7 @@
 """Training throughput: the input pipeline alone, 1 process, 2 Horovod processes; one table.
 
     python benchmarks/train_throughput.py [--steps=12] [--models=mobilefacenet,demo] [--json]
-        [--output=results/train_throughput.json]
+        [--batch_size=N] [--output=results/train_throughput.json]
 
 Generates a small synthetic identity dataset (112x112 JPEG TFRecords), then for
 each model measures images/s of
@@ -104,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, default=12, help="Training steps per measurement.")
     parser.add_argument("--models", default="mobilefacenet,demo",
                         help=f"Comma-separated, from {', '.join(MODELS)}.")
+    parser.add_argument("--batch_size", type=int, default=None,
+                        help="Per-process batch for every model (default: each model's own, "
+                             f"{', '.join(f'{k} {v[2]}' for k, v in MODELS.items())}).")
     parser.add_argument("--json", action="store_true", help="Also print one JSON line per row.")
     parser.add_argument("--output", default=None,
                         help="Also write the table to this result file (sparse_embed.results).")
@@ -127,6 +130,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         data = make_data(work / "data")
         for name in args.models.split(","):
             config_name, overrides, batch = MODELS[name]
+            batch = args.batch_size or batch
             overrides = [*overrides, f"train.batch_size={batch}", "distributed.scale_lr=true"]
             setups = [("input pipeline", None, 1), ("train step", [], 1),
                       ("train step, horovod", [], 2)]

@@ -192,14 +192,17 @@ def scalars(model_dir: Path, tag: str) -> dict[int, float]:
     return dict(sorted(values.items()))
 
 
+HOROVODRUN = [sys.executable, str(ROOT / "tests" / "horovod_launch.py")]
+
+
 def horovodrun(np: int, *args: str, cwd: Path | None = None, timeout: float = 600,
                env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """Runs `horovodrun -np N -H localhost:N --gloo python <args>` on this machine."""
+    """Runs `horovodrun -np N -H localhost:N --gloo python <args>` on this machine
+    (through tests/horovod_launch.py: horovodrun without its per-launch build probe)."""
     horovod_available()
-    launcher = Path(sys.executable).with_name("horovodrun")
     full_env = dict(os.environ, PYTHONPATH=str(ROOT), **(env or {}))
     return subprocess.run(
-        [str(launcher), "-np", str(np), "-H", f"localhost:{np}", "--gloo", sys.executable, *args],
+        [*HOROVODRUN, "-np", str(np), "-H", f"localhost:{np}", "--gloo", sys.executable, *args],
         capture_output=True, text=True, env=full_env, cwd=cwd, timeout=timeout,
     )
 

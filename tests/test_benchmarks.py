@@ -27,7 +27,8 @@ def test_train_throughput_benchmark_prints_and_writes_its_table(tmp_path: Path) 
     horovod_available()
     out = tmp_path / "throughput.json"
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_throughput.py"),
-                           "--models=demo", "--steps=3", "--json", f"--output={out}"],
+                           "--models=demo", "--steps=2", "--batch_size=16", "--json",
+                           f"--output={out}"],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [line for line in proc.stdout.splitlines() if line.startswith("{")]
@@ -37,6 +38,7 @@ def test_train_throughput_benchmark_prints_and_writes_its_table(tmp_path: Path) 
     written = _table(out, "throughput")
     assert [r["setup"] for r in written] == [json.loads(r)["setup"] for r in rows]
     assert written[1]["vs_1_process"] == 1.0 and all(r["images_per_s"] > 0 for r in written)
+    assert all(r["batch_per_process"] == 16 for r in written)
 
 
 @pytest.mark.slow

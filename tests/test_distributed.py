@@ -16,6 +16,7 @@ import numpy as np
 import psutil
 import pytest
 from conftest import (
+    HOROVODRUN,
     ROOT,
     assert_main_user_error,
     assert_rank0_user_error,
@@ -148,7 +149,8 @@ def two_ranks_forty_steps(tiny_data: Path, tmp_path_factory: pytest.TempPathFact
 
 
 @pytest.mark.slow
-def test_two_ranks_train_identical_models_and_the_loss_falls(two_ranks_forty_steps: tuple[Path, Path]) -> None:
+def test_two_ranks_train_identical_models_and_the_loss_falls(
+        two_ranks_forty_steps: tuple[Path, Path]) -> None:
     out, model_dir = two_ranks_forty_steps
     ranks = [np.load(out / f"rank{r}.npz") for r in range(2)]
     assert int(ranks[0]["step"]) == 40 and int(ranks[0]["samples"]) == 40 * 16
@@ -164,7 +166,8 @@ def test_two_ranks_train_identical_models_and_the_loss_falls(two_ranks_forty_ste
 
 
 @pytest.mark.slow
-def test_only_rank_0_evaluates_during_training_and_keeps_best(two_ranks_forty_steps: tuple[Path, Path]) -> None:
+def test_only_rank_0_evaluates_during_training_and_keeps_best(
+        two_ranks_forty_steps: tuple[Path, Path]) -> None:
     """Rank 1 goes on to the next all-reduce while rank 0 evaluates; nobody hangs, rank 0 writes best/."""
     out, model_dir = two_ranks_forty_steps
     ranks = [np.load(out / f"rank{r}.npz") for r in range(2)]
@@ -234,9 +237,8 @@ def test_kill_9_of_every_rank_then_rerun_finishes(tiny_data: Path, tmp_path: Pat
     run = tmp_path / "run"
     args = _train_cli(run, tiny_data, "train.steps=30", "train.checkpoint_every=1",
                       "train.keep_checkpoints=2")
-    launcher = Path(sys.executable).with_name("horovodrun")
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.Popen([str(launcher), "-np", "2", "-H", "localhost:2", "--gloo",
+    proc = subprocess.Popen([*HOROVODRUN, "-np", "2", "-H", "localhost:2", "--gloo",
                              sys.executable, *args], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     state = run / CHECKPOINT_DIR / "checkpoint"
