@@ -244,16 +244,20 @@ def test_tflite_model_without_tensorflow_and_the_fingerprint_refusal(
     assert_user_error(proc, "--mtcnn=DIR")
 
 
-def test_astronaut_is_detected_enrolled_and_identified(smoke_run: Path, tmp_path: Path) -> None:
-    """A real photograph through the mtcnn package's MTCNN: one face, enrolled and found again;
-    a photograph without a face in the person's folder is reported and skipped."""
+def test_astronaut_is_detected_enrolled_and_identified(smoke_run: Path, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """A real photograph through the mtcnn package's MTCNN: one face, passing the quality gate's
+    detection bars, enrolled and found again; a photograph without a face in the person's folder
+    is reported and skipped; a size bar above the face refuses it."""
     folder = tmp_path / "people" / "eileen"
     folder.mkdir(parents=True)
     cv2.imwrite(str(folder / "astronaut.png"), cv2.cvtColor(skimage_data.astronaut(), cv2.COLOR_RGB2BGR))
     cv2.imwrite(str(folder / "coffee.png"), cv2.cvtColor(skimage_data.coffee(), cv2.COLOR_RGB2BGR))
     g, out = tmp_path / "g", tmp_path / "out"
+    # Every detection bar of the quality gate, set below the astronaut's face but above a bad one.
     assert call_main(main, "enroll", f"--gallery={g}", f"--model={smoke_run}",
-                     f"--images={tmp_path / 'people'}") == 0
+                     f"--images={tmp_path / 'people'}", "--min_face_px=40", "--min_detector_score=0.9",
+                     "--check_landmarks") == 0
     assert Gallery.load(g).people["eileen"]["images"] == [str(folder / "astronaut.png")]
     assert call_main(main, "identify", f"--gallery={g}", f"--output={out}", folder / "astronaut.png") == 0
     (face,) = _report(out)[0]["faces"]
@@ -261,6 +265,35 @@ def test_astronaut_is_detected_enrolled_and_identified(smoke_run: Path, tmp_path
     x1, y1, x2, y2 = face["box"]
     # The face of the 512x512 photograph is near (170-260, 80-200) (test_edge's detections).
     assert 150 < x1 < x2 < 300 and 50 < y1 < y2 < 250
+    # A face smaller than the bar: refused with the reason, nothing enrolled.
+    assert_main_user_error(capsys, main, ["enroll", f"--gallery={tmp_path / 'g2'}", f"--model={smoke_run}",
+                                          f"--images={tmp_path / 'people'}", "--min_face_px=400"],
+                           "nothing to enrol", "below --min_face_px=400")
+    assert not (tmp_path / "g2" / "gallery.json").exists()
+
+
+def test_quality_gate_on_aligned_crops(gallery: Path, people: Path, tmp_path: Path,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """An aligned crop's face is the whole image (112 px here): a size bar refuses it with the
+    reason in the summary; --min_confidence needs a model that predicts one (the smoke run does not)."""
+    g = tmp_path / "g"
+    shutil.copytree(gallery, g)
+    mixed = tmp_path / "mixed"
+    (mixed / "zoe").mkdir(parents=True)
+    shutil.copy(people / ENROLLED[0] / "0.jpg", mixed / "zoe" / "big.jpg")
+    cv2.imwrite(str(mixed / "zoe" / "small.jpg"), cv2.resize(cv2.imread(str(people / ENROLLED[0] / "1.jpg")),
+                                                               (48, 48)))
+    capsys.readouterr()
+    assert call_main(main, "enroll", f"--gallery={g}", f"--images={mixed}", "--aligned",
+                     "--min_face_px=64") == 0
+    out = capsys.readouterr().out
+    assert "small.jpg" in out and "face 48 px, below --min_face_px=64" in out and "big.jpg" not in out
+    assert Gallery.load(g).people["zoe"]["images"] == [str(mixed / "zoe" / "big.jpg")]
+    enroll = ["enroll", f"--gallery={g}", f"--images={mixed}", "--aligned"]
+    assert_main_user_error(capsys, main, [*enroll, "--min_confidence=0"],
+                           "--min_confidence needs a model that predicts")
+    assert_main_user_error(capsys, main, [*enroll, "--min_detector_score=2"],
+                           "--min_detector_score must lie in [0, 1]")
 
 
 def _snapshot(directory: Path) -> dict:

@@ -1,5 +1,6 @@
 """The app's gallery logic without a model: the dense store, per-person matching, one-to-one
-assignment, calibration and atomic saves (sparse_embed.app.store, gallery, identify)."""
+assignment, calibration, atomic saves and the enrolment quality gate (sparse_embed.app.store,
+gallery, identify, quality)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import pytest
 from sparse_embed.app import gallery as gallery_module
 from sparse_embed.app.gallery import Gallery, ModelRecord, calibration_from_scores
 from sparse_embed.app.identify import assign
+from sparse_embed.app.quality import QualityGate, landmark_problem
 from sparse_embed.app.store import DenseIndex
 from sparse_embed.errors import ConfigError, DataError
 
@@ -183,3 +185,43 @@ def test_what_is_not_a_gallery(tmp_path: Path) -> None:
     (tmp_path / "occupied" / "x.txt").write_text("x")
     with pytest.raises(DataError, match="exists and is not a gallery"):
         Gallery.create(tmp_path / "occupied", _record())
+
+
+# A frontal face in the box (0, 0, 100, 120): eyes, nose tip, mouth corners (image order).
+FRONTAL = np.array([[30.0, 45.0], [70.0, 45.0], [50.0, 65.0], [35.0, 90.0], [65.0, 90.0]])
+
+
+@pytest.mark.parametrize(("change", "problem"), [
+    (None, None),
+    ({0: (-30.0, 45.0)}, "outside the face box"),
+    ({0: (75.0, 45.0)}, "left-right order"),
+    ({2: (50.0, 95.0)}, "eyes above nose above mouth"),
+    ({0: (45.0, 45.0), 1: (55.0, 45.0)}, "turned aside"),
+])
+def test_landmark_check(change: dict | None, problem: str | None) -> None:
+    points = FRONTAL.copy()
+    for row, point in (change or {}).items():
+        points[row] = point
+    found = landmark_problem(points, (0.0, 0.0, 100.0, 120.0))
+    assert found is None if problem is None else problem in found
+
+
+def test_quality_gate_bars_and_their_reasons() -> None:
+    box = (10.0, 20.0, 50.0, 70.0)  # 40 x 50: the shorter side is 40
+    assert QualityGate().face_problem(box, FRONTAL, 0.5) is None
+    assert QualityGate(min_face_px=40).face_problem(box, FRONTAL, 0.5) is None
+    assert "face 40 px, below --min_face_px=41" in QualityGate(min_face_px=41).face_problem(box, FRONTAL, 0.5)
+    low = QualityGate(min_detector_score=0.9).face_problem(box, FRONTAL, 0.5)
+    assert "detector score 0.500, below --min_detector_score=0.9" in low
+    big = (0.0, 0.0, 100.0, 120.0)
+    assert QualityGate(check_landmarks=True).face_problem(big, FRONTAL, 1.0) is None
+    assert "outside" in QualityGate(check_landmarks=True).face_problem(box, FRONTAL + 200, 1.0)
+    gate = QualityGate(min_confidence=-1.5)
+    assert gate.confidence_problem(-1.5) is None
+    assert "confidence -2.000, below --min_confidence=-1.5" in gate.confidence_problem(-2.0)
+    assert gate.confidence_problem(float("nan")) is not None  # no confidence never passes a bar
+    for bad, match in (({"min_face_px": 0}, "--min_face_px must be > 0"),
+                       ({"min_detector_score": 1.5}, r"--min_detector_score must lie in \[0, 1\]"),
+                       ({"min_confidence": float("inf")}, "--min_confidence must be finite")):
+        with pytest.raises(ConfigError, match=match):
+            QualityGate(**bad)

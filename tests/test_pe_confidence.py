@@ -272,3 +272,33 @@ def test_edge_reject_fraction_without_a_confidence_output_is_one_line(
                            "--reject_fraction needs a model with a confidence output")
     assert_main_user_error(capsys, lfw.main, [*args, "--reject_fraction=1"],
                            "--reject_fraction must be in [0, 1), got 1.0")
+
+
+def test_app_enrol_refuses_faces_below_the_predicted_confidence(hib_run: Path, tiny_data: Path,
+                                                                tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """`python -m sparse_embed.app enroll --min_confidence`: the crops whose confidence (the
+    run's, as confidence_function gives it with the run's flip mode) is below the bar are
+    reported with it and skipped; the others are enrolled."""
+    from sparse_embed.app.__main__ import main as app_main
+    from sparse_embed.app.embedder import load_embedder
+    from sparse_embed.app.gallery import Gallery
+    from sparse_embed.edge.preprocess import decode, resize_crop
+
+    people = tmp_path / "people"
+    shutil.copytree(tiny_data / "train" / "id_00000", people / "ann")
+    paths = sorted(str(p) for p in (people / "ann").iterdir())
+    embedder = load_embedder(hib_run)
+    confidence = embedder.confidence([resize_crop(decode(p), embedder.width, embedder.height) for p in paths])
+    bar = float(np.median(confidence))
+    capsys.readouterr()
+    assert call_main(app_main, "enroll", f"--gallery={tmp_path / 'g'}", f"--model={hib_run}",
+                     f"--images={people}", "--aligned", f"--min_confidence={bar}") == 0
+    out = capsys.readouterr().out
+    enrolled = Gallery.load(tmp_path / "g").people["ann"]["images"]
+    assert enrolled == [p for p, c in zip(paths, confidence, strict=True) if c >= bar]
+    assert 0 < len(enrolled) < len(paths)
+    for path, value in zip(paths, confidence, strict=True):
+        assert (path in out) == (path not in enrolled)
+        if path not in enrolled:
+            assert f"confidence {value:.3f}, below --min_confidence={bar:g}" in out

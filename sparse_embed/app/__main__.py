@@ -54,6 +54,7 @@ from sparse_embed.app.gallery import (
     calibration_from_scores,
     short,
 )
+from sparse_embed.app.quality import QualityGate
 from sparse_embed.app.identify import (
     UNKNOWN,
     VIDEO_EXTENSIONS,
@@ -115,8 +116,10 @@ def _detector(args: argparse.Namespace, gallery: Gallery | None, model: str):
     return LandnetDetector(detector, args.landnet)
 
 
-def _one_face(path: str, detector, embedder: Embedder) -> tuple[np.ndarray | None, str | None]:
-    """(aligned crop, None) of an image showing one face, or (None, why it is skipped)."""
+def _one_face(path: str, detector, embedder: Embedder,
+              gate: QualityGate | None = None) -> tuple[np.ndarray | None, str | None]:
+    """(aligned crop, None) of an image showing one face that passes the gate's detection bars,
+    or (None, why it is skipped)."""
     image = decode(path)
     if image is None:
         return None, "not a decodable image"
@@ -125,7 +128,11 @@ def _one_face(path: str, detector, embedder: Embedder) -> tuple[np.ndarray | Non
         return None, "no face found"
     if len(faces) > 1:
         return None, f"{len(faces)} faces, one expected"
-    return faces[0].crop, None
+    face = faces[0]
+    problem = None if gate is None else gate.face_problem(face.box, face.landmarks, face.confidence)
+    if problem is not None:
+        return None, problem
+    return face.crop, None
 
 
 def _people_folder(root: Path) -> list[tuple[str, str]]:
@@ -164,10 +171,26 @@ def _problems(skipped: list[tuple[str, str]]) -> list[tuple[str, str]]:
     return rows
 
 
+def _confident(crops: dict[str, list[tuple[str, np.ndarray]]], embedder: Embedder, gate: QualityGate,
+               skipped: list[tuple[str, str]]) -> dict[str, list[tuple[str, np.ndarray]]]:
+    """The crops whose predicted confidence passes the gate; the others join `skipped` with why."""
+    kept: dict[str, list[tuple[str, np.ndarray]]] = {}
+    for name, faces in crops.items():
+        confidence = embedder.confidence([crop for _, crop in faces])
+        for (path, crop), value in zip(faces, confidence, strict=True):
+            problem = gate.confidence_problem(float(value))
+            if problem is None:
+                kept.setdefault(name, []).append((path, crop))
+            else:
+                skipped.append((path, problem))
+    return kept
+
+
 @COMMANDS.register("enroll")
 def _enroll(args: argparse.Namespace) -> None:
     if (args.images is None) == (args.list is None):
         raise ConfigError("enroll needs --images=PEOPLE_DIR or --list=CSV (one of them)")
+    gate = QualityGate(args.min_face_px, args.min_detector_score, args.check_landmarks, args.min_confidence)
     items = _people_folder(Path(args.images)) if args.images else _people_list(Path(args.list))
     if Gallery.exists(args.gallery):
         gallery = Gallery.load(args.gallery)
@@ -189,15 +212,20 @@ def _enroll(args: argparse.Namespace) -> None:
         gallery = Gallery.create(args.gallery, ModelRecord(
             embedder.fingerprint, model, args.mtcnn, embedder.width, embedder.height, embedder.embedding_size,
             embedder.flip, args.index_type or ("sparse" if embedder.sparse else "dense")))
+    if gate.min_confidence is not None and not embedder.has_confidence:
+        raise ConfigError(f"--min_confidence needs a model that predicts a confidence (a probabilistic "
+                          f"run or its export); {model} does not")
     detector = _detector(args, gallery, model)
     crops: dict[str, list[tuple[str, np.ndarray]]] = {}
     skipped = []
     for path, name in tqdm(items, desc="enroll", unit="img", leave=False, disable=None):
-        crop, why = _one_face(path, detector, embedder)
+        crop, why = _one_face(path, detector, embedder, gate)
         if crop is None:
             skipped.append((path, why))
         else:
             crops.setdefault(name, []).append((path, crop))
+    if gate.min_confidence is not None:
+        crops = _confident(crops, embedder, gate, skipped)
     if not crops:
         first = f"; first: {skipped[0][0]}: {skipped[0][1]}" if skipped else ""
         raise DataError(f"nothing to enrol: {len(skipped)} image(s) skipped{first}; the gallery is unchanged")
@@ -398,6 +426,18 @@ def _add_commands(commands: argparse._SubParsersAction, prog: str) -> None:
                         help="Flip mode of a new gallery; default: the run's eval.flip (.tflite: concat).")
     enroll.add_argument("--index_type", choices=sorted(INDEX_TYPES), default=None,
                         help="Index of a new gallery; default: sparse for a sparse model, else dense.")
+    gate = enroll.add_argument_group("quality gate", "Refuse faces below a bar (reported with the reason "
+                                                     "and skipped); each bar is off unless given.")
+    gate.add_argument("--min_face_px", type=float, default=None,
+                      help="Smallest shorter side of the face box, pixels.")
+    gate.add_argument("--min_detector_score", type=float, default=None,
+                      help="Smallest MTCNN confidence, in [0, 1].")
+    gate.add_argument("--check_landmarks", action="store_true",
+                      help="The five points must look frontal: in the box, in left-right order, eyes above "
+                           "nose above mouth, eyes apart.")
+    gate.add_argument("--min_confidence", type=float, default=None,
+                      help="Smallest confidence the model predicts for the embedding (a probabilistic run, "
+                           "or its .tflite export with a confidence output).")
 
     identify = add_command(commands, "identify", "Name the faces of images and videos (files or folders).",
                            prog=f"{prog} identify")

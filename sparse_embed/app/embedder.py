@@ -63,6 +63,7 @@ class Embedder(Protocol):
         flip: The flip mode.
         sparse: Whether the embeddings are sparse (a sparse index stores them).
         fingerprint: SHA-256 of the weights and the embedding configuration.
+        has_confidence: Whether the model predicts a confidence per embedding (a probabilistic run).
     """
 
     model: str
@@ -72,9 +73,13 @@ class Embedder(Protocol):
     flip: str
     sparse: bool
     fingerprint: str
+    has_confidence: bool
 
     def embed(self, crops: Sequence[np.ndarray]) -> np.ndarray:
         """float32 [n, embedding_size] L2-normalised embeddings of uint8 [height, width, 3] RGB crops."""
+
+    def confidence(self, crops: Sequence[np.ndarray]) -> np.ndarray:
+        """float32 [n] predicted confidences of the crops' embeddings (with flip: the smaller view's)."""
 
 
 def _fingerprint(weights: Callable[[Any], None], config: dict) -> str:
@@ -96,7 +101,7 @@ class KerasEmbedder:
     def __init__(self, model_dir: str | os.PathLike, flip: str | None = None, batch_size: int = 64) -> None:
         # TensorFlow only here, so a .tflite model never loads it.
         from sparse_embed.config import config_to_dict
-        from sparse_embed.inference import embedding_function, load_backbone
+        from sparse_embed.inference import confidence_function, embedding_function, load_backbone
 
         backbone, config = load_backbone(model_dir)
         self.model = str(model_dir)
@@ -105,6 +110,10 @@ class KerasEmbedder:
         self.sparse = config.model.final_activation != "none"
         self.batch_size = batch_size
         self._step = embedding_function(backbone, self.flip)
+        distribution = config.model.distribution.build(config.model.embedding_size)
+        self.has_confidence = bool(distribution.has_confidence)
+        self._confidence_step = (confidence_function(backbone, distribution, self.flip)
+                                 if self.has_confidence else None)
         probe = self._step(np.zeros((1, self.height, self.width, 3), np.float32)).numpy()
         self.embedding_size = int(probe.shape[1])
 
@@ -120,8 +129,24 @@ class KerasEmbedder:
         """See `Embedder.embed`."""
         if not len(crops):
             return np.zeros((0, self.embedding_size), np.float32)
+        return self._run(self._step, crops)
+
+    def confidence(self, crops: Sequence[np.ndarray]) -> np.ndarray:
+        """See `Embedder.confidence`.
+
+        Raises:
+            ConfigError: If the run has no confidence (a `dirac` model).
+        """
+        if self._confidence_step is None:
+            raise ConfigError(f"model {self.model} predicts no confidence (a dirac run); a "
+                              "probabilistic run (model.distribution gaussian or vmf) does")
+        if not len(crops):
+            return np.zeros(0, np.float32)
+        return self._run(self._confidence_step, crops)
+
+    def _run(self, step: Callable[[Any], Any], crops: Sequence[np.ndarray]) -> np.ndarray:
         x = np.stack(crops).astype(np.float32) / 127.5 - 1.0
-        return np.concatenate([self._step(x[i:i + self.batch_size]).numpy()
+        return np.concatenate([step(x[i:i + self.batch_size]).numpy()
                                for i in range(0, len(x), self.batch_size)]).astype(np.float32)
 
 
@@ -150,6 +175,7 @@ class TFLiteEmbedder:
             probe = self._model.run(self._model.prepare(np.full((self.height, self.width, 3), 128, np.uint8)))
             sparse = bool((probe == 0).any())
         self.sparse = sparse
+        self.has_confidence = bool(self._model.has_confidence)
         content = Path(path).read_bytes()
         self.fingerprint = _fingerprint(lambda digest: digest.update(content),
                                         {"flip": self.flip, "kind": "tflite"})
@@ -166,6 +192,20 @@ class TFLiteEmbedder:
         if not out:
             return np.zeros((0, self.embedding_size), np.float32)
         return _normalise(np.stack(out))
+
+    def confidence(self, crops: Sequence[np.ndarray]) -> np.ndarray:
+        """See `Embedder.confidence`.
+
+        Raises:
+            ConfigError: If the model has no confidence output.
+        """
+        if not self.has_confidence:
+            raise ConfigError(f"model {self.model} has no confidence output (export a probabilistic run)")
+        out = []
+        for crop in crops:
+            views = [crop] if self.flip == "none" else [crop, np.ascontiguousarray(crop[:, ::-1])]
+            out.append(min(self._model.run_with_confidence(self._model.prepare(view))[1] for view in views))
+        return np.asarray(out, np.float32)
 
 
 def load_embedder(model: str | os.PathLike, flip: str | None = None) -> Embedder:
