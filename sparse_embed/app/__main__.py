@@ -54,7 +54,6 @@ from sparse_embed.app.gallery import (
     calibration_from_scores,
     short,
 )
-from sparse_embed.app.quality import QualityGate
 from sparse_embed.app.identify import (
     UNKNOWN,
     VIDEO_EXTENSIONS,
@@ -64,6 +63,7 @@ from sparse_embed.app.identify import (
     collect_inputs,
     identify_faces,
 )
+from sparse_embed.app.quality import QualityGate
 from sparse_embed.app.video import (
     DEFAULT_IOU,
     DEFAULT_MAX_MISSED,
@@ -275,10 +275,13 @@ def _identify(args: argparse.Namespace) -> None:
     if args.mean_of < 1:
         raise ConfigError(f"--mean_of must be >= 1, got {args.mean_of}")
     options = VideoOptions(args.every, args.max_missed, args.iou)
+    # The enrolment gate's range checks, for the same two bars.
+    QualityGate(min_face_px=args.min_face_px, min_detector_score=args.min_detector_score)
     files = collect_inputs(args.inputs)
     gallery, embedder = _open(args)
     detector = _detector(args, gallery, args.model or gallery.model.model)
-    settings = Settings(args.matching, args.mean_of, args.score_threshold)
+    settings = Settings(args.matching, args.mean_of, args.score_threshold, args.min_face_px,
+                        args.min_detector_score)
     out = Path(args.output)
     (out / ANNOTATED_DIR).mkdir(parents=True, exist_ok=True)
     report, used, undecodable = [], set(), []
@@ -368,6 +371,7 @@ def _serve(args: argparse.Namespace) -> None:
                           f"{args.max_megapixels}")
     if args.mean_of < 1:
         raise ConfigError(f"--mean_of must be >= 1, got {args.mean_of}")
+    QualityGate(min_face_px=args.min_face_px, min_detector_score=args.min_detector_score)
     try:
         from sparse_embed.app.serve import ServiceConfig, create_app, run_server
     except ImportError as e:
@@ -378,7 +382,8 @@ def _serve(args: argparse.Namespace) -> None:
     detector = _detector(args, gallery, args.model or gallery.model.model)
     live = LiveGallery(args.gallery, embedder.fingerprint, embedder.model)
     config = ServiceConfig(token, args.protect_identify, args.max_upload_mb, args.max_megapixels,
-                           Settings(args.matching, args.mean_of, args.score_threshold))
+                           Settings(args.matching, args.mean_of, args.score_threshold, args.min_face_px,
+                                    args.min_detector_score))
     host, port = sock.getsockname()[:2]
     print(f"serving gallery {args.gallery} ({len(gallery.people)} people) on http://{host}:{port}/ "
           f"(changes: {'token' if token else 'read-only'}; identify: "
@@ -394,6 +399,11 @@ def _matching_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Embeddings averaged per person with --matching=mean (default: %(default)s).")
     parser.add_argument("--score_threshold", type=float, default=None,
                         help="Name a face only above this score; default: the gallery's threshold.")
+    parser.add_argument("--min_face_px", type=float, default=None,
+                        help="Ignore detections whose box's shorter side is below this many pixels "
+                             "(default: none ignored).")
+    parser.add_argument("--min_detector_score", type=float, default=None,
+                        help="Ignore detections MTCNN scores below this, in [0, 1] (default: none ignored).")
 
 
 def _model_arguments(parser: argparse.ArgumentParser, new_gallery: bool = False) -> None:

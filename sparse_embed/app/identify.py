@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from sparse_embed.app.embedder import Detector, Embedder, find_faces
+from sparse_embed.app.embedder import Detector, Embedder, FoundFace, find_faces
 from sparse_embed.app.gallery import Gallery
 from sparse_embed.errors import DataError
 
@@ -100,11 +100,31 @@ class Settings:
         matching: `best` or `mean` (of the `mean_of` best embeddings of a person).
         mean_of: Embeddings averaged per person with `mean`.
         threshold: The score a match needs; None: the gallery's.
+        min_face_px: Detections whose box's shorter side is below it are not faces; None: all are.
+        min_detector_score: Detections the detector scores below it are not faces; None: all are.
     """
 
     matching: str = "best"
     mean_of: int = 3
     threshold: float | None = None
+    min_face_px: float | None = None
+    min_detector_score: float | None = None
+
+
+def keep_faces(faces: list[FoundFace], settings: Settings) -> list[FoundFace]:
+    """The detections that pass the settings' size and score bars (a tiny or doubtful box is
+    more often a false detection than a face anyone can name).
+
+    Args:
+        faces: From `find_faces`.
+        settings: Its `min_face_px` and `min_detector_score`.
+    """
+    def passes(face: FoundFace) -> bool:
+        x1, y1, x2, y2 = face.box
+        return ((settings.min_face_px is None or min(x2 - x1, y2 - y1) >= settings.min_face_px)
+                and (settings.min_detector_score is None or face.confidence >= settings.min_detector_score))
+
+    return [face for face in faces if passes(face)]
 
 
 def identify_faces(image: np.ndarray, gallery: Gallery, embedder: Embedder, detector: Detector | None,
@@ -121,7 +141,7 @@ def identify_faces(image: np.ndarray, gallery: Gallery, embedder: Embedder, dete
     Returns:
         One dict per face (the report's face entries), highest detector confidence first.
     """
-    faces = find_faces(image, detector, embedder.width, embedder.height)
+    faces = keep_faces(find_faces(image, detector, embedder.width, embedder.height), settings)
     if not faces:
         return []
     embeddings = embedder.embed([f.crop for f in faces])

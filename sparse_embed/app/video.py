@@ -51,7 +51,7 @@ from tqdm import tqdm
 
 from sparse_embed.app.embedder import Detector, Embedder, find_faces
 from sparse_embed.app.gallery import Gallery
-from sparse_embed.app.identify import UNKNOWN, VIDEO_EXTENSIONS, Settings, annotate, assign
+from sparse_embed.app.identify import UNKNOWN, VIDEO_EXTENSIONS, Settings, annotate, assign, keep_faces
 from sparse_embed.errors import ConfigError
 
 # Read when a file is opened: FFmpeg's own complaints about a broken file would be a second,
@@ -275,7 +275,7 @@ def video_info(path: str | os.PathLike) -> tuple[bool, float, int]:
 
 
 def _detect_and_track(path: Path, embedder: Embedder, detector: Detector | None, options: VideoOptions,
-                      progress: Callable[[int], Any]) -> _Pass:
+                      progress: Callable[[int], Any], settings: Settings) -> _Pass:
     result = _Pass()
     tracker = IoUTracker(options.iou, options.max_missed)
     for index, frame in _frames(path):
@@ -284,7 +284,7 @@ def _detect_and_track(path: Path, embedder: Embedder, detector: Detector | None,
         progress(1)
         if index % options.every:
             continue
-        found = find_faces(frame, detector, embedder.width, embedder.height)
+        found = keep_faces(find_faces(frame, detector, embedder.width, embedder.height), settings)
         tracks = tracker.update([face.box for face in found])
         if found:
             result.embeddings.append(embedder.embed([face.crop for face in found]))
@@ -392,7 +392,7 @@ def identify_video(path: str | os.PathLike, gallery: Gallery, embedder: Embedder
     fps = fps if fps > 0 else DEFAULT_FPS
     with tqdm(total=count or None, desc=f"{path.name} faces", unit="frame", leave=False,
               disable=None if progress else True) as bar:
-        seen = _detect_and_track(path, embedder, detector, options, bar.update)
+        seen = _detect_and_track(path, embedder, detector, options, bar.update, settings)
     if not seen.frames:
         return {"input": str(path), "faces": [], "error": "not a decodable video (no frame)"}
     tracks = sorted({face.track for face in seen.faces})
