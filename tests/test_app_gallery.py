@@ -12,7 +12,7 @@ import pytest
 
 from sparse_embed.app import gallery as gallery_module
 from sparse_embed.app.gallery import Gallery, ModelRecord, calibration_from_scores
-from sparse_embed.app.identify import assign
+from sparse_embed.app.identify import Settings, assign, match_faces
 from sparse_embed.app.quality import QualityGate, landmark_problem
 from sparse_embed.app.store import DenseIndex
 from sparse_embed.errors import ConfigError, DataError
@@ -97,6 +97,34 @@ def test_person_scores_best_and_mean(tmp_path: Path, index_type: str) -> None:
         np.testing.assert_allclose(mean[:, j], top.mean(axis=1), rtol=1e-5)
     with pytest.raises(ConfigError, match="matching must be one of"):
         gallery.person_scores(queries, "vote")
+
+
+@pytest.mark.parametrize("index_type", ["dense", "sparse"])
+def test_matching_ranks_few_rows_and_answers_as_all_rows_do(tmp_path: Path, index_type: str) -> None:
+    """`match_faces` ranks (F - 1) x R + 1 rows per face (F faces, at most R rows per person), not
+    every row: its names and scores equal the assignment over every person's full score."""
+    rng = np.random.default_rng(4)
+    gallery = Gallery.create(tmp_path / index_type, _record(index_type))
+    centres = np.abs(rng.normal(size=(30, DIM))) if index_type == "sparse" else rng.normal(size=(30, DIM))
+    for person in range(30):
+        count = 1 + person % 4  # 1 to 4 rows a person: R = 4
+        rows = centres[person] + 0.6 * rng.normal(size=(count, DIM))
+        gallery.enroll(f"p{person}", _unit(np.maximum(rows, 0) if index_type == "sparse" else rows),
+                       ["x.jpg"] * count)
+    assert gallery.most_rows_per_person() == 4
+    for faces in (1, 3, 5):
+        queries = centres[rng.choice(30, faces, replace=False)] + 0.6 * rng.normal(size=(faces, DIM))
+        queries = _unit(np.maximum(queries, 0) if index_type == "sparse" else queries)
+        names, full = gallery.person_scores(queries, "best", candidates=len(gallery.rows))
+        for threshold in (-2.0, 0.3, 0.6):
+            chosen = assign(full, threshold)
+            got = match_faces(queries, gallery, Settings(threshold=threshold))
+            for i, person in enumerate(chosen):
+                free = np.ones(len(names), bool)
+                free[[c for c in chosen if c is not None]] = False
+                expected = full[i, person] if person is not None else full[i, free].max()
+                assert got[i]["name"] == (names[person] if person is not None else "unknown")
+                assert got[i]["score"] == pytest.approx(float(expected), abs=1e-6)
 
 
 def test_calibration_threshold_and_far_of_a_score() -> None:

@@ -120,3 +120,24 @@ def test_every_compression_recipe_fine_tunes_with_a_valid_config(
             config = load_config("smoke", table._overrides(settings))
             assert config.compression.type == recipe.compression["compression.type"]
             assert config.train.steps == 100
+
+
+@pytest.mark.integration
+def test_identify_benchmark_matches_alike_in_every_setup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture) -> None:
+    script = ROOT / "benchmarks" / "app_identify.py"
+    spec = importlib.util.spec_from_file_location("app_identify", script)
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    out = tmp_path / "identify.json"
+    monkeypatch.setattr(sys, "argv", [str(script), "--people=40,300", "--images=6", "--faces=3",
+                                      "--rerank_k=20", f"--output={out}"])
+    benchmark.main()
+    assert "identify's matching step, 6 images x 3 face(s)" in capsys.readouterr().out
+    rows = _table(out, "identify")
+    assert [(r["people"], r["setup"]) for r in rows] == [
+        (n, s) for n in (40, 300) for s in ("dense", "sparse", "sparse + re-rank")]
+    # Images of enrolled people, every face given a person: the three setups find them alike.
+    assert all(r["top1"] >= 0.9 for r in rows), rows
+    assert all(r["vs_dense"] == 1.0 for r in rows if r["setup"] == "dense")
+    assert all(0 < r["p50_ms"] <= r["p99_ms"] and r["faces_per_s"] > 0 for r in rows)

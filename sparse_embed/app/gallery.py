@@ -214,6 +214,8 @@ class Gallery:
         self.threshold = float(threshold)
         self.calibration = calibration
         self.next_person = int(next_person)
+        # The matching tables of `_matching_tables`, with the rows array they were derived from.
+        self._tables: tuple[np.ndarray, tuple[list[str], np.ndarray, np.ndarray]] | None = None
 
     # Opening -------------------------------------------------------------------
 
@@ -338,8 +340,8 @@ class Gallery:
 
     # Matching ------------------------------------------------------------------
 
-    def person_scores(self, queries: np.ndarray, matching: str = "best",
-                      mean_of: int = DEFAULT_MEAN_OF) -> tuple[list[str], np.ndarray]:
+    def person_scores(self, queries: np.ndarray, matching: str = "best", mean_of: int = DEFAULT_MEAN_OF,
+                      candidates: int | None = None) -> tuple[list[str], np.ndarray]:
         """Every query's score against every enrolled person.
 
         A person's score is the best score of their embeddings (`best`), or the
@@ -352,6 +354,8 @@ class Gallery:
             queries: float32 [Q, embedding_size], L2-normalised.
             matching: One of `MATCHING`.
             mean_of: Embeddings averaged per person with `mean`.
+            candidates: Index rows scored per query; None: `MAX_CANDIDATES`. People
+                without a row among them get the floor score.
 
         Returns:
             (names, scores float32 [Q, P]), names in enrolment order.
@@ -360,22 +364,19 @@ class Gallery:
             raise ConfigError(f"matching must be one of {', '.join(MATCHING)}, got {matching!r}")
         if mean_of < 1:
             raise ConfigError(f"--mean_of must be >= 1, got {mean_of}")
-        order = sorted(self.people, key=lambda n: self.people[n]["id"])
         queries = np.asarray(queries, np.float32)
-        if not order or not len(self.rows) or not len(queries):
+        if not self.people or not len(self.rows) or not len(queries):
+            order = sorted(self.people, key=lambda n: self.people[n]["id"])
             return order, np.zeros((len(queries), len(order)), np.float32)
-        column = {self.people[n]["id"]: j for j, n in enumerate(order)}
-        owner = np.full(int(self.rows[:, 0].max()) + 1, -1, np.int64)
-        owner[self.rows[:, 0]] = [column[p] for p in self.rows[:, 1]]
-        ids, scores = self.index.search(queries, min(len(self.rows), MAX_CANDIDATES))
+        order, owner, per_person = self._matching_tables()
+        k = min(len(self.rows), MAX_CANDIDATES if candidates is None else max(int(candidates), 1))
+        ids, scores = self.index.search(queries, k)
         q = np.repeat(np.arange(len(queries)), ids.shape[1])
         p = np.where(ids.ravel() >= 0, owner[np.maximum(ids.ravel(), 0)], -1)
         s = scores.ravel().astype(np.float64)
         keep = p >= 0
         q, p, s = q[keep], p[keep], s[keep]
         floor = 0.0 if self.model.index_type == "sparse" else -1.0
-        per_person = np.bincount(self.rows[:, 1], minlength=max(column) + 1)[
-            [self.people[n]["id"] for n in order]]
         take = per_person if matching == "best" else np.minimum(per_person, mean_of)
         # Rank of each candidate among its (query, person) group, best first.
         sort = np.lexsort((-s, p, q))
@@ -395,6 +396,28 @@ class Gallery:
             np.add.at(seen, (q[used], p[used]), 1)
             out = (total + (take[None, :] - seen) * floor) / np.maximum(take[None, :], 1)
         return order, out.astype(np.float32)
+
+    def _matching_tables(self) -> tuple[list[str], np.ndarray, np.ndarray]:
+        """(names in enrolment order, the column of each row id (-1: none), rows per person by
+        column), derived once per state of the gallery: every change replaces `rows`, and a
+        Python pass over a million people would cost more than the search itself."""
+        if self._tables is not None and self._tables[0] is self.rows:
+            return self._tables[1]
+        order = sorted(self.people, key=lambda n: self.people[n]["id"])
+        person_ids = np.array([self.people[n]["id"] for n in order], np.int64)
+        column_of = np.full(int(max(person_ids.max(), self.rows[:, 1].max())) + 1, -1, np.int64)
+        column_of[person_ids] = np.arange(len(order))
+        owner = np.full(int(self.rows[:, 0].max()) + 1, -1, np.int64)
+        owner[self.rows[:, 0]] = column_of[self.rows[:, 1]]
+        per_person = np.bincount(self.rows[:, 1], minlength=len(column_of))[person_ids]
+        self._tables = (self.rows, (order, owner, per_person))
+        return self._tables[1]
+
+    def most_rows_per_person(self) -> int:
+        """The most embeddings any one person has (0 in an empty gallery)."""
+        if not self.people or not len(self.rows):
+            return 0
+        return int(self._matching_tables()[2].max())
 
     # Persistence ---------------------------------------------------------------
 

@@ -62,12 +62,14 @@ def assign(scores: np.ndarray, threshold: float) -> list[int | None]:
         return result
     allowed = scores > threshold
     # Pairs below the threshold weigh nothing: the assignment never prefers them, and any it
-    # makes is dropped below.
-    weight = np.where(allowed, scores - threshold, 0.0)
+    # makes is dropped below. So only the people some face may take enter the assignment (a
+    # few columns of a gallery of a million).
+    columns = np.flatnonzero(allowed.any(axis=0))
+    weight = np.where(allowed[:, columns], scores[:, columns] - threshold, 0.0)
     rows, cols = linear_sum_assignment(weight, maximize=True)
-    for face, person in zip(rows, cols, strict=True):
-        if allowed[face, person]:
-            result[face] = int(person)
+    for face, col in zip(rows, cols, strict=True):
+        if allowed[face, columns[col]]:
+            result[face] = int(columns[col])
     return result
 
 
@@ -144,27 +146,48 @@ def identify_faces(image: np.ndarray, gallery: Gallery, embedder: Embedder, dete
     faces = keep_faces(find_faces(image, detector, embedder.width, embedder.height), settings)
     if not faces:
         return []
-    embeddings = embedder.embed([f.crop for f in faces])
-    names, scores = gallery.person_scores(embeddings, settings.matching, settings.mean_of)
+    matches = match_faces(embedder.embed([f.crop for f in faces]), gallery, settings)
+    return [{"box": [round(v, 2) for v in face.box], **match,
+             "landmarks": np.round(face.landmarks, 2).tolist(),
+             "confidence": round(face.confidence, 6)}
+            for face, match in zip(faces, matches, strict=True)]
+
+
+def match_faces(embeddings: np.ndarray, gallery: Gallery,
+                settings: Settings = Settings()) -> list[dict[str, Any]]:
+    """The person (or `unknown`), score and false-accept rate of the faces of one image.
+
+    Args:
+        embeddings: float32 [F, embedding_size], the faces' L2-normalised embeddings.
+        gallery: The gallery.
+        settings: Matching settings.
+
+    Returns:
+        One dict per face: name, score (None in an empty gallery) and far (None before calibration).
+    """
+    candidates = None
+    if settings.matching == "best":
+        # Each face's F best people (F faces) decide the one-to-one assignment and an unknown
+        # face's best free person, and they lie among its (F - 1) x R + 1 best rows when nobody
+        # has more than R: fewer rows to rank than the default, exact all the same.
+        candidates = (len(embeddings) - 1) * gallery.most_rows_per_person() + 1
+    names, scores = gallery.person_scores(embeddings, settings.matching, settings.mean_of, candidates)
     threshold = gallery.threshold if settings.threshold is None else settings.threshold
     chosen = assign(scores, threshold)
+    # The people no face took: an unknown face's score is its best among them, for the record.
+    free = np.ones(len(names), bool)
+    free[[c for c in chosen if c is not None]] = False
     out = []
-    for i, face in enumerate(faces):
-        if chosen[i] is not None:
-            name, score = names[chosen[i]], float(scores[i, chosen[i]])
+    for i, person in enumerate(chosen):
+        if person is not None:
+            name, score = names[person], float(scores[i, person])
         else:
-            # The best score the face has among the people left to it, for the record.
             name = UNKNOWN
-            taken = {c for c in chosen if c is not None}
-            free = [j for j in range(len(names)) if j not in taken]
-            score = float(scores[i, free].max()) if free else None
+            score = float(scores[i, free].max()) if free.any() else None
         far = None
         if gallery.calibration is not None and score is not None:
             far = float(gallery.calibration.far_of([score])[0])
-        out.append({"box": [round(v, 2) for v in face.box], "name": name,
-                    "score": None if score is None else round(score, 6), "far": far,
-                    "landmarks": np.round(face.landmarks, 2).tolist(),
-                    "confidence": round(face.confidence, 6)})
+        out.append({"name": name, "score": None if score is None else round(score, 6), "far": far})
     return out
 
 
