@@ -99,6 +99,17 @@ def test_person_scores_best_and_mean(tmp_path: Path, index_type: str) -> None:
         gallery.person_scores(queries, "vote")
 
 
+def test_dense_index_breaks_ties_by_id_at_the_cut() -> None:
+    # Five equal rows around the k-th place: the lower ids win, whatever order they were added in.
+    index = DenseIndex(2)
+    index.add(np.array([[1, 0], [0.6, 0.8], [0.6, 0.8], [0, 1], [0.6, 0.8]], np.float32), ids=[9, 4, 7, 2, 5])
+    ids, scores = index.search(np.array([[0.6, 0.8]], np.float32), 3)
+    np.testing.assert_array_equal(ids, [[4, 5, 7]])
+    ids, scores = index.search(np.array([[0.6, 0.8]], np.float32), 7, threshold=0.7)
+    np.testing.assert_array_equal(ids, [[4, 5, 7, 2, -1, -1, -1]])
+    assert np.isneginf(scores[0, 4:]).all()
+
+
 @pytest.mark.parametrize("index_type", ["dense", "sparse"])
 def test_matching_ranks_few_rows_and_answers_as_all_rows_do(tmp_path: Path, index_type: str) -> None:
     """`match_faces` ranks (F - 1) x R + 1 rows per face (F faces, at most R rows per person), not

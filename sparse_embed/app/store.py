@@ -111,19 +111,24 @@ class DenseIndex:
         queries = np.asarray(queries, np.float32)
         if queries.ndim != 2 or queries.shape[1] != self._dim:
             raise ValueError(f"queries must have shape [Q, {self._dim}], got {list(queries.shape)}")
-        order_ids = np.argsort(self._ids, kind="stable")
-        rows, row_ids = self._rows[order_ids], self._ids[order_ids]
-        scores = queries @ rows.T
+        scores = queries @ self._rows.T
         if threshold is not None:
             scores = np.where(scores > threshold, scores, np.float32(-np.inf))
-        width = min(int(k), len(row_ids))
-        # Stable sort of the negated scores: ties keep id order.
-        top = np.argsort(-scores, axis=1, kind="stable")[:, :width]
-        top_scores = np.take_along_axis(scores, top, axis=1).astype(np.float32)
-        top_ids = np.where(np.isfinite(top_scores), row_ids[top], -1)
+        width = min(int(k), len(self._ids))
         ids = np.full((len(queries), k), -1, np.int64)
         out = np.full((len(queries), k), -np.inf, np.float32)
-        ids[:, :width], out[:, :width] = top_ids, top_scores
+        if not width:
+            return ids, out
+        # The width-th best score of each query, then every row at least as good (ties at the
+        # boundary included) sorted by score and id: the top k without sorting every row.
+        kth = -np.partition(-scores, width - 1, axis=1)[:, width - 1]
+        for q in range(len(queries)):
+            candidates = np.flatnonzero(scores[q] >= kth[q])
+            order = np.lexsort((self._ids[candidates], -scores[q, candidates]))[:width]
+            top = candidates[order]
+            top_scores = scores[q, top]
+            ids[q, :width] = np.where(np.isfinite(top_scores), self._ids[top], -1)
+            out[q, :width] = top_scores
         return ids, out
 
     def save(self, directory: str | os.PathLike) -> None:
