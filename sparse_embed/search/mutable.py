@@ -473,7 +473,15 @@ class MutableIndex:
         """
         removed = 0 if dead is None else int(dead.sum())
         first = capacity + min(removed, capacity)
-        seg_dense = None if dense_db is None else (np.take(dense_db, seg_ids, axis=0, mode="clip"), dense_q)
+        seg_dense = None
+        if dense_db is not None:
+            # The segment's rows of the dense database in its own order. Where its caller ids are
+            # its positions (a base built from ids 0..N-1) that is the database itself; otherwise
+            # a copy, which costs the whole database on every search.
+            positions = (0 < len(seg_ids) <= len(dense_db) and seg_ids[0] == 0
+                         and seg_ids[-1] == len(seg_ids) - 1 and bool((np.diff(seg_ids) == 1).all()))
+            seg_dense = (dense_db[:len(seg_ids)] if positions
+                         else np.take(dense_db, seg_ids, axis=0, mode="clip"), dense_q)
 
         def run(batch: Any, width: int, dense: tuple[Any, Any] | None) -> tuple[np.ndarray, ...]:
             # Tombstones widen the list asked for; re-scoring covers it all.
