@@ -1,10 +1,10 @@
 """Identification against large galleries: the matching step of `identify`, sparse against dense.
 
-    python benchmarks/app_identify.py [--people=1000,100000,1000000] [--images=100] [--faces=1]
+    python benchmarks/app_identify.py [--people=1000,100000,1000000] [--num_images=100] [--faces=1]
         [--output=results/app_identify.json]
 
 For each gallery size N, builds in memory three galleries of N synthetic people
-with one embedding each, and times identifying --images images of --faces faces
+with one embedding each, and times identifying --num_images images of --faces faces
 each, one image at a time, as `identify` and the service do after detection and
 the model:
 
@@ -123,9 +123,9 @@ def measure(n: int, args: argparse.Namespace) -> list[dict]:
     directions = rng.normal(size=(n, DENSE_DIM)).astype(np.float32)
     directions /= np.linalg.norm(directions, axis=1, keepdims=True)
     # Different people in one image, as in a photograph.
-    truth = np.stack([rng.choice(n, args.faces, replace=n < args.faces) for _ in range(args.images)])
-    sparse_q = sparse_images(supports[truth.ravel()], rng).toarray().reshape(args.images, args.faces, -1)
-    dense_q = dense_images(directions[truth.ravel()], rng).reshape(args.images, args.faces, -1)
+    truth = np.stack([rng.choice(n, args.faces, replace=n < args.faces) for _ in range(args.num_images)])
+    sparse_q = sparse_images(supports[truth.ravel()], rng).toarray().reshape(args.num_images, args.faces, -1)
+    dense_q = dense_images(directions[truth.ravel()], rng).reshape(args.num_images, args.faces, -1)
     dense_rows = dense_images(directions, rng)
     rows, built = [], {}
     with tempfile.TemporaryDirectory() as work:
@@ -140,7 +140,7 @@ def measure(n: int, args: argparse.Namespace) -> list[dict]:
                 return [int(m["name"][1:]) if m["name"].startswith("p") else -1
                         for m in match_faces(queries[image], built[index_type], settings)]
 
-            rows.append(_row(n, index_type, build_s, *time_images(identify, args.images), truth, args))
+            rows.append(_row(n, index_type, build_s, *time_images(identify, args.num_images), truth, args))
         index = built["sparse"].index  # caller id i is person i
 
         def rerank(image: int) -> list[int]:
@@ -149,7 +149,7 @@ def measure(n: int, args: argparse.Namespace) -> list[dict]:
             return ids[:, 0].tolist()
 
         print(f"{n} people: sparse + re-rank ...", file=sys.stderr, flush=True)
-        rows.append(_row(n, "sparse + re-rank", rows[1]["build_s"], *time_images(rerank, args.images),
+        rows.append(_row(n, "sparse + re-rank", rows[1]["build_s"], *time_images(rerank, args.num_images),
                          truth, args))
     return [{**row, "vs_dense": row["faces_per_s"] / rows[0]["faces_per_s"]} for row in rows]
 
@@ -159,7 +159,7 @@ def _row(n: int, setup: str, build_s: float, seconds: list[float], given: list[i
     ms = np.asarray(seconds) * 1e3
     return {"people": n, "setup": setup, "build_s": build_s, "p50_ms": float(np.percentile(ms, 50)),
             "p99_ms": float(np.percentile(ms, 99)),
-            "faces_per_s": args.images * args.faces / float(np.sum(seconds)),
+            "faces_per_s": args.num_images * args.faces / float(np.sum(seconds)),
             "top1": float(np.mean(np.asarray(given) == truth.ravel()))}
 
 
@@ -168,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = make_parser(__doc__, "python benchmarks/app_identify.py")
     parser.add_argument("--people", default="1000,100000,1000000",
                         help="Comma-separated gallery sizes (people, one embedding each).")
-    parser.add_argument("--images", type=int, default=100, help="Images identified per setup.")
+    parser.add_argument("--num_images", type=int, default=100, help="Images identified per setup.")
     parser.add_argument("--faces", type=int, default=1, help="Faces per image.")
     parser.add_argument("--rerank_k", type=int, default=100,
                         help="Rows of the inverted index re-scored with the dense vectors.")
@@ -186,13 +186,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     """
     args = build_parser().parse_args(argv)
     sizes = [int(n) for n in args.people.split(",")]
-    if min(sizes) < 1 or args.images < 1 or args.faces < 1 or args.rerank_k < 1:
-        raise SystemExit("--people, --images, --faces and --rerank_k must be >= 1")
+    if min(sizes) < 1 or args.num_images < 1 or args.faces < 1 or args.rerank_k < 1:
+        raise SystemExit("--people, --num_images, --faces and --rerank_k must be >= 1")
     rows = [row for n in sizes for row in measure(n, args)]
 
     header = (f"{'people':>9} {'setup':<17} {'build s':>8} {'p50 ms':>8} {'p99 ms':>8} {'faces/s':>9}"
               f" {'top-1':>6} {'vs dense':>9}")
-    print(f"identify's matching step, {args.images} images x {args.faces} face(s), one image at a time")
+    print(f"identify's matching step, {args.num_images} images x {args.faces} face(s), one image at a time")
     print(header)
     print("-" * len(header))
     for row in rows:
@@ -202,7 +202,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.output:
         write_result(args.output, "Identification against large galleries: the matching step",
                      {"identify": (COLUMNS, rows)},
-                     notes=f"{args.images} images x {args.faces} face(s) per gallery, one image at a time, "
+                     notes=f"{args.num_images} images x {args.faces} face(s) per gallery, "
+                           "one image at a time, "
                            "after detection and the model; synthetic galleries of one embedding per person "
                            f"(sparse {SPARSE_DIM}-d, ~{int(PERSON_DIMS * KEPT) + OWN_DIMS} non-zeros; dense "
                            f"{DENSE_DIM}-d); re-rank: top {args.rerank_k} rows by sparse score "

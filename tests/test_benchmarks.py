@@ -130,7 +130,7 @@ def test_identify_benchmark_matches_alike_in_every_setup(tmp_path: Path, monkeyp
     benchmark = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(benchmark)
     out = tmp_path / "identify.json"
-    monkeypatch.setattr(sys, "argv", [str(script), "--people=40,300", "--images=6", "--faces=3",
+    monkeypatch.setattr(sys, "argv", [str(script), "--people=40,300", "--num_images=6", "--faces=3",
                                       "--rerank_k=20", f"--output={out}"])
     benchmark.main()
     assert "identify's matching step, 6 images x 3 face(s)" in capsys.readouterr().out
