@@ -51,6 +51,7 @@ from sparse_embed.search.index import (
     DEFAULT_ZERO_THRESHOLD,
     SparseIndex,
     _confidence_vector,
+    _query_rows,
     _value_options,
     check_min_row_confidence,
     hit_confidence,
@@ -502,7 +503,7 @@ class MutableIndex:
         ids, scores, dense_ids, dense_scores, stats, short = run(queries, first, seg_dense)
         if removed > first - capacity and short.any():
             again = np.flatnonzero(short)
-            more = run(_rows_of_queries(queries, again, self._dim), capacity + removed,
+            more = run(_query_rows(queries, again, self._dim), capacity + removed,
                        None if seg_dense is None else (seg_dense[0], seg_dense[1][again]))
             ids[again], scores[again] = more[0], more[1]
             if seg_dense is not None:
@@ -707,14 +708,6 @@ def _pad(a: np.ndarray, width: int, value: float) -> np.ndarray:
     return np.concatenate([a, np.full((len(a), width - a.shape[1]), value, a.dtype)], axis=1)
 
 
-def _rows_of_queries(queries: Any, rows: np.ndarray, dim: int) -> Any:
-    """The queries at `rows`, for dense, scipy.sparse or (indptr, indices, values) queries."""
-    if isinstance(queries, tuple):
-        indptr, indices, values = queries
-        queries = scipy.sparse.csr_matrix((values, indices, indptr), shape=(len(indptr) - 1, dim))
-    if hasattr(queries, "tocsr"):
-        return queries.tocsr()[rows]
-    return queries[rows]
 
 
 def _checksum(body: dict[str, Any]) -> str:
