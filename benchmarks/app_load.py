@@ -5,15 +5,19 @@
 
 Starts the service as its own process, as a user runs it
 (`python -m sparse_embed.app serve --gallery=... --host=127.0.0.1 --port=0`,
-read-only: no token), waits for its first line, then runs --clients client
-threads, each posting the image to POST /identify over its own keep-alive
-connection, one request after another, until --seconds are up. Prints one
-table: requests, errors, requests per second, faces per answer, the clients'
-latency percentiles (ms, from sending a request to reading its whole answer)
-and the server's own p50/p99 (its GET /stats, which times each request from
-its arrival to its answer). --output writes the table as a result file
-(`sparse_embed.results`). Traffic stays on 127.0.0.1, and the run ends by
-itself: the clients stop after --seconds, the server is stopped after them.
+read-only: no token), waits for the line with its address (its output is read
+for the whole run: a service blocked writing its access log to a full pipe
+answers nothing), then runs --clients client threads, each posting the image
+to POST /identify over its own keep-alive connection, one request after
+another, until --seconds are up. Prints one table: requests, errors, requests
+per second, faces per answer, the clients' latency percentiles (ms, from
+sending a request to reading its whole answer) and the server's own p50/p99
+over the same requests (each answer's Server-Timing header: from the
+request's arrival to its answer; the rest is the network and the client).
+--output writes the table as a result file (`sparse_embed.results`). Traffic
+stays on 127.0.0.1, and the run ends by itself: the clients stop after
+--seconds, the server is stopped after them. One untimed request first builds
+the model's graph.
 The image defaults to scikit-image's astronaut photograph (512x512, one face).
 """
 
@@ -24,14 +28,17 @@ import http.client
 import io
 import json
 import os
+import queue
 import re
 import subprocess
 import sys
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -44,6 +51,8 @@ from sparse_embed.results import Column, write_result  # noqa: E402
 HOST = "127.0.0.1"
 # How long the server may take to load its model and print its address.
 START_TIMEOUT_S = 300.0
+# Lines of the service's output kept to show when it fails.
+OUTPUT_TAIL_LINES = 40
 COLUMNS = (Column("clients", "clients"), Column("seconds", "s"), Column("requests", "requests"),
            Column("errors", "errors"), Column("requests_per_s", "requests/s", ".2f"),
            Column("faces_per_answer", "faces/answer", ".2f"), Column("p50_ms", "p50 ms", ".1f"),
@@ -60,31 +69,81 @@ def multipart(image: bytes, filename: str) -> tuple[bytes, str]:
     return head + image + f"\r\n--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
 
 
-def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, int]:
-    """The service's process and the port it listens on (read from its first line)."""
+def serve_command(args: argparse.Namespace) -> list[str]:
+    """The command that starts the service on a free port of 127.0.0.1, read-only."""
     command = [sys.executable, "-m", "sparse_embed.app", "serve", f"--gallery={args.gallery}",
                f"--host={HOST}", "--port=0"]
     command += [f"--model={args.model}"] if args.model else []
     command += [f"--mtcnn={args.mtcnn}"] if args.mtcnn else []
-    command += ["--aligned"] if args.aligned else []
-    env = {key: value for key, value in os.environ.items() if key != "SPARSE_EMBED_APP_TOKEN"}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    watchdog = threading.Timer(START_TIMEOUT_S, proc.kill)
-    watchdog.start()
-    try:
-        for line in proc.stdout:
+    return command + (["--aligned"] if args.aligned else [])
+
+
+class Server:
+    """A service started as its own process, its output drained as it comes.
+
+    Both pipes are read by threads for the whole run: the service writes an
+    access log line per request (uvicorn's, to stdout), and a pipe nobody
+    reads fills after about a thousand of them (64 KiB), after which the
+    service's event loop blocks in that write and answers nothing more.
+
+    Args:
+        command: The command that starts it; it prints its address
+            (`http://127.0.0.1:PORT/`) once it listens.
+
+    Raises:
+        SystemExit: If the process exits, or prints no address for START_TIMEOUT_S (with the
+            end of its output).
+    """
+
+    def __init__(self, command: Sequence[str]) -> None:
+        env = {key: value for key, value in os.environ.items() if key != "SPARSE_EMBED_APP_TOKEN"}
+        env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+        self.proc = subprocess.Popen(list(command), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                     env=env)
+        self.tail: deque[str] = deque(maxlen=OUTPUT_TAIL_LINES)
+        self._port: queue.Queue[int] = queue.Queue()
+        self._readers = [threading.Thread(target=self._drain, args=(stream,), daemon=True)
+                         for stream in (self.proc.stdout, self.proc.stderr)]
+        for reader in self._readers:
+            reader.start()
+        self.port = self._wait_for_port()
+
+    def _wait_for_port(self) -> int:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            try:
+                return self._port.get(timeout=1.0)
+            except queue.Empty:
+                continue
+        self.stop()
+        raise SystemExit("the service did not start:\n" + "".join(self.tail))
+
+    def _drain(self, stream: Any) -> None:
+        for line in stream:
+            self.tail.append(line)
             match = re.search(rf"http://{re.escape(HOST)}:(\d+)/", line)
             if match:
-                return proc, int(match[1])
-    finally:
-        watchdog.cancel()
-    raise SystemExit(f"the service did not start: {proc.wait() and proc.stderr.read()[-2000:]}")
+                self._port.put(int(match[1]))
+
+    def stop(self) -> None:
+        """Stops the service (SIGTERM, then SIGKILL after 30 s) and reads the rest of its output."""
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        for reader in self._readers:
+            reader.join(5)
 
 
 def client(port: int, body: bytes, content_type: str, until: float, latencies: list[float],
-           faces: list[int], errors: list[str]) -> None:
-    """Posts the body to /identify, one request after another, until `until` (time.monotonic)."""
+           served: list[float], faces: list[int], errors: list[str]) -> None:
+    """Posts the body to /identify, one request after another, until `until` (time.monotonic).
+
+    Appends each answered request's latency (s), the service's own time for it (ms, its
+    Server-Timing header) and its face count; each failure's reason to `errors`.
+    """
     connection = http.client.HTTPConnection(HOST, port, timeout=120)
     headers = {"Content-Type": content_type}
     while time.monotonic() < until:
@@ -102,6 +161,7 @@ def client(port: int, body: bytes, content_type: str, until: float, latencies: l
             errors.append(str(response.status))
             continue
         latencies.append(time.perf_counter() - start)
+        served.append(float(response.getheader("server-timing", "").partition(";dur=")[2] or "nan"))
         faces.append(len(json.loads(answer)["faces"]))
     connection.close()
 
@@ -152,13 +212,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         build_parser().error("--clients must be >= 1 and --seconds > 0")
     image, filename = load_image(args.image)
     body, content_type = multipart(image, filename)
-    proc, port = start_server(args)
+    server = Server(serve_command(args))
     try:
         # One untimed request first: the model's first call builds its graph.
-        client(port, body, content_type, time.monotonic() + 1e-9, [], [], [])
-        latencies, faces, errors = [], [], []
+        client(server.port, body, content_type, time.monotonic() + 1e-9, [], [], [], [])
+        latencies, served, faces, errors = [], [], [], []
         until = time.monotonic() + args.seconds
-        work = (port, body, content_type, until, latencies, faces, errors)
+        work = (server.port, body, content_type, until, latencies, served, faces, errors)
         threads = [threading.Thread(target=client, args=work) for _ in range(args.clients)]
         start = time.monotonic()
         for thread in threads:
@@ -166,40 +226,36 @@ def main(argv: Sequence[str] | None = None) -> None:
         for thread in threads:
             thread.join()
         wall = time.monotonic() - start
-        stats = server_stats(port)
+        stats = server_stats(server.port)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        server.stop()
     if not latencies:
-        raise SystemExit(f"no request succeeded ({len(errors)} errors: {sorted(set(errors))})")
+        raise SystemExit(f"no request succeeded ({len(errors)} errors: {sorted(set(errors))}); the "
+                         "service's last lines:\n" + "".join(server.tail))
     ms = np.asarray(latencies) * 1e3
-    server = stats["latency_ms"]["POST /identify"]
+    served_ms = np.asarray(served)
     row = {"clients": args.clients, "seconds": round(wall, 1), "requests": len(latencies),
            "errors": len(errors),
            "requests_per_s": len(latencies) / wall, "faces_per_answer": float(np.mean(faces)),
            "p50_ms": float(np.percentile(ms, 50)), "p90_ms": float(np.percentile(ms, 90)),
            "p99_ms": float(np.percentile(ms, 99)), "max_ms": float(ms.max()),
-           "server_p50_ms": server["p50"], "server_p99_ms": server["p99"]}
+           "server_p50_ms": float(np.percentile(served_ms, 50)),
+           "server_p99_ms": float(np.percentile(served_ms, 99))}
     header = [c.label for c in COLUMNS]
     cells = [format(row[c.key], c.format) if c.format else str(row[c.key]) for c in COLUMNS]
     widths = [max(len(h), len(v)) for h, v in zip(header, cells, strict=True)]
     print("  ".join(h.rjust(w) for h, w in zip(header, widths, strict=True)))
     print("  ".join(v.rjust(w) for v, w in zip(cells, widths, strict=True)))
-    gallery = stats["gallery"]
-    print(f"gallery: {gallery['people']} people, {gallery['embeddings']} embeddings "
-          f"({stats['index']['type']} index); model {stats['model']['model']}; "
-          f"{'aligned crops' if args.aligned else 'MTCNN detection'}; image {filename} ({len(image)} bytes)")
+    gallery, model = stats["gallery"], stats["model"]
+    setup = (f"{gallery['people']} people, {gallery['embeddings']} embeddings, "
+             f"{stats['index']['type']} index, "
+             f"model {model['width']}x{model['height']} input, {model['embedding_size']}-d embeddings "
+             f"(flip {model['flip']}), {'aligned crops' if args.aligned else 'MTCNN detection'}, "
+             f"image {filename} ({len(image)} bytes)")
+    print(setup)
     if args.output:
         write_result(args.output, "HTTP service under load: POST /identify from concurrent clients, loopback",
-                     {"load": (COLUMNS, [row])},
-                     notes=f"{gallery['people']} people, {gallery['embeddings']} embeddings, "
-                           f"{stats['index']['type']} index, model {stats['model']['model']}, "
-                           f"{'aligned crops' if args.aligned else 'MTCNN detection'}, image {filename}; "
-                           "server and clients on one machine")
-
+                     {"load": (COLUMNS, [row])}, notes=f"{setup}; server and clients on one machine")
 
 if __name__ == "__main__":
     main()

@@ -130,6 +130,8 @@ def test_endpoints_round_trip(make_client: Callable, embedder: Embedder, tiny_da
     assert answer.status_code == 200 and set(answer.json()) == {"faces"}
     (face,) = answer.json()["faces"]
     assert set(face) == FACE_KEYS and face["name"] == ENROLLED[1]
+    metric, _, duration = answer.headers["server-timing"].partition(";dur=")
+    assert metric == "app" and float(duration) > 0
     assert face["score"] == pytest.approx(1.0, abs=1e-4) and face["far"] is None
     assert answer.json()["faces"] == identify_faces(decode(query), Gallery.load(directory), embedder, None)
 

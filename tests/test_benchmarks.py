@@ -141,3 +141,25 @@ def test_identify_benchmark_matches_alike_in_every_setup(tmp_path: Path, monkeyp
     assert all(r["top1"] >= 0.9 for r in rows), rows
     assert all(r["vs_dense"] == 1.0 for r in rows if r["setup"] == "dense")
     assert all(0 < r["p50_ms"] <= r["p99_ms"] and r["faces_per_s"] > 0 for r in rows)
+
+
+@pytest.mark.unit
+def test_load_benchmark_drains_the_service_output(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The load test reads the service's output for the whole run: a service that logs more than a
+    pipe holds (uvicorn's access log, a line per request) must not block in that write."""
+    spec = importlib.util.spec_from_file_location("app_load", ROOT / "benchmarks" / "app_load.py")
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    log = ("import sys\nprint('serving on http://127.0.0.1:4321/', flush=True)\n"
+           "for k in range(20000):\n"
+           "    print(f'INFO:     127.0.0.1:50000 - \"POST /identify HTTP/1.1\" 200 OK {k}')\n"
+           "    print('warning', k, file=sys.stderr)\n"
+           "print('done', flush=True)\n")
+    server = benchmark.Server([sys.executable, "-c", log])
+    assert server.port == 4321
+    assert server.proc.wait(60) == 0, "the stand-in service blocked writing its output"
+    server.stop()
+    assert any(line.startswith("done") for line in server.tail)
+    monkeypatch.setattr(benchmark, "START_TIMEOUT_S", 30.0)
+    with pytest.raises(SystemExit, match="did not start:\nno address"):
+        benchmark.Server([sys.executable, "-c", "print('no address')"])

@@ -64,6 +64,8 @@ MIB = 1 << 20
 FORM_OVERHEAD = 64 << 10
 MAX_NAME_LENGTH = 100
 PROMETHEUS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+# The Server-Timing metric of every answer: the milliseconds from the request's arrival to its answer.
+SERVER_TIMING_METRIC = "app"
 # The stored record of an enrolled upload (a person's `images` in the manifest).
 UPLOAD_RECORD = "upload:{filename}"
 
@@ -107,7 +109,9 @@ class _Observe:
 
     The body is counted as it arrives (and a declared Content-Length over the
     limit is refused at once), so an oversize upload is stopped before it is
-    spooled; the handler reading it turns the overflow into a 413.
+    spooled; the handler reading it turns the overflow into a 413. Every
+    answer carries a `Server-Timing: app;dur=<ms>` header (W3C Server Timing):
+    the time from the request's arrival to its answer's start.
 
     Args:
         app: The wrapped application.
@@ -144,6 +148,10 @@ class _Observe:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                # The time the service took, for a client to tell it from the network's and its own.
+                timing = f"{SERVER_TIMING_METRIC};dur={(time.perf_counter() - start) * 1e3:.3f}"
+                message = {**message, "headers": [*message.get("headers", []),
+                                                  (b"server-timing", timing.encode())]}
             await send(message)
 
         try:
