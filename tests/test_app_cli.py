@@ -193,6 +193,33 @@ def test_incremental_enrol_remove_and_an_interrupted_enrol(
     assert_main_user_error(capsys, main, ["remove", f"--gallery={g}", "--name=nobody"], "no person 'nobody'")
 
 
+def test_person_means_enrolled_and_matched_by_centroid(
+        gallery: Path, smoke_run: Path, people: Path, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    # One image per person: each mean is that image's embedding, so its own query scores 1.
+    firsts = [people / person / "0.jpg" for person in ENROLLED]
+    (tmp_path / "list.csv").write_text("".join(f"{path},{path.parent.name}\n" for path in firsts))
+    g = tmp_path / "g"
+    assert call_main(main, "enroll", f"--gallery={g}", f"--model={smoke_run}",
+                     f"--list={tmp_path / 'list.csv'}", "--aligned", "--keep_means") == 0
+    loaded = Gallery.load(g)
+    assert sorted(loaded.means.sums) == sorted(p["id"] for p in loaded.people.values())
+    assert call_main(main, "list", f"--gallery={g}") == 0
+    assert "sparse index with person means" in capsys.readouterr().out
+    out = tmp_path / "out"
+    assert call_main(main, "identify", f"--gallery={g}", f"--output={out}", "--aligned",
+                     "--matching=centroid", "--score_threshold=0.99", *firsts) == 0
+    for entry in _report(out):
+        (face,) = entry["faces"]
+        assert face["name"] == Path(entry["input"]).parent.name
+        assert face["score"] == pytest.approx(1.0, abs=1e-4)
+    # A gallery without means: centroid matching and --keep_means are one line each.
+    assert_main_user_error(capsys, main, ["identify", f"--gallery={gallery}", f"--output={out}", "--aligned",
+                                          "--matching=centroid", *firsts], "--keep_means")
+    assert_main_user_error(capsys, main, ["enroll", f"--gallery={gallery}", f"--list={tmp_path / 'list.csv'}",
+                                          "--aligned", "--keep_means"], "keeps no person means")
+
+
 def test_bad_inputs_are_reported_or_one_line(gallery: Path, people: Path, tmp_path: Path,
                                              capsys: pytest.CaptureFixture[str]) -> None:
     # A file that is not an image: skipped and named at enrol, an entry with an error at identify.

@@ -208,6 +208,64 @@ def test_gallery_round_trip_incremental_remove_and_atomic_failure(tmp_path: Path
         Gallery.load(directory).remove("zed")
 
 
+@pytest.mark.parametrize("index_type", ["dense", "sparse"])
+def test_person_means_follow_enrolment_removal_and_reload(tmp_path: Path, index_type: str) -> None:
+    """Each kept mean is the NumPy mean of the person's stored rows, renormalised, through
+    incremental enrolments, a removal and reloads; `centroid` scores are the cosines to it."""
+    rng = np.random.default_rng(5)
+    directory = tmp_path / "g"
+    gallery = Gallery.create(directory, _record(index_type), keep_means=True)
+    stored: dict[str, list[np.ndarray]] = {}
+
+    def enrol(name: str, n: int) -> None:
+        rows = _unit(np.abs(rng.normal(size=(n, DIM))))
+        gallery.enroll(name, rows, [f"{name}{k}.jpg" for k in range(n)])
+        stored.setdefault(name, []).extend(rows)
+
+    def expected(name: str) -> np.ndarray:
+        mean = np.mean(stored[name], axis=0)
+        return mean / np.linalg.norm(mean)
+
+    def check(g: Gallery) -> None:
+        assert sorted(g.means.sums) == sorted(g.people[name]["id"] for name in stored)
+        for name in stored:
+            np.testing.assert_allclose(g.means.mean(g.people[name]["id"]), expected(name), atol=1e-6)
+        queries = _unit(np.abs(rng.normal(size=(3, DIM))))
+        names, scores = g.person_scores(queries, "centroid")
+        assert names == [n for n in sorted(stored, key=lambda n: g.people[n]["id"])]
+        oracle = queries @ np.stack([expected(n) for n in names]).T
+        np.testing.assert_allclose(scores, oracle, atol=1e-5)
+
+    enrol("ann", 3)
+    enrol("bob", 2)
+    check(gallery)
+    gallery.save()
+    gallery = Gallery.load(directory)
+    check(gallery)
+    enrol("ann", 2)  # incremental: ann's mean moves, bob's stays
+    enrol("cy", 1)
+    check(gallery)
+    gallery.save()
+    gallery = Gallery.load(directory)
+    gallery.remove("bob")
+    del stored["bob"]
+    check(gallery)
+    gallery.save()
+    gallery = Gallery.load(directory)
+    check(gallery)
+    assert sorted(gallery.means.index.ids) == sorted(gallery.people[n]["id"] for n in stored)
+    # An image's faces matched on the means: each face named after its person's mean.
+    faces = np.stack([expected("cy"), expected("ann")])
+    assert [m["name"] for m in match_faces(faces, gallery, Settings(matching="centroid", threshold=0.5))] \
+        == ["cy", "ann"]
+    # A gallery that keeps no means refuses centroid matching in one line.
+    plain = Gallery.create(tmp_path / "plain", _record(index_type))
+    plain.enroll("ann", _unit(np.abs(rng.normal(size=(1, DIM)))), ["a.jpg"])
+    assert plain.means is None and plain.manifest()["means"] is None
+    with pytest.raises(ConfigError, match="--keep_means"):
+        plain.person_scores(faces, "centroid")
+
+
 def test_a_gallery_refuses_another_model(tmp_path: Path) -> None:
     gallery = Gallery.create(tmp_path / "g", _record(fingerprint="a" * 64))
     gallery.check_model("a" * 64, "runs/model")

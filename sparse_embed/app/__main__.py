@@ -94,9 +94,12 @@ def _load_embedder(model: str, flip: str | None) -> Embedder:
     return load_embedder(model, flip)
 
 
-def _open(args: argparse.Namespace) -> tuple[Gallery, Embedder]:
-    """The gallery of --gallery and its model (--model or the recorded one), checked against each other."""
+def _open(args: argparse.Namespace, matching: str | None = None) -> tuple[Gallery, Embedder]:
+    """The gallery of --gallery and its model (--model or the recorded one), checked against each other
+    and, before the model loads, against the `matching` it is to answer with."""
     gallery = Gallery.load(args.gallery)
+    if matching is not None:
+        gallery.check_matching(matching)
     model = args.model or gallery.model.model
     embedder = _load_embedder(model, gallery.model.flip)
     gallery.check_model(embedder.fingerprint, model)
@@ -200,6 +203,9 @@ def _enroll(args: argparse.Namespace) -> None:
         if args.index_type and args.index_type != gallery.model.index_type:
             raise ConfigError(f"gallery {args.gallery} has a {gallery.model.index_type} index, "
                               f"not {args.index_type}")
+        if args.keep_means and gallery.means is None:
+            raise ConfigError(f"gallery {args.gallery} keeps no person means: --keep_means is a new "
+                              "gallery's choice (enrol into a new gallery)")
         model = args.model or gallery.model.model
         embedder = _load_embedder(model, gallery.model.flip)
         gallery.check_model(embedder.fingerprint, model)
@@ -211,7 +217,7 @@ def _enroll(args: argparse.Namespace) -> None:
         embedder = _load_embedder(model, args.flip)
         gallery = Gallery.create(args.gallery, ModelRecord(
             embedder.fingerprint, model, args.mtcnn, embedder.width, embedder.height, embedder.embedding_size,
-            embedder.flip, args.index_type or ("sparse" if embedder.sparse else "dense")))
+            embedder.flip, args.index_type or ("sparse" if embedder.sparse else "dense")), args.keep_means)
     if gate.min_confidence is not None and not embedder.has_confidence:
         raise ConfigError(f"--min_confidence needs a model that predicts a confidence (a probabilistic "
                           f"run or its export); {model} does not")
@@ -260,7 +266,8 @@ def _list(args: argparse.Namespace) -> None:
     status = ("uncalibrated" if calibration is None
               else f"FAR {calibration.far:.2g} on {calibration.pairs} (asked {calibration.far_target:g})")
     print(f"gallery {args.gallery}: model {model.model} ({short(model.fingerprint)}), "
-          f"{model.embedding_size}-d, flip {model.flip}, {model.index_type} index, "
+          f"{model.embedding_size}-d, flip {model.flip}, {model.index_type} index"
+          f"{' with person means' if gallery.means is not None else ''}, "
           f"threshold {gallery.threshold:.4f} ({status})")
     counts = gallery.counts()
     width = max([len("person"), *map(len, counts)])
@@ -278,7 +285,7 @@ def _identify(args: argparse.Namespace) -> None:
     # The enrolment gate's range checks, for the same two bars.
     QualityGate(min_face_px=args.min_face_px, min_detector_score=args.min_detector_score)
     files = collect_inputs(args.inputs)
-    gallery, embedder = _open(args)
+    gallery, embedder = _open(args, args.matching)
     detector = _detector(args, gallery, args.model or gallery.model.model)
     settings = Settings(args.matching, args.mean_of, args.score_threshold, args.min_face_px,
                         args.min_detector_score)
@@ -378,7 +385,7 @@ def _serve(args: argparse.Namespace) -> None:
         raise ConfigError(f"serve needs the app extra ({e}): pip install 'sparse-embed[app]'") from None
     Gallery.load(args.gallery)  # a missing gallery is one line before the model loads
     sock = listen(args.host, args.port)
-    gallery, embedder = _open(args)
+    gallery, embedder = _open(args, args.matching)
     detector = _detector(args, gallery, args.model or gallery.model.model)
     live = LiveGallery(args.gallery, embedder.fingerprint, embedder.model)
     config = ServiceConfig(token, args.protect_identify, args.max_upload_mb, args.max_megapixels,
@@ -393,8 +400,9 @@ def _serve(args: argparse.Namespace) -> None:
 
 def _matching_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--matching", choices=MATCHING, default="best",
-                        help="A person's score: the best of their embeddings, or the mean of the "
-                             "--mean_of best (default: %(default)s).")
+                        help="A person's score: the best of their embeddings, the mean of the --mean_of "
+                             "best, or the score of their mean embedding (centroid: a gallery enrolled "
+                             "with --keep_means) (default: %(default)s).")
     parser.add_argument("--mean_of", type=int, default=DEFAULT_MEAN_OF,
                         help="Embeddings averaged per person with --matching=mean (default: %(default)s).")
     parser.add_argument("--score_threshold", type=float, default=None,
@@ -436,6 +444,9 @@ def _add_commands(commands: argparse._SubParsersAction, prog: str) -> None:
                         help="Flip mode of a new gallery; default: the run's eval.flip (.tflite: concat).")
     enroll.add_argument("--index_type", choices=sorted(INDEX_TYPES), default=None,
                         help="Index of a new gallery; default: sparse for a sparse model, else dense.")
+    enroll.add_argument("--keep_means", action="store_true",
+                        help="A new gallery also keeps each person's normalised mean embedding, kept "
+                             "current as people are enrolled and removed (for --matching=centroid).")
     gate = enroll.add_argument_group("quality gate", "Refuse faces below a bar (reported with the reason "
                                                      "and skipped); each bar is off unless given.")
     gate.add_argument("--min_face_px", type=float, default=None,

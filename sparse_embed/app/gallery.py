@@ -13,6 +13,9 @@ A gallery is a directory in a plain format (JSON, the index's own files,
     GALLERY/state-<token>/calibration.npy   float64 [m, 3]: threshold, FAR, TAR by decreasing
                                       threshold (only once calibrated)
     GALLERY/state-<token>/impostors.npy     float64 [n]: the different pairs' scores, sorted
+    GALLERY/state-<token>/means/      with --keep_means: each person's normalised mean embedding
+                                      (index/, of the gallery's index type, caller id = person id)
+                                      and float64 sums (sums.npy [M, D], people.npy [M])
 
 Every change writes a complete new state directory beside the current one,
 then replaces `gallery.json` (a rename) to point at it, then deletes the old
@@ -55,8 +58,12 @@ STATE_PREFIX = "state-"
 # reported as uncalibrated, with no false-accept rate.
 DEFAULT_THRESHOLD = 0.5
 INDEX_TYPES = {"sparse": MutableIndex, "dense": DenseIndex}
-# How a person's score comes from the scores of their embeddings.
-MATCHING = ("best", "mean")
+MEANS_DIR = "means"
+SUMS_NAME = "sums.npy"
+SUM_PEOPLE_NAME = "people.npy"
+# How a person's score comes from the scores of their embeddings: the best, the mean of the best
+# few, or the score of their mean embedding (a gallery that keeps means).
+MATCHING = ("best", "mean", "centroid")
 DEFAULT_MEAN_OF = 3
 # Index rows scored per face before grouping by person; a larger gallery ranks people by
 # their rows among these (exact while the gallery holds no more rows).
@@ -182,6 +189,98 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
         os.fsync(f.fileno())
 
 
+class PersonMeans:
+    """Each person's mean embedding, L2-normalised, kept current as embeddings come and go.
+
+    The normalised mean of a person's embeddings is their normalised sum (the
+    count cancels), so this keeps each person's sum in float64 (exact over any
+    number of incremental enrolments) and the normalised sums in an index of
+    the gallery's kind whose caller ids are person ids, which
+    `--matching=centroid` searches. The index is brought up to date (`sync`)
+    before a search and a save, once per batch of changes.
+
+    Args:
+        index: The means' index (MutableIndex or DenseIndex), caller id = person id.
+        sums: Person id -> float64 [D] sum of their embeddings.
+    """
+
+    def __init__(self, index: MutableIndex | DenseIndex, sums: dict[int, np.ndarray]) -> None:
+        self.index = index
+        self.sums = sums
+        self._stale: set[int] = set()
+
+    @classmethod
+    def empty(cls, index_type: str, dim: int) -> PersonMeans:
+        """No person yet.
+
+        Args:
+            index_type: The gallery's index type (`INDEX_TYPES`).
+            dim: The embedding dimension.
+        """
+        return cls(INDEX_TYPES[index_type](dim), {})
+
+    def add(self, person: int, embeddings: np.ndarray) -> None:
+        """Adds a person's new embeddings to their sum (a new person starts at zero).
+
+        Args:
+            person: The person's id.
+            embeddings: float [n, D].
+        """
+        total = np.asarray(embeddings, np.float64).sum(axis=0)
+        self.sums[person] = self.sums[person] + total if person in self.sums else total
+        self._stale.add(person)
+
+    def drop(self, person: int) -> None:
+        """Forgets a removed person."""
+        self.sums.pop(person, None)
+        self._stale.add(person)
+
+    def mean(self, person: int) -> np.ndarray:
+        """float32 [D]: the person's normalised mean embedding."""
+        return _unit(self.sums[person][None])[0]
+
+    def sync(self) -> None:
+        """Writes the changed people's means into the index (removing the removed people's)."""
+        if not self._stale:
+            return
+        stale = np.array(sorted(self._stale), np.int64)
+        self.index.remove(stale[np.isin(stale, self.index.ids)])
+        kept = np.array([person for person in stale if person in self.sums], np.int64)
+        if len(kept):
+            self.index.add(_unit(np.stack([self.sums[int(person)] for person in kept])), ids=kept)
+        self._stale.clear()
+
+    def save(self, directory: Path) -> None:
+        """Writes the index and the sums into the new directory `directory`."""
+        self.sync()
+        directory.mkdir()
+        if isinstance(self.index, MutableIndex) and self.index.stats["delta_rows"] > COMPACT_DELTA_ROWS:
+            self.index.compact()
+        self.index.save(directory / INDEX_DIR)
+        people = np.array(sorted(self.sums), np.int64)
+        _save_npy(directory / SUM_PEOPLE_NAME, people)
+        _save_npy(directory / SUMS_NAME, np.stack([self.sums[int(person)] for person in people])
+                  if len(people) else np.zeros((0, self.index.dim)))
+
+    @classmethod
+    def load(cls, directory: Path, index_type: str) -> PersonMeans:
+        """Reads what `save` wrote.
+
+        Args:
+            directory: The state's means directory.
+            index_type: The gallery's index type.
+        """
+        index = INDEX_TYPES[index_type].load(directory / INDEX_DIR)
+        people = np.load(directory / SUM_PEOPLE_NAME, allow_pickle=False)
+        sums = np.load(directory / SUMS_NAME, allow_pickle=False)
+        return cls(index, dict(zip(people.tolist(), sums, strict=True)))
+
+
+def _unit(rows: np.ndarray) -> np.ndarray:
+    norm = np.linalg.norm(rows, axis=1, keepdims=True)
+    return (rows / np.maximum(norm, 1e-12)).astype(np.float32)
+
+
 def short(fingerprint: str) -> str:
     """A fingerprint as messages show it."""
     return fingerprint[:SHOWN_FINGERPRINT]
@@ -201,11 +300,13 @@ class Gallery:
         threshold: Score above which a face matches a person.
         calibration: The calibration that chose `threshold`, or None.
         next_person: The id the next new person gets.
+        means: Each person's mean embedding (`--keep_means`), or None when the gallery keeps none.
     """
 
     def __init__(self, directory: str | os.PathLike, model: ModelRecord, index: MutableIndex | DenseIndex,
                  rows: np.ndarray, people: dict[str, dict[str, Any]], threshold: float = DEFAULT_THRESHOLD,
-                 calibration: Calibration | None = None, next_person: int = 0) -> None:
+                 calibration: Calibration | None = None, next_person: int = 0,
+                 means: PersonMeans | None = None) -> None:
         self.directory = Path(directory)
         self.model = model
         self.index = index
@@ -214,8 +315,9 @@ class Gallery:
         self.threshold = float(threshold)
         self.calibration = calibration
         self.next_person = int(next_person)
+        self.means = means
         # The matching tables of `_matching_tables`, with the rows array they were derived from.
-        self._tables: tuple[np.ndarray, tuple[list[str], np.ndarray, np.ndarray]] | None = None
+        self._tables: tuple[np.ndarray, tuple[list[str], np.ndarray, np.ndarray, np.ndarray]] | None = None
 
     # Opening -------------------------------------------------------------------
 
@@ -225,8 +327,13 @@ class Gallery:
         return (Path(directory) / POINTER_NAME).is_file()
 
     @classmethod
-    def create(cls, directory: str | os.PathLike, model: ModelRecord) -> Gallery:
+    def create(cls, directory: str | os.PathLike, model: ModelRecord, keep_means: bool = False) -> Gallery:
         """A new, empty gallery (written by the first `save`).
+
+        Args:
+            directory: The gallery directory (new or empty).
+            model: The model record.
+            keep_means: Whether it also keeps each person's mean embedding (`PersonMeans`).
 
         Raises:
             DataError: If `directory` is a file or a non-empty directory that is not a gallery.
@@ -237,7 +344,9 @@ class Gallery:
             raise DataError(f"{folder} exists and is not a gallery; pass a new or empty directory")
         if model.index_type not in INDEX_TYPES:
             raise ConfigError(f"index type must be one of {', '.join(INDEX_TYPES)}, got {model.index_type!r}")
-        return cls(folder, model, INDEX_TYPES[model.index_type](model.embedding_size), np.zeros((0, 2)), {})
+        means = PersonMeans.empty(model.index_type, model.embedding_size) if keep_means else None
+        return cls(folder, model, INDEX_TYPES[model.index_type](model.embedding_size), np.zeros((0, 2)), {},
+                   means=means)
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> Gallery:
@@ -267,9 +376,12 @@ class Gallery:
             calibration = Calibration(**manifest["calibration"],
                                       curve=np.load(state / CURVE_NAME, allow_pickle=False),
                                       impostors=np.load(state / IMPOSTORS_NAME, allow_pickle=False))
+        means = None
+        if manifest.get("means"):
+            means = PersonMeans.load(state / manifest["means"], model.index_type)
         people = {p["name"]: {"id": p["id"], "images": list(p["images"])} for p in manifest["people"]}
         return cls(folder, model, index, rows, people, manifest["threshold"], calibration,
-                   manifest["next_person"])
+                   manifest["next_person"], means)
 
     def check_model(self, fingerprint: str, model: str) -> None:
         """Refuses embeddings of a model other than the gallery's.
@@ -308,6 +420,8 @@ class Gallery:
         ids = self.index.add(np.asarray(embeddings, np.float32))
         self.rows = np.concatenate([self.rows, np.stack([ids, np.full(len(ids), person["id"])], axis=1)])
         person["images"] += list(images)
+        if self.means is not None:
+            self.means.add(person["id"], embeddings)
 
     def remove(self, name: str) -> int:
         """Removes a person and every embedding of theirs.
@@ -325,6 +439,8 @@ class Gallery:
         mine = self.rows[:, 1] == person["id"]
         self.index.remove(self.rows[mine, 0])
         self.rows = self.rows[~mine]
+        if self.means is not None:
+            self.means.drop(person["id"])
         return int(mine.sum())
 
     def calibrate(self, calibration: Calibration) -> None:
@@ -344,31 +460,40 @@ class Gallery:
                       candidates: int | None = None) -> tuple[list[str], np.ndarray]:
         """Every query's score against every enrolled person.
 
-        A person's score is the best score of their embeddings (`best`), or the
-        mean of their `mean_of` best (`mean`; fewer if they have fewer). Rows
-        beyond the `MAX_CANDIDATES` best of a query count as 0 in a sparse
-        gallery (the score of an embedding sharing no dimension with the query)
-        and as -1 in a dense one.
+        A person's score is the best score of their embeddings (`best`), the
+        mean of their `mean_of` best (`mean`; fewer if they have fewer), or the
+        score of their normalised mean embedding (`centroid`, a gallery that
+        keeps means). Rows beyond the `MAX_CANDIDATES` best of a query count as
+        0 in a sparse gallery (the score of an embedding sharing no dimension
+        with the query) and as -1 in a dense one.
 
         Args:
             queries: float32 [Q, embedding_size], L2-normalised.
             matching: One of `MATCHING`.
             mean_of: Embeddings averaged per person with `mean`.
-            candidates: Index rows scored per query; None: `MAX_CANDIDATES`. People
-                without a row among them get the floor score.
+            candidates: Index rows scored per query (with `centroid`: people); None:
+                `MAX_CANDIDATES`. People without a row among them get the floor score.
 
         Returns:
             (names, scores float32 [Q, P]), names in enrolment order.
+
+        Raises:
+            ConfigError: On an unknown matching, `mean_of` < 1, or `centroid` in a gallery
+                without means.
         """
         if matching not in MATCHING:
             raise ConfigError(f"matching must be one of {', '.join(MATCHING)}, got {matching!r}")
         if mean_of < 1:
             raise ConfigError(f"--mean_of must be >= 1, got {mean_of}")
+        self.check_matching(matching)
         queries = np.asarray(queries, np.float32)
         if not self.people or not len(self.rows) or not len(queries):
             order = sorted(self.people, key=lambda n: self.people[n]["id"])
             return order, np.zeros((len(queries), len(order)), np.float32)
-        order, owner, per_person = self._matching_tables()
+        order, owner, per_person, column_of = self._matching_tables()
+        floor = 0.0 if self.model.index_type == "sparse" else -1.0
+        if matching == "centroid":
+            return order, self._centroid_scores(queries, column_of, len(order), candidates, floor)
         k = min(len(self.rows), MAX_CANDIDATES if candidates is None else max(int(candidates), 1))
         ids, scores = self.index.search(queries, k)
         q = np.repeat(np.arange(len(queries)), ids.shape[1])
@@ -376,7 +501,6 @@ class Gallery:
         s = scores.ravel().astype(np.float64)
         keep = p >= 0
         q, p, s = q[keep], p[keep], s[keep]
-        floor = 0.0 if self.model.index_type == "sparse" else -1.0
         take = per_person if matching == "best" else np.minimum(per_person, mean_of)
         # Rank of each candidate among its (query, person) group, best first.
         sort = np.lexsort((-s, p, q))
@@ -397,10 +521,40 @@ class Gallery:
             out = (total + (take[None, :] - seen) * floor) / np.maximum(take[None, :], 1)
         return order, out.astype(np.float32)
 
-    def _matching_tables(self) -> tuple[list[str], np.ndarray, np.ndarray]:
+    def check_matching(self, matching: str) -> None:
+        """Refuses `centroid` matching in a gallery that keeps no means.
+
+        Args:
+            matching: One of `MATCHING`.
+
+        Raises:
+            ConfigError: If the matching needs what the gallery does not keep.
+        """
+        if matching == "centroid" and self.means is None:
+            raise ConfigError(f"--matching=centroid needs each person's mean embedding, which gallery "
+                              f"{self.directory} does not keep: enrol a new gallery with --keep_means")
+
+    def _centroid_scores(self, queries: np.ndarray, column_of: np.ndarray, people: int,
+                         candidates: int | None, floor: float) -> np.ndarray:
+        """float32 [Q, people]: each query's score against each person's mean embedding, the
+        `candidates` best people per query searched in the means' index, the others `floor`."""
+        self.means.sync()
+        out = np.full((len(queries), people), floor, np.float32)
+        k = min(len(self.means.index), MAX_CANDIDATES if candidates is None else max(int(candidates), 1))
+        if not k:
+            return out
+        ids, scores = self.means.index.search(queries, k)
+        known = (ids >= 0) & (ids < len(column_of))
+        column = np.where(known, column_of[np.clip(ids, 0, len(column_of) - 1)], -1)
+        q, slot = np.nonzero(column >= 0)
+        out[q, column[q, slot]] = scores[q, slot]
+        return out
+
+    def _matching_tables(self) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
         """(names in enrolment order, the column of each row id (-1: none), rows per person by
-        column), derived once per state of the gallery: every change replaces `rows`, and a
-        Python pass over a million people would cost more than the search itself."""
+        column, the column of each person id), derived once per state of the gallery: every
+        change replaces `rows`, and a Python pass over a million people would cost more than the
+        search itself."""
         if self._tables is not None and self._tables[0] is self.rows:
             return self._tables[1]
         order = sorted(self.people, key=lambda n: self.people[n]["id"])
@@ -410,7 +564,7 @@ class Gallery:
         owner = np.full(int(self.rows[:, 0].max()) + 1, -1, np.int64)
         owner[self.rows[:, 0]] = column_of[self.rows[:, 1]]
         per_person = np.bincount(self.rows[:, 1], minlength=len(column_of))[person_ids]
-        self._tables = (self.rows, (order, owner, per_person))
+        self._tables = (self.rows, (order, owner, per_person, column_of))
         return self._tables[1]
 
     def most_rows_per_person(self) -> int:
@@ -428,13 +582,16 @@ class Gallery:
         return {"format": FORMAT, "version": VERSION, "model": asdict(self.model),
                 "threshold": self.threshold,
                 "calibration": None if self.calibration is None else self.calibration.summary(),
-                "people": people, "next_person": self.next_person, "index": INDEX_DIR, "rows": ROWS_NAME}
+                "people": people, "next_person": self.next_person, "index": INDEX_DIR, "rows": ROWS_NAME,
+                "means": None if self.means is None else MEANS_DIR}
 
     def _write_state(self, state: Path) -> None:
         """Writes the complete state into the new directory `state`."""
         state.mkdir()
         self.index.save(state / INDEX_DIR)
         _save_npy(state / ROWS_NAME, self.rows)
+        if self.means is not None:
+            self.means.save(state / MEANS_DIR)
         if self.calibration is not None:
             _save_npy(state / CURVE_NAME, self.calibration.curve)
             _save_npy(state / IMPOSTORS_NAME, self.calibration.impostors)

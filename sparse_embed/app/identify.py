@@ -99,7 +99,8 @@ class Settings:
     """How faces are matched.
 
     Attributes:
-        matching: `best` or `mean` (of the `mean_of` best embeddings of a person).
+        matching: `best`, `mean` (of the `mean_of` best embeddings of a person) or `centroid`
+            (the person's mean embedding; a gallery that keeps means).
         mean_of: Embeddings averaged per person with `mean`.
         threshold: The score a match needs; None: the gallery's.
         min_face_px: Detections whose box's shorter side is below it are not faces; None: all are.
@@ -171,6 +172,9 @@ def match_faces(embeddings: np.ndarray, gallery: Gallery,
         # face's best free person, and they lie among its (F - 1) x R + 1 best rows when nobody
         # has more than R: fewer rows to rank than the default, exact all the same.
         candidates = (len(embeddings) - 1) * gallery.most_rows_per_person() + 1
+    elif settings.matching == "centroid":
+        # One mean per person: each face's F best means hold its F best people.
+        candidates = len(embeddings)
     names, scores = gallery.person_scores(embeddings, settings.matching, settings.mean_of, candidates)
     threshold = gallery.threshold if settings.threshold is None else settings.threshold
     chosen = assign(scores, threshold)

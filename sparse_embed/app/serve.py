@@ -315,7 +315,8 @@ def create_app(live: LiveGallery, embedder: Embedder, detector: Detector | None,
         calibration = gallery.calibration
         return {
             "gallery": {"state": snapshot.state, "people": len(gallery.people),
-                        "embeddings": int(len(gallery.rows)), "threshold": gallery.threshold,
+                        "embeddings": int(len(gallery.rows)), "person_means": gallery.means is not None,
+                        "threshold": gallery.threshold,
                         "calibration": None if calibration is None else calibration.summary()},
             "model": asdict(gallery.model),
             "index": index_stats(gallery),
