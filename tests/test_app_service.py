@@ -33,7 +33,15 @@ from sparse_embed.app.__main__ import main
 from sparse_embed.app.embedder import Embedder, find_faces, load_detector, load_embedder
 from sparse_embed.app.gallery import Gallery, ModelRecord
 from sparse_embed.app.identify import identify_faces
-from sparse_embed.app.live import TOKEN_ENV, LiveGallery, RequestStats, decode_upload, listen, read_token
+from sparse_embed.app.live import (
+    TOKEN_ENV,
+    LiveGallery,
+    RequestStats,
+    SerialEmbedder,
+    decode_upload,
+    listen,
+    read_token,
+)
 from sparse_embed.app.serve import ServiceConfig, create_app, make_server
 from sparse_embed.edge.preprocess import decode
 from sparse_embed.errors import ConfigError, DataError
@@ -383,6 +391,36 @@ def test_uploads_tokens_and_label_escaping_without_a_model(tmp_path: Path,
     text = stats.prometheus([("gallery_people", "People.", 2)])
     assert 'endpoint="/a\\"b\\\\c"' in text and "sparse_embed_app_gallery_people 2\n" in text
     _parse_metrics(text)
+
+
+@pytest.mark.unit
+def test_serial_embedder_forwards_the_confidence_under_the_lock() -> None:
+    """The service's embedder keeps what the wrapped model offers: its confidence too, in one
+    thread at a time like `embed` (a LiteRT interpreter must not run in two threads)."""
+    lock = threading.Lock()
+
+    class Probabilistic:
+        model, width, height, embedding_size, flip, sparse, fingerprint = "m", 4, 4, 2, "none", False, "f"
+        has_confidence = True
+
+        def embed(self, crops: list) -> np.ndarray:
+            assert lock.locked()
+            return np.ones((len(crops), 2), np.float32) / np.sqrt(2)
+
+        def confidence(self, crops: list) -> np.ndarray:
+            assert lock.locked()
+            return np.arange(len(crops), dtype=np.float32) + 0.5
+
+    crops = [np.zeros((4, 4, 3), np.uint8)] * 3
+    serial = SerialEmbedder(Probabilistic(), lock)
+    assert serial.has_confidence is True
+    np.testing.assert_array_equal(serial.confidence(crops), [0.5, 1.5, 2.5])
+    assert serial.embed(crops).shape == (3, 2) and not lock.locked()
+
+    class Dirac(Probabilistic):
+        has_confidence = False
+
+    assert SerialEmbedder(Dirac(), lock).has_confidence is False
 
 
 @pytest.mark.unit

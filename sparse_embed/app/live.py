@@ -166,7 +166,7 @@ class LiveGallery:
 
 
 class SerialEmbedder:
-    """An embedder whose `embed` runs in one thread at a time (see `SerialDetector`).
+    """An embedder whose `embed` and `confidence` run in one thread at a time (see `SerialDetector`).
 
     Args:
         embedder: The embedder.
@@ -182,11 +182,17 @@ class SerialEmbedder:
         self.flip = embedder.flip
         self.sparse = embedder.sparse
         self.fingerprint = embedder.fingerprint
+        self.has_confidence = embedder.has_confidence
 
     def embed(self, crops: Sequence[np.ndarray]) -> np.ndarray:
         """See `Embedder.embed`."""
         with self._lock:
             return self._embedder.embed(crops)
+
+    def confidence(self, crops: Sequence[np.ndarray]) -> np.ndarray:
+        """See `Embedder.confidence`."""
+        with self._lock:
+            return self._embedder.confidence(crops)
 
 
 class SerialDetector:
