@@ -307,6 +307,39 @@ def test_astronaut_is_detected_enrolled_and_identified(smoke_run: Path, tmp_path
     assert not (tmp_path / "g2" / "gallery.json").exists()
 
 
+def test_identify_aligns_on_landnet_points(gallery: Path, tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """`identify --landmarks=landnet` on the astronaut photograph: MTCNN's box, and the five
+    points of a Landnet (trained two steps on synthetic faces) on that box, which the face's
+    alignment uses, are what the report gives."""
+    from sparse_embed.data.synthetic import generate
+    from sparse_embed.errors import ConfigError
+    from sparse_embed.landmarks.config import LandmarksConfig
+    from sparse_embed.landmarks.predict import Landmarker
+    from sparse_embed.landmarks.training import train
+
+    generate(tmp_path / "data", 4, 2, 2, image_size=48, pairs_per_fold=1, landmarks=True)
+    landnet = tmp_path / "landnet"
+    train(LandmarksConfig(steps=2, batch_size=8), tmp_path / "data", landnet)
+    photo = tmp_path / "astronaut.png"
+    cv2.imwrite(str(photo), cv2.cvtColor(skimage_data.astronaut(), cv2.COLOR_RGB2BGR))
+    out = tmp_path / "out"
+    assert call_main(main, "identify", f"--gallery={gallery}", f"--output={out}", "--landmarks=landnet",
+                     f"--landnet={landnet}", photo) == 0
+    (face,) = _report(out)[0]["faces"]
+    x1, y1, x2, y2 = face["box"]
+    # The face of the 512x512 photograph is near (170-260, 80-200) (test_edge's detections).
+    assert 150 < x1 < x2 < 300 and 50 < y1 < y2 < 250
+    expected = Landmarker.load(landnet)(skimage_data.astronaut(), (x1, y1, x2 - x1, y2 - y1))
+    np.testing.assert_allclose(face["landmarks"], expected, atol=0.05)
+    assert (out / _report(out)[0]["annotated"]).is_file()
+    # Landnet without a network is one line; a network path that is neither kind is refused.
+    assert_main_user_error(capsys, main, ["identify", f"--gallery={gallery}", f"--output={out}",
+                                          "--landmarks=landnet", photo], "needs --landnet")
+    with pytest.raises(ConfigError, match="neither a landmarks run directory nor a .tflite file"):
+        Landmarker.load(tmp_path / "none")
+
+
 def test_quality_gate_on_aligned_crops(gallery: Path, people: Path, tmp_path: Path,
                                        capsys: pytest.CaptureFixture[str]) -> None:
     """An aligned crop's face is the whole image (112 px here): a size bar refuses it with the
