@@ -220,6 +220,30 @@ def test_person_means_enrolled_and_matched_by_centroid(
                                           "--aligned", "--keep_means"], "keeps no person means")
 
 
+def test_dense_rerank_model_enrolled_and_used(gallery: Path, smoke_run: Path, people: Path,
+                                              tflite_model: Path, tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """--rerank_model keeps a second model's embeddings (here the run's .tflite export, flip
+    concat: 2 x 64-d) beside the sparse index and scores faces by them."""
+    g, out = tmp_path / "g", tmp_path / "out"
+    assert call_main(main, "enroll", f"--gallery={g}", f"--model={smoke_run}", f"--images={people}",
+                     "--aligned", f"--rerank_model={tflite_model}") == 0
+    loaded = Gallery.load(g)
+    assert loaded.rerank.model == str(tflite_model) and loaded.rerank.embedding_size == 128
+    assert loaded.dense.shape == (len(ENROLLED) * IMAGES, 128)
+    np.testing.assert_allclose(np.linalg.norm(loaded.dense, axis=1), 1.0, atol=1e-5)
+    capsys.readouterr()
+    assert call_main(main, "list", f"--gallery={g}") == 0
+    assert f"re-ranked by {tflite_model}" in capsys.readouterr().out
+    assert call_main(main, "identify", f"--gallery={g}", f"--output={out}", "--aligned",
+                     "--score_threshold=0.99", people / ENROLLED[1]) == 0
+    for entry in _report(out):
+        (face,) = entry["faces"]
+        assert face["name"] == ENROLLED[1] and face["score"] == pytest.approx(1.0, abs=1e-4)
+    assert_main_user_error(capsys, main, ["enroll", f"--gallery={gallery}", f"--images={people}", "--aligned",
+                                          f"--rerank_model={tflite_model}"], "a new gallery's choice")
+
+
 def test_bad_inputs_are_reported_or_one_line(gallery: Path, people: Path, tmp_path: Path,
                                              capsys: pytest.CaptureFixture[str]) -> None:
     # A file that is not an image: skipped and named at enrol, an entry with an error at identify.

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from sparse_embed.app import gallery as gallery_module
-from sparse_embed.app.gallery import Gallery, ModelRecord, calibration_from_scores
+from sparse_embed.app.gallery import Gallery, ModelRecord, RerankRecord, calibration_from_scores
 from sparse_embed.app.identify import Settings, assign, match_faces
 from sparse_embed.app.quality import QualityGate, landmark_problem
 from sparse_embed.app.store import DenseIndex
@@ -264,6 +264,70 @@ def test_person_means_follow_enrolment_removal_and_reload(tmp_path: Path, index_
     assert plain.means is None and plain.manifest()["means"] is None
     with pytest.raises(ConfigError, match="--keep_means"):
         plain.person_scores(faces, "centroid")
+
+
+def test_dense_rerank_vectors_are_kept_and_rank_the_people(tmp_path: Path) -> None:
+    """A sparse gallery with a re-rank model keeps each row's dense vector by row id (through
+    incremental enrolment, removal and reloads) and scores people by the dense cosines, against
+    a NumPy per-person maximum and top-2 mean of them (every row is a candidate here)."""
+    rng = np.random.default_rng(7)
+    dense_dim = 6
+    directory = tmp_path / "g"
+    rerank = RerankRecord("d" * 64, "runs/dense", dense_dim, "none")
+    gallery = Gallery.create(directory, _record("sparse"), rerank=rerank)
+    stored: dict[str, list[np.ndarray]] = {}
+
+    def faces(n: int) -> np.ndarray:
+        return np.concatenate([_unit(np.abs(rng.normal(size=(n, DIM)))),
+                               _unit(rng.normal(size=(n, dense_dim)))], axis=1)
+
+    def enrol(name: str, n: int) -> None:
+        rows = faces(n)
+        gallery.enroll(name, rows, [f"{name}{k}.jpg" for k in range(n)])
+        stored.setdefault(name, []).extend(rows)
+
+    def check(g: Gallery) -> None:
+        for name, rows in stored.items():
+            ids = g.rows[g.rows[:, 1] == g.people[name]["id"], 0]
+            np.testing.assert_array_equal(g.dense[ids], np.asarray(rows)[:, DIM:])
+        queries = faces(4)
+        names, best = g.person_scores(queries, "best")
+        _, mean = g.person_scores(queries, "mean", mean_of=2)
+        for column, name in enumerate(names):
+            cosines = queries[:, DIM:] @ np.asarray(stored[name])[:, DIM:].T
+            np.testing.assert_allclose(best[:, column], cosines.max(axis=1), atol=1e-5)
+            top2 = -np.sort(-cosines, axis=1)[:, :2]
+            np.testing.assert_allclose(mean[:, column], top2.mean(axis=1), atol=1e-5)
+
+    enrol("ann", 3)
+    enrol("bob", 2)
+    check(gallery)
+    gallery.save()
+    gallery = Gallery.load(directory)
+    assert gallery.rerank == rerank
+    enrol("ann", 1)
+    enrol("cy", 2)
+    check(gallery)
+    gone = gallery.rows[gallery.rows[:, 1] == gallery.people["bob"]["id"], 0]
+    gallery.remove("bob")
+    del stored["bob"]
+    assert not gallery.dense[gone].any()  # a removed person's vectors do not stay behind
+    gallery.save()
+    gallery = Gallery.load(directory)
+    check(gallery)
+    # An image's face named by the dense model: its dense part is one of cy's rows, its sparse
+    # part another person's.
+    face = np.concatenate([np.asarray(stored["ann"])[0, :DIM], np.asarray(stored["cy"])[1, DIM:]])[None]
+    (match,) = match_faces(face, gallery, Settings(threshold=0.5))
+    assert match["name"] == "cy" and match["score"] == pytest.approx(1.0, abs=1e-5)
+    a, b = faces(3), faces(3)
+    np.testing.assert_allclose(gallery.pair_scores(a, b), np.sum(a[:, DIM:] * b[:, DIM:], axis=1), atol=1e-6)
+    with pytest.raises(ValueError, match=f"shape \\[n, {DIM + dense_dim}\\]"):
+        gallery.enroll("dee", faces(1)[:, :DIM], ["d.jpg"])
+    with pytest.raises(ConfigError, match="index is dense"):
+        Gallery.create(tmp_path / "d", _record("dense"), rerank=rerank)
+    with pytest.raises(ConfigError, match="do not go together"):
+        Gallery.create(tmp_path / "m", _record("sparse"), keep_means=True, rerank=rerank)
 
 
 def test_a_gallery_refuses_another_model(tmp_path: Path) -> None:

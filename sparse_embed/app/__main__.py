@@ -40,6 +40,7 @@ from sparse_embed.app.embedder import (
     LANDMARK_SOURCES,
     Embedder,
     LandnetDetector,
+    RerankEmbedder,
     check_model_file,
     find_faces,
     is_tflite,
@@ -51,6 +52,7 @@ from sparse_embed.app.gallery import (
     MATCHING,
     Gallery,
     ModelRecord,
+    RerankRecord,
     calibration_from_scores,
     short,
 )
@@ -103,7 +105,21 @@ def _open(args: argparse.Namespace, matching: str | None = None) -> tuple[Galler
     model = args.model or gallery.model.model
     embedder = _load_embedder(model, gallery.model.flip)
     gallery.check_model(embedder.fingerprint, model)
-    return gallery, embedder
+    return gallery, _with_rerank(gallery, embedder)
+
+
+def _with_rerank(gallery: Gallery, embedder: Embedder) -> Embedder:
+    """The embedder a gallery takes: with a re-rank model (checked against its record), both."""
+    record = gallery.rerank
+    if record is None:
+        return embedder
+    dense = _load_embedder(record.model, record.flip)
+    if dense.fingerprint != record.fingerprint:
+        raise ConfigError(f"gallery {gallery.directory} re-ranks with {record.model} (fingerprint "
+                          f"{short(record.fingerprint)}), which now has fingerprint "
+                          f"{short(dense.fingerprint)}: its weights changed since enrolment; enrol into a "
+                          "new gallery")
+    return RerankEmbedder(embedder, dense)
 
 
 def _detector(args: argparse.Namespace, gallery: Gallery | None, model: str):
@@ -206,18 +222,30 @@ def _enroll(args: argparse.Namespace) -> None:
         if args.keep_means and gallery.means is None:
             raise ConfigError(f"gallery {args.gallery} keeps no person means: --keep_means is a new "
                               "gallery's choice (enrol into a new gallery)")
+        recorded = gallery.rerank.model if gallery.rerank is not None else None
+        if args.rerank_model and args.rerank_model != recorded:
+            raise ConfigError(f"gallery {args.gallery} re-ranks with {recorded or 'no model'}, not "
+                              f"{args.rerank_model}: --rerank_model is a new gallery's choice")
         model = args.model or gallery.model.model
         embedder = _load_embedder(model, gallery.model.flip)
         gallery.check_model(embedder.fingerprint, model)
+        embedder = _with_rerank(gallery, embedder)
     else:
         if not args.model:
             raise ConfigError(f"{args.gallery} is a new gallery: pass --model=RUN_DIR or "
                               "--model=MODEL.tflite")
         model = args.model
         embedder = _load_embedder(model, args.flip)
+        rerank = None
+        if args.rerank_model:
+            dense = _load_embedder(args.rerank_model, None)
+            rerank = RerankRecord(dense.fingerprint, args.rerank_model, dense.embedding_size, dense.flip)
         gallery = Gallery.create(args.gallery, ModelRecord(
             embedder.fingerprint, model, args.mtcnn, embedder.width, embedder.height, embedder.embedding_size,
-            embedder.flip, args.index_type or ("sparse" if embedder.sparse else "dense")), args.keep_means)
+            embedder.flip, args.index_type or ("sparse" if embedder.sparse else "dense")), args.keep_means,
+            rerank)
+        if rerank is not None:
+            embedder = RerankEmbedder(embedder, dense)
     if gate.min_confidence is not None and not embedder.has_confidence:
         raise ConfigError(f"--min_confidence needs a model that predicts a confidence (a probabilistic "
                           f"run or its export); {model} does not")
@@ -242,6 +270,8 @@ def _enroll(args: argparse.Namespace) -> None:
     counts = gallery.counts()
     rows = [("gallery", args.gallery),
             ("model", f"{gallery.model.model} ({short(gallery.model.fingerprint)})"),
+            *([("re-rank model", f"{gallery.rerank.model} ({short(gallery.rerank.fingerprint)})")]
+              if gallery.rerank is not None else []),
             ("people enrolled", len(crops)), ("new people", len(new)),
             ("embeddings added", sum(len(faces) for faces in crops.values())),
             ("people in gallery", len(counts)), ("embeddings in gallery", sum(counts.values())),
@@ -267,7 +297,8 @@ def _list(args: argparse.Namespace) -> None:
               else f"FAR {calibration.far:.2g} on {calibration.pairs} (asked {calibration.far_target:g})")
     print(f"gallery {args.gallery}: model {model.model} ({short(model.fingerprint)}), "
           f"{model.embedding_size}-d, flip {model.flip}, {model.index_type} index"
-          f"{' with person means' if gallery.means is not None else ''}, "
+          f"{' with person means' if gallery.means is not None else ''}"
+          f"{f', re-ranked by {gallery.rerank.model}' if gallery.rerank is not None else ''}, "
           f"threshold {gallery.threshold:.4f} ({status})")
     counts = gallery.counts()
     width = max([len("person"), *map(len, counts)])
@@ -350,7 +381,7 @@ def _calibrate(args: argparse.Namespace) -> None:
     order = sorted(crops)
     emb = np.zeros((len(paths), embedder.embedding_size), np.float32)
     emb[order] = embedder.embed([crops[i] for i in order])
-    scores = np.sum(emb[left[usable]] * emb[right[usable]], axis=1)
+    scores = gallery.pair_scores(emb[left[usable]], emb[right[usable]])
     calibration = calibration_from_scores(scores, pairs.issame[usable], args.far, args.pairs,
                                           skipped=int((~usable).sum()))
     gallery.calibrate(calibration)
@@ -444,6 +475,10 @@ def _add_commands(commands: argparse._SubParsersAction, prog: str) -> None:
                         help="Flip mode of a new gallery; default: the run's eval.flip (.tflite: concat).")
     enroll.add_argument("--index_type", choices=sorted(INDEX_TYPES), default=None,
                         help="Index of a new gallery; default: sparse for a sparse model, else dense.")
+    enroll.add_argument("--rerank_model", default=None,
+                        help="A new sparse gallery also keeps a dense model's embeddings (run directory or "
+                             ".tflite, same input size) and re-ranks each face's best rows with them; its "
+                             "scores are then that model's.")
     enroll.add_argument("--keep_means", action="store_true",
                         help="A new gallery also keeps each person's normalised mean embedding, kept "
                              "current as people are enrolled and removed (for --matching=centroid).")

@@ -208,6 +208,42 @@ class TFLiteEmbedder:
         return np.asarray(out, np.float32)
 
 
+class RerankEmbedder:
+    """A sparse gallery's model and the dense model that re-ranks its candidates, as one embedder.
+
+    `embed` gives each crop's embedding by the model followed by the dense
+    model's, each L2-normalised: the vectors a gallery with a re-rank model
+    takes (`Gallery.split`). Everything else is the model's (fingerprint,
+    confidence, flip), so the gallery checks the model as without re-ranking.
+
+    Args:
+        model: The gallery's (sparse) model.
+        dense: The dense model.
+
+    Raises:
+        ConfigError: If the two take different input sizes (one aligned crop feeds both).
+    """
+
+    def __init__(self, model: Embedder, dense: Embedder) -> None:
+        if (model.width, model.height) != (dense.width, dense.height):
+            raise ConfigError(f"re-rank model {dense.model} takes {dense.width}x{dense.height} crops, model "
+                              f"{model.model} {model.width}x{model.height}: both must take the same size")
+        self.main, self.dense = model, dense
+        self.model, self.flip, self.sparse = model.model, model.flip, model.sparse
+        self.width, self.height = model.width, model.height
+        self.embedding_size = model.embedding_size + dense.embedding_size
+        self.fingerprint = model.fingerprint
+        self.has_confidence = model.has_confidence
+
+    def embed(self, crops: Sequence[np.ndarray]) -> np.ndarray:
+        """See `Embedder.embed`: [n, model's size + dense model's size]."""
+        return np.concatenate([self.main.embed(crops), self.dense.embed(crops)], axis=1)
+
+    def confidence(self, crops: Sequence[np.ndarray]) -> np.ndarray:
+        """See `Embedder.confidence` (the model's)."""
+        return self.main.confidence(crops)
+
+
 def load_embedder(model: str | os.PathLike, flip: str | None = None) -> Embedder:
     """The embedder of a run directory or a `.tflite` file.
 

@@ -13,6 +13,8 @@ A gallery is a directory in a plain format (JSON, the index's own files,
     GALLERY/state-<token>/calibration.npy   float64 [m, 3]: threshold, FAR, TAR by decreasing
                                       threshold (only once calibrated)
     GALLERY/state-<token>/impostors.npy     float64 [n]: the different pairs' scores, sorted
+    GALLERY/state-<token>/rerank.npy  with --rerank_model: float32 [R, Dd], the dense model's
+                                      vector of each row id (zeros for removed rows)
     GALLERY/state-<token>/means/      with --keep_means: each person's normalised mean embedding
                                       (index/, of the gallery's index type, caller id = person id)
                                       and float64 sums (sums.npy [M, D], people.npy [M])
@@ -59,6 +61,9 @@ STATE_PREFIX = "state-"
 DEFAULT_THRESHOLD = 0.5
 INDEX_TYPES = {"sparse": MutableIndex, "dense": DenseIndex}
 MEANS_DIR = "means"
+RERANK_NAME = "rerank.npy"
+# Rows per face re-scored with a gallery's dense vectors (more when more rows are asked for).
+RERANK_K = 100
 SUMS_NAME = "sums.npy"
 SUM_PEOPLE_NAME = "people.npy"
 # How a person's score comes from the scores of their embeddings: the best, the mean of the best
@@ -98,6 +103,23 @@ class ModelRecord:
     embedding_size: int
     flip: str
     index_type: str
+
+
+@dataclass(frozen=True)
+class RerankRecord:
+    """The dense model whose vectors re-rank a sparse gallery's candidates (`--rerank_model`).
+
+    Attributes:
+        fingerprint: SHA-256 of its weights and embedding configuration.
+        model: The run directory or `.tflite` file.
+        embedding_size: Dimension of its embeddings.
+        flip: Its flip mode.
+    """
+
+    fingerprint: str
+    model: str
+    embedding_size: int
+    flip: str
 
 
 @dataclass(frozen=True, eq=False)
@@ -301,12 +323,15 @@ class Gallery:
         calibration: The calibration that chose `threshold`, or None.
         next_person: The id the next new person gets.
         means: Each person's mean embedding (`--keep_means`), or None when the gallery keeps none.
+        rerank: The dense model that re-ranks (`--rerank_model`), or None.
+        dense: float32 [R, rerank.embedding_size], its vector of each row id (with `rerank`).
     """
 
     def __init__(self, directory: str | os.PathLike, model: ModelRecord, index: MutableIndex | DenseIndex,
                  rows: np.ndarray, people: dict[str, dict[str, Any]], threshold: float = DEFAULT_THRESHOLD,
                  calibration: Calibration | None = None, next_person: int = 0,
-                 means: PersonMeans | None = None) -> None:
+                 means: PersonMeans | None = None, rerank: RerankRecord | None = None,
+                 dense: np.ndarray | None = None) -> None:
         self.directory = Path(directory)
         self.model = model
         self.index = index
@@ -316,6 +341,11 @@ class Gallery:
         self.calibration = calibration
         self.next_person = int(next_person)
         self.means = means
+        self.rerank = rerank
+        self.dense = None
+        if rerank is not None:
+            self.dense = (np.zeros((0, rerank.embedding_size), np.float32) if dense is None
+                          else np.asarray(dense, np.float32))
         # The matching tables of `_matching_tables`, with the rows array they were derived from.
         self._tables: tuple[np.ndarray, tuple[list[str], np.ndarray, np.ndarray, np.ndarray]] | None = None
 
@@ -327,26 +357,37 @@ class Gallery:
         return (Path(directory) / POINTER_NAME).is_file()
 
     @classmethod
-    def create(cls, directory: str | os.PathLike, model: ModelRecord, keep_means: bool = False) -> Gallery:
+    def create(cls, directory: str | os.PathLike, model: ModelRecord, keep_means: bool = False,
+               rerank: RerankRecord | None = None) -> Gallery:
         """A new, empty gallery (written by the first `save`).
 
         Args:
             directory: The gallery directory (new or empty).
             model: The model record.
             keep_means: Whether it also keeps each person's mean embedding (`PersonMeans`).
+            rerank: The dense model whose vectors it keeps to re-rank a sparse index's candidates;
+                None: none. Embeddings given to the gallery are then the model's followed by the
+                dense model's (`split`).
 
         Raises:
             DataError: If `directory` is a file or a non-empty directory that is not a gallery.
-            ConfigError: On an unknown index type.
+            ConfigError: On an unknown index type, a re-rank model for a dense index, or a re-rank
+                model with `keep_means`.
         """
         folder = Path(directory)
         if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
             raise DataError(f"{folder} exists and is not a gallery; pass a new or empty directory")
         if model.index_type not in INDEX_TYPES:
             raise ConfigError(f"index type must be one of {', '.join(INDEX_TYPES)}, got {model.index_type!r}")
+        if rerank is not None and model.index_type != "sparse":
+            raise ConfigError("--rerank_model re-ranks the candidates of a sparse index; this gallery's "
+                              "index is dense (exact already)")
+        if rerank is not None and keep_means:
+            raise ConfigError("--keep_means and --rerank_model do not go together: person means are kept of "
+                              "the sparse embeddings only")
         means = PersonMeans.empty(model.index_type, model.embedding_size) if keep_means else None
         return cls(folder, model, INDEX_TYPES[model.index_type](model.embedding_size), np.zeros((0, 2)), {},
-                   means=means)
+                   means=means, rerank=rerank)
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> Gallery:
@@ -376,12 +417,15 @@ class Gallery:
             calibration = Calibration(**manifest["calibration"],
                                       curve=np.load(state / CURVE_NAME, allow_pickle=False),
                                       impostors=np.load(state / IMPOSTORS_NAME, allow_pickle=False))
-        means = None
+        means = rerank = dense = None
         if manifest.get("means"):
             means = PersonMeans.load(state / manifest["means"], model.index_type)
+        if manifest.get("rerank"):
+            rerank = RerankRecord(**manifest["rerank"])
+            dense = np.load(state / RERANK_NAME, allow_pickle=False)
         people = {p["name"]: {"id": p["id"], "images": list(p["images"])} for p in manifest["people"]}
         return cls(folder, model, index, rows, people, manifest["threshold"], calibration,
-                   manifest["next_person"], means)
+                   manifest["next_person"], means, rerank, dense)
 
     def check_model(self, fingerprint: str, model: str) -> None:
         """Refuses embeddings of a model other than the gallery's.
@@ -406,7 +450,8 @@ class Gallery:
 
         Args:
             name: The person's name.
-            embeddings: float32 [n, embedding_size], L2-normalised.
+            embeddings: float32 [n, embedding_size], L2-normalised (with a re-rank model, each
+                row followed by the dense model's, as `split` reads them).
             images: The image of each embedding, for the record.
 
         Raises:
@@ -417,11 +462,17 @@ class Gallery:
         person = self.people.setdefault(name, {"id": self.next_person, "images": []})
         if person["id"] == self.next_person:
             self.next_person += 1
-        ids = self.index.add(np.asarray(embeddings, np.float32))
+        sparse, dense = self.split(embeddings)
+        ids = self.index.add(sparse)
+        if dense is not None and len(ids):
+            if int(ids.max()) >= len(self.dense):
+                grow = np.zeros((int(ids.max()) + 1 - len(self.dense), self.dense.shape[1]), np.float32)
+                self.dense = np.concatenate([self.dense, grow])
+            self.dense[ids] = dense
         self.rows = np.concatenate([self.rows, np.stack([ids, np.full(len(ids), person["id"])], axis=1)])
         person["images"] += list(images)
         if self.means is not None:
-            self.means.add(person["id"], embeddings)
+            self.means.add(person["id"], sparse)
 
     def remove(self, name: str) -> int:
         """Removes a person and every embedding of theirs.
@@ -438,6 +489,9 @@ class Gallery:
         person = self.people.pop(name)
         mine = self.rows[:, 1] == person["id"]
         self.index.remove(self.rows[mine, 0])
+        if self.dense is not None:
+            # A removed person's vectors do not stay behind in the dense store.
+            self.dense[self.rows[mine, 0]] = 0.0
         self.rows = self.rows[~mine]
         if self.means is not None:
             self.means.drop(person["id"])
@@ -447,6 +501,36 @@ class Gallery:
         """Sets the threshold to the calibration's."""
         self.calibration = calibration
         self.threshold = calibration.threshold
+
+    def split(self, embeddings: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """A face's vectors as the gallery takes them: (the model's embedding, the re-rank model's or
+        None). With a re-rank model each row is the two concatenated (`RerankEmbedder`).
+
+        Args:
+            embeddings: float [n, embedding_size (+ the re-rank model's)].
+
+        Raises:
+            ValueError: If the width is not the gallery's.
+        """
+        e = np.asarray(embeddings, np.float32)
+        size = self.model.embedding_size
+        width = size + (self.rerank.embedding_size if self.rerank is not None else 0)
+        if e.ndim != 2 or e.shape[1] != width:
+            raise ValueError(f"embeddings must have shape [n, {width}], got {list(e.shape)}")
+        return e[:, :size], (e[:, size:] if self.rerank is not None else None)
+
+    def pair_scores(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """float32 [n]: the score the gallery gives each pair (a[i], b[i]): the re-rank model's
+        cosine with one, else the model's.
+
+        Args:
+            a: float [n, ...] faces' vectors, as `split` reads them.
+            b: float [n, ...] the other faces'.
+        """
+        (sparse_a, dense_a), (sparse_b, dense_b) = self.split(a), self.split(b)
+        if dense_a is not None:
+            return np.sum(dense_a * dense_b, axis=1)
+        return np.sum(sparse_a * sparse_b, axis=1)
 
     def counts(self) -> dict[str, int]:
         """Name -> embeddings enrolled, by name."""
@@ -467,8 +551,13 @@ class Gallery:
         0 in a sparse gallery (the score of an embedding sharing no dimension
         with the query) and as -1 in a dense one.
 
+        With a re-rank model, each query's `RERANK_K` best rows by the model's
+        score (or as many as asked) are re-scored by the re-rank model's: the
+        scores are its cosines, and rows beyond count as -1.
+
         Args:
-            queries: float32 [Q, embedding_size], L2-normalised.
+            queries: float32 [Q, embedding_size], L2-normalised (with a re-rank model, followed by
+                its embeddings, as `split` reads them).
             matching: One of `MATCHING`.
             mean_of: Embeddings averaged per person with `mean`.
             candidates: Index rows scored per query (with `centroid`: people); None:
@@ -486,16 +575,20 @@ class Gallery:
         if mean_of < 1:
             raise ConfigError(f"--mean_of must be >= 1, got {mean_of}")
         self.check_matching(matching)
-        queries = np.asarray(queries, np.float32)
+        queries, dense_queries = self.split(queries)
         if not self.people or not len(self.rows) or not len(queries):
             order = sorted(self.people, key=lambda n: self.people[n]["id"])
             return order, np.zeros((len(queries), len(order)), np.float32)
         order, owner, per_person, column_of = self._matching_tables()
-        floor = 0.0 if self.model.index_type == "sparse" else -1.0
+        floor = 0.0 if self.model.index_type == "sparse" and self.rerank is None else -1.0
         if matching == "centroid":
             return order, self._centroid_scores(queries, column_of, len(order), candidates, floor)
         k = min(len(self.rows), MAX_CANDIDATES if candidates is None else max(int(candidates), 1))
-        ids, scores = self.index.search(queries, k)
+        if dense_queries is not None:
+            ids, scores = self.index.search(queries, k, rerank=(self.dense, dense_queries),
+                                            rerank_k=max(k, RERANK_K))
+        else:
+            ids, scores = self.index.search(queries, k)
         q = np.repeat(np.arange(len(queries)), ids.shape[1])
         p = np.where(ids.ravel() >= 0, owner[np.maximum(ids.ravel(), 0)], -1)
         s = scores.ravel().astype(np.float64)
@@ -583,7 +676,8 @@ class Gallery:
                 "threshold": self.threshold,
                 "calibration": None if self.calibration is None else self.calibration.summary(),
                 "people": people, "next_person": self.next_person, "index": INDEX_DIR, "rows": ROWS_NAME,
-                "means": None if self.means is None else MEANS_DIR}
+                "means": None if self.means is None else MEANS_DIR,
+                "rerank": None if self.rerank is None else asdict(self.rerank)}
 
     def _write_state(self, state: Path) -> None:
         """Writes the complete state into the new directory `state`."""
@@ -592,6 +686,8 @@ class Gallery:
         _save_npy(state / ROWS_NAME, self.rows)
         if self.means is not None:
             self.means.save(state / MEANS_DIR)
+        if self.dense is not None:
+            _save_npy(state / RERANK_NAME, self.dense)
         if self.calibration is not None:
             _save_npy(state / CURVE_NAME, self.calibration.curve)
             _save_npy(state / IMPOSTORS_NAME, self.calibration.impostors)
