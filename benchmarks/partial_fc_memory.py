@@ -1,7 +1,7 @@
 """Peak memory of a training step for a huge class count: ArcFace against Partial FC sample rates.
 
     python benchmarks/partial_fc_memory.py [--classes=400000] [--dim=128] [--batch_size=128] [--steps=5]
-        [--repeats=3] [--output=results/partial_fc_memory.json]
+        [--sample_rates=1.0,0.5,0.1] [--repeats=3] [--output=results/partial_fc_memory.json]
 
 Each measurement runs in a fresh process: a one-layer backbone on random
 112-d inputs, the head, SGD with momentum, `--steps` training steps inside
@@ -33,7 +33,8 @@ sys.path.insert(0, str(ROOT))
 from sparse_embed.cli import deprecated_alias, make_parser  # noqa: E402
 from sparse_embed.results import Column, write_result  # noqa: E402
 
-ROWS = (("arcface", 1.0), ("partial_fc", 1.0), ("partial_fc", 0.5), ("partial_fc", 0.1))
+# Partial FC's sample rates measured by default, each against ArcFace (the first row).
+SAMPLE_RATES = "1.0,0.5,0.1"
 COLUMNS = (Column("head", "head"), Column("sample_rate", "sample rate"),
            Column("step_mib_min", "step peak MiB, lowest", ".0f"),
            Column("step_mib_max", "highest", ".0f"),
@@ -94,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--batch_size", dest="batch", type=int, default=128)
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--sample_rates", default=SAMPLE_RATES,
+                        help="Partial FC sample rates to measure (comma-separated, each in (0, 1]); "
+                             "ArcFace is always the first row.")
     parser.add_argument("--repeats", type=int, default=3,
                         help="Fresh processes per row (the figure varies between processes).")
     parser.add_argument("--output", default=None,
@@ -119,7 +123,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.repeats < 1:
         build_parser().error("--repeats must be >= 1")
     rows = []
-    for head, rate in ROWS:
+    for head, rate in [("arcface", 1.0)] + [("partial_fc", r) for r in _rates(args.sample_rates)]:
         runs = []
         for repeat in range(args.repeats):
             print(f"{head} sample_rate={rate} ({repeat + 1}/{args.repeats}) ...", file=sys.stderr,
@@ -147,6 +151,17 @@ def main(argv: Sequence[str] | None = None) -> None:
                      {"memory": (COLUMNS, rows)},
                      notes=f"CPU, one process; {args.repeats} fresh processes per row, lowest and "
                            f"highest peak; vs arcface compares the medians")
+
+
+def _rates(text: str) -> list[float]:
+    """The sample rates of `--sample_rates`; a value that is not a number in (0, 1] is a usage error."""
+    try:
+        rates = [float(r) for r in text.split(",")]
+    except ValueError:
+        rates = []
+    if not rates or not all(0.0 < r <= 1.0 for r in rates):
+        build_parser().error(f"--sample_rates takes comma-separated numbers in (0, 1], got {text!r}")
+    return rates
 
 
 def _child(head: str, rate: float, args: argparse.Namespace) -> dict:

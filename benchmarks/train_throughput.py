@@ -17,6 +17,8 @@ all processes together after the first (traced) step. The last column is the
 ratio to the 1-process row of the same model. On a 2-core CPU two processes
 share the cores, so the 2-process row shows the overhead of Horovod, not a speed-up.
 --output writes the table as a result file (`sparse_embed.results`).
+The 2-process rows launch `$HOROVODRUN` if it is set (as the run_scripts do),
+else the `horovodrun` next to this Python.
 """
 
 from __future__ import annotations
@@ -87,7 +89,7 @@ def train_rate(data: Path, model_dir: Path, config_name: str, overrides: list[st
                  f"train.log_every={steps}"]:
         command += ["--set", item]
     if processes > 1:
-        launcher = Path(sys.executable).with_name("horovodrun")
+        launcher = os.environ.get("HOROVODRUN") or Path(sys.executable).with_name("horovodrun")
         command = [str(launcher), "-np", str(processes), "-H", f"localhost:{processes}",
                    "--gloo", *command]
     proc = subprocess.run(command, capture_output=True, text=True, cwd=ROOT,

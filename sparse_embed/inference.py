@@ -176,8 +176,9 @@ def embedding_function(backbone: keras.Model, flip: str = "none") -> Callable[[t
         outputs = backbone(images, training=False)
         return outputs if dim is None else outputs[:, :dim]
 
-    # Any batch size, so the smaller last batch reuses the one trace.
-    @tf.function(input_signature=[tf.TensorSpec([None, *size], tf.float32)])
+    # Any batch size, so the smaller last batch reuses the one trace; no AutoGraph
+    # (the flip is decided in Python, and converting the model's calls costs seconds).
+    @tf.function(input_signature=[tf.TensorSpec([None, *size], tf.float32)], autograph=False)
     def step(images: tf.Tensor) -> tf.Tensor:
         e = embed(images)
         if combine is not None:
@@ -216,7 +217,7 @@ def confidence_function(backbone: keras.Model, distribution: Distribution,
     def confidence(images: tf.Tensor) -> tf.Tensor:
         return tf.cast(distribution.confidence(backbone(images, training=False)), tf.float32)
 
-    @tf.function(input_signature=[tf.TensorSpec([None, *size], tf.float32)])
+    @tf.function(input_signature=[tf.TensorSpec([None, *size], tf.float32)], autograph=False)
     def step(images: tf.Tensor) -> tf.Tensor:
         value = confidence(images)
         if flipped:
@@ -234,7 +235,7 @@ def parameters_function(backbone: keras.Model) -> Callable[[tf.Tensor], tf.Tenso
     """
     size = backbone.input_shape[1:]
 
-    @tf.function(input_signature=[tf.TensorSpec([None, *size], tf.float32)])
+    @tf.function(input_signature=[tf.TensorSpec([None, *size], tf.float32)], autograph=False)
     def step(images: tf.Tensor) -> tf.Tensor:
         return tf.cast(backbone(images, training=False), tf.float32)
 

@@ -195,6 +195,15 @@ def scalars(model_dir: Path, tag: str) -> dict[int, float]:
 HOROVODRUN = [sys.executable, str(ROOT / "tests" / "horovod_launch.py")]
 
 
+def horovodrun_executable(directory: Path) -> Path:
+    """An executable `horovodrun` in `directory` that runs tests/horovod_launch.py, for programs
+    that take their launcher from `$HOROVODRUN` (the run_scripts, the throughput benchmark)."""
+    path = directory / "horovodrun"
+    path.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{ROOT / "tests" / "horovod_launch.py"}" "$@"\n')
+    path.chmod(0o755)
+    return path
+
+
 def horovodrun(np: int, *args: str, cwd: Path | None = None, timeout: float = 600,
                env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """Runs `horovodrun -np N -H localhost:N --gloo python <args>` on this machine

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, horovod_available
+from conftest import ROOT, horovod_available, horovodrun_executable
 
 from sparse_embed.results import load_result, render_table
 
@@ -26,10 +27,12 @@ def _table(path: Path, name: str) -> list[dict]:
 def test_train_throughput_benchmark_prints_and_writes_its_table(tmp_path: Path) -> None:
     horovod_available()
     out = tmp_path / "throughput.json"
+    # The 2-process row through tests/horovod_launch.py (horovodrun without its build probe).
+    env = dict(os.environ, HOROVODRUN=str(horovodrun_executable(tmp_path)))
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_throughput.py"),
                            "--models=demo", "--steps=2", "--batch_size=16", "--json",
                            f"--output={out}"],
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     assert [json.loads(r)["setup"] for r in rows] == [
@@ -46,11 +49,11 @@ def test_partial_fc_memory_benchmark_writes_a_range_per_row(tmp_path: Path) -> N
     out = tmp_path / "memory.json"
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "partial_fc_memory.py"),
                            "--classes=2000", "--dim=16", "--batch_size=8", "--steps=2", "--repeats=1",
-                           f"--output={out}"], capture_output=True, text=True, timeout=600)
+                           "--sample_rates=0.1", f"--output={out}"], capture_output=True, text=True,
+                          timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = _table(out, "memory")
-    assert [(r["head"], r["sample_rate"]) for r in rows] == [
-        ("arcface", 1.0), ("partial_fc", 1.0), ("partial_fc", 0.5), ("partial_fc", 0.1)]
+    assert [(r["head"], r["sample_rate"]) for r in rows] == [("arcface", 1.0), ("partial_fc", 0.1)]
     assert rows[0]["vs_arcface"] == 1.0
     assert all(r["step_mib_min"] <= r["step_mib_median"] <= r["step_mib_max"] for r in rows)
     assert "class centres + momentum" in proc.stdout

@@ -232,7 +232,8 @@ def test_resume_with_a_different_number_of_workers(
 
 
 @pytest.mark.slow
-def test_kill_9_of_every_rank_then_rerun_finishes(tiny_data: Path, tmp_path: Path) -> None:
+def test_kill_9_of_every_rank_then_rerun_finishes(tiny_data: Path, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
     """SIGKILL of all ranks at a random moment never leaves a checkpoint that fails to load."""
     run = tmp_path / "run"
     args = _train_cli(run, tiny_data, "train.steps=30", "train.checkpoint_every=1",
@@ -257,9 +258,11 @@ def test_kill_9_of_every_rank_then_rerun_finishes(tiny_data: Path, tmp_path: Pat
     killed_at = _checkpoint_value(run, "optimizer/_iterations/.ATTRIBUTES/VARIABLE_VALUE")
     assert killed_at < 30, "the run finished before it was killed; kill earlier"
 
-    proc = horovodrun(2, *args)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = "\n".join(rank_lines(proc.stdout, 0, "stdout"))
+    # The rerun in this process: what the ranks left loads whatever the worker count
+    # (test_resume_with_a_different_number_of_workers), and a launch costs two TF imports.
+    capsys.readouterr()
+    assert call_main(train_main, *args[2:]) == 0
+    out = capsys.readouterr().out
     assert f"step 30 (resumed from {killed_at})" in out, out[-2000:]
     assert _checkpoint_value(run, "optimizer/_iterations/.ATTRIBUTES/VARIABLE_VALUE") == 30
 

@@ -28,6 +28,7 @@ restore like any other.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 
 from sparse_embed.config import CompressionConfig
@@ -37,6 +38,16 @@ from sparse_embed.registry import Registry
 # compression.type -> (backbone, config, total_steps) -> the model to train.
 COMPRESSIONS: Registry[Callable[[keras.Model, CompressionConfig, int], keras.Model]] = Registry(
     "compression.type")
+
+
+def _tfmot_loaded() -> bool:
+    """Whether TF-MOT is imported: a model of this process can hold its wrappers only if it is.
+
+    The questions below are asked of every model the suite trains, embeds or
+    exports; answering them for an uncompressed model without importing TF-MOT
+    spares each such process its import (a second or more of CPU).
+    """
+    return "tensorflow_model_optimization" in sys.modules
 
 
 @COMPRESSIONS.register("none")
@@ -107,6 +118,8 @@ def for_export(model: keras.Model) -> keras.Model:
         `model` itself when it has no pruning wrapper, otherwise a copy with
         each wrapper replaced by its layer holding the masked kernel.
     """
+    if not _tfmot_loaded():
+        return model
     from sparse_embed.compression import prune
 
     if not prune.has_pruning_wrappers(model):
@@ -120,6 +133,8 @@ def is_quantized(model: keras.Model) -> bool:
     Args:
         model: A Keras model.
     """
+    if not _tfmot_loaded():
+        return False
     from sparse_embed.compression import quantize
 
     return quantize.has_quantize_layers(model)
@@ -131,6 +146,8 @@ def callbacks(model: keras.Model) -> list[keras.callbacks.Callback]:
     Args:
         model: A model returned by `compress`.
     """
+    if not _tfmot_loaded():
+        return []
     from sparse_embed.compression import prune
 
     return [prune.PruningStep()] if prune.has_pruning_wrappers(model) else []
@@ -146,6 +163,8 @@ def identical_on_workers(model: keras.Model) -> list[tf.Variable]:
     Args:
         model: A model returned by `compress`.
     """
+    if not _tfmot_loaded():
+        return []
     from sparse_embed.compression import prune
 
     return prune.pruning_variables(model)
@@ -161,6 +180,8 @@ def metrics(model: keras.Model) -> Callable[[], dict[str, tf.Tensor]]:
     Args:
         model: A model returned by `compress`.
     """
+    if not _tfmot_loaded():
+        return dict
     from sparse_embed.compression import prune, quantize
 
     if prune.has_pruning_wrappers(model):

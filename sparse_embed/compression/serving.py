@@ -48,7 +48,8 @@ def serving_function(model: keras.Model, flip_concat: bool = False,
             return parameters, None
         return parameters[:, :distribution.dim], tf.cast(distribution.confidence(parameters), tf.float32)
 
-    @tf.function(input_signature=[tf.TensorSpec(shape, tf.float32, name=INPUT_NAME)])
+    # No AutoGraph: the branches are on Python values, and converting the model's calls costs seconds.
+    @tf.function(input_signature=[tf.TensorSpec(shape, tf.float32, name=INPUT_NAME)], autograph=False)
     def serve(images: tf.Tensor) -> dict[str, tf.Tensor]:
         embedding, confidence = outputs(images)
         if flip_concat:

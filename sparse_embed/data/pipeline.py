@@ -33,6 +33,12 @@ READ_BUFFER = 256 * 1024
 
 ImageSize = int | tuple[int, int]
 
+# Every function tf.data traces here is TensorFlow ops, with Python control flow
+# on Python values only: AutoGraph's source transformation of each (its first
+# use in a process costs seconds of CPU, in every job that builds a pipeline)
+# would change nothing, so they are traced as written.
+_as_written = tf.autograph.experimental.do_not_convert
+
 
 def image_hw(image_size: ImageSize) -> tuple[int, int]:
     """(height, width) of an image size given as S (square) or (H, W).
@@ -187,15 +193,17 @@ def _epoch_stream(plan: _EpochPlan, window: int, first_epoch: int, first_start: 
                  tf.TensorSpec([None], tf.int64))
     epoch_size = sum(plan.counts)
 
+    @_as_written
     def epoch_records(epoch: tf.Tensor) -> tf.data.Dataset:
         start = tf.where(epoch == first_epoch, tf.constant(first_start, tf.int64),
                          tf.constant(0, tf.int64))
         groups = tf.data.Dataset.from_generator(plan.groups, args=(epoch, start),
                                                 output_signature=signature)
-        records = groups.flat_map(lambda f, s, c: _read_group(f, s, c, plan.cycle))
+        records = groups.flat_map(_as_written(lambda f, s, c: _read_group(f, s, c, plan.cycle)))
         windows = tf.data.Dataset.zip(records.batch(window),
                                       tf.data.Dataset.counter(start // window))
 
+        @_as_written
         def shuffle(batch: tf.Tensor, index: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
             first = epoch * epoch_size + index * window
             positions = first + tf.range(tf.size(batch, out_type=tf.int64))
@@ -314,6 +322,7 @@ def _decoded_batches(records: tf.data.Dataset, worker_seed: int, batch_size: int
     policy = AUGMENTATIONS.get(augmentation) if augmentation else Augmentation()
     base_seed = tf.constant(worker_seed, tf.int64)
 
+    @_as_written
     def load(serialized: tf.Tensor, index: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         features = parse_example(serialized)
         image = decode_image(features["image/encoded"], image_size)
@@ -321,6 +330,7 @@ def _decoded_batches(records: tf.data.Dataset, worker_seed: int, batch_size: int
             image = policy.per_example(image, tf.stack([base_seed, index]))
         return image, tf.cast(features["image/class/label"], tf.int32)
 
+    @_as_written
     def load_uint8(serialized: tf.Tensor, index: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         features = parse_example(serialized)
         image = policy.per_uint8(_decode_uint8(features["image/encoded"], image_size), index,
@@ -359,6 +369,7 @@ INDEX_DIR = ".index"
 
 
 def _labels_of(path: str) -> np.ndarray:
+    @_as_written
     def label(serialized: tf.Tensor) -> tf.Tensor:
         return tf.io.parse_single_example(
             serialized, {"image/class/label": tf.io.FixedLenFeature([], tf.int64)})["image/class/label"]
@@ -562,6 +573,7 @@ def training_stream(file_pattern: str, data: DataConfig, batch_size: int, image_
 
 
 def _eval_map(image_size: ImageSize) -> Callable[[tf.Tensor], tuple[tf.Tensor, tf.Tensor, tf.Tensor]]:
+    @_as_written
     def load(serialized: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
         features = parse_example(serialized)
         image = decode_image(features["image/encoded"], image_size)
@@ -642,6 +654,7 @@ def files_dataset(
             f"{len(missing)} of {len(paths)} image files do not exist, first: {missing[0]}"
         )
 
+    @_as_written
     def load(path: tf.Tensor, label: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
         return decode_image(tf.io.read_file(path), image_size), label, path
 
@@ -674,6 +687,7 @@ def bytes_dataset(images: Sequence[bytes], names: Sequence[str], batch_size: int
         raise ValueError(f"need one name per image and at least one image, got "
                          f"{len(images)} images and {len(names)} names")
 
+    @_as_written
     def load(data: tf.Tensor, name: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
         return decode_image(data, image_size), tf.constant(-1, tf.int32), name
 

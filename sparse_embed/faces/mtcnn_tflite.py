@@ -51,7 +51,7 @@ def export_mtcnn(output_dir: str | os.PathLike) -> dict[str, Path]:
     written = {}
     for name, network in mtcnn_networks().items():
         side = NETWORK_INPUT_SIDES[name]
-        function = tf.function(lambda x, network=network: network(x),
+        function = tf.function(lambda x, network=network: network(x), autograph=False,
                                input_signature=[tf.TensorSpec([None, side, side, 3], tf.float32)])
         # Without a trackable object the converter freezes the variables into constants
         # (module docstring); the deprecation notice it logs for this path is silenced.

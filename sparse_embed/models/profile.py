@@ -184,7 +184,7 @@ def measure_latency(model: keras.Model, runs: int = 10, warmup: int = 2, seed: i
         raise ValueError(f"runs and warmup must be >= 1, got runs={runs}, warmup={warmup}")
     shape = (1, *(int(d) for d in model.input_shape[1:]))
     images = tf.constant(np.random.default_rng(seed).uniform(-1, 1, shape).astype(np.float32))
-    forward = tf.function(lambda x: model(x, training=False))
+    forward = tf.function(lambda x: model(x, training=False), autograph=False)
     for _ in range(warmup):
         forward(images).numpy()
     times = []
