@@ -100,10 +100,13 @@ class Server:
         env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
         self.proc = subprocess.Popen(list(command), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                      env=env)
-        self.tail: deque[str] = deque(maxlen=OUTPUT_TAIL_LINES)
+        # The last lines of each stream, kept apart: a shared tail would end
+        # with whichever reader thread happened to append last.
+        self.tails: dict[str, deque[str]] = {
+            name: deque(maxlen=OUTPUT_TAIL_LINES) for name in ("stdout", "stderr")}
         self._port: queue.Queue[int] = queue.Queue()
-        self._readers = [threading.Thread(target=self._drain, args=(stream,), daemon=True)
-                         for stream in (self.proc.stdout, self.proc.stderr)]
+        self._readers = [threading.Thread(target=self._drain, args=(stream, self.tails[name]), daemon=True)
+                         for name, stream in (("stdout", self.proc.stdout), ("stderr", self.proc.stderr))]
         for reader in self._readers:
             reader.start()
         self.port = self._wait_for_port()
@@ -116,11 +119,15 @@ class Server:
             except queue.Empty:
                 continue
         self.stop()
-        raise SystemExit("the service did not start:\n" + "".join(self.tail))
+        raise SystemExit("the service did not start:\n" + self.last_lines())
 
-    def _drain(self, stream: Any) -> None:
+    def last_lines(self) -> str:
+        """The last lines the service wrote, stdout's then stderr's."""
+        return "".join(self.tails["stdout"]) + "".join(self.tails["stderr"])
+
+    def _drain(self, stream: Any, tail: deque[str]) -> None:
         for line in stream:
-            self.tail.append(line)
+            tail.append(line)
             match = re.search(rf"http://{re.escape(HOST)}:(\d+)/", line)
             if match:
                 self._port.put(int(match[1]))
@@ -134,7 +141,7 @@ class Server:
             self.proc.kill()
             self.proc.wait()
         for reader in self._readers:
-            reader.join(5)
+            reader.join(30)
 
 
 def client(port: int, body: bytes, content_type: str, until: float, latencies: list[float],
@@ -231,7 +238,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         server.stop()
     if not latencies:
         raise SystemExit(f"no request succeeded ({len(errors)} errors: {sorted(set(errors))}); the "
-                         "service's last lines:\n" + "".join(server.tail))
+                         "service's last lines:\n" + server.last_lines())
     ms = np.asarray(latencies) * 1e3
     served_ms = np.asarray(served)
     row = {"clients": args.clients, "seconds": round(wall, 1), "requests": len(latencies),

@@ -162,7 +162,8 @@ def test_load_benchmark_drains_the_service_output(monkeypatch: pytest.MonkeyPatc
     assert server.port == 4321
     assert server.proc.wait(60) == 0, "the stand-in service blocked writing its output"
     server.stop()
-    assert any(line.startswith("done") for line in server.tail)
+    assert server.tails["stdout"][-1].startswith("done")
+    assert server.tails["stderr"][-1].startswith("warning 19999")
     monkeypatch.setattr(benchmark, "START_TIMEOUT_S", 30.0)
     with pytest.raises(SystemExit, match="did not start:\nno address"):
         benchmark.Server([sys.executable, "-c", "print('no address')"])
