@@ -646,7 +646,11 @@ void QueryEngine::validate_rerank() const {
     throw std::invalid_argument("rerank_k (" + std::to_string(params_.rerank_k) +
                                 ") must be >= k (" + std::to_string(k_) + ")");
   }
-  check_dense(db, "rerank database");
+  if (db.cols < 0 || (db.data == nullptr && db.rows * db.cols > 0)) {
+    throw std::invalid_argument("rerank database: invalid dense matrix");
+  }
+  // The database is checked where the re-rank reads it (rerank): scanning all
+  // of it here cost O(rows x cols) per call, most of a search at a million rows.
   check_dense(qd, "rerank queries");
 }
 
@@ -1317,7 +1321,19 @@ void QueryEngine::rerank(Workspace& ws, const Slot& slot) const {
   const float* qv = params_.rerank_queries.data + slot.query * db.cols;
   ws.second.reset(final_capacity_);
   for (const Candidate& c : ws.ranked) {
-    ws.second.push({dot(db.data + int64_t{c.row} * db.cols, qv, db.cols), c.row});
+    const float* row = db.data + int64_t{c.row} * db.cols;
+    const float score = dot(row, qv, db.cols);
+    // The queries are finite (validate_rerank), so a non-finite product has a
+    // non-finite value in the row, or overflowed.
+    if (!std::isfinite(score)) {
+      for (int64_t j = 0; j < db.cols; ++j) {
+        if (!std::isfinite(row[j])) {
+          throw std::invalid_argument("rerank database must be finite; row " + std::to_string(c.row) +
+                                      " column " + std::to_string(j) + " is " + std::to_string(row[j]));
+        }
+      }
+    }
+    ws.second.push({score, c.row});
   }
   ws.second.take_sorted(ws.ranked);
 }

@@ -278,6 +278,23 @@ def test_rerank_argument_errors() -> None:
     assert DEFAULT_RERANK_K == 1000
 
 
+def test_rerank_reports_a_non_finite_value_where_it_reads_it() -> None:
+    """The dense database is checked row by row as candidates are re-scored, not scanned whole on
+    every search (which cost O(rows x dims) per call): a non-finite value in a candidate row is
+    one error naming it; the queries are checked whole."""
+    rng = np.random.default_rng(12)
+    db = exact_matrix(rng, 20, 8, 0.3)
+    index = SparseIndex.from_dense(db)
+    queries = exact_matrix(rng, 3, 8, 0.3)
+    (top,) = index.search(queries[:1], 1)[0][0]
+    dense = np.ones((20, 4), np.float32)
+    dense[top, 1] = np.nan
+    with pytest.raises(ValueError, match=rf"rerank database must be finite; row {top} column 1 is nan"):
+        index.search(queries[:1], 1, rerank=(dense, np.ones((1, 4), np.float32)), rerank_k=1)
+    with pytest.raises(ValueError, match="rerank queries must be finite"):
+        index.search(queries, 1, rerank=(np.ones((20, 4), np.float32), np.full((3, 4), np.inf)))
+
+
 def test_thread_count_invariance() -> None:
     rng = np.random.default_rng(11)
     db = np.where(rng.random((3000, 48)) < 0.1, rng.random((3000, 48)), 0).astype(np.float32)
