@@ -8,11 +8,20 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 from conftest import ROOT, horovod_available, horovodrun_executable
 
 from sparse_embed.results import load_result, render_table
+
+
+def _benchmark(name: str) -> ModuleType:
+    """benchmarks/<name>.py loaded as a module, so a test can call its main() in this process."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _table(path: Path, name: str) -> list[dict]:
@@ -64,9 +73,7 @@ def test_latency_benchmark_runs_tiny(tmp_path: Path, monkeypatch: pytest.MonkeyP
                                      capsys: pytest.CaptureFixture) -> None:
     # In this process: the script's main() as its command line runs it, without a second TF import.
     script = ROOT / "benchmarks" / "tflite_latency.py"
-    spec = importlib.util.spec_from_file_location("tflite_latency", script)
-    benchmark = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(benchmark)
+    benchmark = _benchmark("tflite_latency")
     out = tmp_path / "latency.json"
     monkeypatch.setattr(sys, "argv", [str(script), "--tiny", "--models=sphereface20", "--modes=fp32",
                                       "--repeats=2", f"--output={out}"])
@@ -129,9 +136,7 @@ def test_every_compression_recipe_fine_tunes_with_a_valid_config(
 def test_identify_benchmark_matches_alike_in_every_setup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                          capsys: pytest.CaptureFixture) -> None:
     script = ROOT / "benchmarks" / "app_identify.py"
-    spec = importlib.util.spec_from_file_location("app_identify", script)
-    benchmark = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(benchmark)
+    benchmark = _benchmark("app_identify")
     out = tmp_path / "identify.json"
     monkeypatch.setattr(sys, "argv", [str(script), "--people=40,300", "--num_images=6", "--faces=3",
                                       "--rerank_k=20", f"--output={out}"])
@@ -150,9 +155,7 @@ def test_identify_benchmark_matches_alike_in_every_setup(tmp_path: Path, monkeyp
 def test_load_benchmark_drains_the_service_output(monkeypatch: pytest.MonkeyPatch) -> None:
     """The load test reads the service's output for the whole run: a service that logs more than a
     pipe holds (uvicorn's access log, a line per request) must not block in that write."""
-    spec = importlib.util.spec_from_file_location("app_load", ROOT / "benchmarks" / "app_load.py")
-    benchmark = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(benchmark)
+    benchmark = _benchmark("app_load")
     log = ("import sys\nprint('serving on http://127.0.0.1:4321/', flush=True)\n"
            "for k in range(20000):\n"
            "    print(f'INFO:     127.0.0.1:50000 - \"POST /identify HTTP/1.1\" 200 OK {k}')\n"
