@@ -121,6 +121,30 @@ def test_durations_are_recorded_per_test_and_tier(suite: pytest.Pytester) -> Non
     assert "no budget" in result.outlines[-1]
 
 
+def test_cpu_seconds_count_the_subprocesses_a_test_waits_for(suite: pytest.Pytester) -> None:
+    """A test whose child burns about a second of CPU is charged with it; an idle test is not."""
+    suite.makepyfile(test_f="""
+        import subprocess, sys, time
+
+        import pytest
+
+        pytestmark = pytest.mark.unit
+
+        def test_busy_child():
+            burn = "import time\\nt = time.process_time()\\nwhile time.process_time() - t < 1.0: pass"
+            subprocess.run([sys.executable, "-c", burn], check=True)
+
+        def test_idle():
+            time.sleep(0.5)
+    """)
+    assert suite.runpytest().ret == pytest.ExitCode.OK
+    record = json.loads((suite.path / ".test-durations.json").read_text())
+    cpu = {t["test"]: t["cpu_seconds"] for t in record["tests"]}
+    assert cpu["test_f.py::test_busy_child"] >= 1.0
+    assert cpu["test_f.py::test_idle"] < 0.3
+    assert record["cpu_seconds"] >= cpu["test_f.py::test_busy_child"]
+
+
 def test_the_budget_is_the_last_line_and_fails_the_run_past_it(
         suite: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
     """The clock of `make test` started before the install; the Horovod build is left out."""

@@ -8,7 +8,8 @@ wins. A test with no tier, or with two tiers on the same level, fails
 collection with the list of such tests.
 
 Every run writes `.test-durations.json` at the repository root (each test's
-seconds, outcome and tier; the seconds of each tier; the session's wall time)
+seconds, CPU seconds with its subprocesses', outcome and tier; the seconds of
+each tier; the session's wall and CPU time)
 and prints the seconds per tier. Under `make test` (which sets
 SPARSE_EMBED_TEST_BUDGET_S, SPARSE_EMBED_TEST_START and
 SPARSE_EMBED_TEST_EXCLUDED_S) the last line is the time of the whole `make
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -70,6 +72,12 @@ def resolve_tier(item: pytest.Item) -> tuple[str | None, str | None]:
     return None, "no tier"
 
 
+def cpu_seconds() -> float:
+    """CPU seconds (user + system) of this process and of every child it has waited for."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 class TiersAndBudget:
     """The plugin: tier enforcement at collection, durations and budget at the end."""
 
@@ -77,6 +85,8 @@ class TiersAndBudget:
         self.config = config
         self.worker = hasattr(config, "workerinput")  # a pytest-xdist worker
         self.seconds: dict[str, float] = defaultdict(float)
+        self.cpu: dict[str, float] = defaultdict(float)
+        self.cpu_mark = cpu_seconds()
         self.outcomes: dict[str, str] = {}
         self.tiers: dict[str, str] = {}
         self.started = time.time()
@@ -111,11 +121,26 @@ class TiersAndBudget:
             cost[item.path] += TIER_SECONDS[resolve_tier(item)[0]]
         items.sort(key=lambda item: -cost[item.path])  # stable: a file keeps its own order
 
+    def pytest_runtest_logstart(self) -> None:
+        self.cpu_mark = cpu_seconds()
+
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_runtest_makereport(self, item: pytest.Item, call: pytest.CallInfo):
+        # The CPU seconds of each phase (setup, call, teardown), its subprocesses included: on 2
+        # cores, CPU rather than wall time says what a test costs the whole run. They travel with
+        # the report, so under pytest-xdist the controller receives them from the workers.
+        outcome = yield
+        now = cpu_seconds()
+        outcome.get_result().user_properties.append(("cpu_seconds", now - self.cpu_mark))
+        self.cpu_mark = now
+
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         self.seconds[report.nodeid] += report.duration
         for name, value in report.user_properties:
             if name == "tier":
                 self.tiers[report.nodeid] = value
+            elif name == "cpu_seconds":
+                self.cpu[report.nodeid] += value
         if report.when == "call" or report.outcome != "passed":
             if self.outcomes.get(report.nodeid) in (None, "passed"):
                 self.outcomes[report.nodeid] = report.outcome
@@ -134,10 +159,12 @@ class TiersAndBudget:
                 per_tier[tier]["seconds"] += seconds
         record = {
             "wall_seconds": round(wall, 2),
+            "cpu_seconds": round(sum(self.cpu.values()), 2),
             "tiers": {tier: {"tests": v["tests"], "seconds": round(v["seconds"], 2)}
                       for tier, v in per_tier.items()},
             "tests": [{"test": nodeid, "tier": self.tiers.get(nodeid),
-                       "outcome": self.outcomes.get(nodeid), "seconds": round(seconds, 3)}
+                       "outcome": self.outcomes.get(nodeid), "seconds": round(seconds, 3),
+                       "cpu_seconds": round(self.cpu[nodeid], 3)}
                       for nodeid, seconds in sorted(self.seconds.items(), key=lambda kv: -kv[1])],
         }
         budget = os.environ.get(BUDGET_ENV)
