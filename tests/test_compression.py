@@ -306,20 +306,27 @@ from sparse_embed import compression
 from sparse_embed.config import load_config
 from sparse_embed.inference import load_backbone
 from sparse_embed.training.trainer import train
-data, model_dir, *settings = sys.argv[1:]
-result = train(load_config("smoke", settings), data, model_dir, verbose=0)
-backbone, config = load_backbone(model_dir)
-kernels = [v.numpy() for v in compression.for_export(backbone).weights if v.name.endswith("/kernel:0")]
-print(json.dumps({"step": result.step, "strategy": config.distributed.backend,
-                  "quantized": compression.is_quantized(backbone),
-                  "zeros": sum(float((k == 0).sum()) for k in kernels) / sum(k.size for k in kernels)}))
+data, out, *settings = sys.argv[1:]
+for name, extra in (("prune", ["compression.type=prune", "compression.target_sparsity=0.5",
+                               "compression.end_step=4", "compression.frequency=2"]),
+                    ("qat", ["compression.type=qat"])):
+    model_dir = Path(out) / name
+    result = train(load_config("smoke", settings + extra), data, model_dir, verbose=0)
+    backbone, config = load_backbone(model_dir)
+    kernels = [v.numpy() for v in compression.for_export(backbone).weights
+               if v.name.endswith("/kernel:0")]
+    print(json.dumps({"run": name, "step": result.step, "strategy": config.distributed.backend,
+                      "quantized": compression.is_quantized(backbone),
+                      "zeros": sum(float((k == 0).sum()) for k in kernels) / sum(k.size for k in kernels)}))
 """
 
 
 @pytest.mark.slow
 def test_pruning_and_qat_under_mirrored_strategy(tiny_data: Path, runs: dict[str, Path],
                                                  tmp_path: Path) -> None:
-    """tf.distribute on 2 logical CPUs: pruning reaches its target, QAT trains (TF-MOT allows both)."""
+    """tf.distribute on 2 logical CPUs: pruning reaches its target, QAT trains (TF-MOT allows both).
+    Both train in one process, as an experiment's seeds or trials do: the second training's
+    strategy must not reuse the first one's collectives."""
     import json
 
     from conftest import run_module_script
@@ -327,14 +334,10 @@ def test_pruning_and_qat_under_mirrored_strategy(tiny_data: Path, runs: dict[str
     script = tmp_path / "mirrored.py"
     script.write_text(_MIRRORED_SCRIPT)
     mirrored = SMOKE + ["distributed.backend=mirrored", "train.steps=6", f"train.init_from={runs['dense']}"]
-    out = {}
-    for name, settings in (("prune", ["compression.type=prune", "compression.target_sparsity=0.5",
-                                      "compression.end_step=4", "compression.frequency=2"]),
-                           ("qat", ["compression.type=qat"])):
-        proc = run_module_script(str(script), str(tiny_data), str(tmp_path / name), *mirrored, *settings)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        out[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+    proc = run_module_script(str(script), str(tiny_data), str(tmp_path), *mirrored)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = {row["run"]: row for row in map(json.loads, proc.stdout.strip().splitlines()[-2:])}
     assert out["prune"]["step"] == out["qat"]["step"] == 6
-    assert out["prune"]["strategy"] == "mirrored"
+    assert out["prune"]["strategy"] == out["qat"]["strategy"] == "mirrored"
     assert out["prune"]["zeros"] == pytest.approx(0.5, abs=0.01)
     assert out["qat"]["quantized"] and out["qat"]["zeros"] < 0.01

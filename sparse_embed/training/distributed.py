@@ -21,6 +21,7 @@ gradients, sum and all-gather -> sum).
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import shutil
 import tempfile
@@ -365,7 +366,24 @@ class MirroredStrategy(_TFDistribute):
     def __init__(self) -> None:
         devices = ([d.name for d in tf.config.list_logical_devices("GPU")]
                    or [d.name for d in tf.config.list_logical_devices("CPU")])
-        super().__init__(tf.distribute.MirroredStrategy(devices), task_index=0)
+        super().__init__(_mirrored_over(tuple(devices)), task_index=0)
+
+
+@functools.cache
+def _mirrored_over(devices: tuple[str, ...]) -> tf.distribute.MirroredStrategy:
+    """One `tf.distribute.MirroredStrategy` per set of devices for the whole process.
+
+    A second strategy over the same devices numbers its collectives from the
+    same start as the first, and TensorFlow's runtime matches them up: the
+    second training of a process (the next seed, fold or trial of an
+    experiment) stopped at its first step with "Shape mismatch in the
+    collective instance". Variables belong to models, not to the strategy, so
+    the trainings share it safely.
+
+    Args:
+        devices: The replicas' device names.
+    """
+    return tf.distribute.MirroredStrategy(list(devices))
 
 
 @STRATEGIES.register("multi_worker")
