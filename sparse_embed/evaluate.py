@@ -28,6 +28,7 @@ its own `--help`:
         --distractors=megaface_RUN.hdf5 --score_threshold=0.25 --rerank_topk=1000
     python -m sparse_embed.evaluate retrieval --embeddings=test.hdf5
     python -m sparse_embed.evaluate sparsity --embeddings=test.hdf5
+    python -m sparse_embed.evaluate nuisance --embeddings=pairs.hdf5 --data_dir=data/synth
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ SUBCOMMANDS: Registry[str] = Registry("evaluate sub-command")
 SUBCOMMANDS.register("identification")("sparse_embed.metrics.identification")
 SUBCOMMANDS.register("retrieval")("sparse_embed.metrics.retrieval")
 SUBCOMMANDS.register("sparsity")("sparse_embed.metrics.sparsity")
+SUBCOMMANDS.register("nuisance")("sparse_embed.metrics.nuisance")
 # The pairs protocol, also reachable by name: `evaluate verification --model_dir=...`.
 VERIFICATION = "verification"
 

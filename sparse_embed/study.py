@@ -661,6 +661,200 @@ def _run_flops_tradeoff(args: argparse.Namespace) -> None:
 STUDIES.register("flops_tradeoff")(StudyCommand(_flops_tradeoff_flags, _run_flops_tradeoff))
 
 
+# --- pe_confidence: probabilistic embeddings on the synthetic faces --------------------------------
+
+# Method -> (packaged config, whether it is a stage 2 that starts from the first ArcFace seed).
+PE_METHODS = {"arcface": ("synthetic/pe_arcface", False), "dul_cls": ("synthetic/pe_dul_cls", False),
+              "hib": ("synthetic/pe_hib", False), "vmf_loss": ("synthetic/pe_vmf_loss", False),
+              "pfe": ("synthetic/pe_pfe", True), "scf": ("synthetic/pe_scf", True),
+              "dul_reg": ("synthetic/pe_dul_reg", True)}
+PE_STAGE1 = "arcface"
+# The data set generated when --data_dir has none: small enough that a method's three seeds train
+# in minutes on 2 CPU cores.
+PE_DATA = {"num_identities": 150, "images_per_identity": 16, "num_test_identities": 60,
+           "image_size": 64, "pairs_folds": 10, "pairs_per_fold": 100}
+PE_SEEDS_COLUMNS = (Column("method", "method"), Column("n", "seeds"),
+                    Column("accuracy", "accuracy", ".4f"), Column("accuracy_std", "± std", ".4f"),
+                    Column("confidence_auroc", "confidence AUROC", ".3f"),
+                    Column("confidence_auroc_std", "± std", ".3f"),
+                    Column("confidence_aurcc", "AURCC", ".4f"),
+                    Column("confidence_aurcc_std", "± std", ".4f"))
+PE_NUISANCE_COLUMNS = (Column("method", "method"), Column("occluded", "occluded ρ", "+.3f"),
+                       Column("blur", "blur ρ", "+.3f"), Column("abs_yaw", "|yaw| ρ", "+.3f"),
+                       Column("abs_roll", "|roll| ρ", "+.3f"), Column("noise", "noise ρ", "+.3f"),
+                       Column("light_strength", "lighting ρ", "+.3f"),
+                       Column("confidence_auroc", "error AUROC", ".3f"),
+                       Column("error_rate", "error rate", ".3f"),
+                       Column("error_rate_least_confident", "error, least confident 10%", ".3f"))
+
+
+def prepare_pe_data(data_dir: Path) -> None:
+    """Generates the pe_confidence data set and its TFRecords unless `data_dir` has them.
+
+    Args:
+        data_dir: Where the synthetic data set lives (or is written).
+    """
+    from sparse_embed.data.synthetic import generate
+    from sparse_embed.data.tfrecord import build_tfrecords
+
+    if not (data_dir / "synthetic.json").is_file():
+        generate(data_dir, PE_DATA["num_identities"], PE_DATA["images_per_identity"],
+                 PE_DATA["num_test_identities"], seed=0, image_size=PE_DATA["image_size"], workers=1,
+                 pairs_folds=PE_DATA["pairs_folds"], pairs_per_fold=PE_DATA["pairs_per_fold"])
+    if not (data_dir / "tfrecords" / "labels.txt").is_file():
+        build_tfrecords(data_dir / "train", data_dir / "tfrecords", name="train", num_shards=4,
+                        num_workers=1, seed=0)
+
+
+def pe_overrides(method: str, out: Path, steps: int, stage2_steps: int, batch_size: int) -> list[str]:
+    """The `--set` overrides that shrink a method's packaged config to the study's scale.
+
+    Args:
+        method: A key of `PE_METHODS`.
+        out: The study's output directory (stage 2 starts from `out/arcface/seed-<first>`).
+        steps: Steps of a method trained from scratch.
+        stage2_steps: Steps of a stage 2.
+        batch_size: Images per batch.
+
+    Returns:
+        The overrides, in the order the `experiment seeds` command line takes them.
+    """
+    from sparse_embed.config import load_config
+
+    config_name, stage2 = PE_METHODS[method]
+    n = stage2_steps if stage2 else steps
+    overrides = [f"train.steps={n}", f"train.batch_size={batch_size}", f"train.checkpoint_every={n}",
+                 f"schedule.warmup_steps={n // 10}"]
+    if stage2:
+        first = load_config(PE_METHODS[PE_STAGE1][0]).train.seed
+        overrides.append(f"train.init_from={out / PE_STAGE1 / f'seed-{first}'}")
+    data = load_config(config_name).data
+    if data.sampler == "p_k":
+        # P x K batches must still add up to the batch size.
+        overrides.append(f"data.classes_per_batch={batch_size // data.samples_per_class}")
+    return overrides
+
+
+def pe_confidence(data_dir: str | Path, out: str | Path, methods: Sequence[str], seeds: int, steps: int,
+                  stage2_steps: int, batch_size: int, results: str | None) -> dict[str, Any]:
+    """Trains each method with several seeds, then asks whether its confidence follows the nuisances.
+
+    Every method runs as `python -m sparse_embed.experiment seeds` would (one run directory per
+    seed under `out/<method>/`, resumable); a stage-2 method starts every seed from the first
+    ArcFace seed. The first seed of each method with a confidence embeds the pairs' images and is
+    measured by `evaluate nuisance` (`sparse_embed.metrics.nuisance`).
+
+    Args:
+        data_dir: The synthetic data set (generated at `PE_DATA`'s size when missing).
+        out: Output directory.
+        methods: Keys of `PE_METHODS`; a stage 2 needs `arcface` among them.
+        seeds: Seeds per method.
+        steps: Steps of a method trained from scratch.
+        stage2_steps: Steps of a stage 2.
+        batch_size: Images per batch.
+        results: Result file to write (`sparse_embed.results`); None for none.
+
+    Returns:
+        {"seeds": rows of the seeds table, "nuisance": rows of the nuisance table}.
+
+    Raises:
+        ConfigError: On an unknown method, or a stage 2 without arcface.
+    """
+    from sparse_embed import embed
+    from sparse_embed.experiment import several_seeds
+    from sparse_embed.metrics.nuisance import nuisance_report
+
+    unknown = [m for m in methods if m not in PE_METHODS]
+    if unknown:
+        raise ConfigError(f"unknown method {unknown[0]}; choose from {', '.join(PE_METHODS)}")
+    if any(PE_METHODS[m][1] for m in methods) and PE_STAGE1 not in methods:
+        raise ConfigError(f"a stage-2 method needs {PE_STAGE1} (its stage 1) in --methods")
+    data_dir, out = Path(data_dir), Path(out)
+    prepare_pe_data(data_dir)
+    # Stage 1 first, whatever order the methods were given in.
+    order = sorted(methods, key=lambda m: PE_METHODS[m][1])
+    seed_rows, nuisance_rows = [], []
+    for method in order:
+        config_name = PE_METHODS[method][0]
+        print(f"{method}: {seeds} seeds of {config_name}", flush=True)
+        summary = several_seeds(config_name, pe_overrides(method, out, steps, stage2_steps, batch_size),
+                                data_dir, out / method, seeds)
+        mean, std = summary["mean"]["lfw"], summary["std"]["lfw"]
+        row = {"method": method, "n": summary["n"]["lfw"]["accuracy"]}
+        for key in ("accuracy", "confidence_auroc", "confidence_aurcc"):
+            row[key], row[f"{key}_std"] = mean.get(key), std.get(key)
+        seed_rows.append(row)
+        if "confidence_auroc" not in mean:
+            continue
+        run_dir = out / method / f"seed-{summary['seeds'][0]}"
+        pairs = run_dir / "pairs.hdf5"
+        if not pairs.is_file():
+            embed.main([f"--model_dir={run_dir}", f"--output={pairs}", f"--data_dir={data_dir}"])
+        report = nuisance_report(pairs, data_dir)
+        nuisance_rows.append({"method": method,
+                              **{name: f["rho"] for name, f in report["factors"].items()},
+                              **{k: report["pairs"][k] for k in
+                                 ("confidence_auroc", "error_rate", "error_rate_least_confident")}})
+    print(format_rows(seed_rows, PE_SEEDS_COLUMNS), end="")
+    print(format_rows(nuisance_rows, PE_NUISANCE_COLUMNS), end="")
+    if results:
+        notes = (f"Synthetic faces: {PE_DATA['num_identities']} training identities x "
+                 f"{PE_DATA['images_per_identity']} images at {PE_DATA['image_size']} px, "
+                 f"{PE_DATA['num_test_identities']} held-out identities, "
+                 f"{PE_DATA['pairs_folds'] * PE_DATA['pairs_per_fold'] * 2} held-out pairs; "
+                 f"MobileFaceNet-tiny, batch {batch_size}, {steps} steps from scratch, "
+                 f"{stage2_steps} for a stage 2 (from the first ArcFace seed, so its accuracy is "
+                 f"that seed's). Accuracy: 10-fold; confidence AUROC / AURCC: of the pair "
+                 f"confidence (the smaller of the two) for a right decision, PE's definitions. "
+                 f"Nuisance table: the first seed; rho is Spearman's between the image's factor and "
+                 f"its confidence over the pairs' images (negative: confidence falls as the "
+                 f"factor rises); error AUROC with cosine of the means at the most accurate threshold.")
+        write_result(results, "Probabilistic embeddings on the synthetic faces: accuracy, confidence, "
+                              "nuisances", {"seeds": (PE_SEEDS_COLUMNS, seed_rows),
+                                            "nuisance": (PE_NUISANCE_COLUMNS, nuisance_rows)},
+                     notes=notes)
+    return {"seeds": seed_rows, "nuisance": nuisance_rows}
+
+
+def format_rows(rows: Sequence[dict[str, Any]], columns: Sequence[Column]) -> str:
+    """Rows as a plain-text table with the columns' labels and formats.
+
+    Args:
+        rows: One dict per row, keyed by column key.
+        columns: What to show.
+    """
+    def cell(value: Any, spec: str) -> str:
+        return "-" if value is None else format(value, spec) if spec else str(value)
+
+    table = [[c.label for c in columns]] + [[cell(r.get(c.key), c.format) for c in columns] for r in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
+    return "".join("  ".join(v.rjust(w) for v, w in zip(line, widths, strict=True)) + "\n"
+                   for line in table)
+
+
+def _pe_confidence_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--output", default="runs/pe", help="Output directory: one folder per method.")
+    parser.add_argument("--data_dir", default="runs/pe/data",
+                        help="Synthetic data set with TFRecords; generated there if missing.")
+    parser.add_argument("--methods", default="arcface,dul_cls,pfe,scf",
+                        help=f"Comma list of {', '.join(PE_METHODS)} (default: %(default)s).")
+    parser.add_argument("--seeds", type=int, default=3, help="Seeds per method.")
+    parser.add_argument("--steps", type=int, default=300, help="Steps of a method trained from scratch.")
+    parser.add_argument("--stage2_steps", type=int, default=150, help="Steps of a stage 2.")
+    parser.add_argument("--batch_size", type=int, default=64, help="Images per batch.")
+    parser.add_argument("--results", default="results/pe_synthetic.json",
+                        help="Result file with the command, commit and machine (sparse_embed.results); "
+                             "empty: none (default: %(default)s).")
+
+
+def _run_pe_confidence(args: argparse.Namespace) -> None:
+    pe_confidence(args.data_dir, args.output, args.methods.split(","), args.seeds, args.steps,
+                  args.stage2_steps, args.batch_size, args.results or None)
+
+
+STUDIES.register("pe_confidence")(StudyCommand(_pe_confidence_flags, _run_pe_confidence))
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line of `python -m sparse_embed.study`: one sub-command per registered study."""
     parser = make_parser(__doc__, program(__name__))
