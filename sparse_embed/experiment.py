@@ -904,6 +904,34 @@ def _finish_search(study: Any, config_name: str, overrides: Sequence[str], data_
     return summary
 
 
+def write_search_result(summary: dict[str, Any], path: str | os.PathLike) -> Path:
+    """Records a finished search's trials as a result file (`sparse_embed.results`).
+
+    Args:
+        summary: What `search` returns.
+        path: The JSON file, e.g. `results/pe_hopt.json`.
+
+    Returns:
+        The path written.
+    """
+    from sparse_embed.results import Column, write_result
+
+    keys = list(dict.fromkeys(k for t in summary["trials"] for k in t["params"]))
+    metric = summary["metric"]
+    columns = [Column("trial", "trial"), *(Column(k, k, ".4g") for k in keys),
+               Column("value", metric, ".4f"), Column("state", "state")]
+    rows = [{"trial": t["number"], **t["params"], "value": t["value"], "state": t["state"]}
+            for t in summary["trials"]]
+    best = summary["best"]
+    notes = (f"Optuna TPE with median pruning over the _hopt ranges of {summary['config']}"
+             f"{' with ' + ' '.join(summary['overrides']) if summary['overrides'] else ''}; "
+             f"{metric} ({summary['direction']}) of each trial; a pruned trial stopped at an "
+             f"in-training evaluation below the median. Best: trial {best['trial']}, {metric} "
+             f"{best['value']:.4f}.")
+    return write_result(path, f"Hyper-parameter search of {summary['config']}",
+                        {"trials": (columns, rows)}, notes=notes)
+
+
 # --- command line -----------------------------------------------------------------------------
 
 
@@ -947,6 +975,9 @@ def build_parser() -> argparse.ArgumentParser:
                            "eval.keep_best's, else accuracy.")
     hopt.add_argument("--seed", type=int, default=0,
                       help="Seed of the sampler and of the cval split (default: %(default)s).")
+    hopt.add_argument("--results", default=None,
+                      help="Also record the trials as a result file (sparse_embed.results), e.g. "
+                           "results/pe_hopt.json.")
     return parser
 
 
@@ -966,8 +997,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                               args.seed)
     if args.command == "seeds":
         return several_seeds(args.config, args.set, args.data_dir, args.output, args.seeds)
-    return search(args.config, args.set, args.data_dir, args.output, args.trials, args.cval,
-                  args.metric, args.seed)
+    summary = search(args.config, args.set, args.data_dir, args.output, args.trials, args.cval,
+                     args.metric, args.seed)
+    if args.results:
+        write_search_result(summary, args.results)
+    return summary
 
 
 def run() -> None:

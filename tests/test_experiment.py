@@ -299,3 +299,21 @@ def test_a_diverging_trial_fails_and_the_search_goes_on(
     assert [t["state"] for t in summary["trials"]] == ["complete", "complete"]
     assert len(calls) == 3
     assert "trial 0 (trial-0000): failed, the loss became nan" in capsys.readouterr().out
+
+
+@pytest.mark.unit
+def test_a_search_is_recorded_as_a_result_file(tmp_path: Path) -> None:
+    """`hopt --results` writes one row per trial, pruned ones without a value, and names the best."""
+    from sparse_embed.results import load_result, render_table
+
+    summary = {"config": "synthetic/pe_arcface_hopt", "overrides": [], "metric": "lfw/accuracy",
+               "direction": "maximize", "best": {"trial": 1, "value": 0.8},
+               "trials": [{"number": 0, "state": "pruned", "value": None,
+                           "params": {"schedule.base_lr": 0.1}},
+                          {"number": 1, "state": "complete", "value": 0.8,
+                           "params": {"schedule.base_lr": 0.02}}]}
+    path = experiment.write_search_result(summary, tmp_path / "hopt.json")
+    result = load_result(path)
+    assert [r["state"] for r in result["tables"]["trials"]["rows"]] == ["pruned", "complete"]
+    assert "Best: trial 1, lfw/accuracy 0.8000" in result["notes"]
+    assert "| 1 | 0.02 | 0.8000 | complete |" in render_table(result, "trials")
