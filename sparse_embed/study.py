@@ -1,10 +1,13 @@
-"""Studies that train a grid of models and compare them: the paper's FLOPs-versus-accuracy trade-off.
+"""Studies that train a grid of models and compare them: the paper's FLOPs-versus-accuracy trade-off,
+and probabilistic embeddings on the synthetic faces.
 
     python -m sparse_embed.study flops_tradeoff --output=runs/study       (what `make study` runs)
     # a quicker, coarser grid with fewer distractors
     python -m sparse_embed.study flops_tradeoff --output=runs/study_quick --steps=200 \\
         --weights_flops=15,50 --weights_l1=0.1,0.6 --distractor_identities=200 \\
         --results=results/study_quick.json
+    python -m sparse_embed.study pe_confidence --output=runs/pe --data_dir=runs/pe/data \\
+        --methods=arcface,dul_cls,pfe,scf --seeds=3 --results=results/pe_synthetic.json
 
 `flops_tradeoff` is the central experiment of Paria et al. (ICLR 2020) on the
 synthetic identities: models that differ only in the sparsity regularizer
@@ -30,6 +33,13 @@ models' table and one table for each of the paper's two claims (`claims`):
 (a) R_sub of each FLOPs model beside the L1 model closest in mean nnz, and
 (b) Recall@1 of each FLOPs model beside the L1 curve's at the same FLOPs per
 pair.
+
+`pe_confidence` trains methods of "Probabilistic Embeddings Revisited" from
+their packaged `synthetic/pe_*` configs at a small scale (`PE_DATA`), each
+with several seeds (`experiment seeds`; a stage 2 starts from the first
+ArcFace seed), tabulates accuracy, confidence AUROC and AURCC (mean and
+standard deviation over seeds), and asks of each method with a confidence
+whether it falls as the image's known nuisances rise (`evaluate nuisance`).
 """
 
 from __future__ import annotations
