@@ -51,11 +51,10 @@ def test_embed_folder_to_hdf5_round_trip(tiny_data: Path, model_dir: Path, tmp_p
 
 
 def test_flip_sum_is_the_sum_of_both_views(tiny_data: Path, model_dir: Path) -> None:
-    import tensorflow as tf
-
     from sparse_embed.data.pipeline import files_dataset
     from sparse_embed.data.tfrecord import image_folder
     from sparse_embed.inference import embed_dataset, load_backbone
+    from sparse_embed.keras import tf
 
     backbone, config = load_backbone(model_dir)
     paths, labels, _ = image_folder(tiny_data / "test")

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import tensorflow as tf
 
 from sparse_embed.config import HeadConfig, head_config
 from sparse_embed.errors import ConfigError
@@ -24,7 +23,7 @@ from sparse_embed.heads.margin import (
     focal_loss,
 )
 from sparse_embed.heads.params import ArcFace, SphereFace
-from sparse_embed.keras import keras
+from sparse_embed.keras import keras, tf
 
 pytestmark = pytest.mark.unit
 

@@ -10,12 +10,11 @@ import re
 
 import numpy as np
 import pytest
-import tensorflow as tf
 from conftest import call_main, run_module
 
 from sparse_embed.config import ModelConfig
 from sparse_embed.errors import ConfigError
-from sparse_embed.keras import keras
+from sparse_embed.keras import keras, tf
 from sparse_embed.models import MODELS, build_model
 from sparse_embed.models.__main__ import main as models_main
 from sparse_embed.models.common import SE_BACKBONES

@@ -8,14 +8,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import tensorflow as tf
 
 from sparse_embed.config import HeadConfig, OptimizerConfig, head_config, load_config
 from sparse_embed.errors import ConfigError
 from sparse_embed.heads import HEADS, build_head
 from sparse_embed.heads.pair import PairLossHead
 from sparse_embed.heads.proxy import ProxyHead
-from sparse_embed.keras import keras
+from sparse_embed.keras import keras, tf
 from sparse_embed.strategy import SingleProcess
 from sparse_embed.training.trainer import OPTIMIZERS, apply_gradients, check_sampler, train
 

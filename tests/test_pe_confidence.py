@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import tensorflow as tf
 import yaml
 from conftest import assert_main_user_error, call_main, scalars
 
@@ -34,6 +33,7 @@ from sparse_embed.inference import (
     scoring_for,
     verify_pairs,
 )
+from sparse_embed.keras import tf
 from sparse_embed.metrics.uncertainty import verification_confidence_metrics
 from sparse_embed.training.trainer import train
 

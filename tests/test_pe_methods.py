@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import tensorflow as tf
 import yaml
 from conftest import assert_main_user_error, scalars
 
@@ -19,6 +18,7 @@ from sparse_embed.checkpoints import CHECKPOINT_DIR, variable_key
 from sparse_embed.config import Config, config_to_dict, load_config
 from sparse_embed.heads import HEADS
 from sparse_embed.inference import confidence_function, embedding_function, load_backbone
+from sparse_embed.keras import tf
 from sparse_embed.models.embedding import EXTRA_LAYER, mean_network
 from sparse_embed.train import main as train_main
 from sparse_embed.training import trainer

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import tensorflow as tf
 from PIL import Image
 
 from sparse_embed.data import augment as aug
@@ -15,6 +14,7 @@ from sparse_embed.data import pipeline
 from sparse_embed.data.pipeline import decode_image, eval_dataset, files_dataset, pk_dataset, train_dataset
 from sparse_embed.data.tfrecord import build_tfrecords, image_folder, make_example, read_label_map
 from sparse_embed.errors import DataError
+from sparse_embed.keras import tf
 
 pytestmark = pytest.mark.unit
 

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import tensorflow as tf
 from conftest import assert_main_user_error, run_module
 from PIL import Image
 
@@ -24,6 +23,7 @@ from sparse_embed.data.tfrecord import (
     write_recordio_tfrecords,
 )
 from sparse_embed.errors import DataError
+from sparse_embed.keras import tf
 from sparse_embed.preprocessing.build_tfrecords import main as build_main
 from sparse_embed.preprocessing.msceleb_to_jpeg import main as extract_main
 

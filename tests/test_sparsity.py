@@ -7,10 +7,10 @@ from collections.abc import Callable
 
 import numpy as np
 import pytest
-import tensorflow as tf
 
 from sparse_embed.config import _CHOICES, SparsityConfig
 from sparse_embed.errors import ConfigError
+from sparse_embed.keras import tf
 from sparse_embed.sparsity import (
     REGULARIZERS,
     WEIGHT_SCHEDULES,

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import tensorflow as tf
 from conftest import ROOT, assert_main_user_error
 from PIL import Image
 
@@ -22,6 +21,7 @@ from sparse_embed.data.tfrecord import (
     read_label_map,
 )
 from sparse_embed.errors import DataError
+from sparse_embed.keras import tf
 
 pytestmark = pytest.mark.unit
 

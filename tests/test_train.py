@@ -7,13 +7,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import tensorflow as tf
 import yaml
 from conftest import assert_main_user_error, call_main, op_determinism, run_module
 
 from sparse_embed.checkpoints import CHECKPOINT_DIR, checkpoint_for
 from sparse_embed.config import load_config
 from sparse_embed.errors import TrainingError
+from sparse_embed.keras import tf
 from sparse_embed.train import main as train_main
 from sparse_embed.training.schedules import LearningRateSchedule
 from sparse_embed.training.trainer import build_networks, train
