@@ -7,7 +7,7 @@ and probabilistic embeddings on the synthetic faces.
         --weights_flops=15,50 --weights_l1=0.1,0.6 --distractor_identities=200 \\
         --results=results/study_quick.json
     python -m sparse_embed.study pe_confidence --output=runs/pe --data_dir=runs/pe/data \\
-        --methods=arcface,dul_cls,pfe,scf --seeds=3 --results=results/pe_synthetic.json
+        --methods=arcface,dul_cls,pfe,scf,dul_reg --seeds=3 --results=results/pe_synthetic.json
 
 `flops_tradeoff` is the central experiment of Paria et al. (ICLR 2020) on the
 synthetic identities: models that differ only in the sparsity regularizer
